@@ -1,0 +1,408 @@
+"""``graphopt`` command line. The only module that prints.
+
+Exit codes: 0 success; 2 bad input (GraphoptError: missing/corrupt file, unknown pass, bad shape), one
+line on stderr, no traceback; 1 internal error or failed verification. Outputs are written atomically and
+the input file is never written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from graphopt.errors import GraphoptError, PassError, VerificationError
+
+logger = logging.getLogger("graphopt")
+
+Handler = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, Handler] = {}
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        if math.isnan(f):
+            return None
+        if math.isinf(f):
+            return "inf" if f > 0 else "-inf"
+        return f
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TB"
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_shape(shape: Sequence[Any] | None) -> str:
+    if shape is None:
+        return "?"
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def verify_table(report: Any, title: str = "verification against the input (onnxruntime)") -> Any:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col in ("output", "shape", "max abs err", "cosine", "SQNR dB", "ok"):
+        t.add_column(col, justify="right" if col not in ("output",) else "left")
+    for o in report.outputs:
+        sq = "inf" if o.sqnr_db == math.inf else f"{o.sqnr_db:.1f}"
+        t.add_row(o.name, fmt_shape(o.shape), f"{o.max_abs_err:.3g}", f"{o.cosine:.6f}", sq,
+                  "[green]yes[/]" if o.ok else f"[red]NO[/] {o.note}")
+    return t
+
+
+# --------------------------------------------------------------------------- common arguments
+
+
+def common_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
+                   help="fix an input's shape, e.g. x:1x3x640x640 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    return p
+
+
+def load_model(path: str, input_shapes: Sequence[str]) -> Any:
+    from graphopt.ir import Model
+    from graphopt.optimize import prepare
+    from graphopt.shapes import parse_input_shapes
+
+    shapes = parse_input_shapes(input_shapes)
+    model = Model.load(path)
+    return prepare(model, shapes)
+
+
+def check_output_path(inp: str, out: str) -> Path:
+    p = Path(out)
+    try:
+        if p.exists() and p.resolve() == Path(inp).resolve():
+            raise GraphoptError(f"output {out} is the input file; choose another output path")
+    except OSError:
+        pass
+    if p.exists() and p.is_dir():
+        raise GraphoptError(f"output {out} is a folder; give a file path")
+    return p
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from graphopt.cost import model_cost
+
+    model = load_model(args.model, args.input_shape)
+    cost = model_cost(model)
+    info = {
+        "model": str(args.model),
+        "opset": model.opset,
+        "opset_imports": model.opset_imports,
+        "ir_version": model.ir_version,
+        "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "inputs": [{"name": t.name, "shape": t.shape, "dtype": str(t.dtype)}
+                   for t in model.graph.inputs],
+        "outputs": [{"name": t.name, "shape": t.shape, "dtype": str(t.dtype)}
+                    for t in model.graph.outputs],
+        "nodes": model.num_nodes(),
+        "nodes_main_graph": model.num_nodes(subgraphs=False),
+        "subgraphs": model.num_subgraphs(),
+        "ops": model.op_histogram(),
+        "params": cost.params,
+        "param_bytes": cost.param_bytes,
+        "macs": cost.macs,
+        "flops": cost.flops,
+        "activation_bytes": {"naive": cost.activation_bytes_naive,
+                             "peak": cost.activation_bytes_peak,
+                             "peak_node": cost.peak_node,
+                             "unknown_shapes": cost.unknown_shapes},
+        "metadata": model.metadata,
+    }
+    if args.per_node:
+        info["per_node"] = [vars(n) for n in cost.nodes]
+    if args.json:
+        emit_json(info)
+        return 0
+    from rich.table import Table
+
+    c = console()
+    c.print(f"[bold]{args.model}[/]  opset {model.opset}  IR {model.ir_version}  "
+            f"producer {info['producer'] or '?'}")
+    io = Table(title="inputs and outputs", title_justify="left")
+    for col in ("", "name", "shape", "dtype"):
+        io.add_column(col)
+    for t in model.graph.inputs:
+        io.add_row("in", t.name, fmt_shape(t.shape), str(t.dtype))
+    for t in model.graph.outputs:
+        io.add_row("out", t.name, fmt_shape(t.shape), str(t.dtype))
+    c.print(io)
+    summ = Table(title="summary", title_justify="left", show_header=False)
+    summ.add_column("what")
+    summ.add_column("value", justify="right")
+    summ.add_row("nodes", f"{info['nodes']} ({info['subgraphs']} subgraphs)")
+    summ.add_row("params", f"{human_count(cost.params)} ({human_bytes(cost.param_bytes)})")
+    summ.add_row("MACs", human_count(cost.macs))
+    summ.add_row("FLOPs", human_count(cost.flops))
+    summ.add_row("activations, one buffer each", human_bytes(cost.activation_bytes_naive))
+    summ.add_row("activations, liveness peak", f"{human_bytes(cost.activation_bytes_peak)}"
+                 f" at {cost.peak_node or '?'}")
+    if cost.unknown_shapes:
+        summ.add_row("tensors of unknown size", f"{cost.unknown_shapes} (fix --input-shape)")
+    c.print(summ)
+    ops = Table(title="operators", title_justify="left")
+    for col, j in (("op", "left"), ("count", "right"), ("MACs", "right"), ("params", "right")):
+        ops.add_column(col, justify=j)  # type: ignore[arg-type]
+    by_op = cost.by_op()
+    for op, n in info["ops"].items():
+        row = by_op.get(op, {})
+        ops.add_row(op, str(n), human_count(row.get("macs", 0)), human_count(row.get("params", 0)))
+    c.print(ops)
+    if args.per_node:
+        pn = Table(title="per node", title_justify="left")
+        for col in ("node", "op", "MACs", "params", "output bytes"):
+            pn.add_column(col, justify="left" if col in ("node", "op") else "right")
+        for n in cost.nodes:
+            pn.add_row(n.name, n.op, human_count(n.macs), human_count(n.params),
+                       human_bytes(n.output_bytes))
+        c.print(pn)
+    return 0
+
+
+# --------------------------------------------------------------------------- optimize
+
+
+def summary_numbers(model: Any) -> dict[str, Any]:
+    from graphopt.cost import model_cost
+
+    cost = model_cost(model)
+    return {"nodes": model.num_nodes(), "ops": model.op_histogram(), "params": cost.params,
+            "param_bytes": cost.param_bytes, "macs": cost.macs,
+            "activation_peak": cost.activation_bytes_peak}
+
+
+def before_after_table(before: dict[str, Any], after: dict[str, Any], title: str) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col in ("", "before", "after", "change"):
+        t.add_column(col, justify="left" if not col or col == "" else "right")
+
+    def row(label: str, a: float, b: float, fmt: Callable[[float], str]) -> None:
+        ch = "" if a == b else (f"{(b - a) / a * 100:+.1f}%" if a else "new")
+        t.add_row(label, fmt(a), fmt(b), ch)
+
+    row("nodes", before["nodes"], after["nodes"], lambda v: str(int(v)))
+    row("params", before["params"], after["params"], human_count)
+    row("weights", before["param_bytes"], after["param_bytes"], human_bytes)
+    row("MACs", before["macs"], after["macs"], human_count)
+    row("activation peak", before["activation_peak"], after["activation_peak"], human_bytes)
+    ops = sorted(set(before["ops"]) | set(after["ops"]))
+    for op in ops:
+        a, b = before["ops"].get(op, 0), after["ops"].get(op, 0)
+        if a != b:
+            t.add_row(f"  {op}", str(a), str(b), f"{b - a:+d}")
+    return t
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from graphopt.ir import Model
+    from graphopt.optimize import optimize_model
+    from graphopt.pass_manager import resolve_passes
+    from graphopt.shapes import parse_input_shapes
+
+    out_path = check_output_path(args.model, args.output)
+    shapes = parse_input_shapes(args.input_shape)
+    passes = resolve_passes(args.passes) if args.passes else None
+    model = Model.load(args.model)
+    t0 = time.perf_counter()
+    res = optimize_model(model, passes=passes, target=args.target, input_shapes=shapes,
+                         verify_output=not args.no_verify)
+    before = summary_numbers(res.original)
+    after = summary_numbers(res.model)
+    res.model.save(out_path)
+    total = time.perf_counter() - t0
+    payload = {
+        "input": str(args.model), "output": str(out_path), "target": args.target,
+        "nodes_before": before["nodes"], "nodes_after": after["nodes"],
+        "macs_before": before["macs"], "macs_after": after["macs"],
+        "params_before": before["params"], "params_after": after["params"],
+        "ops_before": before["ops"], "ops_after": after["ops"],
+        "verify": res.verify.to_json() if res.verify else None,
+        "passes": res.stats(), "seconds": round(total, 3),
+    }
+    if args.json:
+        emit_json(payload)
+        return 0
+    c = console()
+    c.print(before_after_table(before, after, f"{args.model} -> {out_path}"))
+    stats = res.stats()
+    if stats:
+        from rich.table import Table
+
+        pt = Table(title="passes", title_justify="left")
+        pt.add_column("pass")
+        pt.add_column("what it did")
+        for name, st in stats.items():
+            pt.add_row(name, ", ".join(f"{k}={v}" for k, v in st.items() if v) or "-")
+        c.print(pt)
+    if res.verify:
+        c.print(verify_table(res.verify))
+    c.print(f"optimized in {res.seconds:.2f} s, wrote {out_path} ({total:.2f} s in all)")
+    return 0
+
+
+# --------------------------------------------------------------------------- list-passes
+
+
+def cmd_list_passes(args: argparse.Namespace) -> int:
+    from graphopt.optimize import DEFAULT_PIPELINE
+    from graphopt.pass_manager import registered_passes
+
+    passes = registered_passes()
+    rows = [{"name": n, "summary": cls.describe(), "default": n in DEFAULT_PIPELINE,
+             "kind": "analysis" if cls.analysis else ("lossy" if cls.lossy else "exact")}
+            for n, cls in passes.items()]
+    if args.json:
+        emit_json({"passes": rows})
+        return 0
+    from rich.table import Table
+
+    t = Table(title="passes", title_justify="left")
+    for col in ("name", "kind", "default", "what it does"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["kind"], "yes" if r["default"] else "", r["summary"])
+    console().print(t)
+    return 0
+
+
+# --------------------------------------------------------------------------- parser and main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_parser()
+    parser = argparse.ArgumentParser(
+        prog="graphopt", description="A compiler-style graph optimizer for ONNX models.")
+    from graphopt import __version__
+
+    parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", parents=[common], help="summary: I/O, ops, params, MACs, memory")
+    p.add_argument("model")
+    p.add_argument("--per-node", action="store_true", help="also list every node's cost")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("optimize", parents=[common], help="simplify and fuse; verify; write ONNX")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--target", default="portable", choices=["portable", "ort"],
+                   help="portable: standard ONNX only (default); ort: may emit onnxruntime ops")
+    p.add_argument("--passes", help="comma-separated pass names instead of the default pipeline")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("list-passes", parents=[common], help="the registered passes")
+    p.set_defaults(func=cmd_list_passes)
+
+    for register in EXTRA_COMMANDS:
+        register(sub, common)
+    return parser
+
+
+#: functions (subparsers, common parent) -> None that add more commands; kept in this module
+EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=level, format="%(name)s: %(message)s",
+                        handlers=[RichHandler(console=console(stderr=True), show_time=False)])
+    try:
+        import onnx_graphsurgeon as gs
+
+        gs.G_LOGGER.severity = gs.G_LOGGER.DEBUG if verbose >= 2 else (
+            gs.G_LOGGER.INFO if verbose == 1 else gs.G_LOGGER.ERROR)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    setup_logging(getattr(args, "verbose", 0))
+    try:
+        return int(args.func(args) or 0)
+    except GraphoptError as exc:
+        sys.stderr.write(f"graphopt: error: {exc}\n")
+        return 2
+    except (VerificationError, PassError) as exc:
+        sys.stderr.write(f"graphopt: error: {exc}\n")
+        if getattr(args, "verbose", 0):
+            logger.exception("details")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("graphopt: interrupted; no output written\n")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place internal errors are reported
+        sys.stderr.write(f"graphopt: internal error: {type(exc).__name__}: {exc} "
+                         "(re-run with -v for the traceback)\n")
+        if getattr(args, "verbose", 0):
+            logger.exception("traceback")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Error types. Everything a user can cause is a :class:`GraphoptError` (CLI exit 2);
+anything else that escapes is an internal error (CLI exit 1)."""
+
+from __future__ import annotations
+
+
+class GraphoptError(Exception):
+    """A problem with the user's input: bad file, bad option, impossible shape. CLI exit 2."""
+
+    exit_code = 2
+
+
+class ModelLoadError(GraphoptError):
+    """The model file is missing, truncated, not ONNX, or its external data cannot be read."""
+
+
+class ShapeError(GraphoptError):
+    """An input shape is malformed, impossible, or does not fit the model."""
+
+
+class UnknownPassError(GraphoptError):
+    """A pass name that the registry does not know."""
+
+
+class CalibrationError(GraphoptError):
+    """Calibration data is missing, malformed or does not match the model's inputs."""
+
+
+class RecipeError(GraphoptError):
+    """A recipe file or named recipe is invalid."""
+
+
+class VerificationError(Exception):
+    """An emitted model does not compute what its input computed, within tolerance. CLI exit 1."""
+
+    exit_code = 1
+
+
+class PassError(Exception):
+    """A pass broke an invariant. Names the pass and the passes that ran before it. CLI exit 1."""
+
+    exit_code = 1
+
+    def __init__(self, pass_name: str, message: str, previous: list[str] | None = None) -> None:
+        self.pass_name = pass_name
+        self.previous = list(previous or [])
+        after = f" (after: {', '.join(self.previous)})" if self.previous else ""
+        super().__init__(f"pass '{pass_name}' failed{after}: {message}")

@@ -1,0 +1,107 @@
+"""The optimize job: load -> fix shapes -> infer shapes -> pass pipeline to a fixed point -> verify.
+
+``DEFAULT_PIPELINE`` is the pass list run by ``graphopt optimize`` when ``--passes`` is not given;
+``TARGET_PIPELINES`` adds target-specific passes (``ort`` emits onnxruntime's fused ops).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import GraphoptError, VerificationError
+from graphopt.ir import Model
+from graphopt.pass_manager import ManagerResult, Pass, PassManager, PassRecord, registered_passes
+from graphopt.shapes import fix_input_shapes, infer_shapes
+from graphopt.verify import VerifyReport, verify
+
+logger = logging.getLogger(__name__)
+
+#: semantics-preserving passes run by default, in order, repeated to a fixed point
+DEFAULT_PIPELINE: list[str] = [
+    "eliminate-identity",
+    "eliminate-dead",
+    "toposort",
+]
+
+#: extra passes appended for a target
+TARGET_PIPELINES: dict[str, list[str]] = {"portable": [], "ort": []}
+
+#: fp32 tolerance for semantics-preserving pipelines (relative to max |reference|)
+RTOL = 1e-4
+ATOL = 1e-5
+
+
+def default_pipeline(target: str = "portable") -> list[str]:
+    """The default pass names for a target, restricted to passes that are registered."""
+    if target not in TARGET_PIPELINES:
+        raise GraphoptError(f"unknown target '{target}'; choose one of {', '.join(TARGET_PIPELINES)}")
+    known = registered_passes()
+    return [p for p in DEFAULT_PIPELINE + TARGET_PIPELINES[target] if p in known]
+
+
+@dataclass
+class OptimizeResult:
+    """What ``optimize`` did."""
+
+    model: Model
+    original: Model
+    manager: ManagerResult
+    verify: VerifyReport | None
+    seconds: float
+    passes: list[str] = field(default_factory=list)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return self.manager.stats_by_pass()
+
+
+def prepare(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Model:
+    """Fix the given input dims and infer every shape (in place)."""
+    if input_shapes:
+        fix_input_shapes(model, input_shapes)
+    infer_shapes(model)
+    return model
+
+
+def optimize_model(
+    model: Model,
+    passes: Sequence[str | Pass] | None = None,
+    target: str = "portable",
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    verify_output: bool = True,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    steps: int = 10,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> OptimizeResult:
+    """Optimize a model (a transformed copy is returned; ``model`` is not changed).
+
+    Raises:
+        VerificationError: when the optimized model's outputs differ beyond fp32 tolerance.
+    """
+    t0 = time.perf_counter()
+    original = prepare(model.clone(), input_shapes)
+    work = original.clone()
+    pass_list: list[str | Pass] = list(passes) if passes is not None else list(
+        default_pipeline(target))
+    manager = PassManager(pass_list, steps=steps, on_pass=on_pass)
+    result = manager(work)
+    out = result.model
+    infer_shapes(out)
+    elapsed = time.perf_counter() - t0
+    report = None
+    if verify_output:
+        report = verify(original, out, feeds=feeds, rtol=RTOL, atol=ATOL)
+        if not report.ok:
+            bad = report.worst()
+            assert bad is not None
+            raise VerificationError(
+                f"optimized model differs from the input on output '{bad.name}' "
+                f"(max abs err {bad.max_abs_err:.3g}, cosine {bad.cosine:.6f}){' ' + bad.note if bad.note else ''}"
+                "; not written. Re-run with -v and --passes to find the pass, and report it")
+    names = [p if isinstance(p, str) else p.name for p in pass_list]
+    return OptimizeResult(out, original, result, report, elapsed, names)

@@ -1,0 +1,77 @@
+"""Shared helpers for pass tests (DESIGN.md, "Testing").
+
+:func:`check_pass` runs a pass on a copy of a model and checks, in one call:
+
+1. onnxruntime (``ORT_DISABLE_ALL``, fixed seed) before and after agree within ``rtol``/``atol``
+   (or ``min_sqnr_db`` for lossy passes);
+2. ``modified`` is what the caller expects, and the result passes
+   ``onnx.checker.check_model(full_check=True)``;
+3. the caller's structural assertion holds (op counts via :func:`op_counts`);
+4. for negative cases (``expect_modified=False``) the model is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt.ir import Model
+from graphopt.pass_manager import Pass, PassResult, get_pass
+from graphopt.verify import VerifyReport, random_feeds, verify
+
+
+def op_counts(model: Model) -> dict[str, int]:
+    """Op histogram over the main graph and subgraphs."""
+    return model.op_histogram()
+
+
+def full_check(model: Model) -> None:
+    """``onnx.checker`` with ``full_check`` (shape inference in strict mode) on the exported model."""
+    onnx.checker.check_model(model.to_onnx(), full_check=True)
+
+
+def fingerprint(model: Model) -> bytes:
+    """Bytes that change whenever the exported model changes."""
+    return model.to_onnx().SerializeToString(deterministic=True)
+
+
+def check_pass(
+    model: Model,
+    pass_: Pass | str,
+    *,
+    expect_modified: bool = True,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    min_sqnr_db: float | None = None,
+    feeds: Mapping[str, np.ndarray] | list[Mapping[str, np.ndarray]] | None = None,
+    seed: int = 0,
+    structure: Callable[[Model], Any] | None = None,
+    checker: bool = True,
+    **pass_options: Any,
+) -> tuple[PassResult, VerifyReport]:
+    """Run ``pass_`` on a clone of ``model`` and assert the DESIGN.md checks. Returns the result.
+
+    Raises ``AssertionError`` with a readable message on any failed check.
+    """
+    p = get_pass(pass_, **pass_options) if isinstance(pass_, str) else pass_
+    original = model.clone()
+    before = fingerprint(original)
+    work = model.clone()
+    if feeds is None:
+        feeds = random_feeds(original, seed=seed)
+    result = p(work)
+    assert result.modified == expect_modified, (
+        f"{p.name}: modified={result.modified}, expected {expect_modified} (stats {result.stats})")
+    if not expect_modified:
+        assert fingerprint(result.model) == before, f"{p.name} reported no change but changed the model"
+    if checker:
+        full_check(result.model)
+    report = verify(original, result.model, feeds=feeds, rtol=rtol, atol=atol,
+                    min_sqnr_db=min_sqnr_db)
+    assert report.ok, f"{p.name}: outputs differ: {report.to_json()}"
+    if structure is not None:
+        structure(result.model)
+    return result, report
