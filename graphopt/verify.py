@@ -40,7 +40,7 @@ def session_options(level: str = "disable_all", threads: int | None = None) -> o
     }
     so = ort.SessionOptions()
     so.graph_optimization_level = levels[level]
-    so.log_severity_level = 3
+    so.log_severity_level = 4
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
