@@ -13,6 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.cost import model_cost, node_macs, tensor_bytes
+from graphopt.fixtures import real_model
 from graphopt.ir import Model
 from graphopt.shapes import fix_input_shapes, infer_shapes
 
@@ -226,11 +227,6 @@ def test_large_chain_is_linear() -> None:
 # ------------------------------------------------------------------------- real models
 
 
-_MODELS = {
-    "det": ("ch_PP-OCRv4_det_infer.onnx", (1, 3, 320, 320)),
-    "rec": ("ch_PP-OCRv4_rec_infer.onnx", (1, 3, 48, 320)),
-    "cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", (1, 3, 48, 192)),
-}
 _CONTRACTIONS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
@@ -278,14 +274,13 @@ def _independent_macs(path: Path, shape: tuple[int, ...]) -> dict[str, int]:
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("key", list(_MODELS))
+@pytest.mark.parametrize("key", ["det", "rec", "cls"])
 def test_real_ppocr_macs_match_independent_count(key: str) -> None:
-    rapidocr = pytest.importorskip("rapidocr_onnxruntime")
-    fname, shape = _MODELS[key]
-    path = Path(rapidocr.__file__).parent / "models" / fname
-    model = infer_shapes(fix_input_shapes(Model.load(path), {"x": shape}))
+    pytest.importorskip("rapidocr_onnxruntime")
+    path, shapes = real_model(key)  # det x: 1x3x320x320, rec 1x3x48x320, cls 1x3x48x192
+    model = infer_shapes(fix_input_shapes(Model.load(path), shapes))
     cost = model_cost(model)
-    ref = _independent_macs(path, shape)
+    ref = _independent_macs(path, shapes["x"])
     ours = {nc.name: nc.macs for nc in cost.nodes if nc.op in _CONTRACTIONS}
     total_ref = sum(ref.values())
     logger.info("%s MACs: graphopt %d, independent %d (%+.4f%%)", key, cost.macs, total_ref,
@@ -300,3 +295,15 @@ def test_real_ppocr_macs_match_independent_count(key: str) -> None:
     values += [numpy_helper.to_array(t) for t in proto.graph.initializer]
     assert cost.params == sum(v.size for v in values)
     assert cost.param_bytes == sum(v.nbytes for v in values)
+
+
+@pytest.mark.real
+def test_real_silero_subgraphs_are_walked() -> None:
+    """silero-vad keeps its network inside If branches: every nested node is costed once."""
+    pytest.importorskip("silero_vad")
+    path, shapes = real_model("silero_op15")
+    model = infer_shapes(fix_input_shapes(Model.load(path), shapes))
+    cost = model_cost(model)
+    assert len(cost.nodes) == model.num_nodes() > len(model.graph.nodes)
+    assert cost.params > 0
+    assert cost.activation_bytes_peak <= cost.activation_bytes_naive
