@@ -60,11 +60,13 @@ class OptimizeResult:
         return self.manager.stats_by_pass()
 
 
-def prepare(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> Model:
-    """Fix the given input dims and infer every shape (in place)."""
+def prepare(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
+            feeds: Mapping[str, np.ndarray] | None = None) -> Model:
+    """Fix the given input dims and infer every shape (in place); ``feeds`` drive the onnxruntime
+    shape fallback where random inputs would take the wrong path."""
     if input_shapes:
         fix_input_shapes(model, input_shapes)
-    infer_shapes(model)
+    infer_shapes(model, feeds=feeds)
     return model
 
 
@@ -84,14 +86,14 @@ def optimize_model(
         VerificationError: when the optimized model's outputs differ beyond fp32 tolerance.
     """
     t0 = time.perf_counter()
-    original = prepare(model.clone(), input_shapes)
+    original = prepare(model.clone(), input_shapes, feeds)
     work = original.clone()
     pass_list: list[str | Pass] = list(passes) if passes is not None else list(
         default_pipeline(target))
     manager = PassManager(pass_list, steps=steps, on_pass=on_pass)
     result = manager(work)
     out = result.model
-    infer_shapes(out)
+    infer_shapes(out, feeds=feeds)
     elapsed = time.perf_counter() - t0
     report = None
     if verify_output:

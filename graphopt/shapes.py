@@ -189,14 +189,12 @@ def infer_shapes(model: Model, ort_fallback: bool = True, feeds: Mapping[str, np
     main-graph tensor unknown, onnxruntime runs once on a dummy input with those tensors exposed.
     """
     found = _onnx_infer(model)
-    # clear all variable shapes first so that nothing declared survives unless re-derived
     inputs = {t.name for t in model.graph.inputs}
-    for g in model.walk_graphs():
-        for name, t in g.tensors().items():
-            if isinstance(t, gs.Variable) and name not in inputs and name in found:
-                pass
-            elif isinstance(t, gs.Variable) and name not in inputs and g is model.graph:
-                t.shape = None
+    declared_rank = {t.name: len(t.shape) for t in model.graph.outputs if t.shape is not None}
+    # nothing declared survives unless re-derived: clear main-graph variables that inference missed
+    for name, t in model.graph.tensors().items():
+        if isinstance(t, gs.Variable) and name not in inputs and name not in found:
+            t.shape = None
     _apply(model, found)
     missing = missing_shapes(model)
     if missing and ort_fallback and inputs_static(model):
@@ -211,6 +209,10 @@ def infer_shapes(model: Model, ort_fallback: bool = True, feeds: Mapping[str, np
                 t.shape = list(shape)
                 t.dtype = dtype
         logger.debug("onnxruntime filled %d of %d unknown shapes", len(observed), len(missing))
+    for t in model.graph.outputs:
+        # ONNX wants a shape on graph outputs: where nothing could be derived keep only the rank
+        if t.shape is None and t.name in declared_rank:
+            t.shape = [None] * declared_rank[t.name]
     return model
 
 
