@@ -139,34 +139,11 @@ def check_output_path(inp: str, out: str) -> Path:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from graphopt.cost import model_cost
 
+    from graphopt.inspect import inspect_model
+
     model = load_model(args.model, args.input_shape)
     cost = model_cost(model)
-    info = {
-        "model": str(args.model),
-        "opset": model.opset,
-        "opset_imports": model.opset_imports,
-        "ir_version": model.ir_version,
-        "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [{"name": t.name, "shape": t.shape, "dtype": str(t.dtype)}
-                   for t in model.graph.inputs],
-        "outputs": [{"name": t.name, "shape": t.shape, "dtype": str(t.dtype)}
-                    for t in model.graph.outputs],
-        "nodes": model.num_nodes(),
-        "nodes_main_graph": model.num_nodes(subgraphs=False),
-        "subgraphs": model.num_subgraphs(),
-        "ops": model.op_histogram(),
-        "params": cost.params,
-        "param_bytes": cost.param_bytes,
-        "macs": cost.macs,
-        "flops": cost.flops,
-        "activation_bytes": {"naive": cost.activation_bytes_naive,
-                             "peak": cost.activation_bytes_peak,
-                             "peak_node": cost.peak_node,
-                             "unknown_shapes": cost.unknown_shapes},
-        "metadata": model.metadata,
-    }
-    if args.per_node:
-        info["per_node"] = [vars(n) for n in cost.nodes]
+    info = {"model": str(args.model), **inspect_model(model, per_node=args.per_node, cost=cost)}
     if args.json:
         emit_json(info)
         return 0
