@@ -267,13 +267,14 @@ class RuleSet:
         count = 0
         dead: set[int] = set()
         new_nodes: list[gs.Node] = []
+        local = {id(n) for n in graph.nodes}
         for node in list(graph.nodes):
             if id(node) in dead:
                 continue
             for rule in self.by_op.get(node.op, ()):
                 m = match_pattern(rule.pattern, node)
-                if m is None or any(id(n) in dead for n in m.nodes):
-                    continue
+                if m is None or any(id(n) in dead or id(n) not in local for n in m.nodes):
+                    continue  # overlapping an earlier rewrite, or reaching into an outer graph
                 m.graph = graph
                 why = escape_reason(m, graph, rule.modifies)
                 if why is not None:
