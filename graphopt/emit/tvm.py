@@ -1,0 +1,556 @@
+"""Compile a model to a native library through Apache TVM (Relax), for x86, AArch64 or CUDA.
+
+Flow: graphopt's passes first (input shapes fixed, shape arithmetic folded, BatchNormalization folded into
+Conv, activations recognized, Conv+activation(+pool) groups recorded), then Relax's ONNX importer, then a
+Relax pipeline that TVM's default ``tvm.compile`` does not run on CPU: legalization, constant folding,
+operator fusion (graphopt's fusion groups become single kernels), TIR fusion, then graphopt's own CPU
+schedules (:mod:`graphopt.emit.tvm_schedules`) or DLight's GPU rules, then the VM lowering passes. The
+result is exported as a shared library beside a JSON manifest (inputs, outputs, target) that
+:func:`load_artifact` and :mod:`graphopt.runner` read.
+
+Why graphopt goes first: as published, PP-OCR's ``Shape -> Slice -> Concat -> Reshape`` chains and
+YOLO-style dynamic shapes fail in Relax's importer ("Reshape requires the input new shape to be Shape",
+"emit_te now only supports Tensor that has ShapeExpr shape"); after fixing input shapes and folding they
+import and build.
+
+TVM is imported lazily: ``import graphopt`` never needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt.errors import GraphoptError
+from graphopt.ir import Model
+from graphopt.runner import MANIFEST_SUFFIX, Artifact, load_artifact, manifest_path_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Artifact",
+    "CompileResult",
+    "TVMUnavailableError",
+    "TargetSpec",
+    "compile_model",
+    "import_relax",
+    "load_artifact",
+    "parse_target",
+    "prepare_model",
+    "tvm_available",
+]
+
+#: names accepted by ``--target``
+TARGETS = ("llvm", "aarch64", "cuda")
+
+
+class TVMUnavailableError(GraphoptError):
+    """apache-tvm is not installed (``pip install 'graphopt[tvm]'``)."""
+
+
+class TVMCompileError(GraphoptError):
+    """TVM could not import or build the model; the message names the stage."""
+
+    exit_code = 1
+
+
+def tvm_available() -> bool:
+    """Whether ``import tvm`` works in this interpreter."""
+    try:
+        _tvm()
+    except TVMUnavailableError:
+        return False
+    return True
+
+
+def _tvm() -> Any:
+    try:
+        import tvm  # noqa: PLC0415
+        from tvm import relax  # noqa: F401, PLC0415
+    except Exception as exc:  # ImportError, or a broken native library
+        raise TVMUnavailableError(
+            f"apache-tvm is not usable here ({type(exc).__name__}: {exc}); "
+            "install it with: pip install 'graphopt[tvm]'") from None
+    return tvm
+
+
+# ---------------------------------------------------------------------- targets
+
+
+@dataclass
+class TargetSpec:
+    """A resolved compilation target."""
+
+    name: str                       # llvm | aarch64 | cuda
+    target: dict[str, Any]          # TVM target dict (``{"kind": "llvm", ...}``)
+    host: dict[str, Any] | None     # host target for device targets
+    cross_cc: str | None = None     # C compiler used to link the exported library
+    vector_lanes: int = 8           # float32 lanes of the widest vector unit
+    num_cores: int = 1
+
+    def tvm_target(self) -> Any:
+        tvm = _tvm()
+        if self.host is not None:
+            return tvm.target.Target(self.target, host=self.host)
+        return tvm.target.Target(self.target)
+
+
+def _host_llvm() -> tuple[dict[str, Any], int]:
+    tvm = _tvm()
+    cpu = str(tvm.target.codegen.llvm_get_system_cpu())
+    lanes = 8
+    try:
+        feats = Path("/proc/cpuinfo").read_text().split()
+        if "avx512f" in feats:
+            lanes = 16
+        elif "avx2" not in feats and "avx" not in feats:
+            lanes = 4
+    except OSError:
+        pass
+    target: dict[str, Any] = {"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1}
+    return target, lanes
+
+
+def parse_target(target: str) -> TargetSpec:
+    """Resolve ``llvm``, ``aarch64``, ``cuda``, ``cuda:sm_80`` (or ``cuda -arch=sm_80``).
+
+    Raises:
+        GraphoptError: for an unknown target name.
+    """
+    t = target.strip().lower().replace(" -arch=", ":")
+    cores = os.cpu_count() or 1
+    if t in ("llvm", "x86", "x86_64", "host", "cpu"):
+        tgt, lanes = _host_llvm()
+        return TargetSpec("llvm", tgt, None, None, lanes, cores)
+    if t in ("aarch64", "arm64", "arm"):
+        tgt = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"],
+               "num-cores": 4}
+        return TargetSpec("aarch64", tgt, None, "aarch64-linux-gnu-gcc", 4, 4)
+    if t.startswith("cuda"):
+        arch = t.split(":", 1)[1] if ":" in t else "sm_80"
+        if not arch.startswith("sm_"):
+            arch = "sm_" + arch
+        host, lanes = _host_llvm()
+        cuda = {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
+                "max_threads_per_block": 1024, "thread_warp_size": 32}
+        return TargetSpec("cuda", cuda, host, None, lanes, cores)
+    raise GraphoptError(f"unknown target '{target}'; use one of: llvm, aarch64, cuda[:sm_80|sm_90]")
+
+
+# ---------------------------------------------------------------------- graphopt's passes
+
+
+def _parse_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
+                  ) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in model.graph.inputs:
+        if input_shapes and t.name in input_shapes:
+            shapes[t.name] = tuple(int(d) for d in input_shapes[t.name])
+        else:
+            dims = list(t.shape or [])
+            if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+                raise GraphoptError(
+                    f"input '{t.name}' has dynamic shape {dims}; TVM needs a fixed shape: pass "
+                    f"--input-shape {t.name}:1x3x640x640 (input_shapes={{'{t.name}': (...)}})")
+            shapes[t.name] = tuple(int(d) for d in dims)
+    unknown = set(input_shapes or {}) - {t.name for t in model.graph.inputs}
+    if unknown:
+        raise GraphoptError(f"--input-shape names unknown inputs {sorted(unknown)}; inputs are "
+                            f"{[t.name for t in model.graph.inputs]}")
+    return shapes
+
+
+def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+                  ) -> tuple[Model, dict[str, Any]]:
+    """Run graphopt's passes for TVM on a clone of ``model``: fix input shapes, fold, fuse.
+
+    Returns:
+        (prepared model, info) where info holds the fixed shapes, the passes that ran and their stats,
+        and the fusion groups.
+    """
+    m = model.clone()
+    shapes = _parse_shapes(m, input_shapes)
+    info: dict[str, Any] = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "passes": {}}
+    try:
+        from graphopt.shapes import fix_input_shapes, infer_shapes  # noqa: PLC0415
+    except ImportError:  # the core is still landing
+        fix_input_shapes = infer_shapes = None  # type: ignore[assignment]
+    if fix_input_shapes is not None:
+        fix_input_shapes(m, shapes)
+        infer_shapes(m)
+    else:
+        _fix_shapes_fallback(m, shapes)
+    ran = False
+    try:
+        from graphopt.optimize import optimize_model  # noqa: PLC0415
+    except ImportError:
+        optimize_model = None  # type: ignore[assignment]
+    if optimize_model is not None:
+        res = optimize_model(m, target="portable")
+        m = getattr(res, "model", res)
+        stats = getattr(res, "stats", None) or getattr(res, "passes", None)
+        if isinstance(stats, dict):
+            info["passes"] = stats
+        ran = True
+    else:
+        ran = _run_registered_passes(m, info)
+    if not ran or _has_shape_ops(m):
+        # what the folding passes could not resolve (or are not yet there for): fold with the exact
+        # shapes onnxruntime computes for the fixed inputs
+        _fold_shape_computations(m, shapes)
+    groups = m.metadata.get("graphopt.fusion_groups")
+    info["fusion_groups"] = json.loads(groups) if groups else []
+    return m, info
+
+
+_PIPELINE = ("fold-constants", "eliminate-identity", "fuse-conv-bn", "fuse-conv-mul-add",
+             "recognize-activations", "fuse-conv-activation", "eliminate-dead")
+
+
+def _run_registered_passes(m: Model, info: dict[str, Any]) -> bool:
+    try:
+        from graphopt import pass_manager as pm  # noqa: PLC0415
+        import graphopt.passes  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    get_pass = getattr(pm, "get_pass", None)
+    if get_pass is None:
+        return False
+    any_ran = False
+    for name in _PIPELINE:
+        try:
+            p = get_pass(name)
+        except Exception:
+            logger.debug("pass %s is not registered yet; skipped", name)
+            continue
+        p = p() if isinstance(p, type) else p
+        res = p(m)
+        info["passes"][name] = dict(res.stats)
+        any_ran = True
+    return any_ran
+
+
+def _fix_shapes_fallback(m: Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    for t in m.graph.inputs:
+        if t.name in shapes:
+            t.shape = list(shapes[t.name])
+
+
+def _has_shape_ops(m: Model) -> bool:
+    return any(n.op in ("Shape", "Size") for n in m.graph.nodes)
+
+
+def _fold_shape_computations(m: Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Replace ``Shape``/``Size`` outputs by constants (the values onnxruntime computes for the fixed
+    input shapes) and fold the constant subgraphs that hang off them."""
+    import onnx_graphsurgeon as gs  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415
+
+    nodes = [n for n in m.graph.nodes if n.op in ("Shape", "Size")]
+    if not nodes:
+        return
+    probe = m.to_onnx()
+    del probe.graph.value_info[:]
+    for n in nodes:
+        probe.graph.output.append(
+            onnx.helper.make_tensor_value_info(n.outputs[0].name, onnx.TensorProto.INT64, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.zeros(shapes[i.name], _ort_dtype(i.type)) for i in sess.get_inputs()}
+    names = [o.name for o in sess.get_outputs()]
+    values = dict(zip(names, sess.run(None, feeds), strict=True))
+    for n in nodes:
+        out = n.outputs[0]
+        const = gs.Constant(out.name + "__folded", np.asarray(values[out.name], dtype=np.int64))
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = const
+        n.outputs.clear()
+    m.graph.cleanup().toposort()
+    try:
+        m.graph.fold_constants(fold_shapes=True)
+    except Exception as exc:  # graphsurgeon's folding is best effort
+        logger.debug("graphsurgeon fold_constants failed: %s", exc)
+    m.graph.cleanup().toposort()
+
+
+def _ort_dtype(t: str) -> Any:
+    return {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+            "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
+            "tensor(bool)": np.bool_, "tensor(float16)": np.float16}.get(t, np.float32)
+
+
+# ---------------------------------------------------------------------- Relax
+
+
+def import_relax(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> Any:
+    """Relax's ONNX importer with fixed shapes; errors become :class:`TVMCompileError`."""
+    _tvm()
+    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+
+    dtypes = {}
+    for i in proto.graph.input:
+        dtypes[i.name] = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
+    try:
+        mod = from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()},
+                        dtype_dict=dtypes, opset=_default_opset(proto))
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TVMCompileError(f"TVM's ONNX importer failed: {type(exc).__name__}: {msg}") from exc
+    return mod
+
+
+def _default_opset(proto: onnx.ModelProto) -> int | None:
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return None
+
+
+def relax_pipeline(spec: TargetSpec, schedules: bool = True,
+                   fusion_groups: Sequence[Sequence[str]] | None = None) -> Any:
+    """graphopt's Relax pipeline for ``spec``: legalize, fold, fuse, schedule, lower."""
+    tvm = _tvm()
+    from tvm import relax  # noqa: PLC0415
+
+    target = spec.tvm_target()
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptRelaxPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            passes = [
+                relax.transform.DecomposeOpsForInference(),
+                relax.transform.CanonicalizeBindings(),
+                relax.transform.FoldConstant(),
+                relax.backend.DispatchSampling(),
+                relax.backend.DispatchSortScan(),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                relax.transform.DeadCodeElimination(),
+            ]
+            mod = tvm.transform.Sequential(passes)(mod)
+            if spec.name == "cuda":
+                from tvm.s_tir import dlight as dl  # noqa: PLC0415
+
+                mod = dl.ApplyDefaultSchedule(
+                    dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+            elif schedules:
+                from graphopt.emit.tvm_schedules import ApplyCPUSchedules  # noqa: PLC0415
+
+                mod = ApplyCPUSchedules(lanes=spec.vector_lanes, cores=spec.num_cores)(mod)
+            lower = [
+                relax.transform.RewriteDataflowReshape(),
+                relax.transform.ToNonDataflow(),
+                relax.transform.RemovePurityChecking(),
+                relax.transform.CallTIRRewrite(),
+                relax.transform.StaticPlanBlockMemory(),
+            ]
+            if spec.name == "cuda":
+                lower.append(relax.transform.RewriteCUDAGraph())
+            lower += [
+                relax.transform.LowerAllocTensor(),
+                relax.transform.KillAfterLastUse(),
+                relax.transform.LowerRuntimeBuiltin(),
+                relax.transform.ComputePrimValue(),
+                relax.transform.VMShapeLower(),
+                relax.transform.AttachGlobalSymbol(),
+            ]
+            mod = tvm.transform.Sequential(lower)(mod)
+        return mod
+
+    return _pipeline
+
+
+def build_relax(mod: Any, spec: TargetSpec, pipeline: str = "graphopt", schedules: bool = True,
+                fusion_groups: Sequence[Sequence[str]] | None = None) -> Any:
+    """Build a Relax module. ``pipeline`` is ``graphopt`` or ``tvm-default`` (plain ``tvm.compile``)."""
+    tvm = _tvm()
+    from tvm import relax  # noqa: PLC0415
+
+    target = spec.tvm_target()
+    mod, _params = relax.frontend.detach_params(mod)
+    try:
+        if pipeline == "tvm-default":
+            return tvm.compile(mod, target=target)
+        return tvm.compile(mod, target=target,
+                           relax_pipeline=relax_pipeline(spec, schedules, fusion_groups))
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TVMCompileError(f"TVM build for {spec.name} failed: {type(exc).__name__}: {msg}"
+                              ) from exc
+
+
+# ---------------------------------------------------------------------- compile
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile_model` produced."""
+
+    target: str
+    artifact: Path
+    manifest: Path
+    compile_seconds: float
+    artifact_bytes: int
+    stages: dict[str, float] = field(default_factory=dict)
+    cuda_source_checked: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["artifact"] = str(self.artifact)
+        d["manifest"] = str(self.manifest)
+        return d
+
+
+def _io_desc(values: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None = None
+             ) -> list[dict[str, Any]]:
+    out = []
+    for v in values:
+        shape = list(shapes[v.name]) if shapes and v.name in shapes else list(v.shape or [])
+        dtype = np.dtype(v.dtype).name if v.dtype is not None else "float32"
+        out.append({"name": v.name, "shape": [int(d) if isinstance(d, int) else str(d)
+                                              for d in shape], "dtype": dtype})
+    return out
+
+
+def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
+                  output: str | os.PathLike[str] = "model.so",
+                  input_shapes: Mapping[str, Sequence[int]] | None = None,
+                  schedules: bool = True, check_cuda_source: bool = True) -> CompileResult:
+    """Compile ``model`` into a native library ``output`` plus a JSON manifest beside it.
+
+    Args:
+        model: a :class:`Model` or the path of an ONNX file.
+        target: ``llvm`` (this host, its CPU), ``aarch64`` (cross-compiled for AArch64 Linux with
+            NEON), or ``cuda`` / ``cuda:sm_80`` / ``cuda:sm_90``.
+        output: the library to write (``.so``); the manifest goes to ``<output>.json``.
+        input_shapes: fixed shapes for dynamic inputs, ``{name: (1, 3, 640, 640)}``.
+        schedules: apply graphopt's CPU schedules (False leaves TVM's naive loops, for comparison).
+        check_cuda_source: for CUDA, compile the generated source with ``nvcc -cubin`` when nvcc is
+            on PATH (the result is recorded in ``CompileResult.cuda_source_checked``).
+
+    Returns:
+        A :class:`CompileResult`.
+
+    Raises:
+        TVMUnavailableError: apache-tvm is not installed.
+        TVMCompileError: import or build failed (the message names the stage).
+        GraphoptError: bad target, or dynamic inputs without ``input_shapes``.
+    """
+    tvm = _tvm()
+    if not isinstance(model, Model):
+        model = Model.load(model)
+    spec = parse_target(target)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+    prepared, info = prepare_model(model, input_shapes)
+    stages["graphopt_passes"] = time.perf_counter() - t0
+    proto = prepared.to_onnx()
+    shapes = info["input_shapes"]
+    t1 = time.perf_counter()
+    mod = import_relax(proto, shapes)
+    stages["relax_import"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    ex = build_relax(mod, spec, schedules=schedules, fusion_groups=info["fusion_groups"])
+    stages["build"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-tvm-", dir=out.parent))
+    try:
+        tmp_lib = tmpdir / out.name
+        if spec.cross_cc:
+            if shutil.which(spec.cross_cc) is None:
+                raise GraphoptError(
+                    f"target {spec.name} needs the cross compiler {spec.cross_cc} "
+                    f"(Debian: apt-get install gcc-aarch64-linux-gnu; or scripts/install-tvm-deps.sh)")
+            from tvm.support import cc  # noqa: PLC0415
+
+            ex.export_library(str(tmp_lib), fcompile=cc.cross_compiler(spec.cross_cc))
+        else:
+            ex.export_library(str(tmp_lib))
+        cuda_checked = None
+        if spec.name == "cuda" and check_cuda_source:
+            cuda_checked = check_cuda_with_nvcc(ex, spec.target["arch"], tmpdir)
+        manifest = {
+            "format": "graphopt-tvm/1",
+            "target": spec.name,
+            "tvm_target": str(spec.tvm_target()),
+            "tvm_version": str(tvm.__version__),
+            "entry": "main",
+            "inputs": _io_desc(prepared.graph.inputs, shapes),
+            "outputs": _io_desc(prepared.graph.outputs),
+            "schedules": bool(schedules) and spec.name != "cuda",
+            "fusion_groups": info["fusion_groups"],
+            "source_sha256": hashlib.sha256(model.to_onnx().SerializeToString()).hexdigest(),
+            "library": out.name,
+        }
+        tmp_man = tmpdir / (out.name + MANIFEST_SUFFIX)
+        tmp_man.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp_lib, out)
+        man = manifest_path_for(out)
+        os.replace(tmp_man, man)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    stages["export"] = time.perf_counter() - t1
+    total = time.perf_counter() - t0
+    logger.info("compiled for %s in %.1fs -> %s (%d bytes)", spec.name, total, out,
+                out.stat().st_size)
+    return CompileResult(spec.name, out, man, total, out.stat().st_size, stages, cuda_checked)
+
+
+def check_cuda_with_nvcc(ex: Any, arch: str, workdir: Path) -> bool | None:
+    """Compile the CUDA source TVM generated with ``nvcc -cubin``; None when nvcc is absent.
+
+    Raises:
+        TVMCompileError: nvcc rejected the source.
+    """
+    src = cuda_source(ex)
+    if src is None:
+        return None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        logger.info("nvcc not on PATH: generated CUDA source not compiled")
+        return None
+    cu = workdir / "kernels.cu"
+    cu.write_text(src)
+    proc = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-O3", "-o", str(workdir / "k.cubin"),
+                           str(cu)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise TVMCompileError(f"nvcc -arch={arch} rejected TVM's CUDA source: "
+                              f"{proc.stderr.strip()[-2000:]}")
+    return True
+
+
+def cuda_source(ex: Any) -> str | None:
+    """The CUDA C source inside a built executable, if any."""
+    mod = ex.mod if hasattr(ex, "mod") else ex
+    stack = [mod]
+    while stack:
+        m = stack.pop()
+        if str(getattr(m, "kind", "")) == "cuda":
+            src = m.inspect_source("")
+            if src:
+                return str(src)
+        stack.extend(list(m.imports))
+    return None
