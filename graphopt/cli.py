@@ -338,6 +338,82 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
 
 
+# --------------------------------------------------------------------------- fp16 (issue 8)
+
+
+def cmd_fp16(args: argparse.Namespace) -> int:
+    from graphopt.ir import Model
+    from graphopt.optimize import prepare
+    from graphopt.pass_manager import get_pass
+    from graphopt.shapes import infer_shapes, parse_input_shapes
+    from graphopt.verify import verify
+
+    out_path = check_output_path(args.model, args.output)
+    t0 = time.perf_counter()
+    original = prepare(Model.load(args.model), parse_input_shapes(args.input_shape))
+    work = original.clone()
+    p = get_pass("fp16", keep_fp32=args.keep_fp32, keep_io_types=not args.io_fp16,
+                 keep_softmax=args.keep_softmax, kernels=args.kernels)
+    res = p(work)
+    infer_shapes(res.model)
+    report = None if args.no_verify else verify(original, res.model, min_sqnr_db=args.min_sqnr)
+    before, after = summary_numbers(original), summary_numbers(res.model)
+    stats = dict(res.stats)
+    kept = stats.pop("kept_fp32", [])
+    payload = {
+        "input": str(args.model), "output": str(out_path),
+        "nodes_before": before["nodes"], "nodes_after": after["nodes"],
+        "macs_before": before["macs"], "macs_after": after["macs"],
+        "params_before": before["params"], "params_after": after["params"],
+        "param_bytes_before": before["param_bytes"], "param_bytes_after": after["param_bytes"],
+        "ops_before": before["ops"], "ops_after": after["ops"],
+        "verify": report.to_json() if report else None,
+        "passes": {"fp16": stats}, "kept_fp32": kept,
+    }
+    if report is not None and not report.ok:
+        bad = report.worst()
+        assert bad is not None
+        raise VerificationError(
+            f"float16 model's output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB < {args.min_sqnr} dB"
+            f"{' (' + bad.note + ')' if bad.note else ''}; not written. Keep more ops in float32 "
+            "with --keep-fp32 OP,... or lower --min-sqnr")
+    res.model.save(out_path)
+    payload["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        emit_json(payload)
+        return 0
+    c = console()
+    c.print(before_after_table(before, after, f"{args.model} -> {out_path} (float16)"))
+    c.print(f"fp16: {stats.get('nodes_fp16', 0)} nodes in float16, "
+            f"{stats.get('casts_inserted', 0)} Casts inserted, {len(kept)} nodes kept in float32"
+            + (f" ({', '.join(kept[:8])}{', ...' if len(kept) > 8 else ''})" if kept else ""))
+    if report:
+        c.print(verify_table(report))
+    c.print(f"wrote {out_path} in {payload['seconds']:.2f} s")
+    return 0
+
+
+def register_fp16(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("fp16", parents=[common],
+                       help="convert to float16 (float32 kept where half breaks numerics)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--keep-fp32", default="", metavar="OPS",
+                   help="comma-separated op types or node names to keep in float32")
+    p.add_argument("--io-fp16", action="store_true",
+                   help="make graph inputs/outputs float16 too (default: float32 with Casts)")
+    p.add_argument("--keep-softmax", action="store_true", help="keep Softmax in float32")
+    p.add_argument("--kernels", choices=["any", "native"], default="any",
+                   help="native: also keep ops that onnxruntime CPU has no float16 kernel for")
+    p.add_argument("--min-sqnr", type=float, default=30.0, metavar="DB",
+                   help="minimum output SQNR against the float32 model (default 30 dB)")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.set_defaults(func=cmd_fp16)
+
+
+EXTRA_COMMANDS.append(register_fp16)
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     from rich.logging import RichHandler

@@ -8,6 +8,7 @@ PASS_MODULES = [
     "dead_node_elimination",
     "identity_elimination",
     "topological_sort",
+    "fp16",
 ]
 
 for _m in PASS_MODULES:
