@@ -16,7 +16,14 @@ import numpy as np
 
 from graphopt.errors import GraphoptError, VerificationError
 from graphopt.ir import Model
-from graphopt.pass_manager import ManagerResult, Pass, PassManager, PassRecord, registered_passes
+from graphopt.pass_manager import (
+    ManagerResult,
+    Pass,
+    PassManager,
+    PassRecord,
+    get_pass,
+    registered_passes,
+)
 from graphopt.shapes import fix_input_shapes, infer_shapes
 from graphopt.verify import VerifyReport, verify
 
@@ -24,13 +31,28 @@ logger = logging.getLogger(__name__)
 
 #: semantics-preserving passes run by default, in order, repeated to a fixed point
 DEFAULT_PIPELINE: list[str] = [
+    "fold-constants",
+    "eliminate-noop",
     "eliminate-identity",
+    "fuse-conv-bn",
+    "fuse-conv-mul-add",
+    "fuse-pad",
+    "fuse-matmul-add",
+    "recognize-activations",
+    "eliminate-cse",
     "eliminate-dead",
     "toposort",
 ]
 
-#: extra passes appended for a target
-TARGET_PIPELINES: dict[str, list[str]] = {"portable": [], "ort": []}
+#: target lowering, run to its own fixed point after the default pipeline has converged (a pass
+#: named here is constructed with ``target=...`` when it takes that option)
+TARGET_PIPELINES: dict[str, list[str]] = {
+    "portable": ["fuse-conv-activation"],
+    "ort": ["fuse-conv-activation", "eliminate-dead", "toposort"],
+}
+
+#: passes of TARGET_PIPELINES that take a ``target`` option
+TARGETED_PASSES = {"fuse-conv-activation"}
 
 #: fp32 tolerance for semantics-preserving pipelines (relative to max |reference|)
 RTOL = 1e-4
@@ -43,6 +65,14 @@ def default_pipeline(target: str = "portable") -> list[str]:
         raise GraphoptError(f"unknown target '{target}'; choose one of {', '.join(TARGET_PIPELINES)}")
     known = registered_passes()
     return [p for p in DEFAULT_PIPELINE + TARGET_PIPELINES[target] if p in known]
+
+
+def target_passes(target: str = "portable") -> list[Pass]:
+    """The target lowering passes, constructed for ``target`` (registered passes only)."""
+    default_pipeline(target)  # validates the target
+    known = registered_passes()
+    return [get_pass(p, target=target) if p in TARGETED_PASSES else get_pass(p)
+            for p in TARGET_PIPELINES[target] if p in known]
 
 
 @dataclass
@@ -88,10 +118,21 @@ def optimize_model(
     t0 = time.perf_counter()
     original = prepare(model.clone(), input_shapes, feeds)
     work = original.clone()
-    pass_list: list[str | Pass] = list(passes) if passes is not None else list(
-        default_pipeline(target))
+    pass_list: list[str | Pass]
+    lowering: list[Pass] = []
+    if passes is not None:
+        pass_list = [get_pass(p, target=target) if p in TARGETED_PASSES else p for p in passes]
+    else:  # the default pipeline to a fixed point, then the target's lowering to its own
+        known = registered_passes()
+        pass_list = [p for p in DEFAULT_PIPELINE if p in known]
+        lowering = target_passes(target)
     manager = PassManager(pass_list, steps=steps, on_pass=on_pass)
     result = manager(work)
+    if lowering:
+        low = PassManager(lowering, steps=steps, on_pass=on_pass)(result.model)
+        result = ManagerResult(low.model, result.modified or low.modified,
+                               result.records + low.records, result.steps + low.steps)
+        pass_list = pass_list + list(lowering)
     out = result.model
     infer_shapes(out, feeds=feeds)
     elapsed = time.perf_counter() - t0

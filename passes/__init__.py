@@ -8,6 +8,12 @@ PASS_MODULES = [
     "dead_node_elimination",
     "identity_elimination",
     "topological_sort",
+    "fuse_conv_bn",
+    "fuse_conv_affine",
+    "recognize_activations",
+    "fuse_pad",
+    "fuse_matmul_add",
+    "fuse_conv_activation",
     "fp16",
 ]
 

@@ -1,0 +1,125 @@
+"""fuse-conv-activation: fusion groups in metadata (portable) or com.microsoft ops (ort)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fusion_graphs import build, node, rand
+from graphopt.passes.fuse_conv_activation import METADATA_KEY
+
+from graphopt.fixtures import real_model_feeds
+from graphopt.ir import Model
+from graphopt.optimize import optimize_model, prepare
+from graphopt.testing import check_pass, op_counts
+
+P = "fuse-conv-activation"
+
+
+def groups(model: Model) -> list[list[str]]:
+    return json.loads(model.metadata[METADATA_KEY])
+
+
+def test_portable_records_groups_with_pool(load_fixture) -> None:
+    m = optimize_model(load_fixture("cnn.onnx"), passes=["fuse-conv-bn"], verify_output=False).model
+    before = op_counts(m)
+    res, _ = check_pass(m, P, structure=lambda mm: op_counts(mm) == before or pytest.fail("ops"))
+    ops = {n.name: n.op for n in res.model.graph.nodes}
+    assert [[ops[n] for n in g] for g in groups(res.model)] == [["Conv", "Relu", "MaxPool"]] * 2
+    # a second run finds the same groups: nothing to change (fixed point)
+    check_pass(res.model, P, expect_modified=False)
+
+
+def _conv_act(act: list, inits: dict | None = None, outputs: tuple[str, ...] = ("y",),
+              opset: int = 17) -> Model:
+    base = {"w": rand(4, 3, 3, 3), "b": rand(4)}
+    return build([node("Conv", ["x", "w", "b"], "c", pads=[1, 1, 1, 1]), *act],
+                 {"x": (1, 3, 6, 6)}, list(outputs), {**base, **(inits or {})}, opset=opset)
+
+
+def test_portable_silu_and_hardswish_units() -> None:
+    m = _conv_act([node("Sigmoid", ["c"], "s"), node("Mul", ["c", "s"], "y")])
+    res, _ = check_pass(m, P)
+    assert len(groups(res.model)[0]) == 3
+    m2 = _conv_act([node("HardSigmoid", ["c"], "s", alpha=1 / 6, beta=0.5),
+                    node("Mul", ["s", "c"], "y")], opset=12)
+    res2, _ = check_pass(m2, P)
+    assert len(groups(res2.model)[0]) == 3
+
+
+@pytest.mark.parametrize("case", ["conv_out_escapes", "two_readers", "hsig_0.2_gate"])
+def test_portable_negatives(case: str) -> None:
+    if case == "conv_out_escapes":
+        m = _conv_act([node("Relu", ["c"], "y")], outputs=("y", "c"))
+    elif case == "two_readers":
+        m = _conv_act([node("Relu", ["c"], "y"), node("Tanh", ["c"], "z")], outputs=("y", "z"))
+    else:
+        m = _conv_act([node("HardSigmoid", ["c"], "s"), node("Mul", ["s", "c"], "y")])
+    check_pass(m, P, expect_modified=False)
+
+
+ACTS = [("Relu", {}, {}), ("Tanh", {}, {}), ("Sigmoid", {}, {}),
+        ("LeakyRelu", {"alpha": 0.3}, {}), ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, {}),
+        ("Clip", {}, {"lo": np.float32(-0.5), "hi": np.float32(0.7)})]
+
+
+@pytest.mark.parametrize("act,attrs,consts", ACTS)
+def test_ort_fused_conv(act: str, attrs: dict, consts: dict) -> None:
+    ins = ["c", *consts]
+    m = _conv_act([node(act, ins, "y", **attrs)], consts)
+    res, _ = check_pass(m, P, target="ort",
+                        structure=lambda mm: op_counts(mm) == {"com.microsoft.FusedConv": 1}
+                        or pytest.fail(str(op_counts(mm))))
+    fc = res.model.graph.nodes[0]
+    assert fc.attrs["activation"] == act and fc.domain == "com.microsoft"
+
+
+def test_ort_silu_becomes_quickgelu() -> None:
+    m = _conv_act([node("Sigmoid", ["c"], "s"), node("Mul", ["s", "c"], "y")])
+    check_pass(m, P, target="ort", structure=lambda mm: op_counts(mm) == {
+        "Conv": 1, "com.microsoft.QuickGelu": 1} or pytest.fail(str(op_counts(mm))))
+
+
+def test_ort_negative_escaping_and_hardswish_unit() -> None:
+    check_pass(_conv_act([node("Relu", ["c"], "y")], outputs=("y", "c")), P, target="ort",
+               expect_modified=False)
+    # FusedConv's HardSigmoid cannot multiply by the Conv output again
+    m = _conv_act([node("HardSigmoid", ["c"], "s", alpha=1 / 6, beta=0.5),
+                   node("Mul", ["s", "c"], "y")])
+    check_pass(m, P, target="ort", expect_modified=False)
+
+
+def test_bad_target() -> None:
+    from graphopt.errors import GraphoptError
+    from graphopt.pass_manager import get_pass
+
+    with pytest.raises((GraphoptError, ValueError)):
+        get_pass(P, target="tvm")
+
+
+@pytest.mark.parametrize("target", ["portable", "ort"])
+def test_optimize_pipeline_mobilenet(load_fixture, target: str) -> None:
+    res = optimize_model(load_fixture("mobilenet_block.onnx"), target=target)
+    c = res.model.op_histogram()
+    assert res.verify is not None and res.verify.ok
+    assert "BatchNormalization" not in c and "Clip" not in c and "Div" not in c
+    if target == "portable":
+        assert not any("." in k for k in c), c
+        assert len(groups(res.model)) >= 3
+    else:
+        assert c.get("com.microsoft.FusedConv", 0) >= 1 and c.get("com.microsoft.QuickGelu") == 1
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["det", "rec", "cls"])
+def test_real_models_optimize_and_verify(name: str) -> None:
+    from conftest import real_or_skip
+
+    path, shapes = real_or_skip(name)
+    m = Model.load(path)
+    res = optimize_model(m, input_shapes=shapes, feeds=real_model_feeds(name))
+    assert res.verify is not None and res.verify.ok
+    assert res.model.num_nodes() < 0.5 * prepare(m.clone(), shapes).num_nodes()
+    c = res.model.op_histogram()
+    assert "BatchNormalization" not in c and "Clip" not in c, c
