@@ -414,6 +414,89 @@ def register_fp16(sub: Any, common: argparse.ArgumentParser) -> None:
 EXTRA_COMMANDS.append(register_fp16)
 
 
+# --------------------------------------------------------------------------- diff (issue 8)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from graphopt.diff import diff_models
+    from graphopt.ir import Model
+    from graphopt.optimize import prepare
+    from graphopt.shapes import parse_input_shapes
+
+    shapes = parse_input_shapes(args.input_shape)
+    a = prepare(Model.load(args.a), shapes)
+    b = prepare(Model.load(args.b), shapes)
+    rep = diff_models(a, b, per_layer=args.per_layer, rtol=args.rtol, atol=args.atol,
+                      numeric=not args.structure_only)
+    payload = {"a": str(args.a), "b": str(args.b), **rep.to_json()}
+    if not args.per_layer:
+        payload.pop("layers")
+    if args.json:
+        emit_json(payload)
+        return 1 if args.check and not rep.outputs_equal else 0
+    from rich.table import Table
+
+    c = console()
+    t = Table(title=f"{args.a} -> {args.b}", title_justify="left")
+    for col in ("", "A", "B"):
+        t.add_column(col, justify="left" if not col else "right")
+    t.add_row("nodes", str(rep.nodes_a), str(rep.nodes_b))
+    ops = sorted(set(rep.nodes_added) | set(rep.nodes_removed))
+    for op in ops:
+        n = rep.nodes_added.get(op, 0) - rep.nodes_removed.get(op, 0)
+        t.add_row(f"  {op}", "", f"{n:+d}")
+    t.add_row("initializers added/removed/changed", "",
+              f"{len(rep.initializers_added)}/{len(rep.initializers_removed)}/"
+              f"{len(rep.initializers_changed)}")
+    t.add_row("tensors with a new shape or dtype", "", str(len(rep.shapes_changed)))
+    c.print(t)
+    if rep.fused_groups:
+        counts: dict[str, int] = {}
+        for g in rep.fused_groups:
+            counts[g.label] = counts.get(g.label, 0) + 1
+        ft = Table(title="fused groups (A's nodes replaced by one node of B)", title_justify="left")
+        ft.add_column("group")
+        ft.add_column("count", justify="right")
+        ft.add_column("example")
+        for label, n in counts.items():
+            ex = next(g for g in rep.fused_groups if g.label == label)
+            ft.add_row(label, str(n), f"{', '.join(ex.replaced)} -> {ex.node}")
+        c.print(ft)
+    for label, names in (("changed", rep.changed), ("removed", rep.removed),
+                         ("added", rep.added), ("initializers changed", rep.initializers_changed)):
+        if names:
+            c.print(f"{label}: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    if rep.outputs:
+        c.print(verify_table(rep, title=f"outputs (rtol {args.rtol:g}, atol {args.atol:g})"))
+        c.print("outputs equal" if rep.outputs_equal else "[red]outputs differ[/]")
+    if args.per_layer:
+        if rep.first_divergent_node:
+            d = next(x for x in rep.layers if x.tensor == rep.first_divergent_tensor)
+            c.print(f"first divergent node: [bold]{rep.first_divergent_node}[/] ({d.op}), tensor "
+                    f"{d.tensor}: max abs err {d.max_abs_err:.3g}, SQNR {d.sqnr_db:.1f} dB "
+                    f"({len(rep.layers)} tensors compared)")
+        else:
+            c.print(f"no divergent node ({len(rep.layers)} tensors compared)")
+    return 1 if args.check and not rep.outputs_equal else 0
+
+
+def register_diff(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("diff", parents=[common],
+                       help="structural and numerical diff of two models")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--per-layer", action="store_true",
+                   help="compare every tensor both models have; report the first divergent node")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance (of max |A|)")
+    p.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance")
+    p.add_argument("--structure-only", action="store_true", help="skip onnxruntime")
+    p.add_argument("--check", action="store_true", help="exit 1 when the outputs differ")
+    p.set_defaults(func=cmd_diff)
+
+
+EXTRA_COMMANDS.append(register_diff)
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     from rich.logging import RichHandler
