@@ -76,18 +76,6 @@ def test_from_torch_default_names_and_tuple_inputs() -> None:
     np.testing.assert_allclose(out, (a * b + a).numpy(), rtol=1e-6)
 
 
-def test_from_torch_dynamo_exporter() -> None:
-    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript")
-    from graphopt.torch_export import from_torch
-
-    net, x = _net().eval(), torch.randn(1, 3, 8, 8)
-    model = from_torch(net, x, input_names=["x"], dynamo=True)
-    with torch.no_grad():
-        ref = net(x).numpy()
-    got = list(run_model(model, {"x": x.numpy()}).values())[0]
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-
-
 def test_from_torch_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     from graphopt.torch_export import from_torch
 
