@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib
 
 PASS_MODULES = [
+    "constant_folding",
+    "noop_elimination",
+    "cse",
     "dead_node_elimination",
     "identity_elimination",
     "topological_sort",
