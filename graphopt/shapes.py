@@ -203,8 +203,9 @@ def infer_shapes(model: Model, ort_fallback: bool = True, feeds: Mapping[str, np
         except Exception as exc:  # noqa: BLE001 - a failed fallback leaves shapes unknown
             logger.debug("onnxruntime shape fallback failed: %s", exc)
             observed = {}
+        tensors = model.graph.tensors()
         for g_name, (dtype, shape) in observed.items():
-            t = model.graph.tensors().get(g_name)
+            t = tensors.get(g_name)
             if t is not None and isinstance(t, gs.Variable):
                 t.shape = list(shape)
                 t.dtype = dtype
