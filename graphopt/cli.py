@@ -497,6 +497,118 @@ def register_diff(sub: Any, common: argparse.ArgumentParser) -> None:
 EXTRA_COMMANDS.append(register_diff)
 
 
+# --------------------------------------------------------------------------- plan (issue 6)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import os
+
+    from graphopt.ir import Model
+    from graphopt.memory import apply_order, plan_memory, plot_plan
+    from graphopt.shapes import parse_input_shapes
+
+    out_path = check_output_path(args.model, args.output) if args.output else None
+    shapes = parse_input_shapes(args.input_shape)
+    model = Model.load(args.model)
+    t0 = time.perf_counter()
+    plan = plan_memory(model, shapes, strategy=args.strategy, inplace=not args.no_inplace,
+                       reorder=not args.no_reorder)
+    seconds = time.perf_counter() - t0
+    proof = None
+    if args.prove:
+        from graphopt.memory_exec import prove
+
+        proof = prove(plan.model, plan)
+    if args.plot:
+        plot_plan(plan, args.plot, title=f"{Path(args.model).name}: arena "
+                  f"{human_bytes(plan.arena_bytes)} ({plan.ratio:.3f}x lower bound), "
+                  f"naive {human_bytes(plan.naive_bytes)}"
+                  f"{', in-place' if plan.inplace else ''}")
+    plan_file = None
+    if out_path is not None:
+        out = apply_order(model, plan)
+        out.metadata["graphopt.memory_plan"] = plan.compact_json()
+        out.save(out_path)
+        plan_file = Path(str(out_path) + ".memplan.json")
+        tmp = plan_file.with_name(plan_file.name + ".tmp")
+        tmp.write_text(json.dumps(_jsonable(plan.to_json()), indent=1) + "\n")
+        os.replace(tmp, plan_file)
+    payload: dict[str, Any] = {"model": str(args.model), **plan.summary(),
+                               "output": str(out_path) if out_path else None,
+                               "plan_file": str(plan_file) if plan_file else None,
+                               "plot": args.plot, "seconds": round(seconds, 3),
+                               "proof": proof.to_json() if proof else None}
+    if proof is not None and not proof.ok:
+        if args.json:
+            emit_json(payload)
+        raise VerificationError(
+            f"the plan failed its execution proof ({proof.error or 'outputs differ'})")
+    if args.json:
+        emit_json(payload)
+        return 0
+    from rich.table import Table
+
+    s = plan.summary()
+    t = Table(title=f"memory plan of {args.model}", title_justify="left", show_header=False)
+    t.add_column("what")
+    t.add_column("bytes", justify="right")
+    t.add_column("", justify="right")
+    t.add_row("one buffer per tensor (naive)", human_bytes(plan.naive_bytes), "")
+    t.add_row("lower bound (liveness)", human_bytes(plan.lower_bound_bytes), "1.000x")
+    if plan.inplace:
+        t.add_row("lower bound with in-place/aliasing", human_bytes(plan.inplace_lower_bound_bytes),
+                  f"{plan.inplace_lower_bound_bytes / max(plan.lower_bound_bytes, 1):.3f}x")
+    t.add_row(f"[bold]arena[/] ({plan.strategy})", f"[bold]{human_bytes(plan.arena_bytes)}[/]",
+              f"{s['arena_over_lower_bound']:.3f}x")
+    t.add_row("arena / its lower bound", "", f"{plan.ratio:.3f}x")
+    t.add_row("naive / arena", "", f"{s['naive_over_arena']:.1f}x")
+    c = console()
+    c.print(t)
+    c.print(f"peak at step {plan.peak_step} of {plan.steps}: node '{plan.peak_node}'")
+    c.print(f"buffers {s['buffers']} for {s['tensors']} tensors: {plan.aliased} aliased views, "
+            f"{plan.inplace_reused} in-place writes"
+            + (f", {len(plan.unplanned)} tensors of unknown size outside the arena"
+               if plan.unplanned else ""))
+    if plan.order_changed and plan.order_before_arena:
+        c.print(f"node order changed: arena {human_bytes(plan.order_before_arena)} -> "
+                f"{human_bytes(plan.arena_bytes)} "
+                f"({(plan.arena_bytes / plan.order_before_arena - 1) * 100:+.1f}%)")
+    else:
+        c.print("node order unchanged (" + ("--no-reorder" if args.no_reorder else
+                                            "no order with a smaller arena found") + ")")
+    if proof is not None:
+        c.print(f"execution proof: [green]passed[/] ({proof.nodes_in_arena} nodes ran inside the "
+                f"arena, outputs match onnxruntime)")
+    if out_path is not None:
+        c.print(f"wrote {out_path} (planned order, plan in metadata 'graphopt.memory_plan') "
+                f"and {plan_file}")
+    if args.plot:
+        c.print(f"wrote {args.plot}")
+    return 0
+
+
+def register_plan(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("plan", parents=[common],
+                       help="plan activation memory into one arena (liveness, offsets, in-place)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", help="write the model in the planned order, with the plan "
+                   "in its metadata and beside it as OUT.memplan.json")
+    p.add_argument("--strategy", default="best",
+                   choices=["greedy-size", "greedy-breadth", "best"],
+                   help="offset assignment (best: try all, keep the smallest arena)")
+    p.add_argument("--no-inplace", action="store_true",
+                   help="no in-place writes and no reshape aliasing: one buffer per tensor")
+    p.add_argument("--no-reorder", action="store_true", help="keep the given node order")
+    p.add_argument("--plot", metavar="PNG", help="draw the arena over time")
+    p.add_argument("--prove", action="store_true",
+                   help="run the model node by node inside the arena and compare with "
+                        "onnxruntime (random inputs)")
+    p.set_defaults(func=cmd_plan)
+
+
+EXTRA_COMMANDS.append(register_plan)
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     from rich.logging import RichHandler

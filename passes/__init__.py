@@ -11,6 +11,8 @@ PASS_MODULES = [
     "dead_node_elimination",
     "identity_elimination",
     "topological_sort",
+    "memory_plan",
+    "memory_order",
     "fuse_conv_bn",
     "fuse_conv_affine",
     "recognize_activations",
