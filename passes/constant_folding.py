@@ -289,11 +289,15 @@ class _Evaluator:
         return {id(o): np.asarray(r) for o, r in zip(outs, res)}
 
 
-def _walk(root: gs.Graph) -> Iterator[gs.Graph]:
-    """``root`` and every subgraph nested in it, outermost first (lazily, like walk_graphs)."""
+def _walk(root: gs.Graph, skip: Callable[[gs.Graph], bool] | None = None
+          ) -> Iterator[gs.Graph]:
+    """``root`` and every subgraph nested in it, outermost first (lazily, like walk_graphs);
+    subgraphs for which ``skip`` is true are left out with everything nested in them."""
     stack = [root]
     while stack:
         g = stack.pop()
+        if skip is not None and g is not root and skip(g):
+            continue
         yield g
         for node in g.nodes:
             for attr in node.attrs.values():
@@ -315,9 +319,9 @@ def _loads(model: Model) -> bool:
     return True
 
 
-def _shape_nodes_left(model: Model) -> bool:
+def _shape_nodes_left(graphs: Iterable[gs.Graph]) -> bool:
     return any(n.op in ("Shape", "Size") and n.inputs and not is_static(n.inputs[0].shape)
-               for _, n in model.walk_nodes())
+               for g in graphs for n in g.nodes)
 
 
 def refine_shapes(model: Model) -> int:
@@ -369,13 +373,15 @@ class FoldConstantsPass(Pass):
         self.inline_if = bool(inline_if)
         self._lift_only = False
         self._all_graphs: list[gs.Graph] = []
+        #: id -> node count of subgraphs whose folding onnxruntime refused (see ``call``)
+        self._rejected: dict[int, int] = {}
 
     def call(self, model: Model) -> PassResult:
         ev = _Evaluator(model.opset, model.ir_version)
         has_subgraphs = model.num_subgraphs() > 0
         snapshot = model.clone() if has_subgraphs else None
         stats = self._new_stats()
-        self._run(model, lambda m: m.walk_graphs(), ev, stats)
+        self._run(model, lambda m: _walk(m.graph, self._rejected_graph), ev, stats)
         if snapshot is not None and self._subgraphs_changed(stats) and not _loads(model):
             # Folding inside a branch that is never taken at these input shapes can make
             # onnxruntime's load-time shape inference see a contradiction in that dead branch
@@ -387,6 +393,7 @@ class FoldConstantsPass(Pass):
             self._run(current, lambda m: iter([m.graph]), ev, stats)
             slots = [(i, k) for i, n in enumerate(current.graph.nodes)
                      for k, a in n.attrs.items() if isinstance(a, gs.Graph)]
+            rejected: list[tuple[int, str]] = []
             for i, k in slots:
                 trial = current.clone()
                 trial_stats = self._new_stats()
@@ -395,6 +402,7 @@ class FoldConstantsPass(Pass):
                 if self._modified(trial_stats) and not _loads(trial):
                     # keep the harmless part: Constant nodes become initializers
                     stats["subgraphs_only_lifted"] = stats.get("subgraphs_only_lifted", 0) + 1
+                    rejected.append((i, k))
                     trial = current.clone()
                     trial_stats = self._new_stats()
                     self._lift_only = True
@@ -408,8 +416,16 @@ class FoldConstantsPass(Pass):
                     for key, v in trial_stats.items():
                         stats[key] = stats.get(key, 0) + v
             model.graph = current.graph
+            # remember the refused subgraphs, so that the next run (the pass manager iterates to a
+            # fixed point) does not fold and refuse them again while they stay as they are
+            for i, k in rejected:
+                sub = model.graph.nodes[i].attrs[k]
+                self._rejected[id(sub)] = len(sub.nodes)
         stats["sessions"] = ev.sessions
         return PassResult(model, self._modified(stats), stats)
+
+    def _rejected_graph(self, g: gs.Graph) -> bool:
+        return self._rejected.get(id(g)) == len(g.nodes)
 
     @staticmethod
     def _new_stats() -> dict[str, int]:
@@ -441,7 +457,7 @@ class FoldConstantsPass(Pass):
                     stats["sub_changes"] += 1
             # folding may have made more shapes inferable (a Reshape's shape input is now constant):
             # refine the IR's shapes and go again while Shape/Size nodes are left to fold
-            if stats == before or not self.fold_shapes or not _shape_nodes_left(model):
+            if stats == before or not self.fold_shapes or not _shape_nodes_left(graphs(model)):
                 break
             if not refine_shapes(model):
                 break
@@ -474,12 +490,52 @@ class FoldConstantsPass(Pass):
         stop = min(max(stop + rank if stop < 0 else stop, 0), rank)
         return np.array(shape[start:stop], dtype=np.int64)
 
+    @staticmethod
+    def _partial_shape_value(node: gs.Node, local: set[int]) -> np.ndarray | None:
+        """``Gather``/``Slice`` of ``Shape(x)`` picking only static dims of a partly dynamic x.
+
+        ``x.view(x.size(0), -1)`` style graphs keep a dynamic batch dim but read static ones.
+        """
+        src = node.inputs[0]
+        shp = src.inputs[0] if src.inputs else None
+        if shp is None or id(shp) not in local or shp.op != "Shape" or not shp.inputs:
+            return None
+        x = shp.inputs[0]
+        if x.shape is None or node.attrs.get("axis", 0) != 0:
+            return None
+        rank = len(x.shape)
+        start = int(shp.attrs.get("start", 0))
+        end = shp.attrs.get("end")
+        dims = list(x.shape)[slice(start, rank if end is None else int(end))]
+        idx = np.arange(len(dims))
+        consts = [t.values if isinstance(t, gs.Constant) else None for t in node.inputs[1:]]
+        if any(c is None and not t.is_empty() for c, t in zip(consts, node.inputs[1:])):
+            return None
+        try:
+            if node.op == "Gather":
+                picked = np.take(idx, np.asarray(consts[0]).astype(np.int64), axis=0)
+            else:
+                starts, ends = consts[0], consts[1]
+                axes = consts[2] if len(consts) > 2 and consts[2] is not None else [0]
+                steps = consts[3] if len(consts) > 3 and consts[3] is not None else [1]
+                if list(np.reshape(axes, -1)) not in ([0], [-1]) or \
+                        list(np.reshape(steps, -1)) != [1]:
+                    return None
+                picked = idx[int(np.reshape(starts, -1)[0]):int(np.reshape(ends, -1)[0])]
+        except (IndexError, ValueError, TypeError):
+            return None
+        vals = [dims[int(i)] for i in np.reshape(picked, -1)]
+        if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in vals):
+            return None
+        return np.array(vals, dtype=np.int64).reshape(np.shape(picked))
+
     def _fold_graph(self, graph: gs.Graph, ev: _Evaluator, stats: dict[str, int]) -> None:
         outputs = {id(t) for t in graph.outputs}
         known: dict[int, Any] = {}       # tensor id -> value (np array / lazy) or _Pending
         seeds: dict[int, gs.Node] = {}   # node id -> node whose outputs were computed here
         to_eval: list[gs.Node] = []
         order = local_topo_order(graph)
+        local = {id(n) for n in order}
 
         def is_known(t: gs.Tensor) -> bool:
             return t.is_empty() or isinstance(t, gs.Constant) or id(t) in known
@@ -503,6 +559,14 @@ class FoldConstantsPass(Pass):
                 if v is not None:
                     known[id(node.outputs[0])] = v
                     seeds[id(node)] = node
+                    continue
+            if node.op in ("Gather", "Slice") and self.fold_shapes and node.inputs and \
+                    not is_known(node.inputs[0]):
+                v = self._partial_shape_value(node, local)
+                if v is not None:
+                    known[id(node.outputs[0])] = v
+                    seeds[id(node)] = node
+                    stats["partial_shapes"] = stats.get("partial_shapes", 0) + 1
                     continue
             if node.op in NEVER_FOLD or has_subgraph(node):
                 continue

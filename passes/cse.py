@@ -84,23 +84,33 @@ class CommonSubexpressionEliminationPass(Pass):
 
     def _graph(self, graph: gs.Graph, escaping: set[int], stats: dict[str, int]) -> None:
         outputs = {id(t) for t in graph.outputs}
-        # ---- constants: canonical object per (dtype, shape, bytes)
-        canon: dict[tuple[Any, ...], gs.Constant] = {}
-        const_key: dict[int, tuple[Any, ...] | None] = {}
+        # ---- constants: canonical object per (dtype, shape, bytes); only constants that share
+        # dtype and shape with another one are read and hashed (weights are mostly unique)
         nodes = local_topo_order(graph)
+        by_meta: dict[tuple[Any, ...], list[gs.Constant]] = {}
+        seen: set[int] = set()
         for node in nodes:
-            for i, t in enumerate(node.inputs):
-                if not isinstance(t, gs.Constant):
-                    continue
-                if id(t) not in const_key:
-                    const_key[id(t)] = self._const_key(t)
-                key = const_key[id(t)]
-                if key is None:
-                    continue
-                c = canon.setdefault(key, t)
+            for t in node.inputs:
+                if isinstance(t, gs.Constant) and id(t) not in seen:
+                    seen.add(id(t))
+                    if constant_nbytes(t) <= self.max_const_bytes:
+                        by_meta.setdefault((str(t.dtype), tuple(t.shape)), []).append(t)
+        canon_of: dict[int, gs.Constant] = {}
+        for group in by_meta.values():
+            if len(group) < 2:
+                continue
+            canon: dict[tuple[Any, ...], gs.Constant] = {}
+            for t in group:
+                c = canon.setdefault(self._const_key(t), t)
                 if c is not t:
-                    node.inputs[i] = c
-                    stats["constants_merged"] += 1
+                    canon_of[id(t)] = c
+        if canon_of:
+            for node in nodes:
+                for i, t in enumerate(node.inputs):
+                    c = canon_of.get(id(t))
+                    if c is not None:
+                        node.inputs[i] = c
+                        stats["constants_merged"] += 1
         # ---- nodes: hash-consing in topological order
         table: dict[tuple[Any, ...], gs.Node] = {}
         removed: set[int] = set()
@@ -121,9 +131,8 @@ class CommonSubexpressionEliminationPass(Pass):
         if removed:
             graph.nodes = [n for n in graph.nodes if id(n) not in removed]
 
-    def _const_key(self, t: gs.Constant) -> tuple[Any, ...] | None:
-        if constant_nbytes(t) > self.max_const_bytes:
-            return None
+    @staticmethod
+    def _const_key(t: gs.Constant) -> tuple[Any, ...]:
         arr = np.asarray(t.values)
         return (str(arr.dtype), arr.shape, _digest(arr))
 

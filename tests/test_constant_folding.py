@@ -105,6 +105,29 @@ def test_size_and_shape_with_start_end() -> None:
     check_pass(_prepared(m), "fold-constants", structure=structure)
 
 
+def test_static_dims_of_a_partly_dynamic_shape_fold() -> None:
+    # x.view(-1, x.size(1) * x.size(2)) with a dynamic batch: the static dims 1 and 2 fold
+    m = make_model(
+        [helper.make_node("Shape", ["x"], ["s"]),
+         helper.make_node("Gather", ["s", "one"], ["d1"], axis=0),
+         helper.make_node("Slice", ["s", "two", "three"], ["d2"]),
+         helper.make_node("Mul", ["d1", "d2"], ["d12"]),
+         helper.make_node("Concat", ["minus1", "d12"], ["shape"], axis=0),
+         helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        [vi("x", ["N", 3, 4])], [vi("y", ["N", 12])],
+        {"one": _i64(1), "two": _i64(2), "three": _i64(3), "minus1": _i64(-1)})
+
+    def structure(r: Model) -> None:
+        reshape = next(n for n in r.graph.nodes if n.op == "Reshape")
+        assert isinstance(reshape.inputs[1], gs.Constant)
+        np.testing.assert_array_equal(reshape.inputs[1].values, [-1, 12])
+        assert op_counts(r) == {"Shape": 1, "Reshape": 1}  # the Shape is dead now
+
+    res, _ = check_pass(_prepared(m), "fold-constants", structure=structure,
+                        feeds={"x": np.ones((5, 3, 4), np.float32)})
+    assert res.stats["partial_shapes"] == 2
+
+
 def test_if_with_constant_condition_is_inlined_fixture() -> None:
     m = _prepared(Model.load(fixture_path("if_model.onnx")))
     assert op_counts(m)["If"] == 2
