@@ -244,6 +244,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     before = summary_numbers(res.original)
     after = summary_numbers(res.model)
     res.model.save(out_path)
+    if args.report:
+        from graphopt.report import write_report
+
+        write_report(args.report, res.original, res.model, verify=res.verify,
+                     title=f"graphopt optimize {Path(args.model).name}",
+                     tables={"passes": [{"pass": k, **v} for k, v in res.stats().items()]})
     total = time.perf_counter() - t0
     payload = {
         "input": str(args.model), "output": str(out_path), "target": args.target,
@@ -253,6 +259,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         "ops_before": before["ops"], "ops_after": after["ops"],
         "verify": res.verify.to_json() if res.verify else None,
         "passes": res.stats(), "seconds": round(total, 3),
+        "report": str(args.report) if args.report else None,
     }
     if args.json:
         emit_json(payload)
@@ -324,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="portable: standard ONNX only (default); ort: may emit onnxruntime ops")
     p.add_argument("--passes", help="comma-separated pass names instead of the default pipeline")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--report", metavar="OUT.html",
+                   help="write a self-contained HTML report (graphs before/after, summary)")
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("list-passes", parents=[common], help="the registered passes")
@@ -378,6 +387,13 @@ def cmd_fp16(args: argparse.Namespace) -> int:
             f"{' (' + bad.note + ')' if bad.note else ''}; not written. Keep more ops in float32 "
             "with --keep-fp32 OP,... or lower --min-sqnr")
     res.model.save(out_path)
+    if args.report:
+        from graphopt.report import write_report
+
+        write_report(args.report, original, res.model, verify=report,
+                     title=f"graphopt fp16 {Path(args.model).name}",
+                     summary={"nodes kept float32": len(kept),
+                              "Casts inserted": stats.get("casts_inserted", 0)})
     payload["seconds"] = round(time.perf_counter() - t0, 3)
     if args.json:
         emit_json(payload)
@@ -408,6 +424,7 @@ def register_fp16(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--min-sqnr", type=float, default=30.0, metavar="DB",
                    help="minimum output SQNR against the float32 model (default 30 dB)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report")
     p.set_defaults(func=cmd_fp16)
 
 
@@ -607,6 +624,171 @@ def register_plan(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 EXTRA_COMMANDS.append(register_plan)
+
+
+# --------------------------------------------------------------------------- prune (issue 5)
+
+
+def _prune_group_table(report: Any, limit: int = 60) -> Any:
+    from rich.table import Table
+
+    t = Table(title="channel groups (width of the first producer)", title_justify="left")
+    for col in ("group", "producers", "before", "after", "status"):
+        t.add_column(col, justify="right" if col in ("before", "after") else "left")
+    rows = sorted(report.groups, key=lambda g: (g.blocked, g.name))
+    for g in rows[:limit]:
+        status = "blocked: " + "; ".join(g.reasons[:2]) if g.blocked else (
+            "pruned" if g.width_after < g.width_before else "kept")
+        t.add_row(g.name, str(len(g.producers)), str(g.width_before), str(g.width_after), status)
+    if len(rows) > limit:
+        t.add_row(f"... {len(rows) - limit} more", "", "", "", "")
+    return t
+
+
+def _fidelity_table(fid: Sequence[Any], title: str) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col in ("output", "SQNR dB", "cosine", "top-1 agreement"):
+        t.add_column(col, justify="left" if col == "output" else "right")
+    for f in fid:
+        t.add_row(f.name, f"{f.sqnr_db:.1f}", f"{f.cosine:.4f}",
+                  "-" if f.top1_agreement is None else f"{f.top1_agreement:.3f}")
+    return t
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from graphopt.ir import Model
+    from graphopt.prune_api import prune, prune_scan
+    from graphopt.shapes import parse_input_shapes
+
+    shapes = parse_input_shapes(args.input_shape)
+    if not args.scan and not args.output:
+        raise GraphoptError("give -o OUT (or --scan to only measure several ratios)")
+    if args.ratio is None and not args.scan:
+        raise GraphoptError("give --ratio R (fraction of channels to remove, e.g. 0.3)")
+    if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
+        raise GraphoptError(f"--ratio must be in [0, 1), got {args.ratio}")
+    out_path = check_output_path(args.model, args.output) if args.output else None
+    model = Model.load(args.model)
+    opts = dict(calib=args.calib, criterion=args.criterion, round_to=args.round_to,
+                recover=not args.no_recover, input_shapes=shapes or None,
+                min_channels=args.min_channels, min_fraction=args.min_fraction)
+    t0 = time.perf_counter()
+    payload: dict[str, Any] = {"input": str(args.model), "output": str(out_path or "") or None}
+    c = None if args.json else console()
+    if args.scan:
+        try:
+            ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+        except ValueError:
+            raise GraphoptError(f"bad --ratios '{args.ratios}': comma-separated numbers") from None
+        pts = prune_scan(model, ratios, **opts)
+        payload["scan"] = [{"ratio": p.ratio, "macs_ratio": p.macs_ratio,
+                            "sqnr_db": _jsonable(p.main.sqnr_db), "cosine": p.main.cosine,
+                            "top1_agreement": p.main.top1_agreement} for p in pts]
+        if args.plot:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 4))
+            xs = [p.macs_ratio for p in pts]
+            agree = [p.main.top1_agreement for p in pts]
+            ys = agree if all(a is not None for a in agree) else [p.main.cosine for p in pts]
+            ax.plot(xs, ys, "o-")
+            for p, x, y in zip(pts, xs, ys):
+                ax.annotate(f"{p.ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4))
+            ax.set_xlabel("MACs after / before")
+            ax.set_ylabel("top-1 agreement" if ys is agree else "output cosine")
+            ax.set_title(f"prune scan: {Path(args.model).name} ({args.criterion}, "
+                         f"{'recovery' if not args.no_recover and args.calib else 'no recovery'})")
+            ax.grid(True, alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(args.plot, dpi=120)
+            plt.close(fig)
+            payload["plot"] = str(args.plot)
+        if c is not None:
+            from rich.table import Table
+
+            t = Table(title="MACs against fidelity", title_justify="left")
+            for col in ("ratio", "MACs", "SQNR dB", "cosine", "top-1 agreement"):
+                t.add_column(col, justify="right")
+            for p in pts:
+                f = p.main
+                t.add_row(f"{p.ratio:g}", f"{p.macs_ratio:.3f}x", f"{f.sqnr_db:.1f}",
+                          f"{f.cosine:.4f}",
+                          "-" if f.top1_agreement is None else f"{f.top1_agreement:.3f}")
+            c.print(t)
+    if args.ratio is not None and out_path is not None:
+        out = prune(model, args.ratio, **opts)
+        out.model.save(out_path)
+        rep = out.report
+        payload.update({
+            "nodes_before": model.num_nodes(), "nodes_after": out.model.num_nodes(),
+            "macs_before": rep.macs_before, "macs_after": rep.macs_after,
+            "prunable_macs_fraction": rep.prunable_fraction,
+            "verify": {f.name: {"max_abs_err": f.max_abs_err, "cosine": f.cosine,
+                                "sqnr_db": _jsonable(f.sqnr_db)} for f in out.fidelity},
+            "fidelity": out.to_json()["fidelity"],
+            "passes": {"prune-channels": out.stats},
+            "groups": [{"name": g.name, "producers": g.producers, "width_before": g.width_before,
+                        "width_after": g.width_after, "blocked": g.blocked,
+                        "reasons": g.reasons} for g in rep.groups],
+        })
+        if c is not None:
+            c.print(_prune_group_table(rep))
+            from rich.table import Table
+
+            t = Table(title=f"{args.model} -> {out_path}", title_justify="left")
+            t.add_column("")
+            t.add_column("value", justify="right")
+            t.add_row("MACs before", human_count(rep.macs_before))
+            t.add_row("MACs after", f"{human_count(rep.macs_after)} "
+                      f"({rep.macs_after / max(rep.macs_before, 1):.3f}x)")
+            t.add_row("prunable compute", f"{rep.prunable_fraction * 100:.1f}%")
+            t.add_row("groups pruned / blocked / all",
+                      f"{out.stats['groups_pruned']} / {out.stats['groups_blocked']} / "
+                      f"{out.stats['groups']}")
+            t.add_row("channels removed", str(out.stats["channels_removed"]))
+            t.add_row("recovery", f"{out.stats.get('layers_refit', 0)} layers refit"
+                      if out.stats.get("layers_refit") else "none (no --calib or --no-recover)")
+            c.print(t)
+            c.print(_fidelity_table(out.fidelity, "fidelity against the original "
+                                    + ("(on the calibration data)" if args.calib else
+                                       "(seeded random inputs)")))
+    payload["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        emit_json(payload)
+    elif out_path is not None and args.ratio is not None:
+        console().print(f"wrote {out_path} in {payload['seconds']:.2f} s")
+    return 0
+
+
+def register_prune(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("prune", parents=[common],
+                       help="structured channel pruning with least-squares recovery")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", help="pruned model (required unless --scan)")
+    p.add_argument("--ratio", type=float, help="fraction of channels removed per group (0..1)")
+    p.add_argument("--calib", metavar="DATA",
+                   help=".npz keyed by input name (batch on axis 0) or a folder of .npz/.npy; "
+                        "used for recovery and the activation criterion")
+    p.add_argument("--criterion", choices=["l1", "l2", "bn", "activation"], default="l1",
+                   help="channel importance (default l1)")
+    p.add_argument("--round-to", type=int, metavar="N", help="keep widths multiples of N")
+    p.add_argument("--min-channels", type=int, default=1, help="never keep fewer channels")
+    p.add_argument("--min-fraction", type=float, default=0.0,
+                   help="never keep less than this fraction of a group")
+    p.add_argument("--no-recover", action="store_true", help="skip the least-squares refit")
+    p.add_argument("--scan", action="store_true",
+                   help="prune at several ratios and print MACs against fidelity")
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="ratios for --scan")
+    p.add_argument("--plot", metavar="PNG", help="with --scan: plot MACs against fidelity")
+    p.set_defaults(func=cmd_prune)
+
+
+EXTRA_COMMANDS.append(register_prune)
 
 
 def setup_logging(verbose: int) -> None:

@@ -35,10 +35,11 @@ logger = logging.getLogger(__name__)
 class FusedGroup:
     """Nodes of A replaced by one node of B (matched through B's output names)."""
 
-    node: str  #: B's node
-    op: str  #: B's op type
+    node: str  #: B's node (the one that writes the group's output names)
+    op: str  #: B's op types, joined by '+' (new nodes feeding only ``node`` included)
     replaced: list[str]  #: A's nodes, topological order
     replaced_ops: list[str]
+    nodes: list[str] = field(default_factory=list)  #: B's nodes of the group
 
     @property
     def label(self) -> str:
@@ -96,7 +97,8 @@ class DiffReport:
             "nodes_a": self.nodes_a,
             "nodes_b": self.nodes_b,
             "fused_groups": [{"node": g.node, "label": g.label, "replaced": g.replaced,
-                              "replaced_ops": g.replaced_ops} for g in self.fused_groups],
+                              "replaced_ops": g.replaced_ops, "nodes": g.nodes}
+                             for g in self.fused_groups],
             "added": self.added,
             "removed": self.removed,
             "changed": self.changed,
@@ -111,6 +113,18 @@ class DiffReport:
 
 
 # ------------------------------------------------------------------ structure
+
+
+def input_dependent_nodes(graph: gs.Graph) -> list[gs.Node]:
+    """Nodes that depend on a graph input, in order; the others (Constant nodes and subgraphs that
+    only compute weights, e.g. ``Reshape(Constant)``) are weights rather than layers."""
+    live = {t.name for t in graph.inputs}
+    out = []
+    for n in graph.nodes:  # ONNX keeps nodes in topological order
+        if n.op != "Constant" and any(t.name in live for t in n.inputs):
+            out.append(n)
+            live.update(o.name for o in n.outputs)
+    return out
 
 
 def _producers(graph: gs.Graph) -> dict[str, gs.Node]:
@@ -150,12 +164,17 @@ def structural_diff(a: Model, b: Model, report: DiffReport | None = None) -> Dif
     prod_a, prod_b = _producers(ga), _producers(gb)
     tensors_b = set(gb.tensors().keys())
     order_a = {id(n): i for i, n in enumerate(ga.nodes)}
+    layers_a = {id(n) for n in input_dependent_nodes(ga)}
     claimed: set[int] = set()
+    tensors_a = set(ga.tensors().keys())
+    order_b = {id(n): i for i, n in enumerate(gb.nodes)}
+    absorbed: set[int] = set()
+    unmatched: list[gs.Node] = []
     for nb in gb.nodes:
         outs = [o.name for o in nb.outputs if o.name]
         matched = [prod_a[o] for o in outs if o in prod_a]
         if not matched:
-            r.added.append(nb.name)
+            unmatched.append(nb)
             continue
         # walk back from the matched A nodes through tensors that vanished in B
         group: dict[int, gs.Node] = {}
@@ -168,14 +187,31 @@ def structural_diff(a: Model, b: Model, report: DiffReport | None = None) -> Dif
             for t in n.inputs:
                 if t.name and t.name not in tensors_b and t.name in prod_a:
                     stack.append(prod_a[t.name])
-        nodes = sorted(group.values(), key=lambda n: order_a[id(n)])
         claimed.update(group)
+        # weight computations folded into the new node are not part of the group's name
+        nodes = sorted((n for n in group.values() if id(n) in layers_a),
+                       key=lambda n: order_a[id(n)]) or list(group.values())
         if len(nodes) == 1 and nodes[0].op == nb.op:
             if _node_signature(nodes[0]) != _node_signature(nb):
                 r.changed.append(nb.name)
             continue
-        r.fused_groups.append(FusedGroup(nb.name, nb.op, [n.name for n in nodes],
-                                         [n.op for n in nodes]))
+        # new B nodes whose outputs only this node reads belong to the group (HardSigmoid+Mul)
+        side: dict[int, gs.Node] = {id(nb): nb}
+        stack_b = [nb]
+        while stack_b:
+            n = stack_b.pop()
+            for t in n.inputs:
+                p = prod_b.get(t.name) if t.name and t.name not in tensors_a else None
+                if p is not None and id(p) not in side and p.op != "Constant" and all(
+                        id(c) in side for o in p.outputs for c in o.outputs):
+                    side[id(p)] = p
+                    stack_b.append(p)
+        nodes_b = sorted(side.values(), key=lambda n: order_b[id(n)])
+        absorbed.update(id(n) for n in nodes_b if n is not nb)
+        r.fused_groups.append(FusedGroup(nb.name, "+".join(n.op for n in nodes_b),
+                                         [n.name for n in nodes], [n.op for n in nodes],
+                                         [n.name for n in nodes_b]))
+    r.added = [n.name for n in unmatched if id(n) not in absorbed]
     r.removed = [n.name for n in ga.nodes if id(n) not in claimed]
 
     ia, ib = a.initializers(), b.initializers()
