@@ -289,6 +289,42 @@ class _Evaluator:
         return {id(o): np.asarray(r) for o, r in zip(outs, res)}
 
 
+#: ops whose output shape depends on input values whatever their inputs are
+SHAPE_FROM_DATA_ALWAYS = frozenset({"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop",
+                                    "Scan", "If", "StringSplit", "RegexFullMatch"})
+#: ops whose output shape depends on the values of their inputs after the first (or of all of
+#: them, for the ops in SHAPE_FROM_ALL_INPUTS): data-dependent unless those inputs are constant
+SHAPE_FROM_DATA_INPUTS = frozenset({
+    "Reshape", "Expand", "Tile", "Resize", "Upsample", "Slice", "Pad", "OneHot", "Squeeze",
+    "Unsqueeze", "Split", "TopK", "CenterCropPad", "MaxUnpool", "DFT", "STFT", "Col2Im",
+    "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ConstantOfShape", "Range",
+    "BlackmanWindow", "HannWindow", "HammingWindow", "MelWeightMatrix", "RandomNormal",
+    "RandomUniform", "Multinomial", "SplitToSequence", "ImageDecoder", "AffineGrid"})
+SHAPE_FROM_ALL_INPUTS = frozenset({"ConstantOfShape", "Range", "BlackmanWindow", "HannWindow",
+                                   "HammingWindow", "MelWeightMatrix", "AffineGrid"})
+
+
+def _shape_is_data_dependent(node: gs.Node, is_known: Callable[[gs.Tensor], bool],
+                             dd: set[int]) -> bool:
+    """Whether ``node``'s output shapes may change with the model's input *values*.
+
+    Shapes in the IR may have been observed by running onnxruntime on one input (the fallback of
+    ``infer_shapes``); folding ``Shape`` of such a tensor is only sound when its shape is a function
+    of the input shapes alone.
+    """
+    if any(id(t) in dd for t in node.inputs):
+        return True
+    if node.domain not in DEFAULT_DOMAINS:
+        return True
+    if node.op in SHAPE_FROM_DATA_ALWAYS:
+        return True
+    if node.op in SHAPE_FROM_DATA_INPUTS:
+        start = 0 if node.op in SHAPE_FROM_ALL_INPUTS else 1
+        return not all(is_known(t) for t in node.inputs[start:])
+    return False
+
+
 def _walk(root: gs.Graph, skip: Callable[[gs.Graph], bool] | None = None
           ) -> Iterator[gs.Graph]:
     """``root`` and every subgraph nested in it, outermost first (lazily, like walk_graphs);
@@ -373,6 +409,8 @@ class FoldConstantsPass(Pass):
         self.inline_if = bool(inline_if)
         self._lift_only = False
         self._all_graphs: list[gs.Graph] = []
+        #: ids of tensors whose shape may depend on input values (never folded by Shape)
+        self._dd: set[int] = set()
         #: id -> node count of subgraphs whose folding onnxruntime refused (see ``call``)
         self._rejected: dict[int, int] = {}
 
@@ -444,6 +482,7 @@ class FoldConstantsPass(Pass):
              stats: dict[str, int]) -> None:
         """Fold every graph ``graphs(model)`` yields, refining shapes between rounds."""
         self._all_graphs = list(model.walk_graphs())
+        self._dd = set()
         for _ in range(16):
             before = dict(stats)
             for g in graphs(model):  # outermost first; inlined branches' subgraphs come later
@@ -491,7 +530,7 @@ class FoldConstantsPass(Pass):
         return np.array(shape[start:stop], dtype=np.int64)
 
     @staticmethod
-    def _partial_shape_value(node: gs.Node, local: set[int]) -> np.ndarray | None:
+    def _partial_shape_value(node: gs.Node, local: set[int], dd: set[int]) -> np.ndarray | None:
         """``Gather``/``Slice`` of ``Shape(x)`` picking only static dims of a partly dynamic x.
 
         ``x.view(x.size(0), -1)`` style graphs keep a dynamic batch dim but read static ones.
@@ -501,7 +540,7 @@ class FoldConstantsPass(Pass):
         if shp is None or id(shp) not in local or shp.op != "Shape" or not shp.inputs:
             return None
         x = shp.inputs[0]
-        if x.shape is None or node.attrs.get("axis", 0) != 0:
+        if x.shape is None or node.attrs.get("axis", 0) != 0 or id(x) in dd:
             return None
         rank = len(x.shape)
         start = int(shp.attrs.get("start", 0))
@@ -540,7 +579,13 @@ class FoldConstantsPass(Pass):
         def is_known(t: gs.Tensor) -> bool:
             return t.is_empty() or isinstance(t, gs.Constant) or id(t) in known
 
+        dd = self._dd
+        if graph is not self._all_graphs[0]:
+            dd.update(id(t) for t in graph.inputs)  # Loop/Scan carried values may change shape
+
         for node in order:
+            if _shape_is_data_dependent(node, is_known, dd):
+                dd.update(id(o) for o in node.outputs)
             if node.domain not in DEFAULT_DOMAINS or not node.outputs:
                 continue
             if node.op == "Constant":
@@ -554,7 +599,8 @@ class FoldConstantsPass(Pass):
                 continue
             if self._lift_only:
                 continue
-            if node.op in ("Shape", "Size") and self.fold_shapes:
+            if node.op in ("Shape", "Size") and self.fold_shapes and node.inputs and \
+                    (id(node.inputs[0]) not in dd or is_known(node.inputs[0])):
                 v = self._shape_value(node, known)
                 if v is not None:
                     known[id(node.outputs[0])] = v
@@ -562,7 +608,7 @@ class FoldConstantsPass(Pass):
                     continue
             if node.op in ("Gather", "Slice") and self.fold_shapes and node.inputs and \
                     not is_known(node.inputs[0]):
-                v = self._partial_shape_value(node, local)
+                v = self._partial_shape_value(node, local, dd)
                 if v is not None:
                     known[id(node.outputs[0])] = v
                     seeds[id(node)] = node

@@ -267,6 +267,22 @@ def test_shape_of_dynamic_dim_stays() -> None:
     check_pass(_prepared(m), "fold-constants", expect_modified=False)
 
 
+def test_shape_observed_on_one_input_of_a_data_dependent_op_stays() -> None:
+    # NonZero's output length depends on the values; the IR has the length onnxruntime observed
+    # on prepare's dummy input, which must not be folded
+    m = make_model(
+        [helper.make_node("NonZero", ["x"], ["nz"]),
+         helper.make_node("Cast", ["nz"], ["nzf"], to=TensorProto.FLOAT),
+         helper.make_node("Relu", ["nzf"], ["r"]),
+         helper.make_node("Shape", ["r"], ["s"]),
+         helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)],
+        [vi("x", [6])], [vi("y", [2])])
+    m = _prepared(m)
+    assert m.graph.nodes[2].outputs[0].shape == [1, 6]  # observed, not inferred
+    x = np.array([1.0, 0.0, 2.0, 0.0, 0.0, 3.0], np.float32)
+    check_pass(m, "fold-constants", expect_modified=False, feeds={"x": x})
+
+
 def test_if_with_data_dependent_condition_stays() -> None:
     then_g = _branch("then", [helper.make_node("Relu", ["x"], ["t_out"])], "t_out", [3])
     else_g = _branch("else", [helper.make_node("Neg", ["x"], ["e_out"])], "e_out", [3])
