@@ -38,6 +38,7 @@ DEFAULT_PIPELINE: list[str] = [
     "fuse-conv-mul-add",
     "fuse-pad",
     "fuse-matmul-add",
+    "fuse-slices",
     "recognize-activations",
     "eliminate-cse",
     "eliminate-dead",

@@ -19,6 +19,7 @@ PASS_MODULES = [
     "fuse_pad",
     "fuse_matmul_add",
     "fuse_conv_activation",
+    "fuse_slices",
     "fp16",
 ]
 

@@ -364,7 +364,11 @@ class EliminateNoopPass(Pass):
         x = node.inputs[0]
         s = _shape(x)
         if s is None:
-            return False
+            if x.shape is None:
+                return False
+            # unknown dims: only a [0, INT64_MAX) range is certainly the whole axis
+            s = [2**63 - 1 if not isinstance(d, (int, np.integer)) or d < 0 else int(d)
+                 for d in x.shape]
         if "starts" in node.attrs:  # opset < 10
             starts = list(node.attrs["starts"])
             ends = list(node.attrs["ends"])

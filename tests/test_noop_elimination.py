@@ -189,3 +189,15 @@ def test_cast_to_another_float_type_stays() -> None:
     m = make_model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.DOUBLE)],
                    [vi("x", [2])], [vi("y", [2], TensorProto.DOUBLE)])
     _run(m)
+
+
+@pytest.mark.parametrize("end,removed", [(2**63 - 1, True), (2**31 - 1, False)])
+def test_full_slice_of_unknown_dim(end: int, removed: bool) -> None:
+    """silero-vad's STFT: Slice(x, 0, INT64_MAX) on an axis of unknown length takes everything;
+    a smaller end might not (the dim is unknown)."""
+    m = make_model([helper.make_node("Relu", ["x"], ["r"]),
+                    helper.make_node("Slice", ["r", "st", "en", "ax"], ["n"]),
+                    helper.make_node("Neg", ["n"], ["y"])],
+                   [vi("x", ["b", 6])], [vi("y", ["b", 6])],
+                   {"st": _i64(0), "en": _i64(end), "ax": _i64(0)})
+    _run(m, {"Relu": 1, "Neg": 1} if removed else None, feeds={"x": np.ones((3, 6), np.float32)})
