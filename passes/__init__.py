@@ -21,6 +21,8 @@ PASS_MODULES = [
     "fuse_conv_activation",
     "fuse_slices",
     "fp16",
+    "prune_channels",
+    "prune_magnitude",
 ]
 
 for _m in PASS_MODULES:

@@ -1,0 +1,269 @@
+"""Structured channel pruning: remove whole output channels of weight layers, with recovery.
+
+For a ratio ``r`` every dependency group (see :mod:`graphopt.prune_deps`: the producers whose
+channels are coupled through BatchNormalization, depthwise convs, residual Add/Mul, SE blocks,
+Concat/Split/Slice, Resize, Flatten/Reshape into Gemm/MatMul, ...) loses its ``round(r * width)``
+least important free channels, never going below ``max(min_channels, min_fraction * width)`` and,
+with ``round_to=N``, keeping a multiple of ``N`` channels (CPU kernels work in channel blocks).
+
+Importance of a channel (summed over the coupled producers, each normalized by its layer mean):
+
+* ``l1`` / ``l2``: ``||W[c]||_1`` / ``||W[c]||_2`` of the producer's output-channel weight slice;
+* ``bn``: ``|gamma_c|`` of the BatchNormalization that scales the channel (network slimming); groups
+  with no BN fall back to ``l1``;
+* ``activation``: ``mean |y_c|`` of the producer's output on calibration data (onnxruntime with the
+  producers' outputs exposed).
+
+Removing channel ``c`` slices ``W[c]`` (and bias, BN parameters, per-channel constants) of its
+producers and ``W[:, c]`` of its consumers, and rewrites hard-coded widths (Reshape targets, Split
+sizes, Slice bounds, depthwise ``group``). This is exact when channel ``c`` is zero; otherwise the
+recovery step (:mod:`graphopt.prune_recover`, least squares on calibration data) refits the consumer
+layers to the original outputs.
+
+Decisions (documented in the README): pruning runs on the model as loaded, *before* the fusion
+pipeline, so BatchNormalization is still there for the ``bn`` criterion and recovery fits a conv's
+pre-BN output; hard-coded channel counts in shape computations (a constant Reshape target, or a
+constant piece of a ``Concat``-built shape vector as in the PP-OCR classifier head) are rewritten,
+so the pass also works after constant folding. Dynamic input dims are fixed to 1 for the analysis
+and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.cost import model_cost
+from graphopt.errors import GraphoptError
+from graphopt.ir import Model
+from graphopt.pass_manager import Pass, PassResult, register_pass
+from graphopt.prune_deps import (
+    Analysis,
+    Group,
+    analyze,
+    apply_pruning,
+    bn_importance,
+    group_width,
+    groups,
+    keep_elements,
+    kept_positions,
+    prunable_macs,
+    select,
+    unit_scores,
+    weight_importance,
+)
+from graphopt.shapes import fix_input_shapes, infer_shapes, is_static
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("l1", "l2", "bn", "activation")
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class GroupReport:
+    """One dependency group in the report."""
+
+    name: str
+    producers: list[str]
+    width_before: int
+    width_after: int
+    blocked: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PruneReport:
+    """What ``prune-channels`` did."""
+
+    criterion: str
+    ratio: float | dict[str, float]
+    round_to: int | None
+    groups: list[GroupReport]
+    macs_before: int
+    macs_after: int
+    prunable_macs: int
+    recovery: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def prunable_fraction(self) -> float:
+        return self.prunable_macs / self.macs_before if self.macs_before else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["prunable_fraction"] = self.prunable_fraction
+        return d
+
+
+def materialize_calib(calib: Any, model: Model, limit: int = 128) -> list[Feeds]:
+    """Feed dicts from any calibration source, split to batch 1 when the model's batch is 1."""
+    if calib is None:
+        return []
+    if isinstance(calib, list) and all(isinstance(c, Mapping) for c in calib):
+        feeds = [dict(c) for c in calib]
+    else:
+        from graphopt.calibration import open_calibration
+
+        batch1 = any(t.shape and t.shape[0] == 1 for t in model.graph.inputs)
+        feeds = list(open_calibration(calib, model, batch_size=1 if batch1 else 16, limit=limit))
+    out: list[Feeds] = []
+    for f in feeds:
+        out.append({k: np.asarray(v) for k, v in f.items()})
+    return out[:limit]
+
+
+def _activation_importance(model: Model, an: Analysis, calib: list[Feeds]) -> np.ndarray:
+    from graphopt.prune_recover import _sessions_outputs
+
+    if not calib:
+        raise GraphoptError("criterion 'activation' needs calibration data (--calib DATA)")
+    names = [p.out_name for p in an.producers]
+    sess = _sessions_outputs(model, names)
+    inputs = {i.name for i in sess.get_inputs()}
+    acc = np.zeros(an.n_elements)
+    for feeds in calib:
+        outs = sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
+        for p, y in zip(an.producers, outs):
+            axis = an.labels[p.out_name][0] if p.out_name in an.labels else 1
+            y = np.moveaxis(np.abs(y.astype(np.float64)), axis, 0).reshape(p.size, -1)
+            acc[p.start:p.start + p.size] += y.mean(1)
+    for p in an.producers:
+        sl = slice(p.start, p.start + p.size)
+        acc[sl] /= acc[sl].mean() + 1e-12
+    return acc
+
+
+def importance(model: Model, an: Analysis, criterion: str, calib: list[Feeds]) -> np.ndarray:
+    """Per-element importance for ``criterion``."""
+    if criterion == "l1":
+        return weight_importance(an, 1)
+    if criterion == "l2":
+        return weight_importance(an, 2)
+    if criterion == "bn":
+        return bn_importance(an)
+    if criterion == "activation":
+        return _activation_importance(model, an, calib)
+    raise GraphoptError(f"unknown pruning criterion '{criterion}' (use one of {', '.join(CRITERIA)})")
+
+
+def group_reports(an: Analysis, grps: Iterable[Group], keep_unit: np.ndarray) -> list[GroupReport]:
+    out = []
+    for g in grps:
+        before, after = group_width(an, g, keep_unit)
+        out.append(GroupReport(g.name, [p.node.name for p in g.producers], before, after,
+                               g.blocked, list(g.reasons)))
+    return out
+
+
+def _node_macs(model: Model) -> dict[str, int]:
+    return {nc.name: nc.macs for nc in model_cost(model).nodes}
+
+
+@register_pass
+class PruneChannelsPass(Pass):
+    """Remove the least important output channels of every dependency group (structured)."""
+
+    name = "prune-channels"
+    lossy = True
+
+    def __init__(self, ratio: float | dict[str, float] = 0.3, criterion: str = "l1",
+                 round_to: int | None = None, min_channels: int = 1, min_fraction: float = 0.0,
+                 calib: Any = None, recover: bool = True, positions: int = 256,
+                 ridge: float = 1e-3, calib_limit: int = 128,
+                 input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+        if criterion not in CRITERIA:
+            raise GraphoptError(
+                f"unknown pruning criterion '{criterion}' (use one of {', '.join(CRITERIA)})")
+        rs = ratio.values() if isinstance(ratio, dict) else [ratio]
+        if any(not 0.0 <= float(r) < 1.0 for r in rs):
+            raise GraphoptError(f"pruning ratio must be in [0, 1), got {ratio}")
+        if round_to is not None and round_to < 1:
+            raise GraphoptError("--round-to must be a positive integer")
+        self.ratio = ratio
+        self.criterion = criterion
+        self.round_to = round_to
+        self.min_channels = int(min_channels)
+        self.min_fraction = float(min_fraction)
+        self.calib = calib
+        self.recover = recover
+        self.positions = positions
+        self.ridge = ridge
+        self.calib_limit = calib_limit
+        self.input_shapes = dict(input_shapes or {})
+        self.report: PruneReport | None = None
+
+    def call(self, model: Model) -> PassResult:
+        work = model.clone()
+        dyn = {t.name: (list(t.shape) if t.shape is not None else None)
+               for t in work.graph.inputs}
+        out_shapes = {t.name: (list(t.shape) if t.shape is not None else None)
+                      for t in work.graph.outputs}
+        fixed = dict(self.input_shapes)
+        for t in work.graph.inputs:
+            if t.name not in fixed and t.shape is not None and not is_static(t.shape):
+                fixed[t.name] = tuple(d if isinstance(d, (int, np.integer)) and d > 0 else 1
+                                      for d in t.shape)
+        if fixed:
+            fix_input_shapes(work, fixed)
+        infer_shapes(work)
+        an = analyze(work)
+        grps = groups(an)
+        calib = materialize_calib(self.calib, model, self.calib_limit) \
+            if (self.criterion == "activation" or self.recover) else []
+        scores = unit_scores(an, importance(model, an, self.criterion, calib))
+        keep_unit = select(an, grps, scores, self.ratio, self.round_to, self.min_channels,
+                           self.min_fraction)
+        keep_elem = keep_elements(an, keep_unit)
+        nm = _node_macs(work)
+        pr, total = prunable_macs(an, nm)
+        reports = group_reports(an, grps, keep_unit)
+        stats: dict[str, Any] = {
+            "groups": len(grps),
+            "groups_blocked": sum(g.blocked for g in grps),
+            "groups_pruned": sum(r.width_after < r.width_before for r in reports),
+            "channels_removed": int((~keep_elem).sum()),
+            "macs_before": total,
+            "prunable_macs_fraction": round(pr / total, 4) if total else 0.0,
+        }
+        if keep_elem.all():
+            self.report = PruneReport(self.criterion, self.ratio, self.round_to, reports, total,
+                                      total, pr)
+            stats["macs_after"] = total
+            return PassResult(model, False, stats)
+        changed = {name for name, (_, lab) in an.labels.items()
+                   if len(kept_positions(lab, keep_elem)) < len(lab)}
+        kept_out = {p.node.name: kept_positions(np.arange(p.start, p.start + p.size), keep_elem)
+                    for p in an.producers}
+        stats.update(apply_pruning(work, an, keep_elem))
+        infer_shapes(work)
+        macs_after = sum(_node_macs(work).values())
+        if fixed:  # give the caller's dynamic dims back
+            for t in work.graph.inputs:
+                if dyn.get(t.name) is not None:
+                    t.shape = dyn[t.name]
+            for t in work.graph.outputs:
+                if out_shapes.get(t.name) is not None:
+                    t.shape = out_shapes[t.name]
+            io = {t.name for t in work.graph.inputs} | {t.name for t in work.graph.outputs}
+            for name, t in work.graph.tensors().items():
+                if name not in io and isinstance(t, gs.Variable):
+                    t.shape = None
+        recovery: dict[str, int] = {}
+        if self.recover and calib:
+            from graphopt.prune_recover import recover
+
+            recovery = recover(model.clone(), work, calib, kept_out, changed, self.positions,
+                               self.ridge)
+            stats.update(recovery)
+        elif self.recover:
+            logger.info("prune-channels: no calibration data, recovery skipped")
+        stats["macs_after"] = macs_after
+        model.graph = work.graph
+        self.report = PruneReport(self.criterion, self.ratio, self.round_to, reports, total,
+                                  macs_after, pr, recovery)
+        return PassResult(model, True, stats)
