@@ -345,6 +345,15 @@ def build_rules(opset: int) -> list[Rule]:
     return list(rules)
 
 
+def required_ops(p: Op) -> set[str]:
+    """Op types every match of ``p`` contains (alternatives given as a tuple are not required)."""
+    ops = {p.op} if isinstance(p.op, str) else set()
+    for q in p.inputs:
+        if isinstance(q, Op):
+            ops |= required_ops(q)
+    return ops
+
+
 @register_pass
 class RecognizeActivationsPass(RewritePass):
     """Replace written-out hardswish/hardsigmoid/LayerNorm/GELU with single ONNX ops."""
@@ -353,10 +362,17 @@ class RecognizeActivationsPass(RewritePass):
 
     def __init__(self) -> None:
         self._opset = 13
+        self._present: set[str] | None = None
 
     def rule_set(self) -> RuleSet:
-        return RuleSet(build_rules(self._opset))
+        """Only the rules that can apply: right opset, every op of the pattern in the model."""
+        rules = [r for r in build_rules(self._opset)
+                 if isinstance(r, ActivationRule) and r.min_opset <= self._opset <= r.max_opset
+                 and (self._present is None or required_ops(r.pattern) <= self._present)]
+        return RuleSet(rules)
 
     def call(self, model: Model) -> PassResult:
         self._opset = model.opset
+        # plus what the rules themselves emit for other rules (hardsigmoid -> hardsigmoid-mul)
+        self._present = {n.op for _, n in model.walk_nodes()} | {"HardSigmoid"}
         return super().call(model)
