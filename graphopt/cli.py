@@ -528,14 +528,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     shapes = parse_input_shapes(args.input_shape)
     model = Model.load(args.model)
     t0 = time.perf_counter()
+    feeds = None
+    if args.feeds:
+        import numpy as np
+
+        try:
+            with np.load(args.feeds) as z:
+                feeds = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise GraphoptError(f"cannot read --feeds {args.feeds}: {exc}") from None
     plan = plan_memory(model, shapes, strategy=args.strategy, inplace=not args.no_inplace,
-                       reorder=not args.no_reorder)
+                       reorder=not args.no_reorder, feeds=feeds)
     seconds = time.perf_counter() - t0
     proof = None
     if args.prove:
         from graphopt.memory_exec import prove
 
-        proof = prove(plan.model, plan)
+        proof = prove(plan.model, plan, feeds=feeds)
     if args.plot:
         plot_plan(plan, args.plot, title=f"{Path(args.model).name}: arena "
                   f"{human_bytes(plan.arena_bytes)} ({plan.ratio:.3f}x lower bound), "
@@ -619,7 +628,9 @@ def register_plan(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="PNG", help="draw the arena over time")
     p.add_argument("--prove", action="store_true",
                    help="run the model node by node inside the arena and compare with "
-                        "onnxruntime (random inputs)")
+                        "onnxruntime (random inputs unless --feeds)")
+    p.add_argument("--feeds", metavar="NPZ", help="inputs (arrays keyed by input name) for "
+                   "--prove and for sizing data-dependent tensors")
     p.set_defaults(func=cmd_plan)
 
 

@@ -330,11 +330,16 @@ def merge_buffers(live: Liveness, inplace: bool = True, alias: bool = True,
             i = parent[i]
         return i
 
+    # buffers holding a graph output must never be overwritten in place (also through an alias)
+    holds_output = {i for i, k in enumerate(live.kinds) if k == "output"}
+
     def union(keep: int, other: int) -> None:
         a, b = find(keep), find(other)
         if a != b:
             parent[b] = a
             gend[a] = max(gend[a], gend[b])
+            if b in holds_output:
+                holds_output.add(a)
 
     idx = live.index
     aliased = inplaced = 0
@@ -360,7 +365,7 @@ def merge_buffers(live: Liveness, inplace: bool = True, alias: bool = True,
             if k >= len(node.inputs) or not node.inputs[k].name:
                 continue
             x = idx.get(node.inputs[k].name)
-            if x is None or live.kinds[x] in ("loop", "output"):  # never overwrite an output
+            if x is None or live.kinds[x] == "loop" or find(x) in holds_output:
                 continue
             if (live.shapes[x] != live.shapes[o] or live.dtypes[x] != live.dtypes[o]
                     or gend[find(x)] != step or find(x) == find(o)):
@@ -719,14 +724,18 @@ def plan_memory(model: Model, input_shapes: Mapping[str, Sequence[int]] | None =
         reorder: search a node order with a lower peak first (never accepting a worse one).
         feeds: inputs for the one node-by-node run that sizes tensors shape inference cannot
             (data-dependent branches); random inputs when None.
-        prepared: ``model`` already has its shapes inferred: plan it as it is (no copy).
+        prepared: ``model`` already has its shapes inferred: plan it as it is (no copy unless
+            ``reorder``, which works on a copy).
 
     Returns:
         The :class:`MemoryPlan`; ``plan.model`` is the model it refers to (planned node order).
     """
     from graphopt.optimize import prepare
 
-    work = model if prepared else prepare(model.clone(), input_shapes)
+    if prepared:
+        work = model.clone() if reorder else model
+    else:
+        work = prepare(model.clone(), input_shapes)
     positions = {id(n): i for i, n in enumerate(work.graph.nodes)}
     observed = observe_unknown(work, feeds) if _needs_probe(work) else None
     before = plan_order(work, inplace=inplace, strategy=strategy, alignment=alignment,

@@ -265,7 +265,10 @@ def improve(pb: _Problem, order: list[int], budget_s: float = 2.0, window: int =
     t0 = time.perf_counter()
     order = list(order)
     best = simulate(pb, order)
-    pred_list = [[u for u in range(pb.n) if pb.preds[v] >> u & 1] for v in range(pb.n)]
+    pred_list: list[list[int]] = [[] for _ in range(pb.n)]
+    for u in range(pb.n):
+        for v in pb.succs[u]:
+            pred_list[v].append(u)
     improved = True
     while improved and time.perf_counter() - t0 < budget_s:
         improved = False
@@ -499,7 +502,12 @@ class MemoryOrderPass(Pass):
         from graphopt.memory import observe_unknown
         from graphopt.optimize import prepare
 
+        from graphopt.shapes import inputs_static
+
         work = prepare(model.clone(), self.input_shapes)
+        if not inputs_static(work):
+            logger.debug("reorder-memory: input shapes are not static; skipped (give input_shapes)")
+            return PassResult(model, False, {"order_changed": 0})
         observed = observe_unknown(work, self.feeds) if _needs_shapes(work) else None
         info: dict[str, Any] = {}
         # graph.copy keeps the node order: position i of the clone is node i of the model

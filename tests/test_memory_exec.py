@@ -128,3 +128,40 @@ def test_real_silero_if_subgraphs():
     ran = set(observe_tensors(plan.model, feeds))
     bad, pair = _clobber(plan, only=ran)
     assert not prove(plan.model, bad, feeds=feeds).ok, pair
+
+
+def loop_model() -> Model:
+    """A Loop whose body adds a captured outer tensor ``w`` to its carried value three times."""
+    from onnx import TensorProto, helper
+
+    from graphopt.optimize import prepare
+
+    f = TensorProto.FLOAT
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc_in", "w"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", f, [1, 64])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", f, [1, 64])])
+    nodes = [helper.make_node("Relu", ["x"], ["w"]), helper.make_node("Sigmoid", ["x"], ["s"]),
+             helper.make_node("Loop", ["trip", "cond", "s"], ["acc"], body=body),
+             helper.make_node("Mul", ["acc", "w"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [1, 64])],
+                          [helper.make_tensor_value_info("y", f, [1, 64])],
+                          initializer=[helper.make_tensor("trip", TensorProto.INT64, [], [3]),
+                                       helper.make_tensor("cond", TensorProto.BOOL, [], [True])])
+    return prepare(Model.from_onnx(helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", 17)])))
+
+
+def test_loop_runs_whole_with_its_capture():
+    plan = plan_memory(loop_model(), inplace=True)
+    t = plan.tensors
+    # body tensors live for the whole Loop; the capture w until the Loop's exit step and beyond
+    assert t["acc_in"].start == t["i"].start and t["acc_in"].end == t["acc"].start
+    assert t["w"].end == t["y"].start
+    assert prove(plan.model, plan).ok
+    bad = plan.with_offsets({"s": t["w"].offset})  # s written over the live capture w
+    assert not prove(plan.model, bad).ok
