@@ -58,8 +58,9 @@ def _activation_unit(y: gs.Tensor, graph_outputs: set[int]) -> list[gs.Node] | N
     if len(readers) == 1 and readers[0].op in SINGLE_ACTS and readers[0].inputs[0] is y:
         return readers
     if len(readers) == 2:
-        gate = next((n for n in readers if n.op in ("Sigmoid", "HardSigmoid")), None)
-        mul = next((n for n in readers if n.op == "Mul"), None)
+        gate: gs.Node | None = next((n for n in readers if n.op in ("Sigmoid", "HardSigmoid")),
+                                    None)
+        mul: gs.Node | None = next((n for n in readers if n.op == "Mul"), None)
         if gate is None or mul is None or gate.inputs[0] is not y:
             return None
         if gate.op == "HardSigmoid" and not (
@@ -67,8 +68,9 @@ def _activation_unit(y: gs.Tensor, graph_outputs: set[int]) -> list[gs.Node] | N
                 and abs(float(gate.attrs.get("beta", 0.5)) - 0.5) <= 1e-6):
             return None
         g = gate.outputs[0]
-        if _sole_consumer(g, graph_outputs) is not mul or {id(t) for t in mul.inputs} != {
-                id(y), id(g)}:
+        if {id(t) for t in mul.inputs} != {id(y), id(g)}:
+            return None
+        if _sole_consumer(g, graph_outputs) is not mul:
             return None
         return [gate, mul]
     return None

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.pass_manager import register_pass
-from graphopt.pattern import Const, Match, Op, RewritePass, Rule
+from graphopt.pattern import Const, Match, Op, Pattern, RewritePass, Rule
 
 from .fuse_conv_bn import (
     LINEAR_OPS,
@@ -111,7 +111,7 @@ class _FoldAffine(Rule):
 
 
 def _rules() -> list[Rule]:
-    forms: list[tuple[str, str, Callable[[Op], list[object]], bool]] = [
+    forms: list[tuple[str, str, Callable[[Op], list[Pattern | str | None]], bool]] = [
         ("mul", "Mul", lambda p: [p, Const("c")], True),
         ("div", "Div", lambda p: [p, Const("c")], False),
         ("add", "Add", lambda p: [p, Const("c")], True),

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.pass_manager import register_pass
-from graphopt.pattern import Const, Match, Op, RewritePass, Rule, Var, const, make_node
+from graphopt.pattern import Const, Match, Op, Pattern, RewritePass, Rule, Var, const, make_node
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _bn_affine(m: Match) -> tuple[np.ndarray, np.ndarray] | None:
     return s, beta - mean * s
 
 
-def _bn_pattern(producer: Op | str) -> Op:
+def _bn_pattern(producer: Pattern | str) -> Op:
     return Op("BatchNormalization",
               [producer, Const("gamma"), Const("beta"), Const("mean"), Const("var")], name="bn")
 
