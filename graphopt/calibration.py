@@ -116,6 +116,9 @@ class CalibrationReader:
         self.source = source
         self.specs = dict(specs)
         self.batch_size = int(batch_size)
+        fixed = [s.dims[0] for s in self.specs.values() if s.dims and s.dims[0] is not None]
+        if fixed:  # a model with a fixed batch dim runs one fixed-size batch at a time
+            self.batch_size = min(fixed)
         self.limit = limit
         self.defaults = {k: np.asarray(v) for k, v in (defaults or {}).items()}
         self._check_source()

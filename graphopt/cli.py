@@ -802,6 +802,158 @@ def register_prune(sub: Any, common: argparse.ArgumentParser) -> None:
 EXTRA_COMMANDS.append(register_prune)
 
 
+# --------------------------------------------------------------------------- quantize (issue 4)
+
+
+def _quant_layer_table(result: Any, limit: int = 400) -> Any:
+    from rich.table import Table
+
+    t = Table(title="layers (SQNR: this layer's output in the int8 model vs fp32; isolated: model "
+                    "outputs with only this layer int8)", title_justify="left")
+    for col in ("layer", "op", "status", "in scale", "out scale", "weight scale", "SQNR dB",
+                "isolated dB"):
+        t.add_column(col, justify="left" if col in ("layer", "op", "status") else "right")
+
+    def db(v: float | None) -> str:
+        if v is None:
+            return ""
+        return "inf" if v == math.inf else f"{v:.1f}"
+
+    for layer in result.layers[:limit]:
+        ins = ", ".join(f"{s:.3g}" for s in layer.input_scales.values())
+        ws = "" if not layer.weight_scale else (
+            f"{layer.weight_scale[0]:.2g}..{layer.weight_scale[1]:.2g}" if layer.per_channel
+            else f"{layer.weight_scale[0]:.3g}")
+        status = "int8" if layer.status == "int8" else "[yellow]float[/]"
+        t.add_row(layer.name, layer.op + (f"+{layer.absorbed.split('/')[-1]}" if layer.absorbed
+                                          else ""), status, ins,
+                  "" if layer.output_scale is None else f"{layer.output_scale:.3g}", ws,
+                  db(layer.sqnr_db), db(layer.sensitivity_db))
+    return t
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from graphopt.ir import Model
+    from graphopt.quantize_api import quantize
+    from graphopt.shapes import parse_input_shapes
+
+    out_path = check_output_path(args.model, args.output)
+    shapes = parse_input_shapes(args.input_shape)
+    model = Model.load(args.model)
+    keep = [s.strip() for s in (args.keep_float or "").split(",") if s.strip()]
+    t0 = time.perf_counter()
+    progress_cb = None
+    bar = None
+    if not args.json and sys.stderr.isatty() or args.progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        bar = Progress("calibrating", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       console=console(stderr=True), transient=True)
+        task = bar.add_task("calibrating", total=None)
+        bar.start()
+
+        def progress_cb(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+    try:
+        res = quantize(model, args.calib, method=args.method, activations=args.activations,
+                       per_channel=args.per_channel, min_sqnr=args.min_sqnr,
+                       sensitivity=True if args.sensitivity else None, input_shapes=shapes,
+                       optimize=not args.no_optimize, keep_float=keep,
+                       batch_size=args.batch_size, limit=args.limit, progress=progress_cb)
+    finally:
+        if bar is not None:
+            bar.stop()
+    before = summary_numbers(res.original)
+    after = summary_numbers(res.model)
+    res.model.save(out_path)
+    size_in = Path(args.model).stat().st_size
+    size_out = out_path.stat().st_size
+    total = time.perf_counter() - t0
+    payload = {
+        "input": str(args.model), "output": str(out_path),
+        "nodes_before": before["nodes"], "nodes_after": after["nodes"],
+        "macs_before": before["macs"], "macs_after": after["macs"],
+        "verify": res.verify.to_json() if res.verify else None,
+        "passes": {**({"optimize": res.optimize_stats} if res.optimize_stats else {}),
+                   "quantize-int8": res.stats},
+        **res.summary(),
+        "file_bytes_before": size_in, "file_bytes_after": size_out,
+        "layers": [layer.to_json() for layer in res.layers],
+        "optimize_note": res.optimize_note, "seconds": round(total, 3),
+    }
+    if args.json:
+        emit_json(payload)
+        return 0
+    c = console()
+    c.print(f"[bold]{args.model}[/] -> {out_path}: {res.method} calibration on "
+            f"{res.calib_samples} samples in {res.calib_seconds:.1f} s; activations "
+            f"{res.activation_dtype}{' (reduce_range)' if res.reduce_range else ''} "
+            f"({res.activation_reason}); weights int8 "
+            f"{'per channel' if res.per_channel else 'per tensor'}; opset {res.opset_before} -> "
+            f"{res.opset_after}")
+    if res.optimize_note:
+        c.print(f"[yellow]{res.optimize_note}[/]")
+    c.print(_quant_layer_table(res))
+    if res.kept_float:
+        from rich.table import Table
+
+        kt = Table(title="kept in float", title_justify="left")
+        kt.add_column("node")
+        kt.add_column("why")
+        for n, why in res.kept_float.items():
+            kt.add_row(n, why)
+        c.print(kt)
+    if res.mixed_precision:
+        mp = res.mixed_precision
+        c.print(f"mixed precision: target {mp.get('target_sqnr_db')} dB, all-int8 "
+                f"{mp.get('sqnr_all_int8_db', float('nan')):.1f} dB -> "
+                f"{mp.get('sqnr_db', float('nan')):.1f} dB with {len(mp.get('kept', []))} layers "
+                f"float ({'met' if mp.get('met') else 'NOT met'}, {mp.get('evaluations')} "
+                f"evaluations)")
+    c.print(f"file size {human_bytes(size_in)} -> {human_bytes(size_out)} "
+            f"({(size_out - size_in) / max(size_in, 1) * 100:+.1f}%)")
+    if res.verify:
+        c.print(verify_table(res.verify, "int8 against fp32 on calibration samples (onnxruntime)"))
+    c.print(f"quantized in {res.seconds:.2f} s, wrote {out_path} ({total:.2f} s in all)")
+    return 0
+
+
+def register_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("quantize", parents=[common],
+                       help="calibrated static int8 quantization (QDQ); verify against fp32")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--calib", required=True, metavar="DATA",
+                   help=".npz keyed by input name (samples on axis 0), or a folder of .npz files "
+                        "or of .npy files named after the inputs")
+    p.add_argument("--method", default="mse", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="activation range method (default mse)")
+    p.add_argument("--activations", default="auto", choices=["auto", "uint8", "int8"],
+                   help="activation type; auto reads the CPU flags (default)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
+                   help="per-output-channel weight scales (default; raises the opset to 13)")
+    g.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                   help="one weight scale per tensor")
+    p.add_argument("--min-sqnr", type=float, default=None, metavar="DB",
+                   help="keep the most sensitive layers float until every output reaches DB")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="measure every layer's isolated sensitivity (one layer int8 at a time)")
+    p.add_argument("--keep-float", default="", metavar="NODES",
+                   help="comma-separated node names to leave in float")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="quantize the model as given (skip the default optimization pipeline)")
+    p.add_argument("--progress", action="store_true",
+                   help="show the calibration progress bar even when stderr is not a terminal")
+    p.set_defaults(func=cmd_quantize)
+
+
+EXTRA_COMMANDS.append(register_quantize)
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     from rich.logging import RichHandler

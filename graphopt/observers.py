@@ -26,7 +26,8 @@ other side's threshold down.
   bins merged into ``nq`` groups and spread uniformly over each group's non-empty bins; pick the ``i``
   minimizing ``KL(P || Q)`` and ``t = i w``. The zero bin's count is replaced by its neighbour's first
   (NVIDIA pytorch-quantization does the same): the spike of exact zeros after a Relu would otherwise
-  make the search clip to the first few bins.
+  make the search clip to the first few bins. With fewer than 64 values per quantization level the
+  histogram is too sparse for the search and the full range is kept.
 - :class:`MSEObserver`: ``t`` minimizing the expected squared error: rounding noise ``step^2 / 12`` on
   the ``N(t)`` values inside plus ``sum (|x| - t)^2`` over the clipped tail, from prefix sums over the
   bins (all candidates at once, vectorized).
@@ -387,14 +388,18 @@ class EntropyObserver(HistogramObserver):
 
     name = "entropy"
 
-    def __init__(self, bins: int = DEFAULT_BINS, max_candidates: int = 1024) -> None:
+    def __init__(self, bins: int = DEFAULT_BINS, max_candidates: int = 1024,
+                 min_count_per_level: int = 64) -> None:
         super().__init__(bins)
         self.max_candidates = max_candidates
+        #: below this many values per quantization level the histogram is too sparse for KL
+        #: (a squeeze-excitation gate sees one value per channel and sample): keep the full range
+        self.min_count_per_level = min_count_per_level
 
     def threshold(self, hist: np.ndarray, width: float, nq: int) -> float:
         n = hist.size
-        if n <= nq:
-            return n * width
+        if n <= nq or hist.sum() < self.min_count_per_level * nq:
+            return n * width  # too few values for a meaningful distribution: do not clip
         stride = max(1, (n - nq) // self.max_candidates)
         h = np.array(hist, np.float64)
         if h.size > 1:

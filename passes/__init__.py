@@ -23,6 +23,7 @@ PASS_MODULES = [
     "fp16",
     "prune_channels",
     "prune_magnitude",
+    "quantize",
 ]
 
 for _m in PASS_MODULES:

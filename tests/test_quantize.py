@@ -1,0 +1,252 @@
+"""int8 QDQ quantization: fixtures load in onnxruntime with high SQNR, onnxruntime runs integer
+kernels, digits accuracy holds, mixed-range Concat stays float, mixed precision meets its target."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt.fixtures import fixture_path
+from graphopt.ir import Model
+from graphopt.quantize_api import choose_activation_type, quantize
+from graphopt.testing import check_pass, op_counts
+from graphopt.verify import make_session, session_options
+from passes.quantize import QuantizePass
+from tests.conftest import real_or_skip
+from tests.test_calibration import dynamic_width_model
+
+
+def _feeds(model: Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        f = {}
+        for t in model.graph.inputs:
+            shape = [d if isinstance(d, int) else (1 if i == 0 else 8) for i, d in
+                     enumerate(t.shape)]
+            f[t.name] = rng.standard_normal(shape).astype(np.float32)
+        out.append(f)
+    return out
+
+
+def _ort_optimized_ops(model: Model, tmp_path: Path) -> Counter:
+    src, dst = tmp_path / "q.onnx", tmp_path / "q_ort.onnx"
+    model.save(src)
+    so = session_options("all")
+    so.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(dst)).graph.node)
+
+
+@pytest.mark.parametrize("name, min_db", [
+    ("cnn.onnx", 30), ("residual.onnx", 25), ("mobilenet_block.onnx", 20),
+    ("transformer_block.onnx", 20), ("external_data.onnx", 25), ("digits_cnn.onnx", 20)])
+def test_fixture_quantizes_loads_and_keeps_sqnr(name: str, min_db: float) -> None:
+    m = Model.load(fixture_path(name))
+    res = quantize(m, _feeds(m, 16), method="mse")
+    assert res.stats["nodes_quantized"] > 0
+    assert op_counts(res.model).get("QuantizeLinear", 0) > 0
+    onnx.checker.check_model(res.model.to_onnx(), full_check=True)
+    make_session(res.model, "all")  # loads with onnxruntime's QDQ fusions on
+    assert res.verify is not None
+    for o in res.verify.outputs:
+        assert o.sqnr_db >= min_db, (name, o)
+
+
+def test_onnxruntime_runs_integer_kernels(tmp_path: Path) -> None:
+    m = Model.load(fixture_path("cnn.onnx"))
+    res = quantize(m, _feeds(m, 8))
+    ops = _ort_optimized_ops(res.model, tmp_path)
+    n_conv = op_counts(res.float_model)["Conv"]
+    assert ops["QLinearConv"] == n_conv and ops.get("Conv", 0) == 0, ops
+    assert ops["QGemm"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+    # the Relus were absorbed into the QuantizeLinear after each Conv
+    assert ops.get("Relu", 0) == 0 and ops.get("DequantizeLinear", 0) <= 1, ops
+
+
+def test_digits_accuracy_within_half_a_point() -> None:
+    m = Model.load(fixture_path("digits_cnn.onnx"))
+    res = quantize(m, str(fixture_path("digits_calib.npz")))
+    ev = np.load(fixture_path("digits_eval.npz"))
+    x, y = ev["x"], ev["y"]
+    acc = {}
+    for tag, model in (("fp32", m), ("int8", res.model)):
+        s = make_session(model, "all")
+        acc[tag] = float((s.run(None, {s.get_inputs()[0].name: x})[0].argmax(1) == y).mean())
+    assert acc["fp32"] - acc["int8"] <= 0.005, acc
+
+
+def test_pass_contract_positive_and_structure() -> None:
+    m = Model.load(fixture_path("residual.onnx"))
+    from graphopt.optimize import prepare
+
+    prepare(m)
+
+    def structure(q: Model) -> None:
+        ops = op_counts(q)
+        assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= ops["QuantizeLinear"] + 2
+        weights = [n for n in q.graph.nodes if n.op == "DequantizeLinear"
+                   and n.inputs[0].dtype == np.int8]
+        assert weights and all(n.attrs.get("axis") == 0 for n in weights)  # per channel
+
+    check_pass(m, QuantizePass(calib=_feeds(m, 8)), min_sqnr_db=25, structure=structure)
+
+
+def test_no_quantizable_op_leaves_model_unchanged() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    c = helper.make_tensor("c", TensorProto.FLOAT, [4], [1, 2, 3, 4])
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                           helper.make_node("Add", ["r", "c"], ["y"], name="add")],
+                          "g", [x], [y], [c])
+    m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    check_pass(m, QuantizePass(calib=_feeds(m, 4)), expect_modified=False)
+    res = quantize(m, _feeds(m, 4))
+    assert "QuantizeLinear" not in op_counts(res.model)
+
+
+def test_weight_that_is_a_graph_input_stays_float() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [3, 2, 3, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                          [x, w], [y])
+    m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    check_pass(m, QuantizePass(calib=_feeds(m, 4)), expect_modified=False)
+
+
+def _mixed_range_model() -> Model:
+    """A detector-like head: boxes (0..320) and class probabilities (0..1) concatenated."""
+    rng = np.random.default_rng(0)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [4, 8, 1, 1],
+                            rng.standard_normal(32).astype(np.float32))
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [3, 8, 1, 1],
+                            rng.standard_normal(24).astype(np.float32))
+    k = helper.make_tensor("k", TensorProto.FLOAT, [], [160.0])
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [7, -1])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["b0"], name="box_conv"),
+        helper.make_node("Sigmoid", ["b0"], ["b1"], name="box_sig"),
+        helper.make_node("Mul", ["b1", "k"], ["b2"], name="box_scale"),
+        helper.make_node("Add", ["b2", "b2"], ["boxes"], name="box_double"),
+        helper.make_node("Conv", ["x", "w2"], ["c0"], name="cls_conv"),
+        helper.make_node("Sigmoid", ["c0"], ["probs"], name="cls_sig"),
+        helper.make_node("Concat", ["boxes", "probs"], ["cat"], name="head_concat", axis=1),
+        helper.make_node("Reshape", ["cat", "shape"], ["y"], name="flatten")]
+    g = helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 16])],
+                          [w1, w2, k, shape])
+    return Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def test_mixed_range_concat_kept_float() -> None:
+    m = _mixed_range_model()
+    feeds = _feeds(m, 16)
+    res = quantize(m, feeds, optimize=False)
+    assert "head_concat" in res.kept_float and "mixed-range" in res.kept_float["head_concat"]
+    q = res.model
+    cat = next(n for n in q.graph.nodes if n.name == "head_concat")
+    assert all(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in cat.inputs)
+    assert not any(c.op == "QuantizeLinear" for c in cat.outputs[0].outputs)
+    # the probabilities survive: small absolute error on the probability rows
+    s_f, s_q = make_session(m), make_session(q)
+    ref = s_f.run(None, feeds[0])[0]
+    out = s_q.run(None, feeds[0])[0]
+    assert np.abs(ref[4:] - out[4:]).max() < 0.02
+    assert ref[4:].max() > 0.1  # not all zero
+
+
+def test_min_sqnr_keeps_sensitive_layers_float() -> None:
+    m = Model.load(fixture_path("mobilenet_block.onnx"))
+    feeds = _feeds(m, 8)
+    base = quantize(m, feeds)
+    target = min(o.sqnr_db for o in base.verify.outputs) + 6
+    res = quantize(m, feeds, min_sqnr=target)
+    mp = res.mixed_precision
+    assert mp["met"] and mp["kept"], mp
+    assert all(n in res.kept_float for n in mp["kept"])
+    assert all(o.sqnr_db >= target for o in res.verify.outputs)
+    assert any(layer.sensitivity_db is not None for layer in res.layers)
+
+
+def test_metric_callback_drives_mixed_precision() -> None:
+    m = Model.load(fixture_path("cnn.onnx"))
+    calls = []
+
+    def metric(q: Model) -> bool:
+        kept = sum(1 for n in q.graph.nodes if n.op == "Conv" and
+                   n.inputs[1].inputs == [])  # a float weight: layer kept float
+        calls.append(kept)
+        return kept >= 1
+
+    res = quantize(m, _feeds(m, 4), metric=metric)
+    assert res.mixed_precision["met"] and len(res.mixed_precision["kept"]) >= 1
+    assert calls and calls[0] == 0
+
+
+def test_variable_width_calibration() -> None:
+    m = dynamic_width_model()
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.standard_normal((3, 8, w)).astype(np.float32)} for w in (8, 16, 16, 40)]
+    res = quantize(m, calib, batch_size=4)
+    assert res.calib_samples == 4 and res.calib_batches == 3
+    assert res.stats["nodes_quantized"] >= 2
+
+
+def test_activation_type_from_cpu_flags() -> None:
+    dt, rr, _ = choose_activation_type("auto", flags={"avx2", "fma"}, machine="x86_64")
+    assert dt == np.uint8 and rr
+    dt, rr, _ = choose_activation_type("auto", flags={"avx2", "avx512_vnni"}, machine="x86_64")
+    assert dt == np.uint8 and not rr
+    dt, rr, _ = choose_activation_type("auto", flags=set(), machine="aarch64")
+    assert dt == np.int8 and not rr
+
+
+def test_int8_activations_and_per_tensor() -> None:
+    m = Model.load(fixture_path("cnn.onnx"))
+    res = quantize(m, _feeds(m, 8), activations="int8", per_channel=False)
+    zps = [n.inputs[2].values for n in res.model.graph.nodes if n.op == "QuantizeLinear"]
+    assert zps and all(np.asarray(z).dtype == np.int8 for z in zps)
+    assert all("axis" not in n.attrs for n in res.model.graph.nodes if n.op == "DequantizeLinear"
+               and n.inputs[0].dtype == np.int8)
+    assert min(o.sqnr_db for o in res.verify.outputs) > 25
+
+
+def test_cli_quantize_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphopt.cli import main
+
+    m = Model.load(fixture_path("digits_cnn.onnx"))
+    out = tmp_path / "q.onnx"
+    rc = main(["quantize", str(fixture_path("digits_cnn.onnx")), "-o", str(out), "--calib",
+               str(fixture_path("digits_calib.npz")), "--json", "--method", "entropy"])
+    assert rc == 0 and out.is_file()
+    payload = json.loads(capsys.readouterr().out)
+    for key in ("input", "output", "nodes_before", "nodes_after", "macs_before", "macs_after",
+                "verify", "passes", "layers", "kept_float", "activations"):
+        assert key in payload
+    assert payload["passes"]["quantize-int8"]["nodes_quantized"] > 0
+    assert payload["file_bytes_after"] < payload["file_bytes_before"]
+    _ = m
+
+
+@pytest.mark.real
+def test_real_cls_opset11_quantizes_and_loads() -> None:
+    path, shapes = real_or_skip("cls")
+    m = Model.load(path)
+    assert m.opset == 11
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.uniform(-1, 1, shapes["x"]).astype(np.float32)} for _ in range(4)]
+    res = quantize(m, calib, input_shapes=shapes, eval_samples=2)
+    assert res.opset_after >= 13
+    assert res.stats["nodes_quantized"] > 20
+    s = make_session(res.model, "all")
+    out = s.run(None, calib[0])[0]
+    assert out.shape == (1, 2) and np.isfinite(out).all()
