@@ -235,6 +235,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.shapes import parse_input_shapes
 
     out_path = check_output_path(args.model, args.output)
+    if args.recipe:
+        return optimize_recipe(args, out_path)
     shapes = parse_input_shapes(args.input_shape)
     passes = resolve_passes(args.passes) if args.passes else None
     model = Model.load(args.model)
@@ -333,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--report", metavar="OUT.html",
                    help="write a self-contained HTML report (graphs before/after, summary)")
+    p.add_argument("--recipe", metavar="NAME|FILE.toml",
+                   help="run a recipe (built-in name or TOML file) instead of --passes; "
+                   "'graphopt list-recipes' shows the built-in ones")
+    p.add_argument("--calib", metavar="DATA", help="calibration data for recipe steps "
+                   "(.npz, .npy or a folder; overrides the recipe's calib)")
+    p.add_argument("--bench", action="store_true",
+                   help="with --recipe: measure onnxruntime latency after every step")
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("list-passes", parents=[common], help="the registered passes")
@@ -512,6 +521,109 @@ def register_diff(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 EXTRA_COMMANDS.append(register_diff)
+
+
+# --------------------------------------------------------------------------- recipes (issue 8)
+
+
+def _sqnr_text(d: dict[str, float]) -> str:
+    vals = ["inf" if v == math.inf else f"{v:.1f}" for v in d.values()]
+    if len(d) == 1:
+        return f"{vals[0]} dB"
+    return ", ".join(f"{k}: {v}" for k, v in zip(d, vals)) + " dB"
+
+
+def optimize_recipe(args: argparse.Namespace, out_path: Path) -> int:
+    """``graphopt optimize MODEL -o OUT --recipe NAME|FILE``: run, verify and tabulate each step."""
+    from graphopt.ir import Model
+    from graphopt.recipe import run_recipe
+    from graphopt.shapes import parse_input_shapes
+
+    if args.passes:
+        raise GraphoptError("give either --recipe or --passes, not both")
+    t0 = time.perf_counter()
+    model = Model.load(args.model)
+    res = run_recipe(model, args.recipe, input_shapes=parse_input_shapes(args.input_shape),
+                     calib=args.calib, output=out_path, bench=args.bench)
+    res.model.save(out_path)
+    before, after = summary_numbers(res.original), summary_numbers(res.model)
+    rows = res.table()
+    if args.report:
+        from graphopt.report import write_report
+
+        write_report(args.report, res.original, res.model, quant=res.quant, memory=res.plan,
+                     title=f"graphopt recipe {res.recipe.name} on {Path(args.model).name}",
+                     tables={"steps": [{**r, "fidelity_sqnr_db": _sqnr_text(r["fidelity_sqnr_db"]),
+                                        "step_sqnr_db": _sqnr_text(r["step_sqnr_db"])}
+                                       for r in rows]})
+    total = time.perf_counter() - t0
+    last = res.steps[-1] if res.steps else None
+    payload = {
+        "input": str(args.model), "output": str(out_path), "recipe": res.recipe.name,
+        "nodes_before": before["nodes"], "nodes_after": after["nodes"],
+        "macs_before": before["macs"], "macs_after": after["macs"],
+        "params_before": before["params"], "params_after": after["params"],
+        "verify": {k: {"sqnr_db": v} for k, v in (last.fidelity if last else {}).items()},
+        "passes": {s.label: s.stats for s in res.steps}, "steps": rows, "ok": res.ok,
+        "artifact": str(res.artifact) if res.artifact else None,
+        "report": str(args.report) if args.report else None, "seconds": round(total, 3),
+    }
+    if args.json:
+        emit_json(payload)
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"recipe {res.recipe.name}: {args.model} -> {out_path}", title_justify="left")
+    for col in ("step", "verified", "nodes", "params", "MACs", "size", "arena",
+                "SQNR vs original", "latency", "time"):
+        t.add_column(col, justify="left" if col in ("step", "verified") else "right")
+    t.add_row("input", "-", str(before["nodes"]), human_count(before["params"]),
+              human_count(before["macs"]), human_bytes(res.original.to_onnx().ByteSize()),
+              "-", "-", "-", "-")
+    for s in res.steps:
+        t.add_row(s.label, ("[green]yes[/] " if s.ok else "[red]NO[/] ") + s.check,
+                  str(s.nodes), human_count(s.params), human_count(s.macs),
+                  human_bytes(s.model_bytes),
+                  human_bytes(s.arena_bytes) if s.arena_bytes is not None else "-",
+                  _sqnr_text(s.fidelity), f"{s.latency_ms:.2f} ms" if s.latency_ms else "-",
+                  f"{s.seconds:.1f} s")
+    c = console()
+    c.width = max(c.width, 160)
+    c.print(t)
+    for s in res.steps:
+        if s.note:
+            c.print(f"  {s.label}: {s.note}")
+    if res.artifact:
+        c.print(f"library: {res.artifact}")
+    c.print(f"wrote {out_path} ({total:.1f} s in all)")
+    return 0
+
+
+def cmd_list_recipes(args: argparse.Namespace) -> int:
+    from graphopt.recipe import describe_builtin
+
+    rows = [{"name": n, "description": d, "steps": s} for n, d, s in describe_builtin()]
+    if args.json:
+        emit_json({"recipes": rows})
+        return 0
+    from rich.table import Table
+
+    t = Table(title="built-in recipes (graphopt optimize MODEL -o OUT --recipe NAME)",
+              title_justify="left")
+    for col in ("name", "steps", "what it does"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], " -> ".join(r["steps"]), r["description"])
+    console().print(t)
+    return 0
+
+
+def register_list_recipes(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("list-recipes", parents=[common], help="the built-in recipes")
+    p.set_defaults(func=cmd_list_recipes)
+
+
+EXTRA_COMMANDS.append(register_list_recipes)
 
 
 # --------------------------------------------------------------------------- plan (issue 6)
