@@ -200,6 +200,29 @@ def test_folding_inside_a_subgraph() -> None:
         check_pass(_prepared(m), "fold-constants", structure=structure, feeds=f)
 
 
+def test_folding_inside_a_loop_body_with_outer_captures() -> None:
+    # v <- v + c * c, three times; c is captured from the main graph, c * c folds in the body
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["c", "c"], ["cc"]),
+         helper.make_node("Add", ["v_in", "cc"], ["v_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [vi("i", [], TensorProto.INT64), vi("cond_in", [], TensorProto.BOOL),
+                 vi("v_in", [3])],
+        [vi("cond_out", [], TensorProto.BOOL), vi("v_out", [3])])
+    m = make_model(
+        [helper.make_node("Loop", ["trips", "true", "x"], ["y"], body=body)],
+        [vi("x", [3])], [vi("y", [3])],
+        {"c": np.array([1.0, 2.0, 3.0], np.float32), "trips": np.array(3, np.int64),
+         "true": np.array(True)})
+
+    def structure(r: Model) -> None:
+        body = r.graph.nodes[0].attrs["body"]
+        assert [n.op for n in body.nodes] == ["Add", "Identity"]
+        np.testing.assert_array_equal(body.nodes[0].inputs[1].values, [1.0, 4.0, 9.0])
+
+    check_pass(_prepared(m), "fold-constants", structure=structure)
+
+
 def test_folded_graph_output_keeps_its_name() -> None:
     m = make_model(
         [helper.make_node("Mul", ["a", "b"], ["k"]),
@@ -292,6 +315,16 @@ def test_if_with_data_dependent_condition_stays() -> None:
          helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
         [vi("x", [3])], [vi("y", [3])], {"zero": np.array(0.0, np.float32)})
     check_pass(_prepared(m), "fold-constants", expect_modified=False)
+
+
+def test_weight_that_is_a_graph_input_is_not_folded() -> None:
+    # 'w' has an initializer (a default value) but is a graph input: callers may override it
+    m = make_model([helper.make_node("Mul", ["w", "two"], ["w2"]),
+                    helper.make_node("Add", ["x", "w2"], ["y"])],
+                   [vi("x", [2]), vi("w", [2])], [vi("y", [2])],
+                   {"w": np.ones(2, np.float32), "two": np.full(2, 2.0, np.float32)})
+    feeds = {"x": np.ones(2, np.float32), "w": np.array([3.0, -1.0], np.float32)}
+    check_pass(_prepared(m), "fold-constants", expect_modified=False, feeds=feeds)
 
 
 def test_random_and_qdq_nodes_are_never_folded() -> None:
