@@ -12,7 +12,9 @@ Rewrites (``x`` has a static shape where a rule needs one; shapes come from the 
   when ``q`` is the identity.
 * ``Reshape(R(x), s) -> Reshape(x, s)`` for ``R`` in Reshape/Flatten/Squeeze/Unsqueeze (all are
   row-major reinterpretations of the same data), when ``s`` has no copy-dim 0.
-* ``Squeeze(Unsqueeze(x, a), a) -> x``; ``Unsqueeze(Squeeze(x, a), a) -> x`` (axes normalized).
+* ``Squeeze(Unsqueeze(x, a), a) -> x``; ``Unsqueeze(Squeeze(x, a), a) -> x`` (axes normalized),
+  and in general ``R2(R1(x)) -> x`` for pure reshapes R1, R2 whose result has ``x``'s static
+  shape (``Unsqueeze(Squeeze(x, [0]), [1])`` on a ``1x1xC`` tensor).
 * ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0``, ``0 + x``, ``1 * x`` -> ``x`` when the constant
   broadcast leaves ``x``'s shape and dtype unchanged.
 
@@ -39,6 +41,9 @@ from graphopt.shapes import is_static
 logger = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx", None)
+
+#: ops that only reinterpret the row-major data of their first input under another shape
+PURE_RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
 
 def _const(t: gs.Tensor | None) -> np.ndarray | None:
@@ -179,6 +184,8 @@ class EliminateNoopPass(Pass):
             if out is not None and out == _shape(x) and (
                     op != "Tile" or bool(np.all(_const(node.inputs[1]) == 1))):
                 kind = op.lower()
+            elif out is not None and op in PURE_RESHAPES and self._undo(st, node, out, removed):
+                return "reshape_pair"
             elif op == "Reshape":
                 return self._reshape_chain(st, node, removed)
             elif op == "Squeeze":
@@ -263,6 +270,18 @@ class EliminateNoopPass(Pass):
                 return None
             return [d * int(r) for d, r in zip(s, reps.reshape(-1))]
         return None
+
+    def _undo(self, st: _Graph, node: gs.Node, out: list[int], removed: set[int]) -> bool:
+        """R2(R1(x)) -> x for pure reshapes R1, R2 when the result has x's (static) shape."""
+        inner = st.producer(node.inputs[0])
+        if inner is None or id(inner) in removed or inner.op not in PURE_RESHAPES or \
+                inner.domain not in DEFAULT_DOMAINS or len(inner.outputs) != 1 or \
+                not inner.inputs or _shape(inner.inputs[0]) != out:
+            return False
+        if self._bypass(st, node, inner.inputs[0], removed):
+            self._drop_if_dead(st, inner, removed)
+            return True
+        return False
 
     def _reshape_chain(self, st: _Graph, node: gs.Node, removed: set[int]) -> str | None:
         inner_out = node.inputs[0]

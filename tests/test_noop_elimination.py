@@ -125,6 +125,17 @@ def test_squeeze_unsqueeze_pairs_cancel(order: str) -> None:
     _run(m, {"Relu": 1, "Neg": 1})
 
 
+def test_pure_reshape_pair_back_to_the_input_shape_cancels() -> None:
+    # Unsqueeze(Squeeze(x, [0]), [1]) on 1x1xC: different axes, same shape as x
+    m = make_model([helper.make_node("Relu", ["x"], ["r"]),
+                    helper.make_node("Squeeze", ["r", "a0"], ["m"]),
+                    helper.make_node("Unsqueeze", ["m", "a1"], ["n"]),
+                    helper.make_node("Neg", ["n"], ["y"])],
+                   [vi("x", [1, 1, 5])], [vi("y", [1, 1, 5])], {"a0": _i64(0), "a1": _i64(1)})
+    res, _ = _run(m, {"Relu": 1, "Neg": 1})
+    assert res.stats == {"reshape_pair": 1}
+
+
 @pytest.mark.parametrize("op,value,swap", [("Mul", 1.0, False), ("Mul", 1.0, True),
                                            ("Add", 0.0, True), ("Sub", 0.0, False),
                                            ("Div", 1.0, False)])
