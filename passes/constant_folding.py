@@ -420,15 +420,27 @@ class FoldConstantsPass(Pass):
         snapshot = model.clone() if has_subgraphs else None
         stats = self._new_stats()
         self._run(model, lambda m: _walk(m.graph, self._rejected_graph), ev, stats)
-        if snapshot is not None and self._subgraphs_changed(stats) and not _loads(model):
+        if snapshot is not None and self._modified(stats) and not _loads(model):
             # Folding inside a branch that is never taken at these input shapes can make
             # onnxruntime's load-time shape inference see a contradiction in that dead branch
             # (silero-vad's 8 kHz branch at a 16 kHz frame size). Redo from the snapshot: the
             # main graph first, then each top-level subgraph on trial, kept only if it loads.
             logger.debug("folded model does not load; folding subgraphs one at a time")
             stats = self._new_stats()
-            current = snapshot
+            current = snapshot.clone()
             self._run(current, lambda m: iter([m.graph]), ev, stats)
+            if self._modified(stats) and not _loads(current):
+                # even the main graph alone exposes one: only lift Constant nodes everywhere
+                stats = self._new_stats()
+                current = snapshot
+                self._lift_only = True
+                try:
+                    self._run(current, lambda m: m.walk_graphs(), ev, stats)
+                finally:
+                    self._lift_only = False
+                model.graph = current.graph
+                stats["sessions"] = ev.sessions
+                return PassResult(model, self._modified(stats), stats)
             slots = [(i, k) for i, n in enumerate(current.graph.nodes)
                      for k, a in n.attrs.items() if isinstance(a, gs.Graph)]
             rejected: list[tuple[int, str]] = []
@@ -473,10 +485,6 @@ class FoldConstantsPass(Pass):
     @staticmethod
     def _modified(stats: dict[str, int]) -> bool:
         return any(stats.get(k, 0) for k in _CHANGES)
-
-    @staticmethod
-    def _subgraphs_changed(stats: dict[str, int]) -> bool:
-        return stats.get("sub_changes", 0) > 0
 
     def _run(self, model: Model, graphs: Callable[[Model], Iterable[gs.Graph]], ev: _Evaluator,
              stats: dict[str, int]) -> None:

@@ -327,6 +327,34 @@ def test_weight_that_is_a_graph_input_is_not_folded() -> None:
     check_pass(_prepared(m), "fold-constants", expect_modified=False, feeds=feeds)
 
 
+def test_dead_branch_onnxruntime_would_refuse_once_folded_is_left_alone() -> None:
+    # The else branch is never taken (flag == 1). In it, an If on rank(x) == 3 picks between a
+    # rank-4 and a rank-2 value for a Conv; at the fixed 1x4 input that condition folds to false,
+    # which hands the Conv a rank-2 input: onnxruntime refuses such a model at load time. The
+    # pass must notice and leave the branch as it was.
+    inner_then = _branch("it", [helper.make_node("Unsqueeze", ["x", "ax01"], ["u4"])], "u4",
+                         [1, 1, 1, 4])
+    inner_else = _branch("ie", [helper.make_node("Identity", ["x"], ["u2"])], "u2", [1, 4])
+    else_g = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["sx"]),
+         helper.make_node("Size", ["sx"], ["rank"]),
+         helper.make_node("Equal", ["rank", "three"], ["c3"]),
+         helper.make_node("If", ["c3"], ["u"], then_branch=inner_then, else_branch=inner_else),
+         helper.make_node("Conv", ["u", "w"], ["cv"]),
+         helper.make_node("Flatten", ["cv"], ["e_out"], axis=0)],
+        "else", [], [vi("e_out", [1, 4])])
+    then_g = _branch("then", [helper.make_node("Relu", ["x"], ["t_out"])], "t_out", [1, 4])
+    m = make_model(
+        [helper.make_node("Equal", ["flag", "one"], ["cond"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g)],
+        [vi("x", [1, 4]), vi("flag", [], I64)], [vi("y", [1, 4])],
+        {"one": np.array(1, np.int64), "three": np.array(3, np.int64), "ax01": _i64(0, 1),
+         "w": np.ones((1, 1, 1, 1), np.float32)})
+    feeds = {"x": np.arange(4, dtype=np.float32).reshape(1, 4) - 2, "flag": np.array(1)}
+    res, _ = check_pass(_prepared(m), "fold-constants", expect_modified=False, feeds=feeds)
+    assert res.stats["subgraphs_only_lifted"] == 1
+
+
 def test_random_and_qdq_nodes_are_never_folded() -> None:
     m = make_model(
         [helper.make_node("RandomNormal", [], ["r"], shape=[2], seed=1.0),
