@@ -86,26 +86,18 @@ def local_topo_order(graph: gs.Graph) -> list[gs.Node]:
     """
     nodes = list(graph.nodes)
     index = {id(n): i for i, n in enumerate(nodes)}
-    preds: list[list[int]] = [[] for _ in nodes]
-    sorted_already = True
-    for i, n in enumerate(nodes):
-        for t in n.inputs:
-            for p in t.inputs:
-                j = index.get(id(p))
-                if j is not None:
-                    preds[i].append(j)
-                    if j >= i:
-                        sorted_already = False
-    if sorted_already:
+    if all(index.get(id(p), -1) < i for i, n in enumerate(nodes) for t in n.inputs
+           for p in t.inputs):
         return nodes
-    succs: list[list[int]] = [[] for _ in nodes]
-    indeg = [0] * len(nodes)
-    for i, ps in enumerate(preds):
-        for j in set(ps):
-            succs[j].append(i)
-            indeg[i] += 1
     import heapq
 
+    succs: list[set[int]] = [set() for _ in nodes]
+    indeg = [0] * len(nodes)
+    for i, n in enumerate(nodes):
+        preds = {index[id(p)] for t in n.inputs for p in t.inputs if id(p) in index}
+        indeg[i] = len(preds)
+        for j in preds:
+            succs[j].add(i)
     ready = [i for i, d in enumerate(indeg) if d == 0]
     heapq.heapify(ready)
     order: list[gs.Node] = []

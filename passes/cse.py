@@ -74,6 +74,7 @@ class CommonSubexpressionEliminationPass(Pass):
 
     def __init__(self, max_const_bytes: int = 1 << 20) -> None:
         self.max_const_bytes = int(max_const_bytes)
+        self._keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
 
     def call(self, model: Model) -> PassResult:
         stats = {"nodes_merged": 0, "constants_merged": 0}
@@ -131,10 +132,16 @@ class CommonSubexpressionEliminationPass(Pass):
         if removed:
             graph.nodes = [n for n in graph.nodes if id(n) not in removed]
 
-    @staticmethod
-    def _const_key(t: gs.Constant) -> tuple[Any, ...]:
+    def _const_key(self, t: gs.Constant) -> tuple[Any, ...]:
+        # constants are never written in place (a new array is assigned), so the key of a
+        # constant whose values object is unchanged can be reused across fixed-point steps
+        cached = self._keys.get(id(t))
+        if cached is not None and cached[0] is t._values:
+            return cached[1]
         arr = np.asarray(t.values)
-        return (str(arr.dtype), arr.shape, _digest(arr))
+        key = (str(arr.dtype), arr.shape, _digest(arr))
+        self._keys[id(t)] = (t._values, key)
+        return key
 
     @staticmethod
     def _node_key(node: gs.Node) -> tuple[Any, ...] | None:

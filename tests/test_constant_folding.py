@@ -401,3 +401,14 @@ def test_real_models_default_pipeline(name: str) -> None:
     else:
         assert [t.name for t in res.model.graph.outputs] == ["output", "stateN"]
         assert res.model.num_subgraphs() > 0
+
+
+def test_local_topo_order_sorts_an_unsorted_graph_and_keeps_a_sorted_one() -> None:
+    from graphopt.passes.constant_folding import local_topo_order
+
+    x, a, b, y = (gs.Variable(n, np.float32, [2]) for n in "xaby")
+    n1 = gs.Node("Relu", inputs=[x], outputs=[a])
+    n2 = gs.Node("Neg", inputs=[a], outputs=[b])
+    n3 = gs.Node("Abs", inputs=[b], outputs=[y])
+    assert local_topo_order(gs.Graph(nodes=[n3, n1, n2], inputs=[x], outputs=[y])) == [n1, n2, n3]
+    assert local_topo_order(gs.Graph(nodes=[n1, n2, n3], inputs=[x], outputs=[y])) == [n1, n2, n3]
