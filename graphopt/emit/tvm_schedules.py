@@ -43,6 +43,9 @@ BlockRV = Any
 PARALLEL_MIN_WORK = 1 << 18
 PARALLEL_MIN_ELEMS = 1 << 15
 
+#: overrides for experiments (``{"xi": 8, "fi": 4}``)
+_TUNE: dict[str, int] = {}
+
 _SPATIAL = tirx.IterVar.DataPar
 _REDUCE = tirx.IterVar.CommReduce
 
@@ -74,6 +77,18 @@ def _is_padding(block: Any) -> bool:
     rs = [int(d) for d in block.reads[0].source.shape]
     ws = [int(d) for d in block.writes[0].source.shape]
     return rs != ws
+
+
+def _vec_factor(n: int, lanes: int, max_vectors: int = 1) -> int:
+    """The vector length for an axis of extent ``n``: the largest power of two of at most
+    ``max_vectors`` vectors that divides ``n`` (at least 4); 1 when none does. (Odd lengths make LLVM
+    scalarize; two-vector tiles spill.)"""
+    v = max_vectors * lanes
+    while v >= 4:
+        if n % v == 0:
+            return v
+        v //= 2
+    return 1
 
 
 def _divisor(n: int, candidates: list[int]) -> int:
@@ -183,18 +198,15 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
                                                if sch.get(p).name_hint != conv_name
                                                and not sch.get_consumers(p)})
     # the register tile
-    if x_e >= lanes // 2:
-        xi = _divisor(x_e, [lanes * 2, lanes, lanes // 2]) if x_e % (lanes // 2) == 0 else 1
-        if xi == 1:
-            xi = _divisor(x_e, [8, 4]) if x_e >= 4 else 1
-    else:
-        xi = 1
+    xi = _vec_factor(x_e, lanes, max_vectors=1)
+    xi = _TUNE.get("xi", xi)
     acc_budget = 16  # vector registers for accumulators (AVX-512 has 32, AVX2/NEON 16)
-    vec_regs = max(1, xi // lanes) if xi >= lanes else 1
+    vec_regs = max(1, -(-xi // lanes))
     fi = _divisor(f_e, [c for c in (8, 6, 4, 3, 2) if c * vec_regs <= acc_budget])
     if xi == 1:
         # narrow maps (SE squeeze, 1x1 spatial): vectorize across output channels instead
         fi = _divisor(f_e, [lanes * 2, lanes, lanes // 2, 4, 2])
+    fi = _TUNE.get("fi", fi)
     red_work = 1
     for e in ext[4:]:
         red_work *= e
@@ -231,6 +243,8 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
     _tile_loops(conv)
     _tile_loops(local)
     outer = sch.fuse(n, fo, y)
+    if fi > 1 and xi > 1 and _TUNE.get("pack", 0):
+        _pack_weights(sch, conv, f_e, fi, outer if _TUNE.get("packat", 1) else None)
     if n_e * (f_e // fi) * y_e > 1 and cores > 1 and work >= PARALLEL_MIN_WORK:
         sch.parallel(outer)
     init = sch.decompose_reduction(conv, rs[0])
@@ -246,6 +260,27 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
             except Exception:  # noqa: BLE001
                 pass
     return True
+
+
+def _pack_weights(sch: Schedule, conv: BlockRV, f_e: int, fi: int, at: Any) -> None:
+    """Copy the weights a tile of ``fi`` output channels needs into ``[c, kh, kw, fi]`` order, so
+    that the ``fi`` weights broadcast in the inner loop share one cache line."""
+    reads = sch.get(conv).reads
+    idx = None
+    for i, r in enumerate(reads):
+        shp = [int(d) for d in r.source.shape]
+        if len(shp) == 4 and shp[0] == f_e and f_e > 1 and r.source.scope() == "global":
+            idx = i
+    if idx is None:
+        return
+    try:
+        wc = sch.cache_read(conv, idx, "global")
+        sch.transform_layout(wc, ("write", 0),
+                             lambda f, c, ky, kx: (f // fi, c, ky, kx, f % fi))
+        if at is not None:
+            sch.compute_at(wc, at, preserve_unit_loops=True)
+    except Exception as exc:  # noqa: BLE001 - keep the original weight layout
+        logger.debug("weight packing refused: %s", str(exc).splitlines()[-1:])
 
 
 def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
@@ -274,8 +309,8 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
                                           if not sch.get_consumers(p)})
     *batch, i, j, k = sch.get_loops(mm)
     i_e, j_e = ext[-3], ext[-2]
-    ji = _divisor(j_e, [lanes * 2, lanes, lanes // 2, 4])
-    ii = _divisor(i_e, [c for c in (8, 6, 4, 3, 2) if c * max(1, ji // lanes) <= 16])
+    ji = _vec_factor(j_e, lanes)
+    ii = _divisor(i_e, [c for c in (8, 6, 4, 3, 2) if c * max(1, -(-ji // lanes)) <= 16])
     local = sch.cache_write(mm, 0, "local")
     io, ii_l = sch.split(i, [None, ii])
     jo, ji_l = sch.split(j, [None, ji])
