@@ -54,7 +54,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from graphopt.ir import PROTO_LIMIT, Model, constant_nbytes
 from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.pattern import unique_name
-from graphopt.shapes import is_static
+from graphopt.shapes import inputs_static, is_static, missing_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -463,6 +463,9 @@ class FoldConstantsPass(Pass):
             for i, k in rejected:
                 sub = model.graph.nodes[i].attrs[k]
                 self._rejected[id(sub)] = len(sub.nodes)
+        if self._modified(stats) and inputs_static(model) and missing_shapes(model):
+            # keep the IR's shapes as complete as folding made them derivable, for later passes
+            stats["shapes_refined"] = refine_shapes(model)
         stats["sessions"] = ev.sessions
         return PassResult(model, self._modified(stats), stats)
 
