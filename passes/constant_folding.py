@@ -31,7 +31,12 @@ now dead, is dropped.
 
 Shapes: after a round that folded something, while ``Shape``/``Size`` nodes of non-static tensors
 remain, ONNX shape inference is re-run and only *refines* the IR (a non-static shape may become
-static; nothing is cleared), and folding goes again (silero-vad needs four rounds).
+static; nothing is cleared), and folding goes again (silero-vad needs several rounds). ``Gather`` or
+``Slice`` of ``Shape(x)`` that pick only static dims of a partly dynamic ``x`` fold too. ``Shape``
+is never folded for a tensor whose shape may depend on input *values* (downstream of NonZero,
+Unique, Compress, NonMaxSuppression, Loop/Scan/If outputs, or of Reshape/Expand/Tile/Slice/Pad/
+Resize/... whose shape-like inputs are not constant): its IR shape may have been observed by
+onnxruntime on one dummy input.
 
 Dead branches: folding inside a branch that is never taken at the fixed input shapes can make
 onnxruntime's load-time inference see a contradiction in it (silero-vad's 8 kHz branch run on a
