@@ -3,16 +3,16 @@
 Structural diff. Nodes are matched by their output tensor names, which graphopt's rewrites keep (a
 rewrite produces exactly the root's outputs). For every node of B whose outputs A also produces, the
 A nodes that produced tensors which no longer exist in B, walking back from those outputs, form the
-*group* B's node replaced: ``Conv+BatchNormalization -> Conv``, ``Add+Clip+Mul+Div -> HardSwish``.
-A group of one node of the same op type is a *changed* node (attributes or inputs differ). Op counts
+*group* B's node replaced: ``Conv+BatchNormalization -> Conv``, ``Add+Clip+Mul+Div -> HardSwish``. A
+group of one node of the same op type is a *changed* node (attributes or inputs differ). Op counts
 added/removed are the difference of the two op histograms. Initializers are compared by name and
 value, tensor shapes/dtypes by name.
 
 Numerical diff. The same inputs go through both models in onnxruntime (``ORT_DISABLE_ALL``); every
 output of A is compared with B's (max abs error, cosine, SQNR). With ``per_layer`` every tensor
 produced by a node of A that B also has is exposed as an output of both, and the first node in A's
-topological order whose output differs beyond ``atol + rtol * max|ref|`` is reported, as Polygraphy's
-``--onnx-outputs mark all`` comparison does.
+topological order whose output differs beyond ``atol + rtol * max|ref|`` is reported, as
+Polygraphy's ``--onnx-outputs mark all`` comparison does.
 """
 
 from __future__ import annotations

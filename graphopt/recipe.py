@@ -1,4 +1,5 @@
-"""Recipes: a conversion pipeline as data (a TOML file or a built-in name), run and verified step by step.
+"""Recipes: a conversion pipeline as data (a TOML file or a built-in name), run and verified step by
+step.
 
 A recipe lists steps; each step takes the previous step's model and its result is verified against
 that input in onnxruntime before the next step runs: exact steps (``simplify``, ``plan-memory``) at
@@ -38,8 +39,8 @@ TOML format::
 
 Built-in recipes (:data:`BUILTIN_RECIPES`): ``simplify``, ``fast-fp16``, ``edge-int8``,
 ``prune-int8-arm``. Steps whose capability has not been installed or written yet (pruning,
-quantization, memory planning, TVM) raise :class:`~graphopt.errors.RecipeError` when the recipe runs,
-not when it is loaded, so the engine works with whatever capabilities are present.
+quantization, memory planning, TVM) raise :class:`~graphopt.errors.RecipeError` when the recipe
+runs, not when it is loaded, so the engine works with whatever capabilities are present.
 """
 
 from __future__ import annotations
@@ -283,7 +284,8 @@ def parse_recipe(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
     if "compile" in kinds and (kinds.count("compile") > 1 or kinds[-1] != "compile"):
         raise RecipeError(f"{where}compile must be the last step, and there can be only one")
     if "quantize" in kinds and "fp16" in kinds:
-        raise RecipeError(f"{where}quantize and fp16 cannot be combined (int8 or float16, pick one)")
+        raise RecipeError(f"{where}quantize and fp16 cannot be combined (int8 or float16, "
+                          "pick one)")
     for late in ("quantize", "fp16"):
         if late in kinds and "prune" in kinds[kinds.index(late):]:
             raise RecipeError(f"{where}prune must come before {late} (pruning works on float "

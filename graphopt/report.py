@@ -2,21 +2,22 @@
 
 Sections, each present when its data is given:
 
-* summary table (nodes, params, MACs, weights, activation peak before/after, plus any rows given) and
-  extra tables (e.g. a recipe's per-step table, the verification table);
-* the graph before and after as SVG: a layered drawing (layers are networkx topological generations of
-  the node DAG, nodes in a layer ordered by the mean position of their producers). Constants are not
-  drawn. Nodes of a fused group (found by :func:`graphopt.diff.structural_diff`) are highlighted in
-  both drawings, pruned layers (a Conv/Gemm/MatMul whose weight lost output channels) in the after
-  drawing. Graphs over ``max_nodes`` nodes are collapsed: first chains of single-input,
+* summary table (nodes, params, MACs, weights, activation peak before/after, plus any rows given)
+  and extra tables (e.g. a recipe's per-step table, the verification table);
+* the graph before and after as SVG: a layered drawing (layers are networkx topological generations
+  of the node DAG, nodes in a layer ordered by the mean position of their producers). Constants are
+  not drawn. Nodes of a fused group (found by :func:`graphopt.diff.structural_diff`) are highlighted
+  in both drawings, pruned layers (a Conv/Gemm/MatMul whose weight lost output channels) in the
+  after drawing. Graphs over ``max_nodes`` nodes are collapsed: first chains of single-input,
   single-consumer nodes become one box, then blocks by name prefix (``/layer1/...``) or, for flat
   names, runs of consecutive nodes in topological order (which keeps the drawing acyclic);
 * per-layer quantization error bars (SQNR of each layer's output vs float32);
-* the memory arena timeline: one rectangle per tensor, x = execution steps it is live, y = its offset;
+* the memory arena timeline: one rectangle per tensor, x = execution steps it is live, y = its
+  offset;
 * the pruning scan curve (metric vs pruning ratio).
 
-A small inline script checks that the drawings are there and sets ``document.body.dataset.ok``, which
-the headless-browser test reads to prove the page ran without a script error.
+A small inline script checks that the drawings are there and sets ``document.body.dataset.ok``,
+which the headless-browser test reads to prove the page ran without a script error.
 """
 
 from __future__ import annotations
@@ -354,8 +355,11 @@ def scan_points(scan: Any) -> tuple[str, dict[str, list[tuple[float, float]]]]:
                         series.setdefault(k, []).append((float(x), float(v)))
         return "ratio", series
     for p in pts or []:
-        d = p if isinstance(p, Mapping) else (vars(p) if hasattr(p, "__dict__") else
-                                              {"ratio": p[0], "metric": p[1]})
+        d = dict(p) if isinstance(p, Mapping) else (dict(vars(p)) if hasattr(p, "__dict__")
+                                                    else {"ratio": p[0], "metric": p[1]})
+        fid = d.pop("fidelity", None)  # prune_api.ScanPoint: SQNR of its first output
+        if isinstance(fid, (list, tuple)) and fid and hasattr(fid[0], "sqnr_db"):
+            d["sqnr_db"] = fid[0].sqnr_db
         x = d.get("ratio")
         if not isinstance(x, (int, float)):
             continue

@@ -1,10 +1,10 @@
-"""PyTorch entry point: ``from_torch(module, example_inputs) -> Model`` through ``torch.onnx.export``.
+"""PyTorch entry point: ``from_torch(module, example_inputs) -> Model`` via ``torch.onnx.export``.
 
 The TorchScript-based exporter (``dynamo=False``) is tried first: it is stable for the convolutional
 and MLP modules graphopt targets and needs nothing beyond torch. When it fails (an op it cannot
-trace) the dynamo exporter (``dynamo=True``, needs ``onnxscript``) is tried next. The module is put in
-``eval()`` mode for the export and restored afterwards. torch is an optional dependency: without it a
-:class:`~graphopt.errors.GraphoptError` says how to install it.
+trace) the dynamo exporter (``dynamo=True``, needs ``onnxscript``) is tried next. The module is put
+in ``eval()`` mode for the export and restored afterwards. torch is an optional dependency: without
+it a :class:`~graphopt.errors.GraphoptError` says how to install it.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _as_tuple(example_inputs: Any, torch: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, (list, tuple)):
         return tuple(example_inputs)
     raise GraphoptError(
-        f"example_inputs must be a tensor or a tuple of tensors, not {type(example_inputs).__name__}")
+        "example_inputs must be a tensor or a tuple of tensors, not "
+        f"{type(example_inputs).__name__}")
 
 
 def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | None = None,

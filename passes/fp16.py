@@ -1,37 +1,39 @@
 """Convert a float32 model to float16, keeping float32 where half precision breaks numerics.
 
-Rewrite: every node that computes in float32 is given float16 tensors (weights converted, activations
-produced in half) unless it is *kept* in float32; at every boundary between a float16 producer and a
-float32 consumer (or the reverse) one ``Cast`` is inserted, shared by all consumers of that tensor::
+Rewrite: every node that computes in float32 is given float16 tensors (weights converted,
+activations produced in half) unless it is *kept* in float32; at every boundary between a float16
+producer and a float32 consumer (or the reverse) one ``Cast`` is inserted, shared by all consumers
+of that tensor::
 
     y = Op(x, W)              ->   y16 = Op(Cast(x, to=FLOAT16), W16)      W16 = clip(W, +-65504)
     z = KeptOp(y)             ->   z   = KeptOp(Cast(y16, to=FLOAT))
 
 Weights are rounded to the nearest float16 (relative error <= 2^-11) and clipped to the finite range
-``|w| <= 65504`` so that no constant becomes ``inf``. Graph inputs and outputs keep float32 by default
-(``keep_io_types=True``: Casts at the edges, output names kept).
+``|w| <= 65504`` so that no constant becomes ``inf``. Graph inputs and outputs keep float32 by
+default (``keep_io_types=True``: Casts at the edges, output names kept).
 
 Kept in float32:
 
 * reductions and powers (``ReduceMean``/``ReduceSum``/... , ``Pow``, ``LayerNormalization``,
-  ``GroupNormalization``...), and the chain that turns a reduction into a normalizer
-  (``Add(eps) -> Sqrt -> Div/Reciprocal``): a sum of squares overflows float16 at 256 and ``eps``
-  of 1e-12 rounds to 0 in half precision;
+  ``GroupNormalization``...), and the chain that turns a reduction into a normalizer (``Add(eps) ->
+  Sqrt -> Div/Reciprocal``): a sum of squares overflows float16 at 256 and ``eps`` of 1e-12 rounds
+  to 0 in half precision;
 * ``Resize``/``Upsample`` ``roi``/``scales`` inputs (the schema wants float there) -- the data input
   itself may be half;
 * ops whose onnxruntime CPU kernel rejects float16 (``ORT_CPU_FP16`` says ``"none"``: the schema
-  refuses float16, e.g. ``Range``); with ``kernels="native"`` also those that onnxruntime's CPU provider
-  only runs by inserting its own Casts (``"cast"``: nearly all compute ops on x86);
+  refuses float16, e.g. ``Range``); with ``kernels="native"`` also those that onnxruntime's CPU
+  provider only runs by inserting its own Casts (``"cast"``: nearly all compute ops on x86);
 * control-flow nodes (``If``/``Loop``/``Scan``) at their boundary: their subgraphs are converted
   separately with float32 outputs, so both branches of an ``If`` still agree on types;
 * ``Sigmoid``/``Softmax`` nodes that produce a float32 graph output (probabilities near 0 are
   subnormal in half; the output is cast to float32 anyway);
-* ``Softmax`` inputs with ``keep_softmax=True``; and any op type or node name given in ``keep_fp32``.
+* ``Softmax`` inputs with ``keep_softmax=True``; and any op type or node name given in
+  ``keep_fp32``.
 
 ``ORT_CPU_FP16`` was measured by building a one-node float16 model per op type, loading it in
-onnxruntime 1.32's CPU provider with an optimized-model dump, and looking whether onnxruntime ran the
-node as is (``native``), wrapped it in Casts (``cast``) or refused it (``none``). Op types not in the
-table are probed the same way, on the node itself, the first time they are met.
+onnxruntime 1.32's CPU provider with an optimized-model dump, and looking whether onnxruntime ran
+the node as is (``native``), wrapped it in Casts (``cast``) or refused it (``none``). Op types not
+in the table are probed the same way, on the node itself, the first time they are met.
 """
 
 from __future__ import annotations
@@ -178,7 +180,8 @@ def _probe_node(node: gs.Node, opset: int) -> str:
     outs = []
     for j, o in enumerate(node.outputs):
         dt = _dtype(o)
-        elem = onnx.TensorProto.FLOAT16 if dt in (None, F32) else helper.np_dtype_to_tensor_dtype(dt)
+        elem = (onnx.TensorProto.FLOAT16 if dt in (None, F32)
+                else helper.np_dtype_to_tensor_dtype(dt))
         outs.append(helper.make_tensor_value_info(f"o{j}", elem, None))
     attrs = {k: v for k, v in node.attrs.items() if not isinstance(v, gs.Graph)}
     proto_node = helper.make_node(node.op, in_names, [f"o{j}" for j in range(len(node.outputs))],
@@ -463,7 +466,8 @@ class ConvertFloat16Pass(Pass):
                 o.dtype = F16
 
 
-def convert_float16(model: Model, keep_fp32: Sequence[str] | None = None, keep_io_types: bool = True,
+def convert_float16(model: Model, keep_fp32: Sequence[str] | None = None,
+                    keep_io_types: bool = True,
                     keep_softmax: bool = False, kernels: str = "any") -> PassResult:
     """Run :class:`ConvertFloat16Pass` on ``model`` in place (shapes must be inferred)."""
     return ConvertFloat16Pass(keep_fp32, keep_io_types, keep_softmax, kernels)(model)

@@ -1,5 +1,6 @@
-"""fp16 conversion: every fixture and real model converts, loads in onnxruntime, has no NaN and keeps
->= 40 dB SQNR on its outputs; float32 is kept where half breaks numerics; negatives stay unchanged."""
+"""fp16 conversion: every fixture and real model converts, loads in onnxruntime, has no NaN and
+keeps >= 40 dB SQNR on its outputs; float32 is kept where half breaks numerics; negatives stay
+unchanged."""
 
 from __future__ import annotations
 
@@ -230,7 +231,8 @@ def test_subgraph_converted_if_outputs_float32() -> None:
 
 def test_no_float_ops_unchanged() -> None:
     nodes = [helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Shape", ["c"], ["s"])]
-    model = prepare(make_model(nodes, [vi("a", [3], TensorProto.INT64)], [vi("s", [1], TensorProto.INT64)],
+    model = prepare(make_model(nodes, [vi("a", [3], TensorProto.INT64)],
+                               [vi("s", [1], TensorProto.INT64)],
                                {"b": np.arange(3, dtype=np.int64)}))
     check_pass(model, "fp16", expect_modified=False)
 

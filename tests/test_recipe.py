@@ -1,5 +1,6 @@
-"""Recipes: validation errors (clear messages, exit 2 through the CLI), simplify -> fp16 on a fixture,
-and int8 / pruning / memory-plan / compile recipes when those capabilities are installed."""
+"""Recipes: validation errors (clear messages, exit 2 through the CLI), simplify -> fp16 on a
+fixture, and int8 / pruning / memory-plan / compile recipes when those capabilities are
+installed."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def _has(mod: str) -> bool:
     ({"step": [{"kind": "quantise"}]}, "unknown step kind 'quantise' (did you mean 'quantize'?)"),
     ({"step": [{"kind": "prune", "ratio": 0.3, "recovr": True}]},
      "unknown option 'recovr' (did you mean 'recover'?)"),
-    ({"step": [{"kind": "prune", "ratio": "0.3"}]}, "option 'ratio' must be an integer or a number"),
+    ({"step": [{"kind": "prune", "ratio": "0.3"}]},
+     "option 'ratio' must be an integer or a number"),
     ({"step": [{"kind": "prune", "ratio": 1.5}]}, "must be between 0 and 1"),
     ({"step": [{"kind": "prune"}]}, "option 'ratio' is required"),
     ({"step": [{"kind": "fp16", "keep_io_types": 1}]}, "must be a boolean"),
