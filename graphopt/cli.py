@@ -877,9 +877,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             t.add_row("recovery", f"{out.stats.get('layers_refit', 0)} layers refit"
                       if out.stats.get("layers_refit") else "none (no --calib or --no-recover)")
             c.print(t)
-            c.print(_fidelity_table(out.fidelity, "fidelity against the original "
-                                    + ("(on the calibration data)" if args.calib else
-                                       "(seeded random inputs)")))
+            c.print(_fidelity_table(out.fidelity, "fidelity against the original " + (
+                "(held-out quarter of the calibration data)" if out.held_out else
+                "(on the calibration data)" if args.calib else "(seeded random inputs)")))
     payload["seconds"] = round(time.perf_counter() - t0, 3)
     if args.json:
         emit_json(payload)

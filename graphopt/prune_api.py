@@ -48,6 +48,8 @@ class PruneOutcome:
     report: Any  # passes.prune_channels.PruneReport
     stats: dict[str, Any]
     fidelity: list[OutputFidelity] = field(default_factory=list)
+    #: True when fidelity was measured on calibration batches kept out of recovery
+    held_out: bool = False
 
     @property
     def macs_ratio(self) -> float:
@@ -120,7 +122,7 @@ def prune(model: Model | str | os.PathLike[str], ratio: float | dict[str, float]
           calib: Any = None, criterion: str = "l1", round_to: int | None = None,
           recover: bool = True, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
           min_channels: int = 1, min_fraction: float = 0.0, calib_limit: int = 128,
-          measure: bool = True, **options: Any) -> PruneOutcome:
+          measure: bool = True, holdout: float = 0.25, **options: Any) -> PruneOutcome:
     """Structured channel pruning (pass ``prune-channels``) with least-squares recovery.
 
     Args:
@@ -137,6 +139,9 @@ def prune(model: Model | str | os.PathLike[str], ratio: float | dict[str, float]
         min_fraction: never keep less than this fraction of a group.
         calib_limit: at most this many calibration samples are used.
         measure: compute fidelity against the original.
+        holdout: with ``measure`` and at least 4 calibration batches, this last fraction of them
+            is kept out of recovery and used to measure fidelity (else: seeded random inputs, or
+            the calibration data itself when there is too little of it).
 
     Returns:
         :class:`PruneOutcome` with the pruned model, the per-group report and the fidelity.
@@ -147,6 +152,10 @@ def prune(model: Model | str | os.PathLike[str], ratio: float | dict[str, float]
     if input_shapes:
         fix_input_shapes(original, input_shapes)
     feeds = materialize_calib(calib, original, calib_limit) if calib is not None else []
+    held: list[Feeds] = []
+    if measure and holdout > 0 and len(feeds) >= 4:
+        k = max(1, int(round(len(feeds) * holdout)))
+        feeds, held = feeds[:-k], feeds[-k:]
     p = PruneChannelsPass(ratio=ratio, criterion=criterion, round_to=round_to,
                           min_channels=min_channels, min_fraction=min_fraction,
                           calib=feeds or None, recover=recover, calib_limit=calib_limit,
@@ -155,7 +164,9 @@ def prune(model: Model | str | os.PathLike[str], ratio: float | dict[str, float]
     result = p(work)
     out = PruneOutcome(result.model, p.report, dict(result.stats))
     if measure:
-        out.fidelity = fidelity(original, result.model, _eval_feeds(original, feeds, input_shapes))
+        out.held_out = bool(held)
+        out.fidelity = fidelity(original, result.model,
+                                held or _eval_feeds(original, feeds, input_shapes))
     return out
 
 

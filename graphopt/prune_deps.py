@@ -1,9 +1,9 @@
 """Channel-dependency analysis for structured pruning of ONNX graphs.
 
-Every output channel of a *producer* (Conv, ConvTranspose, Gemm, MatMul with a constant weight) is an
-*element*. Walking the graph in topological order, each tensor that carries channels gets a label
-array along one axis: ``labels[i]`` is the element that position ``i`` of that axis holds, or -1 for a
-position that no producer owns (graph inputs, constants). Handlers (one per op type, table
+Every output channel of a *producer* (Conv, ConvTranspose, Gemm, MatMul with a constant weight) is
+an *element*. Walking the graph in topological order, each tensor that carries channels gets a label
+array along one axis: ``labels[i]`` is the element that position ``i`` of that axis holds, or -1
+for a position that no producer owns (graph inputs, constants). Handlers (one per op type, table
 ``HANDLERS``) map labels from inputs to outputs:
 
 * identity along the axis: activations, BatchNormalization, pooling, Resize, Pad, depthwise convs
@@ -12,8 +12,8 @@ position that no producer owns (graph inputs, constants). Handlers (one per op t
   them (their size/start/end constants are rewritten);
 * channel blocks: Flatten/Reshape that merge the channel axis with the following dims repeat each
   label over the block (``np.tile(np.repeat(labels, inner), outer)``), so a Gemm/MatMul consumer
-  drops whole row blocks; a Reshape target that hard-codes the merged width (a constant, or a piece of
-  a ``Concat``-built shape vector as in the PP-OCR classifier head) is rewritten;
+  drops whole row blocks; a Reshape target that hard-codes the merged width (a constant, or a piece
+  of a ``Concat``-built shape vector as in the PP-OCR classifier head) is rewritten;
 * ties: elementwise ops with several labelled inputs (residual Add, squeeze-excitation Mul) union
   their elements position by position (union-find); a per-channel constant operand (bias, BN
   parameter, PRelu slope, Paddle's ``Reshape(Constant)`` SE bias) is sliced along the same labels.
@@ -56,8 +56,8 @@ _CONST_OPS = {"Constant", "Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze",
 
 
 def const_value(t: gs.Tensor | None, _depth: int = 0) -> np.ndarray | None:
-    """The value of ``t`` when it is a constant or a small constant subgraph (Constant nodes, Reshape
-    or Cast of constants, ...); None when it depends on a graph input."""
+    """The value of ``t`` when it is a constant or a small constant subgraph (Constant nodes,
+    Reshape or Cast of constants, ...); None when it depends on a graph input."""
     if t is None:
         return None
     if isinstance(t, gs.Constant):

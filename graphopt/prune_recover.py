@@ -10,10 +10,10 @@ pruning for accelerating very deep neural networks"; Luo et al. 2017, ThiNet):
 
 where ``x_p`` is an im2col patch of the pruned input at output position ``p`` (a row of the input
 for Gemm/MatMul) and ``y_p`` the original layer output there (before BN or activation, so a
-BatchNormalization that follows stays consistent). ``X^T X`` and ``X^T Y`` are accumulated in float64
-batch by batch; for convolutions only ``positions`` randomly sampled output positions per sample are
-taken, so memory is bounded by the layer's patch width, not by the image size. ``lam`` is relative:
-``ridge * mean(diag(X^T X))``.
+BatchNormalization that follows stays consistent). ``X^T X`` and ``X^T Y`` are accumulated in
+float64 batch by batch; for convolutions only ``positions`` randomly sampled output positions per
+sample are taken, so memory is bounded by the layer's patch width, not by the image size. ``lam``
+is relative: ``ridge * mean(diag(X^T X))``.
 
 Layers are refit level by level from input to output: a layer is refit only after every refit layer
 upstream of it, so its inputs come from the already-recovered pruned model. Layers of one level

@@ -148,7 +148,8 @@ def importance(model: Model, an: Analysis, criterion: str, calib: list[Feeds]) -
         return bn_importance(an)
     if criterion == "activation":
         return _activation_importance(model, an, calib)
-    raise GraphoptError(f"unknown pruning criterion '{criterion}' (use one of {', '.join(CRITERIA)})")
+    raise GraphoptError(
+        f"unknown pruning criterion '{criterion}' (use one of {', '.join(CRITERIA)})")
 
 
 def group_reports(an: Analysis, grps: Iterable[Group], keep_unit: np.ndarray) -> list[GroupReport]:

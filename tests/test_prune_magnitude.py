@@ -1,5 +1,5 @@
-"""Tests for prune-magnitude (unstructured): sparsity reached, small weights zeroed, large ones kept,
-shapes unchanged, negative cases untouched."""
+"""Tests for prune-magnitude (unstructured): sparsity reached, small weights zeroed, large ones
+kept, shapes unchanged, negative cases untouched."""
 
 from __future__ import annotations
 
