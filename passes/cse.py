@@ -2,7 +2,7 @@
 
 Two nodes compute the same value when they have the same op, domain, attributes and the very same
 input tensors (for commutative ops Add/Mul/Max/Min/Sum/Mean/And/Or/Xor/Equal, the same inputs in
-any order), so ``f(a, b)`` seen twice becomes one node whose outputs the second one's readers read.
+any order; Sum/Mean only with two inputs, where floating point is exactly commutative), so ``f(a, b)`` seen twice becomes one node whose outputs the second one's readers read.
 Found by hash-consing in one topological sweep (O(n)): a node's key is built from the canonical ids
 of its inputs, so chains of duplicates collapse in the same sweep.
 
@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
                               "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"})
 COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal"})
+#: variadic ops whose result does not depend on the input order even in floating point (a sum of
+#: three or more terms does: (a + b) + c may differ from (c + b) + a in the last bit)
+EXACT_VARIADIC = frozenset({"Max", "Min"})
 
 
 def _attr_key(v: Any) -> Any:
@@ -150,7 +153,8 @@ class CommonSubexpressionEliminationPass(Pass):
         if any(o.is_empty() for o in node.outputs):
             return None
         ins = [id(t) if not t.is_empty() else None for t in node.inputs]
-        if node.op in COMMUTATIVE and node.domain in ("", "ai.onnx", None):
+        if node.op in COMMUTATIVE and node.domain in ("", "ai.onnx", None) and (
+                len(ins) == 2 or node.op in EXACT_VARIADIC):
             ins = sorted(ins, key=lambda v: -1 if v is None else v)
         try:
             attrs = tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items()))

@@ -85,6 +85,17 @@ def test_different_constants_and_scalar_vs_vector_stay() -> None:
     check_pass(prepare(m), "eliminate-cse", expect_modified=False)
 
 
+def test_sum_of_three_in_another_order_stays() -> None:
+    # (a + b) + c and (c + b) + a may differ in the last bit: not the same value
+    m = make_model([helper.make_node("Relu", ["x"], ["a"]),
+                    helper.make_node("Neg", ["x"], ["b"]),
+                    helper.make_node("Sum", ["a", "b", "x"], ["s1"]),
+                    helper.make_node("Sum", ["x", "b", "a"], ["s2"]),
+                    helper.make_node("Sub", ["s1", "s2"], ["y"])],
+                   [vi("x", [4])], [vi("y", [4])])
+    check_pass(prepare(m), "eliminate-cse", expect_modified=False)
+
+
 def test_two_graph_outputs_are_not_merged() -> None:
     m = make_model([helper.make_node("Relu", ["x"], ["y1"]),
                     helper.make_node("Relu", ["x"], ["y2"])],
