@@ -311,10 +311,29 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
     i_e, j_e = ext[-3], ext[-2]
     ji = _vec_factor(j_e, lanes)
     ii = _divisor(i_e, [c for c in (8, 6, 4, 3, 2) if c * max(1, -(-ji // lanes)) <= 16])
+    vec_i = ji == 1 and _vec_factor(i_e, lanes) > 1
+    if vec_i:
+        # N has no power-of-two factor (e.g. a 6625-class CTC head): vectorize over rows instead,
+        # reading A through a transposed copy (A is the small operand) so rows are contiguous
+        ii = _vec_factor(i_e, lanes)
+        ji = _divisor(j_e, [8, 7, 6, 5, 4, 3, 2])
+        reads = sch.get(mm).reads
+        a_idx = next((n for n, r in enumerate(reads)
+                      if len(r.source.shape) == len(ext) - 1 and r.source.scope() == "global"), None)
+        if a_idx is not None:
+            try:
+                ac = sch.cache_read(mm, a_idx, "global")
+                nb = len(ext) - 3
+                sch.transform_layout(ac, ("write", 0), lambda *ax: (*ax[:nb], ax[nb + 1], ax[nb]))
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("matmul A transpose refused: %s", str(exc).splitlines()[-1:])
     local = sch.cache_write(mm, 0, "local")
     io, ii_l = sch.split(i, [None, ii])
     jo, ji_l = sch.split(j, [None, ji])
-    sch.reorder(*batch, io, jo, k, ii_l, ji_l)
+    if vec_i:
+        sch.reorder(*batch, io, jo, k, ji_l, ii_l)
+    else:
+        sch.reorder(*batch, io, jo, k, ii_l, ji_l)
     sch.reverse_compute_at(local, jo, preserve_unit_loops=True)
     while True:
         cons = list(sch.get_consumers(local))
@@ -324,6 +343,19 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
             sch.reverse_compute_inline(cons[0])
         except Exception:  # noqa: BLE001
             break
+    def _tile(b: BlockRV, vec: bool) -> None:
+        lps = sch.get_loops(b)
+        try:
+            if vec:
+                sch.vectorize(lps[-1])
+            else:
+                sch.unroll(lps[-1])
+            sch.unroll(lps[-2])
+        except Exception as exc:  # noqa: BLE001
+            logger.debug("matmul tile not vectorized: %s", str(exc).splitlines()[-1:])
+
+    _tile(mm, True)
+    _tile(local, not vec_i)
     outer = sch.fuse(*batch, io) if batch else io
     work = 1
     for e in ext:
@@ -331,13 +363,7 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
     if cores > 1 and work >= PARALLEL_MIN_WORK:
         sch.parallel(outer)
     init = sch.decompose_reduction(mm, k)
-    for b in (init, mm, local):
-        lps = sch.get_loops(b)
-        try:
-            sch.vectorize(lps[-1])
-            sch.unroll(lps[-2])
-        except Exception:  # noqa: BLE001
-            pass
+    _tile(init, True)
     for b in _blocks(sch):
         if sch.get(b).name_hint == name or b.same_as(local) or b.same_as(init):
             continue
@@ -347,6 +373,20 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
             except Exception:  # noqa: BLE001
                 pass
     return True
+
+
+def schedule_dlight_reduction(sch: Schedule, lanes: int, cores: int) -> Schedule | bool:
+    """DLight's CPU rule for row reductions (softmax, layer norm): parallel rows, vector chunks."""
+    from tvm.s_tir import dlight as dl  # noqa: PLC0415
+
+    target = tvm.target.Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return False
+    func = sch.mod["main"]
+    res = dl.cpu.Reduction().apply(func, target, False)
+    if res is None:
+        return False
+    return res[0] if isinstance(res, list) else res
 
 
 def schedule_reduction(sch: Schedule, lanes: int, cores: int) -> bool:
@@ -395,9 +435,10 @@ def schedule_injective(sch: Schedule, lanes: int, cores: int) -> bool:
     return True
 
 
-RULES: list[tuple[str, Callable[[Schedule, int, int], bool]]] = [
+RULES: list[tuple[str, Callable[[Schedule, int, int], Schedule | bool]]] = [
     ("conv", schedule_conv_like),
     ("matmul", schedule_matmul),
+    ("dlight-reduction", schedule_dlight_reduction),
     ("reduction", schedule_reduction),
     ("injective", schedule_injective),
 ]
@@ -408,7 +449,10 @@ def schedule_func(func: tirx.PrimFunc, lanes: int, cores: int) -> tuple[tirx.Pri
     for name, rule in RULES:
         sch = s_tir.Schedule(func)
         try:
-            if rule(sch, lanes, cores):
+            res = rule(sch, lanes, cores)
+            if isinstance(res, s_tir.Schedule):
+                return res.mod["main"], name
+            if res:
                 return sch.mod["main"], name
         except Exception as exc:  # noqa: BLE001 - a primitive refused; next rule
             logger.debug("schedule rule %s failed: %s: %s", name, type(exc).__name__, [ln for ln in str(exc).splitlines() if "rror" in ln][-2:] or str(exc)[:300])
