@@ -406,6 +406,7 @@ class FoldConstantsPass(Pass):
         self.inline_if = bool(inline_if)
         self._lift_only = False
         self._all_graphs: list[gs.Graph] = []
+        self._escaping: set[int] = set()
         #: ids of tensors whose shape may depend on input values (never folded by Shape)
         self._dd: set[int] = set()
         #: id -> node count of subgraphs whose folding onnxruntime refused (see ``call``)
@@ -490,6 +491,7 @@ class FoldConstantsPass(Pass):
              stats: dict[str, int]) -> None:
         """Fold every graph ``graphs(model)`` yields, refining shapes between rounds."""
         self._all_graphs = list(model.walk_graphs())
+        self._escaping = {id(t) for g in self._all_graphs for t in g.outputs}
         self._dd = set()
         for _ in range(16):
             before = dict(stats)
@@ -577,7 +579,9 @@ class FoldConstantsPass(Pass):
         return np.array(vals, dtype=np.int64).reshape(np.shape(picked))
 
     def _fold_graph(self, graph: gs.Graph, ev: _Evaluator, stats: dict[str, int]) -> None:
-        outputs = {id(t) for t in graph.outputs}
+        # values that some graph returns (this one, or a nested body returning it by name) are
+        # produced by a Constant node rather than turned into initializers
+        outputs = {id(t) for t in graph.outputs} | self._escaping
         known: dict[int, Any] = {}       # tensor id -> value (np array / lazy) or _Pending
         seeds: dict[int, gs.Node] = {}   # node id -> node whose outputs were computed here
         to_eval: list[gs.Node] = []
@@ -676,7 +680,7 @@ class FoldConstantsPass(Pass):
             stats["nodes_folded"] += 1
         # lazy nodes whose readers were all folded are dead now: drop them (last first)
         if lazy_nodes:
-            escaping = {id(t) for sub in self._all_graphs for t in sub.outputs}
+            escaping = self._escaping
             for node in reversed(lazy_nodes):
                 if all(not o.outputs and id(o) not in escaping for o in node.outputs):
                     node.inputs.clear()
