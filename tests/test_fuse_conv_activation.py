@@ -123,3 +123,11 @@ def test_real_models_optimize_and_verify(name: str) -> None:
     assert res.model.num_nodes() < 0.5 * prepare(m.clone(), shapes).num_nodes()
     c = res.model.op_histogram()
     assert "BatchNormalization" not in c and "Clip" not in c, c
+
+
+def test_explicit_pass_list_gets_the_target(load_fixture) -> None:
+    """``--passes ... --target ort``: the targeted pass is built for the target."""
+    res = optimize_model(load_fixture("cnn.onnx"), passes=["fuse-conv-bn", "fuse-conv-activation"],
+                         target="ort")
+    assert res.model.op_histogram().get("com.microsoft.FusedConv") == 2
+    assert res.verify is not None and res.verify.ok
