@@ -415,6 +415,8 @@ class FoldConstantsPass(Pass):
     def call(self, model: Model) -> PassResult:
         ev = _Evaluator(model.opset, model.ir_version)
         has_subgraphs = model.num_subgraphs() > 0
+        if has_subgraphs and not self._has_work(model):
+            return PassResult(model, False, {"sessions": 0})  # spare the snapshot below
         snapshot = model.clone() if has_subgraphs else None
         stats = self._new_stats()
         self._run(model, lambda m: _walk(m.graph, self._rejected_graph), ev, stats)
@@ -474,6 +476,31 @@ class FoldConstantsPass(Pass):
             stats["shapes_refined"] = refine_shapes(model)
         stats["sessions"] = ev.sessions
         return PassResult(model, self._modified(stats), stats)
+
+    def _has_work(self, model: Model) -> bool:
+        """A cheap over-approximation of "a run would change something" (no evaluation)."""
+        for g in _walk(model.graph, self._rejected_graph):
+            outs = {id(t) for t in g.outputs}
+            for n in g.nodes:
+                if n.domain not in DEFAULT_DOMAINS or not n.outputs:
+                    continue
+                if n.op == "Constant":
+                    if id(n.outputs[0]) not in outs and not n.inputs:
+                        return True
+                elif n.op in ("Shape", "Size"):
+                    if n.inputs and (isinstance(n.inputs[0], gs.Constant)
+                                     or is_static(n.inputs[0].shape)):
+                        return True
+                elif n.op in ("Gather", "Slice") and n.inputs and n.inputs[0].inputs and \
+                        n.inputs[0].inputs[0].op == "Shape":
+                    return True
+                elif n.op == "If":
+                    if n.inputs and isinstance(n.inputs[0], gs.Constant):
+                        return True
+                elif n.op not in NEVER_FOLD and not has_subgraph(n) and all(
+                        t.is_empty() or isinstance(t, gs.Constant) for t in n.inputs):
+                    return True
+        return False
 
     def _rejected_graph(self, g: gs.Graph) -> bool:
         return self._rejected.get(id(g)) == len(g.nodes)
