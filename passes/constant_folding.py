@@ -420,7 +420,8 @@ class FoldConstantsPass(Pass):
         snapshot = model.clone() if has_subgraphs else None
         stats = self._new_stats()
         self._run(model, lambda m: _walk(m.graph, self._rejected_graph), ev, stats)
-        if snapshot is not None and self._modified(stats) and not _loads(model):
+        if snapshot is not None and self._modified(stats) and not _loads(model) and \
+                _loads(snapshot):  # (a model onnxruntime never loaded says nothing)
             # Folding inside a branch that is never taken at these input shapes can make
             # onnxruntime's load-time shape inference see a contradiction in that dead branch
             # (silero-vad's 8 kHz branch at a 16 kHz frame size). Redo from the snapshot: the
