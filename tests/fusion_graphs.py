@@ -1,4 +1,9 @@
-"""Tiny hand-built graphs for the fusion and recognition pass tests (not a test module)."""
+"""Tiny hand-built graphs for the fusion and recognition pass tests (not a test module).
+
+Unlike ``helpers_graphs.make_model`` (which runs onnx.checker and so needs declared output shapes),
+``build`` declares outputs without shapes and lets ``graphopt.optimize.prepare`` infer every shape,
+which the fusion rules read.
+"""
 
 from __future__ import annotations
 
