@@ -335,9 +335,13 @@ def _capability(kind: str) -> Any:
     if mod is None:
         return None
     try:
-        return importlib.import_module(mod)
+        module = importlib.import_module(mod)
     except ImportError as exc:
         raise RecipeError(f"step '{kind}' needs {mod}, not available ({exc})") from None
+    if kind == "compile" and not module.tvm_available():
+        raise RecipeError("step 'compile' needs apache-tvm, not available (install the tvm extra "
+                          "or run scripts/install-tvm-deps.sh)")
+    return module
 
 
 # ------------------------------------------------------------------ running

@@ -175,3 +175,11 @@ def test_prune_recipe_digits() -> None:
     assert res.ok
     simp, pr = res.steps
     assert pr.params < simp.params and pr.macs < simp.macs
+
+
+def test_compile_without_tvm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    tvm_mod = pytest.importorskip("graphopt.emit.tvm")
+    monkeypatch.setattr(tvm_mod, "tvm_available", lambda: False)
+    recipe = {"step": [{"kind": "simplify"}, {"kind": "compile", "target": "llvm"}]}
+    with pytest.raises(RecipeError, match="step 'compile' needs apache-tvm"):
+        run_recipe(Model.load(fixture_path("cnn.onnx")), recipe)
