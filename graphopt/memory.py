@@ -102,19 +102,6 @@ def subgraphs(node: gs.Node) -> list[gs.Graph]:
     return subs
 
 
-def referenced_names(graphs: Sequence[gs.Graph]) -> set[str]:
-    """Every tensor name read inside ``graphs`` (recursively), their outputs included."""
-    names: set[str] = set()
-    stack = list(graphs)
-    while stack:
-        g = stack.pop()
-        names.update(t.name for t in g.outputs if t.name)
-        for n in g.nodes:
-            names.update(t.name for t in n.inputs if t.name)
-            stack.extend(subgraphs(n))
-    return names
-
-
 def captured_names(node: gs.Node) -> list[str]:
     """Names read inside ``node``'s subgraphs (recursively) that those subgraphs do not define:
     the node's captures from enclosing scopes, in first-read order."""
@@ -491,9 +478,10 @@ def assign_offsets(buf: Buffers, steps: int, strategy: str = "best",
 
 
 def _repair(buf: Buffers, steps: int, best: tuple[np.ndarray, int, str], order: np.ndarray,
-            alignment: int, rounds: int = 4, tries: int = 16) -> tuple[np.ndarray, int, str]:
-    """Pinning: a buffer that ends above the lower bound is placed first (at the bottom) and the
-    rest best-fit again around it; kept when the arena shrinks. Fixes the fragmentation that
+            alignment: int, rounds: int = 4, tries: int = 48) -> tuple[np.ndarray, int, str]:
+    """Pinning: a buffer (those ending above the lower bound first, then the longest-lived) is
+    placed first (at the bottom) and the rest best-fit again around it; kept when the arena
+    shrinks. Fixes the fragmentation that
     size order leaves when a small long-lived buffer straddles two phases of large ones."""
     bound = int(live_profile(buf.start, buf.end, buf.size, steps).max())
     offs, arena, name = best
@@ -501,9 +489,12 @@ def _repair(buf: Buffers, steps: int, best: tuple[np.ndarray, int, str], order: 
         if arena <= bound:
             break
         over = np.flatnonzero(offs + buf.size > bound)
-        over = over[np.argsort(-(offs[over] + buf.size[over]), kind="stable")][:tries]
+        over = over[np.argsort(-(offs[over] + buf.size[over]), kind="stable")]
+        # then the others, longest-lived first (a long buffer pinned low often unblocks the rest)
+        rest = np.setdiff1d(np.arange(len(buf.size)), over)
+        rest = rest[np.argsort(-(buf.end[rest] - buf.start[rest]), kind="stable")]
         found = None
-        for b in over.tolist():
+        for b in np.concatenate((over, rest))[:tries].tolist():
             o = np.concatenate(([b], order[order != b]))
             of2, a2 = best_fit(buf.start, buf.end, buf.size, o, alignment)
             if a2 < arena and (found is None or a2 < found[1]):
@@ -779,7 +770,7 @@ def plot_plan(plan: MemoryPlan, path: str, title: str = "") -> None:
     scale, unit = (1 << 20, "MiB") if plan.arena_bytes >= 1 << 22 else (1 << 10, "KiB")
     colors = {"input": "#4c72b0", "output": "#c44e52", "activation": "#55a868",
               "subgraph": "#8172b2", "loop": "#937860"}
-    fig, ax = plt.subplots(figsize=(12, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
     rects, cols = [], []
     for t in plan.tensors.values():
         if not t.nbytes:
@@ -804,7 +795,8 @@ def plot_plan(plan: MemoryPlan, path: str, title: str = "") -> None:
     ax.set_title(title or f"memory plan: arena {plan.arena_bytes / scale:.2f} {unit}, "
                  f"{plan.arena_bytes / plan.bound if plan.bound else 1:.3f}x lower bound, "
                  f"naive {plan.naive_bytes / scale:.1f} {unit}")
-    ax.legend(loc="upper right", fontsize=8, ncol=2)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.11), fontsize=8, ncol=4,
+              frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

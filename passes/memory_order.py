@@ -104,7 +104,6 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
         size[tb[i]] = max(size[tb[i]], sizes[i])
         if live.kinds[i] == "output":
             is_out[tb[i]] = True
-    outputs = {t.name for t in model.graph.outputs}
     producer: dict[str, int] = {}
     for v, nd in enumerate(sched):
         for t in nd.outputs:
@@ -116,7 +115,13 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
     out_bufs: list[list[int]] = [[] for _ in range(n)]
     cands: list[list[int]] = [[] for _ in range(n)]
     cons = [0] * nb
-    created = set()
+    created: set[int] = set()
+    mem0 = 0
+    for t in model.graph.inputs:  # graph inputs are live from the start
+        i = idx.get(t.name)
+        if i is not None and tb[i] not in created:
+            created.add(tb[i])
+            mem0 += size[tb[i]]
     for v, nd in enumerate(sched):
         reads = [t.name for t in nd.inputs if t.name]
         if subgraphs(nd):
@@ -132,18 +137,11 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
                 seen.add(tb[i])
                 in_bufs[v].append(tb[i])
                 cons[tb[i]] |= 1 << v
-        alias_out = inplace and nd.op in ALIAS_OPS
-        for t in nd.outputs:
+        for t in nd.outputs:  # an alias output's buffer already exists (its input's)
             i = idx.get(t.name)
-            if i is None:
-                continue
-            b = tb[i]
-            if b not in created and not alias_out:
-                created.add(b)
-                out_bufs[v].append(b)
-            elif b not in created:  # alias of an untracked input: owns the buffer
-                created.add(b)
-                out_bufs[v].append(b)
+            if i is not None and tb[i] not in created:
+                created.add(tb[i])
+                out_bufs[v].append(tb[i])
         if inplace and nd.op in INPLACE_OPS and nd.outputs and nd.outputs[0].name in idx:
             o = idx[nd.outputs[0].name]
             pos = INPLACE_OPS[nd.op]
@@ -153,13 +151,6 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
                     x = idx[nd.inputs[k].name]
                     if live.shapes[x] == live.shapes[o] and live.dtypes[x] == live.dtypes[o]:
                         cands[v].append(tb[x])
-    mem0 = 0
-    for t in model.graph.inputs:
-        i = idx.get(t.name)
-        if i is not None and tb[i] not in created:
-            created.add(tb[i])
-            mem0 += size[tb[i]]
-    del outputs
     ncons = [bin(c).count("1") for c in cons]
     return _Problem(n, preds, succs, out_bufs, in_bufs, cands, size, is_out, cons, ncons, mem0,
                     list(range(n)))
@@ -256,7 +247,7 @@ def _greedy(pb: _Problem, mode: str) -> list[int]:
     return order
 
 
-def improve(pb: _Problem, order: list[int], budget_s: float = 2.0, window: int = 12
+def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int = 12
             ) -> list[int]:
     """Hill climbing: move single nodes near the peak step to another legal position while that
     lowers the model's peak (strictly)."""
@@ -317,9 +308,11 @@ def _profile(pb: _Problem, order: list[int]) -> np.ndarray:
 
 
 def exact_order(pb: _Problem, upper: int, max_states: int = 50_000,
-                max_level: int = 5_000) -> list[int] | None:
+                max_level: int = 5_000,
+                status: dict[str, str] | None = None) -> list[int] | None:
     """Minimal-peak order by DP over down-sets, or None when it would need too many states or
-    cannot beat ``upper``."""
+    when no order beats ``upper`` (``status['result']`` says which: ``optimal``,
+    ``no-better-order`` or ``too-many-states``)."""
     full = (1 << pb.n) - 1
     # level: S -> (peak, mem)
     level: dict[int, tuple[int, int]] = {0: (pb.mem0, pb.mem0)}
@@ -358,12 +351,20 @@ def exact_order(pb: _Problem, upper: int, max_states: int = 50_000,
                     nxt[done] = (p, mem + alloc - freed)
                     back[done] = (s, v)
         total += len(nxt)
-        if not nxt or total > max_states or len(nxt) > max_level:
+        if not nxt:  # no order beats ``upper``: the search proved the upper bound optimal
+            if status is not None:
+                status["result"] = "no-better-order"
+            return None
+        if total > max_states or len(nxt) > max_level:
+            if status is not None:
+                status["result"] = "too-many-states"
             return None
         parents.append(back)
         level = nxt
     if full not in level:
         return None
+    if status is not None:
+        status["result"] = "optimal"
     order: list[int] = []
     s = full
     for back in reversed(parents):
@@ -403,15 +404,6 @@ def _emit(model: Model, sched: list[gs.Node], order: list[int]) -> list[gs.Node]
     return out
 
 
-@dataclass
-class OrderResult:
-    changed: bool
-    peak_before: int
-    peak_after: int
-    method: str
-    candidates: dict[str, int] = field(default_factory=dict)
-
-
 def reorder_for_memory(model: Model, *, inplace: bool = True, strategy: str = "best",
                        alignment: int = ALIGNMENT,
                        observed: Mapping[str, Any] | None = None,
@@ -434,12 +426,15 @@ def reorder_for_memory(model: Model, *, inplace: bool = True, strategy: str = "b
     cands["improved"] = improve(pb, cands[start])
     peaks["improved"] = simulate(pb, cands["improved"])
     upper = min(peaks.values())
-    exact = exact_order(pb, upper, max_states=max_states)
+    status: dict[str, str] = {}
+    exact = exact_order(pb, upper, max_states=max_states, status=status)
     if exact is not None:
         cands["exact"] = exact
         peaks["exact"] = simulate(pb, exact)
     if info is not None:
-        info.update({"search_peaks": dict(peaks), "exact_searched": exact is not None,
+        proved = status.get("result") in ("optimal", "no-better-order")
+        info.update({"search_peaks": dict(peaks), "exact_searched": proved,
+                     "exact_result": status.get("result", ""),
                      "nodes_scheduled": pb.n})
     if baseline is None:
         baseline = plan_order(model, inplace=inplace, strategy=strategy, alignment=alignment,

@@ -70,7 +70,11 @@ def test_reorder_strictly_better_on_a_bad_order():
 
 
 def test_reorder_leaves_a_good_order_alone():
-    check_pass(two_branches(bad=False), "reorder-memory", expect_modified=False)
+    res, _ = check_pass(two_branches(bad=False), "reorder-memory", expect_modified=False)
+    assert res.stats["exact_searched"] == 1  # the DP proved no order beats the given one
+    res, _ = check_pass(Model.load(fixture_path("mobilenet_block.onnx")), "reorder-memory",
+                        expect_modified=False)
+    assert res.stats["exact_searched"] == 1
 
 
 def test_reorder_shared_weight_and_graph_output_intermediate_unchanged():
