@@ -649,7 +649,16 @@ def observe_unknown(model: Model, feeds: Mapping[str, np.ndarray] | None
     """Run the model node by node once and record every tensor's shape and dtype."""
     from graphopt.memory_exec import observe_tensors
 
-    return observe_tensors(model, feeds)
+    try:
+        return observe_tensors(model, feeds)
+    except GraphoptError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model fails on these inputs: plan without
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning("could not run the model node by node on %s inputs to size the tensors "
+                       "shape inference leaves unknown (%s); they stay outside the arena. Give "
+                       "real inputs (feeds / --feeds)", "the given" if feeds else "random", first)
+        return {}
 
 
 def _needs_probe(model: Model) -> bool:
