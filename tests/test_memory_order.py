@@ -130,3 +130,29 @@ def test_reorder_keeps_if_subgraphs_working():
     res, _ = check_pass(Model.load(fixture_path("if_model.onnx")), "reorder-memory",
                         expect_modified=False)
     assert res.stats["order_changed"] == 0
+
+
+def test_cli_writes_the_planned_order(tmp_path, capsys):
+    import json
+
+    import onnx
+
+    from graphopt.cli import main
+    from graphopt.verify import verify
+
+    src = tmp_path / "bad.onnx"
+    two_branches(bad=True).save(src)
+    out = tmp_path / "planned.onnx"
+    assert main(["plan", str(src), "-o", str(out), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["order_changed"] is True and d["arena_bytes"] < d["order_before_arena_bytes"]
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    names = [n.name for n in written.graph.node]
+    assert names.index("a2") < names.index("b1") or names.index("b2") < names.index("a1")
+    assert verify(str(src), str(out)).ok
+    # the plan in the metadata is the plan of the written order
+    meta = json.loads({p.key: p.value for p in written.metadata_props}["graphopt.memory_plan"])
+    replan = plan_memory(Model.load(out), reorder=False)
+    assert meta["arena_bytes"] == replan.arena_bytes
+    assert meta["offsets"] == {k: t.offset for k, t in replan.tensors.items()}
