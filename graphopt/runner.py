@@ -12,9 +12,17 @@ which writes the outputs, keyed by the manifest's output names, into ``out.npz``
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == "__main__":
+    # run as a script (e.g. by an arm64 python under qemu): sys.path[0] is graphopt/, whose
+    # inspect.py would shadow the standard library's; drop it before anything else is imported
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -122,9 +130,4 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    # run as a script (e.g. by an arm64 python under qemu): keep graphopt/ off the import path
-    here = str(Path(__file__).resolve().parent)
-    sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != Path(here)]
     raise SystemExit(_main())

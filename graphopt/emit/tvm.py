@@ -27,20 +27,21 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from graphopt.errors import GraphoptError
+from graphopt.errors import GraphoptError, VerificationError
 from graphopt.ir import Model
 from graphopt.runner import MANIFEST_SUFFIX, Artifact, load_artifact, manifest_path_for
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ARM64_ROOT",
     "Artifact",
     "CompileResult",
     "TVMUnavailableError",
@@ -50,6 +51,8 @@ __all__ = [
     "load_artifact",
     "parse_target",
     "prepare_model",
+    "qemu_unavailable_reason",
+    "run_under_qemu",
     "tvm_available",
 ]
 
@@ -175,78 +178,29 @@ def _parse_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
 
 def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
                   ) -> tuple[Model, dict[str, Any]]:
-    """Run graphopt's passes for TVM on a clone of ``model``: fix input shapes, fold, fuse.
+    """Run graphopt's default pipeline for TVM on a copy of ``model``: fix input shapes, infer and
+    fold shapes, fold BatchNormalization, recognize activations, record Conv+activation(+pool) groups.
 
     Returns:
-        (prepared model, info) where info holds the fixed shapes, the passes that ran and their stats,
-        and the fusion groups.
+        (prepared model, info) where info holds the fixed shapes, per-pass stats and fusion groups.
     """
-    m = model.clone()
-    shapes = _parse_shapes(m, input_shapes)
-    info: dict[str, Any] = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "passes": {}}
-    try:
-        from graphopt.shapes import fix_input_shapes, infer_shapes  # noqa: PLC0415
-    except ImportError:  # the core is still landing
-        fix_input_shapes = infer_shapes = None  # type: ignore[assignment]
-    if fix_input_shapes is not None:
-        fix_input_shapes(m, shapes)
-        infer_shapes(m)
-    else:
-        _fix_shapes_fallback(m, shapes)
-    ran = False
-    try:
-        from graphopt.optimize import optimize_model  # noqa: PLC0415
-    except ImportError:
-        optimize_model = None  # type: ignore[assignment]
-    if optimize_model is not None:
-        res = optimize_model(m, target="portable")
-        m = getattr(res, "model", res)
-        stats = getattr(res, "stats", None) or getattr(res, "passes", None)
-        if isinstance(stats, dict):
-            info["passes"] = stats
-        ran = True
-    else:
-        ran = _run_registered_passes(m, info)
-    if not ran or _has_shape_ops(m):
-        # what the folding passes could not resolve (or are not yet there for): fold with the exact
-        # shapes onnxruntime computes for the fixed inputs
+    from graphopt.optimize import optimize_model  # noqa: PLC0415
+
+    shapes = _parse_shapes(model, input_shapes)
+    res = optimize_model(model, target="portable", input_shapes=shapes, verify_output=False)
+    m = res.model
+    info: dict[str, Any] = {"input_shapes": {k: list(v) for k, v in shapes.items()},
+                            "passes": res.stats(), "nodes_before": model.num_nodes(),
+                            "nodes_after": m.num_nodes()}
+    if _has_shape_ops(m):
+        # what the folding passes left (shapes they could not prove static): fold with the exact
+        # values onnxruntime computes for the fixed input shapes
+        logger.info("folding %d Shape/Size nodes left after graphopt's passes",
+                    sum(1 for n in m.graph.nodes if n.op in ("Shape", "Size")))
         _fold_shape_computations(m, shapes)
     groups = m.metadata.get("graphopt.fusion_groups")
     info["fusion_groups"] = json.loads(groups) if groups else []
     return m, info
-
-
-_PIPELINE = ("fold-constants", "eliminate-identity", "fuse-conv-bn", "fuse-conv-mul-add",
-             "recognize-activations", "fuse-conv-activation", "eliminate-dead")
-
-
-def _run_registered_passes(m: Model, info: dict[str, Any]) -> bool:
-    try:
-        from graphopt import pass_manager as pm  # noqa: PLC0415
-        import graphopt.passes  # noqa: F401, PLC0415
-    except ImportError:
-        return False
-    get_pass = getattr(pm, "get_pass", None)
-    if get_pass is None:
-        return False
-    any_ran = False
-    for name in _PIPELINE:
-        try:
-            p = get_pass(name)
-        except Exception:
-            logger.debug("pass %s is not registered yet; skipped", name)
-            continue
-        p = p() if isinstance(p, type) else p
-        res = p(m)
-        info["passes"][name] = dict(res.stats)
-        any_ran = True
-    return any_ran
-
-
-def _fix_shapes_fallback(m: Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    for t in m.graph.inputs:
-        if t.name in shapes:
-            t.shape = list(shapes[t.name])
 
 
 def _has_shape_ops(m: Model) -> bool:
@@ -413,13 +367,30 @@ class CompileResult:
     compile_seconds: float
     artifact_bytes: int
     stages: dict[str, float] = field(default_factory=dict)
+    #: True when nvcc compiled the generated CUDA source; None when not checked
     cuda_source_checked: bool | None = None
+    #: comparison with onnxruntime on seeded inputs (None when the library could not be run here)
+    verify: Any = None
+    #: where the library ran for verification: "host", "qemu-aarch64", or None
+    verified_on: str | None = None
+    passes: dict[str, Any] = field(default_factory=dict)
+    fusion_groups: list[list[str]] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["artifact"] = str(self.artifact)
-        d["manifest"] = str(self.manifest)
-        return d
+    def to_json(self) -> dict[str, Any]:
+        """JSON for ``graphopt compile --json`` (keys ``target``, ``artifact``, ``verify`` as in the
+        CLI contract, plus ``manifest``, ``compile_seconds``, ``artifact_bytes``, ``stages``...)."""
+        return {
+            "target": self.target,
+            "artifact": str(self.artifact),
+            "manifest": str(self.manifest),
+            "compile_seconds": round(self.compile_seconds, 3),
+            "artifact_bytes": self.artifact_bytes,
+            "stages": {k: round(v, 3) for k, v in self.stages.items()},
+            "verify": self.verify.to_json() if self.verify is not None else None,
+            "verified_on": self.verified_on,
+            "cuda_source_checked": self.cuda_source_checked,
+            "fusion_groups": len(self.fusion_groups),
+        }
 
 
 def _io_desc(values: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None = None
@@ -436,7 +407,8 @@ def _io_desc(values: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None =
 def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
                   output: str | os.PathLike[str] = "model.so",
                   input_shapes: Mapping[str, Sequence[int]] | None = None,
-                  schedules: bool = True, check_cuda_source: bool = True) -> CompileResult:
+                  schedules: bool = True, check_cuda_source: bool = True,
+                  verify: bool = True) -> CompileResult:
     """Compile ``model`` into a native library ``output`` plus a JSON manifest beside it.
 
     Args:
@@ -448,6 +420,8 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
         schedules: apply graphopt's CPU schedules (False leaves TVM's naive loops, for comparison).
         check_cuda_source: for CUDA, compile the generated source with ``nvcc -cubin`` when nvcc is
             on PATH (the result is recorded in ``CompileResult.cuda_source_checked``).
+        verify: run the library on seeded random inputs and compare with onnxruntime (on this host
+            for llvm, under qemu-user for aarch64 when available; CUDA needs a GPU and is skipped).
 
     Returns:
         A :class:`CompileResult`.
@@ -455,6 +429,7 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
     Raises:
         TVMUnavailableError: apache-tvm is not installed.
         TVMCompileError: import or build failed (the message names the stage).
+        VerificationError: the library's outputs differ from onnxruntime's (nothing is written).
         GraphoptError: bad target, or dynamic inputs without ``input_shapes``.
     """
     tvm = _tvm()
@@ -507,16 +482,107 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
         }
         tmp_man = tmpdir / (out.name + MANIFEST_SUFFIX)
         tmp_man.write_text(json.dumps(manifest, indent=2))
+        stages["export"] = time.perf_counter() - t1
+        report, verified_on = None, None
+        if verify:
+            t1 = time.perf_counter()
+            report, verified_on = _verify_artifact(model, tmp_lib, spec, shapes)
+            stages["verify"] = time.perf_counter() - t1
+            if report is not None and not report.ok:
+                bad = report.worst()
+                assert bad is not None
+                raise VerificationError(
+                    f"the {spec.name} library differs from onnxruntime on output '{bad.name}' "
+                    f"(max abs err {bad.max_abs_err:.3g}, cosine {bad.cosine:.6f}); not written. "
+                    "Re-run with --no-schedules to tell a schedule bug from an importer bug")
         os.replace(tmp_lib, out)
         man = manifest_path_for(out)
         os.replace(tmp_man, man)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    stages["export"] = time.perf_counter() - t1
     total = time.perf_counter() - t0
     logger.info("compiled for %s in %.1fs -> %s (%d bytes)", spec.name, total, out,
                 out.stat().st_size)
-    return CompileResult(spec.name, out, man, total, out.stat().st_size, stages, cuda_checked)
+    return CompileResult(spec.name, out, man, total, out.stat().st_size, stages, cuda_checked,
+                         report, verified_on, info["passes"], info["fusion_groups"])
+
+
+def _verify_artifact(model: Model, lib: Path, spec: TargetSpec, shapes: Mapping[str, Sequence[int]]
+                     ) -> tuple[Any, str | None]:
+    """Run the library (here, or under qemu for AArch64) and onnxruntime on the same seeded inputs."""
+    from graphopt.verify import VerifyReport, compare, random_feeds, run_model  # noqa: PLC0415
+
+    feeds = random_feeds(model, seed=0, shapes=shapes)
+    if spec.name == "llvm":
+        outs = load_artifact(lib).run(feeds)
+        where = "host"
+    elif spec.name == "aarch64":
+        why = qemu_unavailable_reason()
+        if why:
+            logger.info("AArch64 library not run: %s", why)
+            return None, None
+        outs = run_under_qemu(lib, feeds)
+        where = "qemu-aarch64"
+    else:
+        return None, None  # needs a GPU
+    ref = run_model(model, feeds)
+    report = VerifyReport(rtol=VERIFY_RTOL, atol=VERIFY_ATOL)
+    for name, r in ref.items():
+        if name not in outs:
+            raise TVMCompileError(f"the library has no output '{name}'")
+        report.outputs.append(compare(name, r, outs[name], VERIFY_RTOL, VERIFY_ATOL))
+    return report, where
+
+
+#: fp32 tolerance against onnxruntime (relative to max |reference|): TVM reassociates reductions
+VERIFY_RTOL = 1e-4
+VERIFY_ATOL = 1e-5
+
+#: where scripts/install-tvm-deps.sh unpacks Debian's arm64 python and the aarch64 wheels
+ARM64_ROOT = Path(os.environ.get("GRAPHOPT_ARM64_ROOT", "/opt/graphopt-arm64"))
+
+
+def qemu_unavailable_reason() -> str | None:
+    """Why an AArch64 library cannot be run here under qemu-user, or None when it can."""
+    if shutil.which("qemu-aarch64") is None:
+        return "qemu-aarch64 is not installed (Debian: apt-get install qemu-user)"
+    py = ARM64_ROOT / "usr" / "bin" / "python3"
+    if not py.exists():
+        return (f"no arm64 Python under {ARM64_ROOT} (run scripts/install-tvm-deps.sh, or set "
+                "GRAPHOPT_ARM64_ROOT)")
+    if not (ARM64_ROOT / "opt" / "site-packages" / "tvm").is_dir():
+        return f"no aarch64 apache-tvm wheel unpacked under {ARM64_ROOT}/opt/site-packages"
+    return None
+
+
+def run_under_qemu(artifact: str | os.PathLike[str], feeds: Mapping[str, np.ndarray],
+                   timeout: float = 300.0) -> dict[str, np.ndarray]:
+    """Run an AArch64 library with Debian's arm64 Python and TVM's aarch64 runtime under qemu-user
+    (``graphopt/runner.py`` as the script). Emulated: correctness only, timings mean nothing."""
+    why = qemu_unavailable_reason()
+    if why:
+        raise GraphoptError(why)
+    import graphopt.runner as runner_mod  # noqa: PLC0415
+
+    art = Path(artifact).resolve()
+    with tempfile.TemporaryDirectory(prefix="graphopt-qemu-") as td:
+        args = []
+        for name, arr in feeds.items():
+            f = Path(td) / f"in{len(args)}.npy"
+            np.save(f, arr)
+            args += ["--input", f"{name}={f}"]
+        out = Path(td) / "out.npz"
+        env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", PYTHONHOME=str(ARM64_ROOT / "usr"),
+                   PYTHONPATH=str(ARM64_ROOT / "opt" / "site-packages"), PYTHONNOUSERSITE="1")
+        env.pop("VIRTUAL_ENV", None)
+        cmd = ["qemu-aarch64", "-L", str(ARM64_ROOT), str(ARM64_ROOT / "usr" / "bin" / "python3"),
+               str(Path(runner_mod.__file__).resolve()), str(art), *args, "--output", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise TVMCompileError(f"the AArch64 library failed under qemu: "
+                                  f"{proc.stderr.strip()[-1500:]}")
+        with np.load(out) as z:
+            return {k: z[k] for k in z.files}
 
 
 def check_cuda_with_nvcc(ex: Any, arch: str, workdir: Path) -> bool | None:
