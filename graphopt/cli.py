@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -111,13 +112,13 @@ def common_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(path: str, input_shapes: Sequence[str]) -> Any:
+def load_model(path: str, input_shapes: Sequence[str], load_weights: bool = True) -> Any:
     from graphopt.ir import Model
     from graphopt.optimize import prepare
     from graphopt.shapes import parse_input_shapes
 
     shapes = parse_input_shapes(input_shapes)
-    model = Model.load(path)
+    model = Model.load(path, load_weights=load_weights)
     return prepare(model, shapes)
 
 
@@ -141,7 +142,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from graphopt.inspect import inspect_model
 
-    model = load_model(args.model, args.input_shape)
+    # external weights are not read: sizes come from the tensors' dims (seconds for a >2 GB model)
+    model = load_model(args.model, args.input_shape, load_weights=False)
     cost = model_cost(model)
     info = {"model": str(args.model), **inspect_model(model, per_node=args.per_node, cost=cost)}
     if args.json:
@@ -972,7 +974,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                        per_channel=args.per_channel, min_sqnr=args.min_sqnr,
                        sensitivity=True if args.sensitivity else None, input_shapes=shapes,
                        optimize=not args.no_optimize, keep_float=keep,
-                       batch_size=args.batch_size, limit=args.limit, progress=progress_cb)
+                       batch_size=args.batch_size, limit=args.limit,
+                       bias_correct=args.bias_correction, progress=progress_cb)
     finally:
         if bar is not None:
             bar.stop()
@@ -1054,6 +1057,8 @@ def register_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="measure every layer's isolated sensitivity (one layer int8 at a time)")
     p.add_argument("--keep-float", default="", metavar="NODES",
                    help="comma-separated node names to leave in float")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="correct Conv/Gemm biases for the mean error of weight rounding")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
     p.add_argument("--no-optimize", action="store_true",
@@ -1088,6 +1093,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(getattr(args, "verbose", 0))
+    # SIGTERM unwinds like Ctrl-C, so that a half-written output's temporary folder is removed
+    try:
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        old_term = None
     try:
         return int(args.func(args) or 0)
     except GraphoptError as exc:
@@ -1107,6 +1117,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "verbose", 0):
             logger.exception("traceback")
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ share arrays); they assign a new array instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -50,6 +51,12 @@ class Model:
     path: Path | None = None
     #: True when the source file kept its weights in external data files
     external_data: bool = False
+    #: default values of graph inputs that the source also listed as initializers (overridable
+    #: weights): the inputs stay inputs (gs.Variable, so no pass folds them) and the defaults are
+    #: written back as initializers on export
+    input_defaults: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    #: False when loaded with ``load_weights=False`` from a file with external data
+    weights_loaded: bool = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -64,6 +71,7 @@ class Model:
         # graphsurgeon keeps only the default-domain opset on the graph itself
         graph.opset = opsets.get("", graph.opset)
         graph.import_domains = None
+        input_defaults = _keep_overridable_inputs(proto, graph)
         return cls(
             graph=graph,
             ir_version=proto.ir_version or onnx.IR_VERSION,
@@ -77,17 +85,36 @@ class Model:
             functions=list(proto.functions),
             path=path,
             external_data=external_data,
+            input_defaults=input_defaults,
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Model:
-        """Load an ONNX file (external data included). Raises :class:`ModelLoadError`."""
-        proto, p, external = load_proto(path)
-        return cls.from_onnx(proto, path=p, external_data=external)
+    def load(cls, path: str | os.PathLike[str], load_weights: bool = True) -> Model:
+        """Load an ONNX file (external data included). Raises :class:`ModelLoadError`.
+
+        With ``load_weights=False`` external data is checked (present, inside the model's folder,
+        long enough) but not read: constants keep their external references, shapes and sizes come
+        from the tensors' dims. Enough for inspecting; such a model cannot be run or saved.
+        """
+        proto, p, external = load_proto(path, load_weights=False)
+        model = cls.from_onnx(proto, path=p, external_data=external)
+        model.weights_loaded = not external
+        if external and load_weights:
+            map_external_weights(model, p.parent)
+            model.weights_loaded = True
+        return model
 
     # ------------------------------------------------------------------ export
-    def to_onnx(self, check: bool = False) -> onnx.ModelProto:
-        """Export to a ``ModelProto``. Large weights are referenced, not copied, where possible."""
+    def to_onnx(self, check: bool = False, weights: bool = True) -> onnx.ModelProto:
+        """Export to a ``ModelProto``. Large weights are referenced, not copied, where possible.
+
+        With ``weights=False`` constants of 64 KiB or more (other than int64 shape data) are
+        exported as external references to no file: dims and types only, for shape inference on
+        large models without a copy of the weights.
+        """
+        if not weights:
+            with swapped_constants(self, weightless_stub):
+                return self.to_onnx(check=False)
         self.graph.opset = self.opset
         proto = gs.export_onnx(self.graph, do_type_check=False)
         del proto.opset_import[:]
@@ -109,6 +136,12 @@ class Model:
             proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
         del proto.functions[:]
         proto.functions.extend(self.functions)
+        if self.input_defaults:
+            inputs = {vi.name for vi in proto.graph.input}
+            have = {t.name for t in proto.graph.initializer}
+            for name, tp in self.input_defaults.items():
+                if name in inputs and name not in have:
+                    proto.graph.initializer.append(tp)
         if check:
             check_proto(proto)
         return proto
@@ -136,6 +169,8 @@ class Model:
             functions=list(self.functions),
             path=self.path,
             external_data=self.external_data,
+            input_defaults=dict(self.input_defaults),
+            weights_loaded=self.weights_loaded,
         )
 
     # ------------------------------------------------------------------ queries
@@ -197,6 +232,92 @@ class Model:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _keep_overridable_inputs(proto: onnx.ModelProto, graph: gs.Graph) -> dict[str, onnx.TensorProto]:
+    """Turn initializers that are also graph inputs back into graph inputs (gs.Variable).
+
+    graphsurgeon imports them as constants and drops them from the inputs, which would change the
+    model's interface and let passes fold a value the caller may override. Returns the defaults.
+    """
+    init_names = {t.name for t in proto.graph.initializer}
+    overridable = [vi.name for vi in proto.graph.input if vi.name in init_names]
+    if not overridable:
+        return {}
+    defaults = {t.name: t for t in proto.graph.initializer if t.name in set(overridable)}
+    tensors = graph.tensors()
+    order = [vi.name for vi in proto.graph.input]
+    for name in overridable:
+        t = tensors.get(name)
+        if isinstance(t, gs.Constant):
+            shape = list(t.shape)
+            dtype = t.dtype
+            t.to_variable(dtype=dtype, shape=shape)
+            if not hasattr(t, "type"):  # Variable.__init__ sets it; to_variable does not
+                t.type = "tensor_type"
+    tensors = graph.tensors()
+    graph.inputs = [tensors[n] for n in order if n in tensors]
+    return defaults
+
+
+#: location written into weightless stubs (no such file is ever read)
+NO_DATA = "__graphopt_no_data__"
+
+
+def constant_stub(t: gs.Constant, location: str, offset: int = 0, length: int | None = None
+                  ) -> onnx.TensorProto | None:
+    """An external-data ``TensorProto`` with ``t``'s name, dims and type (None: no ONNX type)."""
+    v = t._values
+    if isinstance(v, gs.ir.tensor.LazyValues):
+        if not isinstance(v.tensor, onnx.TensorProto):
+            return None
+        dims, dtype = list(v.tensor.dims), v.tensor.data_type
+    else:
+        arr = np.asarray(v)
+        try:
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        except (KeyError, ValueError, TypeError):
+            return None
+        dims = list(arr.shape)
+    stub = onnx.TensorProto(name=t.name, dims=dims, data_type=dtype)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    entries = [("location", location), ("offset", str(offset))]
+    if length is not None:
+        entries.append(("length", str(length)))
+    for k, val in entries:
+        e = stub.external_data.add()
+        e.key, e.value = k, val
+    return stub
+
+
+def weightless_stub(t: gs.Constant, min_bytes: int = 1 << 16) -> onnx.TensorProto | None:
+    """A dims-only stub for a large non-int64 constant (see ``Model.to_onnx(weights=False)``)."""
+    if constant_nbytes(t) < min_bytes or np.dtype(t.dtype) in (np.int64, np.object_):
+        return None
+    return constant_stub(t, NO_DATA)
+
+
+@contextlib.contextmanager
+def swapped_constants(model: Model, stub_for: Any) -> Iterator[int]:
+    """While the block runs, every constant (all graphs) for which ``stub_for(constant)`` returns a
+    TensorProto holds that proto instead of its values (exporting then copies no weight data).
+    Restores the values afterwards. Yields how many constants were swapped."""
+    swapped: list[tuple[gs.Constant, Any]] = []
+    seen: set[int] = set()
+    try:
+        for g in model.walk_graphs():
+            for t in g.tensors().values():
+                if not isinstance(t, gs.Constant) or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                stub = stub_for(t)
+                if stub is not None:
+                    swapped.append((t, t._values))
+                    t._values = gs.ir.tensor.LazyValues(stub)
+        yield len(swapped)
+    finally:
+        for t, values in swapped:
+            t._values = values
 
 
 def constant_nbytes(t: gs.Constant) -> int:
@@ -264,6 +385,86 @@ def check_proto(proto: onnx.ModelProto, path: Path | None = None) -> None:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelLoadError(f"invalid ONNX model{_where(path)}: {first}") from None
+    except UnicodeDecodeError:  # the checker's message quotes a name that is not UTF-8
+        raise ModelLoadError(
+            f"invalid ONNX model{_where(path)}: a name or string is not valid UTF-8 (corrupt file?)"
+        ) from None
+
+
+def check_names(proto: onnx.ModelProto, path: Path | None = None) -> None:
+    """Refuse names and strings that are not valid UTF-8 (protobuf hands them over as ``bytes``)
+    and negative dimensions in declared shapes.
+
+    Walks every message of the model; tensors are checked by name only, so weights are not touched.
+    """
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    stack: list[Any] = [proto]
+    while stack:
+        msg = stack.pop()
+        if isinstance(msg, onnx.TensorProto):
+            fields = [(msg.DESCRIPTOR.fields_by_name[n], getattr(msg, n))
+                      for n in ("name", "doc_string")]
+            fields += [(None, e.key) for e in msg.external_data]
+            fields += [(None, e.value) for e in msg.external_data]
+        else:
+            # -1 is what some exporters write for a dynamic dim (onnxruntime accepts it)
+            if isinstance(msg, onnx.TensorShapeProto.Dimension) and msg.dim_value < -1:
+                raise ModelLoadError(f"a tensor shape{_where(path)} has a negative dimension "
+                                     f"{msg.dim_value} (corrupt file?)")
+            fields = msg.ListFields()
+        for fd, value in fields:
+            if fd is None or fd.type == F.TYPE_STRING:
+                values = value if fd is not None and fd.is_repeated else [value]
+                for v in values:
+                    if isinstance(v, bytes):
+                        shown = v.decode("utf-8", "replace")
+                        what = fd.name if fd is not None else "external data entry"
+                        raise ModelLoadError(f"{type(msg).__name__}.{what} '{shown}'{_where(path)} "
+                                             "is not valid UTF-8 (corrupt file?)")
+            elif fd.type == F.TYPE_MESSAGE:
+                if fd.is_repeated:
+                    stack.extend(value)
+                else:
+                    stack.append(value)
+
+
+def check_tensor_data(proto: onnx.ModelProto, path: Path | None = None) -> None:
+    """Refuse tensors whose dims are negative or whose stored data does not match their dims.
+
+    onnx.checker does not compare a tensor's ``raw_data`` length with its dims; a corrupt file whose
+    dims and data disagree would otherwise fail later, inside a pass, as an internal error.
+    """
+    typed = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+    for t in external_data_helper._get_all_tensors(proto):
+        if any(d < 0 for d in t.dims):
+            raise ModelLoadError(f"tensor '{t.name}'{_where(path)} has a negative dimension "
+                                 f"{list(t.dims)} (corrupt file?)")
+        if external_data_helper.uses_external_data(t) or t.data_type in (
+                onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            continue
+        n = int(np.prod(t.dims, dtype=object)) if len(t.dims) else 1
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            raise ModelLoadError(f"tensor '{t.name}'{_where(path)} has an unknown element type "
+                                 f"{t.data_type} (corrupt file?)") from None
+        if t.HasField("raw_data"):
+            have, want = len(t.raw_data), n * itemsize
+            if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+                want = (n + 1) // 2
+            if have != want:
+                raise ModelLoadError(
+                    f"tensor '{t.name}'{_where(path)} has dims {list(t.dims)} ({want} bytes) but "
+                    f"{have} bytes of data (corrupt file?)")
+            continue
+        counts = [len(getattr(t, f)) for f in typed if len(getattr(t, f))]
+        if counts and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                      onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+                                      onnx.TensorProto.INT32) and counts[0] != n:
+            raise ModelLoadError(
+                f"tensor '{t.name}'{_where(path)} has dims {list(t.dims)} ({n} values) but stores "
+                f"{counts[0]} values (corrupt file?)")
 
 
 def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -323,17 +524,82 @@ def load_proto(path: str | os.PathLike[str], load_weights: bool = True
     if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
         raise ModelLoadError(
             f"{p} is not an ONNX model (no graph, IR version or opset; truncated or another format?)")
+    check_names(proto, p)
+    check_tensor_data(proto, p)
     external = bool(_external_tensors(proto))
     if external:
         check_external_data(proto, p.parent)
+        # check the file itself: the checker then resolves external data against the model's
+        # folder and reads none of it (checking the loaded proto would serialize every weight)
+        _check_file(p)
         if load_weights:
             try:
                 external_data_helper.load_external_data_for_model(proto, str(p.parent))
             except (OSError, ValueError) as exc:
                 raise ModelLoadError(f"cannot read external data of {p}: {exc}") from None
-    if load_weights:
+    else:
         check_proto(proto, p)
     return proto, p, external
+
+
+def map_external_weights(model: Model, base_dir: Path) -> int:
+    """Give every constant that refers to external data a read-only memory map of its bytes.
+
+    The weights are not copied into memory: pages are read when a pass or the writer touches them,
+    and the OS may drop them again, so a model of any size stays within about its own size in
+    memory. Element types numpy cannot map (bfloat16, float8, int4) are read into memory instead.
+    Paths were checked by :func:`check_external_data` (inside the model's folder, long enough).
+    Returns the number of mapped tensors.
+    """
+    mapped = 0
+    seen: set[int] = set()
+    for g in model.walk_graphs():
+        for t in g.tensors().values():
+            if not isinstance(t, gs.Constant) or id(t) in seen:
+                continue
+            seen.add(id(t))
+            v = t._values
+            if not isinstance(v, gs.ir.tensor.LazyValues) or not isinstance(
+                    v.tensor, onnx.TensorProto) or not external_data_helper.uses_external_data(
+                    v.tensor):
+                continue
+            tp = v.tensor
+            info = external_data_helper.ExternalDataInfo(tp)
+            dims = tuple(int(d) for d in tp.dims)
+            try:
+                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tp.data_type))
+            except (KeyError, ValueError, TypeError):
+                dtype = None
+            plain = tp.data_type in (
+                onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
+                onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
+                onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)
+            try:
+                if plain and dtype is not None and int(np.prod(dims)) > 0:
+                    arr = np.memmap(base_dir / info.location, dtype=dtype, mode="r",
+                                    offset=int(info.offset or 0), shape=dims)
+                    mapped += 1
+                else:
+                    arr = onnx.numpy_helper.to_array(tp, str(base_dir))
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"cannot read external data of tensor '{tp.name}': {exc}"
+                                     ) from None
+            t._values = arr
+            t.data_location = None  # now held in memory (mapped): exported inline unless stubbed
+    return mapped
+
+
+def _check_file(p: Path) -> None:
+    try:
+        onnx.checker.check_model(str(p))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise ModelLoadError(f"invalid ONNX model in {p}: {first}") from None
+    except UnicodeDecodeError:
+        raise ModelLoadError(
+            f"invalid ONNX model in {p}: a name or string is not valid UTF-8 (corrupt file?)"
+        ) from None
 
 
 def load(path: str | os.PathLike[str]) -> Model:

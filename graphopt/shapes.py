@@ -120,8 +120,12 @@ def _collect(g: onnx.GraphProto, out: dict[str, tuple[int, list[object] | None]]
                     _collect(sg, out)
 
 
+#: above this many bytes of weights, shape inference runs on a weightless export (no copy)
+WEIGHTLESS_BYTES = 64 << 20
+
+
 def _onnx_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
-    proto = model.to_onnx()
+    proto = model.to_onnx(weights=model.param_bytes() < WEIGHTLESS_BYTES)
     _strip_declared_shapes(proto)
     if proto.ByteSize() >= PROTO_LIMIT:
         proto = _weightless(proto)
@@ -188,6 +192,8 @@ def infer_shapes(model: Model, ort_fallback: bool = True, feeds: Mapping[str, np
     Declared shapes are discarded first. When input shapes are static and ONNX inference leaves some
     main-graph tensor unknown, onnxruntime runs once on a dummy input with those tensors exposed.
     """
+    if not getattr(model, "weights_loaded", True):
+        ort_fallback = False  # its external weights were not read: onnxruntime cannot run it
     found = _onnx_infer(model)
     inputs = {t.name for t in model.graph.inputs}
     declared_rank = {t.name: len(t.shape) for t in model.graph.outputs if t.shape is not None}
@@ -222,13 +228,11 @@ def observe_shapes(model: Model, names: Sequence[str], feeds: Mapping[str, np.nd
     """Run onnxruntime once with ``names`` exposed as outputs and return their dtypes and shapes."""
     from graphopt.verify import random_feeds, run_model
 
-    probe = model.clone()
-    existing = {t.name for t in probe.graph.outputs}
-    tensors = probe.graph.tensors()
+    probe = model.to_onnx()  # exported once; the Model itself is not touched
+    existing = {o.name for o in probe.graph.output}
     for name in names:
-        if name not in existing and name in tensors:
-            v = tensors[name]
-            probe.graph.outputs.append(v)
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     feeds = dict(feeds) if feeds else random_feeds(model, seed=0)
     outs = run_model(probe, feeds, outputs=list(names))
     return {k: (v.dtype, tuple(int(d) for d in v.shape)) for k, v in outs.items()}

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
 
+#: random test inputs larger than this are refused (a declared dim over 2^31 must not exhaust memory)
+MAX_FEED_BYTES = 2**31
+
 
 def session_options(level: str = "disable_all", threads: int | None = None) -> ort.SessionOptions:
     """onnxruntime options: optimization level by name, spinning off, optional thread count."""
@@ -93,6 +96,11 @@ def random_feeds(model: Model, seed: int = 0, shapes: Mapping[str, Sequence[int]
         dims = list(shapes[t.name]) if shapes and t.name in shapes else \
             _concrete_dims(t.name, t.shape, {})
         dtype = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
+        nbytes = int(np.prod(dims, dtype=object)) * dtype.itemsize if dims else dtype.itemsize
+        if nbytes > MAX_FEED_BYTES:
+            raise ShapeError(
+                f"input '{t.name}' of shape {dims} is too large to build a test input "
+                f"({nbytes / 2**30:.3g} GiB); fix smaller dims with --input-shape {t.name}:...")
         if np.issubdtype(dtype, np.floating):
             feeds[t.name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:
@@ -110,9 +118,17 @@ def run_model(model: Model | onnx.ModelProto | str | os.PathLike[str], feeds: Ma
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise GraphoptError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
     names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
-    input_names = {i.name for i in sess.get_inputs()}
+    input_names = _input_names(sess)
     res = sess.run(names, {k: v for k, v in feeds.items() if k in input_names})
     return dict(zip(names, res))
+
+
+def _input_names(sess: ort.InferenceSession) -> set[str]:
+    """Names a session can be fed: its inputs and its overridable initializers (initializers
+    that are also graph inputs, which ``get_inputs`` leaves out)."""
+    names = {i.name for i in sess.get_inputs()}
+    names.update(i.name for i in sess.get_overridable_initializers())
+    return names
 
 
 def _first_line(exc: BaseException) -> str:
@@ -244,7 +260,11 @@ def verify(original: Model | onnx.ModelProto | str | os.PathLike[str],
         feed_list = [dict(feeds)]
     else:
         feed_list = [dict(f) for f in feeds]
-    sa = make_session(ref_model)
+    try:
+        sa = make_session(ref_model)
+    except Exception as exc:  # noqa: BLE001 - an input onnxruntime refuses is the user's to fix
+        raise GraphoptError(f"onnxruntime cannot load the input model: {_first_line(exc)}"
+                            ) from None
     try:
         sb = make_session(transformed)
     except Exception as exc:  # noqa: BLE001
@@ -256,8 +276,8 @@ def verify(original: Model | onnx.ModelProto | str | os.PathLike[str],
                           samples=len(feed_list))
     refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    a_inputs = {i.name for i in sa.get_inputs()}
-    b_inputs = {i.name for i in sb.get_inputs()}
+    a_inputs = _input_names(sa)
+    b_inputs = _input_names(sb)
     for f in feed_list:
         ra = sa.run(names, {k: v for k, v in f.items() if k in a_inputs})
         common = [n for n in names if n in b_names]

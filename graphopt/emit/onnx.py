@@ -9,17 +9,23 @@ written straight from their buffers without building a second in-memory copy of 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from graphopt.ir import PROTO_LIMIT, Model, check_proto
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from graphopt.ir import PROTO_LIMIT, Model, check_proto, constant_stub, swapped_constants
 
 logger = logging.getLogger(__name__)
 
@@ -89,26 +95,41 @@ def save_model(model: Model, path: str | os.PathLike[str], *, external: bool | N
         external: True to write weights to ``<path>.data``; False to embed them (fails over 2 GiB);
             None (default) to decide: external if the source used external data or weights are large.
         check: run ``onnx.checker`` on what is written.
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if model.path is not None and dest.exists() and os.path.samefile(dest, model.path):
-        from graphopt.errors import GraphoptError
 
+    Raises:
+        GraphoptError: the output cannot be written (folder missing and not creatable, no
+            permission, disk full) or is the input model. Nothing is left under ``path`` then.
+    """
+    from graphopt.errors import GraphoptError
+
+    if not getattr(model, "weights_loaded", True):
+        raise ValueError("this model was loaded without its weights (load_weights=False)")
+    dest = Path(path)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        same = model.path is not None and dest.exists() and os.path.samefile(dest, model.path)
+    except OSError as exc:
+        raise GraphoptError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    if same:
         raise GraphoptError(f"refusing to overwrite the input model {dest}; choose another output")
-    proto = model.to_onnx()
     if external is None:
         external = model.external_data or model.param_bytes() > AUTO_EXTERNAL_BYTES
     data_name = dest.name + ".data"
-    tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=dest.parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=dest.parent))
+    except OSError as exc:
+        raise GraphoptError(f"cannot write {dest}: {exc.strerror or exc}") from None
     try:
         tmp_model = tmpdir / dest.name
         if external:
-            # export shares TensorProtos with the live model; copy before rewriting them as external
-            proto = _detach_initializers(proto)
-            write_external(proto, tmpdir, data_name)
+            # weights stream from the live constants into the data file one at a time; the
+            # exported proto only holds references (no second copy of the weights in memory)
+            with _external_stubs(model, tmpdir / data_name, data_name):
+                proto = model.to_onnx()
+        else:
+            proto = model.to_onnx()
         if proto.ByteSize() >= PROTO_LIMIT:
-            raise ValueError("model exceeds 2 GiB even with external data")
+            raise GraphoptError("the model exceeds 2 GiB even with its weights in external data")
         with open(tmp_model, "wb") as f:
             f.write(proto.SerializeToString())
             f.flush()
@@ -118,17 +139,56 @@ def save_model(model: Model, path: str | os.PathLike[str], *, external: bool | N
         if external:
             os.replace(tmpdir / data_name, dest.parent / data_name)
         os.replace(tmp_model, dest)
+    except OSError as exc:
+        raise GraphoptError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     logger.info("wrote %s%s", dest, " (+ external data)" if external else "")
     return dest
 
 
-def _detach_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A proto whose tensors can be edited without changing the Model's lazily held weights.
+@contextlib.contextmanager
+def _external_stubs(model: Model, data_path: Path, location: str,
+                    min_bytes: int = EXTERNAL_MIN_BYTES) -> Iterator[int]:
+    """Write every large constant to ``data_path`` and, while the block runs, give each an external
+    reference instead of its values, so that exporting copies no weight. Restores them afterwards.
 
-    The graph is copied message by message; raw bytes are shared by protobuf where it can.
+    Tensors are written one at a time straight from their buffers; offsets are aligned to 64 bytes
+    so that the file can be memory-mapped. Yields how many constants went to the file.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    return out
+    with open(data_path, "wb") as f:
+        with swapped_constants(model, lambda t: _write_constant(t, f, location, min_bytes)) as n:
+            f.flush()
+            os.fsync(f.fileno())
+            yield n
+
+
+def _write_constant(t: gs.Constant, f: BinaryIO, location: str, min_bytes: int
+                    ) -> onnx.TensorProto | None:
+    """Append one constant's bytes to ``f``; return its external stub (None: keep it inline)."""
+    values = t._values
+    if isinstance(values, LazyValues):
+        src = values.tensor
+        if not isinstance(src, onnx.TensorProto) or external_data_helper.uses_external_data(src):
+            return None
+        if src.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            return None
+        if values.nbytes < min_bytes:
+            return None
+        data: bytes | memoryview = src.raw_data if src.HasField("raw_data") else \
+            np.ascontiguousarray(onnx.numpy_helper.to_array(src)).tobytes()
+    else:
+        arr = np.asarray(values)
+        if arr.dtype.kind in "OUS" or arr.nbytes < min_bytes:
+            return None
+        arr = np.ascontiguousarray(arr)
+        data = memoryview(arr.reshape(-1).view(np.uint8))
+    pad = (-f.tell()) % 64
+    offset = f.tell() + pad
+    stub = constant_stub(t, location, offset, len(data))
+    if stub is None:
+        return None
+    if pad:
+        f.write(b"\0" * pad)
+    f.write(data)
+    return stub
