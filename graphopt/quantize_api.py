@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from graphopt.calibration import open_calibration
 from graphopt.errors import GraphoptError, PassError, VerificationError
@@ -233,6 +234,75 @@ def _layer_sqnr(float_model: Model, qmodel: Model, names: Sequence[str],
             for n in names}
 
 
+def bias_correction(float_model: Model, qmodel: Model, batches: Sequence[Mapping[str, np.ndarray]]
+                    ) -> int:
+    """Bias correction of weight quantization (Nagel et al. 2019, empirical input means), in place.
+
+    For a Conv/Gemm with int32 bias, the expected output error from rounding the weights is
+    ``E[(W_q - W) x] = sum_{ci,k} (W_q - W)[c, ci, k] E[x_ci]`` per output channel ``c`` (padding
+    ignored), with ``E[x_ci]`` measured on the layer's dequantized input in the int8 model; it is
+    subtracted from the bias (re-quantized on the bias's own scale). Each layer's correction uses only
+    its own weights, so corrections do not compound. Returns the number of layers corrected."""
+    fnodes = {n.name: n for n in float_model.graph.nodes}
+    targets: dict[str, gs.Node] = {}
+    for n in qmodel.graph.nodes:
+        if n.op in ("Conv", "Gemm") and len(n.inputs) > 2 and n.inputs[2].inputs and \
+                n.inputs[2].inputs[0].op == "DequantizeLinear" and \
+                isinstance(n.inputs[2].inputs[0].inputs[0], gs.Constant) and \
+                n.inputs[2].inputs[0].inputs[0].dtype == np.int32 and n.name in fnodes and \
+                n.inputs[1].inputs and n.inputs[1].inputs[0].op == "DequantizeLinear" and \
+                isinstance(fnodes[n.name].inputs[1], gs.Constant) and \
+                not (n.op == "Gemm" and n.attrs.get("transA", 0)):
+            targets[n.name] = n
+    names = sorted({n.inputs[0].name for n in targets.values()})
+    if not names or not batches:
+        return 0
+    qs = make_session(exposed_proto(qmodel, names))
+    qin = {i.name for i in qs.get_inputs()}
+    sums: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
+    for b in batches:
+        for name, a in zip(names, qs.run(names, {k: v for k, v in b.items() if k in qin})):
+            a = np.asarray(a, np.float64)
+            axes = tuple(i for i in range(a.ndim) if i != 1)
+            sums[name] = sums.get(name, 0) + a.sum(axis=axes)
+            count[name] = count.get(name, 0) + int(np.prod([a.shape[i] for i in axes]))
+    fixed = 0
+    for n in targets.values():
+        mean = sums[n.inputs[0].name] / max(count[n.inputs[0].name], 1)
+        w = np.asarray(fnodes[n.name].inputs[1].values, np.float64)
+        wdq = n.inputs[1].inputs[0]
+        wq = np.asarray(wdq.inputs[0].values, np.float64)
+        ws = np.asarray(wdq.inputs[1].values, np.float64)
+        axis = wdq.attrs.get("axis")
+        shape = [1] * wq.ndim
+        if ws.ndim and axis is not None:
+            shape[axis] = -1
+        err = wq * ws.reshape(shape) - w  # W_q - W
+        if n.op == "Conv":
+            group = int(n.attrs.get("group", 1))
+            cout, cin_g = err.shape[0], err.shape[1]
+            if mean.shape[0] != cin_g * group:
+                continue
+            m = mean.reshape(group, cin_g)
+            e = err.reshape(group, cout // group, cin_g, -1).sum(axis=3)
+            delta = np.einsum("goi,gi->go", e, m).reshape(cout)
+        else:
+            e = err.T if n.attrs.get("transB", 0) else err  # [K, N]
+            if mean.shape[0] != e.shape[0]:
+                continue
+            delta = mean @ e
+        dq = n.inputs[2].inputs[0]
+        bq = np.asarray(dq.inputs[0].values, np.float64)
+        bs = np.asarray(dq.inputs[1].values, np.float64)
+        if delta.shape != bq.shape:
+            continue
+        new = np.clip(np.round(bq - delta / bs), -2**31, 2**31 - 1).astype(np.int32)
+        dq.inputs[0] = gs.Constant(dq.inputs[0].name + "_corrected", new)
+        fixed += 1
+    return fixed
+
+
 def _mixed_range_concats(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]],
                          ratio: float) -> dict[str, str]:
     out = {}
@@ -272,6 +342,7 @@ def quantize(
     limit: int | None = None,
     eval_samples: int = 16,
     calib_defaults: Mapping[str, np.ndarray] | None = None,
+    bias_correct: bool = False,
     progress: Progress | None = None,
     verify_output: bool = True,
 ) -> QuantizeResult:
@@ -297,6 +368,7 @@ def quantize(
         batch_size, limit: calibration batching and sample cap.
         eval_samples: calibration samples kept for the SQNR checks.
         calib_defaults: constant feeds for inputs the calibration data does not give.
+        bias_correct: empirical bias correction of Conv/Gemm biases on the kept samples.
         progress: ``progress(samples_done, total_or_None)`` during calibration.
     """
     t0 = time.perf_counter()
@@ -373,6 +445,7 @@ def quantize(
         for n in mp.get("kept", []):
             kept_float[n] = (f"sensitive (isolated SQNR {sens.get(n, float('nan')):.1f} dB); "
                              f"kept float to meet the target")
+    corrected = bias_correction(work, qmodel, eval_batches) if bias_correct and eval_batches else 0
     # per-layer report
     out_names = [q.output for q in plan.nodes.values() if q.output and q.name in emit.layers]
     cum = _layer_sqnr(work, qmodel, out_names, eval_batches[:4]) if eval_batches else {}
@@ -405,7 +478,8 @@ def quantize(
                         min_sqnr_db=min_sqnr if min_sqnr is not None else -math.inf)
     stats = {"nodes_quantized": emit.nodes, "tensors_quantized": emit.tensors,
              "weights_quantized": emit.weights, "biases_quantized": emit.biases,
-             "activations_absorbed": emit.absorbed, "kept_float": len(kept_float)}
+             "activations_absorbed": emit.absorbed, "kept_float": len(kept_float),
+             "biases_corrected": corrected}
     return QuantizeResult(
         model=qmodel, original=original, float_model=work, layers=layers, kept_float=kept_float,
         verify=report, activation_dtype=str(dtype), reduce_range=rr, activation_reason=why,

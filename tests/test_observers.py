@@ -105,7 +105,7 @@ def _kl_reference(hist: np.ndarray, nq: int) -> int:
 def test_entropy_search_matches_reference_and_clips_heavy_tail() -> None:
     rng = np.random.default_rng(3)
     x = np.abs(rng.standard_t(3, size=200_000)).astype(np.float32)
-    o = EntropyObserver(bins=600)
+    o = EntropyObserver(bins=600, max_clip_fraction=1.0)  # the pure KL search
     o.update(x)
     hist = o.hist.side(1)
     h = hist.copy()
@@ -163,3 +163,13 @@ def test_unknown_method() -> None:
 
     with pytest.raises(GraphoptError):
         make_observer("kl")
+
+
+def test_entropy_never_clips_more_than_the_guard_allows() -> None:
+    # a spiky histogram (mostly one background value) with a real signal in 1% of the values
+    rng = np.random.default_rng(6)
+    x = np.concatenate([np.full(990_000, 0.01), rng.uniform(0, 4, 10_000)]).astype(np.float32)
+    o = EntropyObserver()
+    o.update(x)
+    _, hi = o.compute_range()
+    assert np.mean(x > hi) <= 2e-4

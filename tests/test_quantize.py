@@ -250,3 +250,18 @@ def test_real_cls_opset11_quantizes_and_loads() -> None:
     s = make_session(res.model, "all")
     out = s.run(None, calib[0])[0]
     assert out.shape == (1, 2) and np.isfinite(out).all()
+
+
+def test_bias_correction_removes_mean_shift() -> None:
+    m = Model.load(fixture_path("mobilenet_block.onnx"))
+    feeds = _feeds(m, 8)
+    plain = quantize(m, feeds, method="minmax")
+    corrected = quantize(m, feeds, method="minmax", bias_correct=True)
+    assert corrected.stats["biases_corrected"] > 0
+    ref = make_session(m).run(None, feeds[0])[0]
+
+    def mean_err(q: Model) -> float:
+        out = make_session(q).run(None, feeds[0])[0]
+        return float(np.abs((out - ref).mean(axis=(0, 2, 3))).mean())
+
+    assert mean_err(corrected.model) < mean_err(plain.model)
