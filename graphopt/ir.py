@@ -57,6 +57,8 @@ class Model:
     input_defaults: dict[str, onnx.TensorProto] = field(default_factory=dict)
     #: False when loaded with ``load_weights=False`` from a file with external data
     weights_loaded: bool = True
+    #: the external data files the weights were read (memory-mapped) from; never overwritten
+    external_files: list[Path] = field(default_factory=list)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -171,6 +173,7 @@ class Model:
             external_data=self.external_data,
             input_defaults=dict(self.input_defaults),
             weights_loaded=self.weights_loaded,
+            external_files=list(self.external_files),
         )
 
     # ------------------------------------------------------------------ queries
@@ -576,6 +579,9 @@ def map_external_weights(model: Model, base_dir: Path) -> int:
                 onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
                 onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)
             try:
+                target = (base_dir / info.location).resolve()
+                if target not in model.external_files:
+                    model.external_files.append(target)
                 if plain and dtype is not None and int(np.prod(dims)) > 0:
                     arr = np.memmap(base_dir / info.location, dtype=dtype, mode="r",
                                     offset=int(info.offset or 0), shape=dims)

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.cli import main
 from graphopt.fixtures import fixture_path
 
-FLIPS = int(os.environ.get("GRAPHOPT_HOSTILE_FLIPS", "25"))
+FLIPS = int(os.environ.get("GRAPHOPT_HOSTILE_FLIPS", "40"))
 GRAPHOPT = Path(sys.executable).with_name("graphopt")
 
 
@@ -512,6 +512,25 @@ def test_unwritable_or_bad_output(tmp_path: Path, capsys: pytest.CaptureFixture[
         assert_refused(rc, err, src, sha, ro / "o.onnx")
     finally:
         ro.chmod(0o700)
+
+
+def test_output_would_overwrite_input_external_data(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The input's weights live in ``o.onnx.data``: writing ``o.onnx`` beside it would replace
+    them (and break the input model), so it is refused."""
+    m = onnx.load(str(fixture_path("external_data.onnx")), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "o.onnx.data"
+    src = save(m, tmp_path / "in.onnx")
+    shutil.copy(fixture_path("external_data.onnx.data"), tmp_path / "o.onnx.data")
+    shas = {p.name: _sha(p) for p in tmp_path.iterdir()}
+    rc, _, err = run_cli(["optimize", src, "-o", tmp_path / "o.onnx"], capsys)
+    assert_refused(rc, err, src, _sha(src), words=("external data",))
+    assert not (tmp_path / "o.onnx").exists()
+    assert not list(tmp_path.glob(".graphopt-*"))
+    assert {p.name: _sha(p) for p in tmp_path.iterdir()} == shas
 
 
 # ---------------------------------------------------------------------- subprocess: CLI end to end

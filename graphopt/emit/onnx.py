@@ -115,6 +115,9 @@ def save_model(model: Model, path: str | os.PathLike[str], *, external: bool | N
     if external is None:
         external = model.external_data or model.param_bytes() > AUTO_EXTERNAL_BYTES
     data_name = dest.name + ".data"
+    if external and (dest.parent / data_name).resolve() in getattr(model, "external_files", []):
+        raise GraphoptError(f"writing {dest} would overwrite {dest.parent / data_name}, the input "
+                            "model's external data; choose another output name")
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=dest.parent))
     except OSError as exc:
