@@ -513,14 +513,17 @@ def run_recipe(model: Model | str | os.PathLike[str],
         new, check, stats, extra = runner(step, current, shapes, calib, feeds, result, output)
         seconds = time.perf_counter() - t0
         out = _run_all(new, feeds) if extra.get("outputs") is None else extra["outputs"]
-        step_sqnr = _sqnrs(prev_out, out)
-        ok, how = check(prev_out, out)
+        n = extra.get("samples")  # a compiled library may run on the first few feeds only
+        ref_n = {k: v[:n] for k, v in ref.items()} if n else ref
+        prev_n = {k: v[:n] for k, v in prev_out.items()} if n else prev_out
+        step_sqnr = _sqnrs(prev_n, out)
+        ok, how = check(prev_n, out)
         cost = model_cost(new)
         record = StepRecord(
             step.kind, step.label, ok, how, seconds, new.num_nodes(), int(cost.params),
             int(cost.macs), _model_bytes(new) if extra.get("bytes") is None else extra["bytes"],
             extra["arena"] if "arena" in extra else _arena_bytes(new, feeds),
-            _sqnrs(ref, out), step_sqnr,
+            _sqnrs(ref_n, out), step_sqnr,
             _latency_ms(new, feeds[0]) if bench and step.kind != "compile" else
             extra.get("latency"), extra.get("note", ""), stats)
         result.steps.append(record)
@@ -777,6 +780,7 @@ def _compile(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], cali
     out = {k: np.stack([np.asarray(r[k]) for r in runs]) for k in runs[0]}
     ref_model_out = _run_all(model, feeds[:n])
     extra["outputs"] = out
+    extra["samples"] = n
     extra["note"] = f"{cr.artifact} ({cr.artifact_bytes:,} B), {how}"
     db = o["min_sqnr"]
 

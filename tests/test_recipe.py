@@ -183,3 +183,16 @@ def test_compile_without_tvm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
     recipe = {"step": [{"kind": "simplify"}, {"kind": "compile", "target": "llvm"}]}
     with pytest.raises(RecipeError, match="step 'compile' needs apache-tvm"):
         run_recipe(Model.load(fixture_path("cnn.onnx")), recipe)
+
+
+def test_compile_step_runs_library_on_host(tmp_path: Path) -> None:
+    tvm_mod = pytest.importorskip("graphopt.emit.tvm")
+    if not tvm_mod.tvm_available():
+        pytest.skip("apache-tvm not installed")
+    recipe = {"step": [{"kind": "simplify"}, {"kind": "compile", "target": "llvm"}]}
+    res = run_recipe(Model.load(fixture_path("cnn.onnx")), recipe, output=tmp_path / "m.onnx")
+    assert res.ok and res.artifact == tmp_path / "m.llvm.so" and res.artifact.is_file()
+    comp = res.steps[-1]
+    assert comp.check.startswith("ran on this host") and min(comp.fidelity.values()) > 60
+    assert comp.model_bytes == res.artifact.stat().st_size and comp.latency_ms
+    assert res.model is not None and res.model.num_nodes() == res.steps[0].nodes
