@@ -798,7 +798,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = Model.load(args.model)
     opts = dict(calib=args.calib, criterion=args.criterion, round_to=args.round_to,
                 recover=not args.no_recover, input_shapes=shapes or None,
-                min_channels=args.min_channels, min_fraction=args.min_fraction)
+                min_channels=args.min_channels, min_fraction=args.min_fraction, scope=args.scope)
     t0 = time.perf_counter()
     payload: dict[str, Any] = {"input": str(args.model), "output": str(out_path or "") or None}
     c = None if args.json else console()
@@ -905,6 +905,8 @@ def register_prune(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--min-channels", type=int, default=1, help="never keep fewer channels")
     p.add_argument("--min-fraction", type=float, default=0.0,
                    help="never keep less than this fraction of a group")
+    p.add_argument("--scope", choices=["group", "global"], default="group",
+                   help="group: the ratio in every group; global: rank all channels together")
     p.add_argument("--no-recover", action="store_true", help="skip the least-squares refit")
     p.add_argument("--scan", action="store_true",
                    help="prune at several ratios and print MACs against fidelity")

@@ -1180,19 +1180,41 @@ def unit_scores(an: Analysis, elem_importance: np.ndarray) -> np.ndarray:
 
 def select(an: Analysis, grps: Iterable[Group], scores: np.ndarray,
            ratio: float | dict[str, float], round_to: int | None = None, min_channels: int = 1,
-           min_fraction: float = 0.0) -> np.ndarray:
-    """Per-unit keep flags: in every group remove the ``ratio`` least important free units,
-    keeping at least ``max(min_channels, min_fraction * width)`` and, with ``round_to``, a width
-    that is a multiple of ``round_to``."""
+           min_fraction: float = 0.0, scope: str = "group") -> np.ndarray:
+    """Per-unit keep flags.
+
+    ``scope="group"``: every group loses its ``ratio`` least important free units (a dict gives
+    per-group ratios by first-producer name, ``"*"`` the default). ``scope="global"``: scores are
+    divided by their group's mean and the ``ratio`` least important units of the whole model go,
+    so groups lose different fractions. Either way a group keeps at least
+    ``max(min_channels, min_fraction * width)`` and, with ``round_to``, a multiple of it.
+    """
+    grps = [g for g in grps if not g.blocked]
     keep = np.ones(an.n_elements + 1, dtype=bool)
+    wanted: dict[int, int] = {}
+    if scope == "global":
+        r = float(ratio.get("*", 0.0)) if isinstance(ratio, dict) else float(ratio)
+        norm = {g.gid: scores[g.free] / (scores[g.free].mean() + 1e-12) for g in grps}
+        if grps and r > 0:
+            allv = np.concatenate(list(norm.values()))
+            n_total = int(round(r * sum(g.width for g in grps)))
+            thr = np.sort(allv)[min(n_total, len(allv)) - 1] if n_total > 0 else -np.inf
+            for g in grps:
+                wanted[g.gid] = int((norm[g.gid] <= thr).sum())
+    elif scope != "group":
+        raise ValueError(f"unknown pruning scope {scope!r} (group or global)")
     for grp in grps:
-        r = ratio.get(grp.name, ratio.get("*", 0.0)) if isinstance(ratio, dict) else ratio
-        if r <= 0 or grp.blocked:
-            continue
         n = grp.width
+        if scope == "global":
+            n_want = wanted.get(grp.gid, 0)
+        else:
+            r = ratio.get(grp.name, ratio.get("*", 0.0)) if isinstance(ratio, dict) else ratio
+            n_want = int(round(r * n))
+        if n_want <= 0:
+            continue
         n_fixed = n - len(grp.free)
         floor = max(min_channels, int(np.ceil(min_fraction * n)), n_fixed, 1)
-        kept = max(floor, n - int(round(r * n)))
+        kept = max(floor, n - n_want)
         if round_to and round_to > 1:
             if n <= round_to:
                 continue

@@ -1,10 +1,13 @@
 """Structured channel pruning: remove whole output channels of weight layers, with recovery.
 
-For a ratio ``r`` every dependency group (see :mod:`graphopt.prune_deps`: the producers whose
-channels are coupled through BatchNormalization, depthwise convs, residual Add/Mul, SE blocks,
-Concat/Split/Slice, Resize, Flatten/Reshape into Gemm/MatMul, ...) loses its ``round(r * width)``
-least important free channels, never going below ``max(min_channels, min_fraction * width)`` and,
-with ``round_to=N``, keeping a multiple of ``N`` channels (CPU kernels work in channel blocks).
+For a ratio ``r`` (``scope="group"``, the default) every dependency group (see
+:mod:`graphopt.prune_deps`: the producers whose channels are coupled through BatchNormalization,
+depthwise convs, residual Add/Mul, SE blocks, Concat/Split/Slice, Resize, Flatten/Reshape into
+Gemm/MatMul, ...) loses its ``round(r * width)`` least important free channels, never going below
+``max(min_channels, min_fraction * width)`` and, with ``round_to=N``, keeping a multiple of ``N``
+channels (CPU kernels work in channel blocks).
+With ``scope="global"`` importances are normalized by their group's mean and the least important
+``r`` of all channels of the model go, so groups lose different fractions.
 
 Importance of a channel (summed over the coupled producers, each normalized by its layer mean):
 
@@ -175,7 +178,7 @@ class PruneChannelsPass(Pass):
     def __init__(self, ratio: float | dict[str, float] = 0.3, criterion: str = "l1",
                  round_to: int | None = None, min_channels: int = 1, min_fraction: float = 0.0,
                  calib: Any = None, recover: bool = True, positions: int = 256,
-                 ridge: float = 1e-3, calib_limit: int = 128,
+                 ridge: float = 1e-3, calib_limit: int = 128, scope: str = "group",
                  input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
         if criterion not in CRITERIA:
             raise GraphoptError(
@@ -183,9 +186,12 @@ class PruneChannelsPass(Pass):
         rs = ratio.values() if isinstance(ratio, dict) else [ratio]
         if any(not 0.0 <= float(r) < 1.0 for r in rs):
             raise GraphoptError(f"pruning ratio must be in [0, 1), got {ratio}")
+        if scope not in ("group", "global"):
+            raise GraphoptError(f"pruning scope must be 'group' or 'global', got {scope!r}")
         if round_to is not None and round_to < 1:
             raise GraphoptError("--round-to must be a positive integer")
         self.ratio = ratio
+        self.scope = scope
         self.criterion = criterion
         self.round_to = round_to
         self.min_channels = int(min_channels)
@@ -218,7 +224,7 @@ class PruneChannelsPass(Pass):
             if (self.criterion == "activation" or self.recover) else []
         scores = unit_scores(an, importance(model, an, self.criterion, calib))
         keep_unit = select(an, grps, scores, self.ratio, self.round_to, self.min_channels,
-                           self.min_fraction)
+                           self.min_fraction, self.scope)
         keep_elem = keep_elements(an, keep_unit)
         nm = _node_macs(work)
         pr, total = prunable_macs(an, nm)

@@ -447,3 +447,17 @@ def test_real_cls_exact_after_zeroing() -> None:
     z, n = zeroed(m, 0.3, round_to=8)
     assert n > 100
     check_pass(z, "prune-channels", ratio=0.3, round_to=8, recover=False, rtol=1e-4, atol=1e-5)
+
+
+def test_global_scope_prunes_unevenly() -> None:
+    inits: dict[str, np.ndarray] = {}
+    nodes = [conv("c1", "x", "a", 3, 16, inits), helper.make_node("Relu", ["a"], ["r"]),
+             conv("c2", "r", "b", 16, 16, inits), helper.make_node("Relu", ["b"], ["s"]),
+             conv("c3", "s", "y", 16, 4, inits)]
+    inits["c1_w"][:8] *= 0.01  # half of c1's channels are nearly dead, c2's are all alike
+    m = build(nodes, {"x": [1, 3, 8, 8]}, ["y"], inits)
+    res = get_pass("prune-channels", ratio=0.25, scope="global", recover=False)(m.clone())
+    assert weight_shape(res.model, "c1")[0] == 8  # 8 of the 32 channels, all from c1
+    assert weight_shape(res.model, "c2")[0] == 16
+    res = get_pass("prune-channels", ratio=0.25, recover=False)(m.clone())
+    assert weight_shape(res.model, "c1")[0] == weight_shape(res.model, "c2")[0] == 12
