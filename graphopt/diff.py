@@ -44,7 +44,10 @@ class FusedGroup:
     @property
     def label(self) -> str:
         ops = [o for o in self.replaced_ops if o != "Constant"] or self.replaced_ops
-        return f"{'+'.join(ops)} -> {self.op}"
+        new = self.op.split("+")
+        core = [o for o in new if o not in ("QuantizeLinear", "DequantizeLinear")] or new
+        qdq = " (QDQ)" if len(core) < len(new) else ""
+        return f"{'+'.join(ops)} -> {'+'.join(core)}{qdq}"
 
 
 @dataclass
