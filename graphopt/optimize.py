@@ -24,7 +24,7 @@ from graphopt.pass_manager import (
     get_pass,
     registered_passes,
 )
-from graphopt.shapes import fix_input_shapes, infer_shapes
+from graphopt.shapes import fix_input_shapes, infer_shapes, missing_shapes
 from graphopt.verify import VerifyReport, verify
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,8 @@ def optimize_model(
                                result.records + low.records, result.steps + low.steps)
         pass_list = pass_list + list(lowering)
     out = result.model
-    infer_shapes(out, feeds=feeds)
+    if missing_shapes(out):  # passes keep the shapes they touch; re-derive only what is missing
+        infer_shapes(out, feeds=feeds)
     elapsed = time.perf_counter() - t0
     report = None
     if verify_output:
