@@ -180,6 +180,7 @@ class Analysis:
     blocks: list[tuple[Labels, str]]
     touched: dict[str, list[Labels]]  # compute node name -> labels it depends on
     gammas: list[tuple[Labels, np.ndarray]]  # BN gamma per labelled position
+    coupled: np.ndarray | None = None  # per element: class under ties alone (FIXED ignored)
 
     @property
     def fixed(self) -> int:
@@ -551,7 +552,7 @@ def _reshape(ctx: _Ctx, node: gs.Node) -> None:
         return
     b, out_labels = got
     # the target shape must be rewritable at position b
-    plan = _shape_vector_plan(node.inputs[1], b)
+    plan = _shape_vector_plan(node.inputs[1], b, ctx, out_labels)
     if plan is None:
         ctx.block(labels, f"Reshape '{node.name}': its shape computation cannot be rewritten")
         return
@@ -560,10 +561,33 @@ def _reshape(ctx: _Ctx, node: gs.Node) -> None:
     ctx.set(node.outputs[0], b, out_labels)
 
 
-def _shape_vector_plan(t: gs.Tensor, pos: int) -> Any:
-    """How to rewrite entry ``pos`` of a shape vector: 'keep' (entry is -1, or 0 copying the input),
-    ('const', tensor) for a constant vector, ('concat', concat_node, input_index, offset) for a
-    piece of a Concat-built vector, or None."""
+def _runtime_dim(ctx: _Ctx, piece: gs.Tensor, k: int, labels: Labels) -> bool:
+    """True when entry ``k`` of ``piece`` is read at run time from a dim that carries ``labels``
+    (``Shape(t)`` or ``Slice(Shape(t), a, b)``): it follows the pruned width by itself."""
+    node = piece.inputs[0] if piece.inputs else None
+    start = 0
+    if node is not None and node.op == "Slice" and len(node.inputs) >= 3:
+        st, en = const_value(node.inputs[1]), const_value(node.inputs[2])
+        n_in = len(node.inputs)
+        axes = const_value(node.inputs[3]) if n_in > 3 and node.inputs[3].name else None
+        steps = const_value(node.inputs[4]) if n_in > 4 and node.inputs[4].name else None
+        if st is None or en is None or (axes is not None and int(np.ravel(axes)[0]) != 0) or \
+                (steps is not None and int(np.ravel(steps)[0]) != 1):
+            return False
+        start = int(np.ravel(st)[0])
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if node is None or node.op != "Shape":
+        return False
+    start += int(node.attrs.get("start", 0))
+    src = ctx.get(node.inputs[0])
+    return src is not None and src[0] == start + k and np.array_equal(src[1], labels)
+
+
+def _shape_vector_plan(t: gs.Tensor, pos: int, ctx: _Ctx | None = None,
+                       labels: Labels | None = None) -> Any:
+    """How to rewrite entry ``pos`` of a shape vector: 'keep' (entry is -1, or read at run time
+    from the pruned tensor's shape), ('const', pos) for a constant vector, ('concat', input_index,
+    offset) for a constant piece of a Concat-built vector, or None."""
     v = const_value(t)
     if v is not None:
         v = np.atleast_1d(v)
@@ -582,6 +606,9 @@ def _shape_vector_plan(t: gs.Tensor, pos: int) -> Any:
             return None
         if off <= pos < off + n:
             if pv is None:
+                if ctx is not None and labels is not None and \
+                        _runtime_dim(ctx, piece, pos - off, labels):
+                    return "keep"
                 return None
             if int(np.atleast_1d(pv)[pos - off]) == -1:
                 return "keep"
@@ -915,10 +942,13 @@ def analyze(model: Model) -> Analysis:
 
     n = len(ctx.uf.p)
     fixed = ctx.uf.add(1)
+    coupled = _UF()  # ties between elements only: what the report calls a group
+    coupled.add(n)
     for a, b in ctx.ties:
         for x, y in zip(a.tolist(), b.tolist()):
             if x >= 0 and y >= 0:
                 ctx.uf.union(x, y)
+                coupled.union(x, y)
             elif x >= 0 or y >= 0:
                 ctx.uf.union(max(x, y), fixed)
     for labels, _reason in ctx.fixed_pending:
@@ -926,8 +956,9 @@ def analyze(model: Model) -> Analysis:
             if x >= 0:
                 ctx.uf.union(x, fixed)
     parent = np.array([ctx.uf.find(i) for i in range(n + 1)], dtype=np.int64)
+    coupled_root = np.array([coupled.find(i) for i in range(n)], dtype=np.int64)
     return Analysis(ctx.producers, n, parent, ctx.labels, ctx.slices, ctx.fixes,
-                    ctx.fixed_pending, dict(ctx.touched), ctx.gammas)
+                    ctx.fixed_pending, dict(ctx.touched), ctx.gammas, coupled_root)
 
 
 @dataclass
@@ -953,12 +984,13 @@ def groups(an: Analysis) -> list[Group]:
     """Connected components of producers sharing units, with their free units and block reasons."""
     root = an.root()
     fixed_root = root[an.fixed]
+    link = an.coupled if an.coupled is not None else root
     gr = nx.Graph()
     unit_owner: dict[int, int] = {}
     for pi, p in enumerate(an.producers):
         gr.add_node(pi)
-        for u in np.unique(root[p.start:p.start + p.size]).tolist():
-            if u == fixed_root:
+        for u in np.unique(link[p.start:p.start + p.size]).tolist():
+            if an.coupled is None and u == fixed_root:
                 continue
             if u in unit_owner:
                 gr.add_edge(unit_owner[u], pi)
