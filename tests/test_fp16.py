@@ -279,3 +279,19 @@ def test_cli_fp16_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert any(n.op == "Softmax" and n.name in info["kept_fp32"] for n in m.graph.nodes)
     rc = main(["fp16", str(tmp_path / "missing.onnx"), "-o", str(out)])
     assert rc == 2
+
+
+def test_kernels_native_keeps_ops_without_half_kernels() -> None:
+    """kernels='native': ops onnxruntime CPU only runs through its own Casts (Conv, Relu, Gemm on
+    x86) stay float32; the weights of kept ops are not converted."""
+    model = prepare(Model.load(fixture_path("cnn.onnx")))
+
+    def structure(m: Model) -> None:
+        for n in m.graph.nodes:
+            if ORT_CPU_FP16.get(n.op) == "cast":
+                assert all(t.dtype is None or np.dtype(t.dtype) != F16 for t in n.outputs), n.op
+        assert any(n.op == "Flatten" and np.dtype(n.outputs[0].dtype) == F16
+                   for n in m.graph.nodes)
+
+    res, _ = check_pass(model, "fp16", min_sqnr_db=40, structure=structure, kernels="native")
+    assert {n.name for n in model.graph.nodes if n.op == "Conv"} <= set(res.stats["kept_fp32"])
