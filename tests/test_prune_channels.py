@@ -461,3 +461,37 @@ def test_global_scope_prunes_unevenly() -> None:
     assert weight_shape(res.model, "c2")[0] == 16
     res = get_pass("prune-channels", ratio=0.25, recover=False)(m.clone())
     assert weight_shape(res.model, "c1")[0] == weight_shape(res.model, "c2")[0] == 12
+
+
+@pytest.mark.parametrize("attrs", [dict(strides=[2, 2], pads=[1, 1, 1, 1]),
+                                   dict(dilations=[2, 2], pads=[2, 1, 2, 1]),
+                                   dict(auto_pad="SAME_UPPER", strides=[2, 1])])
+def test_recovery_im2col_matches_conv(attrs: dict) -> None:
+    """The sampled im2col rows times the weight reproduce onnxruntime's conv output."""
+    from graphopt.prune_recover import _conv_patches
+
+    w = W(5, 3, 3, 3)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="c", **attrs)
+    m = build([node], {"x": [1, 3, 9, 11]}, ["y"], {"w": w})
+    x = RNG.standard_normal((1, 3, 9, 11)).astype(np.float32)
+    y = make_session(m).run(None, {"x": x})[0][0]
+    gnode = m.graph.nodes[0]
+    pos = np.arange(y.shape[1] * y.shape[2])
+    rows = _conv_patches(x[0], gnode, w.shape, (y.shape[1], y.shape[2]), pos)
+    np.testing.assert_allclose(rows @ w.reshape(5, -1).T, y.reshape(5, -1).T, rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_recovery_restores_a_perturbed_layer_exactly() -> None:
+    """Removed channels that are exactly zero leave c2's least-squares problem with an exact
+    solution (its kept weights): with a negligible ridge, recovery must find it again."""
+    inits: dict[str, np.ndarray] = {}
+    nodes = [conv("c1", "x", "a", 3, 8, inits), helper.make_node("Relu", ["a"], ["r"]),
+             conv("c2", "r", "y", 8, 4, inits)]
+    inits["c1_w"][:4] = 0
+    inits["c1_b"][:4] = 0  # channels 0..3 are exactly zero: removal + refit stays exact
+    m = build(nodes, {"x": [1, 3, 8, 8]}, ["y"], inits)
+    feeds = [random_feeds(m, seed=s) for s in range(6)]
+    res, _ = check_pass(m, "prune-channels", ratio=0.5, calib=feeds, ridge=1e-9, rtol=1e-3,
+                        atol=1e-4, feeds=random_feeds(m, seed=99))
+    assert res.stats["layers_refit"] == 1
