@@ -94,6 +94,17 @@ def truncated_proto(model: Model | onnx.ModelProto, names: Sequence[str]) -> onn
     return proto
 
 
+def _fit_width(node: gs.Node, kind: str) -> int:
+    w = const_value(node.inputs[1])
+    if w is None:
+        return 0
+    if kind == "conv":
+        return int(np.prod(w.shape[1:])) + 1
+    if kind == "gemm":
+        return int(w.shape[1] if node.attrs.get("transB", 0) else w.shape[0]) + 1
+    return int(w.shape[0])
+
+
 def _sessions_outputs(model: Model, names: Sequence[str],
                       base: onnx.ModelProto | None = None) -> ort.InferenceSession:
     """A session computing only ``names`` (``base``: ``model`` already exported)."""
@@ -196,7 +207,7 @@ def _write(layer: _Layer, sol: np.ndarray) -> None:
 
 def recover(original: Model, pruned: Model, calib: Sequence[Mapping[str, np.ndarray]],
             kept_out: Mapping[str, np.ndarray], changed: set[str], positions: int = 256,
-            ridge: float = 1e-3, seed: int = 0) -> dict[str, int]:
+            ridge: float = 1e-3, seed: int = 0, max_width: int = 8192) -> dict[str, int]:
     """Refit, in place, the weight layers of ``pruned`` whose data input is in or downstream of
     ``changed`` (tensor names whose channels were cut).
 
@@ -209,6 +220,8 @@ def recover(original: Model, pruned: Model, calib: Sequence[Mapping[str, np.ndar
         positions: output positions sampled per sample and conv layer (memory bound).
         ridge: relative ridge regularisation.
         seed: sampling seed.
+        max_width: layers with more weights per output (the normal equations are width x width
+            float64) are left as pruned.
 
     Returns:
         counters: ``layers_refit``, ``rows`` (total design rows).
@@ -217,12 +230,18 @@ def recover(original: Model, pruned: Model, calib: Sequence[Mapping[str, np.ndar
     dirty = set(changed)
     level_of: dict[str, int] = {}
     layers: list[_Layer] = []
+    skipped = 0
     for node in g.nodes:
         ins = [i for i in node.inputs if isinstance(i, gs.Variable) and i.name]
         lv = max((level_of.get(i.name, 0) for i in ins), default=0)
         is_dirty = any(i.name in dirty for i in ins)
         kind = _refittable(node)
-        if kind and node.inputs[0].name in dirty:
+        width = _fit_width(node, kind) if kind else 0
+        if kind and width > max_width:
+            logger.info("recovery: %s skipped (%d weights per output > max_width %d)",
+                        node.name, width, max_width)
+            skipped += 1
+        elif kind and node.inputs[0].name in dirty:
             lay = _Layer(node, kind, kept_out.get(node.name), lv + 1)
             layers.append(lay)
             lv += 1
@@ -232,7 +251,7 @@ def recover(original: Model, pruned: Model, calib: Sequence[Mapping[str, np.ndar
             if lv:
                 level_of[o.name] = lv
     if not layers:
-        return {"layers_refit": 0, "rows": 0}
+        return {"layers_refit": 0, "rows": 0, "layers_too_wide": skipped}
     rng = np.random.default_rng(seed)
     total_rows = 0
     orig_proto = original.to_onnx()
@@ -272,4 +291,4 @@ def recover(original: Model, pruned: Model, calib: Sequence[Mapping[str, np.ndar
             total_rows += lay.rows
             lay.xtx = lay.xty = None
         logger.debug("recovery level %d: %d layers", level, len(batch))
-    return {"layers_refit": len(layers), "rows": total_rows}
+    return {"layers_refit": len(layers), "rows": total_rows, "layers_too_wide": skipped}
