@@ -40,7 +40,7 @@ BlockRV = Any
 
 #: below this many multiply-adds (or elements) a kernel runs on one thread: waking TVM's thread pool
 #: costs more than the work
-PARALLEL_MIN_WORK = 1 << 18
+PARALLEL_MIN_WORK = 1 << 21
 PARALLEL_MIN_ELEMS = 1 << 15
 
 #: overrides for experiments (``{"xi": 8, "fi": 4}``)
@@ -179,6 +179,8 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
         return False
     n_e, f_e, y_e, x_e = ext[:4]
     conv_name = sch.get(conv).name_hint
+    if _TUNE.get("dw_skip", 0) and len(ext) == 7 and ext[4] == 1 and f_e > 1:
+        return False
     # padding / dilation stages feeding the reduction: keep them (vectorized, parallel) unless they are
     # plain copies, which are inlined
     producers = list(sch.get_producers(conv))
@@ -186,8 +188,12 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
         if _is_reduction(sch, p):
             return False
     pads = {sch.get(p).name_hint for p in producers if _is_padding(sch.get(p))}
+    if _TUNE.get("inline_pad", 0):
+        pads = set()
     for p in producers:
         if sch.get(p).name_hint in pads:
+            if _TUNE.get("deinterleave", 1):
+                _deinterleave_stride2(sch, p, x_e, ext[-1])
             continue  # a real padding stage: a conditional in the inner loop would cost more
         try:
             sch.compute_inline(p)
@@ -203,25 +209,32 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
     acc_budget = 16  # vector registers for accumulators (AVX-512 has 32, AVX2/NEON 16)
     vec_regs = max(1, -(-xi // lanes))
     fi = _divisor(f_e, [c for c in (8, 6, 4, 3, 2) if c * vec_regs <= acc_budget])
-    if xi == 1:
-        # narrow maps (SE squeeze, 1x1 spatial): vectorize across output channels instead
-        fi = _divisor(f_e, [lanes * 2, lanes, lanes // 2, 4, 2])
+    narrow = xi == 1 and _vec_factor(f_e, lanes) > 1
+    if narrow:
+        # narrow maps (W = 10, 5, 1): vectorize across output channels (weights packed so the
+        # vector is contiguous) and unroll a few output columns, each a broadcast input value
+        fi = _vec_factor(f_e, lanes)
+        xi = _divisor(x_e, [8, 7, 6, 5, 4, 3, 2])
+    elif xi == 1:
+        fi = 1
     fi = _TUNE.get("fi", fi)
     red_work = 1
     for e in ext[4:]:
         red_work *= e
     work = n_e * f_e * y_e * x_e * red_work
-    logger.debug("conv-like %s: out %s red %s fi=%d xi=%d work=%d", conv_name, ext[:4], ext[4:], fi,
-                 xi, work)
+    logger.debug("conv-like %s: out %s red %s fi=%d xi=%d narrow=%s work=%d", conv_name, ext[:4],
+                 ext[4:], fi, xi, narrow, work)
     local = sch.cache_write(conv, 0, "local")
     n, f, y, x, *rs = sch.get_loops(conv)
     fo, fi_l = sch.split(f, [None, fi])
     xo, xi_l = sch.split(x, [None, xi])
-    if xi == 1:
+    if narrow:
         sch.reorder(n, fo, y, xo, *rs, xi_l, fi_l)
     else:
         sch.reorder(n, fo, y, xo, *rs, fi_l, xi_l)
     sch.reverse_compute_at(local, xo, preserve_unit_loops=True)
+    if narrow and fi > 1:
+        _pack_weights(sch, conv, f_e, fi, None)
     # fold the epilogue into the write-back of the tile
     while True:
         cons = list(sch.get_consumers(local))
@@ -231,21 +244,39 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
             sch.reverse_compute_inline(cons[0])
         except Exception:  # noqa: BLE001 - broadcast epilogue (e.g. SE scale): stays a stage
             break
+
     def _tile_loops(b: BlockRV) -> None:
         lps = sch.get_loops(b)
         try:
-            sch.vectorize(lps[-1])
-            if b is not conv or xi != 1:
+            if narrow and b is local:
+                # write-back loops are (c, x): stores along x are not contiguous per vector
+                sch.unroll(lps[-1])
+                sch.unroll(lps[-3])
+                return
+            if xi > 1 or narrow:
+                sch.vectorize(lps[-1]) if (fi > 1 or not narrow) else sch.unroll(lps[-1])
                 sch.unroll(lps[-2])
+            else:
+                sch.vectorize(lps[-1])
         except Exception as exc:  # noqa: BLE001 - leave scalar
             logger.debug("conv tile not vectorized: %s", str(exc).splitlines()[-1:])
 
     _tile_loops(conv)
     _tile_loops(local)
     outer = sch.fuse(n, fo, y)
-    if fi > 1 and xi > 1 and _TUNE.get("pack", 0):
+    if _TUNE.get("pad_at", 0):
+        # pad the rows a tile reads right before it (in cache), inside the parallel loop
+        for b in _blocks(sch):
+            if sch.get(b).name_hint in pads:
+                try:
+                    sch.compute_at(b, outer, preserve_unit_loops=True)
+                    pads.discard(sch.get(b).name_hint)
+                except Exception as exc:  # noqa: BLE001
+                    logger.debug("pad compute_at refused: %s", str(exc).splitlines()[-1:])
+    if fi > 1 and xi > 1 and not narrow and _TUNE.get("pack", 0):
         _pack_weights(sch, conv, f_e, fi, outer if _TUNE.get("packat", 1) else None)
-    if n_e * (f_e // fi) * y_e > 1 and cores > 1 and work >= PARALLEL_MIN_WORK:
+    if n_e * (f_e // fi) * y_e > 1 and cores > 1 and work >= PARALLEL_MIN_WORK \
+            and not _TUNE.get("serial", 0):
         sch.parallel(outer)
     init = sch.decompose_reduction(conv, rs[0])
     _tile_loops(init)
@@ -253,13 +284,36 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
     for b in _blocks(sch):
         if sch.get(b).name_hint in (conv_name,) or b.same_as(local):
             continue
-        if len(sch.get_loops(b)) and not _is_reduction(sch, b):
-            try:
-                if sch.get_loops(b) and sch.get(sch.get_loops(b)[0]).kind == 0:
-                    _schedule_injective_block(sch, b, lanes, cores)
-            except Exception:  # noqa: BLE001
-                pass
+        lps = sch.get_loops(b)
+        if not lps or _is_reduction(sch, b):
+            continue
+        if sch.get(lps[0]).same_as(sch.get(outer)):
+            # a padding stage computed inside the tile loop: vectorize its rows
+            ext_b = _extents(sch, lps)
+            v = _vec_factor(ext_b[-1], lanes) if ext_b[-1] > 0 else 1
+            if v > 1:
+                _o, vi = sch.split(lps[-1], [None, v])
+                _vectorize(sch, vi)
+            continue
+        try:
+            if sch.get(lps[0]).kind == 0:
+                _schedule_injective_block(sch, b, lanes, cores)
+        except Exception:  # noqa: BLE001
+            pass
     return True
+
+
+def _deinterleave_stride2(sch: Schedule, pad: BlockRV, x_e: int, kw: int) -> None:
+    """For a stride-2 convolution, store the padded input as ``[..., w % 2, w // 2]`` so that the
+    vector of ``xi`` outputs reads ``xi`` consecutive floats instead of a stride-2 gather."""
+    shape = [int(d) for d in sch.get(pad).writes[0].source.shape]
+    w_pad = shape[-1]
+    if len(shape) != 4 or w_pad % 2 or x_e < 2 or (w_pad - kw) // (x_e - 1) != 2:
+        return
+    try:
+        sch.transform_layout(pad, ("write", 0), lambda n, c, h, w: (n, c, h, w % 2, w // 2))
+    except Exception as exc:  # noqa: BLE001 - keep the plain layout
+        logger.debug("stride-2 de-interleave refused: %s", str(exc).splitlines()[-1:])
 
 
 def _pack_weights(sch: Schedule, conv: BlockRV, f_e: int, fi: int, at: Any) -> None:
