@@ -44,7 +44,7 @@ def save(model: Model, path: str | os.PathLike[str], **kwargs: Any) -> Path:
 def inspect(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
             per_node: bool = False) -> dict[str, Any]:
     """The ``graphopt inspect --json`` summary of a model (a path or a Model; not modified)."""
-    from graphopt.inspect import inspect_model
+    from graphopt.summary import inspect_model
     from graphopt.optimize import prepare
 
     m = prepare(_as_model(model).clone(), input_shapes)
@@ -61,14 +61,77 @@ def optimize(model: ModelLike, **kwargs: Any) -> OptimizeResult:
     return optimize_model(_as_model(model), **kwargs)
 
 
+def quantize(model: ModelLike, calib: Any, **kwargs: Any) -> Any:
+    """Calibration-based int8 QDQ quantization; see :func:`graphopt.quantize_api.quantize`.
+
+    Returns a ``QuantizeResult`` with ``.model``, per-layer reports, the layers kept in float and
+    the verify figures against fp32.
+    """
+    from graphopt.quantize_api import quantize as _quantize
+
+    return _quantize(model, calib, **kwargs)
+
+
+def prune(model: ModelLike, ratio: float | dict[str, float], **kwargs: Any) -> Any:
+    """Structured channel pruning with least-squares recovery; see :func:`graphopt.prune_api.prune`."""
+    from graphopt.prune_api import prune as _prune
+
+    return _prune(model, ratio, **kwargs)
+
+
+def plan_memory(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                **kwargs: Any) -> Any:
+    """Plan activations into one arena; see :func:`graphopt.memory.plan_memory`."""
+    from graphopt.memory import plan_memory as _plan
+
+    return _plan(_as_model(model), input_shapes, **kwargs)
+
+
+def compile(model: ModelLike, target: str = "llvm", output: str | os.PathLike[str] = "model.so",
+            **kwargs: Any) -> Any:  # noqa: A001 - the public name DESIGN.md asks for
+    """Compile through Apache TVM (llvm, aarch64, cuda); see :func:`graphopt.emit.tvm.compile_model`."""
+    from graphopt.emit.tvm import compile_model
+
+    return compile_model(model, target=target, output=output, **kwargs)
+
+
+def from_torch(module: Any, example_inputs: Any, **kwargs: Any) -> Model:
+    """Export a ``torch.nn.Module`` through torch.onnx; see :func:`graphopt.torch_export.from_torch`."""
+    from graphopt.torch_export import from_torch as _from_torch
+
+    return _from_torch(module, example_inputs, **kwargs)
+
+
+def run_recipe(model: ModelLike, recipe: Any, **kwargs: Any) -> Any:
+    """Run a recipe (built-in name, TOML path or mapping); see :func:`graphopt.recipe.run_recipe`."""
+    from graphopt.recipe import run_recipe as _run
+
+    return _run(model, recipe, **kwargs)
+
+
+def diff(a: ModelLike, b: ModelLike, **kwargs: Any) -> Any:
+    """Structural and numerical diff of two models; see :func:`graphopt.diff.diff_models`."""
+    from graphopt.diff import diff_models
+    from graphopt.optimize import prepare
+
+    return diff_models(prepare(_as_model(a).clone()), prepare(_as_model(b).clone()), **kwargs)
+
+
 __all__ = [
     "GraphoptError",
     "Model",
     "ModelLoadError",
     "PassError",
     "VerificationError",
+    "compile",
+    "diff",
+    "from_torch",
     "inspect",
     "load",
     "optimize",
+    "plan_memory",
+    "prune",
+    "quantize",
+    "run_recipe",
     "save",
 ]

@@ -140,7 +140,7 @@ def check_output_path(inp: str, out: str) -> Path:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from graphopt.cost import model_cost
 
-    from graphopt.inspect import inspect_model
+    from graphopt.summary import inspect_model
 
     # external weights are not read: sizes come from the tensors' dims (seconds for a >2 GB model)
     model = load_model(args.model, args.input_shape, load_weights=False)
