@@ -797,7 +797,8 @@ def _conv(ctx: _Ctx, node: gs.Node) -> None:
         out = ctx.new_source(node, "Conv", cout, node.outputs[0], w, 0)
         ctx.slice_const(node, 1, 0, out, "producer")
         if len(node.inputs) > 2 and node.inputs[2].name:
-            ctx.slice_const(node, 2, 0, out, "producer")
+            if not ctx.slice_const(node, 2, 0, out, "producer"):  # bias fed at run time
+                ctx.block(out, f"{node.op} '{node.name}' has a non-constant bias")
         ctx.touch(node, out)
         ctx.set(node.outputs[0], 1, out)
         return
@@ -807,7 +808,8 @@ def _conv(ctx: _Ctx, node: gs.Node) -> None:
         labels = lab[1]
         ctx.slice_const(node, 1, 0, labels, "producer")
         if len(node.inputs) > 2 and node.inputs[2].name:
-            ctx.slice_const(node, 2, 0, labels, "producer")
+            if not ctx.slice_const(node, 2, 0, labels, "producer"):  # bias fed at run time
+                ctx.block(labels, f"{node.op} '{node.name}' has a non-constant bias")
         ctx.fixes.append(ShapeFix("group", node, {"labels": labels}))
         ctx.touch(node, labels)
         ctx.set(node.outputs[0], 1, labels)
@@ -833,7 +835,8 @@ def _conv_transpose(ctx: _Ctx, node: gs.Node) -> None:
         out = ctx.new_source(node, "ConvTranspose", cout_g, node.outputs[0], w, 1)
         ctx.slice_const(node, 1, 1, out, "producer")
         if len(node.inputs) > 2 and node.inputs[2].name:
-            ctx.slice_const(node, 2, 0, out, "producer")
+            if not ctx.slice_const(node, 2, 0, out, "producer"):  # bias fed at run time
+                ctx.block(out, f"{node.op} '{node.name}' has a non-constant bias")
         ctx.touch(node, out)
         ctx.set(node.outputs[0], 1, out)
         return
@@ -843,7 +846,8 @@ def _conv_transpose(ctx: _Ctx, node: gs.Node) -> None:
         labels = lab[1]
         ctx.slice_const(node, 1, 0, labels, "producer")
         if len(node.inputs) > 2 and node.inputs[2].name:
-            ctx.slice_const(node, 2, 0, labels, "producer")
+            if not ctx.slice_const(node, 2, 0, labels, "producer"):  # bias fed at run time
+                ctx.block(labels, f"{node.op} '{node.name}' has a non-constant bias")
         ctx.fixes.append(ShapeFix("group", node, {"labels": labels}))
         ctx.touch(node, labels)
         ctx.set(node.outputs[0], 1, labels)

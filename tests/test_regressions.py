@@ -142,3 +142,28 @@ def test_overridable_weight_is_fed_when_verifying() -> None:
     assert run_model(m, feeds)["y"].item() == pytest.approx(3.0)
     assert run_model(m, {"x": feeds["x"]})["y"].item() == pytest.approx(1.5)
     _proof(m)
+
+
+def test_prune_channels_keeps_producers_whose_bias_is_a_graph_input() -> None:
+    """prune-channels (graphopt/prune_deps.py): a Conv whose bias is a graph input (fed at run time)
+    had its weight's output channels removed but not its bias, so onnxruntime refused the pruned
+    model ("bias must be a 1D tensor of size output_channels"). A group with a non-constant
+    parameter must not be pruned (the model's inputs cannot change). Found by the fuzzer."""
+    if "prune-channels" not in registered_passes():
+        pytest.skip("prune-channels is not registered")
+    from graphopt.verify import run_model
+
+    w = np.array([0.126, -0.132], np.float32).reshape(2, 1, 1, 1)
+    m = _model(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("Conv", ["r", "w", "b"], ["c"], kernel_shape=[1, 1]),
+         helper.make_node("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["bn"]),
+         helper.make_node("Conv", ["bn", "w2"], ["y"], kernel_shape=[1, 1])],
+        [("x", [1, 1, 3, 3]), ("b", [2])], [("y", [1, 1, 3, 3])],
+        {"w": w, "s": np.array([0.73, 1.18], np.float32), "bb": np.array([0.65, 0.47], np.float32),
+         "mu": np.array([-0.35, -0.63], np.float32), "var": np.array([1.72, 0.5], np.float32),
+         "w2": np.array([-1.64, -0.15], np.float32).reshape(1, 2, 1, 1)})
+    feeds = random_feeds(m, seed=0)
+    result = get_pass("prune-channels", ratio=0.5, recover=False)(m.clone())
+    assert [tuple(t.shape) for t in result.model.graph.inputs] == [(1, 1, 3, 3), (2,)]
+    run_model(result.model, feeds)  # raises if onnxruntime refuses the pruned model
