@@ -79,6 +79,9 @@ def test_cls_compiles_for_llvm_and_matches_onnxruntime(cls_llvm) -> None:
     res, path, shapes = cls_llvm
     assert res.verify.ok
     assert res.fusion_groups, "graphopt's Conv+activation groups reach the compiler"
+    # the Conv+HardSwish+MaxPool group is one kernel, and every kernel got a graphopt schedule
+    assert any("conv2d" in k and "pool" in k for k in res.kernels), res.kernels
+    assert "none" not in res.schedules and sum(res.schedules.values()) == len(res.kernels)
     man = json.loads(res.manifest.read_text())
     assert man["inputs"] == [{"name": "x", "shape": [1, 3, 48, 192], "dtype": "float32"}]
     assert len(man["outputs"]) == 1

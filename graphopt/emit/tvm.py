@@ -176,6 +176,9 @@ def _parse_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
     return shapes
 
 
+_POOL_OPS = ("MaxPool", "AveragePool")
+
+
 def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
                   ) -> tuple[Model, dict[str, Any]]:
     """Run graphopt's default pipeline for TVM on a copy of ``model``: fix input shapes, infer and
@@ -200,6 +203,9 @@ def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
         _fold_shape_computations(m, shapes)
     groups = m.metadata.get("graphopt.fusion_groups")
     info["fusion_groups"] = json.loads(groups) if groups else []
+    ops = {n.name: n.op for n in m.graph.nodes}
+    info["pool_groups"] = sum(1 for g in info["fusion_groups"]
+                              if any(ops.get(n) in _POOL_OPS for n in g))
     return m, info
 
 
@@ -277,9 +283,12 @@ def _default_opset(proto: onnx.ModelProto) -> int | None:
     return None
 
 
-def relax_pipeline(spec: TargetSpec, schedules: bool = True,
-                   fusion_groups: Sequence[Sequence[str]] | None = None) -> Any:
-    """graphopt's Relax pipeline for ``spec``: legalize, fold, fuse, schedule, lower."""
+def relax_pipeline(spec: TargetSpec, schedules: bool = True, fuse_pools: bool = False,
+                   record: dict[str, Any] | None = None) -> Any:
+    """graphopt's Relax pipeline for ``spec``: legalize, fold, fuse, schedule, lower.
+
+    ``fuse_pools``: graphopt recorded Conv+activation+pool groups; compile each as one kernel.
+    ``record``: filled with ``kernels`` (fused kernel names) and ``schedules`` (rule -> count)."""
     tvm = _tvm()
     from tvm import relax  # noqa: PLC0415
 
@@ -296,12 +305,16 @@ def relax_pipeline(spec: TargetSpec, schedules: bool = True,
                 relax.backend.DispatchSortScan(),
                 relax.transform.LegalizeOps(),
                 relax.transform.AnnotateTIROpPattern(),
+                *([_FusePoolIntoProducer()] if fuse_pools else []),
                 relax.transform.FoldConstant(),
                 relax.transform.FuseOps(),
                 relax.transform.FuseTIR(),
                 relax.transform.DeadCodeElimination(),
             ]
             mod = tvm.transform.Sequential(passes)(mod)
+            if record is not None:
+                record["kernels"] = sorted(gv.name_hint for gv, f in mod.functions_items()
+                                           if isinstance(f, tvm.tirx.PrimFunc))
             if spec.name == "cuda":
                 from tvm.s_tir import dlight as dl  # noqa: PLC0415
 
@@ -311,7 +324,10 @@ def relax_pipeline(spec: TargetSpec, schedules: bool = True,
             elif schedules:
                 from graphopt.emit.tvm_schedules import ApplyCPUSchedules  # noqa: PLC0415
 
-                mod = ApplyCPUSchedules(lanes=spec.vector_lanes, cores=spec.num_cores)(mod)
+                sched = ApplyCPUSchedules(lanes=spec.vector_lanes, cores=spec.num_cores)
+                mod = sched(mod)
+                if record is not None:
+                    record["schedules"] = dict(sched.stats)
             lower = [
                 relax.transform.RewriteDataflowReshape(),
                 relax.transform.ToNonDataflow(),
@@ -335,8 +351,29 @@ def relax_pipeline(spec: TargetSpec, schedules: bool = True,
     return _pipeline
 
 
+_POOL_PREFIXES = ("max_pool", "avg_pool", "pool")
+
+
+def _FusePoolIntoProducer() -> Any:  # noqa: N802 - a pass constructor
+    """Let FuseOps put a pooling kernel into its producer's group, so that graphopt's
+    Conv+activation+pool groups become one kernel (TVM marks pooling ``OutEWiseFusable``, which
+    FuseOps never merges with a convolution)."""
+    tvm = _tvm()
+
+    @tvm.transform.module_pass(opt_level=0, name="GraphoptFusePoolIntoProducer")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith(_POOL_PREFIXES):
+                # kElemWise: may join a convolution group as its last stage (FuseTIR composes
+                # the real loop nests, so the result is exact)
+                mod[gv] = func.with_attr("op_pattern", 0)
+        return mod
+
+    return _pass
+
+
 def build_relax(mod: Any, spec: TargetSpec, pipeline: str = "graphopt", schedules: bool = True,
-                fusion_groups: Sequence[Sequence[str]] | None = None) -> Any:
+                fuse_pools: bool = False, record: dict[str, Any] | None = None) -> Any:
     """Build a Relax module. ``pipeline`` is ``graphopt`` or ``tvm-default`` (plain ``tvm.compile``)."""
     tvm = _tvm()
     from tvm import relax  # noqa: PLC0415
@@ -347,7 +384,7 @@ def build_relax(mod: Any, spec: TargetSpec, pipeline: str = "graphopt", schedule
         if pipeline == "tvm-default":
             return tvm.compile(mod, target=target)
         return tvm.compile(mod, target=target,
-                           relax_pipeline=relax_pipeline(spec, schedules, fusion_groups))
+                           relax_pipeline=relax_pipeline(spec, schedules, fuse_pools, record))
     except Exception as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise TVMCompileError(f"TVM build for {spec.name} failed: {type(exc).__name__}: {msg}"
@@ -375,6 +412,10 @@ class CompileResult:
     verified_on: str | None = None
     passes: dict[str, Any] = field(default_factory=dict)
     fusion_groups: list[list[str]] = field(default_factory=list)
+    #: the fused TIR kernels of the library (one per graphopt fusion group, plus the rest)
+    kernels: list[str] = field(default_factory=list)
+    #: graphopt CPU schedule rule -> number of kernels it scheduled ("none": left as TVM wrote it)
+    schedules: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """JSON for ``graphopt compile --json`` (keys ``target``, ``artifact``, ``verify`` as in the
@@ -390,6 +431,8 @@ class CompileResult:
             "verified_on": self.verified_on,
             "cuda_source_checked": self.cuda_source_checked,
             "fusion_groups": len(self.fusion_groups),
+            "kernels": len(self.kernels),
+            "schedules": self.schedules,
         }
 
 
@@ -448,7 +491,9 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
     mod = import_relax(proto, shapes)
     stages["relax_import"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    ex = build_relax(mod, spec, schedules=schedules, fusion_groups=info["fusion_groups"])
+    record: dict[str, Any] = {}
+    ex = build_relax(mod, spec, schedules=schedules, fuse_pools=info["pool_groups"] > 0,
+                     record=record)
     stages["build"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-tvm-", dir=out.parent))
@@ -504,7 +549,8 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
     logger.info("compiled for %s in %.1fs -> %s (%d bytes)", spec.name, total, out,
                 out.stat().st_size)
     return CompileResult(spec.name, out, man, total, out.stat().st_size, stages, cuda_checked,
-                         report, verified_on, info["passes"], info["fusion_groups"])
+                         report, verified_on, info["passes"], info["fusion_groups"],
+                         record.get("kernels", []), record.get("schedules", {}))
 
 
 def _verify_artifact(model: Model, lib: Path, spec: TargetSpec, shapes: Mapping[str, Sequence[int]]

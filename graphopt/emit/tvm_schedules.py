@@ -164,6 +164,10 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
     """Register-tiled schedule for the single 4-D spatial + reduction block of a kernel."""
     blocks = _blocks(sch)
     reds = [b for b in blocks if _is_reduction(sch, b)]
+    if len(reds) == 2:
+        # a Conv+activation+pool group fused into one kernel: tile the convolution, the pooling
+        # stays a (parallel) stage of the same kernel
+        reds = [b for b in reds if not any(_is_reduction(sch, p) for p in _ancestors(sch, b))]
     if len(reds) != 1:
         return False
     conv = reds[0]
@@ -282,10 +286,13 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
     _tile_loops(init)
     # leftover stages (padding, broadcast epilogues)
     for b in _blocks(sch):
-        if sch.get(b).name_hint in (conv_name,) or b.same_as(local):
+        if sch.get(b).name_hint.startswith(conv_name) or b.same_as(local):
             continue
         lps = sch.get_loops(b)
-        if not lps or _is_reduction(sch, b):
+        if not lps:
+            continue
+        if _is_reduction(sch, b):  # the pooling of a fused Conv+activation+pool group
+            _parallel_spatial(sch, b, cores)
             continue
         if sch.get(lps[0]).same_as(sch.get(outer)):
             # a padding stage computed inside the tile loop: vectorize its rows
@@ -301,6 +308,40 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
         except Exception:  # noqa: BLE001
             pass
     return True
+
+
+def _ancestors(sch: Schedule, block: BlockRV) -> list[BlockRV]:
+    out: list[BlockRV] = []
+    stack = list(sch.get_producers(block))
+    while stack:
+        b = stack.pop()
+        if any(b.same_as(o) for o in out):
+            continue
+        out.append(b)
+        stack.extend(sch.get_producers(b))
+    return out
+
+
+def _parallel_spatial(sch: Schedule, block: BlockRV, cores: int) -> None:
+    """Fuse the leading spatial loops of a reduction block and run them in parallel when large."""
+    loops = sch.get_loops(block)
+    types = _iter_types(sch, block)
+    if len(loops) != len(types):
+        return
+    nsp = 0
+    for t in types:
+        if t != _SPATIAL:
+            break
+        nsp += 1
+    if nsp == 0:
+        return
+    ext = _extents(sch, loops)
+    total = 1
+    for e in ext:
+        total *= max(e, 1)
+    if cores > 1 and total >= PARALLEL_MIN_ELEMS:
+        fused = sch.fuse(*loops[:nsp]) if nsp > 1 else loops[0]
+        sch.parallel(fused)
 
 
 def _deinterleave_stride2(sch: Schedule, pad: BlockRV, x_e: int, kw: int) -> None:
