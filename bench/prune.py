@@ -159,6 +159,7 @@ def main() -> None:
     q = args.quick
     rounds = 10 if q else 40
     t_start = time.time()
+    load0 = os.getloadavg()[0]
     data: dict[str, tuple[Any, Any]] = {}
     for kind in args.models.split(","):
         if kind == "cls":
@@ -173,13 +174,16 @@ def main() -> None:
             ev = np.load(fixture_path("digits_eval.npz"))
             data[kind] = ([{"x": cal[i:i + 32]} for i in range(0, len(cal), 32)],
                           (ev["x"], ev["y"]))
-    # (ratio, round_to, recover)
-    plans: dict[str, list[tuple[float, int | None, bool]]] = {
-        "cls": [(0.1, 8, False), (0.1, 8, True), (0.15, None, True), (0.15, 8, True),
-                (0.2, 8, True), (0.3, 8, False), (0.3, 8, True)],
-        "digits": [(0.2, None, False), (0.2, None, True), (0.3, None, True), (0.3, 8, True)],
-        "rec": [(0.1, 8, True), (0.3, 8, False), (0.3, 8, True)],
-        "det": [(0.1, 8, True), (0.3, 8, False), (0.3, 8, True)],
+    # (ratio, round_to, recover, criterion)
+    plans: dict[str, list[tuple[float, int | None, bool, str]]] = {
+        "cls": [(0.1, 8, False, "l1"), (0.1, 8, True, "l1"), (0.15, None, True, "l1"),
+                (0.15, 8, True, "l1"), (0.15, 8, True, "bn"), (0.15, 8, True, "activation"),
+                (0.2, 8, True, "l1"), (0.3, 8, False, "l1"), (0.3, 8, True, "l1")],
+        "digits": [(0.2, None, False, "l1"), (0.2, None, True, "l1"), (0.3, None, True, "l1"),
+                   (0.3, 8, True, "l1")],
+        "rec": [(0.1, 8, True, "l1"), (0.1, 8, True, "activation"), (0.3, 8, False, "l1"),
+                (0.3, 8, True, "l1")],
+        "det": [(0.1, 8, True, "l1"), (0.3, 8, False, "l1"), (0.3, 8, True, "l1")],
     }
     if q:
         plans = {k: [p for p in v if p[0] in (0.15, 0.2, 0.3)][:2] for k, v in plans.items()}
@@ -189,10 +193,10 @@ def main() -> None:
         m = load(kind)
         shares[kind] = prunable_share(m)
         calib, ev = data[kind]
-        for ratio, rt, rec in plans[kind]:
+        for ratio, rt, rec, crit in plans[kind]:
             t0 = time.time()
-            res = get_pass("prune-channels", ratio=ratio, round_to=rt, recover=rec,
-                           calib=calib if rec else None)(m.clone())
+            res = get_pass("prune-channels", ratio=ratio, round_to=rt, recover=rec, criterion=crit,
+                           calib=calib if (rec or crit == "activation") else None)(m.clone())
             secs = time.time() - t0
             pm = res.model
             onnx.checker.check_model(pm.to_onnx(), full_check=True)
@@ -200,8 +204,8 @@ def main() -> None:
             x_lat = (ev[0] if isinstance(ev, tuple) else ev)
             sp, ta, tb = latency_speedup(m, pm, x_lat, rounds)
             metric, val, orig = fidelity(kind, m, pm, ev)
-            rows.append((kind, ratio, rt, rec, macs, sp, ta, tb, metric, val, orig, secs))
-            print(f"{kind} r={ratio} round_to={rt} recover={rec}: MACs {macs:.3f}x, "
+            rows.append((kind, ratio, rt, rec, crit, macs, sp, ta, tb, metric, val, orig, secs))
+            print(f"{kind} r={ratio} round_to={rt} recover={rec} {crit}: MACs {macs:.3f}x, "
                   f"latency {sp:.2f}x ({ta:.2f} -> {tb:.2f} ms), {metric} {val:.3f} "
                   f"(orig {orig:.3f}), {secs:.1f}s", flush=True)
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -210,23 +214,26 @@ def main() -> None:
         "",
         f"{now}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"onnxruntime ORT_ENABLE_ALL, {THREADS} intra-op thread, spinning off. The machine was "
-        "shared with other engineers' jobs while this ran (load average above 8 on 2 cores): "
+        "shared with other engineers' jobs while this ran (load average "
+        f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} "
+        "cores): "
         "latencies are noisy; the speedup is the median over back-to-back A/B pairs in "
         f"alternating order (at least {rounds} pairs, more within 4 s).",
         "",
-        "Criterion l1; recovery = least-squares refit of every weight layer on rendered "
-        "calibration data (cls 48 crops, rec 16 lines, det 8 pages, digits 128 images); "
+        "Criterion l1 unless said; recovery = least-squares refit of every weight layer on "
+        "rendered calibration data (cls 48 crops, rec 16 lines, det 8 pages, digits 128 images); "
         "fidelity on held-out data rendered with another seed.",
         "",
         "Prunable compute (MACs of weight layers touching a free channel group): "
         + ", ".join(f"{k} {v * 100:.1f}%" for k, v in shares.items()) + ".",
         "",
-        "| model | ratio | round_to | recovery | MACs after/before | ORT speedup "
+        "| model | ratio | round_to | criterion | recovery | MACs after/before | ORT speedup "
         "| ms before -> after | fidelity | pruned | original | prune time s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for kind, ratio, rt, rec, macs, sp, ta, tb, metric, val, orig, secs in rows:
-        lines.append(f"| {kind} | {ratio} | {rt or '-'} | {'yes' if rec else 'no'} | {macs:.3f}x "
+    for kind, ratio, rt, rec, crit, macs, sp, ta, tb, metric, val, orig, secs in rows:
+        lines.append(f"| {kind} | {ratio} | {rt or '-'} | {crit} | {'yes' if rec else 'no'} "
+                     f"| {macs:.3f}x "
                      f"| {sp:.2f}x | {ta:.2f} -> {tb:.2f} | {metric} | {val:.3f} | {orig:.3f} "
                      f"| {secs:.1f} |")
     lines += ["", f"Total benchmark time {time.time() - t_start:.0f} s."]
