@@ -234,10 +234,6 @@ class _Ctx:
         self.ties: list[tuple[Labels, Labels]] = []
         self.touched: dict[str, list[Labels]] = defaultdict(list)
         self.gammas: list[tuple[Labels, np.ndarray]] = []
-        self.uses: dict[str, int] = defaultdict(int)
-        for n in model.graph.nodes:
-            for i in n.inputs:
-                self.uses[i.name] += 1
 
     # -- labels
     def get(self, t: gs.Tensor | None) -> tuple[int, Labels] | None:
@@ -501,8 +497,8 @@ def _squeeze(ctx: _Ctx, node: gs.Node) -> None:
         ctx.set(node.outputs[0], new, labels)
 
 
-def _merge_labels(ctx: _Ctx, node: gs.Node, in_shape: tuple[int, ...], axis: int,
-                  labels: Labels, out_shape: tuple[int, ...]) -> tuple[int, Labels] | None:
+def _merge_labels(in_shape: tuple[int, ...], axis: int, labels: Labels,
+                  out_shape: tuple[int, ...]) -> tuple[int, Labels] | None:
     """Where the channel axis lands after a reshape, and its label array (channel blocks)."""
     prefix = int(np.prod(in_shape[:axis]))
     b, acc = 0, 1
@@ -510,9 +506,7 @@ def _merge_labels(ctx: _Ctx, node: gs.Node, in_shape: tuple[int, ...], axis: int
         acc *= out_shape[b]
         b += 1
     if acc != prefix or b >= len(out_shape):
-        # the channel axis is split or merged with outer dims: maybe merged with outer dims
-        # i.e. out dim (b-1) == prod(in_shape[j:axis+1]) * inner ... not supported
-        return None
+        return None  # the outer dims are regrouped with the channel axis: not a channel block
     # absorb size-1 output dims before the channel block
     while b < len(out_shape) - 1 and out_shape[b] == 1 and in_shape[axis] != 1:
         b += 1
@@ -546,7 +540,7 @@ def _reshape(ctx: _Ctx, node: gs.Node) -> None:
         inner = int(np.prod(in_shape[axis + 1:]))
         ctx.set(node.outputs[0], 1, np.tile(np.repeat(labels, inner), outer))
         return
-    got = _merge_labels(ctx, node, in_shape, axis, labels, out_shape)
+    got = _merge_labels(in_shape, axis, labels, out_shape)
     if got is None:
         ctx.block(labels, f"Reshape '{node.name}' splits the channel axis {in_shape}->{out_shape}")
         return
@@ -772,10 +766,6 @@ def _gather(ctx: _Ctx, node: gs.Node) -> None:
 @handles("Shape", "Size")
 def _shape_of(ctx: _Ctx, node: gs.Node) -> None:
     """Runtime shapes follow the pruned tensors by themselves."""
-
-
-def _block_all(ctx: _Ctx, node: gs.Node, reason: str) -> None:
-    ctx.block_inputs(node, reason)
 
 
 @handles("Conv")
