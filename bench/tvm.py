@@ -4,18 +4,20 @@ Per real model (PP-OCRv4 det at 640x640, rec at 48x320, the v2 orientation class
 
 - import in Relax's ONNX frontend as published (input shape given, nothing else) vs after graphopt's
   passes (shapes fixed and folded, BN folded, activations recognized, fusion groups recorded);
-- latency of three runners on the same input, interleaved round-robin (A, B, C, B, C, A, ...) with the
-  median of many runs each:
-  A. TVM's default build (``tvm.compile`` of the graphopt-prepared module: TVM's default Relax pipeline,
-     no fusion, no constant folding, TVM's naive loops),
-  B. graphopt's TVM pipeline (fold, fuse, graphopt's CPU schedules) = ``graphopt compile --target llvm``,
+- latency of three runners on the same input, interleaved round-robin (A, B, C, B, C, A, ...) with
+  the median of many runs each:
+  A. TVM's default build (``tvm.compile`` of the graphopt-prepared module: TVM's default Relax
+     pipeline, no fusion, no constant folding, TVM's naive loops),
+  B. graphopt's TVM pipeline (fold, fuse, graphopt's CPU schedules), as ``graphopt compile
+     --target llvm`` builds it,
   C. onnxruntime (ORT_ENABLE_ALL, intra-op threads = 2, ``session.intra_op.allow_spinning`` = 0) on
      the published model;
   TVM's thread pool gets the same 2 threads (TVM_NUM_THREADS=2);
-- the ratios B/C (at most 2 is the goal) and A/B (at least 4 is the goal), and the max abs error of A and
-  B against onnxruntime;
-- cross targets for cls: AArch64 (cross-compiled, run under qemu-user, compared with onnxruntime on x86)
-  and CUDA sm_90 (built without a GPU, generated source compiled with nvcc -cubin when nvcc exists).
+- the ratios B/C (at most 2 is the goal) and A/B (at least 4 is the goal), and the max abs error of
+  A and B against onnxruntime;
+- cross targets for cls: AArch64 (cross-compiled, run under qemu-user, compared with onnxruntime on
+  x86) and CUDA sm_90 (built without a GPU, generated source compiled with nvcc -cubin when nvcc
+  exists).
 
 Run: ``python bench/tvm.py [--quick] [--rounds N]``; writes bench/results/tvm.md and prints it.
 """
@@ -47,19 +49,15 @@ sys.path.insert(0, str(ROOT))
 from graphopt.emit import tvm as gtvm  # noqa: E402
 from graphopt.fixtures import real_model  # noqa: E402
 from graphopt.ir import Model  # noqa: E402
+from graphopt.verify import make_session  # noqa: E402
 
 THREADS = 2
 BENCH_SHAPES = {"det": (1, 3, 640, 640), "rec": (1, 3, 48, 320), "cls": (1, 3, 48, 192)}
 
 
 def ort_session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    """onnxruntime as deployed: ORT_ENABLE_ALL, 2 intra-op threads, spinning off."""
+    return make_session(path, "all", threads=THREADS)
 
 
 def interleaved(runners: dict[str, Callable[[], Any]], rounds: int, max_seconds: dict[str, float]
@@ -177,11 +175,13 @@ def render(rows: list[dict[str, Any]], cross: list[dict[str, Any]], rounds: int)
     lines = [
         "# TVM: graphopt's pipeline and schedules vs TVM's default build vs onnxruntime",
         "",
-        f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {platform.machine()}, "
+        f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        f"Machine: {platform.machine()}, "
         f"{os.cpu_count()} cores ({cpu}), shared with other jobs while measured. apache-tvm "
         f"{tvm.__version__}, onnxruntime {ort.__version__}. Threads: 2 for every runner "
-        "(TVM_NUM_THREADS=2; onnxruntime intra-op 2, spinning off, ORT_ENABLE_ALL). Latency: median "
-        f"of up to {rounds} interleaved runs per runner (the default build stops after ~20 s of runs).",
+        "(TVM_NUM_THREADS=2; onnxruntime intra-op 2, spinning off, ORT_ENABLE_ALL). "
+        f"Latency: median of up to {rounds} interleaved runs per runner "
+        "(the default build stops after ~20 s of runs).",
         "",
         "## Import",
         "",
@@ -213,8 +213,9 @@ def render(rows: list[dict[str, Any]], cross: list[dict[str, Any]], rounds: int)
     for c in cross:
         lines.append(f"| {c['target']} | {c.get('compile_s', float('nan')):.0f} | "
                      f"{c.get('artifact_mb', float('nan')):.1f} | {c['check']} |")
-    lines += ["", "Emulated AArch64 timings mean nothing and are not reported; the CUDA library needs "
-              "a GPU to run, so only its build and nvcc's compile of the generated source are checked.",
+    lines += ["", "Emulated AArch64 timings mean nothing and are not reported; the CUDA library "
+              "needs a GPU to run, so only its build and nvcc's compile of the generated source "
+              "are checked.",
               ""]
     return "\n".join(lines)
 

@@ -1,8 +1,9 @@
 """Load and run a library compiled by :func:`graphopt.emit.tvm.compile_model`.
 
-An artifact is ``NAME.so`` plus ``NAME.so.json`` (the manifest: inputs, outputs, target). Running it needs
-only numpy and TVM's runtime (``TVM_USE_RUNTIME_LIB=1`` is enough), not onnx or the rest of graphopt, so
-this module imports nothing from graphopt and also works as a script on a deployment machine or under
+An artifact is ``NAME.so`` plus ``NAME.so.json`` (the manifest: inputs, outputs, target). Running it
+needs only numpy and TVM's runtime (``TVM_USE_RUNTIME_LIB=1`` is enough), not onnx or the rest of
+graphopt, so this module imports nothing from graphopt and also works as a script on a deployment
+machine or under
 qemu::
 
     python3 runner.py model.so --input x=x.npy --output out.npz
@@ -92,7 +93,7 @@ class Artifact:
         if len(outs) != len(names):
             raise RuntimeError(f"the library returned {len(outs)} outputs; the manifest lists "
                                f"{len(names)}")
-        return {n: o.numpy() for n, o in zip(names, outs)}
+        return {n: o.numpy() for n, o in zip(names, outs, strict=True)}
 
     def __repr__(self) -> str:
         return f"<Artifact {self.path} target={self.target}>"

@@ -1,7 +1,7 @@
 """graphopt.emit.tvm: compile through Apache TVM (Relax) for llvm, aarch64 (qemu) and cuda (nvcc).
 
-Compiles are the slow part (seconds each on two cores), so each artifact is built once per module and
-shared; shapes are the small test shapes. Speed is never asserted here (see bench/tvm.py).
+Compiles are the slow part (seconds each on two cores), so each artifact is built once per module
+and shared; shapes are the small test shapes. Speed is never asserted here (see bench/tvm.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from graphopt.errors import GraphoptError
-from graphopt.fixtures import fixture_path
+from graphopt.fixtures import FIXTURES, fixture_path
 from graphopt.ir import Model
 from graphopt.verify import compare, random_feeds, run_model
 
@@ -61,15 +61,16 @@ def cls_llvm(tmp_path_factory: pytest.TempPathFactory) -> tuple[gtvm.CompileResu
 # ---------------------------------------------------------------------- llvm
 
 
-@pytest.mark.parametrize("name", ["mobilenet_block.onnx", "residual.onnx"])
+@pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_compiles_for_llvm_and_matches_onnxruntime(tmp_path: Path, name: str) -> None:
     path = fixture_path(name)
-    res = gtvm.compile_model(path, target="llvm", output=tmp_path / "m.so")
+    shapes = {"x": (2, 1, 8, 8)} if name == "digits_cnn.onnx" else None  # dynamic batch
+    res = gtvm.compile_model(path, target="llvm", output=tmp_path / "m.so", input_shapes=shapes)
     assert res.artifact.is_file() and res.artifact_bytes == res.artifact.stat().st_size > 0
     assert res.verify is not None and res.verify.ok and res.verified_on == "host"
     man = json.loads(res.manifest.read_text())
-    assert man["target"] == "llvm" and man["inputs"][0]["name"] == "x"
-    assert man["schedules"] is True
+    assert man["target"] == "llvm" and man["inputs"]
+    assert man["schedules"] is True and "none" not in res.schedules
     shapes = {i["name"]: tuple(i["shape"]) for i in man["inputs"]}
     _assert_matches_ort(path, res.artifact, shapes, seed=3)
 
@@ -105,6 +106,14 @@ def test_runner_script_runs_artifact_without_graphopt(cls_llvm, tmp_path: Path) 
     with np.load(tmp_path / "o.npz") as z:
         for name, r in ref.items():
             assert compare(name, r, z[name], RTOL, ATOL).ok
+
+
+def test_bench_artifact_reports_latency_and_error(tmp_path: Path) -> None:
+    path = fixture_path("cnn.onnx")
+    res = gtvm.compile_model(path, output=tmp_path / "c.so", verify=False)
+    rep = gtvm.bench_artifact(res.artifact, path, runs=5, warmup=1)
+    assert rep["tvm_ms"] > 0 and rep["ort_ms"] > 0 and rep["ratio_tvm_vs_ort"] > 0
+    assert all(v["ok"] for v in rep["verify"].values())
 
 
 def test_artifact_rejects_wrong_input_shape(tmp_path: Path) -> None:

@@ -1,17 +1,17 @@
 """Compile a model to a native library through Apache TVM (Relax), for x86, AArch64 or CUDA.
 
-Flow: graphopt's passes first (input shapes fixed, shape arithmetic folded, BatchNormalization folded into
-Conv, activations recognized, Conv+activation(+pool) groups recorded), then Relax's ONNX importer, then a
-Relax pipeline that TVM's default ``tvm.compile`` does not run on CPU: legalization, constant folding,
-operator fusion (graphopt's fusion groups become single kernels), TIR fusion, then graphopt's own CPU
-schedules (:mod:`graphopt.emit.tvm_schedules`) or DLight's GPU rules, then the VM lowering passes. The
-result is exported as a shared library beside a JSON manifest (inputs, outputs, target) that
-:func:`load_artifact` and :mod:`graphopt.runner` read.
+Flow: graphopt's passes first (input shapes fixed, shape arithmetic folded, BatchNormalization
+folded into Conv, activations recognized, Conv+activation(+pool) groups recorded), then Relax's ONNX
+importer, then a Relax pipeline that TVM's default ``tvm.compile`` does not run on CPU:
+legalization, constant folding, operator fusion (graphopt's fusion groups become single kernels),
+TIR fusion, then graphopt's own CPU schedules (:mod:`graphopt.emit.tvm_schedules`) or DLight's GPU
+rules, then the VM lowering passes. The result is exported as a shared library beside a JSON
+manifest (inputs, outputs, target) that :func:`load_artifact` and :mod:`graphopt.runner` read.
 
 Why graphopt goes first: as published, PP-OCR's ``Shape -> Slice -> Concat -> Reshape`` chains and
-YOLO-style dynamic shapes fail in Relax's importer ("Reshape requires the input new shape to be Shape",
-"emit_te now only supports Tensor that has ShapeExpr shape"); after fixing input shapes and folding they
-import and build.
+YOLO-style dynamic shapes fail in Relax's importer ("Reshape requires the input new shape to be
+Shape", "emit_te now only supports Tensor that has ShapeExpr shape"); after fixing input shapes and
+folding they import and build.
 
 TVM is imported lazily: ``import graphopt`` never needs it.
 """
@@ -46,6 +46,7 @@ __all__ = [
     "CompileResult",
     "TVMUnavailableError",
     "TargetSpec",
+    "bench_artifact",
     "compile_model",
     "import_relax",
     "load_artifact",
@@ -182,7 +183,8 @@ _POOL_OPS = ("MaxPool", "AveragePool")
 def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
                   ) -> tuple[Model, dict[str, Any]]:
     """Run graphopt's default pipeline for TVM on a copy of ``model``: fix input shapes, infer and
-    fold shapes, fold BatchNormalization, recognize activations, record Conv+activation(+pool) groups.
+    fold shapes, fold BatchNormalization, recognize activations, record Conv+activation(+pool)
+    groups.
 
     Returns:
         (prepared model, info) where info holds the fixed shapes, per-pass stats and fusion groups.
@@ -214,7 +216,7 @@ def _has_shape_ops(m: Model) -> bool:
 
 
 def _fold_shape_computations(m: Model, shapes: Mapping[str, tuple[int, ...]]) -> None:
-    """Replace ``Shape``/``Size`` outputs by constants (the values onnxruntime computes for the fixed
+    """Replace ``Shape``/``Size`` outputs by constants (the values onnxruntime computes for the
     input shapes) and fold the constant subgraphs that hang off them."""
     import onnx_graphsurgeon as gs  # noqa: PLC0415
     import onnxruntime as ort  # noqa: PLC0415
@@ -374,7 +376,7 @@ def _FusePoolIntoProducer() -> Any:  # noqa: N802 - a pass constructor
 
 def build_relax(mod: Any, spec: TargetSpec, pipeline: str = "graphopt", schedules: bool = True,
                 fuse_pools: bool = False, record: dict[str, Any] | None = None) -> Any:
-    """Build a Relax module. ``pipeline`` is ``graphopt`` or ``tvm-default`` (plain ``tvm.compile``)."""
+    """Build a Relax module; ``pipeline`` is ``graphopt`` or ``tvm-default`` (``tvm.compile``)."""
     tvm = _tvm()
     from tvm import relax  # noqa: PLC0415
 
@@ -503,7 +505,8 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
             if shutil.which(spec.cross_cc) is None:
                 raise GraphoptError(
                     f"target {spec.name} needs the cross compiler {spec.cross_cc} "
-                    f"(Debian: apt-get install gcc-aarch64-linux-gnu; or scripts/install-tvm-deps.sh)")
+                    "(Debian: apt-get install gcc-aarch64-linux-gnu; or "
+                    "scripts/install-tvm-deps.sh)")
             from tvm.support import cc  # noqa: PLC0415
 
             ex.export_library(str(tmp_lib), fcompile=cc.cross_compiler(spec.cross_cc))
@@ -555,7 +558,8 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
 
 def _verify_artifact(model: Model, lib: Path, spec: TargetSpec, shapes: Mapping[str, Sequence[int]]
                      ) -> tuple[Any, str | None]:
-    """Run the library (here, or under qemu for AArch64) and onnxruntime on the same seeded inputs."""
+    """Run the library (here, or under qemu for AArch64) and onnxruntime on the same seeded
+    inputs."""
     from graphopt.verify import VerifyReport, compare, random_feeds, run_model  # noqa: PLC0415
 
     feeds = random_feeds(model, seed=0, shapes=shapes)
@@ -629,6 +633,59 @@ def run_under_qemu(artifact: str | os.PathLike[str], feeds: Mapping[str, np.ndar
                                   f"{proc.stderr.strip()[-1500:]}")
         with np.load(out) as z:
             return {k: z[k] for k in z.files}
+
+
+def bench_artifact(artifact: str | os.PathLike[str], model: Model | str | os.PathLike[str],
+                   runs: int = 50, warmup: int = 5, threads: int = 2, seed: int = 0
+                   ) -> dict[str, Any]:
+    """Latency of a host library against onnxruntime on the same seeded input (``graphopt bench``).
+
+    The two run interleaved (A, B, B, A, ...), ``runs`` times each after ``warmup`` runs;
+    onnxruntime
+    with ORT_ENABLE_ALL, ``threads`` intra-op threads and spinning off. Returns medians in ms, the
+    ratio tvm/ort, and the max abs error of the library's outputs against onnxruntime's.
+    """
+    import statistics  # noqa: PLC0415
+
+    from graphopt.verify import compare, make_session, random_feeds  # noqa: PLC0415
+
+    art = load_artifact(artifact)
+    if art.target != "llvm":
+        raise GraphoptError(f"{artifact} was compiled for {art.target}; only host (llvm) libraries "
+                            "can be timed here")
+    if not isinstance(model, Model):
+        model = Model.load(model)
+    shapes = {i["name"]: [int(d) for d in i["shape"]] for i in art.inputs}
+    feeds = random_feeds(model, seed=seed, shapes=shapes)
+    sess = make_session(model, "all", threads=threads)
+    args = art._to_device(feeds)
+    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+    outs = art.run(feeds)
+    errs = {n: compare(n, r, outs[n], VERIFY_RTOL, VERIFY_ATOL).to_json() for n, r in ref.items()}
+    t_tvm: list[float] = []
+    t_ort: list[float] = []
+
+    def _tvm_once() -> None:
+        t = time.perf_counter()
+        art.run_device(args)
+        t_tvm.append(time.perf_counter() - t)
+
+    def _ort_once() -> None:
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        t_ort.append(time.perf_counter() - t)
+
+    for _ in range(warmup):
+        art.run_device(args)
+        sess.run(None, feeds)
+    for i in range(runs):
+        first, second = (_tvm_once, _ort_once) if i % 2 == 0 else (_ort_once, _tvm_once)
+        first()
+        second()
+    tvm_ms = statistics.median(t_tvm) * 1e3
+    ort_ms = statistics.median(t_ort) * 1e3
+    return {"artifact": str(artifact), "runs": runs, "threads": threads, "tvm_ms": tvm_ms,
+            "ort_ms": ort_ms, "ratio_tvm_vs_ort": tvm_ms / ort_ms, "verify": errs}
 
 
 def check_cuda_with_nvcc(ex: Any, arch: str, workdir: Path) -> bool | None:

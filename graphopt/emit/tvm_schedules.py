@@ -1,26 +1,33 @@
 """graphopt's CPU schedules for the TIR kernels that come out of Relax's fusion.
 
-TVM's default CPU build leaves every kernel as the naive loop nest LegalizeOps wrote: no parallel loop, no
-vector loop, the accumulator in memory. MetaSchedule (TVM's tuner) crashes in the 0.27 wheels and DLight's
-CPU rules cover reductions and GEMV only, so graphopt chooses the loop transforms itself, from the shapes:
+TVM's default CPU build leaves every kernel as the naive loop nest LegalizeOps wrote: no parallel
+loop, no vector loop, the accumulator in memory. MetaSchedule (TVM's tuner) crashes in the 0.27
+wheels and DLight's CPU rules cover reductions and GEMV only, so graphopt chooses the loop
+transforms itself, from the shapes:
 
-* convolution, depthwise convolution, transposed convolution and pooling (any block with spatial axes
-  ``n, c, h, w`` and reduction axes): a register tile of ``fi`` output channels x ``xi`` output columns
-  accumulated in a local buffer (registers after LLVM's SROA), ``xi`` a multiple of the vector width
-  dividing ``W`` and vectorized, ``fi`` unrolled; reductions outside the register tile; the fused epilogue
-  (bias, activation, residual add) computed from the registers right after the tile; the outer ``n, co, h``
-  loops fused and parallel. Zero padding is a separate vectorized, parallel stage (it is cheap and keeps
-  the conditional out of the inner loop).
-* matmul: the same register tile over ``i`` (unrolled) x ``j`` (vectorized), ``k`` outside, batch and
-  row tiles parallel.
-* reductions whose reduced axes are innermost (mean, softmax, layer norm): DLight's CPU reduction rule,
-  else parallel outer spatial loops.
-* injective kernels (element-wise chains, transposes, resize, concat): producers inlined, loops fused,
-  innermost split by the vector width and vectorized, outer part parallel.
+* convolution, depthwise convolution, transposed convolution and pooling (any block with spatial
+  axes ``n, c, h, w`` and reduction axes): a register tile of ``fi`` output channels x ``xi`` output
+  columns accumulated in a local buffer (registers after LLVM's SROA), ``xi`` the largest power of
+  two up to the vector width dividing ``W`` (odd widths make LLVM scalarize), vectorized, ``fi``
+  unrolled; reductions outside the tile; the fused epilogue (bias, activation, residual add)
+  computed from the registers right after the tile; the outer ``n, co, h`` loops fused and parallel
+  above a work threshold (waking the thread pool costs more than small kernels take). Narrow maps
+  (``W`` = 10, 5, 1) vectorize over output channels instead, with the weights packed
+  ``[co/fi, ci, kh, kw, fi]``. Zero padding stays a separate vectorized stage; for stride 2 it is
+  stored de-interleaved (``w % 2, w // 2``) so the tile reads contiguous vectors. A pooling fused
+  behind the convolution (graphopt's Conv+activation+pool groups) stays a parallel stage of the
+  same kernel.
+* matmul: the same register tile over ``i`` (unrolled) x ``j`` (vectorized), ``k`` outside, batch
+  and row tiles parallel; when ``N`` has no power-of-two factor (a 6625-class CTC head) the rows are
+  vectorized instead, reading ``A`` through a transposed copy.
+* reductions whose reduced axes are innermost (mean, softmax, layer norm): DLight's CPU reduction
+  rule, else parallel outer spatial loops.
+* injective kernels (element-wise chains, transposes, resize, concat): producers inlined, outer
+  loops fused and parallel, innermost loop vectorized.
 
-Every rule runs on a fresh schedule and falls back to the next one if a primitive refuses (a kernel is
-never left half-scheduled); the last resort is to leave TVM's loops as they are. ``ApplyCPUSchedules``
-counts what it did per rule (``stats``).
+Every rule runs on a fresh schedule and falls back to the next one if a primitive refuses (a kernel
+is never left half-scheduled); the last resort is to leave TVM's loops as they are.
+``ApplyCPUSchedules`` counts what it did per rule (``stats``).
 """
 
 from __future__ import annotations
@@ -81,8 +88,8 @@ def _is_padding(block: Any) -> bool:
 
 def _vec_factor(n: int, lanes: int, max_vectors: int = 1) -> int:
     """The vector length for an axis of extent ``n``: the largest power of two of at most
-    ``max_vectors`` vectors that divides ``n`` (at least 4); 1 when none does. (Odd lengths make LLVM
-    scalarize; two-vector tiles spill.)"""
+    ``max_vectors`` vectors that divides ``n`` (at least 4); 1 when none does. (Odd lengths make
+    LLVM scalarize; two-vector tiles spill.)"""
     v = max_vectors * lanes
     while v >= 4:
         if n % v == 0:
@@ -185,7 +192,7 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
     conv_name = sch.get(conv).name_hint
     if _TUNE.get("dw_skip", 0) and len(ext) == 7 and ext[4] == 1 and f_e > 1:
         return False
-    # padding / dilation stages feeding the reduction: keep them (vectorized, parallel) unless they are
+    # padding / dilation stages feeding the reduction: keep them (vectorized) unless they are
     # plain copies, which are inlined
     producers = list(sch.get_producers(conv))
     for p in producers:
@@ -379,7 +386,7 @@ def _pack_weights(sch: Schedule, conv: BlockRV, f_e: int, fi: int, at: Any) -> N
 
 
 def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
-    """Register tile for a (batched) matmul block: ``[..., i, j] += A[..., i, k] * B[..., k, j]``."""
+    """Register tile for a (batched) matmul: ``[..., i, j] += A[..., i, k] * B[..., k, j]``."""
     blocks = _blocks(sch)
     reds = [b for b in blocks if _is_reduction(sch, b)]
     if len(reds) != 1:
@@ -414,7 +421,8 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
         ji = _divisor(j_e, [8, 7, 6, 5, 4, 3, 2])
         reads = sch.get(mm).reads
         a_idx = next((n for n, r in enumerate(reads)
-                      if len(r.source.shape) == len(ext) - 1 and r.source.scope() == "global"), None)
+                      if len(r.source.shape) == len(ext) - 1
+                      and r.source.scope() == "global"), None)
         if a_idx is not None:
             try:
                 ac = sch.cache_read(mm, a_idx, "global")
@@ -550,7 +558,9 @@ def schedule_func(func: tirx.PrimFunc, lanes: int, cores: int) -> tuple[tirx.Pri
             if res:
                 return sch.mod["main"], name
         except Exception as exc:  # noqa: BLE001 - a primitive refused; next rule
-            logger.debug("schedule rule %s failed: %s: %s", name, type(exc).__name__, [ln for ln in str(exc).splitlines() if "rror" in ln][-2:] or str(exc)[:300])
+            lines = [ln for ln in str(exc).splitlines() if "rror" in ln][-2:]
+            logger.debug("schedule rule %s failed: %s: %s", name, type(exc).__name__,
+                         lines or str(exc)[:300])
     return None, "none"
 
 
