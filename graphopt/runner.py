@@ -126,7 +126,7 @@ def _main(argv: list[str] | None = None) -> int:
         name, _, f = item.partition("=")
         feeds[name] = np.load(f)
     outs = load_artifact(ns.artifact).run(feeds)
-    np.savez(ns.output, **outs)
+    np.savez(ns.output, **outs)  # type: ignore[arg-type]
     return 0
 
 

@@ -327,7 +327,7 @@ def relax_pipeline(spec: TargetSpec, schedules: bool = True, fuse_pools: bool = 
                 from graphopt.emit.tvm_schedules import ApplyCPUSchedules  # noqa: PLC0415
 
                 sched = ApplyCPUSchedules(lanes=spec.vector_lanes, cores=spec.num_cores)
-                mod = sched(mod)
+                mod = sched(mod)  # type: ignore[operator]  # a TVM module pass
                 if record is not None:
                     record["schedules"] = dict(sched.stats)
             lower = [
@@ -616,7 +616,7 @@ def run_under_qemu(artifact: str | os.PathLike[str], feeds: Mapping[str, np.ndar
 
     art = Path(artifact).resolve()
     with tempfile.TemporaryDirectory(prefix="graphopt-qemu-") as td:
-        args = []
+        args: list[str] = []
         for name, arr in feeds.items():
             f = Path(td) / f"in{len(args)}.npy"
             np.save(f, arr)
