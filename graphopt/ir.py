@@ -346,8 +346,12 @@ def _outer_names(model: Model, graph: gs.Graph) -> set[str]:
 
 
 def check_graph(graph: gs.Graph, outer: set[str] | None = None) -> None:
-    """Check that ``graph`` is a DAG whose node inputs are all defined."""
-    import networkx as nx
+    """Check that ``graph`` is a DAG whose node inputs are all defined.
+
+    Runs after every modifying pass, so it uses the standard library's ``graphlib`` (no import
+    cost) rather than networkx.
+    """
+    import graphlib
 
     outer = outer or set()
     defined = {t.name for t in graph.inputs} | outer
@@ -360,22 +364,24 @@ def check_graph(graph: gs.Graph, outer: set[str] | None = None) -> None:
             if o.name in producers:
                 raise RuntimeError(f"tensor '{o.name}' is produced by two nodes")
             producers[o.name] = i
-    dg = nx.DiGraph()
-    dg.add_nodes_from(range(len(graph.nodes)))
+    deps: dict[int, set[int]] = {}
     for i, n in enumerate(graph.nodes):
+        preds = deps.setdefault(i, set())
         for t in n.inputs:
             if not t.name:  # optional input left empty
                 continue
             if t.name in producers:
-                dg.add_edge(producers[t.name], i)
+                preds.add(producers[t.name])
             elif t.name not in defined and not isinstance(t, gs.Constant):
                 raise RuntimeError(f"node '{n.name}' ({n.op}) reads '{t.name}', which nothing produces")
     for t in graph.outputs:
         if t.name not in producers and t.name not in defined:
             raise RuntimeError(f"graph output '{t.name}' is not produced")
-    if not nx.is_directed_acyclic_graph(dg):
-        cyc = nx.find_cycle(dg)
-        raise RuntimeError(f"graph has a cycle through node '{graph.nodes[cyc[0][0]].name}'")
+    try:
+        graphlib.TopologicalSorter(deps).prepare()
+    except graphlib.CycleError as exc:
+        node = graph.nodes[exc.args[1][0]]
+        raise RuntimeError(f"graph has a cycle through node '{node.name or node.op}'") from None
 
 
 def check_proto(proto: onnx.ModelProto, path: Path | None = None) -> None:

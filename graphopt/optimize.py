@@ -22,7 +22,7 @@ from graphopt.pass_manager import (
     PassManager,
     PassRecord,
     get_pass,
-    registered_passes,
+    known_pass_names,
 )
 from graphopt.shapes import fix_input_shapes, infer_shapes, missing_shapes
 from graphopt.verify import VerifyReport, verify
@@ -66,14 +66,14 @@ def default_pipeline(target: str = "portable") -> list[str]:
     """The default pass names for a target, restricted to passes that are registered."""
     if target not in TARGET_PIPELINES:
         raise GraphoptError(f"unknown target '{target}'; choose one of {', '.join(TARGET_PIPELINES)}")
-    known = registered_passes()
+    known = known_pass_names()
     return [p for p in DEFAULT_PIPELINE + TARGET_PIPELINES[target] if p in known]
 
 
 def target_passes(target: str = "portable") -> list[Pass]:
     """The target lowering passes, constructed for ``target`` (registered passes only)."""
     default_pipeline(target)  # validates the target
-    known = registered_passes()
+    known = known_pass_names()
     return [get_pass(p, target=target) if p in TARGETED_PASSES else get_pass(p)
             for p in TARGET_PIPELINES[target] if p in known]
 
@@ -126,7 +126,7 @@ def optimize_model(
     if passes is not None:
         pass_list = [get_pass(p, target=target) if p in TARGETED_PASSES else p for p in passes]
     else:  # the default pipeline to a fixed point, then the target's lowering to its own
-        known = registered_passes()
+        known = known_pass_names()
         pass_list = [p for p in DEFAULT_PIPELINE if p in known]
         lowering = target_passes(target)
     manager = PassManager(pass_list, steps=steps, on_pass=on_pass)

@@ -93,28 +93,46 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def _load_builtin_passes() -> None:
-    import graphopt.passes  # noqa: F401  (imports every pass module, which registers itself)
+    from graphopt import passes
+
+    passes.load_all()
 
 
 def registered_passes() -> dict[str, type[Pass]]:
-    """All registered passes by name, sorted."""
+    """All registered passes by name, sorted (imports every built-in pass module)."""
     _load_builtin_passes()
     return dict(sorted(_REGISTRY.items()))
 
 
-def get_pass(name: str, **options: Any) -> Pass:
-    """Instantiate a registered pass by name. Unknown names raise :class:`UnknownPassError`."""
-    passes = registered_passes()
-    if name not in passes:
+def known_pass_names() -> set[str]:
+    """Names of every built-in and registered pass, without importing the pass modules."""
+    from graphopt import passes
+
+    return set(passes.PASS_INDEX) | set(_REGISTRY)
+
+
+def pass_class(name: str) -> type[Pass]:
+    """The class of a pass by name, importing only its module. Raises UnknownPassError."""
+    if name not in _REGISTRY:
+        from graphopt import passes
+
+        passes.load(name)
+    if name not in _REGISTRY:
         import difflib
 
-        close = difflib.get_close_matches(name, passes, n=3)
+        close = difflib.get_close_matches(name, sorted(known_pass_names()), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise UnknownPassError(
             f"unknown pass '{name}'{hint}; 'graphopt list-passes' shows the available passes"
         )
+    return _REGISTRY[name]
+
+
+def get_pass(name: str, **options: Any) -> Pass:
+    """Instantiate a registered pass by name. Unknown names raise :class:`UnknownPassError`."""
+    cls = pass_class(name)
     try:
-        return passes[name](**options)
+        return cls(**options)
     except TypeError as exc:
         raise GraphoptError(f"bad options for pass '{name}': {exc}") from None
 
