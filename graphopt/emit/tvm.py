@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,13 @@ def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
         _fold_shape_computations(m, shapes)
     groups = m.metadata.get("graphopt.fusion_groups")
     info["fusion_groups"] = json.loads(groups) if groups else []
+    try:
+        from graphopt.cost import model_cost  # noqa: PLC0415
+
+        info["macs"] = int(model_cost(m).macs)
+    except Exception as exc:  # noqa: BLE001 - cost analysis is advisory here
+        logger.debug("cost analysis failed: %s", exc)
+        info["macs"] = None
     ops = {n.name: n.op for n in m.graph.nodes}
     info["pool_groups"] = sum(1 for g in info["fusion_groups"]
                               if any(ops.get(n) in _POOL_OPS for n in g))
@@ -494,7 +501,11 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
     stages["relax_import"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     record: dict[str, Any] = {}
-    ex = build_relax(mod, spec, schedules=schedules, fuse_pools=info["pool_groups"] > 0,
+    sched_spec = spec
+    if info["macs"] is not None and info["macs"] < SMALL_MODEL_MACS and spec.name != "cuda":
+        # a small model runs faster on one thread than waking the pool for every kernel
+        sched_spec = replace(spec, num_cores=1)
+    ex = build_relax(mod, sched_spec, schedules=schedules, fuse_pools=info["pool_groups"] > 0,
                      record=record)
     stages["build"] = time.perf_counter() - t1
     t1 = time.perf_counter()
@@ -587,6 +598,9 @@ def _verify_artifact(model: Model, lib: Path, spec: TargetSpec, shapes: Mapping[
 #: fp32 tolerance against onnxruntime (relative to max |reference|): TVM reassociates reductions
 VERIFY_RTOL = 1e-4
 VERIFY_ATOL = 1e-5
+
+#: below this many multiply-adds a model's kernels are scheduled without parallel loops
+SMALL_MODEL_MACS = 50_000_000
 
 #: where scripts/install-tvm-deps.sh unpacks Debian's arm64 python and the aarch64 wheels
 ARM64_ROOT = Path(os.environ.get("GRAPHOPT_ARM64_ROOT", "/opt/graphopt-arm64"))

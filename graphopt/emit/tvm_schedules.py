@@ -228,6 +228,8 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
         xi = _divisor(x_e, [8, 7, 6, 5, 4, 3, 2])
     elif xi == 1:
         fi = 1
+    if len(ext) == 7 and ext[4] == 1 and f_e > 1 and _TUNE.get("dw_fi"):
+        fi = _TUNE["dw_fi"]
     fi = _TUNE.get("fi", fi)
     red_work = 1
     for e in ext[4:]:
