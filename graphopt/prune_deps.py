@@ -795,6 +795,9 @@ def _conv(ctx: _Ctx, node: gs.Node) -> None:
     if cin_g == 1 and cout == group:  # depthwise: channels pass through
         if lab is None:
             return
+        if lab[0] != 1:  # the labelled axis is not the channel axis (e.g. MatMul on the last)
+            ctx.block(lab[1], f"{node.op} '{node.name}' input channels misaligned")
+            return
         labels = lab[1]
         ctx.slice_const(node, 1, 0, labels, "producer")
         if len(node.inputs) > 2 and node.inputs[2].name:
@@ -832,6 +835,9 @@ def _conv_transpose(ctx: _Ctx, node: gs.Node) -> None:
         return
     if cout_g == 1 and cin == group:
         if lab is None:
+            return
+        if lab[0] != 1:  # the labelled axis is not the channel axis (e.g. MatMul on the last)
+            ctx.block(lab[1], f"{node.op} '{node.name}' input channels misaligned")
             return
         labels = lab[1]
         ctx.slice_const(node, 1, 0, labels, "producer")

@@ -167,3 +167,34 @@ def test_prune_channels_keeps_producers_whose_bias_is_a_graph_input() -> None:
     result = get_pass("prune-channels", ratio=0.5, recover=False)(m.clone())
     assert [tuple(t.shape) for t in result.model.graph.inputs] == [(1, 1, 3, 3), (2,)]
     run_model(result.model, feeds)  # raises if onnxruntime refuses the pruned model
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_prune_channels_depthwise_after_matmul_on_last_axis(op: str) -> None:
+    """prune-channels (graphopt/prune_deps.py): a depthwise Conv/ConvTranspose took the channel
+    labels of a MatMul that acts on the LAST axis of a 4-D tensor as if they were on axis 1, so
+    pruning the MatMul's output columns also cut the depthwise weight and ``group``: onnxruntime
+    refused the model or the output shape changed. Found by the fuzzer."""
+    if "prune-channels" not in registered_passes():
+        pytest.skip("prune-channels is not registered")
+    from graphopt import prune_deps as pd
+
+    m = _model([helper.make_node("MatMul", ["x", "mw"], ["h"]),
+                helper.make_node(op, ["h", "w", "b"], ["y"], kernel_shape=[1, 1], group=2)],
+               [("x", [1, 2, 3, 3])], [("y", [1, 2, 3, 1])],
+               {"mw": np.array([[0.126], [-0.132], [0.64]], np.float32),
+                "w": np.array([0.105, -0.536], np.float32).reshape(2, 1, 1, 1),
+                "b": np.array([0.18, 0.65], np.float32)})
+    zeroed = m.clone()
+    an = pd.analyze(zeroed)
+    keep = pd.keep_elements(an, pd.select(an, pd.groups(an), pd.unit_scores(
+        an, pd.weight_importance(an)), 0.5, None, 1, 0.0))
+    pd.zero_pruned(zeroed, an, keep)
+    pruned = zeroed.clone()
+    pd.apply_pruning(pruned, pd.analyze(pruned), keep)
+    prepare(pruned)
+    rep = verify(zeroed, pruned, feeds=random_feeds(zeroed, seed=0), rtol=RTOL, atol=ATOL)
+    assert rep.ok, rep.to_json()
+    result = get_pass("prune-channels", ratio=0.5, recover=False)(m.clone())
+    rep = verify(m, result.model, feeds=random_feeds(m, seed=0), rtol=1e9, atol=1e9)
+    assert all(o.shape == [1, 2, 3, 1] for o in rep.outputs), rep.to_json()
