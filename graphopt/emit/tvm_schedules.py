@@ -8,13 +8,13 @@ transforms itself, from the shapes:
 * convolution, depthwise convolution, transposed convolution and pooling (any block with spatial
   axes ``n, c, h, w`` and reduction axes): a register tile of ``fi`` output channels x ``xi`` output
   columns accumulated in a local buffer (registers after LLVM's SROA), ``xi`` the largest power of
-  two up to the vector width dividing ``W`` (odd widths make LLVM scalarize), vectorized, ``fi``
-  unrolled; reductions outside the tile; the fused epilogue (bias, activation, residual add)
+  two up to 8 lanes dividing ``W`` (odd widths make LLVM scalarize), vectorized, ``fi`` unrolled and
+  as large as the register file allows (24 accumulators with 32 vector registers, 12 with 16); reductions outside the tile; the fused epilogue (bias, activation, residual add)
   computed from the registers right after the tile; the outer ``n, co, h`` loops fused and parallel
   above a work threshold (waking the thread pool costs more than small kernels take). Narrow maps
   (``W`` = 10, 5, 1) vectorize over output channels instead, with the weights packed
-  ``[co/fi, ci, kh, kw, fi]``. Zero padding stays a separate vectorized stage; for stride 2 it is
-  stored de-interleaved (``w % 2, w // 2``) so the tile reads contiguous vectors. A pooling fused
+  ``[co/fi, ci, kh, kw, fi]``. Zero padding stays a separate vectorized stage (computing it inside
+  the tile loop, or storing it de-interleaved for stride 2, measured slower). A pooling fused
   behind the convolution (graphopt's Conv+activation+pool groups) stays a parallel stage of the
   same kernel.
 * matmul: the same register tile over ``i`` (unrolled) x ``j`` (vectorized), ``k`` outside, batch
@@ -203,8 +203,6 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
         pads = set()
     for p in producers:
         if sch.get(p).name_hint in pads:
-            if _TUNE.get("deinterleave", 1):
-                _deinterleave_stride2(sch, p, x_e, ext[-1])
             continue  # a real padding stage: a conditional in the inner loop would cost more
         try:
             sch.compute_inline(p)
@@ -215,11 +213,15 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
                                                if sch.get(p).name_hint != conv_name
                                                and not sch.get_consumers(p)})
     # the register tile
-    xi = _vec_factor(x_e, lanes, max_vectors=1)
+    # 256-bit tiles with many accumulators beat 512-bit tiles with few (AMD runs a 512-bit FMA as
+    # two 256-bit halves; more independent accumulators hide the FMA latency)
+    tile_lanes = min(lanes, 8)
+    xi = _vec_factor(x_e, tile_lanes, max_vectors=1)
     xi = _TUNE.get("xi", xi)
-    acc_budget = 16  # vector registers for accumulators (AVX-512 has 32, AVX2/NEON 16)
-    vec_regs = max(1, -(-xi // lanes))
-    fi = _divisor(f_e, [c for c in (8, 6, 4, 3, 2) if c * vec_regs <= acc_budget])
+    # vector registers for accumulators: 32-register files (AVX-512, NEON) keep 24, AVX2 12
+    acc_budget = 24 if lanes >= 16 or lanes == 4 else 12
+    vec_regs = max(1, -(-xi // tile_lanes))
+    fi = _divisor(f_e, [c for c in (24, 16, 12, 8, 6, 4, 3, 2) if c * vec_regs <= acc_budget])
     narrow = xi == 1 and _vec_factor(f_e, lanes) > 1
     if narrow:
         # narrow maps (W = 10, 5, 1): vectorize across output channels (weights packed so the
@@ -351,19 +353,6 @@ def _parallel_spatial(sch: Schedule, block: BlockRV, cores: int) -> None:
     if cores > 1 and total >= PARALLEL_MIN_ELEMS:
         fused = sch.fuse(*loops[:nsp]) if nsp > 1 else loops[0]
         sch.parallel(fused)
-
-
-def _deinterleave_stride2(sch: Schedule, pad: BlockRV, x_e: int, kw: int) -> None:
-    """For a stride-2 convolution, store the padded input as ``[..., w % 2, w // 2]`` so that the
-    vector of ``xi`` outputs reads ``xi`` consecutive floats instead of a stride-2 gather."""
-    shape = [int(d) for d in sch.get(pad).writes[0].source.shape]
-    w_pad = shape[-1]
-    if len(shape) != 4 or w_pad % 2 or x_e < 2 or (w_pad - kw) // (x_e - 1) != 2:
-        return
-    try:
-        sch.transform_layout(pad, ("write", 0), lambda n, c, h, w: (n, c, h, w % 2, w // 2))
-    except Exception as exc:  # noqa: BLE001 - keep the plain layout
-        logger.debug("stride-2 de-interleave refused: %s", str(exc).splitlines()[-1:])
 
 
 def _pack_weights(sch: Schedule, conv: BlockRV, f_e: int, fi: int, at: Any) -> None:
