@@ -296,6 +296,11 @@ def _rank(t: gs.Tensor) -> int | None:
 
 
 # ---------------------------------------------------------------------------------- handlers
+#: ops that act on the spatial axes (>= 2) of an NCHW tensor and pass the channel axis through
+_SPATIAL_OPS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
+                          "GlobalLpPool", "Upsample", "Resize"})
+
+
 @handles("Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu", "Selu",
          "Celu", "Softplus", "Softsign", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal",
          "Identity", "Cast", "Dropout", "Gelu", "Mish", "Floor", "Ceil", "Round", "Sign", "Sin",
@@ -310,6 +315,10 @@ def _passthrough(ctx: _Ctx, node: gs.Node) -> None:
     if lab is None:
         return
     axis, labels = lab
+    if node.op in _SPATIAL_OPS and axis != 1:
+        # pooling and resizing work on axes >= 2: labels there would be pooled, not passed
+        ctx.block(labels, f"{node.op} '{node.name}' acts on the labelled axis {axis}")
+        return
     if node.op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].outputs:
         ctx.block(labels, f"MaxPool '{node.name}' indices output is used")
         return

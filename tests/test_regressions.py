@@ -200,13 +200,11 @@ def test_prune_channels_depthwise_after_matmul_on_last_axis(op: str) -> None:
     assert all(o.shape == [1, 2, 3, 1] for o in rep.outputs), rep.to_json()
 
 
-@pytest.mark.xfail(strict=True, reason="open: prune_deps passes channel labels through MaxPool "
-                   "even when the labelled axis is a pooled (spatial) axis; reported to the lead")
 def test_prune_channels_labels_on_a_pooled_axis() -> None:
     """prune-channels (graphopt/prune_deps.py): MatMul labels the LAST axis of a 4-D tensor; MaxPool
     (kernel 2) shrinks that axis, yet the labels pass through it as if it were the channel axis, so
     a later Split on that axis gets wrong sizes and the pruned model is invalid. Found by the
-    fuzzer (make fuzz, 2026-11-22); strict xfail until fixed."""
+    fuzzer (make fuzz, 2026-11-22); fixed: spatial ops block labels on axes other than 1."""
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
     from graphopt import prune_deps as pd
