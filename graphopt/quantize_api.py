@@ -468,7 +468,7 @@ def quantize(
         if n in kept_float:
             continue
         node_op = next((x.op for x in work.graph.nodes if x.name == n), "?")
-        if node_op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Concat") or \
+        if node_op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or \
                 reason.startswith("kept float"):
             kept_float[n] = reason
             layers.append(LayerReport(n, node_op, "float", reason))
