@@ -164,7 +164,7 @@ def edit_distance(a: str, b: str) -> int:
 
 def char_accuracy(preds: Sequence[str], truths: Sequence[str]) -> float:
     """1 - total edit distance / total ground-truth characters (can be < 0 only in theory)."""
-    errs = sum(edit_distance(p, t) for p, t in zip(preds, truths))
+    errs = sum(edit_distance(p, t) for p, t in zip(preds, truths, strict=False))
     total = sum(len(t) for t in truths)
     return 1.0 - errs / max(total, 1)
 

@@ -1,8 +1,9 @@
 """graphopt int8 quantization against onnxruntime.quantization.quantize_static on PP-OCRv4.
 
-For det, rec and cls: quantize with graphopt (MSE and Entropy) and with onnxruntime (MinMax, Entropy,
-Percentile; uint8 activations + reduce_range, and its defaults), each job in its own subprocess (wall
-time, peak RSS from getrusage, an RSS watchdog that kills a job above --mem-cap-gb), then measure:
+For det, rec and cls: quantize with graphopt (MSE and Entropy) and with onnxruntime (MinMax,
+Entropy, Percentile; uint8 activations + reduce_range, and its defaults), each job in its own
+subprocess (wall time, peak RSS from getrusage, an RSS watchdog that kills a job above
+--mem-cap-gb), then measure:
 
 - latency int8 vs fp32: onnxruntime ORT_ENABLE_ALL, intra_op threads fixed, spinning off, A/B
   interleaved, medians; det at 1x3x320x320, rec 1x3x48x320, cls 1x3x48x192;
@@ -92,6 +93,7 @@ def worker(spec: dict) -> dict:
     info: dict = {}
     if spec["tool"] == "graphopt":
         import graphopt.passes  # noqa: F401
+
         from graphopt.quantize_api import quantize
 
         res = quantize(spec["model"], spec["calib"], method=spec["method"],
@@ -222,7 +224,7 @@ def fidelity(name: str, path: Path, data: EvalData, fp32_path: Path) -> float:
             sf = session(fp32_path)
             data.fp32["det"] = [sf.run(None, {"x": x})[0] > 0.3 for x in data.det_x]
         inter = union = 0
-        for x, ref in zip(data.det_x, data.fp32["det"]):
+        for x, ref in zip(data.det_x, data.fp32["det"], strict=False):
             m = s.run(None, {"x": x})[0] > 0.3
             inter += int(np.logical_and(m, ref).sum())
             union += int(np.logical_or(m, ref).sum())
@@ -347,16 +349,17 @@ def report(rows: list[dict], base_fid: dict, e2e: dict, n_rec: int, n_det: int, 
     lines = [
         "# int8 quantization: graphopt vs onnxruntime quantize_static (PP-OCRv4)",
         "",
-        f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, onnxruntime {ort.__version__}. **The machine was shared with other "
-        "engineers' jobs while this ran: latencies are noisy; ratios come from interleaved A/B "
-        f"medians of {runs} runs** (ORT_ENABLE_ALL, 2 intra-op threads, spinning off).",
+        f"Date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, onnxruntime {ort.__version__}. **The machine was shared with "
+        "other engineers' jobs while this ran: latencies are noisy; ratios come from interleaved "
+        f"A/B medians of {runs} runs** (ORT_ENABLE_ALL, 2 intra-op threads, spinning off).",
         f"graphopt `--activations auto` chose {dt} activations, reduce_range={rr} ({why}).",
-        f"Calibration: rec {n_rec} rendered text lines (variable widths for graphopt, padded to 320 "
-        f"for onnxruntime, whose calibrator needs one shape), det {n_det} rendered pages at 320x320, "
-        f"cls {n_cls} lines (half rotated 180). Evaluation data is rendered with other seeds "
-        "(never seen in calibration). onnxruntime jobs use per_channel=False (per-channel output "
-        "does not load for these opset 11/12 models) and are given the published fp32 model.",
+        f"Calibration: rec {n_rec} rendered text lines (variable widths for graphopt, padded to "
+        f"320 for onnxruntime, whose calibrator needs one shape), det {n_det} rendered pages at "
+        f"320x320, cls {n_cls} lines (half rotated 180). Evaluation data is rendered with other "
+        "seeds (never seen in calibration). onnxruntime jobs use per_channel=False (per-channel "
+        "output does not load for these opset 11/12 models) and are given the published fp32 model.",
         "" if not quick else "**--quick run: small sample counts.**",
         "",
         "| model | tool | method | activations | fp32 ms | int8 ms | speedup | fidelity | "
@@ -384,8 +387,9 @@ def report(rows: list[dict], base_fid: dict, e2e: dict, n_rec: int, n_det: int, 
                 f"{r['int8_ms']:.1f} | {r['speedup']:.2f}x | {r['fidelity']:.4f} | "
                 f"{r['seconds']:.1f} | {fmt_gb(r['peak_rss'])} | {note} |")
     if e2e:
-        lines += ["", f"RapidOCR end to end ({'6' if quick else '12'} rendered pages, 6 lines each; "
-                  "character accuracy of the page text without whitespace, lines ordered top to bottom):", "",
+        lines += ["", f"RapidOCR end to end ({'6' if quick else '12'} rendered pages, 6 lines "
+                  "each; character accuracy of the page text without whitespace, lines ordered top "
+                  "to bottom):", "",
                   "| models | char accuracy |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in e2e.items()]
     ent = [r for r in rows if r["model"] == "rec" and r["method"].lower() == "entropy"]

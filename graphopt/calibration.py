@@ -6,8 +6,8 @@ Accepted sources (DESIGN.md, ``--calib DATA``):
 - a folder of such ``.npz`` files (read one file at a time, in name order);
 - a folder of ``.npy`` files named after the inputs (``x.npy``), samples on axis 0;
 - a single ``.npy`` file for a model with one input;
-- from Python, any iterable of feed dicts ``{input name: array}`` (a sample without the batch axis or
-  a batch with it).
+- from Python, any iterable of feed dicts ``{input name: array}`` (a sample without the batch axis
+  or a batch with it).
 
 Samples may differ in their dynamic dims (text-line crops of different widths): consecutive samples
 of one shape are batched together, and a change of shape closes the batch. Only one source file and
@@ -72,7 +72,7 @@ def _check_array(spec: InputSpec, arr: np.ndarray, where: str, batched: bool) ->
                 f"calibration input '{spec.name}'{where} has rank {arr.ndim} (shape "
                 f"{list(arr.shape)}), but the model expects rank {spec.rank} "
                 f"{_fmt(spec.dims)} with samples on axis 0")
-        for i, (want, have) in enumerate(zip(spec.dims or (), arr.shape)):
+        for i, (want, have) in enumerate(zip(spec.dims or (), arr.shape, strict=False)):
             if i > 0 and want is not None and want != have:
                 raise CalibrationError(
                     f"calibration input '{spec.name}'{where} has shape {list(arr.shape)}, but the "

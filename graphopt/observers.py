@@ -1,38 +1,39 @@
 """Range observers for calibration: bounded memory, updated batch by batch.
 
-Every observer sees one activation tensor a batch at a time (``update``), can absorb another observer
-of its kind (``merge``) and finally proposes a real range ``(lo, hi)`` (``compute_range``) for a
-quantizer with ``levels`` steps. Nothing but running statistics is kept: the min and max, and for the
-histogram observers one fixed-size histogram per tensor.
+Every observer sees one activation tensor a batch at a time (``update``), can absorb another
+observer of its kind (``merge``) and finally proposes a real range ``(lo, hi)`` (``compute_range``)
+for a quantizer with ``levels`` steps. Nothing but running statistics is kept: the min and max, and
+for the histogram observers one fixed-size histogram per tensor.
 
 Histogram. ``nbins`` counts on a grid anchored at zero whose bin width is a power of two, bin ``j``
-covering ``[j w, (j+1) w)``. When a later batch extends the range, the width doubles ``k`` times and old
-bins merge exactly (``j -> floor(j / 2^k)``), so the histogram after any sequence of batches equals the
-histogram of all the data at once (the final width is the smallest power of two that fits the overall
-range, whatever the order). Binning is ``floor(x / w)`` with ``w`` a power of two, which is exact in
-floating point. Accumulation and the threshold searches run in numba.
+covering ``[j w, (j+1) w)``. When a later batch extends the range, the width doubles ``k`` times and
+old bins merge exactly (``j -> floor(j / 2^k)``), so the histogram after any sequence of batches
+equals the histogram of all the data at once (the final width is the smallest power of two that fits
+the overall range, whatever the order). Binning is ``floor(x / w)`` with ``w`` a power of two, which
+is exact in floating point. Accumulation and the threshold searches run in numba.
 
-Thresholds (asymmetric, for affine uint8/int8 activations). Each side of zero is searched on its own:
-the histogram of ``|x|`` for the values of that sign gives a threshold with ``nq`` quantization bins,
-``nq`` being that side's share of the ``levels`` under the min-max range (``levels`` for one-sided data
-such as Relu outputs, about half each for symmetric data, as TensorRT's 128). A side holding less than
-1/16 of the range (the small negative tail of a HardSwish) is kept unclipped, so it can never pull the
-other side's threshold down.
+Thresholds (asymmetric, for affine uint8/int8 activations). Each side of zero is searched on its
+own: the histogram of ``|x|`` for the values of that sign gives a threshold with ``nq`` quantization
+bins, ``nq`` being that side's share of the ``levels`` under the min-max range (``levels`` for
+one-sided data such as Relu outputs, about half each for symmetric data, as TensorRT's 128). A side
+holding less than 1/16 of the range (the small negative tail of a HardSwish) is kept unclipped, so
+it can never pull the other side's threshold down.
 
 - :class:`MinMaxObserver`: ``(min, max)``.
 - :class:`PercentileObserver`: ``t`` = the ``percentile`` of ``|x|`` (default 99.999).
 - :class:`EntropyObserver`: TensorRT's KL calibration: for every candidate ``i`` (bins kept) from
-  ``nq`` to the last bin, ``P`` = the first ``i`` bins with the clipped tail added to the last, ``Q`` = those
-  bins merged into ``nq`` groups and spread uniformly over each group's non-empty bins; pick the ``i``
-  minimizing ``KL(P || Q)`` and ``t = i w``. The zero bin's count is replaced by its neighbour's first
-  (NVIDIA pytorch-quantization does the same): the spike of exact zeros after a Relu would otherwise
-  make the search clip to the first few bins. With fewer than 64 values per quantization level the
-  histogram is too sparse for the search and the full range is kept, and the threshold never clips
-  more than ``max_clip_fraction`` (1e-4) of the values: on spiky histograms (rendered pages, mostly
-  background) the KL minimum can otherwise sit in the first bins and wipe out the signal.
-- :class:`MSEObserver`: ``t`` minimizing the expected squared error: rounding noise ``step^2 / 12`` on
-  the ``N(t)`` values inside plus ``sum (|x| - t)^2`` over the clipped tail, from prefix sums over the
-  bins (all candidates at once, vectorized).
+  ``nq`` to the last bin, ``P`` = the first ``i`` bins with the clipped tail added to the last,
+  ``Q`` = those bins merged into ``nq`` groups and spread uniformly over each group's non-empty
+  bins; pick the ``i`` minimizing ``KL(P || Q)`` and ``t = i w``. The zero bin's count is replaced
+  by its neighbour's first (NVIDIA pytorch-quantization does the same): the spike of exact zeros
+  after a Relu would otherwise make the search clip to the first few bins. With fewer than 64 values
+  per quantization level the histogram is too sparse for the search and the full range is kept, and
+  the threshold never clips more than ``max_clip_fraction`` (1e-4) of the values: on spiky
+  histograms (rendered pages, mostly background) the KL minimum can otherwise sit in the first bins
+  and wipe out the signal.
+- :class:`MSEObserver`: ``t`` minimizing the expected squared error: rounding noise ``step^2 / 12``
+  on the ``N(t)`` values inside plus ``sum (|x| - t)^2`` over the clipped tail, from prefix sums
+  over the bins (all candidates at once, vectorized).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def _finite_minmax(x: np.ndarray) -> tuple[float, float, int]:  # pragma: no cov
 
 
 @numba.njit(cache=True, nogil=True)
-def _accumulate(x: np.ndarray, counts: np.ndarray, inv_w: float, i0: int) -> None:  # pragma: no cover
+def _accumulate(x: np.ndarray, counts: np.ndarray, inv_w: float,
+                i0: int) -> None:  # pragma: no cover - numba
     nb = counts.size
     for i in range(x.size):
         v = x[i]
@@ -84,9 +86,9 @@ def _accumulate(x: np.ndarray, counts: np.ndarray, inv_w: float, i0: int) -> Non
 def _kl_search(hist: np.ndarray, nq: int, stride: int) -> int:  # pragma: no cover - numba
     """Bins to keep (TensorRT entropy calibration) for a histogram of |x|.
 
-    For candidate ``i``: ``P`` = hist[:i] with the tail added to bin i-1; ``Q`` = hist[:i] merged into
-    ``nq`` groups, each group's mass spread evenly over its non-empty bins. With prefix sums of
-    ``h``, ``h log h`` and ``[h > 0]``, ``KL(P||Q) = (1/|P|) sum_k p_k (log p_k - log q_k)
+    For candidate ``i``: ``P`` = hist[:i] with the tail added to bin i-1; ``Q`` = hist[:i] merged
+    into ``nq`` groups, each group's mass spread evenly over its non-empty bins. With prefix sums
+    of ``h``, ``h log h`` and ``[h > 0]``, ``KL(P||Q) = (1/|P|) sum_k p_k (log p_k - log q_k)
     + log(|Q| / |P|)`` costs O(nq) per candidate instead of O(i).
     """
     n = hist.size
@@ -215,7 +217,7 @@ class MinMaxObserver(Observer):
 
 
 class Histogram:
-    """A fixed-size histogram on a zero-anchored power-of-two grid that re-bins as the range grows."""
+    """A fixed-size histogram on a zero-anchored power-of-two grid, re-binned as the range grows."""
 
     def __init__(self, nbins: int = DEFAULT_BINS) -> None:
         if nbins < 16:

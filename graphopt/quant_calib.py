@@ -80,7 +80,7 @@ def collect_ranges(model: Model, tensors: Sequence[str], batches: Iterable[dict[
             shapes = {k: list(v.shape) for k, v in feeds.items()}
             raise CalibrationError(
                 f"the model cannot run on a calibration batch {shapes}: {first}") from None
-        for name, val in zip(names, outs):
+        for name, val in zip(names, outs, strict=False):
             observers[name].update(val)
         del outs
         n = next(iter(feeds.values())).shape[0] if feeds else 1

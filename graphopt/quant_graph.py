@@ -5,23 +5,24 @@ carry a Q/DQ pair; emission (:func:`apply_quantization`) rewrites the graph give
 calibrated range.
 
 Arithmetic. An activation tensor with calibrated range ``[lo, hi]`` (widened to contain 0) is
-quantized affinely, ``q = clamp(round(x / s) + z, qmin, qmax)`` with ``s = (hi - lo) / 255`` and
-``z = qmin - round(lo / s)`` (uint8: ``[0, 255]``; int8: ``[-128, 127]``), so a range starting at 0
-(after Relu/Clip) has ``z = qmin`` exactly. Weights are symmetric int8, per output channel by default:
-``s_c = max|W_c| / qmax`` with ``qmax = 127`` (``63`` with ``reduce_range``, the 7-bit weights that keep
-the AVX2 ``vpmaddubsw`` u8 x s8 pair sums from saturating on CPUs without VNNI), ``W_q = round(W / s_c)``.
-A Conv/Gemm bias becomes int32 with scale ``s_x * s_c`` and zero point 0, which is what an integer
-kernel adds to its int32 accumulator.
+quantized affinely, ``q = clamp(round(x / s) + z, qmin, qmax)`` with ``s = (hi - lo) / 255`` and ``z
+= qmin - round(lo / s)`` (uint8: ``[0, 255]``; int8: ``[-128, 127]``), so a range starting at 0
+(after Relu/Clip) has ``z = qmin`` exactly. Weights are symmetric int8, per output channel by
+default: ``s_c = max|W_c| / qmax`` with ``qmax = 127`` (``63`` with ``reduce_range``, the 7-bit
+weights that keep the AVX2 ``vpmaddubsw`` u8 x s8 pair sums from saturating on CPUs without VNNI),
+``W_q = round(W / s_c)``. A Conv/Gemm bias becomes int32 with scale ``s_x * s_c`` and zero point 0,
+which is what an integer kernel adds to its int32 accumulator.
 
-Placement. Every quantized tensor ``T`` becomes ``T -> Q -> DQ -> T'``; a quantized producer hands all
-its consumers ``T'``, a float producer only its quantized consumers. Onnxruntime's QDQ transformer then
-fuses each ``{DQ inputs, op, Q output}`` group into an integer kernel (QLinearConv, QLinearMatMul, QGemm,
-QLinearAdd, QLinearMul, QLinearConcat, QLinearAveragePool, QLinearGlobalAveragePool, QLinearSigmoid,
-QLinearLeakyRelu) and drops DQ/Q around data-movement ops (MaxPool, Resize, Reshape, Transpose, ...),
-which therefore get exactly their input's scale and zero point. A Relu or Clip right after a quantized
-op is absorbed: the Q goes after the activation (its range starts at 0, ``z = qmin``) and onnxruntime
-removes the activation, so ``Conv -> Relu -> Q`` runs as one QLinearConv. Graph outputs stay float.
-Per-channel DequantizeLinear needs opset 13; the caller raises the opset first.
+Placement. Every quantized tensor ``T`` becomes ``T -> Q -> DQ -> T'``; a quantized producer hands
+all its consumers ``T'``, a float producer only its quantized consumers. Onnxruntime's QDQ
+transformer then fuses each ``{DQ inputs, op, Q output}`` group into an integer kernel (QLinearConv,
+QLinearMatMul, QGemm, QLinearAdd, QLinearMul, QLinearConcat, QLinearAveragePool,
+QLinearGlobalAveragePool, QLinearSigmoid, QLinearLeakyRelu) and drops DQ/Q around data-movement ops
+(MaxPool, Resize, Reshape, Transpose, ...), which therefore get exactly their input's scale and zero
+point. A Relu or Clip right after a quantized op is absorbed: the Q goes after the activation (its
+range starts at 0, ``z = qmin``) and onnxruntime removes the activation, so ``Conv -> Relu -> Q``
+runs as one QLinearConv. Graph outputs stay float. Per-channel DequantizeLinear needs opset 13; the
+caller raises the opset first.
 """
 
 from __future__ import annotations
@@ -443,7 +444,8 @@ def apply_quantization(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple
                 b = np.asarray(bt.values).astype(np.float64)
                 sx = params[q.inputs[0]].scale
                 bs = np.asarray(sx * ws.astype(np.float64), np.float32)  # 0-d when per tensor
-                bq = np.clip(np.round(b / bs.astype(np.float64)), -2**31, 2**31 - 1).astype(np.int32)
+                bq = np.clip(np.round(b / bs.astype(np.float64)), -2**31, 2**31 - 1)
+                bq = bq.astype(np.int32)
                 bc = gs.Constant(_unique(g, f"{bt.name}_quantized", taken), bq)
                 bsc = gs.Constant(_unique(g, f"{bt.name}_scale", taken), bs)
                 bzc = gs.Constant(_unique(g, f"{bt.name}_zero_point", taken),

@@ -1,18 +1,18 @@
-"""The quantize job: optimize -> opset 13 -> plan -> calibrate -> mixed-range check -> QDQ emission ->
-per-layer report -> (sensitivity and mixed precision) -> verify against fp32.
+"""The quantize job: optimize -> opset 13 -> plan -> calibrate -> mixed-range check -> QDQ emission
+-> per-layer report -> (sensitivity and mixed precision) -> verify against fp32.
 
-``quantize(model, calib, ...)`` is the public entry point (exported as ``graphopt.quantize``); the CLI's
-``graphopt quantize`` calls it and only prints.
+``quantize(model, calib, ...)`` is the public entry point (exported as ``graphopt.quantize``); the
+CLI's ``graphopt quantize`` calls it and only prints.
 
 Activation type. onnxruntime's x86 QDQ fusions build integer kernels for uint8 activations with int8
-weights (u8s8); int8 activations stay DQ -> float op -> Q there, which is why its int8 default is slower
-than fp32 on x86. ``activations='auto'`` therefore picks uint8 on x86 and int8 on ARM; without VNNI
-(``avx512_vnni`` / ``avx_vnni`` missing from /proc/cpuinfo) it also reduces weights to 7 bits
-(``reduce_range``) because AVX2's ``vpmaddubsw`` saturates its int16 pair sums otherwise.
+weights (u8s8); int8 activations stay DQ -> float op -> Q there, which is why its int8 default is
+slower than fp32 on x86. ``activations='auto'`` therefore picks uint8 on x86 and int8 on ARM;
+without VNNI (``avx512_vnni`` / ``avx_vnni`` missing from /proc/cpuinfo) it also reduces weights to
+7 bits (``reduce_range``) because AVX2's ``vpmaddubsw`` saturates its int16 pair sums otherwise.
 
-Accuracy control. The per-layer table gives each quantized layer's scales and the SQNR of its output in
-the fully quantized model against fp32 (cumulative error). With ``min_sqnr`` or ``metric``, every layer
-is also quantized alone (isolated sensitivity: SQNR of the model outputs with only that layer
+Accuracy control. The per-layer table gives each quantized layer's scales and the SQNR of its output
+in the fully quantized model against fp32 (cumulative error). With ``min_sqnr`` or ``metric``, every
+layer is also quantized alone (isolated sensitivity: SQNR of the model outputs with only that layer
 quantized); layers are then kept float, most sensitive first, growing the set geometrically and
 bisecting, until the target holds. Concats whose inputs' ranges differ by more than
 ``mixed_range_ratio`` (box coordinates next to probabilities) are kept float, since one shared scale
@@ -224,7 +224,7 @@ def _layer_sqnr(float_model: Model, qmodel: Model, names: Sequence[str],
         feeds = {k: v for k, v in b.items() if k in fin}
         fo = fs.run(list(names), feeds)
         qo = qs.run(list(names), feeds)
-        for n, a, c in zip(names, fo, qo):
+        for n, a, c in zip(names, fo, qo, strict=False):
             a64 = np.asarray(a, np.float64).ravel()
             d = a64 - np.asarray(c, np.float64).ravel()
             sig[n] += float(a64 @ a64)
@@ -241,8 +241,8 @@ def bias_correction(float_model: Model, qmodel: Model, batches: Sequence[Mapping
     For a Conv/Gemm with int32 bias, the expected output error from rounding the weights is
     ``E[(W_q - W) x] = sum_{ci,k} (W_q - W)[c, ci, k] E[x_ci]`` per output channel ``c`` (padding
     ignored), with ``E[x_ci]`` measured on the layer's dequantized input in the int8 model; it is
-    subtracted from the bias (re-quantized on the bias's own scale). Each layer's correction uses only
-    its own weights, so corrections do not compound. Returns the number of layers corrected."""
+    subtracted from the bias (re-quantized on the bias's own scale). Each layer's correction uses
+    only its own weights, so corrections do not compound. Returns the number of layers corrected."""
     fnodes = {n.name: n for n in float_model.graph.nodes}
     targets: dict[str, gs.Node] = {}
     for n in qmodel.graph.nodes:
@@ -262,7 +262,8 @@ def bias_correction(float_model: Model, qmodel: Model, batches: Sequence[Mapping
     sums: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}
     for b in batches:
-        for name, a in zip(names, qs.run(names, {k: v for k, v in b.items() if k in qin})):
+        outs = qs.run(names, {k: v for k, v in b.items() if k in qin})
+        for name, a in zip(names, outs, strict=True):
             a = np.asarray(a, np.float64)
             axes = tuple(i for i in range(a.ndim) if i != 1)
             sums[name] = sums.get(name, 0) + a.sum(axis=axes)

@@ -1,12 +1,12 @@
 """Static int8 quantization as QDQ: ``op(x, W, b) -> DQ(Q(x)) , DQ(W_q), DQ(b_q) -> op -> Q -> DQ``.
 
-Maths (see :mod:`graphopt.quant_graph`): activations affine, ``q = clamp(round(x / s) + z)``,
-``s = (hi - lo) / 255`` from the calibrated range ``[lo, hi]`` (widened to contain 0); weights symmetric
-int8 per output channel, ``s_c = max|W_c| / 127`` (63 with ``reduce_range``); biases int32 with scale
-``s_x * s_c``. Ranges come from calibration observers (:mod:`graphopt.observers`): either given as
-``ranges`` (tensor -> (lo, hi)) or measured here from ``calib`` (an iterable of feed dicts; passes do no
-file I/O). Without either the pass changes nothing. The whole job (optimize first, opset upgrade,
-mixed precision, reports) is :func:`graphopt.quantize_api.quantize`.
+Maths (see :mod:`graphopt.quant_graph`): activations affine, ``q = clamp(round(x / s) + z)``, ``s =
+(hi - lo) / 255`` from the calibrated range ``[lo, hi]`` (widened to contain 0); weights symmetric
+int8 per output channel, ``s_c = max|W_c| / 127`` (63 with ``reduce_range``); biases int32 with
+scale ``s_x * s_c``. Ranges come from calibration observers (:mod:`graphopt.observers`): either
+given as ``ranges`` (tensor -> (lo, hi)) or measured here from ``calib`` (an iterable of feed dicts;
+passes do no file I/O). Without either the pass changes nothing. The whole job (optimize first,
+opset upgrade, mixed precision, reports) is :func:`graphopt.quantize_api.quantize`.
 """
 
 from __future__ import annotations
