@@ -359,7 +359,7 @@ def report(rows: list[dict], base_fid: dict, e2e: dict, n_rec: int, n_det: int, 
         f"320 for onnxruntime, whose calibrator needs one shape), det {n_det} rendered pages at "
         f"320x320, cls {n_cls} lines (half rotated 180). Evaluation data is rendered with other "
         "seeds (never seen in calibration). onnxruntime jobs use per_channel=False (per-channel "
-        "output does not load for these opset 11/12 models) and are given the published fp32 model.",
+        "output does not load for these opset 11/12 models) and get the published fp32 model.",
         "" if not quick else "**--quick run: small sample counts.**",
         "",
         "| model | tool | method | activations | fp32 ms | int8 ms | speedup | fidelity | "
