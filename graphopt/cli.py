@@ -1073,6 +1073,159 @@ def register_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
 EXTRA_COMMANDS.append(register_quantize)
 
 
+# --------------------------------------------------------------------------- compile/run/bench (issue 7)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from graphopt.emit.tvm import compile_model
+    from graphopt.shapes import parse_input_shapes
+
+    out = check_output_path(args.model, args.output)
+    res = compile_model(args.model, target=args.target, output=out,
+                        input_shapes=parse_input_shapes(args.input_shape) or None,
+                        schedules=not args.no_schedules, check_cuda_source=not args.no_nvcc_check,
+                        verify=not args.no_verify)
+    info = res.to_json()
+    if args.json:
+        emit_json(info)
+        return 0
+    from rich.table import Table
+
+    c = console()
+    t = Table(title=f"{args.model} -> {info['artifact']}", title_justify="left",
+              show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("target", str(info["target"]))
+    t.add_row("compile time", f"{info.get('compile_seconds', 0):.2f} s")
+    t.add_row("artifact size", human_bytes(info.get("artifact_bytes")))
+    t.add_row("manifest", str(info.get("manifest")))
+    if info.get("kernels") is not None:
+        t.add_row("kernels", str(info["kernels"]))
+    if info.get("verified_on"):
+        t.add_row("verified on", str(info["verified_on"]))
+    if info.get("cuda_source_checked") is not None:
+        t.add_row("CUDA source compiled by nvcc", str(info["cuda_source_checked"]))
+    c.print(t)
+    if info.get("verify"):
+        vt = Table(title="verification against onnxruntime", title_justify="left")
+        for col in ("output", "max abs err", "cosine", "SQNR dB"):
+            vt.add_column(col, justify="left" if col == "output" else "right")
+        for name, v in info["verify"].items():
+            sq = v["sqnr_db"]
+            vt.add_row(name, f"{float(v['max_abs_err']):.3g}", f"{float(v['cosine']):.6f}",
+                       sq if isinstance(sq, str) else f"{float(sq):.1f}")
+        c.print(vt)
+    return 0
+
+
+def _read_inputs(specs: Sequence[str]) -> dict[str, Any]:
+    import numpy as np
+
+    feeds: dict[str, Any] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise GraphoptError(f"bad --input '{spec}': expected NAME=FILE.npy")
+        name, path = spec.split("=", 1)
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise GraphoptError(f"cannot read input '{name}' from {path}: {exc}") from None
+    return feeds
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    feeds = _read_inputs(args.input)
+    if str(args.artifact).endswith(".onnx"):
+        from graphopt.ir import Model
+        from graphopt.verify import random_feeds, run_model
+
+        model = Model.load(args.artifact)
+        base = random_feeds(model, seed=0) if not feeds else {}
+        outs = run_model(model, {**base, **feeds})
+    else:
+        from graphopt.emit.tvm import load_artifact
+
+        if not Path(args.artifact).is_file():
+            raise GraphoptError(f"no such file: {args.artifact}")
+        outs = load_artifact(args.artifact).run(feeds)
+    if args.output:
+        out = check_output_path(args.artifact, args.output)
+        tmp = out.with_name(f".{out.name}.tmp.npz")
+        np.savez(tmp, **outs)
+        tmp.replace(out)
+    summary = {k: {"shape": list(v.shape), "dtype": str(v.dtype),
+                   "min": float(np.min(v)) if v.size else None,
+                   "max": float(np.max(v)) if v.size else None} for k, v in outs.items()}
+    if args.json:
+        emit_json({"artifact": str(args.artifact), "outputs": summary,
+                   "output_file": args.output})
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"outputs of {args.artifact}", title_justify="left")
+    for col in ("output", "shape", "dtype", "min", "max"):
+        t.add_column(col)
+    for k, v in summary.items():
+        t.add_row(k, fmt_shape(v["shape"]), v["dtype"], f"{v['min']:.4g}", f"{v['max']:.4g}")
+    console().print(t)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from graphopt.emit.tvm import bench_artifact
+
+    res = bench_artifact(args.artifact, args.model, runs=args.runs, warmup=args.warmup,
+                         threads=args.threads)
+    if args.json:
+        emit_json(res)
+        return 0
+    c = console()
+    c.print(f"TVM artifact {res['tvm_ms']:.3f} ms, onnxruntime {res['ort_ms']:.3f} ms "
+            f"(TVM/ORT latency ratio {res['ratio_tvm_vs_ort']:.2f}; median of {args.runs} "
+            "interleaved runs)")
+    if res.get("verify"):
+        bad = [k for k, v in res["verify"].items() if not v.get("ok", True)]
+        c.print("outputs match onnxruntime" if not bad else f"[red]outputs differ: {bad}[/]")
+    return 0
+
+
+def register_tvm(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("compile", parents=[common],
+                       help="compile through Apache TVM to a native library (+ manifest)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="library path, e.g. model.so")
+    p.add_argument("--target", default="llvm",
+                   help="llvm (this host), aarch64, cuda, cuda:sm_80 or cuda:sm_90")
+    p.add_argument("--no-schedules", action="store_true",
+                   help="TVM's default kernels instead of graphopt's CPU schedules")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip running the library against onnxruntime")
+    p.add_argument("--no-nvcc-check", action="store_true",
+                   help="cuda: skip compiling the generated source with nvcc")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", parents=[common], help="run a compiled library or an ONNX model")
+    p.add_argument("artifact", help="a library from 'graphopt compile' or an .onnx file")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
+    p.add_argument("-o", "--output", help="write the outputs to this .npz")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", parents=[common],
+                       help="latency of a compiled library against onnxruntime")
+    p.add_argument("artifact")
+    p.add_argument("model", help="the ONNX model it was compiled from")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(func=cmd_bench)
+
+
+EXTRA_COMMANDS.append(register_tvm)
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     from rich.logging import RichHandler
@@ -1104,7 +1257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except GraphoptError as exc:
         sys.stderr.write(f"graphopt: error: {exc}\n")
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     except (VerificationError, PassError) as exc:
         sys.stderr.write(f"graphopt: error: {exc}\n")
         if getattr(args, "verbose", 0):
