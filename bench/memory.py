@@ -150,7 +150,7 @@ def branches_model() -> Model:
     expansions first): the case the memory-aware order exists for."""
     from onnx import TensorProto, helper
 
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
 
     rng = np.random.default_rng(0)
     f = TensorProto.FLOAT

@@ -116,7 +116,7 @@ def run_tool(tool: str, src: str, dst: str, model_name: str) -> dict[str, Any]:
         import graphopt.passes  # noqa: F401  (registers the passes)
 
         from graphopt.ir import Model
-        from graphopt.optimize import optimize_model
+        from graphopt.pipeline import optimize_model
     t0 = time.perf_counter()
     if tool == "onnxsim":
         m, ok = onnxsim.simplify(onnx.load(src), check_n=0)

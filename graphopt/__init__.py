@@ -23,7 +23,7 @@ from graphopt.errors import GraphoptError, ModelLoadError, PassError, Verificati
 from graphopt.ir import Model, load
 
 if TYPE_CHECKING:
-    from graphopt.optimize import OptimizeResult
+    from graphopt.pipeline import OptimizeResult
 
 __version__ = "0.1.0"
 
@@ -45,18 +45,18 @@ def inspect(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None =
             per_node: bool = False) -> dict[str, Any]:
     """The ``graphopt inspect --json`` summary of a model (a path or a Model; not modified)."""
     from graphopt.summary import inspect_model
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
 
     m = prepare(_as_model(model).clone(), input_shapes)
     return inspect_model(m, per_node=per_node)
 
 
 def optimize(model: ModelLike, **kwargs: Any) -> OptimizeResult:
-    """Run the default (or given) pass pipeline and verify; see :func:`graphopt.optimize.optimize_model`.
+    """Run the default (or given) pass pipeline and verify; see :func:`graphopt.pipeline.optimize_model`.
 
     Returns an ``OptimizeResult`` with ``.model``, ``.verify`` and per-pass ``.stats()``.
     """
-    from graphopt.optimize import optimize_model
+    from graphopt.pipeline import optimize_model
 
     return optimize_model(_as_model(model), **kwargs)
 
@@ -110,9 +110,9 @@ def run_recipe(model: ModelLike, recipe: Any, **kwargs: Any) -> Any:
 
 
 def diff(a: ModelLike, b: ModelLike, **kwargs: Any) -> Any:
-    """Structural and numerical diff of two models; see :func:`graphopt.diff.diff_models`."""
-    from graphopt.diff import diff_models
-    from graphopt.optimize import prepare
+    """Structural and numerical diff of two models; see :func:`graphopt.model_diff.diff_models`."""
+    from graphopt.model_diff import diff_models
+    from graphopt.pipeline import prepare
 
     return diff_models(prepare(_as_model(a).clone()), prepare(_as_model(b).clone()), **kwargs)
 

@@ -114,7 +114,7 @@ def common_parser() -> argparse.ArgumentParser:
 
 def load_model(path: str, input_shapes: Sequence[str], load_weights: bool = True) -> Any:
     from graphopt.ir import Model
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
     from graphopt.shapes import parse_input_shapes
 
     shapes = parse_input_shapes(input_shapes)
@@ -232,7 +232,7 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any], title: str
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.ir import Model
-    from graphopt.optimize import optimize_model
+    from graphopt.pipeline import optimize_model
     from graphopt.pass_manager import resolve_passes
     from graphopt.shapes import parse_input_shapes
 
@@ -290,7 +290,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_list_passes(args: argparse.Namespace) -> int:
-    from graphopt.optimize import DEFAULT_PIPELINE
+    from graphopt.pipeline import DEFAULT_PIPELINE
     from graphopt.pass_manager import registered_passes
 
     passes = registered_passes()
@@ -363,7 +363,7 @@ EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
 
 def cmd_fp16(args: argparse.Namespace) -> int:
     from graphopt.ir import Model
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
     from graphopt.pass_manager import get_pass
     from graphopt.shapes import infer_shapes, parse_input_shapes
     from graphopt.verify import verify
@@ -446,9 +446,9 @@ EXTRA_COMMANDS.append(register_fp16)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from graphopt.diff import diff_models
+    from graphopt.model_diff import diff_models
     from graphopt.ir import Model
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
     from graphopt.shapes import parse_input_shapes
 
     shapes = parse_input_shapes(args.input_shape)

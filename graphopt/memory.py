@@ -730,7 +730,7 @@ def plan_memory(model: Model, input_shapes: Mapping[str, Sequence[int]] | None =
     Returns:
         The :class:`MemoryPlan`; ``plan.model`` is the model it refers to (planned node order).
     """
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
 
     if prepared:
         work = model.clone() if reorder else model

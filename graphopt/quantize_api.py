@@ -40,7 +40,7 @@ import onnx_graphsurgeon as gs
 from graphopt.calibration import open_calibration
 from graphopt.errors import GraphoptError, PassError, VerificationError
 from graphopt.ir import Model
-from graphopt.optimize import optimize_model, prepare
+from graphopt.pipeline import optimize_model, prepare
 from graphopt.quant_calib import Progress, collect_ranges, exposed_proto
 from graphopt.quant_graph import QuantConfig, QuantPlan, apply_quantization, plan_quantization
 from graphopt.shapes import infer_shapes

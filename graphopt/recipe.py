@@ -489,7 +489,7 @@ def run_recipe(model: Model | str | os.PathLike[str],
     """
     from graphopt.cost import model_cost
     from graphopt.errors import VerificationError
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
     from graphopt.verify import random_feeds
 
     rec = load_recipe(recipe)
@@ -545,7 +545,7 @@ Check = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], tuple[boo
 
 
 def _exact() -> Check:
-    from graphopt.optimize import ATOL, RTOL
+    from graphopt.pipeline import ATOL, RTOL
 
     def check(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> tuple[bool, str]:
         for k, v in ref.items():
@@ -585,7 +585,7 @@ StepOutput = tuple[Model, Check, dict[str, Any], dict[str, Any]]
 def _simplify(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
               feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Any
               ) -> StepOutput:
-    from graphopt.optimize import optimize_model
+    from graphopt.pipeline import optimize_model
     from graphopt.pass_manager import resolve_passes
 
     passes = step.options["passes"]
@@ -627,7 +627,7 @@ def _prune(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib:
     out = api.prune(model, o["ratio"], calib=calib, criterion=o["criterion"],
                     round_to=o["round_to"], recover=o["recover"], input_shapes=shapes or None,
                     measure=False)
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
 
     pruned = prepare(out.model, shapes)
     res.prune_report = out.report
@@ -650,7 +650,7 @@ def _quantize(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], cal
                      input_shapes=shapes or None, limit=o["limit"], verify_output=False,
                      batch_size=batch)
     res.quant = q
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
 
     qm = prepare(q.model, shapes)
     stats = {k: v for k, v in (q.stats or {}).items() if isinstance(v, (int, float, str, bool))}

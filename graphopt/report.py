@@ -6,7 +6,7 @@ Sections, each present when its data is given:
   and extra tables (e.g. a recipe's per-step table, the verification table);
 * the graph before and after as SVG: a layered drawing (layers are networkx topological generations
   of the node DAG, nodes in a layer ordered by the mean position of their producers). Constants are
-  not drawn. Nodes of a fused group (found by :func:`graphopt.diff.structural_diff`) are highlighted
+  not drawn. Nodes of a fused group (found by :func:`graphopt.model_diff.structural_diff`) are highlighted
   in both drawings, pruned layers (a Conv/Gemm/MatMul whose weight lost output channels) in the
   after drawing. Graphs over ``max_nodes`` nodes are collapsed: first chains of single-input,
   single-consumer nodes become one box, then blocks by name prefix (``/layer1/...``) or, for flat
@@ -67,7 +67,7 @@ class Box:
 def _node_graph(model: Model) -> tuple[nx.DiGraph, list[Any]]:
     """The DAG of nodes that depend on a graph input (Constant nodes and the constant subgraphs
     computing weights, e.g. Reshape(Constant), are weights, not drawn)."""
-    from graphopt.diff import input_dependent_nodes
+    from graphopt.model_diff import input_dependent_nodes
 
     nodes = input_dependent_nodes(model.graph)
     idx = {id(n): i for i, n in enumerate(nodes)}
@@ -228,7 +228,7 @@ def highlight_tags(before: Model, after: Model | None) -> tuple[dict[str, set[st
     ta: dict[str, set[str]] = {}
     if after is None:
         return tb, ta, None
-    from graphopt.diff import structural_diff
+    from graphopt.model_diff import structural_diff
 
     d = structural_diff(before, after)
     for grp in d.fused_groups:

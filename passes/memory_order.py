@@ -495,7 +495,7 @@ class MemoryOrderPass(Pass):
 
     def call(self, model: Model) -> PassResult:
         from graphopt.memory import observe_unknown
-        from graphopt.optimize import prepare
+        from graphopt.pipeline import prepare
 
         from graphopt.shapes import inputs_static
 

@@ -1,7 +1,7 @@
 """Tiny hand-built graphs for the fusion and recognition pass tests (not a test module).
 
 Unlike ``helpers_graphs.make_model`` (which runs onnx.checker and so needs declared output shapes),
-``build`` declares outputs without shapes and lets ``graphopt.optimize.prepare`` infer every shape,
+``build`` declares outputs without shapes and lets ``graphopt.pipeline.prepare`` infer every shape,
 which the fusion rules read.
 """
 
@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.ir import Model
-from graphopt.optimize import prepare
+from graphopt.pipeline import prepare
 
 RNG = np.random.default_rng(1234)
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from graphopt.fixtures import fixture_path, real_model_feeds
 from graphopt.ir import Model
-from graphopt.optimize import optimize_model, prepare
+from graphopt.pipeline import optimize_model, prepare
 from graphopt.pass_manager import get_pass
 from graphopt.testing import check_pass, op_counts
 

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import real_or_skip
 from graphopt.cli import main
-from graphopt.diff import diff_models, structural_diff
+from graphopt.model_diff import diff_models, structural_diff
 from graphopt.fixtures import fixture_path
 from graphopt.ir import Model
-from graphopt.optimize import optimize_model, prepare
+from graphopt.pipeline import optimize_model, prepare
 
 
 def _optimized(name: str) -> tuple[Model, Model]:

@@ -18,7 +18,7 @@ from conftest import real_or_skip
 from graphopt.cli import main
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
 from graphopt.ir import Model
-from graphopt.optimize import prepare
+from graphopt.pipeline import prepare
 from graphopt.passes.fp16 import ORT_CPU_FP16, ConvertFloat16Pass, _probe_node
 from graphopt.testing import check_pass
 from graphopt.verify import random_feeds, run_model

@@ -11,7 +11,7 @@ from graphopt.passes.fuse_conv_activation import METADATA_KEY
 
 from graphopt.fixtures import real_model_feeds
 from graphopt.ir import Model
-from graphopt.optimize import optimize_model, prepare
+from graphopt.pipeline import optimize_model, prepare
 from graphopt.testing import check_pass, op_counts
 
 P = "fuse-conv-activation"

@@ -15,7 +15,7 @@ from conftest import REAL_NAMES, real_or_skip
 from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
 from graphopt.ir import Model
-from graphopt.optimize import prepare
+from graphopt.pipeline import prepare
 from graphopt.verify import random_feeds, verify
 
 

@@ -45,7 +45,7 @@ job, src, out = sys.argv[1], sys.argv[2], sys.argv[3]
 base = hwm()
 t0 = time.time()
 from graphopt.ir import Model
-from graphopt.optimize import optimize_model
+from graphopt.pipeline import optimize_model
 from graphopt.pass_manager import registered_passes
 after_import = hwm()
 model = Model.load(src)

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from graphopt.fixtures import FIXTURES, fixture_path
 from graphopt.ir import Model
 from graphopt.memory import ALIGNMENT, conflicts, liveness, plan_memory
-from graphopt.optimize import prepare
+from graphopt.pipeline import prepare
 from graphopt.testing import check_pass
 
 F = TensorProto.FLOAT

@@ -92,7 +92,7 @@ def test_executor_rejects_a_plan_for_another_order():
 
 def test_observe_tensors_sizes_everything():
     model, _ = _load("if_model.onnx")
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
 
     seen = observe_tensors(prepare(model))
     assert "y" in seen and seen["y"][0] == (1, 16)
@@ -135,7 +135,7 @@ def loop_model() -> Model:
     """A Loop whose body adds a captured outer tensor ``w`` to its carried value three times."""
     from onnx import TensorProto, helper
 
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
 
     f = TensorProto.FLOAT
     body = helper.make_graph(

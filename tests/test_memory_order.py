@@ -14,7 +14,7 @@ from graphopt.fixtures import FIXTURES, fixture_path
 from graphopt.ir import Model
 from graphopt.memory import plan_memory
 from graphopt.memory_exec import prove
-from graphopt.optimize import prepare
+from graphopt.pipeline import prepare
 from graphopt.passes.memory_order import _build, _greedy, exact_order, simulate
 from graphopt.testing import check_pass
 from tests.test_memory import capture, chain, residual

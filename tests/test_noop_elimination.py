@@ -8,7 +8,7 @@ from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
 from graphopt.ir import Model
-from graphopt.optimize import prepare
+from graphopt.pipeline import prepare
 from graphopt.testing import check_pass, op_counts
 
 F = TensorProto.FLOAT

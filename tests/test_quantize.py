@@ -18,7 +18,7 @@ from graphopt.ir import Model
 from graphopt.quantize_api import choose_activation_type, quantize
 from graphopt.testing import check_pass, op_counts
 from graphopt.verify import make_session, session_options
-from passes.quantize import QuantizePass
+from graphopt.passes.quantize import QuantizePass
 from tests.conftest import real_or_skip
 from tests.test_calibration import dynamic_width_model
 
@@ -85,7 +85,7 @@ def test_digits_accuracy_within_half_a_point() -> None:
 
 def test_pass_contract_positive_and_structure() -> None:
     m = Model.load(fixture_path("residual.onnx"))
-    from graphopt.optimize import prepare
+    from graphopt.pipeline import prepare
 
     prepare(m)
 

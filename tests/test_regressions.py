@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.ir import Model
-from graphopt.optimize import ATOL, RTOL, optimize_model, prepare
+from graphopt.pipeline import ATOL, RTOL, optimize_model, prepare
 from graphopt.pass_manager import get_pass, registered_passes
 from graphopt.testing import fingerprint
 from graphopt.verify import random_feeds, verify

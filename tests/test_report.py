@@ -18,7 +18,7 @@ from conftest import real_or_skip
 from graphopt.cli import main
 from graphopt.fixtures import fixture_path
 from graphopt.ir import Model
-from graphopt.optimize import optimize_model, prepare
+from graphopt.pipeline import optimize_model, prepare
 from graphopt.report import collapse, render_report, write_report
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),

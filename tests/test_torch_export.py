@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from graphopt.errors import GraphoptError
-from graphopt.optimize import optimize_model
+from graphopt.pipeline import optimize_model
 from graphopt.verify import run_model
 
 torch = pytest.importorskip("torch", reason="torch is an optional extra")

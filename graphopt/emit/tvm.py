@@ -189,7 +189,7 @@ def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
     Returns:
         (prepared model, info) where info holds the fixed shapes, per-pass stats and fusion groups.
     """
-    from graphopt.optimize import optimize_model  # noqa: PLC0415
+    from graphopt.pipeline import optimize_model  # noqa: PLC0415
 
     shapes = _parse_shapes(model, input_shapes)
     res = optimize_model(model, target="portable", input_shapes=shapes, verify_output=False)
