@@ -62,7 +62,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import Model, constant_nbytes
+from graphopt.ir import Model, constant_nbytes, node_subgraphs
 
 logger = logging.getLogger(__name__)
 
@@ -430,14 +430,6 @@ def _unknown(node: gs.Node) -> int:
 # ---------------------------------------------------------------------------------- model
 
 
-def _subgraphs(node: gs.Node) -> list[gs.Graph]:
-    subs: list[gs.Graph] = []
-    for attr in node.attrs.values():
-        if isinstance(attr, gs.Graph):
-            subs.append(attr)
-        elif isinstance(attr, (list, tuple)):
-            subs.extend(a for a in attr if isinstance(a, gs.Graph))
-    return subs
 
 
 def _referenced_names(graphs: Iterable[gs.Graph]) -> set[str]:
@@ -449,7 +441,7 @@ def _referenced_names(graphs: Iterable[gs.Graph]) -> set[str]:
         names.update(t.name for t in g.outputs)
         for n in g.nodes:
             names.update(t.name for t in n.inputs if t.name)
-            stack.extend(_subgraphs(n))
+            stack.extend(node_subgraphs(n))
     return names
 
 
@@ -519,7 +511,7 @@ class _Coster:
             for t in node.inputs:
                 if t.name:
                     last_use[t.name] = i
-            subs = _subgraphs(node)
+            subs = node_subgraphs(node)
             if subs:
                 for name in _referenced_names(subs):
                     last_use[name] = i
@@ -544,7 +536,7 @@ class _Coster:
         for i, node in enumerate(nodes):
             sub_peak = 0
             self._node(node)
-            for sub in _subgraphs(node):
+            for sub in node_subgraphs(node):
                 sub_peak = max(sub_peak, self.graph(sub)[0])
             if node.op != "Constant":
                 for t in node.outputs:

@@ -196,11 +196,7 @@ class Model:
             g = stack.pop()
             yield g
             for node in g.nodes:
-                for attr in node.attrs.values():
-                    if isinstance(attr, gs.Graph):
-                        stack.append(attr)
-                    elif isinstance(attr, (list, tuple)):
-                        stack.extend(a for a in attr if isinstance(a, gs.Graph))
+                stack.extend(node_subgraphs(node))
 
     def walk_nodes(self) -> Iterator[tuple[gs.Graph, gs.Node]]:
         for g in self.walk_graphs():
@@ -321,6 +317,17 @@ def swapped_constants(model: Model, stub_for: Any) -> Iterator[int]:
     finally:
         for t, values in swapped:
             t._values = values
+
+
+def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
+    subs: list[gs.Graph] = []
+    for attr in node.attrs.values():
+        if isinstance(attr, gs.Graph):
+            subs.append(attr)
+        elif isinstance(attr, (list, tuple)):
+            subs.extend(a for a in attr if isinstance(a, gs.Graph))
+    return subs
 
 
 def constant_nbytes(t: gs.Constant) -> int:

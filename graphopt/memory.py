@@ -56,7 +56,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import GraphoptError
-from graphopt.ir import Model
+from graphopt.ir import Model, node_subgraphs
 from graphopt.shapes import is_static
 
 logger = logging.getLogger(__name__)
@@ -91,15 +91,7 @@ def align(n: int | np.ndarray, a: int = ALIGNMENT) -> Any:
     return (n + a - 1) // a * a
 
 
-def subgraphs(node: gs.Node) -> list[gs.Graph]:
-    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
-    subs: list[gs.Graph] = []
-    for attr in node.attrs.values():
-        if isinstance(attr, gs.Graph):
-            subs.append(attr)
-        elif isinstance(attr, (list, tuple)):
-            subs.extend(a for a in attr if isinstance(a, gs.Graph))
-    return subs
+subgraphs = node_subgraphs
 
 
 def captured_names(node: gs.Node) -> list[str]:

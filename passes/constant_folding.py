@@ -56,7 +56,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from graphopt.ir import PROTO_LIMIT, Model, constant_nbytes
+from graphopt.ir import PROTO_LIMIT, Model, constant_nbytes, node_subgraphs
 from graphopt.pass_manager import Pass, PassResult, register_pass
 from graphopt.pattern import unique_name
 from graphopt.shapes import inputs_static, is_static, missing_shapes
@@ -333,11 +333,7 @@ def _walk(root: gs.Graph, skip: Callable[[gs.Graph], bool] | None = None
             continue
         yield g
         for node in g.nodes:
-            for attr in node.attrs.values():
-                if isinstance(attr, gs.Graph):
-                    stack.append(attr)
-                elif isinstance(attr, (list, tuple)):
-                    stack.extend(a for a in attr if isinstance(a, gs.Graph))
+            stack.extend(node_subgraphs(node))
 
 
 def _loads(model: Model) -> bool:
