@@ -202,9 +202,15 @@ class PassManager:
         history: list[str] = []
         any_modified = False
         step = 0
+        # passes run in a row without changing the model: once every pass has, it is a fixed point
+        clean = 0
+        done = False
         for step in range(1, self.steps + 1):
             sweep_modified = False
             for p in self.passes:
+                if self.early_stop and clean >= len(self.passes):
+                    done = True
+                    break
                 t0 = time.perf_counter()
                 try:
                     result = p(model)
@@ -223,7 +229,8 @@ class PassManager:
                 logger.debug("pass %s step %d modified=%s %.3fs %s", p.name, step, result.modified,
                              dt, result.stats)
                 sweep_modified |= result.modified
+                clean = 0 if result.modified else clean + 1
             any_modified |= sweep_modified
-            if self.early_stop and not sweep_modified:
+            if done or (self.early_stop and not sweep_modified):
                 break
         return ManagerResult(model, any_modified, records, step)

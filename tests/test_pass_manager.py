@@ -81,3 +81,37 @@ def test_pass_index_matches_registrations() -> None:
     registered = {n: c.__module__.rsplit(".", 1)[-1] for n, c in registered_passes().items()
                   if c.__module__.startswith("graphopt.passes.")}
     assert registered == passes.PASS_INDEX
+
+
+class Once(Pass):
+    """Modifies on its first run only; counts its runs."""
+
+    name = "test-once"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def call(self, model: Model) -> PassResult:
+        self.runs += 1
+        return PassResult(model, self.runs == 1)
+
+
+class Never(Pass):
+    name = "test-never"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def call(self, model: Model) -> PassResult:
+        self.runs += 1
+        return PassResult(model, False)
+
+
+def test_fixed_point_skips_passes_that_already_saw_the_final_model() -> None:
+    first, last = Never(), Once()
+    after = Never()
+    res = PassManager([first, last, after], steps=10)(_model())
+    # sweep 1: first (clean), last (modifies), after (clean); sweep 2: first, last (clean) -> every
+    # pass has now run on the final model, so `after` is not run again
+    assert (first.runs, last.runs, after.runs) == (2, 2, 1)
+    assert res.modified and res.steps == 2
