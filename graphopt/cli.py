@@ -673,7 +673,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         tmp = plan_file.with_name(plan_file.name + ".tmp")
         tmp.write_text(json.dumps(_jsonable(plan.to_json()), indent=1) + "\n")
         os.replace(tmp, plan_file)
+    if args.report:
+        from graphopt.report import write_report
+
+        write_report(args.report, plan.model, None, memory=plan,
+                     title=f"graphopt plan: {Path(args.model).name}")
     payload: dict[str, Any] = {"model": str(args.model), **plan.summary(),
+                               "report": str(args.report) if args.report else None,
                                "output": str(out_path) if out_path else None,
                                "plan_file": str(plan_file) if plan_file else None,
                                "plot": args.plot, "seconds": round(seconds, 3),
@@ -731,6 +737,8 @@ def register_plan(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("plan", parents=[common],
                        help="plan activation memory into one arena (liveness, offsets, in-place)")
     p.add_argument("model")
+    p.add_argument("--report", metavar="OUT.html",
+                   help="write a self-contained HTML report (graphs, per-step figures)")
     p.add_argument("-o", "--output", help="write the model in the planned order, with the plan "
                    "in its metadata and beside it as OUT.memplan.json")
     p.add_argument("--strategy", default="best",
@@ -802,6 +810,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     payload: dict[str, Any] = {"input": str(args.model), "output": str(out_path or "") or None}
     c = None if args.json else console()
+    pts: list[Any] = []
     if args.scan:
         try:
             ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
@@ -849,6 +858,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         out = prune(model, args.ratio, **opts)
         out.model.save(out_path)
         rep = out.report
+        if args.report:
+            from graphopt.report import write_report
+
+            write_report(args.report, model, out.model, prune_scan=pts if args.scan else None,
+                         title=f"graphopt prune: {Path(args.model).name}")
+            payload["report"] = str(args.report)
         payload.update({
             "nodes_before": model.num_nodes(), "nodes_after": out.model.num_nodes(),
             "macs_before": rep.macs_before, "macs_after": rep.macs_after,
@@ -883,6 +898,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 "(held-out quarter of the calibration data)" if out.held_out else
                 "(on the calibration data)" if args.calib else "(seeded random inputs)")))
     payload["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.report and args.scan and not (args.ratio is not None and out_path is not None):
+        from graphopt.report import write_report
+
+        write_report(args.report, model, None, prune_scan=pts,
+                     title=f"graphopt prune --scan: {Path(args.model).name}")
+        payload["report"] = str(args.report)
     if args.json:
         emit_json(payload)
     elif out_path is not None and args.ratio is not None:
@@ -894,6 +915,8 @@ def register_prune(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("prune", parents=[common],
                        help="structured channel pruning with least-squares recovery")
     p.add_argument("model")
+    p.add_argument("--report", metavar="OUT.html",
+                   help="write a self-contained HTML report (graphs, per-step figures)")
     p.add_argument("-o", "--output", help="pruned model (required unless --scan)")
     p.add_argument("--ratio", type=float, help="fraction of channels removed per group (0..1)")
     p.add_argument("--calib", metavar="DATA",
@@ -984,6 +1007,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     before = summary_numbers(res.original)
     after = summary_numbers(res.model)
     res.model.save(out_path)
+    if args.report:
+        from graphopt.report import write_report
+
+        write_report(args.report, res.original, res.model, quant=res, verify=res.verify,
+                     title=f"graphopt quantize: {Path(args.model).name}")
     size_in = Path(args.model).stat().st_size
     size_out = out_path.stat().st_size
     total = time.perf_counter() - t0
@@ -998,6 +1026,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "file_bytes_before": size_in, "file_bytes_after": size_out,
         "layers": [layer.to_json() for layer in res.layers],
         "optimize_note": res.optimize_note, "seconds": round(total, 3),
+        "report": str(args.report) if args.report else None,
     }
     if args.json:
         emit_json(payload)
@@ -1040,6 +1069,8 @@ def register_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("quantize", parents=[common],
                        help="calibrated static int8 quantization (QDQ); verify against fp32")
     p.add_argument("model")
+    p.add_argument("--report", metavar="OUT.html",
+                   help="write a self-contained HTML report (graphs, per-step figures)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--calib", required=True, metavar="DATA",
                    help=".npz keyed by input name (samples on axis 0), or a folder of .npz files "
