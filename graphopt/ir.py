@@ -74,6 +74,7 @@ class Model:
         graph.opset = opsets.get("", graph.opset)
         graph.import_domains = None
         input_defaults = _keep_overridable_inputs(proto, graph)
+        _name_nodes(graph)
         return cls(
             graph=graph,
             ir_version=proto.ir_version or onnx.IR_VERSION,
@@ -317,6 +318,33 @@ def swapped_constants(model: Model, stub_for: Any) -> Iterator[int]:
     finally:
         for t, values in swapped:
             t._values = values
+
+
+def _name_nodes(graph: gs.Graph) -> int:
+    """Give every unnamed node (all graphs) a unique name and rename duplicates; return how many.
+
+    Passes, reports and the quantizer refer to nodes by name, and ONNX does not require names.
+    """
+    graphs = [graph]
+    for g in graphs:  # grows while it is walked: every subgraph, outermost first
+        for n in g.nodes:
+            graphs.extend(node_subgraphs(n))
+    seen = {n.name for g in graphs for n in g.nodes if n.name}
+    renamed = 0
+    used: set[str] = set()
+    for g in graphs:
+        for i, n in enumerate(g.nodes):
+            if n.name and n.name not in used:
+                used.add(n.name)
+                continue
+            base = n.name or f"{n.op.lower()}_{i}"
+            name, k = base, 1
+            while name in used or (name in seen and name != n.name):
+                name, k = f"{base}_{k}", k + 1
+            n.name = name
+            used.add(name)
+            renamed += 1
+    return renamed
 
 
 def node_subgraphs(node: gs.Node) -> list[gs.Graph]:

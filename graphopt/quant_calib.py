@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from graphopt.errors import CalibrationError
 from graphopt.ir import Model
@@ -36,18 +35,6 @@ class CalibrationResult:
     kept: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
-def exposed_proto(model: Model, names: Sequence[str]) -> onnx.ModelProto:
-    """The model as a proto with ``names`` added to the graph outputs (float32 tensors)."""
-    proto = model.to_onnx()
-    have = {o.name for o in proto.graph.output}
-    for n in names:
-        if n not in have:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT,
-                                                                         None))
-            have.add(n)
-    return proto
-
-
 def collect_ranges(model: Model, tensors: Sequence[str], batches: Iterable[dict[str, np.ndarray]],
                    method: str = "entropy", levels: int = 256, progress: Progress | None = None,
                    total: int | None = None, keep_samples: int = 0,
@@ -65,7 +52,7 @@ def collect_ranges(model: Model, tensors: Sequence[str], batches: Iterable[dict[
     """
     t0 = time.perf_counter()
     observers = {t: make_observer(method, **(observer_options or {})) for t in tensors}
-    sess = make_session(exposed_proto(model, tensors), level="basic")
+    sess = make_session(model, level="basic", outputs=list(tensors))
     input_names = [i.name for i in sess.get_inputs()]
     names = list(tensors)
     samples = nb = 0

@@ -271,24 +271,53 @@ def activation_params(lo: float, hi: float, dtype: np.dtype) -> QParams:
     return QParams(float(np.float32(scale)), zp, np.dtype(dtype))
 
 
+#: weights are processed in blocks of about this many elements (bounded temporaries on huge layers)
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _blocks(w: np.ndarray) -> list[slice]:
+    """Slices along axis 0 covering ``w`` in blocks of about ``_BLOCK_ELEMENTS`` elements."""
+    rows = w.shape[0] if w.ndim else 1
+    per_row = max(1, w.size // max(rows, 1))
+    step = max(1, _BLOCK_ELEMENTS // per_row)
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 def weight_params(w: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
-    """Symmetric scales (1-D per channel along ``axis``, or a 0-d per tensor)."""
-    a = np.abs(w.astype(np.float64))
-    if axis is None:
-        m = np.asarray(a.max() if a.size else 0.0)
+    """Symmetric scales (1-D per channel along ``axis``, or a 0-d per tensor).
+
+    max|w| is exact in the weight's own precision, so it is taken block by block without a
+    float64 copy of the whole tensor.
+    """
+    if w.ndim == 0 or w.size == 0:
+        m = np.asarray(float(np.abs(w).max()) if w.size else 0.0, dtype=np.float64)
+    elif axis is None:
+        m = np.asarray(max(float(np.abs(w[b]).max()) for b in _blocks(w)), dtype=np.float64)
     else:
-        m = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
+        wa = np.moveaxis(w, axis, 0)
+        m = np.empty(wa.shape[0], dtype=np.float64)
+        for b in _blocks(wa):
+            m[b] = np.abs(wa[b]).reshape(b.stop - b.start, -1).max(axis=1)
     s = m / qmax
     s = np.where(s > 0, s, 1.0)
     return s.astype(np.float32)
 
 
 def quantize_weight(w: np.ndarray, scales: np.ndarray, axis: int | None, qmax: int) -> np.ndarray:
-    shape = [1] * w.ndim
-    if axis is not None:
-        shape[axis] = -1
-    q = np.round(w.astype(np.float64) / scales.reshape(shape if axis is not None else ()))
-    return np.clip(q, -qmax, qmax).astype(np.int8)
+    """``clip(round(w / s), -qmax, qmax)`` as int8, in float64, block by block."""
+    if w.ndim == 0:
+        return np.asarray(np.clip(np.round(float(w) / float(scales)), -qmax, qmax), np.int8)
+    out = np.empty(w.shape, dtype=np.int8)
+    if axis is None:
+        src, dst, scale = w, out, np.float64(scales)
+        for b in _blocks(src):
+            dst[b] = np.clip(np.round(src[b].astype(np.float64) / scale), -qmax, qmax)
+        return out
+    src, dst = np.moveaxis(w, axis, 0), np.moveaxis(out, axis, 0)
+    per = scales.astype(np.float64).reshape([-1] + [1] * (w.ndim - 1))
+    for b in _blocks(src):
+        dst[b] = np.clip(np.round(src[b].astype(np.float64) / per[b]), -qmax, qmax)
+    return out
 
 
 def weight_axis(q: QNode, w: np.ndarray, node: gs.Node, per_channel: bool) -> int | None:

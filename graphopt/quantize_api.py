@@ -41,7 +41,7 @@ from graphopt.calibration import open_calibration
 from graphopt.errors import GraphoptError, PassError, VerificationError
 from graphopt.ir import Model
 from graphopt.pipeline import optimize_model, prepare
-from graphopt.quant_calib import Progress, collect_ranges, exposed_proto
+from graphopt.quant_calib import Progress, collect_ranges
 from graphopt.quant_graph import QuantConfig, QuantPlan, apply_quantization, plan_quantization
 from graphopt.shapes import infer_shapes
 from graphopt.verify import VerifyReport, make_session, sqnr_db, verify
@@ -215,8 +215,8 @@ def _layer_sqnr(float_model: Model, qmodel: Model, names: Sequence[str],
     """SQNR of each named tensor in the quantized model against the float model (cumulative)."""
     if not names or not batches:
         return {}
-    fs = make_session(exposed_proto(float_model, names))
-    qs = make_session(exposed_proto(qmodel, names))
+    fs = make_session(float_model, outputs=names)
+    qs = make_session(qmodel, outputs=names)
     fin = {i.name for i in fs.get_inputs()}
     sig = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
@@ -257,7 +257,7 @@ def bias_correction(float_model: Model, qmodel: Model, batches: Sequence[Mapping
     names = sorted({n.inputs[0].name for n in targets.values()})
     if not names or not batches:
         return 0
-    qs = make_session(exposed_proto(qmodel, names))
+    qs = make_session(qmodel, outputs=names)
     qin = {i.name for i in qs.get_inputs()}
     sums: dict[str, np.ndarray] = {}
     count: dict[str, int] = {}

@@ -52,14 +52,91 @@ def session_options(level: str = "disable_all", threads: int | None = None) -> o
     return so
 
 
+#: models with at least this many weight bytes hand their weights to onnxruntime without a copy
+ZERO_COPY_BYTES = 256 << 20
+#: constants of at least this size are handed over zero-copy (smaller ones travel in the proto)
+ZERO_COPY_MIN = 1 << 20
+
+
+def _add_outputs(proto: onnx.ModelProto, outputs: Sequence[str] | None) -> None:
+    if not outputs:
+        return
+    have = {o.name for o in proto.graph.output}
+    for name in outputs:
+        if name not in have:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            have.add(name)
+
+
+def _zero_copy_session(model: Model, so: ort.SessionOptions, outputs: Sequence[str] | None
+                       ) -> ort.InferenceSession:
+    """A session whose large weights are the Model's own arrays (memory-mapped or in memory).
+
+    The model is written with its large constants as external references to one sparse
+    placeholder file (no disk blocks, no memory), and each array is handed to onnxruntime with
+    ``SessionOptions.add_initializer``, which uses the buffer in place; weight prepacking is off so
+    that no packed copy is made either. Peak memory stays near one copy of the weights however
+    many sessions are open.
+    """
+    from graphopt.ir import constant_nbytes, constant_stub, swapped_constants
+
+    names: list[str] = []
+    arrays: list[np.ndarray] = []
+    placeholder = "placeholder.bin"
+
+    def stub(t: Any) -> onnx.TensorProto | None:
+        if constant_nbytes(t) < ZERO_COPY_MIN:
+            return None
+        arr = np.asarray(t.values)
+        if arr.dtype == np.int64 or arr.dtype == object or not arr.flags.c_contiguous:
+            return None
+        proto_stub = constant_stub(t, placeholder, 0, int(arr.nbytes))
+        if proto_stub is not None:
+            names.append(t.name)
+            arrays.append(arr)
+        return proto_stub
+
+    with swapped_constants(model, stub):
+        proto = model.to_onnx()
+    _add_outputs(proto, outputs)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    for name, value in zip(names, values):
+        so.add_initializer(name, value)
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    with tempfile.TemporaryDirectory(prefix="graphopt-session-") as d:
+        with open(Path(d) / placeholder, "wb") as f:  # sparse: takes neither disk nor memory
+            f.truncate(max((a.nbytes for a in arrays), default=0))
+        path = Path(d) / "model.onnx"
+        path.write_bytes(proto.SerializeToString())
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess._graphopt_keepalive = (arrays, values)  # type: ignore[attr-defined]
+    return sess
+
+
 def make_session(model: Model | onnx.ModelProto | str | os.PathLike[str], level: str = "disable_all",
-                 threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a Model, a ModelProto or a file path."""
+                 threads: int | None = None, outputs: Sequence[str] | None = None
+                 ) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a Model, a ModelProto or a file path.
+
+    ``outputs`` exposes extra (intermediate) tensors as outputs. A Model with large weights is
+    opened without copying them (see :func:`_zero_copy_session`).
+    """
     so = session_options(level, threads)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
-        return ort.InferenceSession(str(model), so, providers=providers)
+        if outputs:
+            model = Model.load(model)
+        else:
+            return ort.InferenceSession(str(model), so, providers=providers)
+    if isinstance(model, Model) and model.param_bytes() >= ZERO_COPY_BYTES:
+        return _zero_copy_session(model, so, outputs)
     proto = model.to_onnx() if isinstance(model, Model) else model
+    if outputs:
+        if not isinstance(model, Model):
+            copy = onnx.ModelProto()
+            copy.CopyFrom(proto)
+            proto = copy
+        _add_outputs(proto, outputs)
     if proto.ByteSize() < PROTO_LIMIT:
         return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as d:

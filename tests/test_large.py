@@ -11,7 +11,6 @@ memory-mapped weights. Marked ``slow``; ``.ci/run`` (``make test``) runs it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,11 @@ N = 11_460
 LAYERS = 4
 WEIGHT_BYTES = LAYERS * N * N * 4  # 2.10 GB
 BOUND = 1.5
+# quantize holds the float weights (memory-mapped), the int8 weights (0.25x) and, while the int8
+# model is verified at ORT_DISABLE_ALL, the dequantized copy of its largest layer (0.25x here: the
+# model has four equal layers): measured 1.62x on 2026-11-22 (was 7.1x before zero-copy sessions
+# and block-wise weight quantization)
+QUANTIZE_BOUND = 1.7
 GRAPHOPT = Path(sys.executable).with_name("graphopt")
 
 JOB = r"""
@@ -201,16 +205,11 @@ def test_quantize_and_save_within_bounded_memory(large_model: Path, tmp_path: Pa
 
     if "quantize-int8" not in registered_passes():
         pytest.skip("quantize-int8 is not registered")
-    if os.environ.get("GRAPHOPT_LARGE_QUANTIZE") != "1":
-        # measured 2026-11-22: quantize() peaks at 14.9 GB resident (7.1x the 2.1 GB of weights)
-        # and takes 210 s on this model; running it unasked could exhaust a CI machine's memory
-        pytest.skip("quantize is not memory-bounded yet (14.9 GB peak for 2.1 GB of weights); "
-                    "set GRAPHOPT_LARGE_QUANTIZE=1 to run")
     out = tmp_path / "large.int8.onnx"
     rep = _run_job("quantize", large_model, out)
     print(f"quantize: {rep}")
-    assert int(rep["peak"]) <= BOUND * WEIGHT_BYTES, (
-        f"peak RSS {_gb(rep['peak'])} > {BOUND} x {_gb(WEIGHT_BYTES)}: {rep}")
+    assert int(rep["peak"]) <= QUANTIZE_BOUND * WEIGHT_BYTES, (
+        f"peak RSS {_gb(rep['peak'])} > {QUANTIZE_BOUND} x {_gb(WEIGHT_BYTES)}: {rep}")
     onnx.checker.check_model(str(out))
     proto = onnx.load(str(out), load_external_data=False)
     assert any(n.op_type == "DequantizeLinear" for n in proto.graph.node)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from graphopt.passes.quantize import QuantizePass
 from onnx import TensorProto, helper
 
 from graphopt.fixtures import fixture_path
@@ -18,7 +19,6 @@ from graphopt.ir import Model
 from graphopt.quantize_api import choose_activation_type, quantize
 from graphopt.testing import check_pass, op_counts
 from graphopt.verify import make_session, session_options
-from graphopt.passes.quantize import QuantizePass
 from tests.conftest import real_or_skip
 from tests.test_calibration import dynamic_width_model
 
@@ -265,3 +265,24 @@ def test_bias_correction_removes_mean_shift() -> None:
         return float(np.abs((out - ref).mean(axis=(0, 2, 3))).mean())
 
     assert mean_err(corrected.model) < mean_err(plain.model)
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 3, 3, 3), 0), ((3, 16, 2, 2), 1), ((64, 10), 1),
+                                        ((64, 10), None)])
+def test_blockwise_weight_quantization_matches_whole_tensor(monkeypatch, shape, axis) -> None:
+    """Huge layers are quantized block by block (bounded memory); the result must not change."""
+    from graphopt import quant_graph as qg
+
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    a = np.abs(w.astype(np.float64))
+    m = np.asarray(a.max()) if axis is None else \
+        np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
+    scales = np.where(m / 127 > 0, m / 127, 1.0).astype(np.float32)
+    shp = [1] * w.ndim
+    if axis is not None:
+        shp[axis] = -1
+    ref = np.clip(np.round(w.astype(np.float64) / scales.reshape(shp if axis is not None else ())),
+                  -127, 127).astype(np.int8)
+    monkeypatch.setattr(qg, "_BLOCK_ELEMENTS", 7)  # many small blocks
+    assert np.array_equal(qg.weight_params(w, axis, 127), scales)
+    assert np.array_equal(qg.quantize_weight(w, scales, axis, 127), ref)
