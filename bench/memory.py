@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from graphopt.fixtures import FIXTURES, fixture_path, real_model, real_model_feeds  # noqa: E402
 from graphopt.ir import Model  # noqa: E402
-from graphopt.memory import MemoryPlan, apply_order, plan_memory  # noqa: E402
+from graphopt.memory import apply_order, plan_memory  # noqa: E402
 from graphopt.memory_exec import prove  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "memory.md"

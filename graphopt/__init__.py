@@ -44,15 +44,16 @@ def save(model: Model, path: str | os.PathLike[str], **kwargs: Any) -> Path:
 def inspect(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
             per_node: bool = False) -> dict[str, Any]:
     """The ``graphopt inspect --json`` summary of a model (a path or a Model; not modified)."""
-    from graphopt.summary import inspect_model
     from graphopt.pipeline import prepare
+    from graphopt.summary import inspect_model
 
     m = prepare(_as_model(model).clone(), input_shapes)
     return inspect_model(m, per_node=per_node)
 
 
 def optimize(model: ModelLike, **kwargs: Any) -> OptimizeResult:
-    """Run the default (or given) pass pipeline and verify; see :func:`graphopt.pipeline.optimize_model`.
+    """Run the default (or given) pass pipeline and verify; see
+    :func:`graphopt.pipeline.optimize_model`.
 
     Returns an ``OptimizeResult`` with ``.model``, ``.verify`` and per-pass ``.stats()``.
     """
@@ -73,7 +74,8 @@ def quantize(model: ModelLike, calib: Any, **kwargs: Any) -> Any:
 
 
 def prune(model: ModelLike, ratio: float | dict[str, float], **kwargs: Any) -> Any:
-    """Structured channel pruning with least-squares recovery; see :func:`graphopt.prune_api.prune`."""
+    """Structured channel pruning with least-squares recovery; see
+    :func:`graphopt.prune_api.prune`."""
     from graphopt.prune_api import prune as _prune
 
     return _prune(model, ratio, **kwargs)
@@ -89,21 +91,24 @@ def plan_memory(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | No
 
 def compile(model: ModelLike, target: str = "llvm", output: str | os.PathLike[str] = "model.so",
             **kwargs: Any) -> Any:  # noqa: A001 - the public name DESIGN.md asks for
-    """Compile through Apache TVM (llvm, aarch64, cuda); see :func:`graphopt.emit.tvm.compile_model`."""
+    """Compile through Apache TVM (llvm, aarch64, cuda); see
+    :func:`graphopt.emit.tvm.compile_model`."""
     from graphopt.emit.tvm import compile_model
 
     return compile_model(model, target=target, output=output, **kwargs)
 
 
 def from_torch(module: Any, example_inputs: Any, **kwargs: Any) -> Model:
-    """Export a ``torch.nn.Module`` through torch.onnx; see :func:`graphopt.torch_export.from_torch`."""
+    """Export a ``torch.nn.Module`` through torch.onnx; see
+    :func:`graphopt.torch_export.from_torch`."""
     from graphopt.torch_export import from_torch as _from_torch
 
     return _from_torch(module, example_inputs, **kwargs)
 
 
 def run_recipe(model: ModelLike, recipe: Any, **kwargs: Any) -> Any:
-    """Run a recipe (built-in name, TOML path or mapping); see :func:`graphopt.recipe.run_recipe`."""
+    """Run a recipe (built-in name, TOML path or mapping); see
+    :func:`graphopt.recipe.run_recipe`."""
     from graphopt.recipe import run_recipe as _run
 
     return _run(model, recipe, **kwargs)

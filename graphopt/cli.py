@@ -1,7 +1,9 @@
 """``graphopt`` command line. The only module that prints.
 
-Exit codes: 0 success; 2 bad input (GraphoptError: missing/corrupt file, unknown pass, bad shape), one
-line on stderr, no traceback; 1 internal error or failed verification. Outputs are written atomically and
+Exit codes: 0 success; 2 bad input (GraphoptError: missing/corrupt file, unknown pass, bad shape),
+one
+line on stderr, no traceback; 1 internal error or failed verification. Outputs are written
+atomically and
 the input file is never written.
 """
 
@@ -139,7 +141,6 @@ def check_output_path(inp: str, out: str) -> Path:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from graphopt.cost import model_cost
-
     from graphopt.summary import inspect_model
 
     # external weights are not read: sizes come from the tensors' dims (seconds for a >2 GB model)
@@ -232,8 +233,8 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any], title: str
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.ir import Model
-    from graphopt.pipeline import optimize_model
     from graphopt.pass_manager import resolve_passes
+    from graphopt.pipeline import optimize_model
     from graphopt.shapes import parse_input_shapes
 
     out_path = check_output_path(args.model, args.output)
@@ -290,8 +291,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_list_passes(args: argparse.Namespace) -> int:
-    from graphopt.pipeline import DEFAULT_PIPELINE
     from graphopt.pass_manager import registered_passes
+    from graphopt.pipeline import DEFAULT_PIPELINE
 
     passes = registered_passes()
     rows = [{"name": n, "summary": cls.describe(), "default": n in DEFAULT_PIPELINE,
@@ -363,8 +364,8 @@ EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
 
 def cmd_fp16(args: argparse.Namespace) -> int:
     from graphopt.ir import Model
-    from graphopt.pipeline import prepare
     from graphopt.pass_manager import get_pass
+    from graphopt.pipeline import prepare
     from graphopt.shapes import infer_shapes, parse_input_shapes
     from graphopt.verify import verify
 
@@ -394,7 +395,8 @@ def cmd_fp16(args: argparse.Namespace) -> int:
         bad = report.worst()
         assert bad is not None
         raise VerificationError(
-            f"float16 model's output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB < {args.min_sqnr} dB"
+            f"float16 model's output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB "
+            f"< {args.min_sqnr} dB"
             f"{' (' + bad.note + ')' if bad.note else ''}; not written. Keep more ops in float32 "
             "with --keep-fp32 OP,... or lower --min-sqnr")
     res.model.save(out_path)
@@ -446,8 +448,8 @@ EXTRA_COMMANDS.append(register_fp16)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from graphopt.model_diff import diff_models
     from graphopt.ir import Model
+    from graphopt.model_diff import diff_models
     from graphopt.pipeline import prepare
     from graphopt.shapes import parse_input_shapes
 
@@ -1104,7 +1106,8 @@ def register_quantize(sub: Any, common: argparse.ArgumentParser) -> None:
 EXTRA_COMMANDS.append(register_quantize)
 
 
-# --------------------------------------------------------------------------- compile/run/bench (issue 7)
+# --------------------------------------------------------------------------- compile/run/bench
+# (issue 7)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

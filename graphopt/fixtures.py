@@ -83,7 +83,7 @@ def real_model(name: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
     return path, dict(shapes)
 
 
-def real_model_feeds(name: str, seed: int = 0) -> dict[str, "np.ndarray"]:  # noqa: F821
+def real_model_feeds(name: str, seed: int = 0) -> dict[str, np.ndarray]:  # noqa: F821
     """Inputs for a real model that exercise its real paths (silero's sample rate must be 16000)."""
     import numpy as np
 

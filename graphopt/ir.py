@@ -1,11 +1,14 @@
 """The in-memory model: an onnx-graphsurgeon graph plus everything ONNX carries beside it.
 
-``Model`` keeps what graphsurgeon alone would drop on a round trip: ir_version, opset imports of every
+``Model`` keeps what graphsurgeon alone would drop on a round trip: ir_version, opset imports of
+every
 domain, metadata properties, producer fields, doc string and model-local functions. If/Loop/Scan
 subgraphs live inside the gs graph as node attributes and round-trip with it.
 
-Weights are held lazily: graphsurgeon's ``LazyValues`` wrap the original ``TensorProto`` and only become
-numpy arrays when a pass reads them. Passes must never write into a constant's array in place (clones
+Weights are held lazily: graphsurgeon's ``LazyValues`` wrap the original ``TensorProto`` and only
+become
+numpy arrays when a pass reads them. Passes must never write into a constant's array in place
+(clones
 share arrays); they assign a new array instead.
 """
 
@@ -62,8 +65,9 @@ class Model:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_onnx(cls, proto: onnx.ModelProto, path: Path | None = None,
-                  external_data: bool = False) -> Model:
+    def from_onnx(
+        cls, proto: onnx.ModelProto, path: Path | None = None, external_data: bool = False
+    ) -> Model:
         """Wrap a ``ModelProto`` (its tensors are referenced lazily, not copied)."""
         try:
             graph = gs.import_onnx(proto)
@@ -234,7 +238,9 @@ class Model:
 # ---------------------------------------------------------------------- helpers
 
 
-def _keep_overridable_inputs(proto: onnx.ModelProto, graph: gs.Graph) -> dict[str, onnx.TensorProto]:
+def _keep_overridable_inputs(
+    proto: onnx.ModelProto, graph: gs.Graph
+) -> dict[str, onnx.TensorProto]:
     """Turn initializers that are also graph inputs back into graph inputs (gs.Variable).
 
     graphsurgeon imports them as constants and drops them from the inputs, which would change the
@@ -264,8 +270,9 @@ def _keep_overridable_inputs(proto: onnx.ModelProto, graph: gs.Graph) -> dict[st
 NO_DATA = "__graphopt_no_data__"
 
 
-def constant_stub(t: gs.Constant, location: str, offset: int = 0, length: int | None = None
-                  ) -> onnx.TensorProto | None:
+def constant_stub(
+    t: gs.Constant, location: str, offset: int = 0, length: int | None = None
+) -> onnx.TensorProto | None:
     """An external-data ``TensorProto`` with ``t``'s name, dims and type (None: no ONNX type)."""
     v = t._values
     if isinstance(v, gs.ir.tensor.LazyValues):
@@ -408,7 +415,9 @@ def check_graph(graph: gs.Graph, outer: set[str] | None = None) -> None:
             if t.name in producers:
                 preds.add(producers[t.name])
             elif t.name not in defined and not isinstance(t, gs.Constant):
-                raise RuntimeError(f"node '{n.name}' ({n.op}) reads '{t.name}', which nothing produces")
+                raise RuntimeError(
+                    f"node '{n.name}' ({n.op}) reads '{t.name}', which nothing produces"
+                )
     for t in graph.outputs:
         if t.name not in producers and t.name not in defined:
             raise RuntimeError(f"graph output '{t.name}' is not produced")
@@ -447,15 +456,18 @@ def check_names(proto: onnx.ModelProto, path: Path | None = None) -> None:
     while stack:
         msg = stack.pop()
         if isinstance(msg, onnx.TensorProto):
-            fields = [(msg.DESCRIPTOR.fields_by_name[n], getattr(msg, n))
-                      for n in ("name", "doc_string")]
+            fields = [
+                (msg.DESCRIPTOR.fields_by_name[n], getattr(msg, n)) for n in ("name", "doc_string")
+            ]
             fields += [(None, e.key) for e in msg.external_data]
             fields += [(None, e.value) for e in msg.external_data]
         else:
             # -1 is what some exporters write for a dynamic dim (onnxruntime accepts it)
             if isinstance(msg, onnx.TensorShapeProto.Dimension) and msg.dim_value < -1:
-                raise ModelLoadError(f"a tensor shape{_where(path)} has a negative dimension "
-                                     f"{msg.dim_value} (corrupt file?)")
+                raise ModelLoadError(
+                    f"a tensor shape{_where(path)} has a negative dimension "
+                    f"{msg.dim_value} (corrupt file?)"
+                )
             fields = msg.ListFields()
         for fd, value in fields:
             if fd is None or fd.type == F.TYPE_STRING:
@@ -464,8 +476,10 @@ def check_names(proto: onnx.ModelProto, path: Path | None = None) -> None:
                     if isinstance(v, bytes):
                         shown = v.decode("utf-8", "replace")
                         what = fd.name if fd is not None else "external data entry"
-                        raise ModelLoadError(f"{type(msg).__name__}.{what} '{shown}'{_where(path)} "
-                                             "is not valid UTF-8 (corrupt file?)")
+                        raise ModelLoadError(
+                            f"{type(msg).__name__}.{what} '{shown}'{_where(path)} "
+                            "is not valid UTF-8 (corrupt file?)"
+                        )
             elif fd.type == F.TYPE_MESSAGE:
                 if fd.is_repeated:
                     stack.extend(value)
@@ -482,17 +496,23 @@ def check_tensor_data(proto: onnx.ModelProto, path: Path | None = None) -> None:
     typed = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
     for t in external_data_helper._get_all_tensors(proto):
         if any(d < 0 for d in t.dims):
-            raise ModelLoadError(f"tensor '{t.name}'{_where(path)} has a negative dimension "
-                                 f"{list(t.dims)} (corrupt file?)")
+            raise ModelLoadError(
+                f"tensor '{t.name}'{_where(path)} has a negative dimension "
+                f"{list(t.dims)} (corrupt file?)"
+            )
         if external_data_helper.uses_external_data(t) or t.data_type in (
-                onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            onnx.TensorProto.STRING,
+            onnx.TensorProto.UNDEFINED,
+        ):
             continue
         n = int(np.prod(t.dims, dtype=object)) if len(t.dims) else 1
         try:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         except (KeyError, ValueError, TypeError):
-            raise ModelLoadError(f"tensor '{t.name}'{_where(path)} has an unknown element type "
-                                 f"{t.data_type} (corrupt file?)") from None
+            raise ModelLoadError(
+                f"tensor '{t.name}'{_where(path)} has an unknown element type "
+                f"{t.data_type} (corrupt file?)"
+            ) from None
         if t.HasField("raw_data"):
             have, want = len(t.raw_data), n * itemsize
             if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
@@ -500,24 +520,39 @@ def check_tensor_data(proto: onnx.ModelProto, path: Path | None = None) -> None:
             if have != want:
                 raise ModelLoadError(
                     f"tensor '{t.name}'{_where(path)} has dims {list(t.dims)} ({want} bytes) but "
-                    f"{have} bytes of data (corrupt file?)")
+                    f"{have} bytes of data (corrupt file?)"
+                )
             continue
         counts = [len(getattr(t, f)) for f in typed if len(getattr(t, f))]
-        if counts and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
-                                      onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
-                                      onnx.TensorProto.INT32) and counts[0] != n:
+        if (
+            counts
+            and t.data_type
+            in (
+                onnx.TensorProto.FLOAT,
+                onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.INT64,
+                onnx.TensorProto.UINT64,
+                onnx.TensorProto.INT32,
+            )
+            and counts[0] != n
+        ):
             raise ModelLoadError(
                 f"tensor '{t.name}'{_where(path)} has dims {list(t.dims)} ({n} values) but stores "
-                f"{counts[0]} values (corrupt file?)")
+                f"{counts[0]} values (corrupt file?)"
+            )
 
 
 def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [t for t in external_data_helper._get_all_tensors(proto)
-            if external_data_helper.uses_external_data(t)]
+    return [
+        t
+        for t in external_data_helper._get_all_tensors(proto)
+        if external_data_helper.uses_external_data(t)
+    ]
 
 
 def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
-    """Refuse external data that is missing, outside the model's folder, or shorter than declared."""
+    """Refuse external data that is missing, outside the model's folder, or shorter than
+    declared."""
     base = base_dir.resolve()
     sizes: dict[Path, int] = {}
     for t in _external_tensors(proto):
@@ -526,16 +561,19 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
         if not loc or os.path.isabs(loc) or loc.startswith(("\\", "/")):
             raise ModelLoadError(
                 f"tensor '{t.name}' points at external data '{loc}', which is not a relative path "
-                f"inside the model's folder; refusing to read it")
+                f"inside the model's folder; refusing to read it"
+            )
         target = (base / loc).resolve()
         if base != target and base not in target.parents:
             raise ModelLoadError(
                 f"tensor '{t.name}' points at external data '{loc}' outside the model's folder "
-                f"{base}; refusing to read it")
+                f"{base}; refusing to read it"
+            )
         if not target.is_file():
             raise ModelLoadError(
                 f"external data file '{loc}' for tensor '{t.name}' is missing (expected {target}); "
-                f"copy it next to the model")
+                f"copy it next to the model"
+            )
         size = sizes.setdefault(target, target.stat().st_size)
         offset = int(info.offset or 0)
         length = int(info.length) if info.length else None
@@ -546,11 +584,13 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
         if offset < 0 or offset + length > size:
             raise ModelLoadError(
                 f"external data file '{loc}' is too short for tensor '{t.name}' "
-                f"(needs bytes {offset}..{offset + length}, file has {size})")
+                f"(needs bytes {offset}..{offset + length}, file has {size})"
+            )
 
 
-def load_proto(path: str | os.PathLike[str], load_weights: bool = True
-               ) -> tuple[onnx.ModelProto, Path, bool]:
+def load_proto(
+    path: str | os.PathLike[str], load_weights: bool = True
+) -> tuple[onnx.ModelProto, Path, bool]:
     """Read and sanity-check an ONNX file. Returns (proto, path, uses_external_data)."""
     p = Path(path)
     if not p.exists():
@@ -567,7 +607,9 @@ def load_proto(path: str | os.PathLike[str], load_weights: bool = True
         ) from None
     if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
         raise ModelLoadError(
-            f"{p} is not an ONNX model (no graph, IR version or opset; truncated or another format?)")
+            f"{p} is not an ONNX model (no graph, IR version or opset; "
+            "truncated or another format?)"
+        )
     check_names(proto, p)
     check_tensor_data(proto, p)
     external = bool(_external_tensors(proto))
@@ -603,9 +645,11 @@ def map_external_weights(model: Model, base_dir: Path) -> int:
                 continue
             seen.add(id(t))
             v = t._values
-            if not isinstance(v, gs.ir.tensor.LazyValues) or not isinstance(
-                    v.tensor, onnx.TensorProto) or not external_data_helper.uses_external_data(
-                    v.tensor):
+            if (
+                not isinstance(v, gs.ir.tensor.LazyValues)
+                or not isinstance(v.tensor, onnx.TensorProto)
+                or not external_data_helper.uses_external_data(v.tensor)
+            ):
                 continue
             tp = v.tensor
             info = external_data_helper.ExternalDataInfo(tp)
@@ -615,23 +659,38 @@ def map_external_weights(model: Model, base_dir: Path) -> int:
             except (KeyError, ValueError, TypeError):
                 dtype = None
             plain = tp.data_type in (
-                onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16,
-                onnx.TensorProto.UINT16, onnx.TensorProto.INT32, onnx.TensorProto.UINT32,
-                onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL)
+                onnx.TensorProto.FLOAT,
+                onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.INT8,
+                onnx.TensorProto.UINT8,
+                onnx.TensorProto.INT16,
+                onnx.TensorProto.UINT16,
+                onnx.TensorProto.INT32,
+                onnx.TensorProto.UINT32,
+                onnx.TensorProto.INT64,
+                onnx.TensorProto.UINT64,
+                onnx.TensorProto.BOOL,
+            )
             try:
                 target = (base_dir / info.location).resolve()
                 if target not in model.external_files:
                     model.external_files.append(target)
                 if plain and dtype is not None and int(np.prod(dims)) > 0:
-                    arr = np.memmap(base_dir / info.location, dtype=dtype, mode="r",
-                                    offset=int(info.offset or 0), shape=dims)
+                    arr = np.memmap(
+                        base_dir / info.location,
+                        dtype=dtype,
+                        mode="r",
+                        offset=int(info.offset or 0),
+                        shape=dims,
+                    )
                     mapped += 1
                 else:
                     arr = onnx.numpy_helper.to_array(tp, str(base_dir))
             except (OSError, ValueError) as exc:
-                raise ModelLoadError(f"cannot read external data of tensor '{tp.name}': {exc}"
-                                     ) from None
+                raise ModelLoadError(
+                    f"cannot read external data of tensor '{tp.name}': {exc}"
+                ) from None
             t._values = arr
             t.data_location = None  # now held in memory (mapped): exported inline unless stubbed
     return mapped

@@ -45,7 +45,6 @@ def _constant_value(node: gs.Node) -> np.ndarray:
         if key in a:
             return np.array(list(a[key]), dtype=dt)
     from onnx.reference import ReferenceEvaluator
-
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
     proto = OnnxExporter.export_node(node)

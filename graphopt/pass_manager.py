@@ -1,11 +1,15 @@
 """Pass infrastructure: :class:`Pass`, :class:`PassResult`, :class:`PassManager` and the registry.
 
-A pass transforms a :class:`~graphopt.ir.Model` in place and returns a :class:`PassResult` saying exactly
-whether it changed anything (the manager iterates to a fixed point on that flag) and with counters in
+A pass transforms a :class:`~graphopt.ir.Model` in place and returns a :class:`PassResult` saying
+exactly
+whether it changed anything (the manager iterates to a fixed point on that flag) and with counters
+in
 ``stats``. ``Pass.__call__`` wraps ``call`` with ``requires`` (pre-conditions) and ``ensures``
 (post-conditions: the graph is still acyclic, every node input is produced or is a graph input or
-constant); any exception escaping a pass becomes a :class:`~graphopt.errors.PassError` that names the pass
-and the passes that ran before it. User errors (:class:`~graphopt.errors.GraphoptError`) pass through.
+constant); any exception escaping a pass becomes a :class:`~graphopt.errors.PassError` that names
+the pass
+and the passes that ran before it. User errors (:class:`~graphopt.errors.GraphoptError`) pass
+through.
 """
 
 from __future__ import annotations
@@ -42,14 +46,17 @@ class Pass(abc.ABC):
     summary: ClassVar[str] = ""
     #: True for passes that only compute numbers (cost, memory plan) and never change the model
     analysis: ClassVar[bool] = False
-    #: True for passes that change numerics by design (quantize, prune, fp16); verify tolerances differ
+    #: True for passes that change numerics by design (quantize, prune, fp16); verify tolerances
+    # differ
     lossy: ClassVar[bool] = False
 
     def __call__(self, model: Model) -> PassResult:
         self.requires(model)
         result = self.call(model)
         if not isinstance(result, PassResult):
-            raise TypeError(f"{type(self).__name__}.call returned {type(result).__name__}, not PassResult")
+            raise TypeError(
+                f"{type(self).__name__}.call returned {type(result).__name__}, not PassResult"
+            )
         if self.analysis and result.modified:
             raise RuntimeError("an analysis pass reported modified=True")
         if result.modified:
@@ -82,12 +89,15 @@ _REGISTRY: dict[str, type[Pass]] = {}
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
-    """Class decorator: make a pass available by its ``name`` to the CLI, recipes and ``get_pass``."""
+    """Class decorator: make a pass available by its ``name`` to the CLI, recipes and
+    ``get_pass``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
     other = _REGISTRY.get(cls.name)
     if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
-        raise ValueError(f"pass name '{cls.name}' registered twice ({other.__name__}, {cls.__name__})")
+        raise ValueError(
+            f"pass name '{cls.name}' registered twice ({other.__name__}, {cls.__name__})"
+        )
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -226,8 +236,14 @@ class PassManager:
                 history.append(p.name)
                 if self.on_pass:
                     self.on_pass(rec)
-                logger.debug("pass %s step %d modified=%s %.3fs %s", p.name, step, result.modified,
-                             dt, result.stats)
+                logger.debug(
+                    "pass %s step %d modified=%s %.3fs %s",
+                    p.name,
+                    step,
+                    result.modified,
+                    dt,
+                    result.stats,
+                )
                 sweep_modified |= result.modified
                 clean = 0 if result.modified else clean + 1
             any_modified |= sweep_modified

@@ -13,7 +13,8 @@ The engine, not each rule, guarantees that a rewrite never crosses an escaping v
   input) with no consumer outside the match (not shared).
 
 A rule's ``rewrite`` receives the match and the root's output tensors, already detached from the
-root, and returns the new nodes that produce exactly those tensors (names and graph outputs are kept).
+root, and returns the new nodes that produce exactly those tensors (names and graph outputs are
+kept).
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def scalar(value: float | None = None, tol: float = 1e-6) -> Callable[[np.ndarra
     def pred(v: np.ndarray) -> bool:
         if v.size != 1:
             return False
-        return value is None or bool(abs(float(v.reshape(-1)[0]) - value) <= tol * max(1, abs(value)))
+        return value is None or bool(
+            abs(float(v.reshape(-1)[0]) - value) <= tol * max(1, abs(value))
+        )
 
     return pred
 
@@ -108,8 +111,9 @@ class Match:
         return np.asarray(t.values)
 
     def copy(self) -> Match:
-        return Match(self.root, list(self.nodes), dict(self.tensors), dict(self.named_nodes),
-                     self.graph)
+        return Match(
+            self.root, list(self.nodes), dict(self.tensors), dict(self.named_nodes), self.graph
+        )
 
 
 def _producer(t: gs.Tensor) -> gs.Node | None:
@@ -151,8 +155,9 @@ def _match_op(p: Op, node: gs.Node, m: Match) -> Iterable[Match]:
         yield from _match_inputs(list(order), list(node.inputs), m)
 
 
-def _match_inputs(pats: list[Pattern | str | None], tensors: list[gs.Tensor], m: Match
-                  ) -> Iterable[Match]:
+def _match_inputs(
+    pats: list[Pattern | str | None], tensors: list[gs.Tensor], m: Match
+) -> Iterable[Match]:
     if not pats:
         yield m
         return
@@ -205,7 +210,8 @@ class Rule:
     """A rewrite rule. Subclasses set ``name``, ``pattern`` and implement ``rewrite``.
 
     Attributes:
-        modifies: names of captured constants whose values the rewrite replaces; the engine refuses a
+        modifies: names of captured constants whose values the rewrite replaces; the engine refuses
+        a
             match where one of them is shared with nodes outside the match or is not a constant.
     """
 
@@ -296,12 +302,14 @@ class RuleSet:
         if count:
             graph.nodes = [n for n in graph.nodes if id(n) not in dead] + new_nodes
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(
-                recurse_subgraphs=False)
+                recurse_subgraphs=False
+            )
         return count
 
 
 class RewritePass(Pass):
-    """A pass made of rewrite rules, applied to every graph (subgraphs included) to a fixed point."""
+    """A pass made of rewrite rules, applied to every graph (subgraphs included) to a fixed
+    point."""
 
     rules: ClassVar[Sequence[Rule]] = ()
     max_sweeps: ClassVar[int] = 20
@@ -330,14 +338,20 @@ def unique_name(base: str) -> str:
     return f"{base}__go{next(_counter)}"
 
 
-def make_node(op: str, inputs: Sequence[gs.Tensor], outputs: Sequence[gs.Variable] | None = None,
-              attrs: dict[str, Any] | None = None, name: str | None = None,
-              domain: str | None = None) -> gs.Node:
+def make_node(
+    op: str,
+    inputs: Sequence[gs.Tensor],
+    outputs: Sequence[gs.Variable] | None = None,
+    attrs: dict[str, Any] | None = None,
+    name: str | None = None,
+    domain: str | None = None,
+) -> gs.Node:
     """A new node; fresh output variables are created when ``outputs`` is None."""
     base = unique_name(name or op.lower())
     outs = list(outputs) if outputs is not None else [gs.Variable(f"{base}_out")]
-    return gs.Node(op=op, name=base, inputs=list(inputs), outputs=outs, attrs=attrs or {},
-                   domain=domain)
+    return gs.Node(
+        op=op, name=base, inputs=list(inputs), outputs=outs, attrs=attrs or {}, domain=domain
+    )
 
 
 def const(name: str, values: np.ndarray | float | int, dtype: Any = np.float32) -> gs.Constant:

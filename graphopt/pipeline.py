@@ -65,7 +65,9 @@ LOSSY_MIN_SQNR_DB = 20.0
 def default_pipeline(target: str = "portable") -> list[str]:
     """The default pass names for a target, restricted to passes that are registered."""
     if target not in TARGET_PIPELINES:
-        raise GraphoptError(f"unknown target '{target}'; choose one of {', '.join(TARGET_PIPELINES)}")
+        raise GraphoptError(
+            f"unknown target '{target}'; choose one of {', '.join(TARGET_PIPELINES)}"
+        )
     known = known_pass_names()
     return [p for p in DEFAULT_PIPELINE + TARGET_PIPELINES[target] if p in known]
 
@@ -74,8 +76,11 @@ def target_passes(target: str = "portable") -> list[Pass]:
     """The target lowering passes, constructed for ``target`` (registered passes only)."""
     default_pipeline(target)  # validates the target
     known = known_pass_names()
-    return [get_pass(p, target=target) if p in TARGETED_PASSES else get_pass(p)
-            for p in TARGET_PIPELINES[target] if p in known]
+    return [
+        get_pass(p, target=target) if p in TARGETED_PASSES else get_pass(p)
+        for p in TARGET_PIPELINES[target]
+        if p in known
+    ]
 
 
 @dataclass
@@ -93,8 +98,11 @@ class OptimizeResult:
         return self.manager.stats_by_pass()
 
 
-def prepare(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None,
-            feeds: Mapping[str, np.ndarray] | None = None) -> Model:
+def prepare(
+    model: Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> Model:
     """Fix the given input dims and infer every shape (in place); ``feeds`` drive the onnxruntime
     shape fallback where random inputs would take the wrong path."""
     if input_shapes:
@@ -133,8 +141,12 @@ def optimize_model(
     result = manager(work)
     if lowering:
         low = PassManager(lowering, steps=steps, on_pass=on_pass)(result.model)
-        result = ManagerResult(low.model, result.modified or low.modified,
-                               result.records + low.records, result.steps + low.steps)
+        result = ManagerResult(
+            low.model,
+            result.modified or low.modified,
+            result.records + low.records,
+            result.steps + low.steps,
+        )
         pass_list = pass_list + list(lowering)
     out = result.model
     if missing_shapes(out):  # passes keep the shapes they touch; re-derive only what is missing
@@ -151,13 +163,20 @@ def optimize_model(
         if not report.ok:
             bad = report.worst()
             assert bad is not None
-            what = (f"SQNR {bad.sqnr_db:.1f} dB < {LOSSY_MIN_SQNR_DB} dB" if lossy else
-                    f"max abs err {bad.max_abs_err:.3g}, cosine {bad.cosine:.6f}")
+            what = (
+                f"SQNR {bad.sqnr_db:.1f} dB < {LOSSY_MIN_SQNR_DB} dB"
+                if lossy
+                else f"max abs err {bad.max_abs_err:.3g}, cosine {bad.cosine:.6f}"
+            )
             raise VerificationError(
                 f"optimized model differs from the input on output '{bad.name}' ({what})"
                 f"{' ' + bad.note if bad.note else ''}; not written. "
-                + ("A lossy pass went too far: use 'graphopt prune/quantize/fp16' with their "
-                   "accuracy options" if lossy else
-                   "Re-run with -v and --passes to find the pass, and report it"))
+                + (
+                    "A lossy pass went too far: use 'graphopt prune/quantize/fp16' with their "
+                    "accuracy options"
+                    if lossy
+                    else "Re-run with -v and --passes to find the pass, and report it"
+                )
+            )
     names = [p if isinstance(p, str) else p.name for p in pass_list]
     return OptimizeResult(out, original, result, report, elapsed, names)

@@ -55,13 +55,13 @@ import statistics
 import subprocess
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
 from graphopt.errors import GraphoptError, RecipeError
 from graphopt.ir import Model
@@ -585,8 +585,8 @@ StepOutput = tuple[Model, Check, dict[str, Any], dict[str, Any]]
 def _simplify(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
               feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Any
               ) -> StepOutput:
-    from graphopt.pipeline import optimize_model
     from graphopt.pass_manager import resolve_passes
+    from graphopt.pipeline import optimize_model
 
     passes = step.options["passes"]
     plist = resolve_passes(passes if isinstance(passes, str) else list(passes)) if passes else None

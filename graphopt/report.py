@@ -6,7 +6,8 @@ Sections, each present when its data is given:
   and extra tables (e.g. a recipe's per-step table, the verification table);
 * the graph before and after as SVG: a layered drawing (layers are networkx topological generations
   of the node DAG, nodes in a layer ordered by the mean position of their producers). Constants are
-  not drawn. Nodes of a fused group (found by :func:`graphopt.model_diff.structural_diff`) are highlighted
+  not drawn. Nodes of a fused group (found by :func:`graphopt.model_diff.structural_diff`) are
+  highlighted
   in both drawings, pruned layers (a Conv/Gemm/MatMul whose weight lost output channels) in the
   after drawing. Graphs over ``max_nodes`` nodes are collapsed: first chains of single-input,
   single-consumer nodes become one box, then blocks by name prefix (``/layer1/...``) or, for flat
@@ -386,7 +387,7 @@ def scan_svg(series: Mapping[str, list[tuple[float, float]]]) -> str:
         y0, y1 = min(ys), max(ys)
         y1 = y1 if y1 > y0 else y0 + 1
 
-        def p(x: float, y: float) -> str:
+        def p(x: float, y: float, y0: float = y0, y1: float = y1) -> str:
             return (f"{pad + (x - x0) / (x1 - x0) * (w - pad - 10):.1f},"
                     f"{10 + (1 - (y - y0) / (y1 - y0)) * (h - pad - 20):.1f}")
 

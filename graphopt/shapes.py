@@ -2,7 +2,8 @@
 shape inference gives up.
 
 Order of trust: shapes computed from the graph (ONNX inference with data propagation), then shapes
-observed by running onnxruntime on a dummy input with every intermediate tensor exposed. Shapes that a
+observed by running onnxruntime on a dummy input with every intermediate tensor exposed. Shapes
+that a
 model *declares* for its outputs or in ``value_info`` are never trusted: they are dropped before
 inference (a published CRNN declares a wrong rank-2 output), keeping only element types.
 """
@@ -27,14 +28,16 @@ _SPEC = re.compile(r"^(?P<name>.+):(?P<dims>\d+(?:[x,]\d+)*)?$")
 
 
 def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, Shape]:
-    """Parse ``NAME:1x3x640x640`` specs (``NAME:`` alone is a scalar). Raises :class:`ShapeError`."""
+    """Parse ``NAME:1x3x640x640`` specs (``NAME:`` alone is a scalar). Raises
+    :class:`ShapeError`."""
     out: dict[str, Shape] = {}
     for spec in specs or []:
         m = _SPEC.match(spec.strip())
         if not m:
             raise ShapeError(
                 f"bad --input-shape '{spec}': expected NAME:D1xD2x... with positive integers, "
-                f"e.g. x:1x3x640x640")
+                f"e.g. x:1x3x640x640"
+            )
         dims = tuple(int(d) for d in re.split(r"[x,]", m.group("dims"))) if m.group("dims") else ()
         if any(d <= 0 for d in dims):
             raise ShapeError(f"bad --input-shape '{spec}': dimensions must be positive")
@@ -54,18 +57,21 @@ def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model
     for name, dims in shapes.items():
         if name not in inputs:
             raise ShapeError(
-                f"--input-shape names '{name}', but the model's inputs are: {', '.join(inputs)}")
+                f"--input-shape names '{name}', but the model's inputs are: {', '.join(inputs)}"
+            )
         t = inputs[name]
         dims = tuple(int(d) for d in dims)
         if t.shape is not None and len(t.shape) != len(dims):
             raise ShapeError(
                 f"input '{name}' has rank {len(t.shape)} {_fmt(t.shape)}, but --input-shape gives "
-                f"rank {len(dims)} {_fmt(dims)}")
+                f"rank {len(dims)} {_fmt(dims)}"
+            )
         if t.shape is not None:
             for i, (have, want) in enumerate(zip(t.shape, dims)):
                 if isinstance(have, (int, np.integer)) and have > 0 and have != want:
                     raise ShapeError(
-                        f"input '{name}' has fixed dim {i} = {have}, but --input-shape gives {want}")
+                        f"input '{name}' has fixed dim {i} = {have}, but --input-shape gives {want}"
+                    )
         t.shape = list(dims)
     return model
 
@@ -130,8 +136,9 @@ def _onnx_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
     if proto.ByteSize() >= PROTO_LIMIT:
         proto = _weightless(proto)
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False,
-                                                     data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            proto, check_type=False, strict_mode=False, data_prop=True
+        )
     except Exception as exc:  # inference bugs on exotic graphs must not stop us: fall back
         logger.debug("onnx shape inference failed: %s", exc)
         inferred = proto
@@ -177,16 +184,18 @@ def _apply(model: Model, found: Mapping[str, tuple[int, list[object] | None]]) -
 
 def missing_shapes(model: Model) -> list[str]:
     """Names of main-graph node outputs whose shape is not static."""
-    return [o.name for n in model.graph.nodes for o in n.outputs
-            if o.name and not is_static(o.shape)]
+    return [
+        o.name for n in model.graph.nodes for o in n.outputs if o.name and not is_static(o.shape)
+    ]
 
 
 def inputs_static(model: Model) -> bool:
     return all(is_static(t.shape) for t in model.graph.inputs)
 
 
-def infer_shapes(model: Model, ort_fallback: bool = True, feeds: Mapping[str, np.ndarray] | None = None
-                 ) -> Model:
+def infer_shapes(
+    model: Model, ort_fallback: bool = True, feeds: Mapping[str, np.ndarray] | None = None
+) -> Model:
     """Fill ``shape`` and ``dtype`` of every tensor in place; return ``model``.
 
     Declared shapes are discarded first. When input shapes are static and ONNX inference leaves some
@@ -223,8 +232,9 @@ def infer_shapes(model: Model, ort_fallback: bool = True, feeds: Mapping[str, np
     return model
 
 
-def observe_shapes(model: Model, names: Sequence[str], feeds: Mapping[str, np.ndarray] | None = None
-                   ) -> dict[str, tuple[np.dtype, Shape]]:
+def observe_shapes(
+    model: Model, names: Sequence[str], feeds: Mapping[str, np.ndarray] | None = None
+) -> dict[str, tuple[np.dtype, Shape]]:
     """Run onnxruntime once with ``names`` exposed as outputs and return their dtypes and shapes."""
     from graphopt.verify import random_feeds, run_model
 

@@ -1,6 +1,8 @@
-"""Model summary for ``graphopt inspect`` and ``graphopt.inspect``: I/O, opset, op histogram, params,
+"""Model summary for ``graphopt inspect`` and ``graphopt.inspect``: I/O, opset, op histogram,
+params,
 MACs and activation memory. The JSON keys are fixed by DESIGN.md (``nodes``, ``ops``, ``params``,
-``param_bytes``, ``macs``, ``activation_bytes`` {naive, peak}, ``inputs``, ``outputs``, ``opset``)."""
+``param_bytes``, ``macs``, ``activation_bytes`` {naive, peak}, ``inputs``, ``outputs``,
+``opset``)."""
 
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ def op_counts(model: Model) -> dict[str, int]:
 
 
 def full_check(model: Model) -> None:
-    """``onnx.checker`` with ``full_check`` (shape inference in strict mode) on the exported model."""
+    """``onnx.checker`` with ``full_check`` (shape inference in strict mode) on the exported
+    model."""
     onnx.checker.check_model(model.to_onnx(), full_check=True)
 
 
@@ -64,13 +65,17 @@ def check_pass(
         feeds = random_feeds(original, seed=seed)
     result = p(work)
     assert result.modified == expect_modified, (
-        f"{p.name}: modified={result.modified}, expected {expect_modified} (stats {result.stats})")
+        f"{p.name}: modified={result.modified}, expected {expect_modified} (stats {result.stats})"
+    )
     if not expect_modified:
-        assert fingerprint(result.model) == before, f"{p.name} reported no change but changed the model"
+        assert fingerprint(result.model) == before, (
+            f"{p.name} reported no change but changed the model"
+        )
     if checker:
         full_check(result.model)
-    report = verify(original, result.model, feeds=feeds, rtol=rtol, atol=atol,
-                    min_sqnr_db=min_sqnr_db)
+    report = verify(
+        original, result.model, feeds=feeds, rtol=rtol, atol=atol, min_sqnr_db=min_sqnr_db
+    )
     assert report.ok, f"{p.name}: outputs differ: {report.to_json()}"
     if structure is not None:
         structure(result.model)

@@ -1,10 +1,15 @@
 """Verification: run two models in onnxruntime on the same inputs and compare every output.
 
-Sessions use ``ORT_DISABLE_ALL`` by default so that onnxruntime's own fusions cannot hide (or cause) a
-difference, thread spinning off, and the CPU provider. Per output we report the max absolute error, the
-cosine similarity and the signal-to-quantization-noise ratio ``SQNR = 10 log10(sum(ref^2) / sum((ref -
-out)^2))`` in dB (``inf`` when equal). An output passes when ``max_abs_err <= atol + rtol * max|ref|``
-(semantics-preserving passes) or, for lossy transforms, when its SQNR / cosine reach the given minima.
+Sessions use ``ORT_DISABLE_ALL`` by default so that onnxruntime's own fusions cannot hide (or
+cause) a
+difference, thread spinning off, and the CPU provider. Per output we report the max absolute error,
+the
+cosine similarity and the signal-to-quantization-noise ratio ``SQNR = 10 log10(sum(ref^2) /
+sum((ref -
+out)^2))`` in dB (``inf`` when equal). An output passes when ``max_abs_err <= atol + rtol *
+max|ref|``
+(semantics-preserving passes) or, for lossy transforms, when its SQNR / cosine reach the given
+minima.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
 
-#: random test inputs larger than this are refused (a declared dim over 2^31 must not exhaust memory)
+#: random test inputs larger than this are refused (a declared dim over 2^31 must not exhaust
+# memory)
 MAX_FEED_BYTES = 2**31
 
 
@@ -68,8 +74,9 @@ def _add_outputs(proto: onnx.ModelProto, outputs: Sequence[str] | None) -> None:
             have.add(name)
 
 
-def _zero_copy_session(model: Model, so: ort.SessionOptions, outputs: Sequence[str] | None
-                       ) -> ort.InferenceSession:
+def _zero_copy_session(
+    model: Model, so: ort.SessionOptions, outputs: Sequence[str] | None
+) -> ort.InferenceSession:
     """A session whose large weights are the Model's own arrays (memory-mapped or in memory).
 
     The model is written with its large constants as external references to one sparse
@@ -113,9 +120,12 @@ def _zero_copy_session(model: Model, so: ort.SessionOptions, outputs: Sequence[s
     return sess
 
 
-def make_session(model: Model | onnx.ModelProto | str | os.PathLike[str], level: str = "disable_all",
-                 threads: int | None = None, outputs: Sequence[str] | None = None
-                 ) -> ort.InferenceSession:
+def make_session(
+    model: Model | onnx.ModelProto | str | os.PathLike[str],
+    level: str = "disable_all",
+    threads: int | None = None,
+    outputs: Sequence[str] | None = None,
+) -> ort.InferenceSession:
     """An onnxruntime CPU session for a Model, a ModelProto or a file path.
 
     ``outputs`` exposes extra (intermediate) tensors as outputs. A Model with large weights is
@@ -145,9 +155,13 @@ def make_session(model: Model | onnx.ModelProto | str | os.PathLike[str], level:
         return ort.InferenceSession(str(p), so, providers=providers)
 
 
-def _concrete_dims(name: str, shape: Sequence[object] | None, fallback: Mapping[str, int]) -> list[int]:
+def _concrete_dims(
+    name: str, shape: Sequence[object] | None, fallback: Mapping[str, int]
+) -> list[int]:
     if shape is None:
-        raise ShapeError(f"input '{name}' has no declared shape; give --input-shape {name}:D1xD2x...")
+        raise ShapeError(
+            f"input '{name}' has no declared shape; give --input-shape {name}:D1xD2x..."
+        )
     dims = []
     for i, d in enumerate(shape):
         if isinstance(d, (int, np.integer)) and d >= 0:
@@ -159,25 +173,31 @@ def _concrete_dims(name: str, shape: Sequence[object] | None, fallback: Mapping[
         else:
             raise ShapeError(
                 f"input '{name}' has dynamic dims {list(shape)}; fix them with "
-                f"--input-shape {name}:" + "x".join(str(x) if isinstance(x, int) and x > 0 else "N"
-                                                   for x in shape))
+                f"--input-shape {name}:"
+                + "x".join(str(x) if isinstance(x, int) and x > 0 else "N" for x in shape)
+            )
     return dims
 
 
-def random_feeds(model: Model, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
-                 ) -> Feeds:
+def random_feeds(
+    model: Model, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
+) -> Feeds:
     """Seeded random inputs for every graph input: floats ~ N(0,1), integers 0, bools False."""
     rng = np.random.default_rng(seed)
     feeds: Feeds = {}
     for t in model.graph.inputs:
-        dims = list(shapes[t.name]) if shapes and t.name in shapes else \
-            _concrete_dims(t.name, t.shape, {})
+        dims = (
+            list(shapes[t.name])
+            if shapes and t.name in shapes
+            else _concrete_dims(t.name, t.shape, {})
+        )
         dtype = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
         nbytes = int(np.prod(dims, dtype=object)) * dtype.itemsize if dims else dtype.itemsize
         if nbytes > MAX_FEED_BYTES:
             raise ShapeError(
                 f"input '{t.name}' of shape {dims} is too large to build a test input "
-                f"({nbytes / 2**30:.3g} GiB); fix smaller dims with --input-shape {t.name}:...")
+                f"({nbytes / 2**30:.3g} GiB); fix smaller dims with --input-shape {t.name}:..."
+            )
         if np.issubdtype(dtype, np.floating):
             feeds[t.name] = rng.standard_normal(dims).astype(dtype)
         elif dtype == np.bool_:
@@ -187,8 +207,12 @@ def random_feeds(model: Model, seed: int = 0, shapes: Mapping[str, Sequence[int]
     return feeds
 
 
-def run_model(model: Model | onnx.ModelProto | str | os.PathLike[str], feeds: Mapping[str, np.ndarray],
-              outputs: Sequence[str] | None = None, level: str = "disable_all") -> Feeds:
+def run_model(
+    model: Model | onnx.ModelProto | str | os.PathLike[str],
+    feeds: Mapping[str, np.ndarray],
+    outputs: Sequence[str] | None = None,
+    level: str = "disable_all",
+) -> Feeds:
     """Run a model once in onnxruntime and return its outputs by name."""
     try:
         sess = make_session(model, level)
@@ -230,8 +254,11 @@ class OutputDiff:
         d = asdict(self)
         for k in ("max_abs_err", "cosine", "sqnr_db", "max_ref"):
             v = d[k]
-            d[k] = None if v is None or (isinstance(v, float) and math.isnan(v)) else (
-                "inf" if v == math.inf else float(v))
+            d[k] = (
+                None
+                if v is None or (isinstance(v, float) and math.isnan(v))
+                else ("inf" if v == math.inf else float(v))
+            )
         return d
 
 
@@ -281,20 +308,41 @@ def cosine(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.dot(a, b) / (na * nb))
 
 
-def compare(name: str, ref: np.ndarray, out: np.ndarray, rtol: float, atol: float,
-            min_sqnr_db: float | None = None, min_cosine: float | None = None) -> OutputDiff:
+def compare(
+    name: str,
+    ref: np.ndarray,
+    out: np.ndarray,
+    rtol: float,
+    atol: float,
+    min_sqnr_db: float | None = None,
+    min_cosine: float | None = None,
+) -> OutputDiff:
     """Compare one output array against its reference."""
     ref = np.asarray(ref)
     out = np.asarray(out)
     if ref.shape != out.shape:
-        return OutputDiff(name, math.inf, 0.0, -math.inf, 0.0, list(out.shape), False,
-                          f"shape {list(out.shape)} != reference {list(ref.shape)}")
+        return OutputDiff(
+            name,
+            math.inf,
+            0.0,
+            -math.inf,
+            0.0,
+            list(out.shape),
+            False,
+            f"shape {list(out.shape)} != reference {list(ref.shape)}",
+        )
     if ref.dtype.kind in "biu" and out.dtype.kind in "biu":
         diff = np.abs(ref.astype(np.int64) - out.astype(np.int64))
         err = float(diff.max()) if diff.size else 0.0
-        return OutputDiff(name, err, 1.0 if err == 0 else 0.0, math.inf if err == 0 else 0.0,
-                          float(np.abs(ref).max()) if ref.size else 0.0, list(ref.shape),
-                          err <= atol)
+        return OutputDiff(
+            name,
+            err,
+            1.0 if err == 0 else 0.0,
+            math.inf if err == 0 else 0.0,
+            float(np.abs(ref).max()) if ref.size else 0.0,
+            list(ref.shape),
+            err <= atol,
+        )
     if ref.size == 0:
         return OutputDiff(name, 0.0, 1.0, math.inf, 0.0, list(ref.shape), True)
     r = ref.astype(np.float64)
@@ -315,16 +363,22 @@ def compare(name: str, ref: np.ndarray, out: np.ndarray, rtol: float, atol: floa
     return OutputDiff(name, err, c, s, max_ref, list(ref.shape), ok, note)
 
 
-def verify(original: Model | onnx.ModelProto | str | os.PathLike[str],
-           transformed: Model | onnx.ModelProto | str | os.PathLike[str],
-           feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
-           seed: int = 0, rtol: float = 1e-4, atol: float = 1e-5,
-           min_sqnr_db: float | None = None, min_cosine: float | None = None,
-           samples: int = 1) -> VerifyReport:
+def verify(
+    original: Model | onnx.ModelProto | str | os.PathLike[str],
+    transformed: Model | onnx.ModelProto | str | os.PathLike[str],
+    feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
+    seed: int = 0,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    min_sqnr_db: float | None = None,
+    min_cosine: float | None = None,
+    samples: int = 1,
+) -> VerifyReport:
     """Run both models on the same inputs and compare every output of the original.
 
     Args:
-        feeds: one feed dict, a list of them, or None for ``samples`` seeded random inputs built from
+        feeds: one feed dict, a list of them, or None for ``samples`` seeded random inputs built
+        from
             the original's input shapes (dynamic dims must be fixed first).
         rtol, atol: tolerance for semantics-preserving transforms, relative to max |reference|.
         min_sqnr_db, min_cosine: for lossy transforms; when given they replace rtol/atol.
@@ -340,17 +394,20 @@ def verify(original: Model | onnx.ModelProto | str | os.PathLike[str],
     try:
         sa = make_session(ref_model)
     except Exception as exc:  # noqa: BLE001 - an input onnxruntime refuses is the user's to fix
-        raise GraphoptError(f"onnxruntime cannot load the input model: {_first_line(exc)}"
-                            ) from None
+        raise GraphoptError(
+            f"onnxruntime cannot load the input model: {_first_line(exc)}"
+        ) from None
     try:
         sb = make_session(transformed)
     except Exception as exc:  # noqa: BLE001
-        raise GraphoptError(f"onnxruntime cannot load the transformed model: {_first_line(exc)}"
-                            ) from None
+        raise GraphoptError(
+            f"onnxruntime cannot load the transformed model: {_first_line(exc)}"
+        ) from None
     names = [o.name for o in sa.get_outputs()]
     b_names = {o.name for o in sb.get_outputs()}
-    report = VerifyReport(rtol=rtol, atol=atol, min_sqnr_db=min_sqnr_db, min_cosine=min_cosine,
-                          samples=len(feed_list))
+    report = VerifyReport(
+        rtol=rtol, atol=atol, min_sqnr_db=min_sqnr_db, min_cosine=min_cosine, samples=len(feed_list)
+    )
     refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     a_inputs = _input_names(sa)
@@ -365,8 +422,18 @@ def verify(original: Model | onnx.ModelProto | str | os.PathLike[str],
                 outs[n].append(np.asarray(rb[n]))
     for n in names:
         if n not in b_names:
-            report.outputs.append(OutputDiff(n, math.inf, 0.0, -math.inf, 0.0, [], False,
-                                             "output missing from the transformed model"))
+            report.outputs.append(
+                OutputDiff(
+                    n,
+                    math.inf,
+                    0.0,
+                    -math.inf,
+                    0.0,
+                    [],
+                    False,
+                    "output missing from the transformed model",
+                )
+            )
             continue
         try:
             ref = np.concatenate([r.ravel() for r in refs[n]])
@@ -375,8 +442,9 @@ def verify(original: Model | onnx.ModelProto | str | os.PathLike[str],
         except ValueError:
             shape_ok = False
         if not shape_ok:
-            report.outputs.append(compare(n, refs[n][0], outs[n][0], rtol, atol, min_sqnr_db,
-                                          min_cosine))
+            report.outputs.append(
+                compare(n, refs[n][0], outs[n][0], rtol, atol, min_sqnr_db, min_cosine)
+            )
             continue
         d = compare(n, ref, out, rtol, atol, min_sqnr_db, min_cosine)
         d.shape = list(refs[n][0].shape)

@@ -2,7 +2,8 @@
 
 Two nodes compute the same value when they have the same op, domain, attributes and the very same
 input tensors (for commutative ops Add/Mul/Max/Min/Sum/Mean/And/Or/Xor/Equal, the same inputs in
-any order; Sum/Mean only with two inputs, where floating point is exactly commutative), so ``f(a, b)`` seen twice becomes one node whose outputs the second one's readers read.
+any order; Sum/Mean only with two inputs, where floating point is exactly commutative), so ``f(a,
+b)`` seen twice becomes one node whose outputs the second one's readers read.
 Found by hash-consing in one topological sweep (O(n)): a node's key is built from the canonical ids
 of its inputs, so chains of duplicates collapse in the same sweep.
 
@@ -24,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from graphopt.passes.constant_folding import all_graph_output_ids, has_subgraph, local_topo_order
 
 from graphopt.ir import Model, constant_nbytes
 from graphopt.pass_manager import Pass, PassResult, register_pass
-from graphopt.passes.constant_folding import all_graph_output_ids, has_subgraph, local_topo_order
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,12 @@
 """Identity elimination: ``Identity(x) -> x`` and inference-mode ``Dropout(x) -> x``.
 
 Every reader of the Identity's output reads ``x`` instead. When the output is a graph output, the
-producer of ``x`` is made to write the graph output directly (so output names are kept); when ``x`` is
-itself a graph input or another graph output, the node is kept (an ONNX graph cannot return its input
-under another name without one). Dropout is removed only when its mask output is unused and it is not
+producer of ``x`` is made to write the graph output directly (so output names are kept); when ``x``
+is
+itself a graph input or another graph output, the node is kept (an ONNX graph cannot return its
+input
+under another name without one). Dropout is removed only when its mask output is unused and it is
+not
 in training mode (``training_mode`` input absent or constant false).
 """
 
@@ -30,8 +33,12 @@ def _is_noop_dropout(node: gs.Node) -> bool:
     return True
 
 
-def bypass_node(graph: gs.Graph, node: gs.Node, src: gs.Tensor | None = None,
-                local_nodes: set[int] | None = None) -> bool:
+def bypass_node(
+    graph: gs.Graph,
+    node: gs.Node,
+    src: gs.Tensor | None = None,
+    local_nodes: set[int] | None = None,
+) -> bool:
     """Remove a single-output node whose output equals ``src`` (default: its first input).
 
     Returns False (and changes nothing) when that is impossible without renaming a graph output.
@@ -43,8 +50,13 @@ def bypass_node(graph: gs.Graph, node: gs.Node, src: gs.Tensor | None = None,
     graph_inputs = {id(t) for t in graph.inputs}
     if id(out) in graph_outputs:
         # keep the output's name: the producer of src must write it directly
-        if (isinstance(src, gs.Constant) or id(src) in graph_inputs or id(src) in graph_outputs
-                or len(src.inputs) != 1 or len(src.outputs) != 1):
+        if (
+            isinstance(src, gs.Constant)
+            or id(src) in graph_inputs
+            or id(src) in graph_outputs
+            or len(src.inputs) != 1
+            or len(src.outputs) != 1
+        ):
             return False
         producer = src.inputs[0]
         local = local_nodes if local_nodes is not None else {id(n) for n in graph.nodes}
@@ -82,7 +94,11 @@ class IdentityEliminationPass(Pass):
             local = {id(n) for n in g.nodes}
             for node in list(g.nodes):
                 if node.op == "Identity" or (node.op == "Dropout" and _is_noop_dropout(node)):
-                    if node.inputs and node.inputs[0].name and bypass_node(g, node, local_nodes=local):
+                    if (
+                        node.inputs
+                        and node.inputs[0].name
+                        and bypass_node(g, node, local_nodes=local)
+                    ):
                         removed += 1
                         changed = True
             if changed:

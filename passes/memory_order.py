@@ -77,7 +77,6 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
     live = liveness(model, observed)
     idx = live.index
     n = len(sched)
-    node_id = {id(nd): i for i, nd in enumerate(sched)}
     # buffers: union tensors through alias ops (order independent)
     parent = list(range(len(live.names)))
 
@@ -496,7 +495,6 @@ class MemoryOrderPass(Pass):
     def call(self, model: Model) -> PassResult:
         from graphopt.memory import observe_unknown
         from graphopt.pipeline import prepare
-
         from graphopt.shapes import inputs_static
 
         work = prepare(model.clone(), self.input_shapes)

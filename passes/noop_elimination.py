@@ -31,11 +31,11 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from graphopt.passes.constant_folding import all_graph_output_ids, local_topo_order
+from graphopt.passes.identity_elimination import bypass_node
 
 from graphopt.ir import Model
 from graphopt.pass_manager import Pass, PassResult, register_pass
-from graphopt.passes.constant_folding import all_graph_output_ids, local_topo_order
-from graphopt.passes.identity_elimination import bypass_node
 from graphopt.shapes import is_static
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """Topological sort: reorder nodes so that every node comes after the producers of its inputs.
 
-Subgraph nodes that read outer-scope tensors count as readers of those tensors, so an If/Loop node is
+Subgraph nodes that read outer-scope tensors count as readers of those tensors, so an If/Loop node
+is
 placed after everything its bodies capture. The sort is stable (Kahn's algorithm over the original
 order), so an already sorted graph is left unchanged and ``modified`` is exact.
 """

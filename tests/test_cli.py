@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import REAL_NAMES, real_or_skip
+
 from graphopt.cli import main
 from graphopt.fixtures import FIXTURES, fixture_path
 

@@ -1,4 +1,5 @@
-"""`--report` on quantize, prune and plan writes one self-contained page with that step's figures."""
+"""`--report` on quantize, prune and plan writes one self-contained page with that step's
+figures."""
 
 from __future__ import annotations
 

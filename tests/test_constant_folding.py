@@ -12,8 +12,8 @@ from onnx import TensorProto, helper
 
 from graphopt.fixtures import fixture_path, real_model_feeds
 from graphopt.ir import Model
-from graphopt.pipeline import optimize_model, prepare
 from graphopt.pass_manager import get_pass
+from graphopt.pipeline import optimize_model, prepare
 from graphopt.testing import check_pass, op_counts
 
 I64 = TensorProto.INT64

@@ -7,8 +7,8 @@ from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
 from graphopt.ir import Model
-from graphopt.pipeline import prepare
 from graphopt.pass_manager import get_pass
+from graphopt.pipeline import prepare
 from graphopt.testing import check_pass, op_counts
 
 

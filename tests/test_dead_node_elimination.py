@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from helpers_graphs import make_model, vi
 from onnx import helper
 
 from graphopt.fixtures import fixture_path
 from graphopt.ir import Model
 from graphopt.testing import check_pass, op_counts
-from helpers_graphs import make_model, vi
 
 
 def test_removes_dead_branch() -> None:

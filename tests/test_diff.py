@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-
 from conftest import real_or_skip
+
 from graphopt.cli import main
-from graphopt.model_diff import diff_models, structural_diff
 from graphopt.fixtures import fixture_path
 from graphopt.ir import Model
+from graphopt.model_diff import diff_models, structural_diff
 from graphopt.pipeline import optimize_model, prepare
 
 

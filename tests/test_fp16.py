@@ -12,17 +12,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from conftest import real_or_skip
+from graphopt.passes.fp16 import ORT_CPU_FP16, ConvertFloat16Pass, _probe_node
+from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
-from conftest import real_or_skip
 from graphopt.cli import main
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
 from graphopt.ir import Model
 from graphopt.pipeline import prepare
-from graphopt.passes.fp16 import ORT_CPU_FP16, ConvertFloat16Pass, _probe_node
 from graphopt.testing import check_pass
 from graphopt.verify import random_feeds, run_model
-from helpers_graphs import make_model, vi
 
 F16 = np.dtype(np.float16)
 

@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from graphopt.ir import Model
-from graphopt.pipeline import ATOL, RTOL, optimize_model, prepare
 from graphopt.pass_manager import get_pass, registered_passes
+from graphopt.pipeline import ATOL, RTOL, optimize_model, prepare
 from graphopt.testing import fingerprint
 from graphopt.verify import make_session, random_feeds, run_model, verify
 

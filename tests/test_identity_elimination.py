@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from helpers_graphs import make_model, vi
 from onnx import helper
 
 from graphopt.testing import check_pass, op_counts
-from helpers_graphs import make_model, vi
 
 
 def test_removes_identity_and_dropout() -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import REAL_NAMES, real_or_skip
 from onnx import helper
 
-from conftest import REAL_NAMES, real_or_skip
 from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
 from graphopt.ir import Model

@@ -8,6 +8,7 @@ import itertools
 import networkx as nx
 import numpy as np
 import pytest
+from graphopt.passes.memory_order import _build, _greedy, exact_order, simulate
 from onnx import TensorProto, helper
 
 from graphopt.fixtures import FIXTURES, fixture_path
@@ -15,7 +16,6 @@ from graphopt.ir import Model
 from graphopt.memory import plan_memory
 from graphopt.memory_exec import prove
 from graphopt.pipeline import prepare
-from graphopt.passes.memory_order import _build, _greedy, exact_order, simulate
 from graphopt.testing import check_pass
 from tests.test_memory import capture, chain, residual
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REAL_NAMES, real_or_skip
+
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
 from graphopt.ir import Model
-from graphopt.pipeline import RTOL, ATOL, default_pipeline, optimize_model, prepare
+from graphopt.pipeline import ATOL, RTOL, default_pipeline, optimize_model, prepare
 from graphopt.verify import verify
 
 

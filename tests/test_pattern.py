@@ -5,12 +5,22 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
+from helpers_graphs import make_model, vi
 from onnx import helper
 
 from graphopt.ir import Model
-from graphopt.pattern import Const, Match, Op, RewritePass, Rule, Var, make_node, match_pattern, scalar
+from graphopt.pattern import (
+    Const,
+    Match,
+    Op,
+    RewritePass,
+    Rule,
+    Var,
+    make_node,
+    match_pattern,
+    scalar,
+)
 from graphopt.testing import check_pass, op_counts
-from helpers_graphs import make_model, vi
 
 
 class MulMulToMul(Rule):

@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.ir import Model
-from graphopt.pipeline import ATOL, RTOL, optimize_model, prepare
 from graphopt.pass_manager import get_pass, registered_passes
+from graphopt.pipeline import ATOL, RTOL, optimize_model, prepare
 from graphopt.testing import fingerprint
 from graphopt.verify import random_feeds, verify
 

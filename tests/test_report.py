@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import real_or_skip
+
 from graphopt.cli import main
 from graphopt.fixtures import fixture_path
 from graphopt.ir import Model

@@ -1,14 +1,15 @@
-"""Shape handling: input specs, fixing dims, inference that ignores wrong declarations, ORT fallback."""
+"""Shape handling: input specs, fixing dims, inference that ignores wrong declarations, ORT
+fallback."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
 from graphopt.errors import ShapeError
 from graphopt.shapes import fix_input_shapes, infer_shapes, missing_shapes, parse_input_shapes
-from helpers_graphs import make_model, vi
 
 
 def test_parse_specs() -> None:

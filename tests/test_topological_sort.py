@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import onnx
+from helpers_graphs import vi
 from onnx import helper
 
 from graphopt.fixtures import fixture_path
 from graphopt.ir import Model
 from graphopt.testing import check_pass
-from helpers_graphs import vi
 
 
 def test_sorts_reversed_graph() -> None:

@@ -1,1 +1,2 @@
-"""Back ends: ONNX files (:mod:`graphopt.emit.onnx`) and TVM libraries (:mod:`graphopt.emit.tvm`)."""
+"""Back ends: ONNX files (:mod:`graphopt.emit.onnx`) and TVM libraries
+(:mod:`graphopt.emit.tvm`)."""

@@ -2,7 +2,8 @@
 
 The model and its external data file are written into a temporary folder beside the destination and
 renamed into place, so an interrupted run never leaves a partial output and never touches the input.
-Weights go to an external data file (``<name>.data``) when the caller asks, when the source model used
+Weights go to an external data file (``<name>.data``) when the caller asks, when the source model
+used
 external data, or when the serialized proto would pass protobuf's 2 GiB limit. External tensors are
 written straight from their buffers without building a second in-memory copy of the model.
 """
@@ -20,9 +21,8 @@ from typing import BinaryIO
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
-
 import onnx_graphsurgeon as gs
+from onnx import external_data_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.ir import PROTO_LIMIT, Model, check_proto, constant_stub, swapped_constants
@@ -52,8 +52,9 @@ def _all_initializers(graph: onnx.GraphProto):
                     yield from _all_initializers(g)
 
 
-def write_external(proto: onnx.ModelProto, folder: Path, data_name: str,
-                   min_bytes: int = EXTERNAL_MIN_BYTES) -> int:
+def write_external(
+    proto: onnx.ModelProto, folder: Path, data_name: str, min_bytes: int = EXTERNAL_MIN_BYTES
+) -> int:
     """Move initializers of at least ``min_bytes`` into ``folder/data_name``; return bytes written.
 
     Offsets are aligned to 64 bytes so that the file can be memory-mapped.
@@ -65,8 +66,9 @@ def write_external(proto: onnx.ModelProto, folder: Path, data_name: str,
                 continue
             if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
                 continue
-            nbytes = (int(np.prod(t.dims)) if len(t.dims) else 1) * \
-                onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            nbytes = (
+                int(np.prod(t.dims)) if len(t.dims) else 1
+            ) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
             if nbytes < min_bytes:
                 continue
             data = _tensor_bytes(t)
@@ -76,24 +78,36 @@ def write_external(proto: onnx.ModelProto, folder: Path, data_name: str,
             offset = f.tell()
             f.write(data)
             written += len(data)
-            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                          "uint64_data"):
+            for field in (
+                "raw_data",
+                "float_data",
+                "int32_data",
+                "int64_data",
+                "double_data",
+                "uint64_data",
+            ):
                 t.ClearField(field)
             del t.external_data[:]
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(data)))):
+            for k, v in (
+                ("location", data_name),
+                ("offset", str(offset)),
+                ("length", str(len(data))),
+            ):
                 entry = t.external_data.add()
                 entry.key, entry.value = k, v
             t.data_location = onnx.TensorProto.EXTERNAL
     return written
 
 
-def save_model(model: Model, path: str | os.PathLike[str], *, external: bool | None = None,
-               check: bool = True) -> Path:
+def save_model(
+    model: Model, path: str | os.PathLike[str], *, external: bool | None = None, check: bool = True
+) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
 
     Args:
         external: True to write weights to ``<path>.data``; False to embed them (fails over 2 GiB);
-            None (default) to decide: external if the source used external data or weights are large.
+            None (default) to decide: external if the source used external data or weights are
+            large.
         check: run ``onnx.checker`` on what is written.
 
     Raises:
@@ -116,8 +130,10 @@ def save_model(model: Model, path: str | os.PathLike[str], *, external: bool | N
         external = model.external_data or model.param_bytes() > AUTO_EXTERNAL_BYTES
     data_name = dest.name + ".data"
     if external and (dest.parent / data_name).resolve() in getattr(model, "external_files", []):
-        raise GraphoptError(f"writing {dest} would overwrite {dest.parent / data_name}, the input "
-                            "model's external data; choose another output name")
+        raise GraphoptError(
+            f"writing {dest} would overwrite {dest.parent / data_name}, the input "
+            "model's external data; choose another output name"
+        )
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=dest.parent))
     except OSError as exc:
@@ -138,7 +154,9 @@ def save_model(model: Model, path: str | os.PathLike[str], *, external: bool | N
             f.flush()
             os.fsync(f.fileno())
         if check:
-            check_proto(proto, tmp_model) if not external else onnx.checker.check_model(str(tmp_model))
+            check_proto(proto, tmp_model) if not external else onnx.checker.check_model(
+                str(tmp_model)
+            )
         if external:
             os.replace(tmpdir / data_name, dest.parent / data_name)
         os.replace(tmp_model, dest)
@@ -151,8 +169,9 @@ def save_model(model: Model, path: str | os.PathLike[str], *, external: bool | N
 
 
 @contextlib.contextmanager
-def _external_stubs(model: Model, data_path: Path, location: str,
-                    min_bytes: int = EXTERNAL_MIN_BYTES) -> Iterator[int]:
+def _external_stubs(
+    model: Model, data_path: Path, location: str, min_bytes: int = EXTERNAL_MIN_BYTES
+) -> Iterator[int]:
     """Write every large constant to ``data_path`` and, while the block runs, give each an external
     reference instead of its values, so that exporting copies no weight. Restores them afterwards.
 
@@ -166,8 +185,9 @@ def _external_stubs(model: Model, data_path: Path, location: str,
             yield n
 
 
-def _write_constant(t: gs.Constant, f: BinaryIO, location: str, min_bytes: int
-                    ) -> onnx.TensorProto | None:
+def _write_constant(
+    t: gs.Constant, f: BinaryIO, location: str, min_bytes: int
+) -> onnx.TensorProto | None:
     """Append one constant's bytes to ``f``; return its external stub (None: keep it inline)."""
     values = t._values
     if isinstance(values, LazyValues):
@@ -178,8 +198,11 @@ def _write_constant(t: gs.Constant, f: BinaryIO, location: str, min_bytes: int
             return None
         if values.nbytes < min_bytes:
             return None
-        data: bytes | memoryview = src.raw_data if src.HasField("raw_data") else \
-            np.ascontiguousarray(onnx.numpy_helper.to_array(src)).tobytes()
+        data: bytes | memoryview = (
+            src.raw_data
+            if src.HasField("raw_data")
+            else np.ascontiguousarray(onnx.numpy_helper.to_array(src)).tobytes()
+        )
     else:
         arr = np.asarray(values)
         if arr.dtype.kind in "OUS" or arr.nbytes < min_bytes:

@@ -9,7 +9,8 @@ transforms itself, from the shapes:
   axes ``n, c, h, w`` and reduction axes): a register tile of ``fi`` output channels x ``xi`` output
   columns accumulated in a local buffer (registers after LLVM's SROA), ``xi`` the largest power of
   two up to 8 lanes dividing ``W`` (odd widths make LLVM scalarize), vectorized, ``fi`` unrolled and
-  as large as the register file allows (24 accumulators with 32 vector registers, 12 with 16); reductions outside the tile; the fused epilogue (bias, activation, residual add)
+  as large as the register file allows (24 accumulators with 32 vector registers, 12 with 16);
+  reductions outside the tile; the fused epilogue (bias, activation, residual add)
   computed from the registers right after the tile; the outer ``n, co, h`` loops fused and parallel
   above a work threshold (waking the thread pool costs more than small kernels take). Narrow maps
   (``W`` = 10, 5, 1) vectorize over output channels instead, with the weights packed
