@@ -1188,9 +1188,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.output:
         out = check_output_path(args.artifact, args.output)
         tmp = out.with_name(f".{out.name}.tmp.npz")
-        np.savez(tmp, **outs)
+        np.savez(tmp, **outs)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
         tmp.replace(out)
-    summary = {k: {"shape": list(v.shape), "dtype": str(v.dtype),
+    summary: dict[str, dict[str, Any]] = {k: {"shape": list(v.shape), "dtype": str(v.dtype),
                    "min": float(np.min(v)) if v.size else None,
                    "max": float(np.max(v)) if v.size else None} for k, v in outs.items()}
     if args.json:

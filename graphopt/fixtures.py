@@ -7,6 +7,10 @@ package, so they are available in a source checkout or an editable install but n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FIXTURES_DIR: Path = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -83,7 +87,7 @@ def real_model(name: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
     return path, dict(shapes)
 
 
-def real_model_feeds(name: str, seed: int = 0) -> dict[str, np.ndarray]:  # noqa: F821
+def real_model_feeds(name: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for a real model that exercise its real paths (silero's sample rate must be 16000)."""
     import numpy as np
 

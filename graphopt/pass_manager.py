@@ -102,10 +102,15 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def _load_builtin_passes() -> None:
-    from graphopt import passes
+def _passes_package() -> Any:
+    """The built-in passes package (``passes/`` installed as ``graphopt.passes``)."""
+    import importlib
 
-    passes.load_all()
+    return importlib.import_module("graphopt.passes")
+
+
+def _load_builtin_passes() -> None:
+    _passes_package().load_all()
 
 
 def registered_passes() -> dict[str, type[Pass]]:
@@ -116,17 +121,13 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 def known_pass_names() -> set[str]:
     """Names of every built-in and registered pass, without importing the pass modules."""
-    from graphopt import passes
-
-    return set(passes.PASS_INDEX) | set(_REGISTRY)
+    return set(_passes_package().PASS_INDEX) | set(_REGISTRY)
 
 
 def pass_class(name: str) -> type[Pass]:
     """The class of a pass by name, importing only its module. Raises UnknownPassError."""
     if name not in _REGISTRY:
-        from graphopt import passes
-
-        passes.load(name)
+        _passes_package().load(name)
     if name not in _REGISTRY:
         import difflib
 
