@@ -777,72 +777,31 @@ def _shape_of(ctx: _Ctx, node: gs.Node) -> None:
     """Runtime shapes follow the pruned tensors by themselves."""
 
 
-@handles("Conv")
+@handles("Conv", "ConvTranspose")
 def _conv(ctx: _Ctx, node: gs.Node) -> None:
-    x = node.inputs[0]
-    lab = ctx.get(x)
-    w = const_value(node.inputs[1])
-    group = int(node.attrs.get("group", 1))
-    if w is None:
-        ctx.block(lab[1] if lab else None, f"Conv '{node.name}' has a non-constant weight")
-        return
-    cout, cin_g = w.shape[0], w.shape[1]
-    if group == 1:
-        if lab is not None:
-            if lab[0] != 1 or not ctx.slice_const(node, 1, 1, lab[1], "consumer"):
-                ctx.block(lab[1], f"Conv '{node.name}' input channels misaligned")
-            else:
-                ctx.touch(node, lab[1])
-        out = ctx.new_source(node, "Conv", cout, node.outputs[0], w, 0)
-        ctx.slice_const(node, 1, 0, out, "producer")
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            if not ctx.slice_const(node, 2, 0, out, "producer"):  # bias fed at run time
-                ctx.block(out, f"{node.op} '{node.name}' has a non-constant bias")
-        ctx.touch(node, out)
-        ctx.set(node.outputs[0], 1, out)
-        return
-    if cin_g == 1 and cout == group:  # depthwise: channels pass through
-        if lab is None:
-            return
-        if lab[0] != 1:  # the labelled axis is not the channel axis (e.g. MatMul on the last)
-            ctx.block(lab[1], f"{node.op} '{node.name}' input channels misaligned")
-            return
-        labels = lab[1]
-        ctx.slice_const(node, 1, 0, labels, "producer")
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            if not ctx.slice_const(node, 2, 0, labels, "producer"):  # bias fed at run time
-                ctx.block(labels, f"{node.op} '{node.name}' has a non-constant bias")
-        ctx.fixes.append(ShapeFix("group", node, {"labels": labels}))
-        ctx.touch(node, labels)
-        ctx.set(node.outputs[0], 1, labels)
-        return
-    ctx.block(lab[1] if lab else None, f"grouped Conv '{node.name}' (group={group}) is not handled")
-
-
-@handles("ConvTranspose")
-def _conv_transpose(ctx: _Ctx, node: gs.Node) -> None:
+    """Conv weights are [Cout, Cin/g, k...]; ConvTranspose weights are [Cin, Cout/g, k...]: the
+    output channels sit on weight axis 0 or 1 and the input channels on the other one. A depthwise
+    layer (weight [C, 1, k...], group == C) passes its input's channel set through."""
     lab = ctx.get(node.inputs[0])
     w = const_value(node.inputs[1])
     group = int(node.attrs.get("group", 1))
     if w is None:
-        ctx.block(lab[1] if lab else None, f"ConvTranspose '{node.name}' has a non-constant weight")
+        ctx.block(lab[1] if lab else None, f"{node.op} '{node.name}' has a non-constant weight")
         return
-    cin, cout_g = w.shape[0], w.shape[1]
+    out_axis, in_axis = (0, 1) if node.op == "Conv" else (1, 0)
     if group == 1:
         if lab is not None:
-            if lab[0] != 1 or not ctx.slice_const(node, 1, 0, lab[1], "consumer"):
-                ctx.block(lab[1], f"ConvTranspose '{node.name}' input channels misaligned")
+            if lab[0] != 1 or not ctx.slice_const(node, 1, in_axis, lab[1], "consumer"):
+                ctx.block(lab[1], f"{node.op} '{node.name}' input channels misaligned")
             else:
                 ctx.touch(node, lab[1])
-        out = ctx.new_source(node, "ConvTranspose", cout_g, node.outputs[0], w, 1)
-        ctx.slice_const(node, 1, 1, out, "producer")
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            if not ctx.slice_const(node, 2, 0, out, "producer"):  # bias fed at run time
-                ctx.block(out, f"{node.op} '{node.name}' has a non-constant bias")
+        out = ctx.new_source(node, node.op, w.shape[out_axis], node.outputs[0], w, out_axis)
+        ctx.slice_const(node, 1, out_axis, out, "producer")
+        _slice_bias(ctx, node, out)
         ctx.touch(node, out)
         ctx.set(node.outputs[0], 1, out)
         return
-    if cout_g == 1 and cin == group:
+    if w.shape[1] == 1 and w.shape[0] == group:  # depthwise: channels pass through
         if lab is None:
             return
         if lab[0] != 1:  # the labelled axis is not the channel axis (e.g. MatMul on the last)
@@ -850,14 +809,20 @@ def _conv_transpose(ctx: _Ctx, node: gs.Node) -> None:
             return
         labels = lab[1]
         ctx.slice_const(node, 1, 0, labels, "producer")
-        if len(node.inputs) > 2 and node.inputs[2].name:
-            if not ctx.slice_const(node, 2, 0, labels, "producer"):  # bias fed at run time
-                ctx.block(labels, f"{node.op} '{node.name}' has a non-constant bias")
+        _slice_bias(ctx, node, labels)
         ctx.fixes.append(ShapeFix("group", node, {"labels": labels}))
         ctx.touch(node, labels)
         ctx.set(node.outputs[0], 1, labels)
         return
-    ctx.block(lab[1] if lab else None, f"grouped ConvTranspose '{node.name}' is not handled")
+    ctx.block(lab[1] if lab else None,
+              f"grouped {node.op} '{node.name}' (group={group}) is not handled")
+
+
+def _slice_bias(ctx: _Ctx, node: gs.Node, labels: Any) -> None:
+    """Slice a Conv/ConvTranspose bias with its output channels; block if it is fed at run time."""
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        if not ctx.slice_const(node, 2, 0, labels, "producer"):
+            ctx.block(labels, f"{node.op} '{node.name}' has a non-constant bias")
 
 
 @handles("Gemm")
