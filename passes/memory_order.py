@@ -157,25 +157,7 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
 
 def simulate(pb: _Problem, order: list[int]) -> int:
     """Peak of ``order`` under the search model."""
-    remaining = list(pb.ncons)
-    mem = peak = pb.mem0
-    for v in order:
-        alloc = sum(pb.size[b] for b in pb.out_bufs[v])
-        credit = 0
-        for b in pb.inplace_cands[v]:
-            if remaining[b] == 1 and not pb.is_out[b]:
-                credit = pb.size[b]
-                break
-        peak = max(peak, mem + alloc - min(credit, alloc))
-        mem += alloc
-        for b in pb.in_bufs[v]:
-            remaining[b] -= 1
-            if remaining[b] == 0 and not pb.is_out[b]:
-                mem -= pb.size[b]
-        for b in pb.out_bufs[v]:
-            if pb.ncons[b] == 0 and not pb.is_out[b]:
-                mem -= pb.size[b]
-    return peak
+    return int(max(pb.mem0, int(_profile(pb, order).max()) if order else pb.mem0))
 
 
 def _greedy(pb: _Problem, mode: str) -> list[int]:
@@ -284,6 +266,8 @@ def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int =
 
 
 def _profile(pb: _Problem, order: list[int]) -> np.ndarray:
+    """Bytes live while each step of ``order`` runs (its outputs allocated, an in-place input
+    reused), under the search model."""
     remaining = list(pb.ncons)
     mem = pb.mem0
     out = np.zeros(len(order), dtype=np.int64)
