@@ -354,6 +354,35 @@ def _name_nodes(graph: gs.Graph) -> int:
     return renamed
 
 
+def release_weight_pages(model: Model) -> int:
+    """Drop the resident pages of memory-mapped weights from this process (``MADV_DONTNEED``).
+
+    The mappings are read-only views of the model's files, so nothing is lost: a later read faults
+    the pages back in. Used between running a large float model and its transformed copy, so that
+    both are never resident at once. Returns the bytes released (0 where madvise is unavailable).
+    """
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    released = 0
+    if advice is None:
+        return 0
+    seen: set[int] = set()
+    for g in model.walk_graphs():
+        for t in g.tensors().values():
+            v = getattr(t, "_values", None) if isinstance(t, gs.Constant) else None
+            mm = getattr(v, "_mmap", None) if isinstance(v, np.memmap) else None
+            if mm is None or id(mm) in seen:
+                continue
+            seen.add(id(mm))
+            try:
+                mm.madvise(advice)
+                released += len(mm)
+            except (OSError, ValueError, AttributeError):
+                continue
+    return released
+
+
 def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
     """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
     subs: list[gs.Graph] = []

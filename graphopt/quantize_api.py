@@ -39,7 +39,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.calibration import open_calibration
 from graphopt.errors import GraphoptError, PassError, VerificationError
-from graphopt.ir import Model
+from graphopt.ir import Model, release_weight_pages
 from graphopt.pipeline import optimize_model, prepare
 from graphopt.quant_calib import Progress, collect_ranges
 from graphopt.quant_graph import QuantConfig, QuantPlan, apply_quantization, plan_quantization
@@ -52,6 +52,10 @@ Metric = Callable[[Model], "float | bool"]
 
 
 # ---------------------------------------------------------------------- CPU and types
+
+
+#: onnxruntime level for running QDQ models: integer kernels, no dequantized weight copies
+QUANT_LEVEL = "extended"
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
@@ -216,13 +220,15 @@ def _layer_sqnr(float_model: Model, qmodel: Model, names: Sequence[str],
     if not names or not batches:
         return {}
     fs = make_session(float_model, outputs=names)
-    qs = make_session(qmodel, outputs=names)
+    qs = make_session(qmodel, QUANT_LEVEL, outputs=names)
     fin = {i.name for i in fs.get_inputs()}
     sig = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
-    for b in batches:
-        feeds = {k: v for k, v in b.items() if k in fin}
-        fo = fs.run(list(names), feeds)
+    feed_list = [{k: v for k, v in b.items() if k in fin} for b in batches]
+    # float side first, then its weight pages go, then the int8 side (never both resident)
+    float_outs = [fs.run(list(names), feeds) for feeds in feed_list]
+    release_weight_pages(float_model)
+    for feeds, fo in zip(feed_list, float_outs, strict=True):
         qo = qs.run(list(names), feeds)
         for n, a, c in zip(names, fo, qo, strict=False):
             a64 = np.asarray(a, np.float64).ravel()
@@ -476,7 +482,8 @@ def quantize(
     report = None
     if verify_output and eval_batches:
         report = verify(original, qmodel, feeds=_first_samples(eval_batches)[:eval_samples],
-                        min_sqnr_db=min_sqnr if min_sqnr is not None else -math.inf)
+                        min_sqnr_db=min_sqnr if min_sqnr is not None else -math.inf,
+                        transformed_level=QUANT_LEVEL)
     stats = {"nodes_quantized": emit.nodes, "tensors_quantized": emit.tensors,
              "weights_quantized": emit.weights, "biases_quantized": emit.biases,
              "activations_absorbed": emit.absorbed, "kept_float": len(kept_float),

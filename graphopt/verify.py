@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 
 from graphopt.errors import GraphoptError, ShapeError
-from graphopt.ir import PROTO_LIMIT, Model
+from graphopt.ir import PROTO_LIMIT, Model, release_weight_pages
 
 logger = logging.getLogger(__name__)
 
@@ -373,8 +373,14 @@ def verify(
     min_sqnr_db: float | None = None,
     min_cosine: float | None = None,
     samples: int = 1,
+    transformed_level: str = "disable_all",
 ) -> VerifyReport:
     """Run both models on the same inputs and compare every output of the original.
+
+    ``transformed_level`` is the onnxruntime optimization level of the transformed model's session
+    (the original always runs at ``disable_all``). Quantized QDQ models are checked at
+    ``extended``, where onnxruntime runs the integer kernels users get instead of materializing a
+    dequantized float copy of every weight.
 
     Args:
         feeds: one feed dict, a list of them, or None for ``samples`` seeded random inputs built
@@ -398,7 +404,7 @@ def verify(
             f"onnxruntime cannot load the input model: {_first_line(exc)}"
         ) from None
     try:
-        sb = make_session(transformed)
+        sb = make_session(transformed, transformed_level)
     except Exception as exc:  # noqa: BLE001
         raise GraphoptError(
             f"onnxruntime cannot load the transformed model: {_first_line(exc)}"
@@ -412,14 +418,19 @@ def verify(
     outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     a_inputs = _input_names(sa)
     b_inputs = _input_names(sb)
+    # all references first: a large original's weight pages are released before the transformed
+    # model runs, so the two are never resident at once
     for f in feed_list:
         ra = sa.run(names, {k: v for k, v in f.items() if k in a_inputs})
-        common = [n for n in names if n in b_names]
-        rb = dict(zip(common, sb.run(common, {k: v for k, v in f.items() if k in b_inputs})))
         for n, v in zip(names, ra):
             refs[n].append(np.asarray(v))
-            if n in rb:
-                outs[n].append(np.asarray(rb[n]))
+    if isinstance(ref_model, Model) and ref_model.param_bytes() >= ZERO_COPY_BYTES:
+        release_weight_pages(ref_model)
+    common = [n for n in names if n in b_names]
+    for f in feed_list:
+        rb = dict(zip(common, sb.run(common, {k: v for k, v in f.items() if k in b_inputs})))
+        for n in common:
+            outs[n].append(np.asarray(rb[n]))
     for n in names:
         if n not in b_names:
             report.outputs.append(
