@@ -256,8 +256,16 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                      title=f"graphopt optimize {Path(args.model).name}",
                      tables={"passes": [{"pass": k, **v} for k, v in res.stats().items()]})
     total = time.perf_counter() - t0
+    latency = None
+    if args.bench:
+        from graphopt.latency import interleaved_latency
+        from graphopt.verify import random_feeds
+
+        latency = interleaved_latency({"before": res.original, "after": res.model},
+                                      random_feeds(res.original, seed=0))
     payload = {
         "input": str(args.model), "output": str(out_path), "target": args.target,
+        "latency_ms": latency,
         "nodes_before": before["nodes"], "nodes_after": after["nodes"],
         "macs_before": before["macs"], "macs_after": after["macs"],
         "params_before": before["params"], "params_after": after["params"],
@@ -283,6 +291,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         c.print(pt)
     if res.verify:
         c.print(verify_table(res.verify))
+    if latency:
+        from rich.table import Table
+
+        lt = Table(title="onnxruntime latency (median ms, interleaved, 1 thread, spinning off)",
+                   title_justify="left")
+        for col in ("level", "before", "after", "speed-up"):
+            lt.add_column(col, justify="left" if col == "level" else "right")
+        for level, label in (("disable_all", "ORT_DISABLE_ALL"), ("all", "ORT_ENABLE_ALL")):
+            a, b = latency["before"][level], latency["after"][level]
+            lt.add_row(label, f"{a:.3f}", f"{b:.3f}", f"{a / b:.2f}x" if b > 0 else "-")
+        c.print(lt)
     c.print(f"optimized in {res.seconds:.2f} s, wrote {out_path} ({total:.2f} s in all)")
     return 0
 
@@ -344,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DATA", help="calibration data for recipe steps "
                    "(.npz, .npy or a folder; overrides the recipe's calib)")
     p.add_argument("--bench", action="store_true",
-                   help="with --recipe: measure onnxruntime latency after every step")
+                   help="onnxruntime latency before/after at DISABLE_ALL and ENABLE_ALL "
+                   "(interleaved medians); with --recipe: after every step")
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("list-passes", parents=[common], help="the registered passes")

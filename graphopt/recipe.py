@@ -426,18 +426,10 @@ def _run_all(model: Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[st
 
 
 def _latency_ms(model: Model, feeds: Mapping[str, np.ndarray], runs: int = 20) -> float:
-    from graphopt.verify import make_session
+    from graphopt.latency import interleaved_latency
 
-    sess = make_session(model, level="all", threads=1)
-    ins = {i.name for i in sess.get_inputs()}
-    f = {k: v for k, v in feeds.items() if k in ins}
-    sess.run(None, f)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, f)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    res = interleaved_latency({"m": model}, feeds, levels=("all",), runs=runs, warmup=1)
+    return res["m"]["all"]
 
 
 def _calib_feeds(calib: Any, model: Model, limit: int = 8) -> list[dict[str, np.ndarray]]:

@@ -1,0 +1,26 @@
+"""Interleaved latency and `optimize --bench` (figures are never asserted, only their shape)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from graphopt.cli import main
+from graphopt.fixtures import fixture_path
+from graphopt.ir import Model
+from graphopt.latency import interleaved_latency
+from graphopt.verify import random_feeds
+
+
+def test_interleaved_latency_reports_every_candidate() -> None:
+    m = Model.load(fixture_path("cnn.onnx"))
+    res = interleaved_latency({"a": m, "b": m.clone()}, random_feeds(m), runs=3, warmup=1)
+    assert set(res) == {"a", "b"}
+    assert all(set(v) == {"disable_all", "all"} and min(v.values()) > 0 for v in res.values())
+
+
+def test_optimize_bench_json(tmp_path: Path, capsys) -> None:
+    assert main(["optimize", str(fixture_path("cnn.onnx")), "-o", str(tmp_path / "o.onnx"),
+                 "--bench", "--json"]) == 0
+    lat = json.loads(capsys.readouterr().out)["latency_ms"]
+    assert set(lat) == {"before", "after"} and set(lat["after"]) == {"disable_all", "all"}
