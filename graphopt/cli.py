@@ -326,7 +326,7 @@ def cmd_list_passes(args: argparse.Namespace) -> int:
     for col in ("name", "kind", "default", "what it does"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], r["kind"], "yes" if r["default"] else "", r["summary"])
+        t.add_row(str(r["name"]), str(r["kind"]), "yes" if r["default"] else "", str(r["summary"]))
     console().print(t)
     return 0
 
@@ -637,7 +637,7 @@ def cmd_list_recipes(args: argparse.Namespace) -> int:
     for col in ("name", "steps", "what it does"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], " -> ".join(r["steps"]), r["description"])
+        t.add_row(str(r["name"]), " -> ".join(r["steps"]), str(r["description"]))
     console().print(t)
     return 0
 
@@ -680,6 +680,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.prove:
         from graphopt.memory_exec import prove
 
+        assert plan.model is not None
         proof = prove(plan.model, plan, feeds=feeds)
     if args.plot:
         plot_plan(plan, args.plot, title=f"{Path(args.model).name}: arena "
@@ -698,7 +699,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.report:
         from graphopt.report import write_report
 
-        write_report(args.report, plan.model, None, memory=plan,
+        write_report(args.report, plan.model or model, None, memory=plan,
                      title=f"graphopt plan: {Path(args.model).name}")
     payload: dict[str, Any] = {"model": str(args.model), **plan.summary(),
                                "report": str(args.report) if args.report else None,

@@ -705,6 +705,7 @@ def map_external_weights(model: Model, base_dir: Path) -> int:
                 target = (base_dir / info.location).resolve()
                 if target not in model.external_files:
                     model.external_files.append(target)
+                arr: np.ndarray
                 if plain and dtype is not None and int(np.prod(dims)) > 0:
                     arr = np.memmap(
                         base_dir / info.location,

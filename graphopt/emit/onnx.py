@@ -208,7 +208,7 @@ def _write_constant(
         if arr.dtype.kind in "OUS" or arr.nbytes < min_bytes:
             return None
         arr = np.ascontiguousarray(arr)
-        data = memoryview(arr.reshape(-1).view(np.uint8))
+        data = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     pad = (-f.tell()) % 64
     offset = f.tell() + pad
     stub = constant_stub(t, location, offset, len(data))
