@@ -213,14 +213,7 @@ def _greedy(pb: _Problem, mode: str) -> list[int]:
         order.append(v)
         last = v
         alloc = sum(pb.size[b] for b in pb.out_bufs[v])
-        mem += alloc
-        for b in pb.in_bufs[v]:
-            remaining[b] -= 1
-            if remaining[b] == 0 and not pb.is_out[b]:
-                mem -= pb.size[b]
-        for b in pb.out_bufs[v]:
-            if pb.ncons[b] == 0 and not pb.is_out[b]:
-                mem -= pb.size[b]
+        mem = _after_step(pb, v, remaining, mem + alloc)
         for s in pb.succs[v]:
             npred[s] -= 1
             if npred[s] == 0:
@@ -265,6 +258,19 @@ def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int =
     return order
 
 
+def _after_step(pb: _Problem, v: int, remaining: list[int], mem: int) -> int:
+    """Bytes live after step ``v`` (its outputs already counted in ``mem``): inputs read for the
+    last time and outputs nobody reads are freed; ``remaining`` consumer counts are updated."""
+    for b in pb.in_bufs[v]:
+        remaining[b] -= 1
+        if remaining[b] == 0 and not pb.is_out[b]:
+            mem -= pb.size[b]
+    for b in pb.out_bufs[v]:
+        if pb.ncons[b] == 0 and not pb.is_out[b]:
+            mem -= pb.size[b]
+    return mem
+
+
 def _profile(pb: _Problem, order: list[int]) -> np.ndarray:
     """Bytes live while each step of ``order`` runs (its outputs allocated, an in-place input
     reused), under the search model."""
@@ -279,14 +285,7 @@ def _profile(pb: _Problem, order: list[int]) -> np.ndarray:
                 credit = pb.size[b]
                 break
         out[k] = mem + alloc - min(credit, alloc)
-        mem += alloc
-        for b in pb.in_bufs[v]:
-            remaining[b] -= 1
-            if remaining[b] == 0 and not pb.is_out[b]:
-                mem -= pb.size[b]
-        for b in pb.out_bufs[v]:
-            if pb.ncons[b] == 0 and not pb.is_out[b]:
-                mem -= pb.size[b]
+        mem = _after_step(pb, v, remaining, mem + alloc)
     return out
 
 
