@@ -37,10 +37,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from graphopt.algorithms.memory.arena import prove  # noqa: E402
+from graphopt.algorithms.memory.planner import apply_order, plan_memory  # noqa: E402
+from graphopt.core.model import Model  # noqa: E402
 from graphopt.fixtures import FIXTURES, fixture_path, real_model, real_model_feeds  # noqa: E402
-from graphopt.ir import Model  # noqa: E402
-from graphopt.memory import apply_order, plan_memory  # noqa: E402
-from graphopt.memory_exec import prove  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "memory.md"
 
@@ -117,7 +117,7 @@ def tvm_storage(path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[int | N
         import tvm
         from tvm import relax
 
-        from graphopt.emit.tvm import import_relax, prepare_model
+        from graphopt.algorithms.tvm.emit import import_relax, prepare_model
     except Exception:  # noqa: BLE001 - TVM missing or broken: n/a
         return None, None
     try:
@@ -150,7 +150,7 @@ def branches_model() -> Model:
     expansions first): the case the memory-aware order exists for."""
     from onnx import TensorProto, helper
 
-    from graphopt.pipeline import prepare
+    from graphopt.jobs.optimize import prepare
 
     rng = np.random.default_rng(0)
     f = TensorProto.FLOAT
@@ -220,7 +220,7 @@ def bench_one(label: str, model_path: Path | None, shapes: dict[str, Any] | None
 
 
 def _random_feeds(model: Model, shapes: dict[str, Any] | None) -> dict[str, np.ndarray]:
-    from graphopt.verify import random_feeds
+    from graphopt.core.verify import random_feeds
 
     return random_feeds(model, seed=0, shapes=shapes)
 
@@ -335,7 +335,7 @@ def main() -> int:
             "## Against TVM and onnxruntime",
             "",
             "TVM: Relax `StaticPlanBlockMemory` after its own op fusion (FuseOps/FuseTIR) on "
-            "graphopt's TVM-prepared graph (`graphopt.emit.tvm.prepare_model`: shapes folded, "
+            "graphopt's TVM-prepared graph (`graphopt.algorithms.tvm.emit.prepare_model`: shapes folded, "
             "conv+bn fused); the sum of its `alloc_storage` sizes, i.e. intermediates only "
             "(graphopt's arena also holds the input and outputs). ORT: peak-RSS growth of a "
             "fresh process over its first two runs (session built first, high-water mark reset; "

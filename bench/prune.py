@@ -5,7 +5,7 @@ For every model and ratio (round_to 8 unless said otherwise), the model is prune
 ``prune-channels`` pass (l1 criterion) without and with least-squares recovery on rendered
 calibration data (bench/ocr_data.py), then:
 
-- MACs after / before (graphopt.cost) and the share of MACs in prunable groups;
+- MACs after / before (graphopt.core.cost) and the share of MACs in prunable groups;
 - onnxruntime latency speedup: original and pruned sessions (ORT_ENABLE_ALL, 1 intra-op thread,
   spinning off) run interleaved A, B, B, A, ... on the same input; the ratio of medians;
 - fidelity on held-out rendered data (different seed than the calibration data):
@@ -38,13 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import ocr_data  # noqa: E402
-from graphopt.cost import model_cost  # noqa: E402
+from graphopt.algorithms.prune.analysis import analyze, prunable_macs  # noqa: E402
+from graphopt.core.cost import model_cost  # noqa: E402
+from graphopt.core.model import Model  # noqa: E402
+from graphopt.core.pass_manager import get_pass  # noqa: E402
+from graphopt.core.shapes import fix_input_shapes, infer_shapes  # noqa: E402
+from graphopt.core.verify import make_session  # noqa: E402
 from graphopt.fixtures import fixture_path, real_model  # noqa: E402
-from graphopt.ir import Model  # noqa: E402
-from graphopt.pass_manager import get_pass  # noqa: E402
-from graphopt.prune_deps import analyze, prunable_macs  # noqa: E402
-from graphopt.shapes import fix_input_shapes, infer_shapes  # noqa: E402
-from graphopt.verify import make_session  # noqa: E402
 
 THREADS = 1
 

@@ -115,8 +115,8 @@ def run_tool(tool: str, src: str, dst: str, model_name: str) -> dict[str, Any]:
     else:
         import graphopt.passes  # noqa: F401  (registers the passes)
 
-        from graphopt.ir import Model
-        from graphopt.pipeline import optimize_model
+        from graphopt.core.model import Model
+        from graphopt.jobs.optimize import optimize_model
     t0 = time.perf_counter()
     if tool == "onnxsim":
         m, ok = onnxsim.simplify(onnx.load(src), check_n=0)

@@ -46,10 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
-from graphopt.emit import tvm as gtvm  # noqa: E402
+from graphopt.algorithms.tvm import emit as gtvm  # noqa: E402
+from graphopt.core.model import Model  # noqa: E402
+from graphopt.core.verify import make_session  # noqa: E402
 from graphopt.fixtures import real_model  # noqa: E402
-from graphopt.ir import Model  # noqa: E402
-from graphopt.verify import make_session  # noqa: E402
 
 THREADS = 2
 BENCH_SHAPES = {"det": (1, 3, 640, 640), "rec": (1, 3, 48, 320), "cls": (1, 3, 48, 192)}

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt.ir import Model
-from graphopt.pass_manager import Pass, PassResult, get_pass
-from graphopt.verify import VerifyReport, random_feeds, verify
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import Pass, PassResult, get_pass
+from graphopt.core.verify import VerifyReport, random_feeds, verify
 
 
 def op_counts(model: Model) -> dict[str, int]:

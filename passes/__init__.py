@@ -9,16 +9,16 @@ import importlib
 
 #: pass name -> module in this package
 PASS_INDEX: dict[str, str] = {
-    "fold-constants": "constant_folding",
-    "eliminate-noop": "noop_elimination",
-    "eliminate-cse": "cse",
-    "eliminate-dead": "dead_node_elimination",
-    "eliminate-identity": "identity_elimination",
-    "toposort": "topological_sort",
-    "plan-memory": "memory_plan",
-    "reorder-memory": "memory_order",
+    "fold-constants": "fold_constants",
+    "eliminate-noop": "eliminate_noop",
+    "eliminate-cse": "eliminate_cse",
+    "eliminate-dead": "eliminate_dead",
+    "eliminate-identity": "eliminate_identity",
+    "toposort": "toposort",
+    "plan-memory": "plan_memory",
+    "reorder-memory": "reorder_memory",
     "fuse-conv-bn": "fuse_conv_bn",
-    "fuse-conv-mul-add": "fuse_conv_affine",
+    "fuse-conv-mul-add": "fuse_conv_mul_add",
     "fp16": "fp16",
     "recognize-activations": "recognize_activations",
     "fuse-pad": "fuse_pad",
@@ -27,7 +27,7 @@ PASS_INDEX: dict[str, str] = {
     "fuse-slices": "fuse_slices",
     "prune-channels": "prune_channels",
     "prune-magnitude": "prune_magnitude",
-    "quantize-int8": "quantize",
+    "quantize-int8": "quantize_int8",
 }
 
 PASS_MODULES: list[str] = list(dict.fromkeys(PASS_INDEX.values()))

@@ -48,9 +48,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import Model
-from graphopt.pass_manager import Pass, PassResult, register_pass
-from graphopt.pattern import unique_name
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import Pass, PassResult, register_pass
+from graphopt.core.pattern import unique_name
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def ort_fp16_support(node: gs.Node, opset: int = 17) -> str:
 
 
 @register_pass
-class ConvertFloat16Pass(Pass):
+class Fp16Pass(Pass):
     """Convert weights and activations to float16 (float32 kept where it breaks numerics)."""
 
     name = "fp16"
@@ -469,5 +469,5 @@ class ConvertFloat16Pass(Pass):
 def convert_float16(model: Model, keep_fp32: Sequence[str] | None = None,
                     keep_io_types: bool = True,
                     keep_softmax: bool = False, kernels: str = "any") -> PassResult:
-    """Run :class:`ConvertFloat16Pass` on ``model`` in place (shapes must be inferred)."""
-    return ConvertFloat16Pass(keep_fp32, keep_io_types, keep_softmax, kernels)(model)
+    """Run :class:`Fp16Pass` on ``model`` in place (shapes must be inferred)."""
+    return Fp16Pass(keep_fp32, keep_io_types, keep_softmax, kernels)(model)

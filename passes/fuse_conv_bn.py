@@ -30,8 +30,18 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.pass_manager import register_pass
-from graphopt.pattern import Const, Match, Op, Pattern, RewritePass, Rule, Var, const, make_node
+from graphopt.core.pass_manager import register_pass
+from graphopt.core.pattern import (
+    Const,
+    Match,
+    Op,
+    Pattern,
+    RewritePass,
+    Rule,
+    Var,
+    const,
+    make_node,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.pass_manager import register_pass
-from graphopt.pattern import Const, Match, Op, RewritePass, Rule, make_node
+from graphopt.core.pass_manager import register_pass
+from graphopt.core.pattern import Const, Match, Op, RewritePass, Rule, make_node
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import Model
-from graphopt.pass_manager import Pass, PassResult, register_pass
-from graphopt.pattern import const, make_node
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import Pass, PassResult, register_pass
+from graphopt.core.pattern import const, make_node
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def slice_range(node: gs.Node) -> tuple[int, int, int] | None:
 
 
 @register_pass
-class FuseSlicesToSplitPass(Pass):
+class FuseSlicesPass(Pass):
     """Slices that exactly partition an axis of one tensor -> a single Split."""
 
     name = "fuse-slices"

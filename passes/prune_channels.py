@@ -1,7 +1,7 @@
 """Structured channel pruning: remove whole output channels of weight layers, with recovery.
 
 For a ratio ``r`` (``scope="group"``, the default) every dependency group (see
-:mod:`graphopt.prune_deps`: the producers whose channels are coupled through BatchNormalization,
+:mod:`graphopt.algorithms.prune.analysis`: the producers whose channels are coupled through BatchNormalization,
 depthwise convs, residual Add/Mul, SE blocks, Concat/Split/Slice, Resize, Flatten/Reshape into
 Gemm/MatMul, ...) loses its ``round(r * width)`` least important free channels, never going below
 ``max(min_channels, min_fraction * width)`` and, with ``round_to=N``, keeping a multiple of ``N``
@@ -20,7 +20,7 @@ Importance of a channel (summed over the coupled producers, each normalized by i
 Removing channel ``c`` slices ``W[c]`` (and bias, BN parameters, per-channel constants) of its
 producers and ``W[:, c]`` of its consumers, and rewrites hard-coded widths (Reshape targets, Split
 sizes, Slice bounds, depthwise ``group``). This is exact when channel ``c`` is zero; otherwise the
-recovery step (:mod:`graphopt.prune_recover`, least squares on calibration data) refits the consumer
+recovery step (:mod:`graphopt.algorithms.prune.recover`, least squares on calibration data) refits the consumer
 layers to the original outputs.
 
 Decisions (documented in the README): pruning runs on the model as loaded, *before* the fusion
@@ -41,11 +41,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.cost import model_cost
-from graphopt.errors import GraphoptError
-from graphopt.ir import Model
-from graphopt.pass_manager import Pass, PassResult, register_pass
-from graphopt.prune_deps import (
+from graphopt.algorithms.prune.analysis import (
     Analysis,
     Group,
     analyze,
@@ -60,7 +56,11 @@ from graphopt.prune_deps import (
     unit_scores,
     weight_importance,
 )
-from graphopt.shapes import fix_input_shapes, infer_shapes, is_static
+from graphopt.core.cost import model_cost
+from graphopt.core.errors import GraphoptError
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import Pass, PassResult, register_pass
+from graphopt.core.shapes import fix_input_shapes, infer_shapes, is_static
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def materialize_calib(calib: Any, model: Model, limit: int = 128) -> list[Feeds]
     if isinstance(calib, list) and all(isinstance(c, Mapping) for c in calib):
         feeds = [dict(c) for c in calib]
     else:
-        from graphopt.calibration import open_calibration
+        from graphopt.core.feeds import open_calibration
 
         batch1 = any(t.shape and t.shape[0] == 1 for t in model.graph.inputs)
         feeds = list(open_calibration(calib, model, batch_size=1 if batch1 else 16, limit=limit))
@@ -121,7 +121,7 @@ def materialize_calib(calib: Any, model: Model, limit: int = 128) -> list[Feeds]
 
 
 def _activation_importance(model: Model, an: Analysis, calib: list[Feeds]) -> np.ndarray:
-    from graphopt.prune_recover import _sessions_outputs
+    from graphopt.algorithms.prune.recover import _sessions_outputs
 
     if not calib:
         raise GraphoptError("criterion 'activation' needs calibration data (--calib DATA)")
@@ -262,7 +262,7 @@ class PruneChannelsPass(Pass):
                     t.shape = None
         recovery: dict[str, int] = {}
         if self.recover and calib:
-            from graphopt.prune_recover import recover
+            from graphopt.algorithms.prune.recover import recover
 
             recovery = recover(model.clone(), work, calib, kept_out, changed, self.positions,
                                self.ridge)

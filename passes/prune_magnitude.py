@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.errors import GraphoptError
-from graphopt.ir import Model
-from graphopt.pass_manager import Pass, PassResult, register_pass
-from graphopt.prune_deps import const_value
+from graphopt.algorithms.prune.analysis import const_value
+from graphopt.core.errors import GraphoptError
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import Pass, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.ir import Model
-from graphopt.pass_manager import PassResult, register_pass
-from graphopt.pattern import (
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import PassResult, register_pass
+from graphopt.core.pattern import (
     Const,
     Match,
     Op,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from graphopt.core.model import Model
 from graphopt.fixtures import FIXTURES, REAL_MODELS, fixture_path, real_model
-from graphopt.ir import Model
 
 
 @pytest.fixture(params=FIXTURES)

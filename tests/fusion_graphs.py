@@ -1,7 +1,7 @@
 """Tiny hand-built graphs for the fusion and recognition pass tests (not a test module).
 
 Unlike ``helpers_graphs.make_model`` (which runs onnx.checker and so needs declared output shapes),
-``build`` declares outputs without shapes and lets ``graphopt.pipeline.prepare`` infer every shape,
+``build`` declares outputs without shapes and lets ``graphopt.jobs.optimize.prepare`` infer every shape,
 which the fusion rules read.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.ir import Model
-from graphopt.pipeline import prepare
+from graphopt.core.model import Model
+from graphopt.jobs.optimize import prepare
 
 RNG = np.random.default_rng(1234)
 

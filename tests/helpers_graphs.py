@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.ir import Model
+from graphopt.core.model import Model
 
 
 def make_model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],

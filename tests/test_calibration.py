@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt.calibration import input_specs, open_calibration
-from graphopt.errors import CalibrationError
-from graphopt.ir import Model
+from graphopt.core.errors import CalibrationError
+from graphopt.core.feeds import input_specs, open_calibration
+from graphopt.core.model import Model
 
 
 def dynamic_width_model() -> Model:

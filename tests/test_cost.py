@@ -1,4 +1,4 @@
-"""Tests for graphopt.cost: hand-computed MACs on tiny graphs, parameter and activation accounting,
+"""Tests for graphopt.core.cost: hand-computed MACs on tiny graphs, parameter and activation accounting,
 and an independent MACs count of the published PP-OCR models (onnxruntime arrays + raw proto)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.cost import model_cost, node_macs, tensor_bytes
+from graphopt.core.cost import model_cost, node_macs, tensor_bytes
+from graphopt.core.model import Model
+from graphopt.core.shapes import fix_input_shapes, infer_shapes
 from graphopt.fixtures import real_model
-from graphopt.ir import Model
-from graphopt.shapes import fix_input_shapes, infer_shapes
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import real_or_skip
 
+from graphopt.algorithms.diff import diff_models, structural_diff
 from graphopt.cli import main
+from graphopt.core.model import Model
 from graphopt.fixtures import fixture_path
-from graphopt.ir import Model
-from graphopt.model_diff import diff_models, structural_diff
-from graphopt.pipeline import optimize_model, prepare
+from graphopt.jobs.optimize import optimize_model, prepare
 
 
 def _optimized(name: str) -> tuple[Model, Model]:
@@ -88,7 +88,7 @@ def test_identical_models_no_change() -> None:
 
 
 def test_fp16_diff_shapes_and_casts() -> None:
-    from graphopt.pass_manager import get_pass
+    from graphopt.core.pass_manager import get_pass
 
     a = prepare(Model.load(fixture_path("cnn.onnx")))
     b = a.clone()

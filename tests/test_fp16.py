@@ -13,16 +13,16 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from conftest import real_or_skip
-from graphopt.passes.fp16 import ORT_CPU_FP16, ConvertFloat16Pass, _probe_node
+from graphopt.passes.fp16 import ORT_CPU_FP16, Fp16Pass, _probe_node
 from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
 from graphopt.cli import main
+from graphopt.core.model import Model
+from graphopt.core.verify import random_feeds, run_model
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
-from graphopt.ir import Model
-from graphopt.pipeline import prepare
+from graphopt.jobs.optimize import prepare
 from graphopt.testing import check_pass
-from graphopt.verify import random_feeds, run_model
 
 F16 = np.dtype(np.float16)
 
@@ -99,7 +99,7 @@ def test_fp16_real_models(name: str) -> None:
 def test_det_batchnorm_variance_beyond_half_range_kept() -> None:
     path, shapes = real_or_skip("det")
     model = prepare(Model.load(path), shapes)
-    res = ConvertFloat16Pass()(model.clone())
+    res = Fp16Pass()(model.clone())
     assert res.stats["values_clipped"] == 0
     bn = [n for n in res.model.graph.nodes if n.op == "BatchNormalization"]
     kept = [n for n in bn if n.name in res.stats["kept_fp32"]]
@@ -206,7 +206,7 @@ def test_keep_io_types_false_and_idempotent() -> None:
         assert np.dtype(m.graph.inputs[0].dtype) == F16
         assert np.dtype(m.graph.outputs[0].dtype) == F16
 
-    res = ConvertFloat16Pass(keep_io_types=False)(model.clone())
+    res = Fp16Pass(keep_io_types=False)(model.clone())
     half_io(res.model)
     onnx.checker.check_model(res.model.to_onnx(), full_check=True)
     # negative: an already-float16 model is left exactly as it is

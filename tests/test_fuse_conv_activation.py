@@ -9,9 +9,9 @@ import pytest
 from fusion_graphs import build, node, rand
 from graphopt.passes.fuse_conv_activation import METADATA_KEY
 
+from graphopt.core.model import Model
 from graphopt.fixtures import real_model_feeds
-from graphopt.ir import Model
-from graphopt.pipeline import optimize_model, prepare
+from graphopt.jobs.optimize import optimize_model, prepare
 from graphopt.testing import check_pass, op_counts
 
 P = "fuse-conv-activation"
@@ -91,8 +91,8 @@ def test_ort_negative_escaping_and_hardswish_unit() -> None:
 
 
 def test_bad_target() -> None:
-    from graphopt.errors import GraphoptError
-    from graphopt.pass_manager import get_pass
+    from graphopt.core.errors import GraphoptError
+    from graphopt.core.pass_manager import get_pass
 
     with pytest.raises((GraphoptError, ValueError)):
         get_pass(P, target="tvm")

@@ -26,11 +26,11 @@ from graphgen import Generated, generated_models
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from graphopt.ir import Model
-from graphopt.pass_manager import get_pass, registered_passes
-from graphopt.pipeline import ATOL, RTOL, optimize_model, prepare
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import get_pass, registered_passes
+from graphopt.core.verify import make_session, random_feeds, run_model, verify
+from graphopt.jobs.optimize import ATOL, RTOL, optimize_model, prepare
 from graphopt.testing import fingerprint
-from graphopt.verify import make_session, random_feeds, run_model, verify
 
 EXAMPLES = int(os.environ.get("GRAPHOPT_FUZZ_EXAMPLES", "15"))
 LONG_RUN = EXAMPLES > 100
@@ -157,10 +157,10 @@ def test_analysis_pass_changes_nothing(name: str, g: Generated) -> None:
 
 def _memory_api():
     try:
-        from graphopt.memory import plan_memory
-        from graphopt.memory_exec import prove
+        from graphopt.algorithms.memory.arena import prove
+        from graphopt.algorithms.memory.planner import plan_memory
     except ImportError:
-        pytest.skip("graphopt/memory.py or graphopt/memory_exec.py has not landed")
+        pytest.skip("graphopt/algorithms/memory/planner.py or graphopt/memory_exec.py has not landed")
     return plan_memory, prove
 
 
@@ -169,7 +169,7 @@ def _memory_api():
        inplace=st.booleans())
 def test_memory_plan_passes_execution_proof(g: Generated, strategy: str, inplace: bool) -> None:
     """Every tensor placed where the plan says inside one arena, the model still computes its
-    outputs (graphopt.memory_exec.prove): no two live tensors overlap."""
+    outputs (graphopt.algorithms.memory.arena.prove): no two live tensors overlap."""
     plan_memory, prove = _memory_api()
     _describe(g)
     m = _prepared(g)
@@ -215,11 +215,11 @@ def _prune_api():
     if PRUNE not in PASSES:
         pytest.skip(f"{PRUNE} is not registered")
     try:
-        from graphopt import prune_deps as pd
+        from graphopt.algorithms.prune import analysis as pd
     except ImportError:
         pytest.skip("graphopt/prune_deps.py has not landed")
     if not hasattr(pd, "zero_pruned"):
-        pytest.skip("graphopt.prune_deps has no zero_pruned: cannot build the zeroed reference")
+        pytest.skip("graphopt.algorithms.prune.analysis has no zero_pruned: cannot build the zeroed reference")
     return pd
 
 

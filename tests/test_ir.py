@@ -12,11 +12,11 @@ import pytest
 from conftest import REAL_NAMES, real_or_skip
 from onnx import helper
 
-from graphopt.errors import GraphoptError, ModelLoadError
+from graphopt.core.errors import GraphoptError, ModelLoadError
+from graphopt.core.model import Model
+from graphopt.core.verify import random_feeds, verify
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
-from graphopt.ir import Model
-from graphopt.pipeline import prepare
-from graphopt.verify import random_feeds, verify
+from graphopt.jobs.optimize import prepare
 
 
 def _sha(p: Path) -> str:

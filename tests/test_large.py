@@ -48,9 +48,9 @@ def hwm():
 job, src, out = sys.argv[1], sys.argv[2], sys.argv[3]
 base = hwm()
 t0 = time.time()
-from graphopt.ir import Model
-from graphopt.pipeline import optimize_model
-from graphopt.pass_manager import registered_passes
+from graphopt.core.model import Model
+from graphopt.jobs.optimize import optimize_model
+from graphopt.core.pass_manager import registered_passes
 after_import = hwm()
 model = Model.load(src)
 loaded = hwm()
@@ -62,7 +62,7 @@ if job == "optimize":
     res.model.save(out)
 elif job == "quantize":
     import numpy as np
-    from graphopt.quantize_api import quantize
+    from graphopt.jobs.quantize import quantize
     x = model.graph.inputs[0]
     rng = np.random.default_rng(0)
     calib = [{x.name: rng.standard_normal(tuple(x.shape)).astype(np.float32)} for _ in range(2)]
@@ -201,7 +201,7 @@ def test_optimize_and_save_within_bounded_memory(large_model: Path, tmp_path: Pa
 
 
 def test_quantize_and_save_within_bounded_memory(large_model: Path, tmp_path: Path) -> None:
-    from graphopt.pass_manager import registered_passes
+    from graphopt.core.pass_manager import registered_passes
 
     if "quantize-int8" not in registered_passes():
         pytest.skip("quantize-int8 is not registered")

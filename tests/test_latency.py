@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from graphopt.cli import main
+from graphopt.core.latency import interleaved_latency
+from graphopt.core.model import Model
+from graphopt.core.verify import random_feeds
 from graphopt.fixtures import fixture_path
-from graphopt.ir import Model
-from graphopt.latency import interleaved_latency
-from graphopt.verify import random_feeds
 
 
 def test_interleaved_latency_reports_every_candidate() -> None:

@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from graphopt.algorithms.memory.planner import ALIGNMENT, conflicts, liveness, plan_memory
+from graphopt.core.model import Model
 from graphopt.fixtures import FIXTURES, fixture_path
-from graphopt.ir import Model
-from graphopt.memory import ALIGNMENT, conflicts, liveness, plan_memory
-from graphopt.pipeline import prepare
+from graphopt.jobs.optimize import prepare
 from graphopt.testing import check_pass
 
 F = TensorProto.FLOAT
@@ -216,14 +216,14 @@ def test_plan_json_keys():
 
 
 def test_unknown_strategy_is_a_user_error():
-    from graphopt.errors import GraphoptError
+    from graphopt.core.errors import GraphoptError
 
     with pytest.raises(GraphoptError):
         plan_memory(chain(), strategy="magic")
 
 
 def test_plan_memory_pass_is_analysis(load_fixture):
-    from graphopt.pass_manager import get_pass
+    from graphopt.core.pass_manager import get_pass
 
     p = get_pass("plan-memory")
     res, _ = check_pass(load_fixture("mobilenet_block.onnx"), p, expect_modified=False)

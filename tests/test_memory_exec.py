@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from graphopt.algorithms.memory.arena import ArenaExecutor, observe_tensors, prove
+from graphopt.algorithms.memory.planner import plan_memory
+from graphopt.core.model import Model
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
-from graphopt.ir import Model
-from graphopt.memory import plan_memory
-from graphopt.memory_exec import ArenaExecutor, observe_tensors, prove
 from tests.conftest import real_or_skip
 from tests.test_memory import capture, diamond, reshape_chain, residual
 
@@ -92,7 +92,7 @@ def test_executor_rejects_a_plan_for_another_order():
 
 def test_observe_tensors_sizes_everything():
     model, _ = _load("if_model.onnx")
-    from graphopt.pipeline import prepare
+    from graphopt.jobs.optimize import prepare
 
     seen = observe_tensors(prepare(model))
     assert "y" in seen and seen["y"][0] == (1, 16)
@@ -135,7 +135,7 @@ def loop_model() -> Model:
     """A Loop whose body adds a captured outer tensor ``w`` to its carried value three times."""
     from onnx import TensorProto, helper
 
-    from graphopt.pipeline import prepare
+    from graphopt.jobs.optimize import prepare
 
     f = TensorProto.FLOAT
     body = helper.make_graph(

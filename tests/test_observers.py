@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from graphopt.observers import (
+from graphopt.algorithms.quant.observers import (
     EntropyObserver,
     Histogram,
     MinMaxObserver,
@@ -159,7 +159,7 @@ def test_constant_and_empty_tensors() -> None:
 
 
 def test_unknown_method() -> None:
-    from graphopt.errors import GraphoptError
+    from graphopt.core.errors import GraphoptError
 
     with pytest.raises(GraphoptError):
         make_observer("kl")

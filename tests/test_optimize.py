@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import REAL_NAMES, real_or_skip
 
+from graphopt.core.model import Model
+from graphopt.core.verify import verify
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
-from graphopt.ir import Model
-from graphopt.pipeline import ATOL, RTOL, default_pipeline, optimize_model, prepare
-from graphopt.verify import verify
+from graphopt.jobs.optimize import ATOL, RTOL, default_pipeline, optimize_model, prepare
 
 
 @pytest.mark.parametrize("target", ["portable", "ort"])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from graphopt.errors import PassError, UnknownPassError
+from graphopt.core.errors import PassError, UnknownPassError
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import Pass, PassManager, PassResult, get_pass, registered_passes
 from graphopt.fixtures import fixture_path
-from graphopt.ir import Model
-from graphopt.pass_manager import Pass, PassManager, PassResult, get_pass, registered_passes
 
 
 class CountDown(Pass):

@@ -8,8 +8,8 @@ import pytest
 from helpers_graphs import make_model, vi
 from onnx import helper
 
-from graphopt.ir import Model
-from graphopt.pattern import (
+from graphopt.core.model import Model
+from graphopt.core.pattern import (
     Const,
     Match,
     Op,

@@ -14,10 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.fixtures import fixture_path
-from graphopt.ir import Model
-from graphopt.pass_manager import get_pass
-from graphopt.prune_deps import (
+from graphopt.algorithms.prune.analysis import (
     analyze,
     groups,
     keep_elements,
@@ -27,9 +24,12 @@ from graphopt.prune_deps import (
     weight_importance,
     zero_pruned,
 )
-from graphopt.shapes import fix_input_shapes, infer_shapes
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import get_pass
+from graphopt.core.shapes import fix_input_shapes, infer_shapes
+from graphopt.core.verify import make_session, random_feeds
+from graphopt.fixtures import fixture_path
 from graphopt.testing import check_pass
-from graphopt.verify import make_session, random_feeds
 
 RNG = np.random.default_rng(0)
 
@@ -96,7 +96,7 @@ def exact(model: Model, ratio: float = 0.5, structure=None, **kw: object):  # no
 
 
 def weight_shape(model: Model, node_name: str, index: int = 1) -> tuple[int, ...]:
-    from graphopt.prune_deps import const_value
+    from graphopt.algorithms.prune.analysis import const_value
 
     node = next(n for n in model.graph.nodes if n.name == node_name)
     v = const_value(node.inputs[index])
@@ -378,7 +378,7 @@ def test_digits_recovery_keeps_accuracy() -> None:
 
 
 def test_activation_criterion_needs_calib() -> None:
-    from graphopt.errors import GraphoptError
+    from graphopt.core.errors import GraphoptError
 
     m = Model.load(fixture_path("cnn.onnx"))
     with pytest.raises(GraphoptError, match="calibration"):
@@ -402,7 +402,7 @@ def test_bn_criterion_reads_gamma() -> None:
 
 
 def test_api_and_scan() -> None:
-    from graphopt.prune_api import prune, prune_scan
+    from graphopt.jobs.prune import prune, prune_scan
 
     m = Model.load(fixture_path("digits_cnn.onnx"))
     out = prune(m, 0.3, calib=str(fixture_path("digits_calib.npz")), round_to=4)
@@ -423,7 +423,7 @@ def test_real_models_prune(name: str, floor: float) -> None:
     fix_input_shapes(m, shapes)
     infer_shapes(m)
     an = analyze(m)
-    from graphopt.cost import model_cost
+    from graphopt.core.cost import model_cost
 
     pr, total = prunable_macs(an, {nc.name: nc.macs for nc in model_cost(m).nodes})
     assert pr / total >= floor
@@ -468,7 +468,7 @@ def test_global_scope_prunes_unevenly() -> None:
                                    dict(auto_pad="SAME_UPPER", strides=[2, 1])])
 def test_recovery_im2col_matches_conv(attrs: dict) -> None:
     """The sampled im2col rows times the weight reproduce onnxruntime's conv output."""
-    from graphopt.prune_recover import _conv_patches
+    from graphopt.algorithms.prune.recover import _conv_patches
 
     w = W(5, 3, 3, 3)
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="c", **attrs)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
+from graphopt.algorithms.prune.analysis import const_value
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import get_pass
 from graphopt.fixtures import fixture_path
-from graphopt.ir import Model
-from graphopt.pass_manager import get_pass
-from graphopt.prune_deps import const_value
 from graphopt.testing import check_pass
 from tests.test_prune_channels import W, build, conv
 

@@ -11,14 +11,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from graphopt.passes.quantize import QuantizePass
+from graphopt.passes.quantize_int8 import QuantizeInt8Pass
 from onnx import TensorProto, helper
 
+from graphopt.core.model import Model
+from graphopt.core.verify import make_session, session_options
 from graphopt.fixtures import fixture_path
-from graphopt.ir import Model
-from graphopt.quantize_api import choose_activation_type, quantize
+from graphopt.jobs.quantize import choose_activation_type, quantize
 from graphopt.testing import check_pass, op_counts
-from graphopt.verify import make_session, session_options
 from tests.conftest import real_or_skip
 from tests.test_calibration import dynamic_width_model
 
@@ -85,7 +85,7 @@ def test_digits_accuracy_within_half_a_point() -> None:
 
 def test_pass_contract_positive_and_structure() -> None:
     m = Model.load(fixture_path("residual.onnx"))
-    from graphopt.pipeline import prepare
+    from graphopt.jobs.optimize import prepare
 
     prepare(m)
 
@@ -96,7 +96,7 @@ def test_pass_contract_positive_and_structure() -> None:
                    and n.inputs[0].dtype == np.int8]
         assert weights and all(n.attrs.get("axis") == 0 for n in weights)  # per channel
 
-    check_pass(m, QuantizePass(calib=_feeds(m, 8)), min_sqnr_db=25, structure=structure)
+    check_pass(m, QuantizeInt8Pass(calib=_feeds(m, 8)), min_sqnr_db=25, structure=structure)
 
 
 def test_no_quantizable_op_leaves_model_unchanged() -> None:
@@ -107,7 +107,7 @@ def test_no_quantizable_op_leaves_model_unchanged() -> None:
                            helper.make_node("Add", ["r", "c"], ["y"], name="add")],
                           "g", [x], [y], [c])
     m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
-    check_pass(m, QuantizePass(calib=_feeds(m, 4)), expect_modified=False)
+    check_pass(m, QuantizeInt8Pass(calib=_feeds(m, 4)), expect_modified=False)
     res = quantize(m, _feeds(m, 4))
     assert "QuantizeLinear" not in op_counts(res.model)
 
@@ -119,7 +119,7 @@ def test_weight_that_is_a_graph_input_stays_float() -> None:
     g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
                           [x, w], [y])
     m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
-    check_pass(m, QuantizePass(calib=_feeds(m, 4)), expect_modified=False)
+    check_pass(m, QuantizeInt8Pass(calib=_feeds(m, 4)), expect_modified=False)
 
 
 def _mixed_range_model() -> Model:
@@ -271,8 +271,7 @@ def test_bias_correction_removes_mean_shift() -> None:
                                         ((64, 10), None)])
 def test_blockwise_weight_quantization_matches_whole_tensor(monkeypatch, shape, axis) -> None:
     """Huge layers are quantized block by block (bounded memory); the result must not change."""
-    from graphopt import quant_graph as qg
-
+    from graphopt.algorithms.quant import graph as qg
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     a = np.abs(w.astype(np.float64))
     m = np.asarray(a.max()) if axis is None else \

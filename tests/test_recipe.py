@@ -12,10 +12,16 @@ from pathlib import Path
 import pytest
 
 from graphopt.cli import main
-from graphopt.errors import RecipeError
+from graphopt.core.errors import RecipeError
+from graphopt.core.model import Model
 from graphopt.fixtures import fixture_path
-from graphopt.ir import Model
-from graphopt.recipe import BUILTIN_RECIPES, STEP_MODULES, load_recipe, parse_recipe, run_recipe
+from graphopt.jobs.recipe import (
+    BUILTIN_RECIPES,
+    STEP_MODULES,
+    load_recipe,
+    parse_recipe,
+    run_recipe,
+)
 
 
 def _has(mod: str) -> bool:
@@ -88,7 +94,7 @@ def test_cli_recipe_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     for argv in (["--recipe", str(bad)], ["--recipe", "no-such-recipe"],
                  ["--recipe", "simplify", "--passes", "toposort"],
                  ["--recipe", "edge-int8"]):  # edge-int8 without --calib
-        if argv[-1] == "edge-int8" and not _has("graphopt.quantize_api"):
+        if argv[-1] == "edge-int8" and not _has("graphopt.jobs.quantize"):
             continue
         rc = main(["optimize", model, "-o", str(tmp_path / "o.onnx"), *argv])
         err = capsys.readouterr().err
@@ -116,7 +122,7 @@ def test_fast_fp16_recipe_on_fixture() -> None:
     assert half.check == "SQNR >= 30 dB" and all(v >= 40 for v in half.fidelity.values())
     assert half.model_bytes < 0.6 * simp.model_bytes  # weights halved
     assert half.latency_ms is not None and half.latency_ms > 0
-    assert all(s.arena_bytes for s in res.steps) or not _has("graphopt.memory")
+    assert all(s.arena_bytes for s in res.steps) or not _has("graphopt.algorithms.memory.planner")
     row = res.table()[1]
     for key in ("step", "ok", "check", "nodes", "params", "macs", "model_bytes", "arena_bytes",
                 "fidelity_sqnr_db", "latency_ms"):
@@ -143,14 +149,14 @@ def test_cli_recipe_json_and_report(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_verification_failure_names_the_step() -> None:
-    from graphopt.errors import VerificationError
+    from graphopt.core.errors import VerificationError
 
     recipe = {"step": [{"kind": "fp16", "min_sqnr": 200}]}
     with pytest.raises(VerificationError, match=r"recipe step 1 \(fp16\(min_sqnr=200\)\)"):
         run_recipe(Model.load(fixture_path("cnn.onnx")), recipe)
 
 
-@pytest.mark.skipif(not (_has("graphopt.quantize_api") and _has("graphopt.memory")),
+@pytest.mark.skipif(not (_has("graphopt.jobs.quantize") and _has("graphopt.algorithms.memory.planner")),
                     reason="int8 quantization or memory planning not available")
 def test_edge_int8_recipe_digits() -> None:
     calib = str(fixture_path("digits_calib.npz"))
@@ -165,7 +171,7 @@ def test_edge_int8_recipe_digits() -> None:
     assert res.quant is not None
 
 
-@pytest.mark.skipif(not _has("graphopt.prune_api"), reason="channel pruning not available")
+@pytest.mark.skipif(not _has("graphopt.jobs.prune"), reason="channel pruning not available")
 def test_prune_recipe_digits() -> None:
     calib = str(fixture_path("digits_calib.npz"))
     recipe = {"input_shapes": {"x": [1, 1, 8, 8]},
@@ -178,7 +184,7 @@ def test_prune_recipe_digits() -> None:
 
 
 def test_compile_without_tvm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    tvm_mod = pytest.importorskip("graphopt.emit.tvm")
+    tvm_mod = pytest.importorskip("graphopt.algorithms.tvm.emit")
     monkeypatch.setattr(tvm_mod, "tvm_available", lambda: False)
     recipe = {"step": [{"kind": "simplify"}, {"kind": "compile", "target": "llvm"}]}
     with pytest.raises(RecipeError, match="step 'compile' needs apache-tvm"):
@@ -186,7 +192,7 @@ def test_compile_without_tvm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_compile_step_runs_library_on_host(tmp_path: Path) -> None:
-    tvm_mod = pytest.importorskip("graphopt.emit.tvm")
+    tvm_mod = pytest.importorskip("graphopt.algorithms.tvm.emit")
     if not tvm_mod.tvm_available():
         pytest.skip("apache-tvm not installed")
     recipe = {"step": [{"kind": "simplify"}, {"kind": "compile", "target": "llvm"}]}

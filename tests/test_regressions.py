@@ -12,11 +12,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.ir import Model
-from graphopt.pass_manager import get_pass, registered_passes
-from graphopt.pipeline import ATOL, RTOL, optimize_model, prepare
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import get_pass, registered_passes
+from graphopt.core.verify import random_feeds, verify
+from graphopt.jobs.optimize import ATOL, RTOL, optimize_model, prepare
 from graphopt.testing import fingerprint
-from graphopt.verify import random_feeds, verify
 
 
 def _model(nodes: list[onnx.NodeProto], inputs: list[tuple[str, list[int]]],
@@ -66,7 +66,7 @@ def test_fuse_pad_all_zero_pads_before_conv() -> None:
 
 
 def test_ir_keeps_initializer_that_is_also_a_graph_input() -> None:
-    """Core (graphopt/ir.py): graphsurgeon turned an initializer listed among the graph inputs (an
+    """Core (graphopt/core/model.py): graphsurgeon turned an initializer listed among the graph inputs (an
     overridable default) into a constant and dropped the input, changing the model's interface and
     letting passes fold a value the caller may override. Found by the fuzzer's IR round trip."""
     w = np.arange(10, dtype=np.float32).reshape(5, 2) / 10
@@ -89,10 +89,10 @@ def test_ir_keeps_initializer_that_is_also_a_graph_input() -> None:
 
 def _proof(m: Model, inplace: bool = True) -> None:
     try:
-        from graphopt.memory import plan_memory
-        from graphopt.memory_exec import prove
+        from graphopt.algorithms.memory.arena import prove
+        from graphopt.algorithms.memory.planner import plan_memory
     except ImportError:
-        pytest.skip("graphopt/memory.py or graphopt/memory_exec.py has not landed")
+        pytest.skip("graphopt/algorithms/memory/planner.py or graphopt/memory_exec.py has not landed")
     for strategy in ("greedy-size", "greedy-breadth", "best"):
         plan = plan_memory(m, strategy=strategy, inplace=inplace)
         report = prove(plan.model, plan, feeds=random_feeds(m, seed=0))
@@ -104,7 +104,7 @@ _BN = {"s": np.array([1.06], np.float32), "b": np.array([-0.07], np.float32),
 
 
 def test_memory_plan_inplace_never_overwrites_a_graph_output() -> None:
-    """plan-memory (graphopt/memory.py merge_buffers): at the last step, BatchNormalization ran in
+    """plan-memory (graphopt/algorithms/memory/planner.py merge_buffers): at the last step, BatchNormalization ran in
     place on ``relu``, an intermediate that is also a graph output, clobbering that output (a graph
     output's lifetime ends at the last step, so "its last reader is this node" held). Fuzzer."""
     m = _model([helper.make_node("Relu", ["x"], ["relu"]),
@@ -136,7 +136,7 @@ def test_overridable_weight_is_fed_when_verifying() -> None:
     w = np.array([[0.5], [-1.0], [2.0]], np.float32)
     m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, 3])], [("y", [1, 1])],
                {"w": w}, extra_inputs=["w"])
-    from graphopt.verify import run_model
+    from graphopt.core.verify import run_model
 
     feeds = {"x": np.ones((1, 3), np.float32), "w": np.ones((3, 1), np.float32)}
     assert run_model(m, feeds)["y"].item() == pytest.approx(3.0)
@@ -151,7 +151,7 @@ def test_prune_channels_keeps_producers_whose_bias_is_a_graph_input() -> None:
     parameter must not be pruned (the model's inputs cannot change). Found by the fuzzer."""
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
-    from graphopt.verify import run_model
+    from graphopt.core.verify import run_model
 
     w = np.array([0.126, -0.132], np.float32).reshape(2, 1, 1, 1)
     m = _model(
@@ -177,8 +177,7 @@ def test_prune_channels_depthwise_after_matmul_on_last_axis(op: str) -> None:
     refused the model or the output shape changed. Found by the fuzzer."""
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
-    from graphopt import prune_deps as pd
-
+    from graphopt.algorithms.prune import analysis as pd
     m = _model([helper.make_node("MatMul", ["x", "mw"], ["h"]),
                 helper.make_node(op, ["h", "w", "b"], ["y"], kernel_shape=[1, 1], group=2)],
                [("x", [1, 2, 3, 3])], [("y", [1, 2, 3, 1])],
@@ -207,8 +206,7 @@ def test_prune_channels_labels_on_a_pooled_axis() -> None:
     fuzzer (make fuzz, 2026-11-22); fixed: spatial ops block labels on axes other than 1."""
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
-    from graphopt import prune_deps as pd
-
+    from graphopt.algorithms.prune import analysis as pd
     mw = np.array([[0.063, -0.066, 0.32, 0.052], [-0.268, 0.181, 0.652, 0.474],
                    [-0.352, -0.633, -0.312, 0.021]], np.float32)
     m = _model([helper.make_node("MatMul", ["x", "mw"], ["h"]),

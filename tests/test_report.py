@@ -16,10 +16,10 @@ import pytest
 from conftest import real_or_skip
 
 from graphopt.cli import main
+from graphopt.core.model import Model
 from graphopt.fixtures import fixture_path
-from graphopt.ir import Model
-from graphopt.pipeline import optimize_model, prepare
-from graphopt.report import collapse, render_report, write_report
+from graphopt.jobs.optimize import optimize_model, prepare
+from graphopt.jobs.report import collapse, render_report, write_report
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
                              shutil.which("google-chrome")) if p), None)
@@ -62,7 +62,7 @@ def _render_check(html: Path, tmp_path: Path, min_boxes: int) -> np.ndarray:
 
 
 def _extras(model: Model) -> dict[str, object]:
-    from graphopt.memory import plan_memory
+    from graphopt.algorithms.memory.planner import plan_memory
 
     plan = plan_memory(model)
     convs = [n.name for n in model.graph.nodes if n.op == "Conv"]

@@ -8,8 +8,8 @@ import pytest
 from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
-from graphopt.errors import ShapeError
-from graphopt.shapes import fix_input_shapes, infer_shapes, missing_shapes, parse_input_shapes
+from graphopt.core.errors import ShapeError
+from graphopt.core.shapes import fix_input_shapes, infer_shapes, missing_shapes, parse_input_shapes
 
 
 def test_parse_specs() -> None:

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from graphopt.errors import GraphoptError
-from graphopt.pipeline import optimize_model
-from graphopt.verify import run_model
+from graphopt.core.errors import GraphoptError
+from graphopt.core.verify import run_model
+from graphopt.jobs.optimize import optimize_model
 
 torch = pytest.importorskip("torch", reason="torch is an optional extra")
 
@@ -38,8 +38,7 @@ def _net() -> Net:
 
 
 def test_from_torch_matches_torch_and_optimizes() -> None:
-    from graphopt import torch_export
-
+    from graphopt.core import torch_export
     net = _net().train()
     x = torch.randn(2, 3, 8, 8)
     model = torch_export.from_torch(net, x, input_names=["x"], output_names=["logits"],
@@ -63,7 +62,7 @@ def test_from_torch_matches_torch_and_optimizes() -> None:
 
 
 def test_from_torch_default_names_and_tuple_inputs() -> None:
-    from graphopt.torch_export import from_torch
+    from graphopt.core.torch_export import from_torch
 
     class Two(torch.nn.Module):
         def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -77,7 +76,7 @@ def test_from_torch_default_names_and_tuple_inputs() -> None:
 
 
 def test_from_torch_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    from graphopt.torch_export import from_torch
+    from graphopt.core.torch_export import from_torch
 
     with pytest.raises(GraphoptError, match="nn.Module"):
         from_torch(lambda x: x, torch.randn(1))

@@ -1,4 +1,4 @@
-"""graphopt.emit.tvm: compile through Apache TVM (Relax) for llvm, aarch64 (qemu) and cuda (nvcc).
+"""graphopt.algorithms.tvm.emit: compile through Apache TVM (Relax) for llvm, aarch64 (qemu) and cuda (nvcc).
 
 Compiles are the slow part (seconds each on two cores), so each artifact is built once per module
 and shared; shapes are the small test shapes. Speed is never asserted here (see bench/tvm.py).
@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphopt.errors import GraphoptError
+from graphopt.core.errors import GraphoptError
+from graphopt.core.model import Model
+from graphopt.core.verify import compare, random_feeds, run_model
 from graphopt.fixtures import FIXTURES, fixture_path
-from graphopt.ir import Model
-from graphopt.verify import compare, random_feeds, run_model
 
 tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'graphopt[tvm]')")
 
-from graphopt.emit import tvm as gtvm  # noqa: E402
+from graphopt.algorithms.tvm import emit as gtvm  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -92,7 +92,7 @@ def test_cls_compiles_for_llvm_and_matches_onnxruntime(cls_llvm) -> None:
 
 @pytest.mark.real
 def test_runner_script_runs_artifact_without_graphopt(cls_llvm, tmp_path: Path) -> None:
-    """graphopt/runner.py needs only numpy and TVM's runtime (what a deployment box has)."""
+    """graphopt/algorithms/tvm/runner.py needs only numpy and TVM's runtime (what a deployment box has)."""
     res, path, shapes = cls_llvm
     x = np.random.default_rng(0).standard_normal(shapes["x"]).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.core.model import Model
+from graphopt.core.verify import compare, cosine, sqnr_db, verify
 from graphopt.fixtures import fixture_path
-from graphopt.ir import Model
-from graphopt.verify import compare, cosine, sqnr_db, verify
 
 
 def test_sqnr_and_cosine() -> None:

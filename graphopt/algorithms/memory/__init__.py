@@ -1,0 +1,1 @@
+"""Activation memory: the arena planner, the memory-aware order search and the arena executor."""

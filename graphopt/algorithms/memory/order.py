@@ -1,0 +1,453 @@
+"""Memory-aware node order: reorder the main graph's nodes for a lower activation peak.
+
+The rewrite: a topological order ``pi`` of the main graph's nodes is replaced by another one
+``pi'`` when the planned arena of ``pi'`` is strictly smaller (ties: its lower bound strictly
+smaller); otherwise nothing changes. Numerics are untouched (same nodes, same edges).
+
+Search model. Buffers are the tensors merged by aliasing (a Reshape's output is its input's buffer,
+order-independent). Running node ``v`` after the set ``S`` of already run nodes costs
+
+    peak(v | S) = mem(S) + out(v) - inplace(v, S)
+    mem(S + v)  = mem(S) + out(v) - freed(v, S)
+
+where ``out(v)`` is the bytes of the buffers ``v`` creates, ``freed`` the input buffers whose last
+reader is ``v`` (graph outputs are never freed), and ``inplace`` the size of one such dying input
+that ``v`` may overwrite (same shape and dtype, op in ``graphopt.algorithms.memory.planner.INPLACE_OPS``). ``mem(S)``
+depends only on ``S``, so the minimal peak over all orders is a shortest-path problem over the
+down-sets of the DAG.
+
+- Exact: dynamic programming over down-sets (``best[S + v] = min(max(best[S], peak(v|S)))``),
+  level by level, pruned by the best heuristic peak; used when the number of states stays under
+  ``max_states`` (small graphs, or large graphs of small width).
+- Heuristics otherwise: list scheduling that picks, among ready nodes, the one with the lowest
+  (peak, allocated - freed) with a one-step lookahead through the successors it makes ready,
+  from several starts (given order as tie-break, reversed tie-break, depth-first continuation);
+  the best by the model's peak is planned for real.
+
+The given order is always a candidate, so the result is never worse. Constant nodes are not
+scheduled: each is emitted right before its first reader. If/Loop nodes are scheduled as units
+(their captures count as inputs); their bodies keep their order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.algorithms.memory.planner import (
+    ALIAS_OPS,
+    ALIGNMENT,
+    INPLACE_OPS,
+    MemoryPlan,
+    align,
+    captured_names,
+    liveness,
+    plan_order,
+    subgraphs,
+)
+from graphopt.core.model import Model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Problem:
+    n: int
+    preds: list[int]  # bitmask of predecessors
+    succs: list[list[int]]
+    out_bufs: list[list[int]]  # buffers each node creates
+    in_bufs: list[list[int]]  # distinct buffers each node reads
+    inplace_cands: list[list[int]]  # buffers each node may overwrite
+    size: list[int]
+    is_out: list[bool]
+    cons: list[int]  # bitmask of readers per buffer
+    ncons: list[int]
+    mem0: int
+    pos: list[int] = field(default_factory=list)  # original position (tie-break)
+
+
+def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
+           observed: Mapping[str, Any] | None) -> _Problem:
+    live = liveness(model, observed)
+    idx = live.index
+    n = len(sched)
+    # buffers: union tensors through alias ops (order independent)
+    parent = list(range(len(live.names)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if inplace:
+        for nd in sched:
+            if nd.op in ALIAS_OPS and nd.inputs and nd.outputs:
+                x, y = idx.get(nd.inputs[0].name), idx.get(nd.outputs[0].name)
+                if x is not None and y is not None and live.nbytes[x] == live.nbytes[y]:
+                    parent[find(y)] = find(x)
+    roots = sorted({find(i) for i in range(len(live.names))})
+    bid = {r: k for k, r in enumerate(roots)}
+    tb = [bid[find(i)] for i in range(len(live.names))]
+    nb = len(roots)
+    size = [0] * nb
+    is_out = [False] * nb
+    sizes = align(live.nbytes, alignment).tolist()
+    for i in range(len(live.names)):
+        size[tb[i]] = max(size[tb[i]], sizes[i])
+        if live.kinds[i] == "output":
+            is_out[tb[i]] = True
+    producer: dict[str, int] = {}
+    for v, nd in enumerate(sched):
+        for t in nd.outputs:
+            if t.name:
+                producer[t.name] = v
+    preds = [0] * n
+    succs: list[list[int]] = [[] for _ in range(n)]
+    in_bufs: list[list[int]] = [[] for _ in range(n)]
+    out_bufs: list[list[int]] = [[] for _ in range(n)]
+    cands: list[list[int]] = [[] for _ in range(n)]
+    cons = [0] * nb
+    created: set[int] = set()
+    mem0 = 0
+    for t in model.graph.inputs:  # graph inputs are live from the start
+        i = idx.get(t.name)
+        if i is not None and tb[i] not in created:
+            created.add(tb[i])
+            mem0 += size[tb[i]]
+    for v, nd in enumerate(sched):
+        reads = [t.name for t in nd.inputs if t.name]
+        if subgraphs(nd):
+            reads += captured_names(nd)
+        seen: set[int] = set()
+        for name in reads:
+            p = producer.get(name)
+            if p is not None and p != v and not preds[v] >> p & 1:
+                preds[v] |= 1 << p
+                succs[p].append(v)
+            i = idx.get(name)
+            if i is not None and tb[i] not in seen:
+                seen.add(tb[i])
+                in_bufs[v].append(tb[i])
+                cons[tb[i]] |= 1 << v
+        for t in nd.outputs:  # an alias output's buffer already exists (its input's)
+            i = idx.get(t.name)
+            if i is not None and tb[i] not in created:
+                created.add(tb[i])
+                out_bufs[v].append(tb[i])
+        if inplace and nd.op in INPLACE_OPS and nd.outputs and nd.outputs[0].name in idx:
+            o = idx[nd.outputs[0].name]
+            pos = INPLACE_OPS[nd.op]
+            ks = range(len(nd.inputs)) if pos is None else pos
+            for k in ks:
+                if k < len(nd.inputs) and nd.inputs[k].name in idx:
+                    x = idx[nd.inputs[k].name]
+                    if live.shapes[x] == live.shapes[o] and live.dtypes[x] == live.dtypes[o]:
+                        cands[v].append(tb[x])
+    ncons = [bin(c).count("1") for c in cons]
+    return _Problem(n, preds, succs, out_bufs, in_bufs, cands, size, is_out, cons, ncons, mem0,
+                    list(range(n)))
+
+
+def simulate(pb: _Problem, order: list[int]) -> int:
+    """Peak of ``order`` under the search model."""
+    return int(max(pb.mem0, int(_profile(pb, order).max()) if order else pb.mem0))
+
+
+def _greedy(pb: _Problem, mode: str) -> list[int]:
+    """List scheduling; ``mode`` picks the tie-break and lookahead."""
+    n = pb.n
+    npred = [bin(p).count("1") for p in pb.preds]
+    remaining = list(pb.ncons)
+    ready = [v for v in range(n) if npred[v] == 0]
+    mem = pb.mem0
+    order: list[int] = []
+    last = -1
+
+    def step_cost(v: int) -> tuple[int, int]:
+        alloc = sum(pb.size[b] for b in pb.out_bufs[v])
+        credit = 0
+        for b in pb.inplace_cands[v]:
+            if remaining[b] == 1 and not pb.is_out[b]:
+                credit = pb.size[b]
+                break
+        freed = sum(pb.size[b] for b in pb.in_bufs[v] if remaining[b] == 1 and not pb.is_out[b])
+        freed += sum(pb.size[b] for b in pb.out_bufs[v] if pb.ncons[b] == 0 and not pb.is_out[b])
+        return mem + alloc - min(credit, alloc), alloc - freed
+
+    while ready:
+        best_key: tuple[Any, ...] | None = None
+        best_v = ready[0]
+        for v in ready:
+            peak, net = step_cost(v)
+            look = 0
+            if mode in ("lookahead", "lookahead-dfs"):
+                # the cheapest successor this node makes ready: a node that enables an immediate
+                # big release is worth running even if it allocates
+                best_s = 0
+                for s in pb.succs[v]:
+                    if npred[s] == 1:
+                        freed = sum(pb.size[b] for b in pb.in_bufs[s]
+                                    if remaining[b] - (1 if b in pb.in_bufs[v] else 0) == 1
+                                    and not pb.is_out[b])
+                        best_s = min(best_s, -freed)
+                look = best_s
+            chain = 0 if (mode.endswith("dfs") and last >= 0 and v in pb.succs[last]) else 1
+            tie = pb.pos[v] if mode != "reverse" else -pb.pos[v]
+            if mode.endswith("dfs"):
+                key: tuple[Any, ...] = (chain, net + look, tie)
+            elif mode == "peak":
+                key = (peak, net + look, tie)
+            else:
+                key = (net + look, tie)
+            if best_key is None or key < best_key:
+                best_key, best_v = key, v
+        v = best_v
+        ready.remove(v)
+        order.append(v)
+        last = v
+        alloc = sum(pb.size[b] for b in pb.out_bufs[v])
+        mem = _after_step(pb, v, remaining, mem + alloc)
+        for s in pb.succs[v]:
+            npred[s] -= 1
+            if npred[s] == 0:
+                ready.append(s)
+    return order
+
+
+def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int = 12
+            ) -> list[int]:
+    """Hill climbing: move single nodes near the peak step to another legal position while that
+    lowers the model's peak (strictly)."""
+    import time
+
+    t0 = time.perf_counter()
+    order = list(order)
+    best = simulate(pb, order)
+    pred_list: list[list[int]] = [[] for _ in range(pb.n)]
+    for u in range(pb.n):
+        for v in pb.succs[u]:
+            pred_list[v].append(u)
+    improved = True
+    while improved and time.perf_counter() - t0 < budget_s:
+        improved = False
+        prof = _profile(pb, order)
+        p = int(np.argmax(prof))
+        where = {v: k for k, v in enumerate(order)}
+        for k in range(max(0, p - window), min(pb.n, p + window + 1)):
+            v = order[k]
+            lo = max((where[u] for u in pred_list[v]), default=-1) + 1
+            hi = min((where[s] for s in pb.succs[v]), default=pb.n)
+            for j in range(max(lo, k - 3 * window), min(hi, k + 3 * window + 1)):
+                if j == k or j == k + 1:
+                    continue
+                cand = order[:k] + order[k + 1:]
+                cand.insert(j if j < k else j - 1, v)
+                val = simulate(pb, cand)
+                if val < best:
+                    best, order, improved = val, cand, True
+                    break
+            if improved or time.perf_counter() - t0 > budget_s:
+                break
+    return order
+
+
+def _after_step(pb: _Problem, v: int, remaining: list[int], mem: int) -> int:
+    """Bytes live after step ``v`` (its outputs already counted in ``mem``): inputs read for the
+    last time and outputs nobody reads are freed; ``remaining`` consumer counts are updated."""
+    for b in pb.in_bufs[v]:
+        remaining[b] -= 1
+        if remaining[b] == 0 and not pb.is_out[b]:
+            mem -= pb.size[b]
+    for b in pb.out_bufs[v]:
+        if pb.ncons[b] == 0 and not pb.is_out[b]:
+            mem -= pb.size[b]
+    return mem
+
+
+def _profile(pb: _Problem, order: list[int]) -> np.ndarray:
+    """Bytes live while each step of ``order`` runs (its outputs allocated, an in-place input
+    reused), under the search model."""
+    remaining = list(pb.ncons)
+    mem = pb.mem0
+    out = np.zeros(len(order), dtype=np.int64)
+    for k, v in enumerate(order):
+        alloc = sum(pb.size[b] for b in pb.out_bufs[v])
+        credit = 0
+        for b in pb.inplace_cands[v]:
+            if remaining[b] == 1 and not pb.is_out[b]:
+                credit = pb.size[b]
+                break
+        out[k] = mem + alloc - min(credit, alloc)
+        mem = _after_step(pb, v, remaining, mem + alloc)
+    return out
+
+
+def exact_order(pb: _Problem, upper: int, max_states: int = 50_000,
+                max_level: int = 5_000,
+                status: dict[str, str] | None = None) -> list[int] | None:
+    """Minimal-peak order by DP over down-sets, or None when it would need too many states or
+    when no order beats ``upper`` (``status['result']`` says which: ``optimal``,
+    ``no-better-order`` or ``too-many-states``)."""
+    full = (1 << pb.n) - 1
+    # level: S -> (peak, mem)
+    level: dict[int, tuple[int, int]] = {0: (pb.mem0, pb.mem0)}
+    parents: list[dict[int, tuple[int, int]]] = []
+    total = 0
+    for _ in range(pb.n):
+        nxt: dict[int, tuple[int, int]] = {}
+        back: dict[int, tuple[int, int]] = {}
+        for s, (pk, mem) in level.items():
+            avail = full & ~s
+            while avail:
+                low = avail & -avail
+                v = low.bit_length() - 1
+                avail ^= low
+                if pb.preds[v] & ~s:
+                    continue
+                done = s | low
+                alloc = 0
+                for b in pb.out_bufs[v]:
+                    alloc += pb.size[b]
+                credit = 0
+                freed = 0
+                for b in pb.in_bufs[v]:
+                    if not pb.is_out[b] and not (pb.cons[b] & ~done):
+                        freed += pb.size[b]
+                        if not credit and b in pb.inplace_cands[v]:
+                            credit = pb.size[b]
+                for b in pb.out_bufs[v]:
+                    if pb.ncons[b] == 0 and not pb.is_out[b]:
+                        freed += pb.size[b]
+                p = max(pk, mem + alloc - min(credit, alloc))
+                if p >= upper:
+                    continue
+                old = nxt.get(done)
+                if old is None or p < old[0]:
+                    nxt[done] = (p, mem + alloc - freed)
+                    back[done] = (s, v)
+        total += len(nxt)
+        if not nxt:  # no order beats ``upper``: the search proved the upper bound optimal
+            if status is not None:
+                status["result"] = "no-better-order"
+            return None
+        if total > max_states or len(nxt) > max_level:
+            if status is not None:
+                status["result"] = "too-many-states"
+            return None
+        parents.append(back)
+        level = nxt
+    if full not in level:
+        return None
+    if status is not None:
+        status["result"] = "optimal"
+    order: list[int] = []
+    s = full
+    for back in reversed(parents):
+        prev, v = back[s]
+        order.append(v)
+        s = prev
+    return order[::-1]
+
+
+def _emit(model: Model, sched: list[gs.Node], order: list[int]) -> list[gs.Node]:
+    """The full node list: scheduled nodes in ``order``, each Constant before its first reader."""
+    consts = [nd for nd in model.graph.nodes if nd.op == "Constant"]
+    first_reader: dict[int, int] = {}
+    reader_pos = {id(sched[v]): k for k, v in enumerate(order)}
+    by_name = {nd.outputs[0].name: nd for nd in consts if nd.outputs}
+    for nd in sched:
+        reads = [t.name for t in nd.inputs if t.name]
+        if subgraphs(nd):
+            reads += captured_names(nd)
+        for name in reads:
+            c = by_name.get(name)
+            if c is not None:
+                k = reader_pos[id(nd)]
+                first_reader[id(c)] = min(first_reader.get(id(c), k), k)
+    before: dict[int, list[gs.Node]] = {}
+    head: list[gs.Node] = []
+    for c in consts:
+        k = first_reader.get(id(c))
+        if k is None:
+            head.append(c)
+        else:
+            before.setdefault(k, []).append(c)
+    out = list(head)
+    for k, v in enumerate(order):
+        out.extend(before.get(k, []))
+        out.append(sched[v])
+    return out
+
+
+def reorder_for_memory(model: Model, *, inplace: bool = True, strategy: str = "best",
+                       alignment: int = ALIGNMENT,
+                       observed: Mapping[str, Any] | None = None,
+                       baseline: MemoryPlan | None = None, max_states: int = 50_000,
+                       info: dict[str, Any] | None = None) -> bool:
+    """Reorder ``model.graph.nodes`` (shapes inferred) in place when that lowers the planned arena.
+
+    Returns True when the order changed. ``info`` (optional) receives the search figures.
+    """
+    sched = [nd for nd in model.graph.nodes if nd.op != "Constant"]
+    if len(sched) < 2:
+        return False
+    pb = _build(model, sched, inplace, alignment, observed)
+    identity = list(range(pb.n))
+    cands: dict[str, list[int]] = {"given": identity}
+    for mode in ("net", "peak", "lookahead", "dfs", "lookahead-dfs", "reverse"):
+        cands[mode] = _greedy(pb, mode)
+    peaks = {k: simulate(pb, o) for k, o in cands.items()}
+    start = min(peaks, key=lambda k: (peaks[k], k != "given"))
+    cands["improved"] = improve(pb, cands[start])
+    peaks["improved"] = simulate(pb, cands["improved"])
+    upper = min(peaks.values())
+    status: dict[str, str] = {}
+    exact = exact_order(pb, upper, max_states=max_states, status=status)
+    if exact is not None:
+        cands["exact"] = exact
+        peaks["exact"] = simulate(pb, exact)
+    if info is not None:
+        proved = status.get("result") in ("optimal", "no-better-order")
+        info.update({"search_peaks": dict(peaks), "exact_searched": proved,
+                     "exact_result": status.get("result", ""),
+                     "nodes_scheduled": pb.n})
+    if baseline is None:
+        baseline = plan_order(model, inplace=inplace, strategy=strategy, alignment=alignment,
+                              observed=observed)
+    original = list(model.graph.nodes)
+    best_key = (baseline.arena_bytes, baseline.bound)
+    best_nodes: list[gs.Node] | None = None
+    best_name = "given"
+    tried: set[tuple[int, ...]] = {tuple(identity)}
+    for name in sorted(cands, key=lambda k: (peaks[k], k != "exact")):
+        order = cands[name]
+        if tuple(order) in tried or peaks[name] > peaks["given"]:
+            continue
+        tried.add(tuple(order))
+        model.graph.nodes = _emit(model, sched, order)
+        plan = plan_order(model, inplace=inplace, strategy=strategy, alignment=alignment,
+                          observed=observed)
+        key = (plan.arena_bytes, plan.bound)
+        if key < best_key:
+            best_key, best_nodes, best_name = key, list(model.graph.nodes), name
+        if len(tried) >= 4:
+            break
+    if best_nodes is None:
+        model.graph.nodes = original
+        if info is not None:
+            info.update({"method": "given", "arena_before": baseline.arena_bytes,
+                         "arena_after": baseline.arena_bytes})
+        return False
+    model.graph.nodes = best_nodes
+    if info is not None:
+        info.update({"method": best_name, "arena_before": baseline.arena_bytes,
+                     "arena_after": best_key[0]})
+    logger.info("memory order: %s order cuts the arena %d -> %d bytes", best_name,
+                baseline.arena_bytes, best_key[0])
+    return True

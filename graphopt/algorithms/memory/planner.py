@@ -1,0 +1,803 @@
+"""Static memory planning: liveness, one arena with offsets, in-place reuse and aliasing.
+
+The model (fixed input shapes) runs its nodes in graph order; every node takes one *step*
+(Constant nodes take none). A node with subgraphs (If/Loop/Scan) takes an *enter* step, then the
+steps of its bodies' nodes laid out one after the other (the two branches of an If never run
+together, so laying them out in sequence is exact), then an *exit* step where its outputs are born.
+
+Liveness. A tensor is live on the closed interval ``[start, end]`` of steps: ``start`` is the step
+of its producer (the exit step for the outputs of If/Loop/Scan), ``end`` the last step reading it.
+
+- Initializers and ``Constant`` outputs are parameters: they are not in the arena.
+- Graph inputs ARE in the arena (the caller copies the feeds in): live from step 0 to their last
+  use. The arena is then the whole activation footprint, and an elementwise op may overwrite a
+  dead input, as in TFLite.
+- Graph outputs are in the arena and live to the last step (the caller reads them out at the end).
+- A tensor that a subgraph reads from an enclosing scope (a capture) stays live until the exit
+  step of the If/Loop node in that scope; a branch's outputs stay live until that exit step (they
+  are copied into the If's outputs there). Tensors inside Loop/Scan bodies are kept live for the
+  whole node (iterations repeat), and no in-place reuse is done inside those bodies.
+- Tensors whose size shape inference cannot fix are sized by running the model once node by node
+  (:mod:`graphopt.algorithms.memory.arena`); tensors that still have no size (untaken branches) are
+  *unplanned*: left out of the arena and counted.
+
+Lower bound: ``max over steps of sum(size of tensors live at that step)`` with sizes rounded up
+to the alignment; no offset assignment can beat it.
+
+Buffers. Tensors are merged into buffers before offsets are chosen:
+
+- aliasing: the output of Reshape/Flatten/Squeeze/Unsqueeze/Identity is the same buffer as its
+  input (a view; the op writes nothing new);
+- in-place (``inplace=True``): an op of :data:`INPLACE_OPS` (elementwise unary/binary,
+  activations, BatchNormalization, Softmax: onnxruntime's CPU kernels compute all of them
+  correctly with the output aliasing an input, which the executor checks) writes its output into
+  an input with the same shape and dtype whose buffer dies at that op.
+
+A buffer lives on the union of its tensors' intervals and is as large as its largest tensor. With
+in-place reuse the lower bound itself shrinks; both bounds are reported.
+
+Offsets. Buffers are placed into one arena by best fit (the smallest gap between already placed,
+time-overlapping buffers that fits, else on top) in several orders: by size (TFLite's
+greedy-by-size), by breadth (TFLite's greedy-by-breadth: the steps with the most live bytes
+first) and by size with longer lifetimes first; the smallest arena wins, and buffers left above
+the lower bound are then pinned to the bottom one at a time while that shrinks the arena.
+Offsets are multiples of ``alignment`` (64 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.core.errors import GraphoptError
+from graphopt.core.model import Model, node_subgraphs
+from graphopt.core.shapes import is_static
+
+logger = logging.getLogger(__name__)
+
+ALIGNMENT = 64
+
+#: ops whose output is a view of input 0 (same bytes, another shape)
+ALIAS_OPS: frozenset[str] = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+_UNARY = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+          "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Exp", "Log", "Neg", "Abs", "Sqrt",
+          "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Erf", "Sin", "Cos", "Not", "Clip",
+          "BatchNormalization", "PRelu", "Softmax", "LogSoftmax")
+_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "And", "Or", "Xor")
+_VARIADIC = ("Max", "Min", "Sum", "Mean")
+
+#: op -> input positions the output may overwrite (None: any input). Elementwise ops only: each
+#: output element depends on the same element of the overwritten input (broadcast operands are
+#: never overwritten because their shape differs from the output's).
+INPLACE_OPS: dict[str, tuple[int, ...] | None] = {
+    **{op: (0,) for op in _UNARY},
+    **{op: (0, 1) for op in _BINARY},
+    **{op: None for op in _VARIADIC},
+}
+
+STRATEGIES = ("greedy-size", "greedy-breadth", "best")
+
+_LOOPS = ("Loop", "Scan")
+
+
+def align(n: int | np.ndarray, a: int = ALIGNMENT) -> Any:
+    return (n + a - 1) // a * a
+
+
+subgraphs = node_subgraphs
+
+
+def captured_names(node: gs.Node) -> list[str]:
+    """Names read inside ``node``'s subgraphs (recursively) that those subgraphs do not define:
+    the node's captures from enclosing scopes, in first-read order."""
+    defined: set[str] = set()
+    read: list[str] = []
+    stack = subgraphs(node)
+    while stack:
+        g = stack.pop()
+        defined.update(t.name for t in g.inputs)
+        for n in g.nodes:
+            defined.update(t.name for t in n.outputs)
+            read.extend(t.name for t in n.inputs if t.name and not isinstance(t, gs.Constant))
+            stack.extend(subgraphs(n))
+        read.extend(t.name for t in g.outputs if not isinstance(t, gs.Constant))
+    return [r for r in dict.fromkeys(read) if r not in defined]
+
+
+def constant_names(model: Model) -> set[str]:
+    """Names of initializers and ``Constant`` outputs in every graph (not arena tensors)."""
+    names: set[str] = set()
+    for g in model.walk_graphs():
+        for n in g.nodes:
+            if n.op == "Constant":
+                names.update(t.name for t in n.outputs if t.name)
+            for t in n.inputs:
+                if isinstance(t, gs.Constant):
+                    names.add(t.name)
+        for t in g.outputs:
+            if isinstance(t, gs.Constant):
+                names.add(t.name)
+    return names
+
+
+def _dtype(t: gs.Tensor) -> np.dtype | None:
+    try:
+        d = np.dtype(t.dtype) if t.dtype is not None else None
+    except TypeError:
+        return None
+    if d is None or d.kind in "OUSV":
+        return None
+    return d
+
+
+# ---------------------------------------------------------------------------------- liveness
+
+
+@dataclass
+class Liveness:
+    """Intervals of every arena tensor over the steps of one node order."""
+
+    names: list[str]
+    nbytes: np.ndarray  # int64, exact bytes
+    start: np.ndarray  # int64
+    end: np.ndarray  # int64
+    shapes: list[tuple[int, ...]]
+    dtypes: list[np.dtype]
+    kinds: list[str]  # input | output | activation | subgraph | loop
+    steps: int
+    #: name of the node at each step (Constant nodes take no step; a node with subgraphs takes
+    #: an enter and an exit step, both under its name)
+    step_names: list[str]
+    #: (step, node, inside_loop) for every node without subgraphs, in step order
+    step_nodes: list[tuple[int, gs.Node, bool]]
+    unplanned: list[str] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+
+    def live_bytes(self, sizes: np.ndarray | None = None) -> np.ndarray:
+        """Bytes live at every step (``sizes`` defaults to the exact sizes)."""
+        return live_profile(self.start, self.end, self.nbytes if sizes is None else sizes,
+                            self.steps)
+
+
+def live_profile(start: np.ndarray, end: np.ndarray, sizes: np.ndarray, steps: int) -> np.ndarray:
+    diff = np.zeros(steps + 1, dtype=np.int64)
+    np.add.at(diff, start, sizes)
+    np.add.at(diff, end + 1, -sizes)
+    return np.cumsum(diff[:-1])
+
+
+def liveness(model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None
+             ) -> Liveness:
+    """Liveness of every activation of ``model`` (shapes inferred) in its current node order.
+
+    Args:
+        model: the model with shapes filled in (:func:`graphopt.core.shapes.infer_shapes`).
+        observed: name -> (shape, dtype) seen by running the model, for tensors whose shape
+            inference left unknown.
+    """
+    consts = constant_names(model)
+    observed = observed or {}
+    names: list[str] = []
+    nbytes: list[int] = []
+    start: list[int] = []
+    end: list[int] = []
+    shapes: list[tuple[int, ...]] = []
+    dtypes: list[np.dtype] = []
+    kinds: list[str] = []
+    index: dict[str, int] = {}
+    unplanned: list[str] = []
+    step_names: list[str] = []
+    step_nodes: list[tuple[int, gs.Node, bool]] = []
+
+    def add(t: gs.Tensor, step: int, kind: str) -> None:
+        name = t.name
+        if not name or name in consts or name in index:
+            return
+        shape, dt = t.shape, _dtype(t)
+        if not (is_static(shape) and dt is not None) and name in observed:
+            shape, dt = observed[name]
+        if not is_static(shape) or dt is None:
+            if name not in unplanned:
+                unplanned.append(name)
+            return
+        shape = tuple(int(d) for d in shape)
+        index[name] = len(names)
+        names.append(name)
+        nbytes.append(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
+        start.append(step)
+        end.append(step)
+        shapes.append(shape)
+        dtypes.append(dt)
+        kinds.append(kind)
+
+    def use(name: str, step: int) -> None:
+        i = index.get(name)
+        if i is not None and end[i] < step:
+            end[i] = step
+
+    for t in model.graph.inputs:
+        add(t, 0, "input")
+
+    def visit(graph: gs.Graph, kind: str, in_loop: bool) -> None:
+        for node in graph.nodes:
+            if node.op == "Constant":  # parameters: no step, no arena bytes
+                continue
+            subs = subgraphs(node)
+            s = len(step_names)
+            step_names.append(node.name)
+            if not subs:
+                for t in node.inputs:
+                    if t.name:
+                        use(t.name, s)
+                for t in node.outputs:
+                    add(t, s, kind)
+                step_nodes.append((s, node, in_loop))
+                continue
+            loop = node.op in _LOOPS or in_loop
+            first = len(names)
+            for sub in subs:
+                for t in sub.inputs:
+                    add(t, s, "loop" if loop else "subgraph")
+                visit(sub, "loop" if loop else "subgraph", loop)
+            e = len(step_names)
+            step_names.append(node.name)
+            for t in node.inputs:
+                if t.name:
+                    use(t.name, e)
+            for name in captured_names(node):
+                use(name, e)
+            for sub in subs:
+                for t in sub.outputs:
+                    use(t.name, e)
+            if node.op in _LOOPS:
+                for i in range(first, len(names)):
+                    start[i], end[i] = s, e
+            for t in node.outputs:
+                add(t, e, kind)
+
+    visit(model.graph, "activation", False)
+    steps = max(1, len(step_names))
+    if not step_names:
+        step_names.append("")
+    for t in model.graph.outputs:
+        i = index.get(t.name)
+        if i is not None:
+            end[i] = steps - 1
+            if kinds[i] == "activation":
+                kinds[i] = "output"
+    return Liveness(
+        names=names, nbytes=np.asarray(nbytes, dtype=np.int64),
+        start=np.asarray(start, dtype=np.int64), end=np.asarray(end, dtype=np.int64),
+        shapes=shapes, dtypes=dtypes, kinds=kinds, steps=steps, step_names=step_names,
+        step_nodes=step_nodes, unplanned=unplanned, index=index)
+
+
+# ---------------------------------------------------------------------------------- buffers
+
+
+@dataclass
+class Buffers:
+    """Tensors merged into buffers (aliasing and in-place reuse)."""
+
+    of_tensor: np.ndarray  # buffer id per tensor
+    start: np.ndarray
+    end: np.ndarray
+    size: np.ndarray  # aligned bytes
+    aliased: int = 0
+    inplace: int = 0
+    #: tensor name -> the input tensor whose buffer it reuses (alias or in-place), for reports
+    reuses: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def merge_buffers(live: Liveness, inplace: bool = True, alias: bool = True,
+                  alignment: int = ALIGNMENT) -> Buffers:
+    """Group tensors into buffers: views for reshapes, in-place writes for elementwise ops."""
+    n = len(live.names)
+    parent = list(range(n))
+    gend = live.end.tolist()
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # buffers holding a graph output must never be overwritten in place (also through an alias)
+    holds_output = {i for i, k in enumerate(live.kinds) if k == "output"}
+
+    def union(keep: int, other: int) -> None:
+        a, b = find(keep), find(other)
+        if a != b:
+            parent[b] = a
+            gend[a] = max(gend[a], gend[b])
+            if b in holds_output:
+                holds_output.add(a)
+
+    idx = live.index
+    aliased = inplaced = 0
+    reuses: dict[str, tuple[str, str]] = {}
+    for step, node, in_loop in live.step_nodes:
+        if in_loop or not node.outputs or not node.outputs[0].name:
+            continue
+        o = idx.get(node.outputs[0].name)
+        if o is None or live.kinds[o] in ("loop",):
+            continue
+        if alias and node.op in ALIAS_OPS and node.inputs and node.inputs[0].name:
+            x = idx.get(node.inputs[0].name)
+            if x is not None and live.nbytes[x] == live.nbytes[o] and live.kinds[x] != "loop":
+                union(x, o)
+                aliased += 1
+                reuses[live.names[o]] = (live.names[x], "alias")
+            continue
+        if not inplace or node.op not in INPLACE_OPS or node.domain not in (None, "", "ai.onnx"):
+            continue
+        positions = INPLACE_OPS[node.op]
+        cands = range(len(node.inputs)) if positions is None else positions
+        for k in cands:
+            if k >= len(node.inputs) or not node.inputs[k].name:
+                continue
+            x = idx.get(node.inputs[k].name)
+            if x is None or live.kinds[x] == "loop" or find(x) in holds_output:
+                continue
+            if (live.shapes[x] != live.shapes[o] or live.dtypes[x] != live.dtypes[o]
+                    or gend[find(x)] != step or find(x) == find(o)):
+                continue
+            union(x, o)
+            inplaced += 1
+            reuses[live.names[o]] = (live.names[x], "inplace")
+            break
+    roots = np.fromiter((find(i) for i in range(n)), dtype=np.int64, count=n)
+    uniq, of_tensor = np.unique(roots, return_inverse=True)
+    m = len(uniq)
+    bstart = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+    bend = np.full(m, -1, dtype=np.int64)
+    bsize = np.zeros(m, dtype=np.int64)
+    np.minimum.at(bstart, of_tensor, live.start)
+    np.maximum.at(bend, of_tensor, live.end)
+    np.maximum.at(bsize, of_tensor, align(live.nbytes, alignment))
+    return Buffers(of_tensor=of_tensor.astype(np.int64), start=bstart, end=bend, size=bsize,
+                   aliased=aliased, inplace=inplaced, reuses=reuses)
+
+
+# ---------------------------------------------------------------------------------- offsets
+
+
+def best_fit(start: np.ndarray, end: np.ndarray, size: np.ndarray, order: np.ndarray,
+             alignment: int = ALIGNMENT) -> tuple[np.ndarray, int]:
+    """Place buffers in ``order``, each in the smallest gap that fits among the already placed
+    buffers that overlap it in time (else on top of them). Returns (offsets, arena bytes)."""
+    n = len(size)
+    offs = np.full(n, -1, dtype=np.int64)
+    ps = np.empty(n, dtype=np.int64)
+    pe = np.empty(n, dtype=np.int64)
+    po = np.empty(n, dtype=np.int64)
+    pz = np.empty(n, dtype=np.int64)
+    k = 0
+    arena = 0
+    for b in order.tolist():
+        s, e, z = start[b], end[b], size[b]
+        off = 0
+        if k and z > 0:
+            m = (ps[:k] <= e) & (pe[:k] >= s)
+            if m.any():
+                o = po[:k][m]
+                srt = np.argsort(o, kind="stable")
+                o = o[srt]
+                ends = np.maximum.accumulate(o + pz[:k][m][srt])
+                prev = np.empty_like(ends)
+                prev[0] = 0
+                prev[1:] = ends[:-1]
+                gaps = o - prev
+                fit = np.flatnonzero(gaps >= z)
+                if fit.size:
+                    off = int(prev[fit[np.argmin(gaps[fit])]])
+                else:
+                    off = int(ends[-1])
+        off = int(align(off, alignment))
+        offs[b] = off
+        ps[k], pe[k], po[k], pz[k] = s, e, off, z
+        k += 1
+        arena = max(arena, off + int(z))
+    return offs, arena
+
+
+def size_order(buf: Buffers) -> np.ndarray:
+    """TFLite's greedy-by-size order: largest first, earlier first on ties."""
+    return np.lexsort((buf.start, -buf.size))
+
+
+def size_lifetime_order(buf: Buffers) -> np.ndarray:
+    return np.lexsort((buf.start, -(buf.end - buf.start), -buf.size))
+
+
+def breadth_order(buf: Buffers, steps: int) -> np.ndarray:
+    """TFLite's greedy-by-breadth order: steps by decreasing live bytes; at each step its not yet
+    placed buffers by decreasing size. A buffer is therefore placed at the best-ranked step of its
+    interval."""
+    breadth = live_profile(buf.start, buf.end, buf.size, steps)
+    rank = np.empty(steps, dtype=np.int64)
+    rank[np.argsort(-breadth, kind="stable")] = np.arange(steps)
+    # minimum rank over each interval via a sparse table (no per-step Python loop)
+    levels = [rank]
+    j = 1
+    while (1 << j) <= steps:
+        prev = levels[-1]
+        half = 1 << (j - 1)
+        levels.append(np.minimum(prev[:-half], prev[half:]))
+        j += 1
+    length = buf.end - buf.start + 1
+    lg = np.floor(np.log2(np.maximum(length, 1))).astype(np.int64)
+    best = np.empty(len(buf.size), dtype=np.int64)
+    for lev in np.unique(lg):
+        sel = np.flatnonzero(lg == lev)
+        table = levels[int(lev)]
+        a = table[buf.start[sel]]
+        b = table[buf.end[sel] - (1 << int(lev)) + 1]
+        best[sel] = np.minimum(a, b)
+    return np.lexsort((buf.start, -buf.size, best))
+
+
+def assign_offsets(buf: Buffers, steps: int, strategy: str = "best",
+                   alignment: int = ALIGNMENT) -> tuple[np.ndarray, int, str]:
+    """Offsets of every buffer; returns (offsets, arena bytes, strategy that won)."""
+    if strategy not in STRATEGIES:
+        raise GraphoptError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+    cands: list[tuple[str, np.ndarray]] = []
+    if strategy in ("greedy-size", "best"):
+        cands.append(("greedy-size", size_order(buf)))
+    if strategy in ("greedy-breadth", "best"):
+        cands.append(("greedy-breadth", breadth_order(buf, steps)))
+    if strategy == "best":
+        cands.append(("greedy-size-lifetime", size_lifetime_order(buf)))
+    best: tuple[np.ndarray, int, str] | None = None
+    best_order = cands[0][1]
+    for name, order in cands:
+        offs, arena = best_fit(buf.start, buf.end, buf.size, order, alignment)
+        if best is None or arena < best[1]:
+            best = (offs, arena, name)
+            best_order = order
+    assert best is not None
+    if strategy == "best" and len(buf.size):
+        best = _repair(buf, steps, best, best_order, alignment)
+    return best
+
+
+def _repair(buf: Buffers, steps: int, best: tuple[np.ndarray, int, str], order: np.ndarray,
+            alignment: int, rounds: int = 4, tries: int = 48) -> tuple[np.ndarray, int, str]:
+    """Pinning: a buffer (those ending above the lower bound first, then the longest-lived) is
+    placed first (at the bottom) and the rest best-fit again around it; kept when the arena
+    shrinks. Fixes the fragmentation that
+    size order leaves when a small long-lived buffer straddles two phases of large ones."""
+    bound = int(live_profile(buf.start, buf.end, buf.size, steps).max())
+    offs, arena, name = best
+    for _ in range(rounds):
+        if arena <= bound:
+            break
+        over = np.flatnonzero(offs + buf.size > bound)
+        over = over[np.argsort(-(offs[over] + buf.size[over]), kind="stable")]
+        # then the others, longest-lived first (a long buffer pinned low often unblocks the rest)
+        rest = np.setdiff1d(np.arange(len(buf.size)), over)
+        rest = rest[np.argsort(-(buf.end[rest] - buf.start[rest]), kind="stable")]
+        found = None
+        for b in np.concatenate((over, rest))[:tries].tolist():
+            o = np.concatenate(([b], order[order != b]))
+            of2, a2 = best_fit(buf.start, buf.end, buf.size, o, alignment)
+            if a2 < arena and (found is None or a2 < found[1]):
+                found = (of2, a2, o)
+        if found is None:
+            break
+        offs, arena, order = found
+        name = name + "+pin" if not name.endswith("+pin") else name
+    return offs, arena, name
+
+
+# ---------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    offset: int
+    nbytes: int
+    start: int
+    end: int
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str
+    buffer: int
+
+
+@dataclass
+class MemoryPlan:
+    """Where every activation lives in one arena, and the figures that judge it."""
+
+    tensors: dict[str, TensorPlan]
+    arena_bytes: int
+    lower_bound_bytes: int  # plain liveness bound (no in-place), aligned sizes
+    inplace_lower_bound_bytes: int  # bound after aliasing and in-place merges
+    naive_bytes: int  # one buffer per tensor
+    inplace: bool
+    strategy: str
+    alignment: int
+    steps: int
+    order: list[str]
+    peak_step: int
+    peak_node: str
+    aliased: int = 0
+    inplace_reused: int = 0
+    unplanned: list[str] = field(default_factory=list)
+    order_changed: bool = False
+    order_before_lower_bound: int | None = None
+    order_before_arena: int | None = None
+    reuses: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: op types of ``order`` (with the names, what the executor checks the model against)
+    order_ops: list[str] = field(default_factory=list)
+    #: for each node of the planned order, its position in the model given to plan_memory
+    order_index: list[int] = field(default_factory=list)
+    #: the model the plan is for (prepared shapes, planned order); not serialized
+    model: Model | None = None
+
+    @property
+    def bound(self) -> int:
+        """The lower bound this plan competes with (in-place bound when in-place is on)."""
+        return self.inplace_lower_bound_bytes if self.inplace else self.lower_bound_bytes
+
+    @property
+    def ratio(self) -> float:
+        return self.arena_bytes / self.bound if self.bound else 1.0
+
+    def summary(self) -> dict[str, Any]:
+        lb = self.lower_bound_bytes
+        return {
+            "arena_bytes": self.arena_bytes,
+            "lower_bound_bytes": lb,
+            "inplace_lower_bound_bytes": self.inplace_lower_bound_bytes,
+            "naive_bytes": self.naive_bytes,
+            "inplace": self.inplace,
+            "order_changed": self.order_changed,
+            "arena_over_bound": round(self.ratio, 4),
+            "arena_over_lower_bound": round(self.arena_bytes / lb, 4) if lb else 1.0,
+            "naive_over_arena": round(self.naive_bytes / self.arena_bytes, 3)
+            if self.arena_bytes else 1.0,
+            "strategy": self.strategy,
+            "alignment": self.alignment,
+            "tensors": len(self.tensors),
+            "buffers": len({t.buffer for t in self.tensors.values()}),
+            "aliased": self.aliased,
+            "inplace_reused": self.inplace_reused,
+            "unplanned": len(self.unplanned),
+            "steps": self.steps,
+            "peak_step": self.peak_step,
+            "peak_node": self.peak_node,
+            "order_before_lower_bound_bytes": self.order_before_lower_bound,
+            "order_before_arena_bytes": self.order_before_arena,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, tensors included (the ``.memplan.json`` file)."""
+        d = self.summary()
+        d["order"] = self.order
+        d["unplanned_tensors"] = self.unplanned
+        d["tensors"] = [{"name": t.name, "offset": t.offset, "bytes": t.nbytes, "start": t.start,
+                         "end": t.end, "shape": list(t.shape), "dtype": t.dtype, "kind": t.kind,
+                         "buffer": t.buffer,
+                         **({"reuses": self.reuses[t.name][0], "reuse": self.reuses[t.name][1]}
+                            if t.name in self.reuses else {})}
+                        for t in self.tensors.values()]
+        return d
+
+    def compact_json(self) -> str:
+        """Arena size and offsets only (for the model's ``graphopt.memory_plan`` metadata)."""
+        return json.dumps({"arena_bytes": self.arena_bytes, "alignment": self.alignment,
+                           "inplace": self.inplace,
+                           "offsets": {t.name: t.offset for t in self.tensors.values()}},
+                          separators=(",", ":"))
+
+    def with_offsets(self, offsets: Mapping[str, int]) -> MemoryPlan:
+        """A copy with some offsets replaced (to build deliberately wrong plans in tests)."""
+        import copy
+
+        other = copy.copy(self)
+        other.tensors = {k: copy.copy(v) for k, v in self.tensors.items()}
+        for k, off in offsets.items():
+            other.tensors[k].offset = int(off)
+        other.arena_bytes = max((t.offset + t.nbytes for t in other.tensors.values()), default=0)
+        other.arena_bytes = int(align(other.arena_bytes, self.alignment))
+        return other
+
+
+def conflicts(plan: MemoryPlan, limit: int = 10) -> list[tuple[str, str]]:
+    """Pairs of tensors that are live at the same step and overlap in the arena, and are not the
+    same buffer (brute force over all pairs; for tests and small graphs)."""
+    ts = list(plan.tensors.values())
+    if not ts:
+        return []
+    s = np.array([t.start for t in ts])
+    e = np.array([t.end for t in ts])
+    o = np.array([t.offset for t in ts])
+    z = np.array([t.nbytes for t in ts])
+    b = np.array([t.buffer for t in ts])
+    out: list[tuple[str, str]] = []
+    for i in range(len(ts)):
+        j = np.arange(i + 1, len(ts))
+        bad = ((s[j] <= e[i]) & (e[j] >= s[i]) & (o[j] < o[i] + z[i]) & (o[j] + z[j] > o[i])
+               & (z[j] > 0) & (z[i] > 0) & (b[j] != b[i]))
+        for k in j[bad].tolist():
+            out.append((ts[i].name, ts[k].name))
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def observe_unknown(model: Model, feeds: Mapping[str, np.ndarray] | None
+                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Run the model node by node once and record every tensor's shape and dtype."""
+    from graphopt.algorithms.memory.arena import observe_tensors
+
+    try:
+        return observe_tensors(model, feeds)
+    except GraphoptError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model fails on these inputs: plan without
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning("could not run the model node by node on %s inputs to size the tensors "
+                       "shape inference leaves unknown (%s); they stay outside the arena. Give "
+                       "real inputs (feeds / --feeds)", "the given" if feeds else "random", first)
+        return {}
+
+
+def _needs_probe(model: Model) -> bool:
+    consts = constant_names(model)
+    for g in model.walk_graphs():
+        for n in g.nodes:
+            if n.op == "Constant":
+                continue
+            for t in n.outputs:
+                if t.name and t.name not in consts and not (is_static(t.shape)
+                                                             and _dtype(t) is not None):
+                    return True
+    return False
+
+
+def plan_order(model: Model, *, inplace: bool = True, strategy: str = "best",
+               alignment: int = ALIGNMENT,
+               observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None
+               ) -> MemoryPlan:
+    """Plan ``model`` (shapes already inferred) in its current node order."""
+    live = liveness(model, observed)
+    aligned = align(live.nbytes, alignment)
+    lb_plain = int(live.live_bytes(aligned).max()) if len(live.names) else 0
+    buf = merge_buffers(live, inplace=inplace, alias=inplace, alignment=alignment)
+    if len(buf.size):
+        prof = live_profile(buf.start, buf.end, buf.size, live.steps)
+        lb_inplace = int(prof.max())
+        offs, arena, won = assign_offsets(buf, live.steps, strategy, alignment)
+        peak = int(np.argmax(prof))
+    else:
+        lb_inplace, offs, arena, won, peak = 0, np.zeros(0, np.int64), 0, strategy, 0
+    tensors: dict[str, TensorPlan] = {}
+    for i, name in enumerate(live.names):
+        b = int(buf.of_tensor[i])
+        tensors[name] = TensorPlan(name, int(offs[b]), int(live.nbytes[i]), int(live.start[i]),
+                                   int(live.end[i]), live.shapes[i], str(live.dtypes[i]),
+                                   live.kinds[i], b)
+    if live.unplanned:
+        logger.info("memory plan: %d tensors of unknown size left out of the arena",
+                    len(live.unplanned))
+    return MemoryPlan(
+        tensors=tensors, arena_bytes=int(arena), lower_bound_bytes=lb_plain,
+        inplace_lower_bound_bytes=lb_inplace, naive_bytes=int(aligned.sum()), inplace=inplace,
+        strategy=won, alignment=alignment, steps=live.steps,
+        order=[n.name for n in model.graph.nodes], order_ops=[n.op for n in model.graph.nodes],
+        peak_step=peak,
+        peak_node=live.step_names[peak] if live.step_names else "", aliased=buf.aliased,
+        inplace_reused=buf.inplace, unplanned=list(live.unplanned), reuses=buf.reuses,
+        model=model)
+
+
+def plan_memory(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+                strategy: str = "best", inplace: bool = True, reorder: bool = True,
+                feeds: Mapping[str, np.ndarray] | None = None, alignment: int = ALIGNMENT,
+                prepared: bool = False) -> MemoryPlan:
+    """Plan the activation memory of a model into one arena.
+
+    Args:
+        model: the model; it is not changed (a prepared copy is planned, see ``plan.model``).
+        input_shapes: fixed shapes for dynamic inputs (``{"x": (1, 3, 640, 640)}``).
+        strategy: ``greedy-size``, ``greedy-breadth`` or ``best`` (try all, keep the smallest).
+        inplace: let elementwise ops overwrite a dying input and reshapes alias their input.
+        reorder: search a node order with a lower peak first (never accepting a worse one).
+        feeds: inputs for the one node-by-node run that sizes tensors shape inference cannot
+            (data-dependent branches); random inputs when None.
+        prepared: ``model`` already has its shapes inferred: plan it as it is (no copy unless
+            ``reorder``, which works on a copy).
+
+    Returns:
+        The :class:`MemoryPlan`; ``plan.model`` is the model it refers to (planned node order).
+    """
+    from graphopt.jobs.optimize import prepare
+
+    if prepared:
+        work = model.clone() if reorder else model
+    else:
+        work = prepare(model.clone(), input_shapes)
+    positions = {id(n): i for i, n in enumerate(work.graph.nodes)}
+    observed = observe_unknown(work, feeds) if _needs_probe(work) else None
+    before = plan_order(work, inplace=inplace, strategy=strategy, alignment=alignment,
+                        observed=observed)
+    before.order_index = list(range(len(work.graph.nodes)))
+    if not reorder:
+        return before
+    from graphopt.algorithms.memory.order import reorder_for_memory
+
+    changed = reorder_for_memory(work, inplace=inplace, strategy=strategy, alignment=alignment,
+                                 observed=observed, baseline=before)
+    if not changed:
+        return before
+    after = plan_order(work, inplace=inplace, strategy=strategy, alignment=alignment,
+                       observed=observed)
+    after.order_changed = True
+    after.order_before_lower_bound = before.bound
+    after.order_before_arena = before.arena_bytes
+    after.order_index = [positions[id(n)] for n in work.graph.nodes]
+    return after
+
+
+def apply_order(model: Model, plan: MemoryPlan) -> Model:
+    """Put ``model``'s main-graph nodes in ``plan``'s order (``model`` is the one that was given
+    to :func:`plan_memory`, or a copy of it); in place, returns ``model``."""
+    nodes = list(model.graph.nodes)
+    if plan.order_index and len(plan.order_index) == len(nodes):
+        model.graph.nodes = [nodes[i] for i in plan.order_index]
+    return model
+
+
+def plot_plan(plan: MemoryPlan, path: str, title: str = "") -> None:
+    """Write a PNG of the arena over time: every tensor a rectangle (step on x, offset on y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    scale, unit = (1 << 20, "MiB") if plan.arena_bytes >= 1 << 22 else (1 << 10, "KiB")
+    colors = {"input": "#4c72b0", "output": "#c44e52", "activation": "#55a868",
+              "subgraph": "#8172b2", "loop": "#937860"}
+    fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
+    rects, cols = [], []
+    for t in plan.tensors.values():
+        if not t.nbytes:
+            continue
+        rects.append(Rectangle((t.start, t.offset / scale), t.end - t.start + 1, t.nbytes / scale))
+        cols.append(colors.get(t.kind, "#55a868"))
+    ax.add_collection(PatchCollection(rects, facecolor=cols, edgecolor="black", linewidth=0.3,
+                                      alpha=0.8))
+    ax.axhline(plan.arena_bytes / scale, color="black", linewidth=1,
+               label=f"arena {plan.arena_bytes / scale:.2f} {unit}")
+    ax.axhline(plan.bound / scale, color="red", linestyle="--", linewidth=1,
+               label=f"lower bound {plan.bound / scale:.2f} {unit}")
+    ax.axvline(plan.peak_step + 0.5, color="grey", linestyle=":", linewidth=1,
+               label=f"peak at {plan.peak_node or plan.peak_step}")
+    for kind, c in colors.items():
+        if any(t.kind == kind for t in plan.tensors.values()):
+            ax.add_patch(Rectangle((0, 0), 0, 0, facecolor=c, label=kind))
+    ax.set_xlim(0, plan.steps)
+    ax.set_ylim(0, plan.arena_bytes / scale * 1.08 or 1)
+    ax.set_xlabel("step (node in execution order)")
+    ax.set_ylabel(f"arena offset ({unit})")
+    ax.set_title(title or f"memory plan: arena {plan.arena_bytes / scale:.2f} {unit}, "
+                 f"{plan.arena_bytes / plan.bound if plan.bound else 1:.3f}x lower bound, "
+                 f"naive {plan.naive_bytes / scale:.1f} {unit}")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.11), fontsize=8, ncol=4,
+              frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,1 @@
+"""Structured pruning: channel-dependency analysis and least-squares recovery."""

@@ -1,0 +1,1 @@
+"""Int8 quantization: calibration observers, range collection, QDQ planning and emission."""

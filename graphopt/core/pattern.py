@@ -1,0 +1,359 @@
+"""Rewrite rules: a pattern, a check, a rewrite; and the engine that applies them safely.
+
+A pattern is a tree of :class:`Op` nodes matched upwards from a *root* node (the last node of the
+match) through its inputs. Leaves are :class:`Var` (any tensor, captured by name; a name used twice
+must bind the same tensor, which expresses DAG patterns such as ``x * Clip(x + 3, 0, 6) / 6``) and
+:class:`Const` (a constant tensor, optionally with a predicate on its values).
+
+The engine, not each rule, guarantees that a rewrite never crosses an escaping value:
+
+* every tensor produced inside the match, except the root's outputs, must be consumed only by nodes
+  of the match and must not be a graph output (also checked against subgraph readers);
+* every constant a rule declares it *modifies* (``Rule.modifies``) must be a constant (not a graph
+  input) with no consumer outside the match (not shared).
+
+A rule's ``rewrite`` receives the match and the root's output tensors, already detached from the
+root, and returns the new nodes that produce exactly those tensors (names and graph outputs are
+kept).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import Pass, PassResult
+
+logger = logging.getLogger(__name__)
+
+
+class Pattern:
+    """Base class of pattern nodes."""
+
+
+@dataclass
+class Var(Pattern):
+    """Any tensor (variable or constant), captured as ``name``."""
+
+    name: str
+
+
+@dataclass
+class Const(Pattern):
+    """A constant tensor (``gs.Constant``), captured as ``name``; ``pred(values)`` must hold."""
+
+    name: str
+    pred: Callable[[np.ndarray], bool] | None = None
+
+
+@dataclass
+class Op(Pattern):
+    """A node of type ``op`` (or one of several) whose inputs match ``inputs``.
+
+    Args:
+        op: op type or tuple of op types.
+        inputs: input patterns (a str is shorthand for ``Var(str)``); ``None`` matches anything.
+        name: capture the node under this name.
+        attrs: predicate on the node's attribute dict.
+        commutative: also try the two inputs swapped (Add, Mul).
+        extra_inputs: allow the node to have more inputs than patterns (trailing optional inputs).
+        domain: node domain ('' means the default ONNX domain).
+    """
+
+    op: str | tuple[str, ...]
+    inputs: Sequence[Pattern | str | None] = ()
+    name: str | None = None
+    attrs: Callable[[dict[str, Any]], bool] | None = None
+    commutative: bool = False
+    extra_inputs: bool = False
+    domain: str = ""
+
+
+def scalar(value: float | None = None, tol: float = 1e-6) -> Callable[[np.ndarray], bool]:
+    """Predicate: a single-element constant (equal to ``value`` when given)."""
+
+    def pred(v: np.ndarray) -> bool:
+        if v.size != 1:
+            return False
+        return value is None or bool(
+            abs(float(v.reshape(-1)[0]) - value) <= tol * max(1, abs(value))
+        )
+
+    return pred
+
+
+@dataclass
+class Match:
+    """The result of matching a pattern at a root node."""
+
+    root: gs.Node
+    nodes: list[gs.Node] = field(default_factory=list)
+    tensors: dict[str, gs.Tensor] = field(default_factory=dict)
+    named_nodes: dict[str, gs.Node] = field(default_factory=dict)
+    graph: gs.Graph | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.tensors:
+            return self.tensors[key]
+        return self.named_nodes[key]
+
+    def value(self, key: str) -> np.ndarray:
+        """The values of a captured constant."""
+        t = self.tensors[key]
+        assert isinstance(t, gs.Constant)
+        return np.asarray(t.values)
+
+    def copy(self) -> Match:
+        return Match(
+            self.root, list(self.nodes), dict(self.tensors), dict(self.named_nodes), self.graph
+        )
+
+
+def _producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if len(t.inputs) == 1 else None
+
+
+def match_pattern(pattern: Op, node: gs.Node) -> Match | None:
+    """Match ``pattern`` with ``node`` as the root; return the first consistent match or None."""
+    for m in _match_op(pattern, node, Match(root=node)):
+        return m
+    return None
+
+
+def _node_ok(p: Op, node: gs.Node) -> bool:
+    ops = (p.op,) if isinstance(p.op, str) else p.op
+    if node.op not in ops:
+        return False
+    if (node.domain or "") not in (p.domain, "ai.onnx" if p.domain == "" else p.domain):
+        return False
+    if p.attrs is not None and not p.attrs(node.attrs):
+        return False
+    n_in = len(node.inputs)
+    if n_in < len(p.inputs) or (n_in > len(p.inputs) and not p.extra_inputs):
+        return False
+    return True
+
+
+def _match_op(p: Op, node: gs.Node, m: Match) -> Iterable[Match]:
+    if not _node_ok(p, node) or any(n is node for n in m.nodes):
+        return
+    m = m.copy()
+    m.nodes.append(node)
+    if p.name:
+        m.named_nodes[p.name] = node
+    orders: list[Sequence[Pattern | str | None]] = [p.inputs]
+    if p.commutative and len(p.inputs) == 2:
+        orders.append([p.inputs[1], p.inputs[0]])
+    for order in orders:
+        yield from _match_inputs(list(order), list(node.inputs), m)
+
+
+def _match_inputs(
+    pats: list[Pattern | str | None], tensors: list[gs.Tensor], m: Match
+) -> Iterable[Match]:
+    if not pats:
+        yield m
+        return
+    p, t = pats[0], tensors[0]
+    for m2 in _match_tensor(p, t, m):
+        yield from _match_inputs(pats[1:], tensors[1:], m2)
+
+
+def _match_tensor(p: Pattern | str | None, t: gs.Tensor, m: Match) -> Iterable[Match]:
+    if p is None:
+        yield m
+        return
+    if isinstance(p, str):
+        p = Var(p)
+    if isinstance(p, Var):
+        bound = m.tensors.get(p.name)
+        if bound is None:
+            m2 = m.copy()
+            m2.tensors[p.name] = t
+            yield m2
+        elif bound is t:
+            yield m
+        return
+    if isinstance(p, Const):
+        if not isinstance(t, gs.Constant):
+            return
+        bound = m.tensors.get(p.name)
+        if bound is not None and bound is not t:
+            return
+        if p.pred is not None:
+            try:
+                if not p.pred(np.asarray(t.values)):
+                    return
+            except Exception:  # noqa: BLE001 - a predicate that cannot judge says no
+                return
+        m2 = m.copy()
+        m2.tensors[p.name] = t
+        yield m2
+        return
+    if isinstance(p, Op):
+        prod = _producer(t) if isinstance(t, gs.Variable) else None
+        if prod is None:
+            return
+        yield from _match_op(p, prod, m)
+        return
+    raise TypeError(f"bad pattern element {p!r}")
+
+
+class Rule:
+    """A rewrite rule. Subclasses set ``name``, ``pattern`` and implement ``rewrite``.
+
+    Attributes:
+        modifies: names of captured constants whose values the rewrite replaces; the engine refuses
+        a
+            match where one of them is shared with nodes outside the match or is not a constant.
+    """
+
+    name: ClassVar[str] = ""
+    pattern: ClassVar[Op]
+    modifies: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, m: Match) -> bool:
+        """Extra conditions (shapes, attributes, values). Return False to skip this match."""
+        return True
+
+    def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
+        """Return new nodes producing ``outputs`` (the root's outputs, detached from it)."""
+        raise NotImplementedError
+
+
+def _graph_output_ids(graph: gs.Graph) -> set[int]:
+    return {id(t) for t in graph.outputs}
+
+
+def escape_reason(m: Match, graph: gs.Graph, modifies: Sequence[str] = ()) -> str | None:
+    """Why the match may not be rewritten, or None if it may."""
+    inside = {id(n) for n in m.nodes}
+    outs = _graph_output_ids(graph)
+    for n in m.nodes:
+        if n is m.root:
+            continue
+        for o in n.outputs:
+            if id(o) in outs:
+                return f"inner tensor '{o.name}' is a graph output"
+            for c in o.outputs:
+                if id(c) not in inside:
+                    return f"inner tensor '{o.name}' is also used by '{c.name}' ({c.op})"
+    for key in modifies:
+        t = m.tensors.get(key)
+        if t is None:
+            continue
+        if not isinstance(t, gs.Constant):
+            return f"weight '{t.name}' is not a constant (graph input or computed)"
+        for c in t.outputs:
+            if id(c) not in inside:
+                return f"weight '{t.name}' is shared with '{c.name}' ({c.op})"
+    return None
+
+
+class RuleSet:
+    """Rules indexed by the op type(s) of their root."""
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
+        self.rules = list(rules)
+        self.by_op: dict[str, list[Rule]] = {}
+        for r in self.rules:
+            ops = (r.pattern.op,) if isinstance(r.pattern.op, str) else r.pattern.op
+            for op in ops:
+                self.by_op.setdefault(op, []).append(r)
+
+    def apply(self, graph: gs.Graph, stats: dict[str, int]) -> int:
+        """One sweep over ``graph`` (not its subgraphs). Returns the number of rewrites."""
+        count = 0
+        dead: set[int] = set()
+        new_nodes: list[gs.Node] = []
+        local = {id(n) for n in graph.nodes}
+        for node in list(graph.nodes):
+            if id(node) in dead:
+                continue
+            for rule in self.by_op.get(node.op, ()):
+                m = match_pattern(rule.pattern, node)
+                if m is None or any(id(n) in dead or id(n) not in local for n in m.nodes):
+                    continue  # overlapping an earlier rewrite, or reaching into an outer graph
+                m.graph = graph
+                why = escape_reason(m, graph, rule.modifies)
+                if why is not None:
+                    logger.debug("%s: skip at %s: %s", rule.name, node.name, why)
+                    continue
+                if not rule.check(m):
+                    logger.debug("%s: check refused at %s", rule.name, node.name)
+                    continue
+                outputs = list(node.outputs)
+                for n in m.nodes:
+                    n.outputs.clear()
+                    n.inputs.clear()
+                    dead.add(id(n))
+                created = rule.rewrite(m, outputs)
+                new_nodes.extend(created)
+                stats[rule.name] = stats.get(rule.name, 0) + 1
+                count += 1
+                break
+        if count:
+            graph.nodes = [n for n in graph.nodes if id(n) not in dead] + new_nodes
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(
+                recurse_subgraphs=False
+            )
+        return count
+
+
+class RewritePass(Pass):
+    """A pass made of rewrite rules, applied to every graph (subgraphs included) to a fixed
+    point."""
+
+    rules: ClassVar[Sequence[Rule]] = ()
+    max_sweeps: ClassVar[int] = 20
+
+    def rule_set(self) -> RuleSet:
+        return RuleSet(self.rules)
+
+    def call(self, model: Model) -> PassResult:
+        rs = self.rule_set()
+        stats: dict[str, int] = {}
+        total = 0
+        for graph in list(model.walk_graphs()):
+            for _ in range(self.max_sweeps):
+                n = rs.apply(graph, stats)
+                total += n
+                if not n:
+                    break
+        return PassResult(model, total > 0, stats)
+
+
+_counter = itertools.count()
+
+
+def unique_name(base: str) -> str:
+    """A name that no imported model uses (a process-wide counter with a distinctive suffix)."""
+    return f"{base}__go{next(_counter)}"
+
+
+def make_node(
+    op: str,
+    inputs: Sequence[gs.Tensor],
+    outputs: Sequence[gs.Variable] | None = None,
+    attrs: dict[str, Any] | None = None,
+    name: str | None = None,
+    domain: str | None = None,
+) -> gs.Node:
+    """A new node; fresh output variables are created when ``outputs`` is None."""
+    base = unique_name(name or op.lower())
+    outs = list(outputs) if outputs is not None else [gs.Variable(f"{base}_out")]
+    return gs.Node(
+        op=op, name=base, inputs=list(inputs), outputs=outs, attrs=attrs or {}, domain=domain
+    )
+
+
+def const(name: str, values: np.ndarray | float | int, dtype: Any = np.float32) -> gs.Constant:
+    """A new constant tensor with a unique name derived from ``name``."""
+    return gs.Constant(unique_name(name), np.asarray(values, dtype=dtype))

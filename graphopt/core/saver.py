@@ -1,0 +1,220 @@
+"""Write a :class:`~graphopt.core.model.Model` to an ONNX file, atomically.
+
+The model and its external data file are written into a temporary folder beside the destination and
+renamed into place, so an interrupted run never leaves a partial output and never touches the input.
+Weights go to an external data file (``<name>.data``) when the caller asks, when the source model
+used
+external data, or when the serialized proto would pass protobuf's 2 GiB limit. External tensors are
+written straight from their buffers without building a second in-memory copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import external_data_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from graphopt.core.model import PROTO_LIMIT, Model, check_proto, constant_stub, swapped_constants
+
+logger = logging.getLogger(__name__)
+
+#: tensors at least this large go to the external data file when external data is written
+EXTERNAL_MIN_BYTES = 1024
+#: write external data automatically when weights exceed this
+AUTO_EXTERNAL_BYTES = 1_800_000_000
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> bytes | memoryview:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    return np.ascontiguousarray(onnx.numpy_helper.to_array(t)).tobytes()
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_initializers(g)
+
+
+def write_external(
+    proto: onnx.ModelProto, folder: Path, data_name: str, min_bytes: int = EXTERNAL_MIN_BYTES
+) -> int:
+    """Move initializers of at least ``min_bytes`` into ``folder/data_name``; return bytes written.
+
+    Offsets are aligned to 64 bytes so that the file can be memory-mapped.
+    """
+    written = 0
+    with open(folder / data_name, "wb") as f:
+        for t in _all_initializers(proto.graph):
+            if external_data_helper.uses_external_data(t):
+                continue
+            if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+                continue
+            nbytes = (
+                int(np.prod(t.dims)) if len(t.dims) else 1
+            ) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            if nbytes < min_bytes:
+                continue
+            data = _tensor_bytes(t)
+            pad = (-f.tell()) % 64
+            if pad:
+                f.write(b"\0" * pad)
+            offset = f.tell()
+            f.write(data)
+            written += len(data)
+            for field in (
+                "raw_data",
+                "float_data",
+                "int32_data",
+                "int64_data",
+                "double_data",
+                "uint64_data",
+            ):
+                t.ClearField(field)
+            del t.external_data[:]
+            for k, v in (
+                ("location", data_name),
+                ("offset", str(offset)),
+                ("length", str(len(data))),
+            ):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+            t.data_location = onnx.TensorProto.EXTERNAL
+    return written
+
+
+def save_model(
+    model: Model, path: str | os.PathLike[str], *, external: bool | None = None, check: bool = True
+) -> Path:
+    """Write ``model`` to ``path`` atomically; return the path.
+
+    Args:
+        external: True to write weights to ``<path>.data``; False to embed them (fails over 2 GiB);
+            None (default) to decide: external if the source used external data or weights are
+            large.
+        check: run ``onnx.checker`` on what is written.
+
+    Raises:
+        GraphoptError: the output cannot be written (folder missing and not creatable, no
+            permission, disk full) or is the input model. Nothing is left under ``path`` then.
+    """
+    from graphopt.core.errors import GraphoptError
+
+    if not getattr(model, "weights_loaded", True):
+        raise ValueError("this model was loaded without its weights (load_weights=False)")
+    dest = Path(path)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        same = model.path is not None and dest.exists() and os.path.samefile(dest, model.path)
+    except OSError as exc:
+        raise GraphoptError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    if same:
+        raise GraphoptError(f"refusing to overwrite the input model {dest}; choose another output")
+    if external is None:
+        external = model.external_data or model.param_bytes() > AUTO_EXTERNAL_BYTES
+    data_name = dest.name + ".data"
+    if external and (dest.parent / data_name).resolve() in getattr(model, "external_files", []):
+        raise GraphoptError(
+            f"writing {dest} would overwrite {dest.parent / data_name}, the input "
+            "model's external data; choose another output name"
+        )
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=dest.parent))
+    except OSError as exc:
+        raise GraphoptError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    try:
+        tmp_model = tmpdir / dest.name
+        if external:
+            # weights stream from the live constants into the data file one at a time; the
+            # exported proto only holds references (no second copy of the weights in memory)
+            with _external_stubs(model, tmpdir / data_name, data_name):
+                proto = model.to_onnx()
+        else:
+            proto = model.to_onnx()
+        if proto.ByteSize() >= PROTO_LIMIT:
+            raise GraphoptError("the model exceeds 2 GiB even with its weights in external data")
+        with open(tmp_model, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        if check:
+            check_proto(proto, tmp_model) if not external else onnx.checker.check_model(
+                str(tmp_model)
+            )
+        if external:
+            os.replace(tmpdir / data_name, dest.parent / data_name)
+        os.replace(tmp_model, dest)
+    except OSError as exc:
+        raise GraphoptError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    logger.info("wrote %s%s", dest, " (+ external data)" if external else "")
+    return dest
+
+
+@contextlib.contextmanager
+def _external_stubs(
+    model: Model, data_path: Path, location: str, min_bytes: int = EXTERNAL_MIN_BYTES
+) -> Iterator[int]:
+    """Write every large constant to ``data_path`` and, while the block runs, give each an external
+    reference instead of its values, so that exporting copies no weight. Restores them afterwards.
+
+    Tensors are written one at a time straight from their buffers; offsets are aligned to 64 bytes
+    so that the file can be memory-mapped. Yields how many constants went to the file.
+    """
+    with open(data_path, "wb") as f:
+        with swapped_constants(model, lambda t: _write_constant(t, f, location, min_bytes)) as n:
+            f.flush()
+            os.fsync(f.fileno())
+            yield n
+
+
+def _write_constant(
+    t: gs.Constant, f: BinaryIO, location: str, min_bytes: int
+) -> onnx.TensorProto | None:
+    """Append one constant's bytes to ``f``; return its external stub (None: keep it inline)."""
+    values = t._values
+    if isinstance(values, LazyValues):
+        src = values.tensor
+        if not isinstance(src, onnx.TensorProto) or external_data_helper.uses_external_data(src):
+            return None
+        if src.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            return None
+        if values.nbytes < min_bytes:
+            return None
+        data: bytes | memoryview = (
+            src.raw_data
+            if src.HasField("raw_data")
+            else np.ascontiguousarray(onnx.numpy_helper.to_array(src)).tobytes()
+        )
+    else:
+        arr = np.asarray(values)
+        if arr.dtype.kind in "OUS" or arr.nbytes < min_bytes:
+            return None
+        arr = np.ascontiguousarray(arr)
+        data = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    pad = (-f.tell()) % 64
+    offset = f.tell() + pad
+    stub = constant_stub(t, location, offset, len(data))
+    if stub is None:
+        return None
+    if pad:
+        f.write(b"\0" * pad)
+    f.write(data)
+    return stub

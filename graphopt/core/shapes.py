@@ -1,0 +1,248 @@
+"""Shapes: fix dynamic input dims, infer every tensor's shape, fall back to onnxruntime where ONNX's
+shape inference gives up.
+
+Order of trust: shapes computed from the graph (ONNX inference with data propagation), then shapes
+observed by running onnxruntime on a dummy input with every intermediate tensor exposed. Shapes
+that a
+model *declares* for its outputs or in ``value_info`` are never trusted: they are dropped before
+inference (a published CRNN declares a wrong rank-2 output), keeping only element types.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphopt.core.errors import ShapeError
+from graphopt.core.model import PROTO_LIMIT, Model
+
+logger = logging.getLogger(__name__)
+
+Shape = tuple[int, ...]
+_SPEC = re.compile(r"^(?P<name>.+):(?P<dims>\d+(?:[x,]\d+)*)?$")
+
+
+def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, Shape]:
+    """Parse ``NAME:1x3x640x640`` specs (``NAME:`` alone is a scalar). Raises
+    :class:`ShapeError`."""
+    out: dict[str, Shape] = {}
+    for spec in specs or []:
+        m = _SPEC.match(spec.strip())
+        if not m:
+            raise ShapeError(
+                f"bad --input-shape '{spec}': expected NAME:D1xD2x... with positive integers, "
+                f"e.g. x:1x3x640x640"
+            )
+        dims = tuple(int(d) for d in re.split(r"[x,]", m.group("dims"))) if m.group("dims") else ()
+        if any(d <= 0 for d in dims):
+            raise ShapeError(f"bad --input-shape '{spec}': dimensions must be positive")
+        if any(d >= 2**31 for d in dims):
+            raise ShapeError(f"bad --input-shape '{spec}': dimension too large")
+        out[m.group("name")] = dims
+    return out
+
+
+def is_static(shape: Sequence[object] | None) -> bool:
+    return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
+
+
+def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
+    """Set the given graph inputs to static shapes. Raises :class:`ShapeError` on a mismatch."""
+    inputs = {t.name: t for t in model.graph.inputs}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise ShapeError(
+                f"--input-shape names '{name}', but the model's inputs are: {', '.join(inputs)}"
+            )
+        t = inputs[name]
+        dims = tuple(int(d) for d in dims)
+        if t.shape is not None and len(t.shape) != len(dims):
+            raise ShapeError(
+                f"input '{name}' has rank {len(t.shape)} {_fmt(t.shape)}, but --input-shape gives "
+                f"rank {len(dims)} {_fmt(dims)}"
+            )
+        if t.shape is not None:
+            for i, (have, want) in enumerate(zip(t.shape, dims)):
+                if isinstance(have, (int, np.integer)) and have > 0 and have != want:
+                    raise ShapeError(
+                        f"input '{name}' has fixed dim {i} = {have}, but --input-shape gives {want}"
+                    )
+        t.shape = list(dims)
+    return model
+
+
+def _fmt(shape: Sequence[object] | None) -> str:
+    if shape is None:
+        return "[?]"
+    return "[" + ",".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+def _strip_declared_shapes(proto: onnx.ModelProto) -> None:
+    """Drop value_info and output shapes (keeping element types) in every graph of ``proto``."""
+
+    def strip(g: onnx.GraphProto) -> None:
+        del g.value_info[:]
+        for o in g.output:
+            if o.type.HasField("tensor_type"):
+                o.type.tensor_type.ClearField("shape")
+        for node in g.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    strip(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        strip(sg)
+
+    strip(proto.graph)
+
+
+def _collect(g: onnx.GraphProto, out: dict[str, tuple[int, list[object] | None]]) -> None:
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+        if tt is None:
+            continue
+        shape: list[object] | None = None
+        if tt.HasField("shape"):
+            shape = []
+            for d in tt.shape.dim:
+                if d.HasField("dim_value"):
+                    shape.append(int(d.dim_value))
+                elif d.HasField("dim_param"):
+                    shape.append(d.dim_param)
+                else:
+                    shape.append(None)
+        out[vi.name] = (tt.elem_type, shape)
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _collect(a.g, out)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    _collect(sg, out)
+
+
+#: above this many bytes of weights, shape inference runs on a weightless export (no copy)
+WEIGHTLESS_BYTES = 64 << 20
+
+
+def _onnx_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
+    proto = model.to_onnx(weights=model.param_bytes() < WEIGHTLESS_BYTES)
+    _strip_declared_shapes(proto)
+    if proto.ByteSize() >= PROTO_LIMIT:
+        proto = _weightless(proto)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            proto, check_type=False, strict_mode=False, data_prop=True
+        )
+    except Exception as exc:  # inference bugs on exotic graphs must not stop us: fall back
+        logger.debug("onnx shape inference failed: %s", exc)
+        inferred = proto
+    found: dict[str, tuple[int, list[object] | None]] = {}
+    _collect(inferred.graph, found)
+    return found
+
+
+def _weightless(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large float initializers carry no data (for inference on >2 GiB models)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(proto)
+    for t in light.graph.initializer:
+        if t.data_type != onnx.TensorProto.INT64 and t.ByteSize() > 1 << 16:
+            dims = list(t.dims)
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.dims[:] = dims
+            # an external reference with no file: inference only needs dims and type
+            t.data_location = onnx.TensorProto.EXTERNAL
+            e = t.external_data.add()
+            e.key, e.value = "location", "__none__"
+    return light
+
+
+def _apply(model: Model, found: Mapping[str, tuple[int, list[object] | None]]) -> None:
+    inputs = {t.name for t in model.graph.inputs}
+    for g in model.walk_graphs():
+        for name, t in g.tensors().items():
+            if isinstance(t, gs.Constant) or name not in found or name in inputs:
+                continue
+            elem, shape = found[name]
+            if elem:
+                try:
+                    t.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+                except Exception:  # noqa: BLE001 - exotic element types keep their onnx enum
+                    t.dtype = elem
+            if shape is not None:
+                t.shape = shape
+            else:
+                t.shape = None
+
+
+def missing_shapes(model: Model) -> list[str]:
+    """Names of main-graph node outputs whose shape is not static."""
+    return [
+        o.name for n in model.graph.nodes for o in n.outputs if o.name and not is_static(o.shape)
+    ]
+
+
+def inputs_static(model: Model) -> bool:
+    return all(is_static(t.shape) for t in model.graph.inputs)
+
+
+def infer_shapes(
+    model: Model, ort_fallback: bool = True, feeds: Mapping[str, np.ndarray] | None = None
+) -> Model:
+    """Fill ``shape`` and ``dtype`` of every tensor in place; return ``model``.
+
+    Declared shapes are discarded first. When input shapes are static and ONNX inference leaves some
+    main-graph tensor unknown, onnxruntime runs once on a dummy input with those tensors exposed.
+    """
+    if not getattr(model, "weights_loaded", True):
+        ort_fallback = False  # its external weights were not read: onnxruntime cannot run it
+    found = _onnx_infer(model)
+    inputs = {t.name for t in model.graph.inputs}
+    declared_rank = {t.name: len(t.shape) for t in model.graph.outputs if t.shape is not None}
+    # nothing declared survives unless re-derived: clear main-graph variables that inference missed
+    for name, t in model.graph.tensors().items():
+        if isinstance(t, gs.Variable) and name not in inputs and name not in found:
+            t.shape = None
+    _apply(model, found)
+    missing = missing_shapes(model)
+    if missing and ort_fallback and inputs_static(model):
+        try:
+            observed = observe_shapes(model, missing, feeds=feeds)
+        except Exception as exc:  # noqa: BLE001 - a failed fallback leaves shapes unknown
+            logger.debug("onnxruntime shape fallback failed: %s", exc)
+            observed = {}
+        tensors = model.graph.tensors()
+        for g_name, (dtype, shape) in observed.items():
+            t = tensors.get(g_name)
+            if t is not None and isinstance(t, gs.Variable):
+                t.shape = list(shape)
+                t.dtype = dtype
+        logger.debug("onnxruntime filled %d of %d unknown shapes", len(observed), len(missing))
+    for t in model.graph.outputs:
+        # ONNX wants a shape on graph outputs: where nothing could be derived keep only the rank
+        if t.shape is None and t.name in declared_rank:
+            t.shape = [None] * declared_rank[t.name]
+    return model
+
+
+def observe_shapes(
+    model: Model, names: Sequence[str], feeds: Mapping[str, np.ndarray] | None = None
+) -> dict[str, tuple[np.dtype, Shape]]:
+    """Run onnxruntime once with ``names`` exposed as outputs and return their dtypes and shapes."""
+    from graphopt.core.verify import random_feeds, run_model
+
+    probe = model.to_onnx()  # exported once; the Model itself is not touched
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    feeds = dict(feeds) if feeds else random_feeds(model, seed=0)
+    outs = run_model(probe, feeds, outputs=list(names))
+    return {k: (v.dtype, tuple(int(d) for d in v.shape)) for k, v in outs.items()}

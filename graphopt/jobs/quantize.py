@@ -1,0 +1,565 @@
+"""The quantize job: optimize -> opset 13 -> plan -> calibrate -> mixed-range check -> QDQ emission
+-> per-layer report -> (sensitivity and mixed precision) -> verify against fp32.
+
+``quantize(model, calib, ...)`` is the public entry point (exported as ``graphopt.quantize``); the
+CLI's ``graphopt quantize`` calls it and only prints.
+
+Activation type. onnxruntime's x86 QDQ fusions build integer kernels for uint8 activations with int8
+weights (u8s8); int8 activations stay DQ -> float op -> Q there, which is why its int8 default is
+slower than fp32 on x86. ``activations='auto'`` therefore picks uint8 on x86 and int8 on ARM;
+without VNNI (``avx512_vnni`` / ``avx_vnni`` missing from /proc/cpuinfo) it also reduces weights to
+7 bits (``reduce_range``) because AVX2's ``vpmaddubsw`` saturates its int16 pair sums otherwise.
+
+Accuracy control. The per-layer table gives each quantized layer's scales and the SQNR of its output
+in the fully quantized model against fp32 (cumulative error). With ``min_sqnr`` or ``metric``, every
+layer is also quantized alone (isolated sensitivity: SQNR of the model outputs with only that layer
+quantized); layers are then kept float, most sensitive first, growing the set geometrically and
+bisecting, until the target holds. Concats whose inputs' ranges differ by more than
+``mixed_range_ratio`` (box coordinates next to probabilities) are kept float, since one shared scale
+would round the small-range inputs to zero.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import platform
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from graphopt.algorithms.quant.calibrate import Progress, collect_ranges
+from graphopt.algorithms.quant.graph import (
+    QuantConfig,
+    QuantPlan,
+    apply_quantization,
+    plan_quantization,
+)
+from graphopt.core.errors import GraphoptError, PassError, VerificationError
+from graphopt.core.feeds import open_calibration
+from graphopt.core.model import Model, release_weight_pages
+from graphopt.core.shapes import infer_shapes
+from graphopt.core.verify import VerifyReport, make_session, sqnr_db, verify
+from graphopt.jobs.optimize import optimize_model, prepare
+
+logger = logging.getLogger(__name__)
+
+Metric = Callable[[Model], "float | bool"]
+
+
+# ---------------------------------------------------------------------- CPU and types
+
+
+#: onnxruntime level for running QDQ models: integer kernels, no dequantized weight copies
+QUANT_LEVEL = "extended"
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """CPU feature flags (x86 ``flags`` / ARM ``Features``) of the first CPU; empty if unknown."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(val.split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_activation_type(activations: str = "auto", reduce_range: bool | None = None,
+                           flags: set[str] | None = None, machine: str | None = None
+                           ) -> tuple[np.dtype, bool, str]:
+    """(activation dtype, reduce_range, why) for ``auto``, ``uint8`` or ``int8``."""
+    flags = cpu_flags() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
+    arm = machine.startswith(("arm", "aarch64"))
+    vnni = bool({"avx512_vnni", "avx_vnni"} & flags)
+    if activations not in ("auto", "uint8", "int8"):
+        raise GraphoptError(f"--activations must be auto, uint8 or int8, not '{activations}'")
+    if activations == "auto":
+        if arm:
+            dtype, why = np.dtype(np.int8), "ARM: onnxruntime runs s8s8 kernels"
+        else:
+            dtype = np.dtype(np.uint8)
+            why = "x86: onnxruntime fuses u8s8 QDQ into integer kernels"
+    else:
+        dtype, why = np.dtype(activations), "requested"
+    if reduce_range is None:
+        reduce_range = (not arm) and (not vnni) and dtype == np.uint8
+        why += "; " + ("no VNNI: 7-bit weights (reduce_range)" if reduce_range
+                       else "VNNI or ARM: full 8-bit weights")
+    return dtype, bool(reduce_range), why
+
+
+# ---------------------------------------------------------------------- results
+
+
+@dataclass
+class LayerReport:
+    name: str
+    op: str
+    status: str  # int8 or float
+    reason: str = ""
+    input_scales: dict[str, float] = field(default_factory=dict)
+    output_scale: float | None = None
+    weight_scale: tuple[float, float] | None = None
+    per_channel: bool | None = None
+    absorbed: str | None = None
+    sqnr_db: float | None = None  # this layer's output in the quantized model vs fp32
+    sensitivity_db: float | None = None  # model outputs with only this layer quantized
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class QuantizeResult:
+    model: Model
+    original: Model
+    float_model: Model
+    layers: list[LayerReport]
+    kept_float: dict[str, str]
+    verify: VerifyReport | None
+    activation_dtype: str
+    reduce_range: bool
+    activation_reason: str
+    method: str
+    per_channel: bool
+    calib_samples: int
+    calib_batches: int
+    calib_seconds: float
+    seconds: float
+    opset_before: int
+    opset_after: int
+    optimize_stats: dict[str, Any] = field(default_factory=dict)
+    optimize_note: str = ""
+    mixed_precision: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "activations": self.activation_dtype,
+            "reduce_range": self.reduce_range, "activation_choice": self.activation_reason,
+            "per_channel": self.per_channel, "calib_samples": self.calib_samples,
+            "calib_batches": self.calib_batches, "calib_seconds": round(self.calib_seconds, 3),
+            "opset_before": self.opset_before, "opset_after": self.opset_after,
+            "layers_int8": sum(1 for layer in self.layers if layer.status == "int8"),
+            "layers_float": sum(1 for layer in self.layers if layer.status == "float"),
+            "kept_float": self.kept_float, "mixed_precision": self.mixed_precision,
+        }
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def upgrade_opset(model: Model, target: int = 13) -> Model:
+    """Convert the default-domain opset to ``target`` with onnx.version_converter (Clip, Split,
+    Squeeze/Unsqueeze, ReduceX attribute -> input changes), shapes re-inferred."""
+    if model.opset >= target:
+        return model
+    proto = model.to_onnx()
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+    except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
+        raise GraphoptError(
+            f"cannot convert the model from opset {model.opset} to {target} for per-channel "
+            f"quantization ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"use --per-tensor") from None
+    out = Model.from_onnx(converted, path=model.path, external_data=model.external_data)
+    out.metadata = dict(model.metadata)
+    infer_shapes(out)
+    return out
+
+
+def _first_samples(batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Split kept batches into single-sample feeds (each keeps a batch axis of 1)."""
+    out: list[dict[str, np.ndarray]] = []
+    for b in batches:
+        n = next(iter(b.values())).shape[0]
+        for i in range(n):
+            out.append({k: (v[i:i + 1] if v.ndim and v.shape[0] == n else v) for k, v in b.items()})
+    return out
+
+
+class _Evaluator:
+    """Runs candidate models on the kept calibration batches and scores them against fp32."""
+
+    def __init__(self, float_model: Model, batches: list[dict[str, np.ndarray]]) -> None:
+        self.batches = batches
+        sess = make_session(float_model)
+        self.outputs = [o.name for o in sess.get_outputs()]
+        self.inputs = {i.name for i in sess.get_inputs()}
+        self.refs = [sess.run(self.outputs, self._feeds(b)) for b in batches]
+
+    def _feeds(self, b: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v for k, v in b.items() if k in self.inputs}
+
+    def min_sqnr(self, model: Model) -> float:
+        sess = make_session(model)
+        outs = [sess.run(self.outputs, self._feeds(b)) for b in self.batches]
+        worst = math.inf
+        for k, name in enumerate(self.outputs):
+            ref = self.refs[0][k]
+            if not np.issubdtype(np.asarray(ref).dtype, np.floating):
+                continue
+            r = np.concatenate([np.ravel(x[k]) for x in self.refs])
+            o = np.concatenate([np.ravel(x[k]) for x in outs])
+            worst = min(worst, sqnr_db(r, o))
+            _ = name
+        return worst
+
+
+def _layer_sqnr(float_model: Model, qmodel: Model, names: Sequence[str],
+                batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """SQNR of each named tensor in the quantized model against the float model (cumulative)."""
+    if not names or not batches:
+        return {}
+    fs = make_session(float_model, outputs=names)
+    qs = make_session(qmodel, QUANT_LEVEL, outputs=names)
+    fin = {i.name for i in fs.get_inputs()}
+    sig = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    feed_list = [{k: v for k, v in b.items() if k in fin} for b in batches]
+    # float side first, then its weight pages go, then the int8 side (never both resident)
+    float_outs = [fs.run(list(names), feeds) for feeds in feed_list]
+    release_weight_pages(float_model)
+    for feeds, fo in zip(feed_list, float_outs, strict=True):
+        qo = qs.run(list(names), feeds)
+        for n, a, c in zip(names, fo, qo, strict=False):
+            a64 = np.asarray(a, np.float64).ravel()
+            d = a64 - np.asarray(c, np.float64).ravel()
+            sig[n] += float(a64 @ a64)
+            noise[n] += float(d @ d)
+    return {n: (math.inf if noise[n] == 0 else (-math.inf if sig[n] == 0 else
+                                                 10 * math.log10(sig[n] / noise[n])))
+            for n in names}
+
+
+def bias_correction(float_model: Model, qmodel: Model, batches: Sequence[Mapping[str, np.ndarray]]
+                    ) -> int:
+    """Bias correction of weight quantization (Nagel et al. 2019, empirical input means), in place.
+
+    For a Conv/Gemm with int32 bias, the expected output error from rounding the weights is
+    ``E[(W_q - W) x] = sum_{ci,k} (W_q - W)[c, ci, k] E[x_ci]`` per output channel ``c`` (padding
+    ignored), with ``E[x_ci]`` measured on the layer's dequantized input in the int8 model; it is
+    subtracted from the bias (re-quantized on the bias's own scale). Each layer's correction uses
+    only its own weights, so corrections do not compound. Returns the number of layers corrected."""
+    fnodes = {n.name: n for n in float_model.graph.nodes}
+    targets: dict[str, gs.Node] = {}
+    for n in qmodel.graph.nodes:
+        if n.op in ("Conv", "Gemm") and len(n.inputs) > 2 and n.inputs[2].inputs and \
+                n.inputs[2].inputs[0].op == "DequantizeLinear" and \
+                isinstance(n.inputs[2].inputs[0].inputs[0], gs.Constant) and \
+                n.inputs[2].inputs[0].inputs[0].dtype == np.int32 and n.name in fnodes and \
+                n.inputs[1].inputs and n.inputs[1].inputs[0].op == "DequantizeLinear" and \
+                isinstance(fnodes[n.name].inputs[1], gs.Constant) and \
+                not (n.op == "Gemm" and n.attrs.get("transA", 0)):
+            targets[n.name] = n
+    names = sorted({n.inputs[0].name for n in targets.values()})
+    if not names or not batches:
+        return 0
+    qs = make_session(qmodel, outputs=names)
+    qin = {i.name for i in qs.get_inputs()}
+    sums: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
+    for b in batches:
+        outs = qs.run(names, {k: v for k, v in b.items() if k in qin})
+        for name, a in zip(names, outs, strict=True):
+            a = np.asarray(a, np.float64)
+            axes = tuple(i for i in range(a.ndim) if i != 1)
+            sums[name] = sums.get(name, 0) + a.sum(axis=axes)
+            count[name] = count.get(name, 0) + int(np.prod([a.shape[i] for i in axes]))
+    fixed = 0
+    for n in targets.values():
+        mean = sums[n.inputs[0].name] / max(count[n.inputs[0].name], 1)
+        w = np.asarray(fnodes[n.name].inputs[1].values, np.float64)
+        wdq = n.inputs[1].inputs[0]
+        wq = np.asarray(wdq.inputs[0].values, np.float64)
+        ws = np.asarray(wdq.inputs[1].values, np.float64)
+        axis = wdq.attrs.get("axis")
+        shape = [1] * wq.ndim
+        if ws.ndim and axis is not None:
+            shape[axis] = -1
+        err = wq * ws.reshape(shape) - w  # W_q - W
+        if n.op == "Conv":
+            group = int(n.attrs.get("group", 1))
+            cout, cin_g = err.shape[0], err.shape[1]
+            if mean.shape[0] != cin_g * group:
+                continue
+            m = mean.reshape(group, cin_g)
+            e = err.reshape(group, cout // group, cin_g, -1).sum(axis=3)
+            delta = np.einsum("goi,gi->go", e, m).reshape(cout)
+        else:
+            e = err.T if n.attrs.get("transB", 0) else err  # [K, N]
+            if mean.shape[0] != e.shape[0]:
+                continue
+            delta = mean @ e
+        dq = n.inputs[2].inputs[0]
+        bq = np.asarray(dq.inputs[0].values, np.float64)
+        bs = np.asarray(dq.inputs[1].values, np.float64)
+        if delta.shape != bq.shape:
+            continue
+        new = np.clip(np.round(bq - delta / bs), -2**31, 2**31 - 1).astype(np.int32)
+        dq.inputs[0] = gs.Constant(dq.inputs[0].name + "_corrected", new)
+        fixed += 1
+    return fixed
+
+
+def _mixed_range_concats(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]],
+                         ratio: float) -> dict[str, str]:
+    out = {}
+    for name, q in plan.nodes.items():
+        if q.kind != "concat":
+            continue
+        widths = [ranges[t][1] - ranges[t][0] for t in q.inputs if t in ranges]
+        widths = [w for w in widths if w > 0]
+        if len(widths) >= 2 and max(widths) / min(widths) > ratio:
+            out[name] = (f"mixed-range Concat: input ranges span {min(widths):.3g} to "
+                         f"{max(widths):.3g} (x{max(widths) / min(widths):.0f} > {ratio:g})")
+    return out
+
+
+# ---------------------------------------------------------------------- the job
+
+
+def quantize(
+    model: Model | str | os.PathLike[str],
+    calib: Any,
+    *,
+    method: str = "mse",
+    activations: str = "auto",
+    per_channel: bool = True,
+    reduce_range: bool | None = None,
+    min_sqnr: float | None = None,
+    metric: Metric | None = None,
+    metric_target: float | None = None,
+    sensitivity: bool | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    optimize: bool = True,
+    passes: Sequence[str] | None = None,
+    keep_float: Iterable[str] = (),
+    op_types: Iterable[str] | None = None,
+    mixed_range_ratio: float = 64.0,
+    batch_size: int = 8,
+    limit: int | None = None,
+    eval_samples: int = 16,
+    calib_defaults: Mapping[str, np.ndarray] | None = None,
+    bias_correct: bool = False,
+    progress: Progress | None = None,
+    verify_output: bool = True,
+) -> QuantizeResult:
+    """Quantize a float ONNX model to int8 QDQ with calibration data.
+
+    Args:
+        model: a :class:`Model` or a path.
+        calib: ``.npz`` / ``.npy`` / folder path, or an iterable of feed dicts.
+        method: activation range method: minmax, percentile, entropy, mse.
+        activations: auto (from the CPU), uint8 or int8.
+        per_channel: per-output-channel weight scales (raises the opset to 13 if needed).
+        reduce_range: 7-bit weights; None decides from the CPU (no VNNI -> True for uint8).
+        min_sqnr: keep the most sensitive layers float until every output's SQNR (dB) against fp32
+            on the calibration samples reaches this.
+        metric: ``metric(quantized_model) -> bool`` (acceptable?) or ``-> float`` compared with
+            ``metric_target`` (higher is better); used like ``min_sqnr``.
+        sensitivity: measure each layer's isolated sensitivity (default: when a target is given).
+        input_shapes: fix dynamic input dims before optimizing (calibration data must match).
+        optimize: run the default optimization pipeline first (folding, fusions).
+        keep_float: node names to leave in float.
+        op_types: restrict quantization to these op types.
+        mixed_range_ratio: keep a Concat float when its inputs' ranges differ by more than this.
+        batch_size, limit: calibration batching and sample cap.
+        eval_samples: calibration samples kept for the SQNR checks.
+        calib_defaults: constant feeds for inputs the calibration data does not give.
+        bias_correct: empirical bias correction of Conv/Gemm biases on the kept samples.
+        progress: ``progress(samples_done, total_or_None)`` during calibration.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, Model):
+        model = Model.load(model)
+    dtype, rr, why = choose_activation_type(activations, reduce_range)
+    original = prepare(model.clone(), input_shapes)
+    reader = open_calibration(calib, original, batch_size=batch_size, limit=limit,
+                              defaults=calib_defaults)
+    total = reader.num_samples()
+    batch_iter = iter(reader)
+    first = next(batch_iter)
+    batches = itertools.chain([first], batch_iter)
+    first_sample = {k: (v[:1] if v.ndim else v) for k, v in first.items()}
+    opt_note = ""
+    opt_stats: dict[str, Any] = {}
+    if optimize:
+        try:
+            res = optimize_model(model, passes=passes, input_shapes=input_shapes,
+                                 verify_output=True, feeds=first_sample)
+            work = res.model
+            opt_stats = res.stats()
+        except (VerificationError, PassError) as exc:
+            opt_note = f"optimization skipped: {exc}"
+            logger.warning("quantize: %s", opt_note)
+            work = original.clone()
+    else:
+        work = original.clone()
+    opset_before = work.opset
+    if work.opset < 10 or (per_channel and work.opset < 13):
+        work = upgrade_opset(work, 13)
+    keep_float = set(keep_float)
+    # optimization passes suffix node names (conv__go12): accept the names of the input model too
+    keep_float |= {n.name for n in work.graph.nodes
+                   if n.name and re.sub(r"(__go\d+)+$", "", n.name) in keep_float}
+    plan = plan_quantization(work, keep_float=keep_float, op_types=op_types)
+    levels = 256
+    cal = collect_ranges(work, plan.observed(), batches, method=method, levels=levels,
+                         progress=progress, total=total, keep_samples=eval_samples)
+    kept_float: dict[str, str] = {}
+    mixed = _mixed_range_concats(work, plan, cal.ranges, mixed_range_ratio)
+    for name, reason in mixed.items():
+        out = plan.nodes[name].output
+        readers = [n for n, q in plan.nodes.items() if out is not None and out in q.inputs]
+        plan.drop([name], reason)
+        kept_float[name] = reason
+        for r in readers:  # quantizing the mixed tensor at its reader would do the same harm
+            plan.drop([r], f"reads the output of mixed-range Concat {name}")
+            kept_float[r] = f"reads the output of mixed-range Concat {name}"
+    cfg = QuantConfig(activation_dtype=dtype, per_channel=per_channel, reduce_range=rr)
+
+    def build(keep: Iterable[str] = ()) -> tuple[Model, Any]:
+        m = work.clone()
+        keep = set(keep)
+        only = [n for n in plan.nodes if n not in keep]
+        st = apply_quantization(m, plan, cal.ranges, cfg, only=only)
+        return m, st
+
+    qmodel, emit = build()
+    qmodel.metadata.pop("graphopt.fusion_groups", None)
+    eval_batches = cal.kept
+    evaluator = _Evaluator(work, eval_batches) if eval_batches else None
+    sens: dict[str, float] = {}
+    mp: dict[str, Any] = {}
+    want_target = min_sqnr is not None or metric is not None
+    if (sensitivity or (sensitivity is None and want_target)) and evaluator is not None:
+        for layer in plan.layers():
+            m, _ = build([n for n in plan.nodes if n != layer])
+            sens[layer] = evaluator.min_sqnr(m)
+    if want_target and evaluator is not None:
+        qmodel, emit, mp = _mixed_precision(build, evaluator, plan, sens, min_sqnr, metric,
+                                            metric_target, qmodel, emit)
+        qmodel.metadata.pop("graphopt.fusion_groups", None)
+        for n in mp.get("kept", []):
+            kept_float[n] = (f"sensitive (isolated SQNR {sens.get(n, float('nan')):.1f} dB); "
+                             f"kept float to meet the target")
+    corrected = bias_correction(work, qmodel, eval_batches) if bias_correct and eval_batches else 0
+    # per-layer report
+    out_names = [q.output for q in plan.nodes.values() if q.output and q.name in emit.layers]
+    cum = _layer_sqnr(work, qmodel, out_names, eval_batches[:4]) if eval_batches else {}
+    layers: list[LayerReport] = []
+    for n, q in plan.nodes.items():
+        if q.kind == "shared":
+            continue
+        info = emit.layers.get(n)
+        if info is None:
+            layers.append(LayerReport(n, q.op, "float", kept_float.get(n, "no calibrated range"),
+                                      sensitivity_db=sens.get(n)))
+            continue
+        ws = info.get("weight_scale")
+        layers.append(LayerReport(
+            n, q.op, "int8", "", input_scales=info["inputs"], output_scale=info["output_scale"],
+            weight_scale=tuple(ws) if ws else None, per_channel=info.get("per_channel"),
+            absorbed=info.get("absorbed"), sqnr_db=cum.get(q.output) if q.output else None,
+            sensitivity_db=sens.get(n)))
+    for n, reason in plan.skipped.items():
+        if n in kept_float:
+            continue
+        node_op = next((x.op for x in work.graph.nodes if x.name == n), "?")
+        if node_op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or \
+                reason.startswith("kept float"):
+            kept_float[n] = reason
+            layers.append(LayerReport(n, node_op, "float", reason))
+    report = None
+    if verify_output and eval_batches:
+        report = verify(original, qmodel, feeds=_first_samples(eval_batches)[:eval_samples],
+                        min_sqnr_db=min_sqnr if min_sqnr is not None else -math.inf,
+                        transformed_level=QUANT_LEVEL)
+    stats = {"nodes_quantized": emit.nodes, "tensors_quantized": emit.tensors,
+             "weights_quantized": emit.weights, "biases_quantized": emit.biases,
+             "activations_absorbed": emit.absorbed, "kept_float": len(kept_float),
+             "biases_corrected": corrected}
+    return QuantizeResult(
+        model=qmodel, original=original, float_model=work, layers=layers, kept_float=kept_float,
+        verify=report, activation_dtype=str(dtype), reduce_range=rr, activation_reason=why,
+        method=method, per_channel=per_channel, calib_samples=cal.samples,
+        calib_batches=cal.batches, calib_seconds=cal.seconds, seconds=time.perf_counter() - t0,
+        opset_before=opset_before, opset_after=qmodel.opset, optimize_stats=opt_stats,
+        optimize_note=opt_note, mixed_precision=mp, stats=stats)
+
+
+def _mixed_precision(build: Callable[..., tuple[Model, Any]], evaluator: _Evaluator,
+                     plan: QuantPlan, sens: Mapping[str, float], min_sqnr: float | None,
+                     metric: Metric | None, metric_target: float | None, qmodel: Model,
+                     emit: Any) -> tuple[Model, Any, dict[str, Any]]:
+    """Keep the k most sensitive layers float, smallest k meeting the target (doubling, then
+    bisection). Returns the chosen model, its emit stats and a summary."""
+    order = sorted(plan.layers(), key=lambda n: sens.get(n, math.inf))
+    evals = 0
+
+    def ok(m: Model) -> tuple[bool, float]:
+        nonlocal evals
+        evals += 1
+        score = evaluator.min_sqnr(m)
+        good = min_sqnr is None or score >= min_sqnr
+        if good and metric is not None:
+            v = metric(m)
+            good = bool(v) if isinstance(v, (bool, np.bool_)) or metric_target is None \
+                else float(v) >= metric_target
+        return good, score
+
+    good, score = ok(qmodel)
+    summary: dict[str, Any] = {"target_sqnr_db": min_sqnr, "sqnr_all_int8_db": score}
+    if good:
+        summary.update(kept=[], met=True, evaluations=evals, sqnr_db=score)
+        return qmodel, emit, summary
+    lo, hi = 0, None
+    k = 1
+    cache: dict[int, tuple[Model, Any, float]] = {}
+    while k <= len(order):
+        m, st = build(order[:k])
+        g, s = ok(m)
+        cache[k] = (m, st, s)
+        if g:
+            hi = k
+            break
+        lo = k
+        k *= 2
+    if hi is None:
+        m, st = build(order)
+        g, s = ok(m)
+        if not g:
+            summary.update(kept=list(order), met=False, evaluations=evals, sqnr_db=s)
+            return m, st, summary
+        hi = len(order)
+        cache[hi] = (m, st, s)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        m, st = build(order[:mid])
+        g, s = ok(m)
+        cache[mid] = (m, st, s)
+        if g:
+            hi = mid
+        else:
+            lo = mid
+    m, st, s = cache[hi]
+    summary.update(kept=list(order[:hi]), met=True, evaluations=evals, sqnr_db=s)
+    return m, st, summary
+
+
+def save_result(result: QuantizeResult, path: str | os.PathLike[str]) -> Path:
+    return result.model.save(path)

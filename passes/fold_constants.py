@@ -1,0 +1,834 @@
+"""Constant folding: evaluate at compile time every node whose inputs are all known.
+
+Rewrites, applied to the main graph and, outermost first, to every If/Loop/Scan body:
+
+* ``Constant`` nodes become initializers (``gs.Constant``), except where their output is a graph
+  output (an ONNX graph output must be produced by a node or be a graph input, so the node stays).
+* ``Shape(x)`` becomes ``const(x.shape[start:end])`` and ``Size(x)`` becomes
+  ``const(prod(x.shape))`` when ``x`` has a static shape in the IR (the shapes
+  ``graphopt.core.shapes.infer_shapes`` derived, declared ones dropped). The
+  ``Gather/Slice/Concat/Unsqueeze/Cast`` chains that Paddle and PyTorch exporters hang off
+  ``Shape`` then fold too, so ``Reshape/Resize/Expand`` get constant shape inputs.
+* ``op(c1, ..., cn) -> const(op(c1, ..., cn))`` for every deterministic default-domain node whose
+  inputs are constants. The whole constant subgraph of a graph is evaluated in ONE onnxruntime
+  session (``ORT_DISABLE_ALL``, so the numbers are exactly the kernels' numbers); if that fails the
+  nodes are evaluated one by one, with ``onnx.reference`` for ops onnxruntime lacks, and a node
+  nobody can evaluate is left alone.
+* ``If(c)`` with a constant condition becomes the chosen branch: its nodes move into the parent
+  graph (tensor names that clash anywhere in the model are renamed), and each branch output is
+  written to the corresponding If output (by its producer where possible, else through an
+  ``Identity``).
+
+Never folded: random ops (RandomNormal[Like], RandomUniform[Like], Multinomial, Bernoulli), ops
+with subgraph attributes, sequence/optional ops, ``QuantizeLinear``/``DequantizeLinear`` (folding
+them would break onnxruntime's QDQ int8 kernels), and nodes of non-default domains.
+
+Size bound: a folded value is kept lazy (its node stays) when it is larger than ``size_limit``
+bytes (default 1 MiB) and more than ``growth`` (default 2) times the bytes of its inputs, or when
+it is larger than ``size_limit`` and computed from such a lazy value; values computed *from* lazy
+values that are small again (a ``ReduceSum`` of an ``Expand``) are folded, and the big producer,
+now dead, is dropped.
+
+Shapes: after a round that folded something, while ``Shape``/``Size`` nodes of non-static tensors
+remain, ONNX shape inference is re-run and only *refines* the IR (a non-static shape may become
+static; nothing is cleared), and folding goes again (silero-vad needs several rounds). ``Gather`` or
+``Slice`` of ``Shape(x)`` that pick only static dims of a partly dynamic ``x`` fold too. ``Shape``
+is never folded for a tensor whose shape may depend on input *values* (downstream of NonZero,
+Unique, Compress, NonMaxSuppression, Loop/Scan/If outputs, or of Reshape/Expand/Tile/Slice/Pad/
+Resize/... whose shape-like inputs are not constant): its IR shape may have been observed by
+onnxruntime on one dummy input.
+
+Dead branches: folding inside a branch that is never taken at the fixed input shapes can make
+onnxruntime's load-time inference see a contradiction in it (silero-vad's 8 kHz branch run on a
+16 kHz frame: a statically rank-4 LSTM input). When a model with subgraphs no longer loads after
+folding, the pass starts again from a snapshot: main graph first, then each top-level subgraph on
+trial, kept only if the model still loads (else only its Constant nodes are lifted).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+from graphopt.core.model import PROTO_LIMIT, Model, constant_nbytes, node_subgraphs
+from graphopt.core.pass_manager import Pass, PassResult, register_pass
+from graphopt.core.pattern import unique_name
+from graphopt.core.shapes import inputs_static, is_static, missing_shapes
+
+logger = logging.getLogger(__name__)
+
+#: ops whose value is not a function of their inputs, or that produce non-tensors
+NEVER_FOLD: frozenset[str] = frozenset({
+    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+    "Bernoulli", "If", "Loop", "Scan", "SequenceConstruct", "SequenceEmpty", "SequenceInsert",
+    "SequenceErase", "SequenceAt", "SequenceLength", "SplitToSequence", "ConcatFromSequence",
+    "SequenceMap", "Optional", "OptionalGetElement", "OptionalHasElement", "QuantizeLinear",
+    "DequantizeLinear", "DynamicQuantizeLinear",
+})
+
+DEFAULT_DOMAINS = ("", "ai.onnx", None)
+
+#: counters that mean the model changed
+_CHANGES = ("constants_lifted", "nodes_folded", "shapes_folded", "ifs_inlined", "lazy_dropped")
+
+#: a value larger than this is never computed at all (not even to be kept lazy)
+MAX_EVAL_BYTES = 256 << 20
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def local_topo_order(graph: gs.Graph) -> list[gs.Node]:
+    """The graph's nodes in a topological order of their explicit edges (stable Kahn sort).
+
+    Returns ``graph.nodes`` itself (as a list) when it is already sorted, which is the common case.
+    """
+    nodes = list(graph.nodes)
+    index = {id(n): i for i, n in enumerate(nodes)}
+    if all(index.get(id(p), -1) < i for i, n in enumerate(nodes) for t in n.inputs
+           for p in t.inputs):
+        return nodes
+    import heapq
+
+    succs: list[set[int]] = [set() for _ in nodes]
+    indeg = [0] * len(nodes)
+    for i, n in enumerate(nodes):
+        preds = {index[id(p)] for t in n.inputs for p in t.inputs if id(p) in index}
+        indeg[i] = len(preds)
+        for j in preds:
+            succs[j].add(i)
+    ready = [i for i, d in enumerate(indeg) if d == 0]
+    heapq.heapify(ready)
+    order: list[gs.Node] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for k in succs[i]:
+            indeg[k] -= 1
+            if indeg[k] == 0:
+                heapq.heappush(ready, k)
+    if len(order) != len(nodes):  # a cycle: leave the order alone, the ensures check will say
+        return nodes
+    return order
+
+
+def all_graph_output_ids(model: Model) -> set[int]:
+    """ids of every tensor that is an output of the main graph or of any subgraph."""
+    return {id(t) for g in model.walk_graphs() for t in g.outputs}
+
+
+def has_subgraph(node: gs.Node) -> bool:
+    for a in node.attrs.values():
+        if isinstance(a, gs.Graph):
+            return True
+        if isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a):
+            return True
+    return False
+
+
+def constant_node_value(node: gs.Node) -> Any | None:
+    """The value of a ``Constant`` node (a numpy array or lazy values), None if unsupported."""
+    a = node.attrs
+    if "value" in a and isinstance(a["value"], gs.Constant):
+        return a["value"]._values
+    if "value_float" in a:
+        return np.array(a["value_float"], dtype=np.float32)
+    if "value_floats" in a:
+        return np.array(list(a["value_floats"]), dtype=np.float32)
+    if "value_int" in a:
+        return np.array(a["value_int"], dtype=np.int64)
+    if "value_ints" in a:
+        return np.array(list(a["value_ints"]), dtype=np.int64)
+    if "value_string" in a:
+        v = a["value_string"]
+        return np.array(v.decode() if isinstance(v, bytes) else v, dtype=object)
+    if "value_strings" in a:
+        return np.array([v.decode() if isinstance(v, bytes) else v for v in a["value_strings"]],
+                        dtype=object)
+    return None  # sparse_value and unknown forms stay as they are
+
+
+def _nbytes(v: Any) -> int:
+    if isinstance(v, gs.Constant):
+        return constant_nbytes(v)
+    if isinstance(v, gs.ir.tensor.LazyValues):
+        return int(v.nbytes)
+    return int(np.asarray(v).nbytes)
+
+
+def _predicted_bytes(t: gs.Tensor) -> int | None:
+    if not is_static(t.shape) or t.dtype is None:
+        return None
+    try:
+        itemsize = np.dtype(t.dtype).itemsize
+    except TypeError:
+        return None
+    return int(np.prod([int(d) for d in t.shape], dtype=np.int64)) * itemsize
+
+
+def _value_proto(name: str, v: Any) -> onnx.TensorProto:
+    if isinstance(v, gs.ir.tensor.LazyValues):
+        p = onnx.TensorProto()
+        p.CopyFrom(v.tensor)
+        p.name = name
+        return p
+    arr = np.asarray(v)
+    return onnx.numpy_helper.from_array(arr, name)
+
+
+def _run_ort(model: onnx.ModelProto, outputs: list[str]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    from graphopt.core.verify import session_options
+
+    so = session_options("disable_all", threads=1)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return list(sess.run(outputs, {}))
+
+
+def _make_model(nodes: Sequence[gs.Node], values: dict[str, Any], outputs: list[str],
+                opset: int, ir_version: int) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        [OnnxExporter.export_node(n) for n in nodes], "fold", [],
+        [onnx.helper.make_empty_tensor_value_info(o) for o in outputs],
+        initializer=[_value_proto(k, v) for k, v in values.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = max(int(ir_version), 7)
+    return model
+
+
+class _Evaluator:
+    """Evaluates lists of constant nodes: batched in one ORT session, per node as a fallback."""
+
+    def __init__(self, opset: int, ir_version: int) -> None:
+        self.opset = opset
+        self.ir_version = ir_version
+        self.sessions = 0
+
+    def run(self, nodes: list[gs.Node], known: dict[int, Any]) -> dict[int, np.ndarray]:
+        """Values of the outputs of ``nodes`` (topologically ordered), keyed by tensor id."""
+        if not nodes:
+            return {}
+        try:
+            return self._batch(nodes, known)
+        except Exception as exc:  # noqa: BLE001 - any failure: evaluate node by node
+            logger.debug("batched folding of %d nodes failed (%s); folding node by node",
+                         len(nodes), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        out: dict[int, np.ndarray] = {}
+        for n in nodes:
+            res = self._single(n, known, out)
+            if res is not None:
+                out.update(res)
+        return out
+
+    def _inputs(self, nodes: Iterable[gs.Node], produced: set[int], known: dict[int, Any],
+                extra: dict[int, np.ndarray] | None = None) -> dict[str, Any] | None:
+        vals: dict[str, Any] = {}
+        for n in nodes:
+            for t in n.inputs:
+                if t.is_empty() or id(t) in produced or t.name in vals:
+                    continue
+                if extra is not None and id(t) in extra:
+                    vals[t.name] = extra[id(t)]
+                elif isinstance(t, gs.Constant):
+                    vals[t.name] = t._values
+                elif id(t) in known:
+                    vals[t.name] = known[id(t)]
+                else:
+                    return None
+        return vals
+
+    def _batch(self, nodes: list[gs.Node], known: dict[int, Any]) -> dict[int, np.ndarray]:
+        outs = [o for n in nodes for o in n.outputs if not o.is_empty()]
+        produced = {id(o) for o in outs}
+        vals = self._inputs(nodes, produced, known)
+        if vals is None:
+            raise RuntimeError("an input of the constant subgraph is unknown")
+        model = _make_model(nodes, vals, [o.name for o in outs], self.opset, self.ir_version)
+        if model.ByteSize() >= PROTO_LIMIT:
+            raise RuntimeError("constant subgraph too large for one session")
+        self.sessions += 1
+        res = _run_ort(model, [o.name for o in outs])
+        return {id(o): np.asarray(r) for o, r in zip(outs, res)}
+
+    def _single(self, node: gs.Node, known: dict[int, Any], done: dict[int, np.ndarray]
+                ) -> dict[int, np.ndarray] | None:
+        outs = [o for n in [node] for o in n.outputs if not o.is_empty()]
+        vals = self._inputs([node], set(), known, done)
+        if vals is None:
+            return None
+        model = _make_model([node], vals, [o.name for o in outs], self.opset, self.ir_version)
+        try:
+            self.sessions += 1
+            res = _run_ort(model, [o.name for o in outs])
+        except Exception as exc:  # noqa: BLE001 - try the reference implementation
+            logger.debug("onnxruntime cannot fold %s (%s): %s", node.name, node.op, exc)
+            try:
+                from onnx.reference import ReferenceEvaluator
+
+                feeds = {k: (v.values if isinstance(v, gs.Constant) else
+                             onnx.numpy_helper.to_array(_value_proto(k, v)))
+                         for k, v in vals.items()}
+                model = _make_model([node], {}, [o.name for o in outs], self.opset, self.ir_version)
+                model.graph.input.extend(onnx.helper.make_empty_tensor_value_info(k) for k in feeds)
+                res = ReferenceEvaluator(model).run(None, feeds)
+            except Exception as exc2:  # noqa: BLE001 - nobody can evaluate it: leave the node
+                logger.debug("onnx.reference cannot fold %s (%s): %s", node.name, node.op, exc2)
+                return None
+        if any(not isinstance(r, np.ndarray) and not np.isscalar(r) for r in res):
+            return None
+        return {id(o): np.asarray(r) for o, r in zip(outs, res)}
+
+
+#: ops whose output shape depends on input values whatever their inputs are
+SHAPE_FROM_DATA_ALWAYS = frozenset({"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop",
+                                    "Scan", "If", "StringSplit", "RegexFullMatch"})
+#: ops whose output shape depends on the values of their inputs after the first (or of all of
+#: them, for the ops in SHAPE_FROM_ALL_INPUTS): data-dependent unless those inputs are constant
+SHAPE_FROM_DATA_INPUTS = frozenset({
+    "Reshape", "Expand", "Tile", "Resize", "Upsample", "Slice", "Pad", "OneHot", "Squeeze",
+    "Unsqueeze", "Split", "TopK", "CenterCropPad", "MaxUnpool", "DFT", "STFT", "Col2Im",
+    "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ConstantOfShape", "Range",
+    "BlackmanWindow", "HannWindow", "HammingWindow", "MelWeightMatrix", "RandomNormal",
+    "RandomUniform", "Multinomial", "SplitToSequence", "ImageDecoder", "AffineGrid"})
+SHAPE_FROM_ALL_INPUTS = frozenset({"ConstantOfShape", "Range", "BlackmanWindow", "HannWindow",
+                                   "HammingWindow", "MelWeightMatrix", "AffineGrid"})
+
+
+def _shape_is_data_dependent(node: gs.Node, is_known: Callable[[gs.Tensor], bool],
+                             dd: set[int]) -> bool:
+    """Whether ``node``'s output shapes may change with the model's input *values*.
+
+    Shapes in the IR may have been observed by running onnxruntime on one input (the fallback of
+    ``infer_shapes``); folding ``Shape`` of such a tensor is only sound when its shape is a function
+    of the input shapes alone.
+    """
+    if any(id(t) in dd for t in node.inputs):
+        return True
+    if node.domain not in DEFAULT_DOMAINS:
+        return True
+    if node.op in SHAPE_FROM_DATA_ALWAYS:
+        return True
+    if node.op in SHAPE_FROM_DATA_INPUTS:
+        start = 0 if node.op in SHAPE_FROM_ALL_INPUTS else 1
+        return not all(is_known(t) for t in node.inputs[start:])
+    return False
+
+
+def _walk(root: gs.Graph, skip: Callable[[gs.Graph], bool] | None = None
+          ) -> Iterator[gs.Graph]:
+    """``root`` and every subgraph nested in it, outermost first (lazily, like walk_graphs);
+    subgraphs for which ``skip`` is true are left out with everything nested in them."""
+    stack = [root]
+    while stack:
+        g = stack.pop()
+        if skip is not None and g is not root and skip(g):
+            continue
+        yield g
+        for node in g.nodes:
+            stack.extend(node_subgraphs(node))
+
+
+def _loads(model: Model) -> bool:
+    """Whether onnxruntime accepts the model (its load-time type and shape inference)."""
+    from graphopt.core.verify import make_session
+
+    try:
+        make_session(model)
+    except Exception as exc:  # noqa: BLE001 - any refusal counts
+        logger.debug("onnxruntime refuses the folded model: %s", str(exc).splitlines()[0])
+        return False
+    return True
+
+
+def _shape_nodes_left(graphs: Iterable[gs.Graph]) -> bool:
+    return any(n.op in ("Shape", "Size") and n.inputs and not is_static(n.inputs[0].shape)
+               for g in graphs for n in g.nodes)
+
+
+def refine_shapes(model: Model) -> int:
+    """Give tensors whose IR shape is not static the static shape ONNX inference now derives.
+
+    Only ever replaces a non-static shape by a static one (shapes found earlier, e.g. by the
+    onnxruntime fallback of :func:`graphopt.core.shapes.infer_shapes`, are kept). Returns how many
+    tensors were refined.
+    """
+    from graphopt.core.shapes import _onnx_infer
+
+    found = _onnx_infer(model)
+    refined = 0
+    for g in model.walk_graphs():
+        for name, t in g.tensors().items():
+            if isinstance(t, gs.Constant) or is_static(t.shape) or name not in found:
+                continue
+            elem, shape = found[name]
+            if shape is not None and is_static(shape):
+                t.shape = list(shape)
+                if t.dtype is None and elem:
+                    t.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+                refined += 1
+    return refined
+
+
+# ---------------------------------------------------------------------------------------- the pass
+
+
+@register_pass
+class FoldConstantsPass(Pass):
+    """Fold constant subgraphs, static shapes and constant-condition Ifs (also inside subgraphs).
+
+    Args:
+        size_limit: bytes above which a folded value may be kept lazy (see ``growth``).
+        growth: a value over ``size_limit`` is kept lazy when it is more than ``growth`` times the
+            bytes of its inputs (an Expand/Tile/ConstantOfShape to a big shape).
+        fold_shapes: fold ``Shape``/``Size`` of tensors with static shapes.
+        inline_if: replace an ``If`` with a constant condition by its branch.
+    """
+
+    name = "fold-constants"
+
+    def __init__(self, size_limit: int = 1 << 20, growth: float = 2.0, fold_shapes: bool = True,
+                 inline_if: bool = True) -> None:
+        self.size_limit = int(size_limit)
+        self.growth = float(growth)
+        self.fold_shapes = bool(fold_shapes)
+        self.inline_if = bool(inline_if)
+        self._lift_only = False
+        self._all_graphs: list[gs.Graph] = []
+        self._escaping: set[int] = set()
+        #: ids of tensors whose shape may depend on input values (never folded by Shape)
+        self._dd: set[int] = set()
+        #: id -> node count of subgraphs whose folding onnxruntime refused (see ``call``)
+        self._rejected: dict[int, int] = {}
+
+    def call(self, model: Model) -> PassResult:
+        ev = _Evaluator(model.opset, model.ir_version)
+        has_subgraphs = model.num_subgraphs() > 0
+        if has_subgraphs and not self._has_work(model):
+            return PassResult(model, False, {"sessions": 0})  # spare the snapshot below
+        snapshot = model.clone() if has_subgraphs else None
+        stats = self._new_stats()
+        self._run(model, lambda m: _walk(m.graph, self._rejected_graph), ev, stats)
+        if snapshot is not None and self._modified(stats) and not _loads(model) and \
+                _loads(snapshot):  # (a model onnxruntime never loaded says nothing)
+            # Folding inside a branch that is never taken at these input shapes can make
+            # onnxruntime's load-time shape inference see a contradiction in that dead branch
+            # (silero-vad's 8 kHz branch at a 16 kHz frame size). Redo from the snapshot: the
+            # main graph first, then each top-level subgraph on trial, kept only if it loads.
+            logger.debug("folded model does not load; folding subgraphs one at a time")
+            stats = self._new_stats()
+            current = snapshot.clone()
+            self._run(current, lambda m: iter([m.graph]), ev, stats)
+            if self._modified(stats) and not _loads(current):
+                # even the main graph alone exposes one: only lift Constant nodes everywhere
+                stats = self._new_stats()
+                current = snapshot
+                self._lift_only = True
+                try:
+                    self._run(current, lambda m: m.walk_graphs(), ev, stats)
+                finally:
+                    self._lift_only = False
+                model.graph = current.graph
+                stats["sessions"] = ev.sessions
+                return PassResult(model, self._modified(stats), stats)
+            slots = [(i, k) for i, n in enumerate(current.graph.nodes)
+                     for k, a in n.attrs.items() if isinstance(a, gs.Graph)]
+            rejected: list[tuple[int, str]] = []
+            for i, k in slots:
+                trial = current.clone()
+                trial_stats = self._new_stats()
+                self._run(trial, lambda m, i=i, k=k: _walk(m.graph.nodes[i].attrs[k]), ev,
+                          trial_stats)
+                if self._modified(trial_stats) and not _loads(trial):
+                    # keep the harmless part: Constant nodes become initializers
+                    stats["subgraphs_only_lifted"] = stats.get("subgraphs_only_lifted", 0) + 1
+                    rejected.append((i, k))
+                    trial = current.clone()
+                    trial_stats = self._new_stats()
+                    self._lift_only = True
+                    try:
+                        self._run(trial, lambda m, i=i, k=k: _walk(m.graph.nodes[i].attrs[k]), ev,
+                                  trial_stats)
+                    finally:
+                        self._lift_only = False
+                if self._modified(trial_stats):
+                    current = trial
+                    for key, v in trial_stats.items():
+                        stats[key] = stats.get(key, 0) + v
+            model.graph = current.graph
+            # remember the refused subgraphs, so that the next run (the pass manager iterates to a
+            # fixed point) does not fold and refuse them again while they stay as they are
+            for i, k in rejected:
+                sub = model.graph.nodes[i].attrs[k]
+                self._rejected[id(sub)] = len(sub.nodes)
+        if self._modified(stats) and inputs_static(model) and missing_shapes(model):
+            # keep the IR's shapes as complete as folding made them derivable, for later passes
+            stats["shapes_refined"] = refine_shapes(model)
+        stats["sessions"] = ev.sessions
+        return PassResult(model, self._modified(stats), stats)
+
+    def _has_work(self, model: Model) -> bool:
+        """A cheap over-approximation of "a run would change something" (no evaluation)."""
+        for g in _walk(model.graph, self._rejected_graph):
+            outs = {id(t) for t in g.outputs}
+            for n in g.nodes:
+                if n.domain not in DEFAULT_DOMAINS or not n.outputs:
+                    continue
+                if n.op == "Constant":
+                    if id(n.outputs[0]) not in outs and not n.inputs:
+                        return True
+                elif n.op in ("Shape", "Size"):
+                    if n.inputs and (isinstance(n.inputs[0], gs.Constant)
+                                     or is_static(n.inputs[0].shape)):
+                        return True
+                elif n.op in ("Gather", "Slice") and n.inputs and n.inputs[0].inputs and \
+                        n.inputs[0].inputs[0].op == "Shape":
+                    return True
+                elif n.op == "If":
+                    if n.inputs and isinstance(n.inputs[0], gs.Constant):
+                        return True
+                elif n.op not in NEVER_FOLD and not has_subgraph(n) and all(
+                        t.is_empty() or isinstance(t, gs.Constant) for t in n.inputs):
+                    return True
+        return False
+
+    def _rejected_graph(self, g: gs.Graph) -> bool:
+        return self._rejected.get(id(g)) == len(g.nodes)
+
+    @staticmethod
+    def _new_stats() -> dict[str, int]:
+        return {"constants_lifted": 0, "nodes_folded": 0, "shapes_folded": 0, "ifs_inlined": 0,
+                "kept_large": 0, "sub_changes": 0}
+
+    @staticmethod
+    def _modified(stats: dict[str, int]) -> bool:
+        return any(stats.get(k, 0) for k in _CHANGES)
+
+    def _run(self, model: Model, graphs: Callable[[Model], Iterable[gs.Graph]], ev: _Evaluator,
+             stats: dict[str, int]) -> None:
+        """Fold every graph ``graphs(model)`` yields, refining shapes between rounds."""
+        self._all_graphs = list(model.walk_graphs())
+        self._escaping = {id(t) for g in self._all_graphs for t in g.outputs}
+        self._dd = set()
+        for _ in range(16):
+            before = dict(stats)
+            for g in graphs(model):  # outermost first; inlined branches' subgraphs come later
+                n0 = self._modified_count(stats)
+                for _ in range(64):
+                    self._fold_graph(g, ev, stats)
+                    if self._lift_only or not (self.inline_if and
+                                               self._inline_ifs(model, g, stats)):
+                        break
+                if g is not model.graph and self._modified_count(stats) != n0:
+                    stats["sub_changes"] += 1
+            # folding may have made more shapes inferable (a Reshape's shape input is now constant):
+            # refine the IR's shapes and go again while Shape/Size nodes are left to fold
+            if stats == before or not self.fold_shapes or not _shape_nodes_left(graphs(model)):
+                break
+            if not refine_shapes(model):
+                break
+            stats["shape_refinements"] = stats.get("shape_refinements", 0) + 1
+
+    @staticmethod
+    def _modified_count(stats: dict[str, int]) -> int:
+        return sum(stats.get(k, 0) for k in _CHANGES)
+
+    # ------------------------------------------------------------------ folding one graph
+    def _shape_value(self, node: gs.Node, known: dict[int, Any]) -> np.ndarray | None:
+        x = node.inputs[0] if node.inputs else None
+        if x is None or x.is_empty():
+            return None
+        if isinstance(x, gs.Constant):
+            shape: list[int] | None = [int(d) for d in x.shape]
+        elif id(x) in known and not isinstance(known[id(x)], _Pending):
+            shape = [int(d) for d in np.shape(known[id(x)])]
+        else:
+            shape = [int(d) for d in x.shape] if is_static(x.shape) else None
+        if shape is None:
+            return None
+        if node.op == "Size":
+            return np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
+        rank = len(shape)
+        start = int(node.attrs.get("start", 0))
+        end = node.attrs.get("end")
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        stop = rank if end is None else int(end)
+        stop = min(max(stop + rank if stop < 0 else stop, 0), rank)
+        return np.array(shape[start:stop], dtype=np.int64)
+
+    @staticmethod
+    def _partial_shape_value(node: gs.Node, local: set[int], dd: set[int]) -> np.ndarray | None:
+        """``Gather``/``Slice`` of ``Shape(x)`` picking only static dims of a partly dynamic x.
+
+        ``x.view(x.size(0), -1)`` style graphs keep a dynamic batch dim but read static ones.
+        """
+        src = node.inputs[0]
+        shp = src.inputs[0] if src.inputs else None
+        if shp is None or id(shp) not in local or shp.op != "Shape" or not shp.inputs:
+            return None
+        x = shp.inputs[0]
+        if x.shape is None or node.attrs.get("axis", 0) != 0 or id(x) in dd:
+            return None
+        rank = len(x.shape)
+        start = int(shp.attrs.get("start", 0))
+        end = shp.attrs.get("end")
+        dims = list(x.shape)[slice(start, rank if end is None else int(end))]
+        idx = np.arange(len(dims))
+        consts = [t.values if isinstance(t, gs.Constant) else None for t in node.inputs[1:]]
+        if any(c is None and not t.is_empty() for c, t in zip(consts, node.inputs[1:])):
+            return None
+        try:
+            if node.op == "Gather":
+                picked = np.take(idx, np.asarray(consts[0]).astype(np.int64), axis=0)
+            else:
+                starts, ends = consts[0], consts[1]
+                axes = consts[2] if len(consts) > 2 and consts[2] is not None else [0]
+                steps = consts[3] if len(consts) > 3 and consts[3] is not None else [1]
+                if list(np.reshape(axes, -1)) not in ([0], [-1]) or \
+                        list(np.reshape(steps, -1)) != [1]:
+                    return None
+                picked = idx[int(np.reshape(starts, -1)[0]):int(np.reshape(ends, -1)[0])]
+        except (IndexError, ValueError, TypeError):
+            return None
+        vals = [dims[int(i)] for i in np.reshape(picked, -1)]
+        if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in vals):
+            return None
+        return np.array(vals, dtype=np.int64).reshape(np.shape(picked))
+
+    def _fold_graph(self, graph: gs.Graph, ev: _Evaluator, stats: dict[str, int]) -> None:
+        # values that some graph returns (this one, or a nested body returning it by name) are
+        # produced by a Constant node rather than turned into initializers
+        outputs = {id(t) for t in graph.outputs} | self._escaping
+        known: dict[int, Any] = {}       # tensor id -> value (np array / lazy) or _Pending
+        seeds: dict[int, gs.Node] = {}   # node id -> node whose outputs were computed here
+        to_eval: list[gs.Node] = []
+        order = local_topo_order(graph)
+        local = {id(n) for n in order}
+
+        def is_known(t: gs.Tensor) -> bool:
+            return t.is_empty() or isinstance(t, gs.Constant) or id(t) in known
+
+        dd = self._dd
+        if graph is not self._all_graphs[0]:
+            dd.update(id(t) for t in graph.inputs)  # Loop/Scan carried values may change shape
+
+        for node in order:
+            if _shape_is_data_dependent(node, is_known, dd):
+                dd.update(id(o) for o in node.outputs)
+            if node.domain not in DEFAULT_DOMAINS or not node.outputs:
+                continue
+            if node.op == "Constant":
+                out = node.outputs[0]
+                if id(out) in outputs or node.inputs:
+                    continue
+                v = constant_node_value(node)
+                if v is not None:
+                    known[id(out)] = v
+                    seeds[id(node)] = node
+                continue
+            if self._lift_only:
+                continue
+            if node.op in ("Shape", "Size") and self.fold_shapes and node.inputs and \
+                    (id(node.inputs[0]) not in dd or is_known(node.inputs[0])):
+                v = self._shape_value(node, known)
+                if v is not None:
+                    known[id(node.outputs[0])] = v
+                    seeds[id(node)] = node
+                    continue
+            if node.op in ("Gather", "Slice") and self.fold_shapes and node.inputs and \
+                    not is_known(node.inputs[0]):
+                v = self._partial_shape_value(node, local, dd)
+                if v is not None:
+                    known[id(node.outputs[0])] = v
+                    seeds[id(node)] = node
+                    stats["partial_shapes"] = stats.get("partial_shapes", 0) + 1
+                    continue
+            if node.op in NEVER_FOLD or has_subgraph(node):
+                continue
+            if not all(is_known(t) for t in node.inputs):
+                continue
+            if any(o.is_empty() for o in node.outputs[:1]):
+                continue
+            pred = [_predicted_bytes(o) for o in node.outputs if not o.is_empty()]
+            if any(p is not None and p > MAX_EVAL_BYTES for p in pred):
+                logger.debug("not folding %s (%s): result too large", node.name, node.op)
+                continue
+            to_eval.append(node)
+            for o in node.outputs:
+                if not o.is_empty():
+                    known[id(o)] = _PENDING
+        if not seeds and not to_eval:
+            return
+        real_known = {k: v for k, v in known.items() if not isinstance(v, _Pending)}
+        values = ev.run(to_eval, real_known) if to_eval else {}
+        # decide which evaluated nodes fold and which stay lazy (too large); a node that could not
+        # be evaluated has no values, and neither have its dependents (their inputs were unknown)
+        lazy: set[int] = set()
+        lazy_nodes: list[gs.Node] = []
+        final: list[gs.Node] = []
+        for node in to_eval:
+            outs = [o for o in node.outputs if not o.is_empty()]
+            if any(id(o) not in values for o in outs):
+                continue
+            in_bytes = sum(self._input_bytes(t, known, values) for t in node.inputs)
+            from_lazy = any(id(t) in lazy for t in node.inputs)
+            big = False
+            for o in outs:
+                b = _nbytes(values[id(o)])
+                if b > self.size_limit and (b > self.growth * in_bytes or from_lazy):
+                    big = True
+            if big:
+                lazy.update(id(o) for o in outs)
+                lazy_nodes.append(node)
+                stats["kept_large"] += 1
+                logger.debug("keeping %s (%s) lazy: its value is large", node.name, node.op)
+                continue
+            final.append(node)
+        replace: dict[int, list[gs.Node]] = {}
+        for node in seeds.values():
+            replace[id(node)] = self._materialize(node, {id(o): known[id(o)] for o in node.outputs},
+                                                  outputs)
+            if node.op == "Constant":
+                stats["constants_lifted"] += 1
+            else:
+                stats["shapes_folded"] += 1
+        for node in final:
+            replace[id(node)] = self._materialize(node, values, outputs)
+            stats["nodes_folded"] += 1
+        # lazy nodes whose readers were all folded are dead now: drop them (last first)
+        if lazy_nodes:
+            escaping = self._escaping
+            for node in reversed(lazy_nodes):
+                if all(not o.outputs and id(o) not in escaping for o in node.outputs):
+                    node.inputs.clear()
+                    node.outputs.clear()
+                    replace[id(node)] = []
+                    stats["lazy_dropped"] = stats.get("lazy_dropped", 0) + 1
+        new_nodes: list[gs.Node] = []
+        for n in graph.nodes:
+            if id(n) in replace:
+                new_nodes.extend(replace[id(n)])
+            else:
+                new_nodes.append(n)
+        graph.nodes = new_nodes
+
+    @staticmethod
+    def _input_bytes(t: gs.Tensor, known: dict[int, Any], values: dict[int, np.ndarray]) -> int:
+        if t.is_empty():
+            return 0
+        if id(t) in values:
+            return _nbytes(values[id(t)])
+        if isinstance(t, gs.Constant):
+            return constant_nbytes(t)
+        v = known.get(id(t))
+        return 0 if v is None or isinstance(v, _Pending) else _nbytes(v)
+
+    @staticmethod
+    def _materialize(node: gs.Node, values: dict[int, Any], outputs: set[int]) -> list[gs.Node]:
+        """Detach ``node`` and turn its outputs into constants; returns the nodes replacing it."""
+        outs = list(node.outputs)
+        node.inputs.clear()
+        node.outputs.clear()
+        keep: list[gs.Node] = []
+        for o in outs:
+            if o.is_empty():
+                continue
+            v = values[id(o)]
+            if id(o) in outputs:
+                if node.op == "Constant":  # never reached (skipped earlier) but keep it safe
+                    node.outputs.append(o)
+                    keep.append(node)
+                    continue
+                c = gs.Constant(unique_name(f"{o.name}_value"),
+                                v if isinstance(v, gs.ir.tensor.LazyValues) else np.asarray(v))
+                dtype, shape = o.dtype, o.shape
+                keep.append(gs.Node("Constant", name=unique_name(f"{o.name}_const"),
+                                    attrs={"value": c}, outputs=[o]))
+                o.dtype = dtype if dtype is not None else c.dtype
+                o.shape = shape if shape is not None else list(c.shape)
+            else:
+                o.to_constant(v if isinstance(v, gs.ir.tensor.LazyValues) else np.asarray(v))
+        return keep
+
+    # ------------------------------------------------------------------ If inlining
+    def _inline_ifs(self, model: Model, graph: gs.Graph, stats: dict[str, int]) -> bool:
+        ifs = [n for n in graph.nodes if n.op == "If" and n.domain in DEFAULT_DOMAINS
+               and n.inputs and isinstance(n.inputs[0], gs.Constant)]
+        if not ifs:
+            return False
+        owners: dict[str, set[int]] = {}
+        for g in model.walk_graphs():
+            for name, t in g.tensors().items():
+                owners.setdefault(name, set()).add(id(t))
+        escaping = all_graph_output_ids(model)
+        done = 0
+        for node in ifs:
+            cond = np.asarray(node.inputs[0].values)
+            if cond.size != 1:
+                continue
+            branch = node.attrs.get("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")
+            if not isinstance(branch, gs.Graph) or len(branch.outputs) != len(node.outputs):
+                continue
+            own = {id(t) for t in graph.outputs}
+            if any(id(o) in escaping and id(o) not in own for o in node.outputs):
+                continue  # an If output that some subgraph returns by name: leave it
+            self._inline(graph, node, branch, owners)
+            done += 1
+        stats["ifs_inlined"] += done
+        return done > 0
+
+    @staticmethod
+    def _inline(graph: gs.Graph, node: gs.Node, branch: gs.Graph, owners: dict[str, set[int]]
+                ) -> None:
+        local_nodes = {id(n) for n in branch.nodes}
+        # rename branch-local tensors whose names exist elsewhere in the model
+        for name, t in branch.tensors().items():
+            local = (isinstance(t, gs.Constant)
+                     or any(id(p) in local_nodes for p in t.inputs))
+            if not local:
+                continue
+            others = owners.get(name, set()) - {id(t)}
+            if others:
+                t.name = unique_name(name)
+                owners.setdefault(t.name, set()).add(id(t))
+        parent_outputs = {id(t) for t in graph.outputs}
+        if_outs = list(node.outputs)
+        node.inputs.clear()
+        node.outputs.clear()
+        extra: list[gs.Node] = []
+        counts: dict[int, int] = {}
+        for bo in branch.outputs:
+            counts[id(bo)] = counts.get(id(bo), 0) + 1
+        for bo, io in zip(branch.outputs, if_outs):
+            producer = bo.inputs[0] if bo.inputs else None
+            if producer is not None and id(producer) in local_nodes and counts[id(bo)] == 1:
+                for consumer in list(bo.outputs):
+                    for i, t in enumerate(consumer.inputs):
+                        if t is bo:
+                            consumer.inputs[i] = io
+                idx = producer.outputs.index(bo)
+                producer.outputs[idx] = io
+                if io.dtype is None:
+                    io.dtype = bo.dtype
+            elif isinstance(bo, gs.Constant) and id(io) not in parent_outputs:
+                io.to_constant(bo._values)
+            else:
+                extra.append(gs.Node("Identity", name=unique_name(f"{node.name}_out"),
+                                     inputs=[bo], outputs=[io]))
+        pos = next(i for i, n in enumerate(graph.nodes) if n is node)
+        graph.nodes[pos:pos + 1] = list(branch.nodes) + extra
+        branch.nodes = []
+
+
+class _Pending:
+    """Marker: the value will be computed by the evaluator."""
+
+
+_PENDING = _Pending()
