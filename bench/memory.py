@@ -38,9 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from graphopt.algorithms.memory.arena import prove  # noqa: E402
-from graphopt.algorithms.memory.planner import apply_order, plan_memory  # noqa: E402
+from graphopt.core.loader import load as load_model  # noqa: E402
 from graphopt.core.model import Model  # noqa: E402
+from graphopt.core.saver import save  # noqa: E402
 from graphopt.fixtures import FIXTURES, fixture_path, real_model, real_model_feeds  # noqa: E402
+from graphopt.jobs.plan import apply_order, plan_memory  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "memory.md"
 
@@ -117,11 +119,12 @@ def tvm_storage(path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[int | N
         import tvm
         from tvm import relax
 
-        from graphopt.algorithms.tvm.emit import import_relax, prepare_model
+        from graphopt.algorithms.tvm.emit import import_relax
+        from graphopt.jobs.compile import prepare_model
     except Exception:  # noqa: BLE001 - TVM missing or broken: n/a
         return None, None
     try:
-        m, _ = prepare_model(Model.load(path), shapes)
+        m, _ = prepare_model(load_model(path), shapes)
         ours = plan_memory(m, shapes, reorder=False).arena_bytes
         mod = import_relax(m.to_onnx(), shapes)
         with tvm.target.Target("llvm"):
@@ -150,7 +153,7 @@ def branches_model() -> Model:
     expansions first): the case the memory-aware order exists for."""
     from onnx import TensorProto, helper
 
-    from graphopt.jobs.optimize import prepare
+    from graphopt.core.shapes import prepare
 
     rng = np.random.default_rng(0)
     f = TensorProto.FLOAT
@@ -180,7 +183,7 @@ def bench_one(label: str, model_path: Path | None, shapes: dict[str, Any] | None
               feeds: dict[str, np.ndarray] | None, tmp: Path, repeats: int, peers: bool,
               model: Model | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    load = (lambda: model.clone()) if model is not None else (lambda: Model.load(model_path))
+    load = (lambda: model.clone()) if model is not None else (lambda: load_model(model_path))
     plain = plan_memory(load(), shapes, inplace=False, feeds=feeds)
     inpl = plan_memory(load(), shapes, inplace=True, feeds=feeds)
     given = plan_memory(load(), shapes, inplace=True, reorder=False, feeds=feeds)
@@ -205,13 +208,13 @@ def bench_one(label: str, model_path: Path | None, shapes: dict[str, Any] | None
         if src is None:
             assert model is not None
             src = tmp / f"{label}.onnx"
-            model.save(src)
+            save(model, src)
         feeds_path = tmp / f"{label}.npz"
         np.savez(feeds_path, **(feeds if feeds is not None else _random_feeds(load(), shapes)))
         paths = {"original": src}
         if inpl.order_changed:
             reordered = tmp / f"{label}.reordered.onnx"
-            apply_order(load(), inpl).save(reordered)
+            save(apply_order(load(), inpl), reordered)
             paths["reordered"] = reordered
         row["ort"] = ort_peaks(paths, feeds_path, repeats)
         if model_path is not None and shapes:
@@ -220,7 +223,7 @@ def bench_one(label: str, model_path: Path | None, shapes: dict[str, Any] | None
 
 
 def _random_feeds(model: Model, shapes: dict[str, Any] | None) -> dict[str, np.ndarray]:
-    from graphopt.core.verify import random_feeds
+    from graphopt.core.feeds import random_feeds
 
     return random_feeds(model, seed=0, shapes=shapes)
 
@@ -335,8 +338,8 @@ def main() -> int:
             "## Against TVM and onnxruntime",
             "",
             "TVM: Relax `StaticPlanBlockMemory` after its own op fusion (FuseOps/FuseTIR) on "
-            "graphopt's TVM-prepared graph (`graphopt.algorithms.tvm.emit.prepare_model`: shapes folded, "
-            "conv+bn fused); the sum of its `alloc_storage` sizes, i.e. intermediates only "
+            "graphopt's TVM-prepared graph (`graphopt.jobs.compile.prepare_model`: shapes "
+            "folded, conv+bn fused); the sum of its `alloc_storage` sizes, i.e. intermediates only "
             "(graphopt's arena also holds the input and outputs). ORT: peak-RSS growth of a "
             "fresh process over its first two runs (session built first, high-water mark reset; "
             "the memory pattern is recorded on the first run and used on the second), default "

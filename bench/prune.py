@@ -40,11 +40,12 @@ sys.path.insert(0, str(ROOT))
 from bench import ocr_data  # noqa: E402
 from graphopt.algorithms.prune.analysis import analyze, prunable_macs  # noqa: E402
 from graphopt.core.cost import model_cost  # noqa: E402
+from graphopt.core.loader import load as load_model  # noqa: E402
 from graphopt.core.model import Model  # noqa: E402
-from graphopt.core.pass_manager import get_pass  # noqa: E402
+from graphopt.core.session import make_session  # noqa: E402
 from graphopt.core.shapes import fix_input_shapes, infer_shapes  # noqa: E402
-from graphopt.core.verify import make_session  # noqa: E402
 from graphopt.fixtures import fixture_path, real_model  # noqa: E402
+from graphopt.passes import get_pass  # noqa: E402
 
 THREADS = 1
 
@@ -132,9 +133,9 @@ def fidelity(kind: str, ref_model: Model, model: Model, ev: Any) -> tuple[str, f
 # ------------------------------------------------------------------------------ main
 def load(kind: str) -> Model:
     if kind == "digits":
-        return Model.load(fixture_path("digits_cnn.onnx"))
+        return load_model(fixture_path("digits_cnn.onnx"))
     path, shapes = real_model(kind)
-    m = Model.load(path)
+    m = load_model(path)
     fix_input_shapes(m, shapes)
     infer_shapes(m)
     return m

@@ -93,12 +93,12 @@ def worker(spec: dict) -> dict:
     info: dict = {}
     if spec["tool"] == "graphopt":
         import graphopt.passes  # noqa: F401
-
+        from graphopt.core.saver import save
         from graphopt.jobs.quantize import quantize
 
         res = quantize(spec["model"], spec["calib"], method=spec["method"],
                        batch_size=spec.get("batch_size", 8), eval_samples=4)
-        res.model.save(spec["out"])
+        save(res.model, spec["out"])
         info = {"calib_seconds": res.calib_seconds, "kept_float": len(res.kept_float),
                 "layers_int8": res.summary()["layers_int8"], "activations": res.activation_dtype,
                 "reduce_range": res.reduce_range}
@@ -178,7 +178,7 @@ def run_job(spec: dict, mem_cap: float, timeout: float) -> dict:
 def session(path: str | Path, threads: int = 2):  # noqa: ANN201
     import onnxruntime as ort
 
-    from graphopt.core.verify import session_options
+    from graphopt.core.session import session_options
 
     return ort.InferenceSession(str(path), session_options("all", threads=threads),
                                 providers=["CPUExecutionProvider"])
@@ -341,7 +341,7 @@ def report(rows: list[dict], base_fid: dict, e2e: dict, n_rec: int, n_det: int, 
 
     import onnxruntime as ort
 
-    from graphopt.jobs.quantize import choose_activation_type
+    from graphopt.algorithms.quant.graph import choose_activation_type
 
     dt, rr, why = choose_activation_type("auto")
     fid_name = {"det": "IoU of map>0.3 vs fp32", "rec": "char accuracy (ground truth)",

@@ -114,8 +114,8 @@ def run_tool(tool: str, src: str, dst: str, model_name: str) -> dict[str, Any]:
         import onnxruntime as ort
     else:
         import graphopt.passes  # noqa: F401  (registers the passes)
-
-        from graphopt.core.model import Model
+        from graphopt.core.loader import load
+        from graphopt.core.saver import save
         from graphopt.jobs.optimize import optimize_model
     t0 = time.perf_counter()
     if tool == "onnxsim":
@@ -138,9 +138,9 @@ def run_tool(tool: str, src: str, dst: str, model_name: str) -> dict[str, Any]:
         ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     elif tool in ("graphopt", "graphopt-ort"):
         target = "ort" if tool == "graphopt-ort" else "portable"
-        res = optimize_model(Model.load(src), target=target, input_shapes=shapes,
+        res = optimize_model(load(src), target=target, input_shapes=shapes,
                              verify_output=False)
-        res.model.save(dst)
+        save(res.model, dst)
     else:
         raise ValueError(tool)
     seconds = time.perf_counter() - t0

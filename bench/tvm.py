@@ -47,9 +47,12 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT / "
 sys.path.insert(0, str(ROOT))
 
 from graphopt.algorithms.tvm import emit as gtvm  # noqa: E402
-from graphopt.core.model import Model  # noqa: E402
-from graphopt.core.verify import make_session  # noqa: E402
+from graphopt.algorithms.tvm import qemu as gqemu  # noqa: E402
+from graphopt.algorithms.tvm import runner as grunner  # noqa: E402
+from graphopt.core.loader import load  # noqa: E402
+from graphopt.core.session import make_session  # noqa: E402
 from graphopt.fixtures import real_model  # noqa: E402
+from graphopt.jobs import compile as gcompile  # noqa: E402
 
 THREADS = 2
 BENCH_SHAPES = {"det": (1, 3, 640, 640), "rec": (1, 3, 48, 320), "cls": (1, 3, 48, 192)}
@@ -85,7 +88,7 @@ def bench_model(name: str, rounds: int, tmp: Path) -> dict[str, Any]:
     path, _ = real_model(name)
     shape = BENCH_SHAPES[name]
     shapes = {"x": shape}
-    model = Model.load(path)
+    model = load(path)
     row: dict[str, Any] = {"model": name, "shape": "x".join(map(str, shape))}
     # import as published
     try:
@@ -96,7 +99,7 @@ def bench_model(name: str, rounds: int, tmp: Path) -> dict[str, Any]:
         row["import_published"] = "fails: " + (msg[:90] + "..." if len(msg) > 90 else msg)
     # after graphopt
     t = time.perf_counter()
-    prepared, info = gtvm.prepare_model(model, shapes)
+    prepared, info = gcompile.prepare_model(model, shapes)
     mod = gtvm.import_relax(prepared.to_onnx(), info["input_shapes"])
     row["import_graphopt"] = f"ok ({time.perf_counter() - t:.1f} s)"
     spec = gtvm.parse_target("llvm")
@@ -109,10 +112,11 @@ def bench_model(name: str, rounds: int, tmp: Path) -> dict[str, Any]:
 
     vm_a = VirtualMachine(ex, tvm.cpu())
     # B: graphopt's pipeline and schedules (the compile command)
-    res = gtvm.compile_model(model, target="llvm", output=tmp / f"{name}.so", input_shapes=shapes)
+    res = gcompile.compile_model(model, target="llvm", output=tmp / f"{name}.so",
+                                 input_shapes=shapes)
     row["compile_graphopt_s"] = res.compile_seconds
     row["artifact_mb"] = res.artifact_bytes / 2**20
-    art = gtvm.load_artifact(res.artifact)
+    art = grunner.load_artifact(res.artifact)
     sess = ort_session(path)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     xa = tvm.runtime.tensor(x)
@@ -142,7 +146,7 @@ def bench_cross(tmp: Path) -> list[dict[str, Any]]:
     for target in ("aarch64", "cuda:sm_90"):
         row: dict[str, Any] = {"model": "cls", "target": target}
         try:
-            res = gtvm.compile_model(path, target=target, output=tmp / f"cls_{target[:4]}.so",
+            res = gcompile.compile_model(path, target=target, output=tmp / f"cls_{target[:4]}.so",
                                      input_shapes=shapes)
             row["compile_s"] = res.compile_seconds
             row["artifact_mb"] = res.artifact_bytes / 2**20
@@ -154,7 +158,7 @@ def bench_cross(tmp: Path) -> list[dict[str, Any]]:
                 row["check"] = ("built; nvcc -cubin on the generated source: "
                                 + {True: "ok", None: "nvcc not found"}[res.cuda_source_checked])
             else:
-                row["check"] = "built; not run (" + (gtvm.qemu_unavailable_reason() or "?") + ")"
+                row["check"] = "built; not run (" + (gqemu.qemu_unavailable_reason() or "?") + ")"
         except Exception as exc:  # noqa: BLE001 - reported in the table
             row["check"] = f"FAILED: {type(exc).__name__}: {str(exc)[:120]}"
         rows.append(row)

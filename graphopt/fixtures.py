@@ -6,11 +6,10 @@ package, so they are available in a source checkout or an editable install but n
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
 
 FIXTURES_DIR: Path = Path(__file__).resolve().parent.parent / "fixtures"
 
@@ -75,8 +74,6 @@ def real_model(name: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
         FileNotFoundError: when the package that ships it is not installed (install the ``test``
             extra, and ``pip install --no-deps silero-vad`` for the silero models).
     """
-    import importlib.util
-
     pkg, rel, shapes = REAL_MODELS[name]
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.origin:
@@ -89,8 +86,6 @@ def real_model(name: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
 
 def real_model_feeds(name: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for a real model that exercise its real paths (silero's sample rate must be 16000)."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     _, shapes = real_model(name)
     if name.startswith("silero"):

@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphopt.core.feeds import random_feeds
 from graphopt.core.model import Model
-from graphopt.core.pass_manager import Pass, PassResult, get_pass
-from graphopt.core.verify import VerifyReport, random_feeds, verify
+from graphopt.core.pass_manager import Pass, PassResult
+from graphopt.core.verify import VerifyReport, verify
+from graphopt.passes import get_pass
 
 
 def op_counts(model: Model) -> dict[str, int]:

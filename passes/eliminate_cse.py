@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
-from graphopt.passes.fold_constants import all_graph_output_ids, has_subgraph, local_topo_order
 
-from graphopt.core.model import Model, constant_nbytes
+from graphopt.core.graph import constant_nbytes, has_subgraph, local_topo_order
+from graphopt.core.model import Model, all_graph_output_ids
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 
 logger = logging.getLogger(__name__)

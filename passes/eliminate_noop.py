@@ -31,10 +31,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from graphopt.passes.eliminate_identity import bypass_node
-from graphopt.passes.fold_constants import all_graph_output_ids, local_topo_order
 
-from graphopt.core.model import Model
+from graphopt.core.graph import bypass_node, local_topo_order
+from graphopt.core.model import Model, all_graph_output_ids
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 from graphopt.core.shapes import is_static
 

@@ -54,12 +54,21 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
+from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from graphopt.core.model import PROTO_LIMIT, Model, constant_nbytes, node_subgraphs
+from graphopt.core.graph import (
+    constant_nbytes,
+    has_subgraph,
+    local_topo_order,
+    node_subgraphs,
+    unique_name,
+)
+from graphopt.core.model import PROTO_LIMIT, Model, all_graph_output_ids
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
-from graphopt.core.pattern import unique_name
-from graphopt.core.shapes import inputs_static, is_static, missing_shapes
+from graphopt.core.session import make_session, session_options
+from graphopt.core.shapes import inputs_static, is_static, missing_shapes, onnx_infer
 
 logger = logging.getLogger(__name__)
 
@@ -82,54 +91,6 @@ MAX_EVAL_BYTES = 256 << 20
 
 
 # ---------------------------------------------------------------------------------------- helpers
-
-
-def local_topo_order(graph: gs.Graph) -> list[gs.Node]:
-    """The graph's nodes in a topological order of their explicit edges (stable Kahn sort).
-
-    Returns ``graph.nodes`` itself (as a list) when it is already sorted, which is the common case.
-    """
-    nodes = list(graph.nodes)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    if all(index.get(id(p), -1) < i for i, n in enumerate(nodes) for t in n.inputs
-           for p in t.inputs):
-        return nodes
-    import heapq
-
-    succs: list[set[int]] = [set() for _ in nodes]
-    indeg = [0] * len(nodes)
-    for i, n in enumerate(nodes):
-        preds = {index[id(p)] for t in n.inputs for p in t.inputs if id(p) in index}
-        indeg[i] = len(preds)
-        for j in preds:
-            succs[j].add(i)
-    ready = [i for i, d in enumerate(indeg) if d == 0]
-    heapq.heapify(ready)
-    order: list[gs.Node] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for k in succs[i]:
-            indeg[k] -= 1
-            if indeg[k] == 0:
-                heapq.heappush(ready, k)
-    if len(order) != len(nodes):  # a cycle: leave the order alone, the ensures check will say
-        return nodes
-    return order
-
-
-def all_graph_output_ids(model: Model) -> set[int]:
-    """ids of every tensor that is an output of the main graph or of any subgraph."""
-    return {id(t) for g in model.walk_graphs() for t in g.outputs}
-
-
-def has_subgraph(node: gs.Node) -> bool:
-    for a in node.attrs.values():
-        if isinstance(a, gs.Graph):
-            return True
-        if isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a):
-            return True
-    return False
 
 
 def constant_node_value(node: gs.Node) -> Any | None:
@@ -183,10 +144,6 @@ def _value_proto(name: str, v: Any) -> onnx.TensorProto:
 
 
 def _run_ort(model: onnx.ModelProto, outputs: list[str]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    from graphopt.core.verify import session_options
-
     so = session_options("disable_all", threads=1)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return list(sess.run(outputs, {}))
@@ -270,8 +227,6 @@ class _Evaluator:
         except Exception as exc:  # noqa: BLE001 - try the reference implementation
             logger.debug("onnxruntime cannot fold %s (%s): %s", node.name, node.op, exc)
             try:
-                from onnx.reference import ReferenceEvaluator
-
                 feeds = {k: (v.values if isinstance(v, gs.Constant) else
                              onnx.numpy_helper.to_array(_value_proto(k, v)))
                          for k, v in vals.items()}
@@ -338,8 +293,6 @@ def _walk(root: gs.Graph, skip: Callable[[gs.Graph], bool] | None = None
 
 def _loads(model: Model) -> bool:
     """Whether onnxruntime accepts the model (its load-time type and shape inference)."""
-    from graphopt.core.verify import make_session
-
     try:
         make_session(model)
     except Exception as exc:  # noqa: BLE001 - any refusal counts
@@ -360,9 +313,7 @@ def refine_shapes(model: Model) -> int:
     onnxruntime fallback of :func:`graphopt.core.shapes.infer_shapes`, are kept). Returns how many
     tensors were refined.
     """
-    from graphopt.core.shapes import _onnx_infer
-
-    found = _onnx_infer(model)
+    found = onnx_infer(model)
     refined = 0
     for g in model.walk_graphs():
         for name, t in g.tensors().items():

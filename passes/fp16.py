@@ -47,10 +47,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
+from graphopt.core.graph import unique_name
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
-from graphopt.core.pattern import unique_name
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +156,6 @@ def _set_values(c: gs.Constant, arr: np.ndarray) -> None:
 
 def _probe_node(node: gs.Node, opset: int) -> str:
     """Classify onnxruntime CPU's float16 support for ``node`` by loading it as a one-node model."""
-    import onnxruntime as ort
-
     helper = onnx.helper
     inputs, inits, in_names = [], [], []
     keep = FP32_INPUTS.get(node.op, frozenset())

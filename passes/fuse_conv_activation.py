@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.core.graph import make_node, unique_name
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
-from graphopt.core.pattern import Const, Match, Op, Rule, RuleSet, make_node, unique_name
+from graphopt.core.pattern import Const, Match, Op, Rule, RuleSet
 
 logger = logging.getLogger(__name__)
 

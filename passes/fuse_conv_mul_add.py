@@ -22,10 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.core.pass_manager import register_pass
-from graphopt.core.pattern import Const, Match, Op, Pattern, RewritePass, Rule
-
-from .fuse_conv_bn import (
+from graphopt.algorithms.linear import (
     LINEAR_OPS,
     bias_of,
     linear_ok,
@@ -33,6 +30,8 @@ from .fuse_conv_bn import (
     rebuild_linear,
     scale_out_channels,
 )
+from graphopt.core.pass_manager import register_pass
+from graphopt.core.pattern import Const, Match, Op, Pattern, RewritePass, Rule
 
 logger = logging.getLogger(__name__)
 

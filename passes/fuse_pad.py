@@ -21,8 +21,9 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.core.graph import make_node
 from graphopt.core.pass_manager import register_pass
-from graphopt.core.pattern import Match, Op, RewritePass, Rule, make_node
+from graphopt.core.pattern import Match, Op, RewritePass, Rule
 
 logger = logging.getLogger(__name__)
 

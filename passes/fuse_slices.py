@@ -18,9 +18,9 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.core.graph import const, make_node
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
-from graphopt.core.pattern import const, make_node
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Memory plan (analysis): liveness, lower bound and arena offsets of every activation.
 
-Nothing in the model changes. The figures (see :mod:`graphopt.algorithms.memory.planner` for the maths):
+Nothing in the model changes. The figures (see :mod:`graphopt.algorithms.memory.planner` for the
+maths):
 
     naive       = sum_t align(bytes(t))                       one buffer per tensor
     lower bound = max_step sum_{t live at step} align(bytes(t))
@@ -18,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.algorithms.memory.planner import MemoryPlan, plan_memory
+from graphopt.algorithms.memory.arena import probe_unknown
+from graphopt.algorithms.memory.planner import MemoryPlan, plan_order
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
+from graphopt.core.shapes import prepare
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +45,11 @@ class PlanMemoryPass(Pass):
         self.last_plan: MemoryPlan | None = None
 
     def call(self, model: Model) -> PassResult:
-        plan = plan_memory(model, self.input_shapes, strategy=self.strategy,
-                           inplace=self.inplace, reorder=False, feeds=self.feeds)
+        # the model keeps its order; a prepared copy is planned (``last_plan.model``)
+        work = prepare(model.clone(), self.input_shapes)
+        plan = plan_order(work, inplace=self.inplace, strategy=self.strategy,
+                          observed=probe_unknown(work, self.feeds))
+        plan.order_index = list(range(len(work.graph.nodes)))
         self.last_plan = plan
         s = plan.summary()
         stats: dict[str, Any] = {k: s[k] for k in (

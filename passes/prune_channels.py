@@ -1,13 +1,13 @@
 """Structured channel pruning: remove whole output channels of weight layers, with recovery.
 
 For a ratio ``r`` (``scope="group"``, the default) every dependency group (see
-:mod:`graphopt.algorithms.prune.analysis`: the producers whose channels are coupled through BatchNormalization,
-depthwise convs, residual Add/Mul, SE blocks, Concat/Split/Slice, Resize, Flatten/Reshape into
-Gemm/MatMul, ...) loses its ``round(r * width)`` least important free channels, never going below
-``max(min_channels, min_fraction * width)`` and, with ``round_to=N``, keeping a multiple of ``N``
-channels (CPU kernels work in channel blocks).
-With ``scope="global"`` importances are normalized by their group's mean and the least important
-``r`` of all channels of the model go, so groups lose different fractions.
+:mod:`graphopt.algorithms.prune.analysis`: the producers whose channels are coupled through
+BatchNormalization, depthwise convs, residual Add/Mul, SE blocks, Concat/Split/Slice, Resize,
+Flatten/Reshape into Gemm/MatMul, ...) loses its ``round(r * width)`` least important free channels,
+never going below ``max(min_channels, min_fraction * width)`` and, with ``round_to=N``, keeping a
+multiple of ``N`` channels (CPU kernels work in channel blocks). With ``scope="global"`` importances
+are normalized by their group's mean and the least important ``r`` of all channels of the model go,
+so groups lose different fractions.
 
 Importance of a channel (summed over the coupled producers, each normalized by its layer mean):
 
@@ -20,8 +20,8 @@ Importance of a channel (summed over the coupled producers, each normalized by i
 Removing channel ``c`` slices ``W[c]`` (and bias, BN parameters, per-channel constants) of its
 producers and ``W[:, c]`` of its consumers, and rewrites hard-coded widths (Reshape targets, Split
 sizes, Slice bounds, depthwise ``group``). This is exact when channel ``c`` is zero; otherwise the
-recovery step (:mod:`graphopt.algorithms.prune.recover`, least squares on calibration data) refits the consumer
-layers to the original outputs.
+recovery step (:mod:`graphopt.algorithms.prune.recover`, least squares on calibration data) refits
+the consumer layers to the original outputs.
 
 Decisions (documented in the README): pruning runs on the model as loaded, *before* the fusion
 pipeline, so BatchNormalization is still there for the ``bn`` criterion and recovery fits a conv's
@@ -56,8 +56,10 @@ from graphopt.algorithms.prune.analysis import (
     unit_scores,
     weight_importance,
 )
+from graphopt.algorithms.prune.recover import recover, truncated_session
 from graphopt.core.cost import model_cost
 from graphopt.core.errors import GraphoptError
+from graphopt.core.feeds import open_calibration
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 from graphopt.core.shapes import fix_input_shapes, infer_shapes, is_static
@@ -110,8 +112,6 @@ def materialize_calib(calib: Any, model: Model, limit: int = 128) -> list[Feeds]
     if isinstance(calib, list) and all(isinstance(c, Mapping) for c in calib):
         feeds = [dict(c) for c in calib]
     else:
-        from graphopt.core.feeds import open_calibration
-
         batch1 = any(t.shape and t.shape[0] == 1 for t in model.graph.inputs)
         feeds = list(open_calibration(calib, model, batch_size=1 if batch1 else 16, limit=limit))
     out: list[Feeds] = []
@@ -121,12 +121,10 @@ def materialize_calib(calib: Any, model: Model, limit: int = 128) -> list[Feeds]
 
 
 def _activation_importance(model: Model, an: Analysis, calib: list[Feeds]) -> np.ndarray:
-    from graphopt.algorithms.prune.recover import _sessions_outputs
-
     if not calib:
         raise GraphoptError("criterion 'activation' needs calibration data (--calib DATA)")
     names = [p.out_name for p in an.producers]
-    sess = _sessions_outputs(model, names)
+    sess = truncated_session(model, names)
     inputs = {i.name for i in sess.get_inputs()}
     acc = np.zeros(an.n_elements)
     for feeds in calib:
@@ -262,8 +260,6 @@ class PruneChannelsPass(Pass):
                     t.shape = None
         recovery: dict[str, int] = {}
         if self.recover and calib:
-            from graphopt.algorithms.prune.recover import recover
-
             recovery = recover(model.clone(), work, calib, kept_out, changed, self.positions,
                                self.ridge)
             stats.update(recovery)

@@ -1,12 +1,13 @@
 """Static int8 quantization as QDQ: ``op(x, W, b) -> DQ(Q(x)) , DQ(W_q), DQ(b_q) -> op -> Q -> DQ``.
 
-Maths (see :mod:`graphopt.algorithms.quant.graph`): activations affine, ``q = clamp(round(x / s) + z)``, ``s =
-(hi - lo) / 255`` from the calibrated range ``[lo, hi]`` (widened to contain 0); weights symmetric
-int8 per output channel, ``s_c = max|W_c| / 127`` (63 with ``reduce_range``); biases int32 with
-scale ``s_x * s_c``. Ranges come from calibration observers (:mod:`graphopt.algorithms.quant.observers`): either
-given as ``ranges`` (tensor -> (lo, hi)) or measured here from ``calib`` (an iterable of feed dicts;
-passes do no file I/O). Without either the pass changes nothing. The whole job (optimize first,
-opset upgrade, mixed precision, reports) is :func:`graphopt.jobs.quantize.quantize`.
+Maths (see :mod:`graphopt.algorithms.quant.graph`): activations affine,
+``q = clamp(round(x / s) + z)``, ``s = (hi - lo) / 255`` from the calibrated range ``[lo, hi]``
+(widened to contain 0); weights symmetric int8 per output channel, ``s_c = max|W_c| / 127`` (63
+with ``reduce_range``); biases int32 with scale ``s_x * s_c``. Ranges come from calibration
+observers (:mod:`graphopt.algorithms.quant.observers`): either given as ``ranges`` (tensor -> (lo,
+hi)) or measured here from ``calib`` (an iterable of feed dicts; passes do no file I/O). Without
+either the pass changes nothing. The whole job (optimize first, opset upgrade, mixed precision,
+reports) is :func:`graphopt.jobs.quantize.quantize`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from graphopt.algorithms.quant.calibrate import collect_ranges
-from graphopt.algorithms.quant.graph import QuantConfig, apply_quantization, plan_quantization
+from graphopt.algorithms.quant.graph import (
+    QuantConfig,
+    apply_quantization,
+    choose_activation_type,
+    plan_quantization,
+    upgrade_opset,
+)
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 
@@ -45,8 +52,6 @@ class QuantizeInt8Pass(Pass):
         self.op_types = tuple(op_types) if op_types is not None else None
 
     def call(self, model: Model) -> PassResult:
-        from graphopt.jobs.quantize import choose_activation_type, upgrade_opset
-
         if self.ranges is None and self.calib is None:
             logger.debug("quantize-int8: no ranges and no calibration data; nothing done")
             return PassResult(model, False, {})

@@ -35,20 +35,10 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.core.graph import const, make_node, unique_name
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import PassResult, register_pass
-from graphopt.core.pattern import (
-    Const,
-    Match,
-    Op,
-    RewritePass,
-    Rule,
-    RuleSet,
-    const,
-    make_node,
-    scalar,
-    unique_name,
-)
+from graphopt.core.pattern import Const, Match, Op, RewritePass, Rule, RuleSet, scalar
 
 logger = logging.getLogger(__name__)
 

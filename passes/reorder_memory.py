@@ -16,17 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.algorithms.memory.arena import probe_unknown
 from graphopt.algorithms.memory.order import reorder_for_memory
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
+from graphopt.core.shapes import inputs_static, prepare
 
 logger = logging.getLogger(__name__)
-
-
-def _needs_shapes(model: Model) -> bool:
-    from graphopt.algorithms.memory.planner import _needs_probe
-
-    return _needs_probe(model)
 
 
 @register_pass
@@ -45,15 +41,11 @@ class ReorderMemoryPass(Pass):
         self.feeds = feeds
 
     def call(self, model: Model) -> PassResult:
-        from graphopt.algorithms.memory.planner import observe_unknown
-        from graphopt.core.shapes import inputs_static
-        from graphopt.jobs.optimize import prepare
-
         work = prepare(model.clone(), self.input_shapes)
         if not inputs_static(work):
             logger.debug("reorder-memory: input shapes are not static; skipped (give input_shapes)")
             return PassResult(model, False, {"order_changed": 0})
-        observed = observe_unknown(work, self.feeds) if _needs_shapes(work) else None
+        observed = probe_unknown(work, self.feeds)
         info: dict[str, Any] = {}
         # graph.copy keeps the node order: position i of the clone is node i of the model
         orig_pos = {id(n): i for i, n in enumerate(work.graph.nodes)}

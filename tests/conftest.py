@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.fixtures import FIXTURES, REAL_MODELS, fixture_path, real_model
 
@@ -18,7 +19,7 @@ def load_fixture():
     """``load_fixture('cnn.onnx') -> Model``."""
 
     def _load(name: str) -> Model:
-        return Model.load(fixture_path(name))
+        return load(fixture_path(name))
 
     return _load
 

@@ -1,8 +1,8 @@
 """Tiny hand-built graphs for the fusion and recognition pass tests (not a test module).
 
 Unlike ``helpers_graphs.make_model`` (which runs onnx.checker and so needs declared output shapes),
-``build`` declares outputs without shapes and lets ``graphopt.jobs.optimize.prepare`` infer every shape,
-which the fusion rules read.
+``build`` declares outputs without shapes and lets ``graphopt.core.shapes.prepare`` infer every
+shape, which the fusion rules read.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.core.model import Model
-from graphopt.jobs.optimize import prepare
+from graphopt.core.shapes import prepare
 
 RNG = np.random.default_rng(1234)
 

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from graphopt.core.errors import CalibrationError
 from graphopt.core.feeds import input_specs, open_calibration
 from graphopt.core.model import Model
+from graphopt.core.saver import save
 
 
 def dynamic_width_model() -> Model:
@@ -110,7 +111,7 @@ def test_cli_exit_2_on_bad_calibration(tmp_path: Path) -> None:
     from graphopt.cli import main
 
     m = dynamic_width_model()
-    m.save(tmp_path / "m.onnx")
+    save(m, tmp_path / "m.onnx")
     np.savez(tmp_path / "bad.npz", z=np.zeros((2, 3, 8, 8), np.float32))
     rc = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
                "--calib", str(tmp_path / "bad.npz"), "--json"])

@@ -1,5 +1,6 @@
-"""Tests for graphopt.core.cost: hand-computed MACs on tiny graphs, parameter and activation accounting,
-and an independent MACs count of the published PP-OCR models (onnxruntime arrays + raw proto)."""
+"""Tests for graphopt.core.cost: hand-computed MACs on tiny graphs, parameter and activation
+accounting, and an independent MACs count of the published PP-OCR models (onnxruntime arrays + raw
+proto)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.core.cost import model_cost, node_macs, tensor_bytes
+from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.core.shapes import fix_input_shapes, infer_shapes
 from graphopt.fixtures import real_model
@@ -278,7 +280,7 @@ def _independent_macs(path: Path, shape: tuple[int, ...]) -> dict[str, int]:
 def test_real_ppocr_macs_match_independent_count(key: str) -> None:
     pytest.importorskip("rapidocr_onnxruntime")
     path, shapes = real_model(key)  # det x: 1x3x320x320, rec 1x3x48x320, cls 1x3x48x192
-    model = infer_shapes(fix_input_shapes(Model.load(path), shapes))
+    model = infer_shapes(fix_input_shapes(load(path), shapes))
     cost = model_cost(model)
     ref = _independent_macs(path, shapes["x"])
     ours = {nc.name: nc.macs for nc in cost.nodes if nc.op in _CONTRACTIONS}
@@ -302,7 +304,7 @@ def test_real_silero_subgraphs_are_walked() -> None:
     """silero-vad keeps its network inside If branches: every nested node is costed once."""
     pytest.importorskip("silero_vad")
     path, shapes = real_model("silero_op15")
-    model = infer_shapes(fix_input_shapes(Model.load(path), shapes))
+    model = infer_shapes(fix_input_shapes(load(path), shapes))
     cost = model_cost(model)
     assert len(cost.nodes) == model.num_nodes() > len(model.graph.nodes)
     assert cost.params > 0

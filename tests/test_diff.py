@@ -11,15 +11,19 @@ import onnx_graphsurgeon as gs
 import pytest
 from conftest import real_or_skip
 
-from graphopt.algorithms.diff import diff_models, structural_diff
+from graphopt.algorithms.diff import structural_diff
 from graphopt.cli import main
+from graphopt.core.loader import load
 from graphopt.core.model import Model
+from graphopt.core.saver import save
+from graphopt.core.shapes import prepare
 from graphopt.fixtures import fixture_path
-from graphopt.jobs.optimize import optimize_model, prepare
+from graphopt.jobs.diff import diff_models
+from graphopt.jobs.optimize import optimize_model
 
 
 def _optimized(name: str) -> tuple[Model, Model]:
-    a = prepare(Model.load(fixture_path(name)))
+    a = prepare(load(fixture_path(name)))
     return a, optimize_model(a).model
 
 
@@ -58,7 +62,7 @@ def test_optimized_mobilenet_block_groups_named() -> None:
 
 
 def test_broken_weight_first_divergent_node() -> None:
-    a = prepare(Model.load(fixture_path("residual.onnx")))
+    a = prepare(load(fixture_path("residual.onnx")))
     b, reader = _break_weight(a, "Conv", 1)
     rep = diff_models(a, b, per_layer=True)
     assert not rep.outputs_equal
@@ -80,7 +84,7 @@ def test_broken_optimized_points_at_fused_node() -> None:
 
 
 def test_identical_models_no_change() -> None:
-    a = prepare(Model.load(fixture_path("transformer_block.onnx")))
+    a = prepare(load(fixture_path("transformer_block.onnx")))
     rep = diff_models(a, a.clone(), per_layer=True)
     assert rep.outputs_equal and rep.first_divergent_node is None
     assert not (rep.fused_groups or rep.changed or rep.added or rep.removed or rep.nodes_added
@@ -88,9 +92,9 @@ def test_identical_models_no_change() -> None:
 
 
 def test_fp16_diff_shapes_and_casts() -> None:
-    from graphopt.core.pass_manager import get_pass
+    from graphopt.passes import get_pass
 
-    a = prepare(Model.load(fixture_path("cnn.onnx")))
+    a = prepare(load(fixture_path("cnn.onnx")))
     b = a.clone()
     get_pass("fp16")(b)
     rep = structural_diff(a, b)
@@ -102,7 +106,7 @@ def test_fp16_diff_shapes_and_casts() -> None:
 @pytest.mark.real
 def test_real_cls_optimized_diff() -> None:
     path, shapes = real_or_skip("cls")
-    a = prepare(Model.load(path), shapes)
+    a = prepare(load(path), shapes)
     b = optimize_model(a).model
     rep = diff_models(a, b)
     assert rep.outputs_equal
@@ -112,8 +116,8 @@ def test_real_cls_optimized_diff() -> None:
 def test_cli_diff_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = _optimized("mobilenet_block.onnx")
     pa, pb = tmp_path / "a.onnx", tmp_path / "b.onnx"
-    a.save(pa)
-    b.save(pb)
+    save(a, pa)
+    save(b, pb)
     rc = main(["diff", str(pa), str(pb), "--json", "--per-layer"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
@@ -125,7 +129,7 @@ def test_cli_diff_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "Add+Clip+Mul+Div -> HardSwish" in {g["label"] for g in info["fused_groups"]}
     broken, reader = _break_weight(a, "Conv", 0)
     pc = tmp_path / "c.onnx"
-    broken.save(pc)
+    save(broken, pc)
     rc = main(["diff", str(pa), str(pc), "--per-layer", "--check"])
     cap = capsys.readouterr()
     assert rc == 1

@@ -7,8 +7,8 @@ from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
 from graphopt.core.model import Model
-from graphopt.core.pass_manager import get_pass
-from graphopt.jobs.optimize import prepare
+from graphopt.core.shapes import prepare
+from graphopt.passes import get_pass
 from graphopt.testing import check_pass, op_counts
 
 

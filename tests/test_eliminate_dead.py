@@ -6,7 +6,7 @@ import numpy as np
 from helpers_graphs import make_model, vi
 from onnx import helper
 
-from graphopt.core.model import Model
+from graphopt.core.loader import load
 from graphopt.fixtures import fixture_path
 from graphopt.testing import check_pass, op_counts
 
@@ -30,4 +30,4 @@ def test_keeps_live_graph_and_unused_input() -> None:
 
 
 def test_fixture_unchanged() -> None:
-    check_pass(Model.load(fixture_path("residual.onnx")), "eliminate-dead", expect_modified=False)
+    check_pass(load(fixture_path("residual.onnx")), "eliminate-dead", expect_modified=False)

@@ -1,4 +1,4 @@
-"""Tests for passes/noop_elimination.py (eliminate-noop)."""
+"""Tests for passes/eliminate_noop.py (eliminate-noop)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
 from graphopt.core.model import Model
-from graphopt.jobs.optimize import prepare
+from graphopt.core.shapes import prepare
 from graphopt.testing import check_pass, op_counts
 
 F = TensorProto.FLOAT

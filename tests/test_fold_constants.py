@@ -1,4 +1,4 @@
-"""Tests for passes/constant_folding.py (fold-constants)."""
+"""Tests for passes/fold_constants.py (fold-constants)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from conftest import real_or_skip
 from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
+from graphopt.core.loader import load
 from graphopt.core.model import Model
-from graphopt.core.pass_manager import get_pass
+from graphopt.core.shapes import prepare
 from graphopt.fixtures import fixture_path, real_model_feeds
-from graphopt.jobs.optimize import optimize_model, prepare
+from graphopt.jobs.optimize import optimize_model
+from graphopt.passes import get_pass
 from graphopt.testing import check_pass, op_counts
 
 I64 = TensorProto.INT64
@@ -129,7 +131,7 @@ def test_static_dims_of_a_partly_dynamic_shape_fold() -> None:
 
 
 def test_if_with_constant_condition_is_inlined_fixture() -> None:
-    m = _prepared(Model.load(fixture_path("if_model.onnx")))
+    m = _prepared(load(fixture_path("if_model.onnx")))
     assert op_counts(m)["If"] == 2
 
     def structure(r: Model) -> None:
@@ -387,7 +389,7 @@ def test_unknown_domain_nodes_are_never_folded() -> None:
 @pytest.mark.parametrize("name", ["det", "rec", "cls", "silero"])
 def test_real_models_default_pipeline(name: str) -> None:
     path, shapes = real_or_skip(name)
-    model = Model.load(path)
+    model = load(path)
     before = model.num_nodes()
     res = optimize_model(model, input_shapes=shapes, feeds=real_model_feeds(name))
     assert res.verify is not None and res.verify.ok, res.verify.to_json() if res.verify else None
@@ -404,7 +406,7 @@ def test_real_models_default_pipeline(name: str) -> None:
 
 
 def test_local_topo_order_sorts_an_unsorted_graph_and_keeps_a_sorted_one() -> None:
-    from graphopt.passes.fold_constants import local_topo_order
+    from graphopt.core.graph import local_topo_order
 
     x, a, b, y = (gs.Variable(n, np.float32, [2]) for n in "xaby")
     n1 = gs.Node("Relu", inputs=[x], outputs=[a])

@@ -13,15 +13,17 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from conftest import real_or_skip
-from graphopt.passes.fp16 import ORT_CPU_FP16, Fp16Pass, _probe_node
 from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
 from graphopt.cli import main
+from graphopt.core.feeds import random_feeds
+from graphopt.core.loader import load
 from graphopt.core.model import Model
-from graphopt.core.verify import random_feeds, run_model
+from graphopt.core.session import run_model
+from graphopt.core.shapes import prepare
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
-from graphopt.jobs.optimize import prepare
+from graphopt.passes.fp16 import ORT_CPU_FP16, Fp16Pass, _probe_node
 from graphopt.testing import check_pass
 
 F16 = np.dtype(np.float16)
@@ -58,7 +60,7 @@ def _structure(model: Model) -> None:
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fp16_fixtures(name: str) -> None:
-    model = prepare(Model.load(fixture_path(name)))
+    model = prepare(load(fixture_path(name)))
     res, report = check_pass(model, "fp16", min_sqnr_db=40, structure=_structure)
     assert res.stats["nodes_fp16"] > 0
     assert all(o.sqnr_db >= 40 for o in report.outputs)
@@ -88,7 +90,7 @@ def test_fp16_real_models(name: str) -> None:
     feeds = real_model_feeds(name)
     if name == "det":
         feeds = _det_page_feed() or pytest.skip("no font to render a text page for det")
-    model = prepare(Model.load(path), shapes, feeds=feeds)
+    model = prepare(load(path), shapes, feeds=feeds)
     res, report = check_pass(model, "fp16", min_sqnr_db=40, feeds=feeds, structure=_structure)
     _no_nan(res.model, feeds)
     assert res.stats["nodes_fp16"] > 100
@@ -98,7 +100,7 @@ def test_fp16_real_models(name: str) -> None:
 
 def test_det_batchnorm_variance_beyond_half_range_kept() -> None:
     path, shapes = real_or_skip("det")
-    model = prepare(Model.load(path), shapes)
+    model = prepare(load(path), shapes)
     res = Fp16Pass()(model.clone())
     assert res.stats["values_clipped"] == 0
     bn = [n for n in res.model.graph.nodes if n.op == "BatchNormalization"]
@@ -179,7 +181,7 @@ def test_clip_bounds_clipped_and_overflowing_weight_kept() -> None:
 
 
 def test_keep_fp32_by_op_and_name() -> None:
-    model = prepare(Model.load(fixture_path("cnn.onnx")))
+    model = prepare(load(fixture_path("cnn.onnx")))
     convs = [n.name for n in model.graph.nodes if n.op == "Conv"]
 
     def no_half_conv(m: Model) -> None:
@@ -200,7 +202,7 @@ def test_keep_fp32_by_op_and_name() -> None:
 
 
 def test_keep_io_types_false_and_idempotent() -> None:
-    model = prepare(Model.load(fixture_path("cnn.onnx")))
+    model = prepare(load(fixture_path("cnn.onnx")))
 
     def half_io(m: Model) -> None:
         assert np.dtype(m.graph.inputs[0].dtype) == F16
@@ -214,7 +216,7 @@ def test_keep_io_types_false_and_idempotent() -> None:
 
 
 def test_subgraph_converted_if_outputs_float32() -> None:
-    model = prepare(Model.load(fixture_path("if_model.onnx")))
+    model = prepare(load(fixture_path("if_model.onnx")))
 
     def structure(m: Model) -> None:
         if_node = next(n for n in m.graph.nodes if n.op == "If")
@@ -275,7 +277,7 @@ def test_cli_fp16_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         assert key in info
     assert any("oftmax" in n or n for n in info["kept_fp32"])
     assert all(v["sqnr_db"] == "inf" or v["sqnr_db"] >= 40 for v in info["verify"].values())
-    m = Model.load(out)
+    m = load(out)
     assert any(n.op == "Softmax" and n.name in info["kept_fp32"] for n in m.graph.nodes)
     rc = main(["fp16", str(tmp_path / "missing.onnx"), "-o", str(out)])
     assert rc == 2
@@ -284,7 +286,7 @@ def test_cli_fp16_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_kernels_native_keeps_ops_without_half_kernels() -> None:
     """kernels='native': ops onnxruntime CPU only runs through its own Casts (Conv, Relu, Gemm on
     x86) stay float32; the weights of kept ops are not converted."""
-    model = prepare(Model.load(fixture_path("cnn.onnx")))
+    model = prepare(load(fixture_path("cnn.onnx")))
 
     def structure(m: Model) -> None:
         for n in m.graph.nodes:

@@ -7,11 +7,13 @@ import json
 import numpy as np
 import pytest
 from fusion_graphs import build, node, rand
-from graphopt.passes.fuse_conv_activation import METADATA_KEY
 
+from graphopt.core.loader import load
 from graphopt.core.model import Model
+from graphopt.core.shapes import prepare
 from graphopt.fixtures import real_model_feeds
-from graphopt.jobs.optimize import optimize_model, prepare
+from graphopt.jobs.optimize import optimize_model
+from graphopt.passes.fuse_conv_activation import METADATA_KEY
 from graphopt.testing import check_pass, op_counts
 
 P = "fuse-conv-activation"
@@ -92,7 +94,7 @@ def test_ort_negative_escaping_and_hardswish_unit() -> None:
 
 def test_bad_target() -> None:
     from graphopt.core.errors import GraphoptError
-    from graphopt.core.pass_manager import get_pass
+    from graphopt.passes import get_pass
 
     with pytest.raises((GraphoptError, ValueError)):
         get_pass(P, target="tvm")
@@ -117,7 +119,7 @@ def test_real_models_optimize_and_verify(name: str) -> None:
     from conftest import real_or_skip
 
     path, shapes = real_or_skip(name)
-    m = Model.load(path)
+    m = load(path)
     res = optimize_model(m, input_shapes=shapes, feeds=real_model_feeds(name))
     assert res.verify is not None and res.verify.ok
     assert res.model.num_nodes() < 0.5 * prepare(m.clone(), shapes).num_nodes()

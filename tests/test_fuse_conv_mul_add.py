@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fusion_graphs import build, node, rand
 
-from graphopt.core.pass_manager import get_pass
+from graphopt.passes import get_pass
 from graphopt.testing import check_pass, op_counts
 
 P = "fuse-conv-mul-add"

@@ -6,7 +6,8 @@
   output passes ``onnx.checker`` (full_check) and verifies against the input at fp32 tolerance on
   seeded random feeds; the input model (a clone sharing constant arrays) is left unchanged; a pass
   that reports ``modified=False`` changed nothing;
-- analysis passes change nothing; memory plans pass the execution proof (graphopt/memory_exec.py);
+- analysis passes change nothing; memory plans pass the execution proof
+  (graphopt/algorithms/memory/arena.py);
 - lossy passes always produce a model that onnx.checker accepts and onnxruntime loads and runs;
   pruning with the pruned channels zeroed first is exact.
 
@@ -26,10 +27,13 @@ from graphgen import Generated, generated_models
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
+from graphopt.core.feeds import random_feeds
 from graphopt.core.model import Model
-from graphopt.core.pass_manager import get_pass, registered_passes
-from graphopt.core.verify import make_session, random_feeds, run_model, verify
-from graphopt.jobs.optimize import ATOL, RTOL, optimize_model, prepare
+from graphopt.core.session import make_session, run_model
+from graphopt.core.shapes import prepare
+from graphopt.core.verify import verify
+from graphopt.jobs.optimize import ATOL, RTOL, optimize_model
+from graphopt.passes import get_pass, registered_passes
 from graphopt.testing import fingerprint
 
 EXAMPLES = int(os.environ.get("GRAPHOPT_FUZZ_EXAMPLES", "15"))
@@ -158,9 +162,9 @@ def test_analysis_pass_changes_nothing(name: str, g: Generated) -> None:
 def _memory_api():
     try:
         from graphopt.algorithms.memory.arena import prove
-        from graphopt.algorithms.memory.planner import plan_memory
+        from graphopt.jobs.plan import plan_memory
     except ImportError:
-        pytest.skip("graphopt/algorithms/memory/planner.py or graphopt/memory_exec.py has not landed")
+        pytest.skip("graphopt.jobs.plan or graphopt.algorithms.memory.arena has not landed")
     return plan_memory, prove
 
 
@@ -217,9 +221,10 @@ def _prune_api():
     try:
         from graphopt.algorithms.prune import analysis as pd
     except ImportError:
-        pytest.skip("graphopt/prune_deps.py has not landed")
+        pytest.skip("graphopt/algorithms/prune/analysis.py has not landed")
     if not hasattr(pd, "zero_pruned"):
-        pytest.skip("graphopt.algorithms.prune.analysis has no zero_pruned: cannot build the zeroed reference")
+        pytest.skip("graphopt.algorithms.prune.analysis has no zero_pruned: cannot build the "
+                    "zeroed reference")
     return pd
 
 
@@ -235,7 +240,7 @@ PRUNE_BLOCKS = ("conv", "conv_bn", "conv_act", "conv_scale_shift", "batchnorm", 
 def test_pruning_zeroed_channels_first_is_exact(g: Generated, ratio: float) -> None:
     """Zero the channels that pruning will remove, then remove them: the outputs must not change.
 
-    The reference is the model with those channels zeroed (``prune_deps.zero_pruned``); the pruned
+    The reference is the model with those channels zeroed (``analysis.zero_pruned``); the pruned
     model is built from the same analysis (``apply_pruning``) and, end to end, by the pass itself
     without recovery (zeroed channels have zero importance, so the pass picks them first).
     """

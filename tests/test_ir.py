@@ -13,10 +13,12 @@ from conftest import REAL_NAMES, real_or_skip
 from onnx import helper
 
 from graphopt.core.errors import GraphoptError, ModelLoadError
-from graphopt.core.model import Model
-from graphopt.core.verify import random_feeds, verify
+from graphopt.core.feeds import random_feeds
+from graphopt.core.loader import load
+from graphopt.core.saver import save
+from graphopt.core.shapes import prepare
+from graphopt.core.verify import verify
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
-from graphopt.jobs.optimize import prepare
 
 
 def _sha(p: Path) -> str:
@@ -27,29 +29,29 @@ def _sha(p: Path) -> str:
 def test_fixture_round_trip(name: str, tmp_path: Path) -> None:
     src = fixture_path(name)
     before = _sha(src)
-    m = Model.load(src)
-    out = m.save(tmp_path / name)
-    m2 = Model.load(out)
+    m = load(src)
+    out = save(m, tmp_path / name)
+    m2 = load(out)
     assert m2.num_nodes() == m.num_nodes()
     assert m2.opset_imports == m.opset_imports
     assert m2.num_subgraphs() == m.num_subgraphs()
     shapes = {"x": (2, 1, 8, 8)} if name == "digits_cnn.onnx" else None
-    ref = prepare(Model.load(src), shapes)
+    ref = prepare(load(src), shapes)
     rep = verify(ref, m2, feeds=random_feeds(ref, seed=1), rtol=0, atol=0)
     assert rep.ok, rep.to_json()
     assert _sha(src) == before
 
 
 def test_external_data_round_trip(tmp_path: Path) -> None:
-    m = Model.load(fixture_path("external_data.onnx"))
+    m = load(fixture_path("external_data.onnx"))
     assert m.external_data
-    out = m.save(tmp_path / "ext.onnx")
+    out = save(m, tmp_path / "ext.onnx")
     data = tmp_path / "ext.onnx.data"
     assert data.is_file() and data.stat().st_size > 300_000
     assert out.stat().st_size < 50_000  # the weights are outside the proto
     proto = onnx.load(str(out), load_external_data=False)
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    rep = verify(Model.load(fixture_path("external_data.onnx")), out, rtol=0, atol=0)
+    rep = verify(load(fixture_path("external_data.onnx")), out, rtol=0, atol=0)
     assert rep.ok
 
 
@@ -67,8 +69,8 @@ def test_metadata_opsets_functions_kept(tmp_path: Path) -> None:
     helper.set_model_props(proto, {"author": "me", "k": "v"})
     p = tmp_path / "f.onnx"
     onnx.save(proto, str(p))
-    m = Model.load(p)
-    m2 = Model.load(m.save(tmp_path / "g.onnx"))
+    m = load(p)
+    m2 = load(save(m, tmp_path / "g.onnx"))
     assert m2.metadata == {"author": "me", "k": "v"}
     assert m2.opset_imports == {"": 17, "local": 1}
     assert [f.name for f in m2.functions] == ["Twice"]
@@ -90,12 +92,12 @@ def test_clone_is_independent(load_fixture) -> None:
 def test_real_round_trip(name: str, tmp_path: Path) -> None:
     path, shapes = real_or_skip(name)
     before = _sha(path)
-    m = Model.load(path)
-    out = m.save(tmp_path / "rt.onnx")
-    ref = prepare(Model.load(path), shapes)
+    m = load(path)
+    out = save(m, tmp_path / "rt.onnx")
+    ref = prepare(load(path), shapes)
     rep = verify(ref, out, feeds=real_model_feeds(name), rtol=0, atol=0)
     assert rep.ok, rep.to_json()
-    assert Model.load(out).num_subgraphs() == m.num_subgraphs()
+    assert load(out).num_subgraphs() == m.num_subgraphs()
     assert _sha(path) == before
 
 
@@ -104,7 +106,7 @@ def test_real_round_trip(name: str, tmp_path: Path) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no such file"):
-        Model.load(tmp_path / "nope.onnx")
+        load(tmp_path / "nope.onnx")
 
 
 def test_truncated_file(tmp_path: Path) -> None:
@@ -113,21 +115,21 @@ def test_truncated_file(tmp_path: Path) -> None:
     for cut in (len(data) // 3, len(data) - 7, 40):
         p.write_bytes(data[:cut])
         with pytest.raises(ModelLoadError):
-            Model.load(p)
+            load(p)
 
 
 def test_text_file(tmp_path: Path) -> None:
     p = tmp_path / "readme.onnx"
     p.write_text("this is not a model\n" * 20)
     with pytest.raises(ModelLoadError, match="not"):
-        Model.load(p)
+        load(p)
 
 
 def test_empty_file(tmp_path: Path) -> None:
     p = tmp_path / "e.onnx"
     p.write_bytes(b"")
     with pytest.raises(ModelLoadError, match="empty"):
-        Model.load(p)
+        load(p)
 
 
 def _copy_external(tmp_path: Path) -> Path:
@@ -140,7 +142,7 @@ def test_missing_external_data(tmp_path: Path) -> None:
     p = _copy_external(tmp_path)
     os.remove(tmp_path / "external_data.onnx.data")
     with pytest.raises(ModelLoadError, match="missing"):
-        Model.load(p)
+        load(p)
 
 
 def test_short_external_data(tmp_path: Path) -> None:
@@ -148,7 +150,7 @@ def test_short_external_data(tmp_path: Path) -> None:
     d = tmp_path / "external_data.onnx.data"
     d.write_bytes(d.read_bytes()[:1000])
     with pytest.raises(ModelLoadError, match="too short"):
-        Model.load(p)
+        load(p)
 
 
 @pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../x.bin"])
@@ -164,20 +166,20 @@ def test_external_data_outside_folder_refused(tmp_path: Path, location: str) -> 
                 e.value = location
     onnx.save(proto, str(p))
     with pytest.raises(ModelLoadError, match="refusing"):
-        Model.load(p)
+        load(p)
 
 
 def test_save_refuses_to_overwrite_input(tmp_path: Path) -> None:
     p = tmp_path / "cnn.onnx"
     p.write_bytes(fixture_path("cnn.onnx").read_bytes())
     before = _sha(p)
-    m = Model.load(p)
+    m = load(p)
     with pytest.raises(GraphoptError, match="overwrite"):
-        m.save(p)
+        save(m, p)
     assert _sha(p) == before
 
 
 def test_save_is_atomic_no_temp_left(tmp_path: Path) -> None:
-    m = Model.load(fixture_path("cnn.onnx"))
-    m.save(tmp_path / "a.onnx")
+    m = load(fixture_path("cnn.onnx"))
+    save(m, tmp_path / "a.onnx")
     assert sorted(os.listdir(tmp_path)) == ["a.onnx"]

@@ -48,18 +48,19 @@ def hwm():
 job, src, out = sys.argv[1], sys.argv[2], sys.argv[3]
 base = hwm()
 t0 = time.time()
-from graphopt.core.model import Model
+from graphopt.core.loader import load
+from graphopt.core.saver import save
 from graphopt.jobs.optimize import optimize_model
-from graphopt.core.pass_manager import registered_passes
+from graphopt.passes import registered_passes
 after_import = hwm()
-model = Model.load(src)
+model = load(src)
 loaded = hwm()
 report = {"job": job, "base": base, "after_import": after_import, "loaded": loaded}
 if job == "optimize":
     res = optimize_model(model, verify_output=False)
     report["optimized"] = hwm()
     report["passes"] = {k: v for k, v in res.stats().items()}
-    res.model.save(out)
+    save(res.model, out)
 elif job == "quantize":
     import numpy as np
     from graphopt.jobs.quantize import quantize
@@ -69,7 +70,7 @@ elif job == "quantize":
     res = quantize(model, calib, method="minmax", optimize=False, verify_output=False,
                    sensitivity=False, eval_samples=1)
     report["quantized"] = hwm()
-    res.model.save(out)
+    save(res.model, out)
 report["saved"] = hwm()
 report["peak"] = hwm()
 report["seconds"] = round(time.time() - t0, 1)
@@ -201,7 +202,7 @@ def test_optimize_and_save_within_bounded_memory(large_model: Path, tmp_path: Pa
 
 
 def test_quantize_and_save_within_bounded_memory(large_model: Path, tmp_path: Path) -> None:
-    from graphopt.core.pass_manager import registered_passes
+    from graphopt.passes import registered_passes
 
     if "quantize-int8" not in registered_passes():
         pytest.skip("quantize-int8 is not registered")

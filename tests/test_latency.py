@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 from graphopt.cli import main
+from graphopt.core.feeds import random_feeds
 from graphopt.core.latency import interleaved_latency
-from graphopt.core.model import Model
-from graphopt.core.verify import random_feeds
+from graphopt.core.loader import load
 from graphopt.fixtures import fixture_path
 
 
 def test_interleaved_latency_reports_every_candidate() -> None:
-    m = Model.load(fixture_path("cnn.onnx"))
+    m = load(fixture_path("cnn.onnx"))
     res = interleaved_latency({"a": m, "b": m.clone()}, random_feeds(m), runs=3, warmup=1)
     assert set(res) == {"a", "b"}
     assert all(set(v) == {"disable_all", "all"} and min(v.values()) > 0 for v in res.values())

@@ -10,11 +10,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt.algorithms.memory.planner import ALIGNMENT, conflicts, liveness, plan_memory
+from graphopt.algorithms.memory.planner import ALIGNMENT, conflicts
+from graphopt.core.liveness import liveness
+from graphopt.core.loader import load
 from graphopt.core.model import Model
+from graphopt.core.shapes import prepare
 from graphopt.fixtures import FIXTURES, fixture_path
-from graphopt.jobs.optimize import prepare
-from graphopt.testing import check_pass
+from graphopt.jobs.plan import plan_memory
 
 F = TensorProto.FLOAT
 #: a [1, 64] float tensor is 256 bytes, already 64-aligned
@@ -190,7 +192,7 @@ def test_fixture_plans(name):
     shapes = {"x": (1, 1, 8, 8)} if name == "digits" else None
     path = fixture_path("digits_cnn.onnx" if name == "digits" else name)
     for inplace in (False, True):
-        plan = plan_memory(Model.load(path), shapes, inplace=inplace)
+        plan = plan_memory(load(path), shapes, inplace=inplace)
         _brute_force_ok(plan)
         assert plan.arena_bytes <= 1.02 * plan.bound
         assert plan.inplace_lower_bound_bytes <= plan.lower_bound_bytes <= plan.naive_bytes
@@ -205,7 +207,7 @@ def test_wrong_plan_is_detected_by_the_brute_force_check():
 
 
 def test_plan_json_keys():
-    plan = plan_memory(Model.load(fixture_path("cnn.onnx")))
+    plan = plan_memory(load(fixture_path("cnn.onnx")))
     d = plan.to_json()
     for key in ("arena_bytes", "lower_bound_bytes", "naive_bytes", "inplace", "order_changed",
                 "inplace_lower_bound_bytes", "peak_node", "tensors"):
@@ -220,18 +222,6 @@ def test_unknown_strategy_is_a_user_error():
 
     with pytest.raises(GraphoptError):
         plan_memory(chain(), strategy="magic")
-
-
-def test_plan_memory_pass_is_analysis(load_fixture):
-    from graphopt.core.pass_manager import get_pass
-
-    p = get_pass("plan-memory")
-    res, _ = check_pass(load_fixture("mobilenet_block.onnx"), p, expect_modified=False)
-    assert res.stats["arena_bytes"] == p.last_plan.arena_bytes > 0
-    assert res.stats["inplace_lower_bound_bytes"] < res.stats["lower_bound_bytes"]
-    res2, _ = check_pass(load_fixture("if_model.onnx"), "plan-memory", expect_modified=False,
-                         inplace=False)
-    assert res2.stats["arena_bytes"] == res2.stats["lower_bound_bytes"]
 
 
 def test_cli_plan(tmp_path):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from graphopt.algorithms.memory.arena import ArenaExecutor, observe_tensors, prove
-from graphopt.algorithms.memory.planner import plan_memory
+from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
+from graphopt.jobs.plan import plan_memory
 from tests.conftest import real_or_skip
 from tests.test_memory import capture, diamond, reshape_chain, residual
 
@@ -18,7 +19,7 @@ FIXTURE_CASES = [f for f in FIXTURES if f != "digits_cnn.onnx"] + ["digits_cnn.o
 
 def _load(name: str) -> tuple[Model, dict | None]:
     shapes = {"x": (1, 1, 8, 8)} if name == "digits_cnn.onnx" else None
-    return Model.load(fixture_path(name)), shapes
+    return load(fixture_path(name)), shapes
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -92,7 +93,7 @@ def test_executor_rejects_a_plan_for_another_order():
 
 def test_observe_tensors_sizes_everything():
     model, _ = _load("if_model.onnx")
-    from graphopt.jobs.optimize import prepare
+    from graphopt.core.shapes import prepare
 
     seen = observe_tensors(prepare(model))
     assert "y" in seen and seen["y"][0] == (1, 16)
@@ -107,7 +108,7 @@ def test_real_ocr_models(name):
     path, shapes = real_or_skip(name)
     feeds = real_model_feeds(name)
     for inplace in (False, True):  # the order search runs once (with in-place)
-        plan = plan_memory(Model.load(path), shapes, inplace=inplace, feeds=feeds,
+        plan = plan_memory(load(path), shapes, inplace=inplace, feeds=feeds,
                            reorder=inplace)
         assert plan.arena_bytes <= 1.02 * plan.bound, plan.summary()
         rep = prove(plan.model, plan, feeds=feeds)
@@ -121,7 +122,7 @@ def test_real_silero_if_subgraphs():
     path, shapes = real_or_skip("silero")
     feeds = real_model_feeds("silero")
     for inplace in (False, True):
-        plan = plan_memory(Model.load(path), shapes, inplace=inplace, feeds=feeds)
+        plan = plan_memory(load(path), shapes, inplace=inplace, feeds=feeds)
         assert plan.arena_bytes <= 1.02 * plan.bound
         assert any(t.kind == "subgraph" for t in plan.tensors.values())
         rep = prove(plan.model, plan, feeds=feeds)
@@ -135,7 +136,7 @@ def loop_model() -> Model:
     """A Loop whose body adds a captured outer tensor ``w`` to its carried value three times."""
     from onnx import TensorProto, helper
 
-    from graphopt.jobs.optimize import prepare
+    from graphopt.core.shapes import prepare
 
     f = TensorProto.FLOAT
     body = helper.make_graph(
@@ -172,6 +173,6 @@ def test_loop_runs_whole_with_its_capture():
 def test_real_silero_without_feeds_plans_what_it_can():
     """Random inputs (sr=0) make silero fail; the plan still comes, unknown tensors outside."""
     path, shapes = real_or_skip("silero")
-    plan = plan_memory(Model.load(path), shapes, reorder=False)
+    plan = plan_memory(load(path), shapes, reorder=False)
     assert plan.unplanned and plan.arena_bytes <= 1.02 * plan.bound
     assert not any(name in plan.tensors for name in plan.unplanned)

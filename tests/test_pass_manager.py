@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from graphopt.core.errors import PassError, UnknownPassError
+from graphopt.core.loader import load
 from graphopt.core.model import Model
-from graphopt.core.pass_manager import Pass, PassManager, PassResult, get_pass, registered_passes
+from graphopt.core.pass_manager import Pass, PassManager, PassResult
 from graphopt.fixtures import fixture_path
+from graphopt.passes import get_pass, registered_passes, resolve_passes
 
 
 class CountDown(Pass):
@@ -39,7 +41,7 @@ class BadAnalysis(Pass):
 
 
 def _model() -> Model:
-    return Model.load(fixture_path("cnn.onnx"))
+    return load(fixture_path("cnn.onnx"))
 
 
 def test_registry_has_builtins() -> None:
@@ -65,7 +67,7 @@ def test_fixed_point_and_early_stop() -> None:
 
 def test_error_names_pass_and_history() -> None:
     with pytest.raises(PassError) as ei:
-        PassManager(["eliminate-identity", "toposort", Boom()])(_model())
+        PassManager(resolve_passes(["eliminate-identity", "toposort", Boom()]))(_model())
     msg = str(ei.value)
     assert "test-boom" in msg and "eliminate-identity, toposort" in msg and "kaput" in msg
 

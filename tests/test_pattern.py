@@ -8,18 +8,9 @@ import pytest
 from helpers_graphs import make_model, vi
 from onnx import helper
 
+from graphopt.core.graph import make_node
 from graphopt.core.model import Model
-from graphopt.core.pattern import (
-    Const,
-    Match,
-    Op,
-    RewritePass,
-    Rule,
-    Var,
-    make_node,
-    match_pattern,
-    scalar,
-)
+from graphopt.core.pattern import Const, Match, Op, RewritePass, Rule, Var, match_pattern, scalar
 from graphopt.testing import check_pass, op_counts
 
 

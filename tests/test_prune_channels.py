@@ -24,11 +24,13 @@ from graphopt.algorithms.prune.analysis import (
     weight_importance,
     zero_pruned,
 )
+from graphopt.core.feeds import random_feeds
+from graphopt.core.loader import load
 from graphopt.core.model import Model
-from graphopt.core.pass_manager import get_pass
+from graphopt.core.session import make_session
 from graphopt.core.shapes import fix_input_shapes, infer_shapes
-from graphopt.core.verify import make_session, random_feeds
 from graphopt.fixtures import fixture_path
+from graphopt.passes import get_pass
 from graphopt.testing import check_pass
 
 RNG = np.random.default_rng(0)
@@ -358,7 +360,7 @@ def test_weight_that_is_a_graph_input_blocks() -> None:
 
 # ------------------------------------------------------------------------------ recovery
 def test_digits_recovery_keeps_accuracy() -> None:
-    m = Model.load(fixture_path("digits_cnn.onnx"))
+    m = load(fixture_path("digits_cnn.onnx"))
     ev = np.load(fixture_path("digits_eval.npz"))
     cal = np.load(fixture_path("digits_calib.npz"))
 
@@ -380,7 +382,7 @@ def test_digits_recovery_keeps_accuracy() -> None:
 def test_activation_criterion_needs_calib() -> None:
     from graphopt.core.errors import GraphoptError
 
-    m = Model.load(fixture_path("cnn.onnx"))
+    m = load(fixture_path("cnn.onnx"))
     with pytest.raises(GraphoptError, match="calibration"):
         get_pass("prune-channels", ratio=0.3, criterion="activation")(m.clone())
     feeds = [random_feeds(m, seed=s) for s in range(4)]
@@ -404,7 +406,7 @@ def test_bn_criterion_reads_gamma() -> None:
 def test_api_and_scan() -> None:
     from graphopt.jobs.prune import prune, prune_scan
 
-    m = Model.load(fixture_path("digits_cnn.onnx"))
+    m = load(fixture_path("digits_cnn.onnx"))
     out = prune(m, 0.3, calib=str(fixture_path("digits_calib.npz")), round_to=4)
     assert out.macs_ratio < 0.7 and out.fidelity[0].top1_agreement is not None
     assert all(g.width_after % 4 == 0 for g in out.report.groups if not g.blocked)
@@ -419,7 +421,7 @@ def test_real_models_prune(name: str, floor: float) -> None:
     from tests.conftest import real_or_skip
 
     path, shapes = real_or_skip(name)
-    m = Model.load(path)
+    m = load(path)
     fix_input_shapes(m, shapes)
     infer_shapes(m)
     an = analyze(m)
@@ -442,7 +444,7 @@ def test_real_cls_exact_after_zeroing() -> None:
     from tests.conftest import real_or_skip
 
     path, shapes = real_or_skip("cls")
-    m = Model.load(path)
+    m = load(path)
     fix_input_shapes(m, shapes)
     z, n = zeroed(m, 0.3, round_to=8)
     assert n > 100

@@ -7,9 +7,10 @@ import numpy as np
 from onnx import helper
 
 from graphopt.algorithms.prune.analysis import const_value
+from graphopt.core.loader import load
 from graphopt.core.model import Model
-from graphopt.core.pass_manager import get_pass
 from graphopt.fixtures import fixture_path
+from graphopt.passes import get_pass
 from graphopt.testing import check_pass
 from tests.test_prune_channels import W, build, conv
 
@@ -25,7 +26,7 @@ def _weights(model: Model) -> dict[str, np.ndarray]:
 
 
 def test_ratio_per_layer() -> None:
-    m = Model.load(fixture_path("cnn.onnx"))
+    m = load(fixture_path("cnn.onnx"))
     before = _weights(m)
 
     def st(pm: Model) -> None:
@@ -45,7 +46,7 @@ def test_ratio_per_layer() -> None:
 
 
 def test_threshold_and_global() -> None:
-    m = Model.load(fixture_path("cnn.onnx"))
+    m = load(fixture_path("cnn.onnx"))
     res = get_pass("prune-magnitude", ratio=None, threshold=0.05)(m.clone())
     for w in _weights(res.model).values():
         assert not ((np.abs(w) < 0.05) & (w != 0)).any()
@@ -54,7 +55,7 @@ def test_threshold_and_global() -> None:
 
 
 def test_small_ratio_exact_outputs_change_little() -> None:
-    m = Model.load(fixture_path("digits_cnn.onnx"))
+    m = load(fixture_path("digits_cnn.onnx"))
     check_pass(m, "prune-magnitude", ratio=0.05, min_sqnr_db=20.0, rtol=1e9, atol=1e9,
                feeds={"x": np.load(fixture_path("digits_calib.npz"))["x"][:16]})
 

@@ -13,7 +13,7 @@ import pytest
 
 from graphopt.cli import main
 from graphopt.core.errors import RecipeError
-from graphopt.core.model import Model
+from graphopt.core.loader import load
 from graphopt.fixtures import fixture_path
 from graphopt.jobs.recipe import (
     BUILTIN_RECIPES,
@@ -108,21 +108,21 @@ def test_missing_capability_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(STEP_MODULES, "prune", "graphopt.prune_api_not_here")
     with pytest.raises(RecipeError, match="step 'prune' needs graphopt.prune_api_not_here, "
                                           "not available"):
-        run_recipe(Model.load(fixture_path("cnn.onnx")), "prune-int8-arm", calib=[])
+        run_recipe(load(fixture_path("cnn.onnx")), "prune-int8-arm", calib=[])
 
 
 # ------------------------------------------------------------------ runs
 
 
 def test_fast_fp16_recipe_on_fixture() -> None:
-    res = run_recipe(Model.load(fixture_path("transformer_block.onnx")), "fast-fp16", bench=True)
+    res = run_recipe(load(fixture_path("transformer_block.onnx")), "fast-fp16", bench=True)
     assert res.ok and [s.kind for s in res.steps] == ["simplify", "fp16"]
     simp, half = res.steps
     assert simp.check.startswith("exact") and all(v > 80 for v in simp.step_sqnr.values())
     assert half.check == "SQNR >= 30 dB" and all(v >= 40 for v in half.fidelity.values())
     assert half.model_bytes < 0.6 * simp.model_bytes  # weights halved
     assert half.latency_ms is not None and half.latency_ms > 0
-    assert all(s.arena_bytes for s in res.steps) or not _has("graphopt.algorithms.memory.planner")
+    assert all(s.arena_bytes for s in res.steps) or not _has("graphopt.jobs.plan")
     row = res.table()[1]
     for key in ("step", "ok", "check", "nodes", "params", "macs", "model_bytes", "arena_bytes",
                 "fidelity_sqnr_db", "latency_ms"):
@@ -143,7 +143,7 @@ def test_cli_recipe_json_and_report(tmp_path: Path, capsys: pytest.CaptureFixtur
     for key in ("input", "output", "nodes_before", "nodes_after", "macs_before", "macs_after",
                 "verify", "passes"):
         assert key in info
-    assert Model.load(out).op_histogram().get("Cast", 0) >= 2
+    assert load(out).op_histogram().get("Cast", 0) >= 2
     html = (tmp_path / "r.html").read_text()
     assert "fp16" in html and "id='graphs'" in html
 
@@ -153,14 +153,14 @@ def test_verification_failure_names_the_step() -> None:
 
     recipe = {"step": [{"kind": "fp16", "min_sqnr": 200}]}
     with pytest.raises(VerificationError, match=r"recipe step 1 \(fp16\(min_sqnr=200\)\)"):
-        run_recipe(Model.load(fixture_path("cnn.onnx")), recipe)
+        run_recipe(load(fixture_path("cnn.onnx")), recipe)
 
 
-@pytest.mark.skipif(not (_has("graphopt.jobs.quantize") and _has("graphopt.algorithms.memory.planner")),
+@pytest.mark.skipif(not (_has("graphopt.jobs.quantize") and _has("graphopt.jobs.plan")),
                     reason="int8 quantization or memory planning not available")
 def test_edge_int8_recipe_digits() -> None:
     calib = str(fixture_path("digits_calib.npz"))
-    res = run_recipe(Model.load(fixture_path("digits_cnn.onnx")), "edge-int8", calib=calib,
+    res = run_recipe(load(fixture_path("digits_cnn.onnx")), "edge-int8", calib=calib,
                      input_shapes={"x": (1, 1, 8, 8)})
     assert res.ok and [s.kind for s in res.steps] == ["simplify", "quantize", "plan-memory"]
     q, plan = res.steps[1], res.steps[2]
@@ -177,26 +177,26 @@ def test_prune_recipe_digits() -> None:
     recipe = {"input_shapes": {"x": [1, 1, 8, 8]},
               "step": [{"kind": "simplify"},
                        {"kind": "prune", "ratio": 0.25, "recover": True, "min_sqnr": 10}]}
-    res = run_recipe(Model.load(fixture_path("digits_cnn.onnx")), recipe, calib=calib)
+    res = run_recipe(load(fixture_path("digits_cnn.onnx")), recipe, calib=calib)
     assert res.ok
     simp, pr = res.steps
     assert pr.params < simp.params and pr.macs < simp.macs
 
 
 def test_compile_without_tvm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    tvm_mod = pytest.importorskip("graphopt.algorithms.tvm.emit")
+    tvm_mod = pytest.importorskip("graphopt.jobs.compile")
     monkeypatch.setattr(tvm_mod, "tvm_available", lambda: False)
     recipe = {"step": [{"kind": "simplify"}, {"kind": "compile", "target": "llvm"}]}
     with pytest.raises(RecipeError, match="step 'compile' needs apache-tvm"):
-        run_recipe(Model.load(fixture_path("cnn.onnx")), recipe)
+        run_recipe(load(fixture_path("cnn.onnx")), recipe)
 
 
 def test_compile_step_runs_library_on_host(tmp_path: Path) -> None:
-    tvm_mod = pytest.importorskip("graphopt.algorithms.tvm.emit")
+    tvm_mod = pytest.importorskip("graphopt.jobs.compile")
     if not tvm_mod.tvm_available():
         pytest.skip("apache-tvm not installed")
     recipe = {"step": [{"kind": "simplify"}, {"kind": "compile", "target": "llvm"}]}
-    res = run_recipe(Model.load(fixture_path("cnn.onnx")), recipe, output=tmp_path / "m.onnx")
+    res = run_recipe(load(fixture_path("cnn.onnx")), recipe, output=tmp_path / "m.onnx")
     assert res.ok and res.artifact == tmp_path / "m.llvm.so" and res.artifact.is_file()
     comp = res.steps[-1]
     assert comp.check.startswith("ran on this host") and min(comp.fidelity.values()) > 60

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fusion_graphs import build, node
 
-from graphopt.jobs.optimize import prepare
+from graphopt.core.shapes import prepare
 from graphopt.testing import check_pass, op_counts
 
 P = "recognize-activations"

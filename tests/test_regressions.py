@@ -12,10 +12,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from graphopt.core.feeds import random_feeds
 from graphopt.core.model import Model
-from graphopt.core.pass_manager import get_pass, registered_passes
-from graphopt.core.verify import random_feeds, verify
-from graphopt.jobs.optimize import ATOL, RTOL, optimize_model, prepare
+from graphopt.core.shapes import prepare
+from graphopt.core.verify import verify
+from graphopt.jobs.optimize import ATOL, RTOL, optimize_model
+from graphopt.passes import get_pass, registered_passes
 from graphopt.testing import fingerprint
 
 
@@ -66,9 +68,10 @@ def test_fuse_pad_all_zero_pads_before_conv() -> None:
 
 
 def test_ir_keeps_initializer_that_is_also_a_graph_input() -> None:
-    """Core (graphopt/core/model.py): graphsurgeon turned an initializer listed among the graph inputs (an
-    overridable default) into a constant and dropped the input, changing the model's interface and
-    letting passes fold a value the caller may override. Found by the fuzzer's IR round trip."""
+    """Core (graphopt/core/model.py): graphsurgeon turned an initializer listed among the graph
+    inputs (an overridable default) into a constant and dropped the input, changing the model's
+    interface and letting passes fold a value the caller may override. Found by the fuzzer's IR
+    round trip."""
     w = np.arange(10, dtype=np.float32).reshape(5, 2) / 10
     m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, 5])], [("y", [1, 2])],
                {"w": w}, extra_inputs=["w"])
@@ -90,9 +93,9 @@ def test_ir_keeps_initializer_that_is_also_a_graph_input() -> None:
 def _proof(m: Model, inplace: bool = True) -> None:
     try:
         from graphopt.algorithms.memory.arena import prove
-        from graphopt.algorithms.memory.planner import plan_memory
+        from graphopt.jobs.plan import plan_memory
     except ImportError:
-        pytest.skip("graphopt/algorithms/memory/planner.py or graphopt/memory_exec.py has not landed")
+        pytest.skip("graphopt.jobs.plan or graphopt.algorithms.memory.arena has not landed")
     for strategy in ("greedy-size", "greedy-breadth", "best"):
         plan = plan_memory(m, strategy=strategy, inplace=inplace)
         report = prove(plan.model, plan, feeds=random_feeds(m, seed=0))
@@ -104,9 +107,10 @@ _BN = {"s": np.array([1.06], np.float32), "b": np.array([-0.07], np.float32),
 
 
 def test_memory_plan_inplace_never_overwrites_a_graph_output() -> None:
-    """plan-memory (graphopt/algorithms/memory/planner.py merge_buffers): at the last step, BatchNormalization ran in
-    place on ``relu``, an intermediate that is also a graph output, clobbering that output (a graph
-    output's lifetime ends at the last step, so "its last reader is this node" held). Fuzzer."""
+    """plan-memory (graphopt/algorithms/memory/planner.py merge_buffers): at the last step,
+    BatchNormalization ran in place on ``relu``, an intermediate that is also a graph output,
+    clobbering that output (a graph output's lifetime ends at the last step, so "its last reader is
+    this node" held). Fuzzer."""
     m = _model([helper.make_node("Relu", ["x"], ["relu"]),
                 helper.make_node("BatchNormalization", ["relu", "s", "b", "mu", "var"], ["bn"])],
                [("x", [1, 1, 3, 3])], [("bn", [1, 1, 3, 3]), ("relu", [1, 1, 3, 3])], dict(_BN))
@@ -136,7 +140,7 @@ def test_overridable_weight_is_fed_when_verifying() -> None:
     w = np.array([[0.5], [-1.0], [2.0]], np.float32)
     m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, 3])], [("y", [1, 1])],
                {"w": w}, extra_inputs=["w"])
-    from graphopt.core.verify import run_model
+    from graphopt.core.session import run_model
 
     feeds = {"x": np.ones((1, 3), np.float32), "w": np.ones((3, 1), np.float32)}
     assert run_model(m, feeds)["y"].item() == pytest.approx(3.0)
@@ -145,13 +149,14 @@ def test_overridable_weight_is_fed_when_verifying() -> None:
 
 
 def test_prune_channels_keeps_producers_whose_bias_is_a_graph_input() -> None:
-    """prune-channels (graphopt/prune_deps.py): a Conv whose bias is a graph input (fed at run time)
-    had its weight's output channels removed but not its bias, so onnxruntime refused the pruned
-    model ("bias must be a 1D tensor of size output_channels"). A group with a non-constant
-    parameter must not be pruned (the model's inputs cannot change). Found by the fuzzer."""
+    """prune-channels (graphopt/algorithms/prune/analysis.py): a Conv whose bias is a graph input
+    (fed at run time) had its weight's output channels removed but not its bias, so onnxruntime
+    refused the pruned model ("bias must be a 1D tensor of size output_channels"). A group with a
+    non-constant parameter must not be pruned (the model's inputs cannot change). Found by the
+    fuzzer."""
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
-    from graphopt.core.verify import run_model
+    from graphopt.core.session import run_model
 
     w = np.array([0.126, -0.132], np.float32).reshape(2, 1, 1, 1)
     m = _model(
@@ -171,10 +176,10 @@ def test_prune_channels_keeps_producers_whose_bias_is_a_graph_input() -> None:
 
 @pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
 def test_prune_channels_depthwise_after_matmul_on_last_axis(op: str) -> None:
-    """prune-channels (graphopt/prune_deps.py): a depthwise Conv/ConvTranspose took the channel
-    labels of a MatMul that acts on the LAST axis of a 4-D tensor as if they were on axis 1, so
-    pruning the MatMul's output columns also cut the depthwise weight and ``group``: onnxruntime
-    refused the model or the output shape changed. Found by the fuzzer."""
+    """prune-channels (graphopt/algorithms/prune/analysis.py): a depthwise Conv/ConvTranspose took
+    the channel labels of a MatMul that acts on the LAST axis of a 4-D tensor as if they were on
+    axis 1, so pruning the MatMul's output columns also cut the depthwise weight and ``group``:
+    onnxruntime refused the model or the output shape changed. Found by the fuzzer."""
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
     from graphopt.algorithms.prune import analysis as pd
@@ -200,10 +205,11 @@ def test_prune_channels_depthwise_after_matmul_on_last_axis(op: str) -> None:
 
 
 def test_prune_channels_labels_on_a_pooled_axis() -> None:
-    """prune-channels (graphopt/prune_deps.py): MatMul labels the LAST axis of a 4-D tensor; MaxPool
-    (kernel 2) shrinks that axis, yet the labels pass through it as if it were the channel axis, so
-    a later Split on that axis gets wrong sizes and the pruned model is invalid. Found by the
-    fuzzer (make fuzz, 2026-11-22); fixed: spatial ops block labels on axes other than 1."""
+    """prune-channels (graphopt/algorithms/prune/analysis.py): MatMul labels the LAST axis of a 4-D
+    tensor; MaxPool (kernel 2) shrinks that axis, yet the labels pass through it as if it were the
+    channel axis, so a later Split on that axis gets wrong sizes and the pruned model is invalid.
+    Found by the fuzzer (make fuzz, 2026-11-22); fixed: spatial ops block labels on axes other
+    than 1."""
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
     from graphopt.algorithms.prune import analysis as pd

@@ -12,10 +12,12 @@ from onnx import TensorProto, helper
 
 from graphopt.algorithms.memory.arena import prove
 from graphopt.algorithms.memory.order import _build, _greedy, exact_order, simulate
-from graphopt.algorithms.memory.planner import plan_memory
+from graphopt.core.loader import load
 from graphopt.core.model import Model
+from graphopt.core.saver import save
+from graphopt.core.shapes import prepare
 from graphopt.fixtures import FIXTURES, fixture_path
-from graphopt.jobs.optimize import prepare
+from graphopt.jobs.plan import plan_memory
 from graphopt.testing import check_pass
 from tests.test_memory import capture, chain, residual
 
@@ -72,7 +74,7 @@ def test_reorder_strictly_better_on_a_bad_order():
 def test_reorder_leaves_a_good_order_alone():
     res, _ = check_pass(two_branches(bad=False), "reorder-memory", expect_modified=False)
     assert res.stats["exact_searched"] == 1  # the DP proved no order beats the given one
-    res, _ = check_pass(Model.load(fixture_path("mobilenet_block.onnx")), "reorder-memory",
+    res, _ = check_pass(load(fixture_path("mobilenet_block.onnx")), "reorder-memory",
                         expect_modified=False)
     assert res.stats["exact_searched"] == 1
 
@@ -88,7 +90,7 @@ def test_reorder_shared_weight_and_graph_output_intermediate_unchanged():
 @pytest.mark.parametrize("name", FIXTURES)
 def test_reorder_never_worse_on_fixtures(name):
     shapes = {"x": (1, 1, 8, 8)} if name == "digits_cnn.onnx" else None
-    model = prepare(Model.load(fixture_path(name)), shapes)
+    model = prepare(load(fixture_path(name)), shapes)
     given = plan_memory(model, reorder=False, prepared=True)
     for inplace in (False, True):
         planned = plan_memory(model, inplace=inplace)
@@ -127,7 +129,7 @@ def test_exact_search_is_optimal_on_small_graphs(build, inplace):
 
 
 def test_reorder_keeps_if_subgraphs_working():
-    res, _ = check_pass(Model.load(fixture_path("if_model.onnx")), "reorder-memory",
+    res, _ = check_pass(load(fixture_path("if_model.onnx")), "reorder-memory",
                         expect_modified=False)
     assert res.stats["order_changed"] == 0
 
@@ -141,7 +143,7 @@ def test_cli_writes_the_planned_order(tmp_path, capsys):
     from graphopt.core.verify import verify
 
     src = tmp_path / "bad.onnx"
-    two_branches(bad=True).save(src)
+    save(two_branches(bad=True), src)
     out = tmp_path / "planned.onnx"
     assert main(["plan", str(src), "-o", str(out), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -153,6 +155,6 @@ def test_cli_writes_the_planned_order(tmp_path, capsys):
     assert verify(str(src), str(out)).ok
     # the plan in the metadata is the plan of the written order
     meta = json.loads({p.key: p.value for p in written.metadata_props}["graphopt.memory_plan"])
-    replan = plan_memory(Model.load(out), reorder=False)
+    replan = plan_memory(load(out), reorder=False)
     assert meta["arena_bytes"] == replan.arena_bytes
     assert meta["offsets"] == {k: t.offset for k, t in replan.tensors.items()}

@@ -16,9 +16,11 @@ import pytest
 from conftest import real_or_skip
 
 from graphopt.cli import main
+from graphopt.core.loader import load
 from graphopt.core.model import Model
+from graphopt.core.shapes import prepare
 from graphopt.fixtures import fixture_path
-from graphopt.jobs.optimize import optimize_model, prepare
+from graphopt.jobs.optimize import optimize_model
 from graphopt.jobs.report import collapse, render_report, write_report
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
@@ -62,7 +64,7 @@ def _render_check(html: Path, tmp_path: Path, min_boxes: int) -> np.ndarray:
 
 
 def _extras(model: Model) -> dict[str, object]:
-    from graphopt.algorithms.memory.planner import plan_memory
+    from graphopt.jobs.plan import plan_memory
 
     plan = plan_memory(model)
     convs = [n.name for n in model.graph.nodes if n.op == "Conv"]
@@ -77,7 +79,7 @@ def _report(before: Model, after: Model, path: Path, **kw: object) -> Path:
 
 
 def test_report_self_contained(tmp_path: Path) -> None:
-    a = prepare(Model.load(fixture_path("mobilenet_block.onnx")))
+    a = prepare(load(fixture_path("mobilenet_block.onnx")))
     res = optimize_model(a)
     text = render_report(res.original, res.model, verify=res.verify, **_extras(res.model))
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text)
@@ -92,7 +94,7 @@ def test_report_self_contained(tmp_path: Path) -> None:
 
 def test_large_graph_collapsed() -> None:
     path, shapes = real_or_skip("det")
-    m = prepare(Model.load(path), shapes)
+    m = prepare(load(path), shapes)
     boxes, dag, how = collapse(m, max_nodes=300)
     assert len(boxes) <= 300 and "collapsed" in how
     assert sum(len(b.members) for b in boxes) == len({n for b in boxes for n in b.members})
@@ -103,7 +105,7 @@ def test_large_graph_collapsed() -> None:
 def test_pruned_layers_highlighted() -> None:
     import onnx_graphsurgeon as gs
 
-    a = prepare(Model.load(fixture_path("cnn.onnx")))
+    a = prepare(load(fixture_path("cnn.onnx")))
     b = a.clone()
     conv = next(n for n in b.graph.nodes if n.op == "Conv")
     w = conv.inputs[1]
@@ -114,7 +116,7 @@ def test_pruned_layers_highlighted() -> None:
 
 @needs_chromium
 def test_report_renders_fixture(tmp_path: Path) -> None:
-    a = prepare(Model.load(fixture_path("mobilenet_block.onnx")))
+    a = prepare(load(fixture_path("mobilenet_block.onnx")))
     res = optimize_model(a)
     html = _report(res.original, res.model, tmp_path / "r.html", verify=res.verify)
     _render_check(html, tmp_path, min_boxes=20)
@@ -134,8 +136,8 @@ def test_report_renders_real_cls_via_cli(tmp_path: Path, capsys: pytest.CaptureF
     text = html.read_text()
     assert "Conv+BatchNormalization -&gt; Conv" in text
     # add the sections optimize has no data for, then render
-    before = prepare(Model.load(path), shapes)
-    after = Model.load(tmp_path / "cls.onnx")
+    before = prepare(load(path), shapes)
+    after = load(tmp_path / "cls.onnx")
     prepare(after, shapes)
     _report(before, after, html)
     _render_check(html, tmp_path, min_boxes=150)

@@ -6,6 +6,7 @@ import onnx
 from helpers_graphs import vi
 from onnx import helper
 
+from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.fixtures import fixture_path
 from graphopt.testing import check_pass
@@ -21,5 +22,5 @@ def test_sorts_reversed_graph() -> None:
 
 
 def test_sorted_fixture_unchanged() -> None:
-    check_pass(Model.load(fixture_path("if_model.onnx")), "toposort", expect_modified=False)
+    check_pass(load(fixture_path("if_model.onnx")), "toposort", expect_modified=False)
     assert onnx  # keep import for readers

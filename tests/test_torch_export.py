@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from graphopt.core.errors import GraphoptError
-from graphopt.core.verify import run_model
+from graphopt.core.session import run_model
 from graphopt.jobs.optimize import optimize_model
 
 torch = pytest.importorskip("torch", reason="torch is an optional extra")

@@ -1,4 +1,5 @@
-"""graphopt.algorithms.tvm.emit: compile through Apache TVM (Relax) for llvm, aarch64 (qemu) and cuda (nvcc).
+"""graphopt.algorithms.tvm.emit: compile through Apache TVM (Relax) for llvm, aarch64 (qemu) and
+cuda (nvcc).
 
 Compiles are the slow part (seconds each on two cores), so each artifact is built once per module
 and shared; shapes are the small test shapes. Speed is never asserted here (see bench/tvm.py).
@@ -17,13 +18,18 @@ import numpy as np
 import pytest
 
 from graphopt.core.errors import GraphoptError
-from graphopt.core.model import Model
-from graphopt.core.verify import compare, random_feeds, run_model
+from graphopt.core.feeds import random_feeds
+from graphopt.core.loader import load
+from graphopt.core.session import run_model
+from graphopt.core.verify import compare
 from graphopt.fixtures import FIXTURES, fixture_path
 
 tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'graphopt[tvm]')")
 
 from graphopt.algorithms.tvm import emit as gtvm  # noqa: E402
+from graphopt.algorithms.tvm import qemu as gqemu  # noqa: E402
+from graphopt.algorithms.tvm import runner as grunner  # noqa: E402
+from graphopt.jobs import compile as gcompile  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -41,10 +47,10 @@ def _real(name: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
 
 def _assert_matches_ort(model_path: Path, artifact: Path, shapes: dict[str, tuple[int, ...]],
                         seed: int = 1) -> None:
-    model = Model.load(model_path)
+    model = load(model_path)
     feeds = random_feeds(model, seed=seed, shapes=shapes)
     ref = run_model(model, feeds)
-    out = gtvm.load_artifact(artifact).run(feeds)
+    out = grunner.load_artifact(artifact).run(feeds)
     assert set(out) == set(ref)
     for name, r in ref.items():
         diff = compare(name, r, out[name], RTOL, ATOL)
@@ -52,10 +58,13 @@ def _assert_matches_ort(model_path: Path, artifact: Path, shapes: dict[str, tupl
 
 
 @pytest.fixture(scope="module")
-def cls_llvm(tmp_path_factory: pytest.TempPathFactory) -> tuple[gtvm.CompileResult, Path, dict]:
+def cls_llvm(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[gcompile.CompileResult, Path, dict]:
     path, shapes = _real("cls")
     out = tmp_path_factory.mktemp("tvm") / "cls.so"
-    return gtvm.compile_model(path, target="llvm", output=out, input_shapes=shapes), path, shapes
+    res = gcompile.compile_model(path, target="llvm", output=out, input_shapes=shapes)
+    return res, path, shapes
 
 
 # ---------------------------------------------------------------------- llvm
@@ -65,7 +74,7 @@ def cls_llvm(tmp_path_factory: pytest.TempPathFactory) -> tuple[gtvm.CompileResu
 def test_fixture_compiles_for_llvm_and_matches_onnxruntime(tmp_path: Path, name: str) -> None:
     path = fixture_path(name)
     shapes = {"x": (2, 1, 8, 8)} if name == "digits_cnn.onnx" else None  # dynamic batch
-    res = gtvm.compile_model(path, target="llvm", output=tmp_path / "m.so", input_shapes=shapes)
+    res = gcompile.compile_model(path, target="llvm", output=tmp_path / "m.so", input_shapes=shapes)
     assert res.artifact.is_file() and res.artifact_bytes == res.artifact.stat().st_size > 0
     assert res.verify is not None and res.verify.ok and res.verified_on == "host"
     man = json.loads(res.manifest.read_text())
@@ -92,17 +101,18 @@ def test_cls_compiles_for_llvm_and_matches_onnxruntime(cls_llvm) -> None:
 
 @pytest.mark.real
 def test_runner_script_runs_artifact_without_graphopt(cls_llvm, tmp_path: Path) -> None:
-    """graphopt/algorithms/tvm/runner.py needs only numpy and TVM's runtime (what a deployment box has)."""
+    """graphopt/algorithms/tvm/runner.py needs only numpy and TVM's runtime (what a deployment
+    box has)."""
     res, path, shapes = cls_llvm
     x = np.random.default_rng(0).standard_normal(shapes["x"]).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    runner = Path(gtvm.__file__).resolve().parent.parent / "runner.py"
+    runner = Path(grunner.__file__).resolve()
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
     proc = subprocess.run([sys.executable, str(runner), str(res.artifact), "--input",
                            f"x={tmp_path / 'x.npy'}", "--output", str(tmp_path / "o.npz")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    ref = run_model(Model.load(path), {"x": x})
+    ref = run_model(load(path), {"x": x})
     with np.load(tmp_path / "o.npz") as z:
         for name, r in ref.items():
             assert compare(name, r, z[name], RTOL, ATOL).ok
@@ -110,15 +120,16 @@ def test_runner_script_runs_artifact_without_graphopt(cls_llvm, tmp_path: Path) 
 
 def test_bench_artifact_reports_latency_and_error(tmp_path: Path) -> None:
     path = fixture_path("cnn.onnx")
-    res = gtvm.compile_model(path, output=tmp_path / "c.so", verify=False)
-    rep = gtvm.bench_artifact(res.artifact, path, runs=5, warmup=1)
+    res = gcompile.compile_model(path, output=tmp_path / "c.so", verify=False)
+    rep = gcompile.bench_artifact(res.artifact, path, runs=5, warmup=1)
     assert rep["tvm_ms"] > 0 and rep["ort_ms"] > 0 and rep["ratio_tvm_vs_ort"] > 0
     assert all(v["ok"] for v in rep["verify"].values())
 
 
 def test_artifact_rejects_wrong_input_shape(tmp_path: Path) -> None:
-    res = gtvm.compile_model(fixture_path("residual.onnx"), output=tmp_path / "r.so", verify=False)
-    art = gtvm.load_artifact(res.artifact)
+    res = gcompile.compile_model(fixture_path("residual.onnx"), output=tmp_path / "r.so",
+                                 verify=False)
+    art = grunner.load_artifact(res.artifact)
     with pytest.raises(ValueError, match="compiled for"):
         art.run({"x": np.zeros((1, 16, 8, 8), np.float32)})
     with pytest.raises(KeyError, match="missing input"):
@@ -129,10 +140,10 @@ def test_artifact_rejects_wrong_input_shape(tmp_path: Path) -> None:
 def test_published_rec_fails_in_relax_importer_and_imports_after_graphopt() -> None:
     """As published, PP-OCR's Shape->Slice->Concat->Reshape chains break Relax's importer."""
     path, shapes = _real("rec")
-    model = Model.load(path)
+    model = load(path)
     with pytest.raises(gtvm.TVMCompileError, match="importer"):
         gtvm.import_relax(model.to_onnx(), shapes)
-    prepared, info = gtvm.prepare_model(model, shapes)
+    prepared, info = gcompile.prepare_model(model, shapes)
     assert not any(n.op in ("Shape", "Size") for n in prepared.graph.nodes)
     mod = gtvm.import_relax(prepared.to_onnx(), info["input_shapes"])
     assert "main" in [gv.name_hint for gv in mod.get_global_vars()]
@@ -143,12 +154,12 @@ def test_published_rec_fails_in_relax_importer_and_imports_after_graphopt() -> N
 
 def test_dynamic_input_without_shape_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(GraphoptError, match="--input-shape"):
-        gtvm.compile_model(fixture_path("digits_cnn.onnx"), output=tmp_path / "d.so")
+        gcompile.compile_model(fixture_path("digits_cnn.onnx"), output=tmp_path / "d.so")
 
 
 def test_unknown_target_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(GraphoptError, match="unknown target"):
-        gtvm.compile_model(fixture_path("cnn.onnx"), target="riscv", output=tmp_path / "c.so")
+        gcompile.compile_model(fixture_path("cnn.onnx"), target="riscv", output=tmp_path / "c.so")
 
 
 def test_parse_target() -> None:
@@ -167,11 +178,11 @@ def test_cls_aarch64_runs_under_qemu_and_matches_onnxruntime(tmp_path: Path) -> 
     if shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("no AArch64 cross compiler (apt-get install gcc-aarch64-linux-gnu; "
                     "scripts/install-tvm-deps.sh)")
-    why = gtvm.qemu_unavailable_reason()
+    why = gqemu.qemu_unavailable_reason()
     if why:
         pytest.skip(why)
     path, shapes = _real("cls")
-    res = gtvm.compile_model(path, target="aarch64", output=tmp_path / "cls_arm.so",
+    res = gcompile.compile_model(path, target="aarch64", output=tmp_path / "cls_arm.so",
                              input_shapes=shapes)
     out = subprocess.run(["file", str(res.artifact)], capture_output=True, text=True).stdout \
         if shutil.which("file") else "aarch64"
@@ -187,7 +198,7 @@ def test_cls_aarch64_runs_under_qemu_and_matches_onnxruntime(tmp_path: Path) -> 
 
 
 def test_cuda_builds_and_nvcc_compiles_its_source(tmp_path: Path) -> None:
-    res = gtvm.compile_model(fixture_path("mobilenet_block.onnx"), target="cuda:sm_90",
+    res = gcompile.compile_model(fixture_path("mobilenet_block.onnx"), target="cuda:sm_90",
                              output=tmp_path / "mb_cuda.so")
     assert res.artifact.is_file()
     assert json.loads(res.manifest.read_text())["target"] == "cuda"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.core.model import Model
+from graphopt.core.loader import load
 from graphopt.core.verify import compare, cosine, sqnr_db, verify
 from graphopt.fixtures import fixture_path
 
@@ -34,7 +34,7 @@ def test_compare_tolerance_and_shape() -> None:
 
 
 def test_verify_detects_changed_weight() -> None:
-    a = Model.load(fixture_path("cnn.onnx"))
+    a = load(fixture_path("cnn.onnx"))
     b = a.clone()
     conv = next(n for n in b.graph.nodes if n.op == "Conv")
     w = conv.inputs[1]

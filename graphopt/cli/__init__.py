@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -20,7 +21,36 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx_graphsurgeon as gs
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from graphopt.algorithms.memory.arena import prove
+from graphopt.algorithms.memory.plot import plot_plan
+from graphopt.algorithms.tvm.runner import load_artifact
+from graphopt.core import __version__
+from graphopt.core.cost import model_cost
 from graphopt.core.errors import GraphoptError, PassError, VerificationError
+from graphopt.core.feeds import random_feeds
+from graphopt.core.latency import interleaved_latency
+from graphopt.core.loader import load
+from graphopt.core.saver import save
+from graphopt.core.session import run_model
+from graphopt.core.shapes import infer_shapes, parse_input_shapes, prepare
+from graphopt.core.verify import verify
+from graphopt.jobs.compile import bench_artifact, compile_model
+from graphopt.jobs.diff import diff_models
+from graphopt.jobs.inspect import inspect_model
+from graphopt.jobs.optimize import DEFAULT_PIPELINE, optimize_model
+from graphopt.jobs.plan import apply_order, plan_memory
+from graphopt.jobs.prune import prune, prune_scan
+from graphopt.jobs.quantize import quantize
+from graphopt.jobs.recipe import describe_builtin, run_recipe
+from graphopt.jobs.report import write_report
+from graphopt.passes import get_pass, registered_passes, resolve_passes
 
 logger = logging.getLogger("graphopt")
 
@@ -32,8 +62,6 @@ COMMANDS: dict[str, Handler] = {}
 
 
 def console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
     return Console(stderr=stderr, highlight=False, soft_wrap=False)
 
 
@@ -42,8 +70,6 @@ def emit_json(obj: Any) -> None:
 
 
 def _jsonable(obj: Any) -> Any:
-    import numpy as np
-
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -90,8 +116,6 @@ def fmt_shape(shape: Sequence[Any] | None) -> str:
 
 
 def verify_table(report: Any, title: str = "verification against the input (onnxruntime)") -> Any:
-    from rich.table import Table
-
     t = Table(title=title, title_justify="left")
     for col in ("output", "shape", "max abs err", "cosine", "SQNR dB", "ok"):
         t.add_column(col, justify="right" if col not in ("output",) else "left")
@@ -115,12 +139,8 @@ def common_parser() -> argparse.ArgumentParser:
 
 
 def load_model(path: str, input_shapes: Sequence[str], load_weights: bool = True) -> Any:
-    from graphopt.core.model import Model
-    from graphopt.core.shapes import parse_input_shapes
-    from graphopt.jobs.optimize import prepare
-
     shapes = parse_input_shapes(input_shapes)
-    model = Model.load(path, load_weights=load_weights)
+    model = load(path, load_weights=load_weights)
     return prepare(model, shapes)
 
 
@@ -140,9 +160,6 @@ def check_output_path(inp: str, out: str) -> Path:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from graphopt.core.cost import model_cost
-    from graphopt.jobs.inspect import inspect_model
-
     # external weights are not read: sizes come from the tensors' dims (seconds for a >2 GB model)
     model = load_model(args.model, args.input_shape, load_weights=False)
     cost = model_cost(model)
@@ -150,7 +167,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(info)
         return 0
-    from rich.table import Table
 
     c = console()
     c.print(f"[bold]{args.model}[/]  opset {model.opset}  IR {model.ir_version}  "
@@ -199,8 +215,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def summary_numbers(model: Any) -> dict[str, Any]:
-    from graphopt.core.cost import model_cost
-
     cost = model_cost(model)
     return {"nodes": model.num_nodes(), "ops": model.op_histogram(), "params": cost.params,
             "param_bytes": cost.param_bytes, "macs": cost.macs,
@@ -208,8 +222,6 @@ def summary_numbers(model: Any) -> dict[str, Any]:
 
 
 def before_after_table(before: dict[str, Any], after: dict[str, Any], title: str) -> Any:
-    from rich.table import Table
-
     t = Table(title=title, title_justify="left")
     for col in ("", "before", "after", "change"):
         t.add_column(col, justify="left" if not col or col == "" else "right")
@@ -232,35 +244,25 @@ def before_after_table(before: dict[str, Any], after: dict[str, Any], title: str
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from graphopt.core.model import Model
-    from graphopt.core.pass_manager import resolve_passes
-    from graphopt.core.shapes import parse_input_shapes
-    from graphopt.jobs.optimize import optimize_model
-
     out_path = check_output_path(args.model, args.output)
     if args.recipe:
         return optimize_recipe(args, out_path)
     shapes = parse_input_shapes(args.input_shape)
     passes = resolve_passes(args.passes) if args.passes else None
-    model = Model.load(args.model)
+    model = load(args.model)
     t0 = time.perf_counter()
     res = optimize_model(model, passes=passes, target=args.target, input_shapes=shapes,
                          verify_output=not args.no_verify)
     before = summary_numbers(res.original)
     after = summary_numbers(res.model)
-    res.model.save(out_path)
+    save(res.model, out_path)
     if args.report:
-        from graphopt.jobs.report import write_report
-
         write_report(args.report, res.original, res.model, verify=res.verify,
                      title=f"graphopt optimize {Path(args.model).name}",
                      tables={"passes": [{"pass": k, **v} for k, v in res.stats().items()]})
     total = time.perf_counter() - t0
     latency = None
     if args.bench:
-        from graphopt.core.latency import interleaved_latency
-        from graphopt.core.verify import random_feeds
-
         latency = interleaved_latency({"before": res.original, "after": res.model},
                                       random_feeds(res.original, seed=0))
     payload = {
@@ -281,8 +283,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     c.print(before_after_table(before, after, f"{args.model} -> {out_path}"))
     stats = res.stats()
     if stats:
-        from rich.table import Table
-
         pt = Table(title="passes", title_justify="left")
         pt.add_column("pass")
         pt.add_column("what it did")
@@ -292,8 +292,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if res.verify:
         c.print(verify_table(res.verify))
     if latency:
-        from rich.table import Table
-
         lt = Table(title="onnxruntime latency (median ms, interleaved, 1 thread, spinning off)",
                    title_justify="left")
         for col in ("level", "before", "after", "speed-up"):
@@ -310,9 +308,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_list_passes(args: argparse.Namespace) -> int:
-    from graphopt.core.pass_manager import registered_passes
-    from graphopt.jobs.optimize import DEFAULT_PIPELINE
-
     passes = registered_passes()
     rows = [{"name": n, "summary": cls.describe(), "default": n in DEFAULT_PIPELINE,
              "kind": "analysis" if cls.analysis else ("lossy" if cls.lossy else "exact")}
@@ -320,7 +315,6 @@ def cmd_list_passes(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"passes": rows})
         return 0
-    from rich.table import Table
 
     t = Table(title="passes", title_justify="left")
     for col in ("name", "kind", "default", "what it does"):
@@ -338,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
     common = common_parser()
     parser = argparse.ArgumentParser(
         prog="graphopt", description="A compiler-style graph optimizer for ONNX models.")
-    from graphopt import __version__
 
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -383,15 +376,9 @@ EXTRA_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
 
 
 def cmd_fp16(args: argparse.Namespace) -> int:
-    from graphopt.core.model import Model
-    from graphopt.core.pass_manager import get_pass
-    from graphopt.core.shapes import infer_shapes, parse_input_shapes
-    from graphopt.core.verify import verify
-    from graphopt.jobs.optimize import prepare
-
     out_path = check_output_path(args.model, args.output)
     t0 = time.perf_counter()
-    original = prepare(Model.load(args.model), parse_input_shapes(args.input_shape))
+    original = prepare(load(args.model), parse_input_shapes(args.input_shape))
     work = original.clone()
     p = get_pass("fp16", keep_fp32=args.keep_fp32, keep_io_types=not args.io_fp16,
                  keep_softmax=args.keep_softmax, kernels=args.kernels)
@@ -419,10 +406,8 @@ def cmd_fp16(args: argparse.Namespace) -> int:
             f"< {args.min_sqnr} dB"
             f"{' (' + bad.note + ')' if bad.note else ''}; not written. Keep more ops in float32 "
             "with --keep-fp32 OP,... or lower --min-sqnr")
-    res.model.save(out_path)
+    save(res.model, out_path)
     if args.report:
-        from graphopt.jobs.report import write_report
-
         write_report(args.report, original, res.model, verify=report,
                      title=f"graphopt fp16 {Path(args.model).name}",
                      summary={"nodes kept float32": len(kept),
@@ -468,14 +453,9 @@ EXTRA_COMMANDS.append(register_fp16)
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from graphopt.algorithms.diff import diff_models
-    from graphopt.core.model import Model
-    from graphopt.core.shapes import parse_input_shapes
-    from graphopt.jobs.optimize import prepare
-
     shapes = parse_input_shapes(args.input_shape)
-    a = prepare(Model.load(args.a), shapes)
-    b = prepare(Model.load(args.b), shapes)
+    a = prepare(load(args.a), shapes)
+    b = prepare(load(args.b), shapes)
     rep = diff_models(a, b, per_layer=args.per_layer, rtol=args.rtol, atol=args.atol,
                       numeric=not args.structure_only)
     payload = {"a": str(args.a), "b": str(args.b), **rep.to_json()}
@@ -484,7 +464,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(payload)
         return 1 if args.check and not rep.outputs_equal else 0
-    from rich.table import Table
 
     c = console()
     t = Table(title=f"{args.a} -> {args.b}", title_justify="left")
@@ -559,22 +538,16 @@ def _sqnr_text(d: dict[str, float]) -> str:
 
 def optimize_recipe(args: argparse.Namespace, out_path: Path) -> int:
     """``graphopt optimize MODEL -o OUT --recipe NAME|FILE``: run, verify and tabulate each step."""
-    from graphopt.core.model import Model
-    from graphopt.core.shapes import parse_input_shapes
-    from graphopt.jobs.recipe import run_recipe
-
     if args.passes:
         raise GraphoptError("give either --recipe or --passes, not both")
     t0 = time.perf_counter()
-    model = Model.load(args.model)
+    model = load(args.model)
     res = run_recipe(model, args.recipe, input_shapes=parse_input_shapes(args.input_shape),
                      calib=args.calib, output=out_path, bench=args.bench)
-    res.model.save(out_path)
+    save(res.model, out_path)
     before, after = summary_numbers(res.original), summary_numbers(res.model)
     rows = res.table()
     if args.report:
-        from graphopt.jobs.report import write_report
-
         write_report(args.report, res.original, res.model, quant=res.quant, memory=res.plan,
                      title=f"graphopt recipe {res.recipe.name} on {Path(args.model).name}",
                      tables={"steps": [{**r, "fidelity_sqnr_db": _sqnr_text(r["fidelity_sqnr_db"]),
@@ -595,7 +568,6 @@ def optimize_recipe(args: argparse.Namespace, out_path: Path) -> int:
     if args.json:
         emit_json(payload)
         return 0
-    from rich.table import Table
 
     t = Table(title=f"recipe {res.recipe.name}: {args.model} -> {out_path}", title_justify="left")
     for col in ("step", "verified", "nodes", "params", "MACs", "size", "arena",
@@ -624,13 +596,10 @@ def optimize_recipe(args: argparse.Namespace, out_path: Path) -> int:
 
 
 def cmd_list_recipes(args: argparse.Namespace) -> int:
-    from graphopt.jobs.recipe import describe_builtin
-
     rows = [{"name": n, "description": d, "steps": s} for n, d, s in describe_builtin()]
     if args.json:
         emit_json({"recipes": rows})
         return 0
-    from rich.table import Table
 
     t = Table(title="built-in recipes (graphopt optimize MODEL -o OUT --recipe NAME)",
               title_justify="left")
@@ -654,20 +623,12 @@ EXTRA_COMMANDS.append(register_list_recipes)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import os
-
-    from graphopt.algorithms.memory.planner import apply_order, plan_memory, plot_plan
-    from graphopt.core.model import Model
-    from graphopt.core.shapes import parse_input_shapes
-
     out_path = check_output_path(args.model, args.output) if args.output else None
     shapes = parse_input_shapes(args.input_shape)
-    model = Model.load(args.model)
+    model = load(args.model)
     t0 = time.perf_counter()
     feeds = None
     if args.feeds:
-        import numpy as np
-
         try:
             with np.load(args.feeds) as z:
                 feeds = {k: z[k] for k in z.files}
@@ -678,8 +639,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     proof = None
     if args.prove:
-        from graphopt.algorithms.memory.arena import prove
-
         assert plan.model is not None
         proof = prove(plan.model, plan, feeds=feeds)
     if args.plot:
@@ -691,14 +650,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if out_path is not None:
         out = apply_order(model, plan)
         out.metadata["graphopt.memory_plan"] = plan.compact_json()
-        out.save(out_path)
+        save(out, out_path)
         plan_file = Path(str(out_path) + ".memplan.json")
         tmp = plan_file.with_name(plan_file.name + ".tmp")
         tmp.write_text(json.dumps(_jsonable(plan.to_json()), indent=1) + "\n")
         os.replace(tmp, plan_file)
     if args.report:
-        from graphopt.jobs.report import write_report
-
         write_report(args.report, plan.model or model, None, memory=plan,
                      title=f"graphopt plan: {Path(args.model).name}")
     payload: dict[str, Any] = {"model": str(args.model), **plan.summary(),
@@ -715,7 +672,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(payload)
         return 0
-    from rich.table import Table
 
     s = plan.summary()
     t = Table(title=f"memory plan of {args.model}", title_justify="left", show_header=False)
@@ -786,8 +742,6 @@ EXTRA_COMMANDS.append(register_plan)
 
 
 def _prune_group_table(report: Any, limit: int = 60) -> Any:
-    from rich.table import Table
-
     t = Table(title="channel groups (width of the first producer)", title_justify="left")
     for col in ("group", "producers", "before", "after", "status"):
         t.add_column(col, justify="right" if col in ("before", "after") else "left")
@@ -802,8 +756,6 @@ def _prune_group_table(report: Any, limit: int = 60) -> Any:
 
 
 def _fidelity_table(fid: Sequence[Any], title: str) -> Any:
-    from rich.table import Table
-
     t = Table(title=title, title_justify="left")
     for col in ("output", "SQNR dB", "cosine", "top-1 agreement"):
         t.add_column(col, justify="left" if col == "output" else "right")
@@ -814,10 +766,6 @@ def _fidelity_table(fid: Sequence[Any], title: str) -> Any:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from graphopt.core.model import Model
-    from graphopt.core.shapes import parse_input_shapes
-    from graphopt.jobs.prune import prune, prune_scan
-
     shapes = parse_input_shapes(args.input_shape)
     if not args.scan and not args.output:
         raise GraphoptError("give -o OUT (or --scan to only measure several ratios)")
@@ -826,7 +774,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
         raise GraphoptError(f"--ratio must be in [0, 1), got {args.ratio}")
     out_path = check_output_path(args.model, args.output) if args.output else None
-    model = Model.load(args.model)
+    model = load(args.model)
     opts = dict(calib=args.calib, criterion=args.criterion, round_to=args.round_to,
                 recover=not args.no_recover, input_shapes=shapes or None,
                 min_channels=args.min_channels, min_fraction=args.min_fraction, scope=args.scope)
@@ -866,8 +814,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
             plt.close(fig)
             payload["plot"] = str(args.plot)
         if c is not None:
-            from rich.table import Table
-
             t = Table(title="MACs against fidelity", title_justify="left")
             for col in ("ratio", "MACs", "SQNR dB", "cosine", "top-1 agreement"):
                 t.add_column(col, justify="right")
@@ -879,11 +825,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
             c.print(t)
     if args.ratio is not None and out_path is not None:
         out = prune(model, args.ratio, **opts)
-        out.model.save(out_path)
+        save(out.model, out_path)
         rep = out.report
         if args.report:
-            from graphopt.jobs.report import write_report
-
             write_report(args.report, model, out.model, prune_scan=pts if args.scan else None,
                          title=f"graphopt prune: {Path(args.model).name}")
             payload["report"] = str(args.report)
@@ -901,7 +845,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         })
         if c is not None:
             c.print(_prune_group_table(rep))
-            from rich.table import Table
 
             t = Table(title=f"{args.model} -> {out_path}", title_justify="left")
             t.add_column("")
@@ -922,8 +865,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
                 "(on the calibration data)" if args.calib else "(seeded random inputs)")))
     payload["seconds"] = round(time.perf_counter() - t0, 3)
     if args.report and args.scan and not (args.ratio is not None and out_path is not None):
-        from graphopt.jobs.report import write_report
-
         write_report(args.report, model, None, prune_scan=pts,
                      title=f"graphopt prune --scan: {Path(args.model).name}")
         payload["report"] = str(args.report)
@@ -968,8 +909,6 @@ EXTRA_COMMANDS.append(register_prune)
 
 
 def _quant_layer_table(result: Any, limit: int = 400) -> Any:
-    from rich.table import Table
-
     t = Table(title="layers (SQNR: this layer's output in the int8 model vs fp32; isolated: model "
                     "outputs with only this layer int8)", title_justify="left")
     for col in ("layer", "op", "status", "in scale", "out scale", "weight scale", "SQNR dB",
@@ -995,20 +934,14 @@ def _quant_layer_table(result: Any, limit: int = 400) -> Any:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from graphopt.core.model import Model
-    from graphopt.core.shapes import parse_input_shapes
-    from graphopt.jobs.quantize import quantize
-
     out_path = check_output_path(args.model, args.output)
     shapes = parse_input_shapes(args.input_shape)
-    model = Model.load(args.model)
+    model = load(args.model)
     keep = [s.strip() for s in (args.keep_float or "").split(",") if s.strip()]
     t0 = time.perf_counter()
     progress_cb = None
     bar = None
     if not args.json and sys.stderr.isatty() or args.progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
         bar = Progress("calibrating", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        console=console(stderr=True), transient=True)
         task = bar.add_task("calibrating", total=None)
@@ -1029,10 +962,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             bar.stop()
     before = summary_numbers(res.original)
     after = summary_numbers(res.model)
-    res.model.save(out_path)
+    save(res.model, out_path)
     if args.report:
-        from graphopt.jobs.report import write_report
-
         write_report(args.report, res.original, res.model, quant=res, verify=res.verify,
                      title=f"graphopt quantize: {Path(args.model).name}")
     size_in = Path(args.model).stat().st_size
@@ -1065,8 +996,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         c.print(f"[yellow]{res.optimize_note}[/]")
     c.print(_quant_layer_table(res))
     if res.kept_float:
-        from rich.table import Table
-
         kt = Table(title="kept in float", title_justify="left")
         kt.add_column("node")
         kt.add_column("why")
@@ -1132,9 +1061,6 @@ EXTRA_COMMANDS.append(register_quantize)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from graphopt.algorithms.tvm.emit import compile_model
-    from graphopt.core.shapes import parse_input_shapes
-
     out = check_output_path(args.model, args.output)
     res = compile_model(args.model, target=args.target, output=out,
                         input_shapes=parse_input_shapes(args.input_shape) or None,
@@ -1144,7 +1070,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(info)
         return 0
-    from rich.table import Table
 
     c = console()
     t = Table(title=f"{args.model} -> {info['artifact']}", title_justify="left",
@@ -1175,8 +1100,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _read_inputs(specs: Sequence[str]) -> dict[str, Any]:
-    import numpy as np
-
     feeds: dict[str, Any] = {}
     for spec in specs:
         if "=" not in spec:
@@ -1190,19 +1113,12 @@ def _read_inputs(specs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     feeds = _read_inputs(args.input)
     if str(args.artifact).endswith(".onnx"):
-        from graphopt.core.model import Model
-        from graphopt.core.verify import random_feeds, run_model
-
-        model = Model.load(args.artifact)
+        model = load(args.artifact)
         base = random_feeds(model, seed=0) if not feeds else {}
         outs = run_model(model, {**base, **feeds})
     else:
-        from graphopt.algorithms.tvm.emit import load_artifact
-
         if not Path(args.artifact).is_file():
             raise GraphoptError(f"no such file: {args.artifact}")
         outs = load_artifact(args.artifact).run(feeds)
@@ -1218,7 +1134,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         emit_json({"artifact": str(args.artifact), "outputs": summary,
                    "output_file": args.output})
         return 0
-    from rich.table import Table
 
     t = Table(title=f"outputs of {args.artifact}", title_justify="left")
     for col in ("output", "shape", "dtype", "min", "max"):
@@ -1230,8 +1145,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from graphopt.algorithms.tvm.emit import bench_artifact
-
     res = bench_artifact(args.artifact, args.model, runs=args.runs, warmup=args.warmup,
                          threads=args.threads)
     if args.json:
@@ -1283,13 +1196,10 @@ EXTRA_COMMANDS.append(register_tvm)
 
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    from rich.logging import RichHandler
 
     logging.basicConfig(level=level, format="%(name)s: %(message)s",
                         handlers=[RichHandler(console=console(stderr=True), show_time=False)])
     try:
-        import onnx_graphsurgeon as gs
-
         gs.G_LOGGER.severity = gs.G_LOGGER.DEBUG if verbose >= 2 else (
             gs.G_LOGGER.INFO if verbose == 1 else gs.G_LOGGER.ERROR)
     except Exception:  # noqa: BLE001

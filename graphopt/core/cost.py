@@ -46,9 +46,9 @@ What is counted, and how:
     bound: a body's outputs are counted there and again as the node's outputs).
 
 Shapes come from the tensors (``gs.Variable.shape``/``dtype``), so run shape inference first
-(:func:`graphopt.core.shapes.infer_shapes`). Where a shape is symbolic or missing the node's MACs/FLOPs
-are 0 (logged at DEBUG) and the tensor's bytes are left out of the activation totals and counted
-in ``unknown_shapes``. Everything is one pass over the nodes: linear in the model size.
+(:func:`graphopt.core.shapes.infer_shapes`). Where a shape is symbolic or missing the node's
+MACs/FLOPs are 0 (logged at DEBUG) and the tensor's bytes are left out of the activation totals and
+counted in ``unknown_shapes``. Everything is one pass over the nodes: linear in the model size.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.core.model import Model, constant_nbytes, node_subgraphs
+from graphopt.core.graph import constant_nbytes, node_subgraphs
+from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
 

@@ -46,3 +46,14 @@ class PassError(Exception):
         self.previous = list(previous or [])
         after = f" (after: {', '.join(self.previous)})" if self.previous else ""
         super().__init__(f"pass '{pass_name}' failed{after}: {message}")
+
+
+def in_file(path: object | None) -> str:
+    """``" in PATH"`` for an error message about a file (empty when there is no path)."""
+    return f" in {path}" if path else ""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    s = str(exc).strip()
+    return s.splitlines()[0] if s else type(exc).__name__

@@ -1,4 +1,10 @@
-"""Calibration data: read samples for a model's inputs and stream them in batches.
+"""Model inputs: seeded random feeds for a model's inputs, and calibration data read for them and
+streamed in batches.
+
+Random feeds (:func:`random_feeds`): floats ~ N(0, 1), integers 0, bools False, for every graph
+input; a dynamic leading dim is taken as a batch of 1, other dynamic dims must be fixed.
+
+Calibration data (:func:`open_calibration`).
 
 Accepted sources (DESIGN.md, ``--calib DATA``):
 
@@ -11,22 +17,22 @@ Accepted sources (DESIGN.md, ``--calib DATA``):
 
 Samples may differ in their dynamic dims (text-line crops of different widths): consecutive samples
 of one shape are batched together, and a change of shape closes the batch. Only one source file and
-one batch are held at a time. Problems are reported as :class:`~graphopt.core.errors.CalibrationError`
-(CLI exit 2) naming the input and what was expected.
+one batch are held at a time. Problems are reported as
+:class:`~graphopt.core.errors.CalibrationError` (CLI exit 2) naming the input and what was expected.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
-from graphopt.core.errors import CalibrationError
+from graphopt.core.errors import CalibrationError, ShapeError
 from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
@@ -286,3 +292,63 @@ def open_calibration(source: Any, model: Model, batch_size: int = 8, limit: int 
         raise CalibrationError("no calibration data given (--calib DATA)")
     return CalibrationReader(source, input_specs(model), batch_size=batch_size, limit=limit,
                              defaults=defaults)
+
+
+# ---------------------------------------------------------------------- random feeds
+
+
+#: random test inputs larger than this are refused (a declared dim over 2^31 must not exhaust
+#: memory)
+MAX_FEED_BYTES = 2**31
+
+
+def _concrete_dims(
+    name: str, shape: Sequence[object] | None, fallback: Mapping[str, int]
+) -> list[int]:
+    if shape is None:
+        raise ShapeError(
+            f"input '{name}' has no declared shape; give --input-shape {name}:D1xD2x..."
+        )
+    dims = []
+    for i, d in enumerate(shape):
+        if isinstance(d, (int, np.integer)) and d >= 0:
+            dims.append(int(d))
+        elif isinstance(d, str) and d in fallback:
+            dims.append(fallback[d])
+        elif i == 0:
+            dims.append(1)  # a dynamic leading dim is a batch dim: use 1
+        else:
+            raise ShapeError(
+                f"input '{name}' has dynamic dims {list(shape)}; fix them with "
+                f"--input-shape {name}:"
+                + "x".join(str(x) if isinstance(x, int) and x > 0 else "N" for x in shape)
+            )
+    return dims
+
+
+def random_feeds(
+    model: Model, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
+) -> Feeds:
+    """Seeded random inputs for every graph input: floats ~ N(0,1), integers 0, bools False."""
+    rng = np.random.default_rng(seed)
+    feeds: Feeds = {}
+    for t in model.graph.inputs:
+        dims = (
+            list(shapes[t.name])
+            if shapes and t.name in shapes
+            else _concrete_dims(t.name, t.shape, {})
+        )
+        dtype = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
+        nbytes = int(np.prod(dims, dtype=object)) * dtype.itemsize if dims else dtype.itemsize
+        if nbytes > MAX_FEED_BYTES:
+            raise ShapeError(
+                f"input '{t.name}' of shape {dims} is too large to build a test input "
+                f"({nbytes / 2**30:.3g} GiB); fix smaller dims with --input-shape {t.name}:..."
+            )
+        if np.issubdtype(dtype, np.floating):
+            feeds[t.name] = rng.standard_normal(dims).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[t.name] = np.zeros(dims, dtype=dtype)
+        else:
+            feeds[t.name] = np.zeros(dims, dtype=dtype)
+    return feeds

@@ -3,7 +3,7 @@
 Every candidate (model x optimization level) gets its own session; the runs are interleaved round
 robin (A, B, C, A, B, C, ...) so that a noisy machine slows all candidates alike, and each reports
 the median of its runs. Sessions use a fixed thread count with spinning off
-(:func:`graphopt.core.verify.session_options`).
+(:func:`graphopt.core.session.session_options`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from graphopt.core.model import Model
-from graphopt.core.verify import make_session
+from graphopt.core.session import make_session
 
 
 def interleaved_latency(

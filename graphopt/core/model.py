@@ -1,22 +1,23 @@
 """The in-memory model: an onnx-graphsurgeon graph plus everything ONNX carries beside it.
 
 ``Model`` keeps what graphsurgeon alone would drop on a round trip: ir_version, opset imports of
-every
-domain, metadata properties, producer fields, doc string and model-local functions. If/Loop/Scan
-subgraphs live inside the gs graph as node attributes and round-trip with it.
+every domain, metadata properties, producer fields, doc string and model-local functions.
+If/Loop/Scan subgraphs live inside the gs graph as node attributes and round-trip with it.
 
 Weights are held lazily: graphsurgeon's ``LazyValues`` wrap the original ``TensorProto`` and only
-become
-numpy arrays when a pass reads them. Passes must never write into a constant's array in place
-(clones
-share arrays); they assign a new array instead.
+become numpy arrays when a pass reads them. Passes must never write into a constant's array in
+place (clones share arrays); they assign a new array instead.
+
+Files are read by :func:`graphopt.core.loader.load` and written by :func:`graphopt.core.saver.save`
+(this module imports neither).
 """
 
 from __future__ import annotations
 
 import contextlib
+import graphlib
 import logging
-import os
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,9 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from google.protobuf.message import DecodeError
-from onnx import external_data_helper
 
-from graphopt.core.errors import ModelLoadError
+from graphopt.core.errors import ModelLoadError, in_file
+from graphopt.core.graph import constant_nbytes, node_subgraphs
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Model:
         try:
             graph = gs.import_onnx(proto)
         except Exception as exc:  # graphsurgeon raises assorted errors on malformed graphs
-            raise ModelLoadError(f"cannot read the graph{_where(path)}: {exc}") from None
+            raise ModelLoadError(f"cannot read the graph{in_file(path)}: {exc}") from None
         opsets = {imp.domain or "": imp.version for imp in proto.opset_import}
         # graphsurgeon keeps only the default-domain opset on the graph itself
         graph.opset = opsets.get("", graph.opset)
@@ -94,22 +94,6 @@ class Model:
             external_data=external_data,
             input_defaults=input_defaults,
         )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], load_weights: bool = True) -> Model:
-        """Load an ONNX file (external data included). Raises :class:`ModelLoadError`.
-
-        With ``load_weights=False`` external data is checked (present, inside the model's folder,
-        long enough) but not read: constants keep their external references, shapes and sizes come
-        from the tensors' dims. Enough for inspecting; such a model cannot be run or saved.
-        """
-        proto, p, external = load_proto(path, load_weights=False)
-        model = cls.from_onnx(proto, path=p, external_data=external)
-        model.weights_loaded = not external
-        if external and load_weights:
-            map_external_weights(model, p.parent)
-            model.weights_loaded = True
-        return model
 
     # ------------------------------------------------------------------ export
     def to_onnx(self, check: bool = False, weights: bool = True) -> onnx.ModelProto:
@@ -152,12 +136,6 @@ class Model:
         if check:
             check_proto(proto)
         return proto
-
-    def save(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
-        """Write atomically (see :func:`graphopt.core.saver.save_model`)."""
-        from graphopt.core.saver import save_model
-
-        return save_model(self, path, **kwargs)
 
     def clone(self) -> Model:
         """A structural copy. Constant arrays are shared, which is safe because passes never write
@@ -361,8 +339,6 @@ def release_weight_pages(model: Model) -> int:
     the pages back in. Used between running a large float model and its transformed copy, so that
     both are never resident at once. Returns the bytes released (0 where madvise is unavailable).
     """
-    import mmap
-
     advice = getattr(mmap, "MADV_DONTNEED", None)
     released = 0
     if advice is None:
@@ -383,26 +359,9 @@ def release_weight_pages(model: Model) -> int:
     return released
 
 
-def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
-    """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
-    subs: list[gs.Graph] = []
-    for attr in node.attrs.values():
-        if isinstance(attr, gs.Graph):
-            subs.append(attr)
-        elif isinstance(attr, (list, tuple)):
-            subs.extend(a for a in attr if isinstance(a, gs.Graph))
-    return subs
-
-
-def constant_nbytes(t: gs.Constant) -> int:
-    v = t._values
-    if isinstance(v, gs.ir.tensor.LazyValues):
-        return int(v.nbytes)
-    return int(np.asarray(v).nbytes)
-
-
-def _where(path: Path | None) -> str:
-    return f" in {path}" if path else ""
+def all_graph_output_ids(model: Model) -> set[int]:
+    """ids of every tensor that is an output of the main graph or of any subgraph."""
+    return {id(t) for g in model.walk_graphs() for t in g.outputs}
 
 
 def _outer_names(model: Model, graph: gs.Graph) -> set[str]:
@@ -419,11 +378,9 @@ def _outer_names(model: Model, graph: gs.Graph) -> set[str]:
 def check_graph(graph: gs.Graph, outer: set[str] | None = None) -> None:
     """Check that ``graph`` is a DAG whose node inputs are all defined.
 
-    Runs after every modifying pass, so it uses the standard library's ``graphlib`` (no import
-    cost) rather than networkx.
+    Runs after every modifying pass, so it uses the standard library's ``graphlib`` (cheap)
+    rather than networkx.
     """
-    import graphlib
-
     outer = outer or set()
     defined = {t.name for t in graph.inputs} | outer
     for name, t in graph.tensors().items():
@@ -466,278 +423,11 @@ def check_proto(proto: onnx.ModelProto, path: Path | None = None) -> None:
             onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise ModelLoadError(f"invalid ONNX model{_where(path)}: {first}") from None
+        raise ModelLoadError(f"invalid ONNX model{in_file(path)}: {first}") from None
     except UnicodeDecodeError:  # the checker's message quotes a name that is not UTF-8
         raise ModelLoadError(
-            f"invalid ONNX model{_where(path)}: a name or string is not valid UTF-8 (corrupt file?)"
+            f"invalid ONNX model{in_file(path)}: a name or string is not valid UTF-8 "
+            "(corrupt file?)"
         ) from None
 
 
-def check_names(proto: onnx.ModelProto, path: Path | None = None) -> None:
-    """Refuse names and strings that are not valid UTF-8 (protobuf hands them over as ``bytes``)
-    and negative dimensions in declared shapes.
-
-    Walks every message of the model; tensors are checked by name only, so weights are not touched.
-    """
-    from google.protobuf.descriptor import FieldDescriptor as F
-
-    stack: list[Any] = [proto]
-    while stack:
-        msg = stack.pop()
-        if isinstance(msg, onnx.TensorProto):
-            fields = [
-                (msg.DESCRIPTOR.fields_by_name[n], getattr(msg, n)) for n in ("name", "doc_string")
-            ]
-            fields += [(None, e.key) for e in msg.external_data]
-            fields += [(None, e.value) for e in msg.external_data]
-        else:
-            # -1 is what some exporters write for a dynamic dim (onnxruntime accepts it)
-            if isinstance(msg, onnx.TensorShapeProto.Dimension) and msg.dim_value < -1:
-                raise ModelLoadError(
-                    f"a tensor shape{_where(path)} has a negative dimension "
-                    f"{msg.dim_value} (corrupt file?)"
-                )
-            fields = msg.ListFields()
-        for fd, value in fields:
-            if fd is None or fd.type == F.TYPE_STRING:
-                values = value if fd is not None and fd.is_repeated else [value]
-                for v in values:
-                    if isinstance(v, bytes):
-                        shown = v.decode("utf-8", "replace")
-                        what = fd.name if fd is not None else "external data entry"
-                        raise ModelLoadError(
-                            f"{type(msg).__name__}.{what} '{shown}'{_where(path)} "
-                            "is not valid UTF-8 (corrupt file?)"
-                        )
-            elif fd.type == F.TYPE_MESSAGE:
-                if fd.is_repeated:
-                    stack.extend(value)
-                else:
-                    stack.append(value)
-
-
-def check_tensor_data(proto: onnx.ModelProto, path: Path | None = None) -> None:
-    """Refuse tensors whose dims are negative or whose stored data does not match their dims.
-
-    onnx.checker does not compare a tensor's ``raw_data`` length with its dims; a corrupt file whose
-    dims and data disagree would otherwise fail later, inside a pass, as an internal error.
-    """
-    typed = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
-    for t in external_data_helper._get_all_tensors(proto):
-        if any(d < 0 for d in t.dims):
-            raise ModelLoadError(
-                f"tensor '{t.name}'{_where(path)} has a negative dimension "
-                f"{list(t.dims)} (corrupt file?)"
-            )
-        if external_data_helper.uses_external_data(t) or t.data_type in (
-            onnx.TensorProto.STRING,
-            onnx.TensorProto.UNDEFINED,
-        ):
-            continue
-        n = int(np.prod(t.dims, dtype=object)) if len(t.dims) else 1
-        try:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except (KeyError, ValueError, TypeError):
-            raise ModelLoadError(
-                f"tensor '{t.name}'{_where(path)} has an unknown element type "
-                f"{t.data_type} (corrupt file?)"
-            ) from None
-        if t.HasField("raw_data"):
-            have, want = len(t.raw_data), n * itemsize
-            if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-                want = (n + 1) // 2
-            if have != want:
-                raise ModelLoadError(
-                    f"tensor '{t.name}'{_where(path)} has dims {list(t.dims)} ({want} bytes) but "
-                    f"{have} bytes of data (corrupt file?)"
-                )
-            continue
-        counts = [len(getattr(t, f)) for f in typed if len(getattr(t, f))]
-        if (
-            counts
-            and t.data_type
-            in (
-                onnx.TensorProto.FLOAT,
-                onnx.TensorProto.DOUBLE,
-                onnx.TensorProto.INT64,
-                onnx.TensorProto.UINT64,
-                onnx.TensorProto.INT32,
-            )
-            and counts[0] != n
-        ):
-            raise ModelLoadError(
-                f"tensor '{t.name}'{_where(path)} has dims {list(t.dims)} ({n} values) but stores "
-                f"{counts[0]} values (corrupt file?)"
-            )
-
-
-def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [
-        t
-        for t in external_data_helper._get_all_tensors(proto)
-        if external_data_helper.uses_external_data(t)
-    ]
-
-
-def check_external_data(proto: onnx.ModelProto, base_dir: Path) -> None:
-    """Refuse external data that is missing, outside the model's folder, or shorter than
-    declared."""
-    base = base_dir.resolve()
-    sizes: dict[Path, int] = {}
-    for t in _external_tensors(proto):
-        info = external_data_helper.ExternalDataInfo(t)
-        loc = info.location or ""
-        if not loc or os.path.isabs(loc) or loc.startswith(("\\", "/")):
-            raise ModelLoadError(
-                f"tensor '{t.name}' points at external data '{loc}', which is not a relative path "
-                f"inside the model's folder; refusing to read it"
-            )
-        target = (base / loc).resolve()
-        if base != target and base not in target.parents:
-            raise ModelLoadError(
-                f"tensor '{t.name}' points at external data '{loc}' outside the model's folder "
-                f"{base}; refusing to read it"
-            )
-        if not target.is_file():
-            raise ModelLoadError(
-                f"external data file '{loc}' for tensor '{t.name}' is missing (expected {target}); "
-                f"copy it next to the model"
-            )
-        size = sizes.setdefault(target, target.stat().st_size)
-        offset = int(info.offset or 0)
-        length = int(info.length) if info.length else None
-        if length is None:
-            n = int(np.prod(t.dims)) if len(t.dims) else 1
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            length = n * itemsize
-        if offset < 0 or offset + length > size:
-            raise ModelLoadError(
-                f"external data file '{loc}' is too short for tensor '{t.name}' "
-                f"(needs bytes {offset}..{offset + length}, file has {size})"
-            )
-
-
-def load_proto(
-    path: str | os.PathLike[str], load_weights: bool = True
-) -> tuple[onnx.ModelProto, Path, bool]:
-    """Read and sanity-check an ONNX file. Returns (proto, path, uses_external_data)."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"no such file: {p}")
-    if p.is_dir():
-        raise ModelLoadError(f"{p} is a folder, not an ONNX file")
-    if p.stat().st_size == 0:
-        raise ModelLoadError(f"{p} is empty")
-    try:
-        proto = onnx.load_model(str(p), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise ModelLoadError(
-            f"{p} is not a readable ONNX model (truncated or not a protobuf: {type(exc).__name__})"
-        ) from None
-    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
-        raise ModelLoadError(
-            f"{p} is not an ONNX model (no graph, IR version or opset; "
-            "truncated or another format?)"
-        )
-    check_names(proto, p)
-    check_tensor_data(proto, p)
-    external = bool(_external_tensors(proto))
-    if external:
-        check_external_data(proto, p.parent)
-        # check the file itself: the checker then resolves external data against the model's
-        # folder and reads none of it (checking the loaded proto would serialize every weight)
-        _check_file(p)
-        if load_weights:
-            try:
-                external_data_helper.load_external_data_for_model(proto, str(p.parent))
-            except (OSError, ValueError) as exc:
-                raise ModelLoadError(f"cannot read external data of {p}: {exc}") from None
-    else:
-        check_proto(proto, p)
-    return proto, p, external
-
-
-def map_external_weights(model: Model, base_dir: Path) -> int:
-    """Give every constant that refers to external data a read-only memory map of its bytes.
-
-    The weights are not copied into memory: pages are read when a pass or the writer touches them,
-    and the OS may drop them again, so a model of any size stays within about its own size in
-    memory. Element types numpy cannot map (bfloat16, float8, int4) are read into memory instead.
-    Paths were checked by :func:`check_external_data` (inside the model's folder, long enough).
-    Returns the number of mapped tensors.
-    """
-    mapped = 0
-    seen: set[int] = set()
-    for g in model.walk_graphs():
-        for t in g.tensors().values():
-            if not isinstance(t, gs.Constant) or id(t) in seen:
-                continue
-            seen.add(id(t))
-            v = t._values
-            if (
-                not isinstance(v, gs.ir.tensor.LazyValues)
-                or not isinstance(v.tensor, onnx.TensorProto)
-                or not external_data_helper.uses_external_data(v.tensor)
-            ):
-                continue
-            tp = v.tensor
-            info = external_data_helper.ExternalDataInfo(tp)
-            dims = tuple(int(d) for d in tp.dims)
-            try:
-                dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tp.data_type))
-            except (KeyError, ValueError, TypeError):
-                dtype = None
-            plain = tp.data_type in (
-                onnx.TensorProto.FLOAT,
-                onnx.TensorProto.DOUBLE,
-                onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.INT8,
-                onnx.TensorProto.UINT8,
-                onnx.TensorProto.INT16,
-                onnx.TensorProto.UINT16,
-                onnx.TensorProto.INT32,
-                onnx.TensorProto.UINT32,
-                onnx.TensorProto.INT64,
-                onnx.TensorProto.UINT64,
-                onnx.TensorProto.BOOL,
-            )
-            try:
-                target = (base_dir / info.location).resolve()
-                if target not in model.external_files:
-                    model.external_files.append(target)
-                arr: np.ndarray
-                if plain and dtype is not None and int(np.prod(dims)) > 0:
-                    arr = np.memmap(
-                        base_dir / info.location,
-                        dtype=dtype,
-                        mode="r",
-                        offset=int(info.offset or 0),
-                        shape=dims,
-                    )
-                    mapped += 1
-                else:
-                    arr = onnx.numpy_helper.to_array(tp, str(base_dir))
-            except (OSError, ValueError) as exc:
-                raise ModelLoadError(
-                    f"cannot read external data of tensor '{tp.name}': {exc}"
-                ) from None
-            t._values = arr
-            t.data_location = None  # now held in memory (mapped): exported inline unless stubbed
-    return mapped
-
-
-def _check_file(p: Path) -> None:
-    try:
-        onnx.checker.check_model(str(p))
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise ModelLoadError(f"invalid ONNX model in {p}: {first}") from None
-    except UnicodeDecodeError:
-        raise ModelLoadError(
-            f"invalid ONNX model in {p}: a name or string is not valid UTF-8 (corrupt file?)"
-        ) from None
-
-
-def load(path: str | os.PathLike[str]) -> Model:
-    """Load an ONNX file into a :class:`Model`."""
-    return Model.load(path)

@@ -1,15 +1,14 @@
-"""Pass infrastructure: :class:`Pass`, :class:`PassResult`, :class:`PassManager` and the registry.
+"""Pass infrastructure: :class:`Pass`, :class:`PassResult`, :class:`PassManager` and the registry
+that :func:`register_pass` fills (the catalogue of built-in passes, which imports a pass module by
+name, is :mod:`graphopt.passes`).
 
-A pass transforms a :class:`~graphopt.core.model.Model` in place and returns a :class:`PassResult` saying
-exactly
-whether it changed anything (the manager iterates to a fixed point on that flag) and with counters
-in
-``stats``. ``Pass.__call__`` wraps ``call`` with ``requires`` (pre-conditions) and ``ensures``
-(post-conditions: the graph is still acyclic, every node input is produced or is a graph input or
-constant); any exception escaping a pass becomes a :class:`~graphopt.core.errors.PassError` that names
-the pass
-and the passes that ran before it. User errors (:class:`~graphopt.core.errors.GraphoptError`) pass
-through.
+A pass transforms a :class:`~graphopt.core.model.Model` in place and returns a
+:class:`PassResult` saying exactly whether it changed anything (the manager iterates to a fixed
+point on that flag) and with counters in ``stats``. ``Pass.__call__`` wraps ``call`` with
+``requires`` (pre-conditions) and ``ensures`` (post-conditions: the graph is still acyclic, every
+node input is produced or is a graph input or constant); any exception escaping a pass becomes a
+:class:`~graphopt.core.errors.PassError` that names the pass and the passes that ran before it.
+User errors (:class:`~graphopt.core.errors.GraphoptError`) pass through.
 """
 
 from __future__ import annotations
@@ -17,11 +16,11 @@ from __future__ import annotations
 import abc
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from graphopt.core.errors import GraphoptError, PassError, UnknownPassError
+from graphopt.core.errors import GraphoptError, PassError
 from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class Pass(abc.ABC):
     #: True for passes that only compute numbers (cost, memory plan) and never change the model
     analysis: ClassVar[bool] = False
     #: True for passes that change numerics by design (quantize, prune, fp16); verify tolerances
-    # differ
+    #: differ
     lossy: ClassVar[bool] = False
 
     def __call__(self, model: Model) -> PassResult:
@@ -102,57 +101,10 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def _passes_package() -> Any:
-    """The built-in passes package (``passes/`` installed as ``graphopt.passes``)."""
-    import importlib
-
-    return importlib.import_module("graphopt.passes")
-
-
-def _load_builtin_passes() -> None:
-    _passes_package().load_all()
-
-
-def registered_passes() -> dict[str, type[Pass]]:
-    """All registered passes by name, sorted (imports every built-in pass module)."""
-    _load_builtin_passes()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def known_pass_names() -> set[str]:
-    """Names of every built-in and registered pass, without importing the pass modules."""
-    return set(_passes_package().PASS_INDEX) | set(_REGISTRY)
-
-
-def pass_class(name: str) -> type[Pass]:
-    """The class of a pass by name, importing only its module. Raises UnknownPassError."""
-    if name not in _REGISTRY:
-        _passes_package().load(name)
-    if name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(name, sorted(known_pass_names()), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UnknownPassError(
-            f"unknown pass '{name}'{hint}; 'graphopt list-passes' shows the available passes"
-        )
-    return _REGISTRY[name]
-
-
-def get_pass(name: str, **options: Any) -> Pass:
-    """Instantiate a registered pass by name. Unknown names raise :class:`UnknownPassError`."""
-    cls = pass_class(name)
-    try:
-        return cls(**options)
-    except TypeError as exc:
-        raise GraphoptError(f"bad options for pass '{name}': {exc}") from None
-
-
-def resolve_passes(spec: str | Sequence[str | Pass]) -> list[Pass]:
-    """Turn 'a,b,c' or a list of names/passes into pass instances."""
-    items: Iterable[str | Pass]
-    items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else spec
-    return [p if isinstance(p, Pass) else get_pass(p) for p in items]
+def registered_pass_classes() -> dict[str, type[Pass]]:
+    """The passes registered so far, by name (a built-in pass registers when its module is
+    imported; :func:`graphopt.passes.registered_passes` imports them all first)."""
+    return dict(_REGISTRY)
 
 
 @dataclass
@@ -190,7 +142,7 @@ class PassManager:
     """Runs passes in order, repeatedly, until a full sweep changes nothing (or ``steps`` sweeps).
 
     Args:
-        passes: pass instances or registered names.
+        passes: pass instances (:func:`graphopt.passes.resolve_passes` turns names into them).
         steps: maximum number of sweeps over the pass list.
         early_stop: stop as soon as a sweep reports no modification.
         on_pass: optional callback after each pass run (for progress display).
@@ -198,12 +150,18 @@ class PassManager:
 
     def __init__(
         self,
-        passes: Sequence[Pass | str],
+        passes: Sequence[Pass],
         steps: int = 1,
         early_stop: bool = True,
         on_pass: Callable[[PassRecord], None] | None = None,
     ) -> None:
-        self.passes = resolve_passes(list(passes))
+        for p in passes:
+            if not isinstance(p, Pass):
+                raise TypeError(
+                    f"PassManager takes Pass instances, not {p!r}; build them from names with "
+                    "graphopt.passes.resolve_passes"
+                )
+        self.passes = list(passes)
         self.steps = max(1, int(steps))
         self.early_stop = early_stop
         self.on_pass = on_pass

@@ -19,7 +19,6 @@ kept).
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -330,30 +329,3 @@ class RewritePass(Pass):
         return PassResult(model, total > 0, stats)
 
 
-_counter = itertools.count()
-
-
-def unique_name(base: str) -> str:
-    """A name that no imported model uses (a process-wide counter with a distinctive suffix)."""
-    return f"{base}__go{next(_counter)}"
-
-
-def make_node(
-    op: str,
-    inputs: Sequence[gs.Tensor],
-    outputs: Sequence[gs.Variable] | None = None,
-    attrs: dict[str, Any] | None = None,
-    name: str | None = None,
-    domain: str | None = None,
-) -> gs.Node:
-    """A new node; fresh output variables are created when ``outputs`` is None."""
-    base = unique_name(name or op.lower())
-    outs = list(outputs) if outputs is not None else [gs.Variable(f"{base}_out")]
-    return gs.Node(
-        op=op, name=base, inputs=list(inputs), outputs=outs, attrs=attrs or {}, domain=domain
-    )
-
-
-def const(name: str, values: np.ndarray | float | int, dtype: Any = np.float32) -> gs.Constant:
-    """A new constant tensor with a unique name derived from ``name``."""
-    return gs.Constant(unique_name(name), np.asarray(values, dtype=dtype))

@@ -1,11 +1,12 @@
-"""Write a :class:`~graphopt.core.model.Model` to an ONNX file, atomically.
+"""Write a :class:`~graphopt.core.model.Model` to an ONNX file, atomically (the reader is
+:mod:`graphopt.core.loader`).
 
 The model and its external data file are written into a temporary folder beside the destination and
 renamed into place, so an interrupted run never leaves a partial output and never touches the input.
 Weights go to an external data file (``<name>.data``) when the caller asks, when the source model
-used
-external data, or when the serialized proto would pass protobuf's 2 GiB limit. External tensors are
-written straight from their buffers without building a second in-memory copy of the model.
+used external data, or when the serialized proto would pass protobuf's 2 GiB limit. External
+tensors are written straight from their buffers without building a second in-memory copy of the
+model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from graphopt.core.errors import GraphoptError
 from graphopt.core.model import PROTO_LIMIT, Model, check_proto, constant_stub, swapped_constants
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ def write_external(
     return written
 
 
-def save_model(
+def save(
     model: Model, path: str | os.PathLike[str], *, external: bool | None = None, check: bool = True
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
@@ -114,8 +116,6 @@ def save_model(
         GraphoptError: the output cannot be written (folder missing and not creatable, no
             permission, disk full) or is the input model. Nothing is left under ``path`` then.
     """
-    from graphopt.core.errors import GraphoptError
-
     if not getattr(model, "weights_loaded", True):
         raise ValueError("this model was loaded without its weights (load_weights=False)")
     dest = Path(path)

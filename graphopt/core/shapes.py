@@ -1,11 +1,10 @@
 """Shapes: fix dynamic input dims, infer every tensor's shape, fall back to onnxruntime where ONNX's
-shape inference gives up.
+shape inference gives up. :func:`prepare` does both and is what every job runs on a loaded model.
 
 Order of trust: shapes computed from the graph (ONNX inference with data propagation), then shapes
 observed by running onnxruntime on a dummy input with every intermediate tensor exposed. Shapes
-that a
-model *declares* for its outputs or in ``value_info`` are never trusted: they are dropped before
-inference (a published CRNN declares a wrong rank-2 output), keeping only element types.
+that a model *declares* for its outputs or in ``value_info`` are never trusted: they are dropped
+before inference (a published CRNN declares a wrong rank-2 output), keeping only element types.
 """
 
 from __future__ import annotations
@@ -19,7 +18,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.core.errors import ShapeError
+from graphopt.core.feeds import random_feeds
 from graphopt.core.model import PROTO_LIMIT, Model
+from graphopt.core.session import run_model
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,9 @@ def _collect(g: onnx.GraphProto, out: dict[str, tuple[int, list[object] | None]]
 WEIGHTLESS_BYTES = 64 << 20
 
 
-def _onnx_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
+def onnx_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
+    """ONNX shape inference (data propagation on) on an export of ``model`` with its declared
+    shapes dropped: tensor name -> (element type, dims or None). The model is not changed."""
     proto = model.to_onnx(weights=model.param_bytes() < WEIGHTLESS_BYTES)
     _strip_declared_shapes(proto)
     if proto.ByteSize() >= PROTO_LIMIT:
@@ -203,7 +206,7 @@ def infer_shapes(
     """
     if not getattr(model, "weights_loaded", True):
         ort_fallback = False  # its external weights were not read: onnxruntime cannot run it
-    found = _onnx_infer(model)
+    found = onnx_infer(model)
     inputs = {t.name for t in model.graph.inputs}
     declared_rank = {t.name: len(t.shape) for t in model.graph.outputs if t.shape is not None}
     # nothing declared survives unless re-derived: clear main-graph variables that inference missed
@@ -236,8 +239,6 @@ def observe_shapes(
     model: Model, names: Sequence[str], feeds: Mapping[str, np.ndarray] | None = None
 ) -> dict[str, tuple[np.dtype, Shape]]:
     """Run onnxruntime once with ``names`` exposed as outputs and return their dtypes and shapes."""
-    from graphopt.core.verify import random_feeds, run_model
-
     probe = model.to_onnx()  # exported once; the Model itself is not touched
     existing = {o.name for o in probe.graph.output}
     for name in names:
@@ -246,3 +247,16 @@ def observe_shapes(
     feeds = dict(feeds) if feeds else random_feeds(model, seed=0)
     outs = run_model(probe, feeds, outputs=list(names))
     return {k: (v.dtype, tuple(int(d) for d in v.shape)) for k, v in outs.items()}
+
+
+def prepare(
+    model: Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> Model:
+    """Fix the given input dims and infer every shape (in place); ``feeds`` drive the onnxruntime
+    shape fallback where random inputs would take the wrong path."""
+    if input_shapes:
+        fix_input_shapes(model, input_shapes)
+    infer_shapes(model, feeds=feeds)
+    return model

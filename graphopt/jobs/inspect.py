@@ -1,15 +1,24 @@
 """Model summary for ``graphopt inspect`` and ``graphopt.inspect``: I/O, opset, op histogram,
-params,
-MACs and activation memory. The JSON keys are fixed by DESIGN.md (``nodes``, ``ops``, ``params``,
-``param_bytes``, ``macs``, ``activation_bytes`` {naive, peak}, ``inputs``, ``outputs``,
+params, MACs and activation memory. The JSON keys are fixed by DESIGN.md (``nodes``, ``ops``,
+``params``, ``param_bytes``, ``macs``, ``activation_bytes`` {naive, peak}, ``inputs``, ``outputs``,
 ``opset``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from graphopt.core.cost import ModelCost, model_cost
 from graphopt.core.model import Model
+from graphopt.core.shapes import prepare
+from graphopt.jobs.common import ModelLike, as_model
+
+
+def inspect(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
+            per_node: bool = False) -> dict[str, Any]:
+    """The ``graphopt inspect --json`` summary of a model (a path or a Model; not modified)."""
+    m = prepare(as_model(model).clone(), input_shapes)
+    return inspect_model(m, per_node=per_node)
 
 
 def inspect_model(model: Model, per_node: bool = False, cost: ModelCost | None = None

@@ -16,16 +16,11 @@ import numpy as np
 
 from graphopt.core.errors import GraphoptError, VerificationError
 from graphopt.core.model import Model
-from graphopt.core.pass_manager import (
-    ManagerResult,
-    Pass,
-    PassManager,
-    PassRecord,
-    get_pass,
-    known_pass_names,
-)
-from graphopt.core.shapes import fix_input_shapes, infer_shapes, missing_shapes
+from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
+from graphopt.core.shapes import infer_shapes, missing_shapes, prepare
 from graphopt.core.verify import VerifyReport, verify
+from graphopt.jobs.common import ModelLike, as_model
+from graphopt.passes import get_pass, known_pass_names, resolve_passes
 
 logger = logging.getLogger(__name__)
 
@@ -98,19 +93,6 @@ class OptimizeResult:
         return self.manager.stats_by_pass()
 
 
-def prepare(
-    model: Model,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    feeds: Mapping[str, np.ndarray] | None = None,
-) -> Model:
-    """Fix the given input dims and infer every shape (in place); ``feeds`` drive the onnxruntime
-    shape fallback where random inputs would take the wrong path."""
-    if input_shapes:
-        fix_input_shapes(model, input_shapes)
-    infer_shapes(model, feeds=feeds)
-    return model
-
-
 def optimize_model(
     model: Model,
     passes: Sequence[str | Pass] | None = None,
@@ -137,7 +119,7 @@ def optimize_model(
         known = known_pass_names()
         pass_list = [p for p in DEFAULT_PIPELINE if p in known]
         lowering = target_passes(target)
-    manager = PassManager(pass_list, steps=steps, on_pass=on_pass)
+    manager = PassManager(resolve_passes(pass_list), steps=steps, on_pass=on_pass)
     result = manager(work)
     if lowering:
         low = PassManager(lowering, steps=steps, on_pass=on_pass)(result.model)
@@ -180,3 +162,12 @@ def optimize_model(
             )
     names = [p if isinstance(p, str) else p.name for p in pass_list]
     return OptimizeResult(out, original, result, report, elapsed, names)
+
+
+def optimize(model: ModelLike, **kwargs: Any) -> OptimizeResult:
+    """Run the default (or given) pass pipeline and verify (a path or a Model; not modified); the
+    options are :func:`optimize_model`'s.
+
+    Returns an ``OptimizeResult`` with ``.model``, ``.verify`` and per-pass ``.stats()``.
+    """
+    return optimize_model(as_model(model), **kwargs)

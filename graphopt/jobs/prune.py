@@ -2,7 +2,7 @@
 
     import graphopt
     out = graphopt.prune("model.onnx", 0.3, calib="calib.npz", round_to=8)
-    out.model.save("pruned.onnx"); print(out.report.macs_after / out.report.macs_before)
+    graphopt.save(out.model, "pruned.onnx"); print(out.report.macs_after / out.report.macs_before)
 
 Fidelity is measured against the original on evaluation feeds (the calibration data, or seeded
 random inputs): per output SQNR and cosine, and top-1 agreement for outputs that look like class
@@ -20,9 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.core.feeds import random_feeds
+from graphopt.core.loader import load
 from graphopt.core.model import Model
+from graphopt.core.session import make_session
 from graphopt.core.shapes import fix_input_shapes
-from graphopt.core.verify import cosine, make_session, random_feeds, sqnr_db
+from graphopt.core.verify import cosine, sqnr_db
+from graphopt.passes.prune_channels import PruneChannelsPass, materialize_calib
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ class PruneOutcome:
 
 
 def _as_model(model: Model | str | os.PathLike[str]) -> Model:
-    return model.clone() if isinstance(model, Model) else Model.load(model)
+    return model.clone() if isinstance(model, Model) else load(model)
 
 
 def looks_like_scores(arr: np.ndarray) -> bool:
@@ -146,8 +150,6 @@ def prune(model: Model | str | os.PathLike[str], ratio: float | dict[str, float]
     Returns:
         :class:`PruneOutcome` with the pruned model, the per-group report and the fidelity.
     """
-    from graphopt.passes.prune_channels import PruneChannelsPass, materialize_calib
-
     original = _as_model(model)
     if input_shapes:
         fix_input_shapes(original, input_shapes)

@@ -25,7 +25,6 @@ import itertools
 import logging
 import math
 import os
-import platform
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.algorithms.quant.calibrate import Progress, collect_ranges
@@ -42,14 +40,19 @@ from graphopt.algorithms.quant.graph import (
     QuantConfig,
     QuantPlan,
     apply_quantization,
+    choose_activation_type,
     plan_quantization,
+    upgrade_opset,
 )
-from graphopt.core.errors import GraphoptError, PassError, VerificationError
+from graphopt.core.errors import PassError, VerificationError
 from graphopt.core.feeds import open_calibration
+from graphopt.core.loader import load
 from graphopt.core.model import Model, release_weight_pages
-from graphopt.core.shapes import infer_shapes
-from graphopt.core.verify import VerifyReport, make_session, sqnr_db, verify
-from graphopt.jobs.optimize import optimize_model, prepare
+from graphopt.core.saver import save
+from graphopt.core.session import make_session
+from graphopt.core.shapes import prepare
+from graphopt.core.verify import VerifyReport, sqnr_db, verify
+from graphopt.jobs.optimize import optimize_model
 
 logger = logging.getLogger(__name__)
 
@@ -61,44 +64,6 @@ Metric = Callable[[Model], "float | bool"]
 
 #: onnxruntime level for running QDQ models: integer kernels, no dequantized weight copies
 QUANT_LEVEL = "extended"
-
-
-def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    """CPU feature flags (x86 ``flags`` / ARM ``Features``) of the first CPU; empty if unknown."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return set(val.split())
-    except OSError:
-        pass
-    return set()
-
-
-def choose_activation_type(activations: str = "auto", reduce_range: bool | None = None,
-                           flags: set[str] | None = None, machine: str | None = None
-                           ) -> tuple[np.dtype, bool, str]:
-    """(activation dtype, reduce_range, why) for ``auto``, ``uint8`` or ``int8``."""
-    flags = cpu_flags() if flags is None else flags
-    machine = (machine or platform.machine()).lower()
-    arm = machine.startswith(("arm", "aarch64"))
-    vnni = bool({"avx512_vnni", "avx_vnni"} & flags)
-    if activations not in ("auto", "uint8", "int8"):
-        raise GraphoptError(f"--activations must be auto, uint8 or int8, not '{activations}'")
-    if activations == "auto":
-        if arm:
-            dtype, why = np.dtype(np.int8), "ARM: onnxruntime runs s8s8 kernels"
-        else:
-            dtype = np.dtype(np.uint8)
-            why = "x86: onnxruntime fuses u8s8 QDQ into integer kernels"
-    else:
-        dtype, why = np.dtype(activations), "requested"
-    if reduce_range is None:
-        reduce_range = (not arm) and (not vnni) and dtype == np.uint8
-        why += "; " + ("no VNNI: 7-bit weights (reduce_range)" if reduce_range
-                       else "VNNI or ARM: full 8-bit weights")
-    return dtype, bool(reduce_range), why
 
 
 # ---------------------------------------------------------------------- results
@@ -160,25 +125,6 @@ class QuantizeResult:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def upgrade_opset(model: Model, target: int = 13) -> Model:
-    """Convert the default-domain opset to ``target`` with onnx.version_converter (Clip, Split,
-    Squeeze/Unsqueeze, ReduceX attribute -> input changes), shapes re-inferred."""
-    if model.opset >= target:
-        return model
-    proto = model.to_onnx()
-    try:
-        converted = onnx.version_converter.convert_version(proto, target)
-    except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
-        raise GraphoptError(
-            f"cannot convert the model from opset {model.opset} to {target} for per-channel "
-            f"quantization ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-            f"use --per-tensor") from None
-    out = Model.from_onnx(converted, path=model.path, external_data=model.external_data)
-    out.metadata = dict(model.metadata)
-    infer_shapes(out)
-    return out
 
 
 def _first_samples(batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -385,7 +331,7 @@ def quantize(
     """
     t0 = time.perf_counter()
     if not isinstance(model, Model):
-        model = Model.load(model)
+        model = load(model)
     dtype, rr, why = choose_activation_type(activations, reduce_range)
     original = prepare(model.clone(), input_shapes)
     reader = open_calibration(calib, original, batch_size=batch_size, limit=limit,
@@ -562,4 +508,4 @@ def _mixed_precision(build: Callable[..., tuple[Model, Any]], evaluator: _Evalua
 
 
 def save_result(result: QuantizeResult, path: str | os.PathLike[str]) -> Path:
-    return result.model.save(path)
+    return save(result.model, path)

@@ -63,8 +63,21 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from graphopt.core.errors import GraphoptError, RecipeError
+import graphopt.algorithms.tvm.runner as runner_mod
+from graphopt.algorithms.memory.arena import prove
+from graphopt.algorithms.tvm.runner import load_artifact
+from graphopt.core.cost import model_cost
+from graphopt.core.errors import GraphoptError, RecipeError, VerificationError
+from graphopt.core.feeds import open_calibration, random_feeds
+from graphopt.core.latency import interleaved_latency
+from graphopt.core.loader import load
 from graphopt.core.model import Model
+from graphopt.core.session import make_session
+from graphopt.core.shapes import infer_shapes, parse_input_shapes, prepare
+from graphopt.core.verify import sqnr_db
+from graphopt.jobs.optimize import ATOL, RTOL, optimize_model
+from graphopt.jobs.plan import plan_memory
+from graphopt.passes import get_pass, resolve_passes
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +155,8 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
 STEP_MODULES: dict[str, str] = {
     "prune": "graphopt.jobs.prune",
     "quantize": "graphopt.jobs.quantize",
-    "plan-memory": "graphopt.algorithms.memory.planner",
-    "compile": "graphopt.algorithms.tvm.emit",
+    "plan-memory": "graphopt.jobs.plan",
+    "compile": "graphopt.jobs.compile",
 }
 LOSSY = {"prune", "quantize", "fp16"}
 TOP_LEVEL = {"name", "description", "input_shapes", "calib", "step"}
@@ -210,8 +223,6 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
 
 
 def _parse_shapes(value: Any, where: str) -> dict[str, tuple[int, ...]]:
-    from graphopt.core.shapes import parse_input_shapes
-
     if not isinstance(value, Mapping):
         raise RecipeError(f"{where}input_shapes must be a table like {{ x = [1, 3, 224, 224] }}")
     out: dict[str, tuple[int, ...]] = {}
@@ -402,8 +413,6 @@ def _model_bytes(model: Model) -> int:
 
 
 def _sqnrs(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> dict[str, float]:
-    from graphopt.core.verify import sqnr_db
-
     res = {}
     for k, v in ref.items():
         if k in out and np.asarray(v).dtype.kind == "f" and np.shape(v) == np.shape(out[k]):
@@ -413,8 +422,6 @@ def _sqnrs(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> dict
 
 def _run_all(model: Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Outputs of ``model`` on every feed, concatenated along a new leading axis per output."""
-    from graphopt.core.verify import make_session
-
     sess = make_session(model)
     names = [o.name for o in sess.get_outputs()]
     ins = {i.name for i in sess.get_inputs()}
@@ -426,8 +433,6 @@ def _run_all(model: Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> dict[st
 
 
 def _latency_ms(model: Model, feeds: Mapping[str, np.ndarray], runs: int = 20) -> float:
-    from graphopt.core.latency import interleaved_latency
-
     res = interleaved_latency({"m": model}, feeds, levels=("all",), runs=runs, warmup=1)
     return res["m"]["all"]
 
@@ -436,17 +441,12 @@ def _calib_feeds(calib: Any, model: Model, limit: int = 8) -> list[dict[str, np.
     """Up to ``limit`` single-sample feed dicts from calibration data ([] when there is none)."""
     if calib is None:
         return []
-    from graphopt.core.feeds import open_calibration
 
     return [dict(f) for f in open_calibration(calib, model, batch_size=1, limit=limit)]
 
 
 def _arena_bytes(model: Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> int | None:
-    """Arena of a quick memory plan (no reordering), when memory planning is available."""
-    try:
-        from graphopt.algorithms.memory.planner import plan_memory
-    except ImportError:
-        return None
+    """Arena of a quick memory plan (no reordering); None when planning fails."""
     try:
         return int(plan_memory(model, reorder=False, feeds=feeds[0] if feeds else None
                                ).arena_bytes)
@@ -479,18 +479,13 @@ def run_recipe(model: Model | str | os.PathLike[str],
             calibration data that was not given.
         VerificationError: a step's output failed its check (the message names the step).
     """
-    from graphopt.core.cost import model_cost
-    from graphopt.core.errors import VerificationError
-    from graphopt.core.verify import random_feeds
-    from graphopt.jobs.optimize import prepare
-
     rec = load_recipe(recipe)
     for s in rec.steps:  # fail before any work when a capability is missing
         _capability(s.kind)
     shapes = dict(rec.input_shapes)
     shapes.update(input_shapes or {})
     calib = calib if calib is not None else rec.calib
-    src = model if isinstance(model, Model) else Model.load(model)
+    src = model if isinstance(model, Model) else load(model)
     original = prepare(src.clone(), shapes)
     if feeds is None:
         feeds = _calib_feeds(calib, original) or [random_feeds(original, seed=s) for s in (0, 1)]
@@ -537,8 +532,6 @@ Check = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], tuple[boo
 
 
 def _exact() -> Check:
-    from graphopt.jobs.optimize import ATOL, RTOL
-
     def check(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> tuple[bool, str]:
         for k, v in ref.items():
             if k not in out or np.shape(out[k]) != np.shape(v):
@@ -577,9 +570,6 @@ StepOutput = tuple[Model, Check, dict[str, Any], dict[str, Any]]
 def _simplify(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
               feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Any
               ) -> StepOutput:
-    from graphopt.core.pass_manager import resolve_passes
-    from graphopt.jobs.optimize import optimize_model
-
     passes = step.options["passes"]
     plist = resolve_passes(passes if isinstance(passes, str) else list(passes)) if passes else None
     r = optimize_model(model, passes=plist, target=step.options["target"], verify_output=False)
@@ -589,9 +579,6 @@ def _simplify(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], cal
 def _fp16(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
           feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Any
           ) -> StepOutput:
-    from graphopt.core.pass_manager import get_pass
-    from graphopt.core.shapes import infer_shapes
-
     o = step.options
     work = model.clone()
     p = get_pass("fp16", keep_fp32=o["keep_fp32"], keep_io_types=o["keep_io_types"],
@@ -619,7 +606,6 @@ def _prune(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib:
     out = api.prune(model, o["ratio"], calib=calib, criterion=o["criterion"],
                     round_to=o["round_to"], recover=o["recover"], input_shapes=shapes or None,
                     measure=False)
-    from graphopt.jobs.optimize import prepare
 
     pruned = prepare(out.model, shapes)
     res.prune_report = out.report
@@ -642,7 +628,6 @@ def _quantize(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], cal
                      input_shapes=shapes or None, limit=o["limit"], verify_output=False,
                      batch_size=batch)
     res.quant = q
-    from graphopt.jobs.optimize import prepare
 
     qm = prepare(q.model, shapes)
     stats = {k: v for k, v in (q.stats or {}).items() if isinstance(v, (int, float, str, bool))}
@@ -666,8 +651,6 @@ def _plan(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: 
     note = f"{plan.arena_bytes:,} B arena, naive {plan.naive_bytes:,} B"
     proof_ok = True
     if o["prove"]:
-        from graphopt.algorithms.memory.arena import prove
-
         proof = prove(plan.model, plan, feeds=feeds[0] if feeds else None)
         proof_ok = bool(proof.ok)
         note += "; ran inside the arena: " + ("outputs equal" if proof_ok else "FAILED")
@@ -691,14 +674,14 @@ def _arm64_runtime() -> tuple[str, Path] | None:
 
 def run_artifact_aarch64(artifact: Path, feeds: Mapping[str, np.ndarray],
                          timeout: float = 600) -> dict[str, np.ndarray]:
-    """Run an AArch64 library with ``graphopt/algorithms/tvm/runner.py`` under qemu-user (arm64 Python + TVM
-    runtime from ``scripts/install-tvm-deps.sh``). Raises GraphoptError when that is missing."""
+    """Run an AArch64 library with ``graphopt/algorithms/tvm/runner.py`` under qemu-user (arm64
+    Python + TVM runtime from ``scripts/install-tvm-deps.sh``). Raises GraphoptError when that is
+    missing."""
     rt = _arm64_runtime()
     if rt is None:
         raise GraphoptError("cannot run AArch64 code here: qemu-aarch64 or the arm64 runtime "
                             "(scripts/install-tvm-deps.sh) is missing")
     qemu, root = rt
-    import graphopt.algorithms.tvm.runner as runner_mod
 
     with tempfile.TemporaryDirectory(prefix="graphopt-a64-") as d:
         args = []
@@ -746,8 +729,6 @@ def _compile(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], cali
     runs: list[dict[str, np.ndarray]] = []
     how = ""
     if target == "llvm":
-        from graphopt.algorithms.tvm.runner import load_artifact
-
         art = load_artifact(cr.artifact)
         t_runs = []
         for f in feeds:

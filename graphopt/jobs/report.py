@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import onnx_graphsurgeon as gs
 
+from graphopt.algorithms.diff import input_dependent_nodes, structural_diff
+from graphopt.core.cost import model_cost
 from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
@@ -68,8 +71,6 @@ class Box:
 def _node_graph(model: Model) -> tuple[nx.DiGraph, list[Any]]:
     """The DAG of nodes that depend on a graph input (Constant nodes and the constant subgraphs
     computing weights, e.g. Reshape(Constant), are weights, not drawn)."""
-    from graphopt.algorithms.diff import input_dependent_nodes
-
     nodes = input_dependent_nodes(model.graph)
     idx = {id(n): i for i, n in enumerate(nodes)}
     producer = {o.name: idx[id(n)] for n in nodes for o in n.outputs if o.name}
@@ -208,8 +209,6 @@ def graph_svg(model: Model, tags: Mapping[str, set[str]] | None = None,
 
 
 def _weight_out_channels(model: Model) -> dict[str, int]:
-    import onnx_graphsurgeon as gs
-
     out = {}
     for n in model.graph.nodes:
         if n.op in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(n.inputs) > 1 and \
@@ -229,7 +228,6 @@ def highlight_tags(before: Model, after: Model | None) -> tuple[dict[str, set[st
     ta: dict[str, set[str]] = {}
     if after is None:
         return tb, ta, None
-    from graphopt.algorithms.diff import structural_diff
 
     d = structural_diff(before, after)
     for grp in d.fused_groups:
@@ -358,7 +356,7 @@ def scan_points(scan: Any) -> tuple[str, dict[str, list[tuple[float, float]]]]:
     for p in pts or []:
         d = dict(p) if isinstance(p, Mapping) else (dict(vars(p)) if hasattr(p, "__dict__")
                                                     else {"ratio": p[0], "metric": p[1]})
-        fid = d.pop("fidelity", None)  # prune_api.ScanPoint: SQNR of its first output
+        fid = d.pop("fidelity", None)  # jobs.prune.ScanPoint: SQNR of its first output
         if isinstance(fid, (list, tuple)) and fid and hasattr(fid[0], "sqnr_db"):
             d["sqnr_db"] = fid[0].sqnr_db
         x = d.get("ratio")
@@ -469,8 +467,6 @@ def table_html(rows: Sequence[Mapping[str, Any]], table_id: str = "") -> str:
 
 def summary_rows(before: Model, after: Model | None,
                  summary: Mapping[str, Any] | None) -> list[dict[str, Any]]:
-    from graphopt.core.cost import model_cost
-
     rows: list[dict[str, Any]] = []
     cb = model_cost(before)
     ca = model_cost(after) if after is not None else None

@@ -26,10 +26,17 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from onnx.reference import ReferenceEvaluator
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from graphopt.algorithms.memory.planner import MemoryPlan, captured_names, constant_names, subgraphs
+from graphopt.algorithms.memory.planner import MemoryPlan
+from graphopt.core.errors import GraphoptError, first_line
+from graphopt.core.feeds import random_feeds
+from graphopt.core.graph import node_subgraphs
+from graphopt.core.liveness import captured_names, constant_names, needs_probe
 from graphopt.core.model import Model
-from graphopt.core.verify import OutputDiff, compare, random_feeds, run_model, session_options
+from graphopt.core.session import run_model, session_options
+from graphopt.core.verify import OutputDiff, compare
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +51,6 @@ def _constant_value(node: gs.Node) -> np.ndarray:
     for key, dt in (("value_floats", np.float32), ("value_ints", np.int64)):
         if key in a:
             return np.array(list(a[key]), dtype=dt)
-    from onnx.reference import ReferenceEvaluator
-    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
     proto = OnnxExporter.export_node(node)
     g = onnx.helper.make_graph([proto], "c", [], [onnx.helper.make_value_info(
         node.outputs[0].name, onnx.TypeProto())])
@@ -128,8 +132,6 @@ class ArenaExecutor:
         s = self._sessions.get(key)
         if s is not None:
             return s
-        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
-
         proto = OnnxExporter.export_node(node)
         fed = [t.name for t in node.inputs if t.name and t.name not in self._const_names]
         fed += [n for n in extra if n not in self._const_names and n not in fed]
@@ -160,8 +162,6 @@ class ArenaExecutor:
         except Exception as exc:  # noqa: BLE001 - ops ORT cannot run alone
             logger.debug("node %s (%s) runs in the reference evaluator: %s", node.name, node.op,
                          str(exc).splitlines()[0] if str(exc) else exc)
-            from onnx.reference import ReferenceEvaluator
-
             s = _Session(ReferenceEvaluator(mp), fed, outs, reference=True)
         self._sessions[key] = s
         return s
@@ -179,7 +179,7 @@ class ArenaExecutor:
                     self.put(out.name, np.array(self.get(res.name), copy=True)
                              if not isinstance(res, gs.Constant) else np.asarray(res.values))
             return
-        extra = captured_names(node) if subgraphs(node) else []
+        extra = captured_names(node) if node_subgraphs(node) else []
         s = self._session(node, extra)
         if s.reference:
             res = s.sess.run(None, {n: np.array(self.get(n)) for n in s.inputs})
@@ -238,6 +238,28 @@ def observe_tensors(model: Model, feeds: Mapping[str, np.ndarray] | None = None
     ex = ArenaExecutor(model, None)
     ex.run(dict(feeds) if feeds is not None else random_feeds(model, seed=0))
     return ex.observed
+
+
+def observe_unknown(model: Model, feeds: Mapping[str, np.ndarray] | None
+                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Run the model node by node once and record every tensor's shape and dtype."""
+    try:
+        return observe_tensors(model, feeds)
+    except GraphoptError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model fails on these inputs: plan without
+        first = first_line(exc)
+        logger.warning("could not run the model node by node on %s inputs to size the tensors "
+                       "shape inference leaves unknown (%s); they stay outside the arena. Give "
+                       "real inputs (feeds / --feeds)", "the given" if feeds else "random", first)
+        return {}
+
+
+def probe_unknown(model: Model, feeds: Mapping[str, np.ndarray] | None
+                  ) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
+    """:func:`observe_unknown` when some activation's size is unknown after shape inference
+    (:func:`~graphopt.core.liveness.needs_probe`), else None (nothing to observe)."""
+    return observe_unknown(model, feeds) if needs_probe(model) else None
 
 
 @dataclass

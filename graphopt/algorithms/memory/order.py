@@ -12,9 +12,9 @@ order-independent). Running node ``v`` after the set ``S`` of already run nodes 
 
 where ``out(v)`` is the bytes of the buffers ``v`` creates, ``freed`` the input buffers whose last
 reader is ``v`` (graph outputs are never freed), and ``inplace`` the size of one such dying input
-that ``v`` may overwrite (same shape and dtype, op in ``graphopt.algorithms.memory.planner.INPLACE_OPS``). ``mem(S)``
-depends only on ``S``, so the minimal peak over all orders is a shortest-path problem over the
-down-sets of the DAG.
+that ``v`` may overwrite (same shape and dtype, op in
+``graphopt.algorithms.memory.planner.INPLACE_OPS``). ``mem(S)`` depends only on ``S``, so the
+minimal peak over all orders is a shortest-path problem over the down-sets of the DAG.
 
 - Exact: dynamic programming over down-sets (``best[S + v] = min(max(best[S], peak(v|S)))``),
   level by level, pruned by the best heuristic peak; used when the number of states stays under
@@ -32,6 +32,7 @@ scheduled: each is emitted right before its first reader. If/Loop nodes are sche
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,11 +46,10 @@ from graphopt.algorithms.memory.planner import (
     INPLACE_OPS,
     MemoryPlan,
     align,
-    captured_names,
-    liveness,
     plan_order,
-    subgraphs,
 )
+from graphopt.core.graph import node_subgraphs
+from graphopt.core.liveness import captured_names, liveness
 from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
             mem0 += size[tb[i]]
     for v, nd in enumerate(sched):
         reads = [t.name for t in nd.inputs if t.name]
-        if subgraphs(nd):
+        if node_subgraphs(nd):
             reads += captured_names(nd)
         seen: set[int] = set()
         for name in reads:
@@ -224,8 +224,6 @@ def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int =
             ) -> list[int]:
     """Hill climbing: move single nodes near the peak step to another legal position while that
     lowers the model's peak (strictly)."""
-    import time
-
     t0 = time.perf_counter()
     order = list(order)
     best = simulate(pb, order)
@@ -363,7 +361,7 @@ def _emit(model: Model, sched: list[gs.Node], order: list[int]) -> list[gs.Node]
     by_name = {nd.outputs[0].name: nd for nd in consts if nd.outputs}
     for nd in sched:
         reads = [t.name for t in nd.inputs if t.name]
-        if subgraphs(nd):
+        if node_subgraphs(nd):
             reads += captured_names(nd)
         for name in reads:
             c = by_name.get(name)

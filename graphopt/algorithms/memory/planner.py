@@ -1,12 +1,15 @@
-"""Static memory planning: liveness, one arena with offsets, in-place reuse and aliasing.
+"""Static memory planning: one arena with offsets, in-place reuse and aliasing, for a model whose
+shapes are inferred (:func:`plan_order`). The job that prepares the model, sizes unknown tensors
+and searches a better order first is :func:`graphopt.jobs.plan.plan_memory`.
 
 The model (fixed input shapes) runs its nodes in graph order; every node takes one *step*
 (Constant nodes take none). A node with subgraphs (If/Loop/Scan) takes an *enter* step, then the
 steps of its bodies' nodes laid out one after the other (the two branches of an If never run
 together, so laying them out in sequence is exact), then an *exit* step where its outputs are born.
 
-Liveness. A tensor is live on the closed interval ``[start, end]`` of steps: ``start`` is the step
-of its producer (the exit step for the outputs of If/Loop/Scan), ``end`` the last step reading it.
+Liveness (:mod:`graphopt.core.liveness`). A tensor is live on the closed interval ``[start, end]``
+of steps: ``start`` is the step of its producer (the exit step for the outputs of If/Loop/Scan),
+``end`` the last step reading it.
 
 - Initializers and ``Constant`` outputs are parameters: they are not in the arena.
 - Graph inputs ARE in the arena (the caller copies the feeds in): live from step 0 to their last
@@ -46,18 +49,18 @@ Offsets are multiples of ``alignment`` (64 bytes).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from graphopt.core.errors import GraphoptError
-from graphopt.core.model import Model, node_subgraphs
-from graphopt.core.shapes import is_static
+from graphopt.core.liveness import Liveness, live_profile, liveness
+from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
 
@@ -84,199 +87,10 @@ INPLACE_OPS: dict[str, tuple[int, ...] | None] = {
 
 STRATEGIES = ("greedy-size", "greedy-breadth", "best")
 
-_LOOPS = ("Loop", "Scan")
-
 
 def align(n: int | np.ndarray, a: int = ALIGNMENT) -> Any:
     return (n + a - 1) // a * a
 
-
-subgraphs = node_subgraphs
-
-
-def captured_names(node: gs.Node) -> list[str]:
-    """Names read inside ``node``'s subgraphs (recursively) that those subgraphs do not define:
-    the node's captures from enclosing scopes, in first-read order."""
-    defined: set[str] = set()
-    read: list[str] = []
-    stack = subgraphs(node)
-    while stack:
-        g = stack.pop()
-        defined.update(t.name for t in g.inputs)
-        for n in g.nodes:
-            defined.update(t.name for t in n.outputs)
-            read.extend(t.name for t in n.inputs if t.name and not isinstance(t, gs.Constant))
-            stack.extend(subgraphs(n))
-        read.extend(t.name for t in g.outputs if not isinstance(t, gs.Constant))
-    return [r for r in dict.fromkeys(read) if r not in defined]
-
-
-def constant_names(model: Model) -> set[str]:
-    """Names of initializers and ``Constant`` outputs in every graph (not arena tensors)."""
-    names: set[str] = set()
-    for g in model.walk_graphs():
-        for n in g.nodes:
-            if n.op == "Constant":
-                names.update(t.name for t in n.outputs if t.name)
-            for t in n.inputs:
-                if isinstance(t, gs.Constant):
-                    names.add(t.name)
-        for t in g.outputs:
-            if isinstance(t, gs.Constant):
-                names.add(t.name)
-    return names
-
-
-def _dtype(t: gs.Tensor) -> np.dtype | None:
-    try:
-        d = np.dtype(t.dtype) if t.dtype is not None else None
-    except TypeError:
-        return None
-    if d is None or d.kind in "OUSV":
-        return None
-    return d
-
-
-# ---------------------------------------------------------------------------------- liveness
-
-
-@dataclass
-class Liveness:
-    """Intervals of every arena tensor over the steps of one node order."""
-
-    names: list[str]
-    nbytes: np.ndarray  # int64, exact bytes
-    start: np.ndarray  # int64
-    end: np.ndarray  # int64
-    shapes: list[tuple[int, ...]]
-    dtypes: list[np.dtype]
-    kinds: list[str]  # input | output | activation | subgraph | loop
-    steps: int
-    #: name of the node at each step (Constant nodes take no step; a node with subgraphs takes
-    #: an enter and an exit step, both under its name)
-    step_names: list[str]
-    #: (step, node, inside_loop) for every node without subgraphs, in step order
-    step_nodes: list[tuple[int, gs.Node, bool]]
-    unplanned: list[str] = field(default_factory=list)
-    index: dict[str, int] = field(default_factory=dict)
-
-    def live_bytes(self, sizes: np.ndarray | None = None) -> np.ndarray:
-        """Bytes live at every step (``sizes`` defaults to the exact sizes)."""
-        return live_profile(self.start, self.end, self.nbytes if sizes is None else sizes,
-                            self.steps)
-
-
-def live_profile(start: np.ndarray, end: np.ndarray, sizes: np.ndarray, steps: int) -> np.ndarray:
-    diff = np.zeros(steps + 1, dtype=np.int64)
-    np.add.at(diff, start, sizes)
-    np.add.at(diff, end + 1, -sizes)
-    return np.cumsum(diff[:-1])
-
-
-def liveness(model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None
-             ) -> Liveness:
-    """Liveness of every activation of ``model`` (shapes inferred) in its current node order.
-
-    Args:
-        model: the model with shapes filled in (:func:`graphopt.core.shapes.infer_shapes`).
-        observed: name -> (shape, dtype) seen by running the model, for tensors whose shape
-            inference left unknown.
-    """
-    consts = constant_names(model)
-    observed = observed or {}
-    names: list[str] = []
-    nbytes: list[int] = []
-    start: list[int] = []
-    end: list[int] = []
-    shapes: list[tuple[int, ...]] = []
-    dtypes: list[np.dtype] = []
-    kinds: list[str] = []
-    index: dict[str, int] = {}
-    unplanned: list[str] = []
-    step_names: list[str] = []
-    step_nodes: list[tuple[int, gs.Node, bool]] = []
-
-    def add(t: gs.Tensor, step: int, kind: str) -> None:
-        name = t.name
-        if not name or name in consts or name in index:
-            return
-        shape, dt = t.shape, _dtype(t)
-        if not (is_static(shape) and dt is not None) and name in observed:
-            shape, dt = observed[name]
-        if not is_static(shape) or dt is None:
-            if name not in unplanned:
-                unplanned.append(name)
-            return
-        shape = tuple(int(d) for d in shape)
-        index[name] = len(names)
-        names.append(name)
-        nbytes.append(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
-        start.append(step)
-        end.append(step)
-        shapes.append(shape)
-        dtypes.append(dt)
-        kinds.append(kind)
-
-    def use(name: str, step: int) -> None:
-        i = index.get(name)
-        if i is not None and end[i] < step:
-            end[i] = step
-
-    for t in model.graph.inputs:
-        add(t, 0, "input")
-
-    def visit(graph: gs.Graph, kind: str, in_loop: bool) -> None:
-        for node in graph.nodes:
-            if node.op == "Constant":  # parameters: no step, no arena bytes
-                continue
-            subs = subgraphs(node)
-            s = len(step_names)
-            step_names.append(node.name)
-            if not subs:
-                for t in node.inputs:
-                    if t.name:
-                        use(t.name, s)
-                for t in node.outputs:
-                    add(t, s, kind)
-                step_nodes.append((s, node, in_loop))
-                continue
-            loop = node.op in _LOOPS or in_loop
-            first = len(names)
-            for sub in subs:
-                for t in sub.inputs:
-                    add(t, s, "loop" if loop else "subgraph")
-                visit(sub, "loop" if loop else "subgraph", loop)
-            e = len(step_names)
-            step_names.append(node.name)
-            for t in node.inputs:
-                if t.name:
-                    use(t.name, e)
-            for name in captured_names(node):
-                use(name, e)
-            for sub in subs:
-                for t in sub.outputs:
-                    use(t.name, e)
-            if node.op in _LOOPS:
-                for i in range(first, len(names)):
-                    start[i], end[i] = s, e
-            for t in node.outputs:
-                add(t, e, kind)
-
-    visit(model.graph, "activation", False)
-    steps = max(1, len(step_names))
-    if not step_names:
-        step_names.append("")
-    for t in model.graph.outputs:
-        i = index.get(t.name)
-        if i is not None:
-            end[i] = steps - 1
-            if kinds[i] == "activation":
-                kinds[i] = "output"
-    return Liveness(
-        names=names, nbytes=np.asarray(nbytes, dtype=np.int64),
-        start=np.asarray(start, dtype=np.int64), end=np.asarray(end, dtype=np.int64),
-        shapes=shapes, dtypes=dtypes, kinds=kinds, steps=steps, step_names=step_names,
-        step_nodes=step_nodes, unplanned=unplanned, index=index)
 
 
 # ---------------------------------------------------------------------------------- buffers
@@ -602,8 +416,6 @@ class MemoryPlan:
 
     def with_offsets(self, offsets: Mapping[str, int]) -> MemoryPlan:
         """A copy with some offsets replaced (to build deliberately wrong plans in tests)."""
-        import copy
-
         other = copy.copy(self)
         other.tensors = {k: copy.copy(v) for k, v in self.tensors.items()}
         for k, off in offsets.items():
@@ -634,36 +446,6 @@ def conflicts(plan: MemoryPlan, limit: int = 10) -> list[tuple[str, str]]:
             if len(out) >= limit:
                 return out
     return out
-
-
-def observe_unknown(model: Model, feeds: Mapping[str, np.ndarray] | None
-                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Run the model node by node once and record every tensor's shape and dtype."""
-    from graphopt.algorithms.memory.arena import observe_tensors
-
-    try:
-        return observe_tensors(model, feeds)
-    except GraphoptError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the model fails on these inputs: plan without
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        logger.warning("could not run the model node by node on %s inputs to size the tensors "
-                       "shape inference leaves unknown (%s); they stay outside the arena. Give "
-                       "real inputs (feeds / --feeds)", "the given" if feeds else "random", first)
-        return {}
-
-
-def _needs_probe(model: Model) -> bool:
-    consts = constant_names(model)
-    for g in model.walk_graphs():
-        for n in g.nodes:
-            if n.op == "Constant":
-                continue
-            for t in n.outputs:
-                if t.name and t.name not in consts and not (is_static(t.shape)
-                                                             and _dtype(t) is not None):
-                    return True
-    return False
 
 
 def plan_order(model: Model, *, inplace: bool = True, strategy: str = "best",
@@ -702,102 +484,3 @@ def plan_order(model: Model, *, inplace: bool = True, strategy: str = "best",
         model=model)
 
 
-def plan_memory(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-                strategy: str = "best", inplace: bool = True, reorder: bool = True,
-                feeds: Mapping[str, np.ndarray] | None = None, alignment: int = ALIGNMENT,
-                prepared: bool = False) -> MemoryPlan:
-    """Plan the activation memory of a model into one arena.
-
-    Args:
-        model: the model; it is not changed (a prepared copy is planned, see ``plan.model``).
-        input_shapes: fixed shapes for dynamic inputs (``{"x": (1, 3, 640, 640)}``).
-        strategy: ``greedy-size``, ``greedy-breadth`` or ``best`` (try all, keep the smallest).
-        inplace: let elementwise ops overwrite a dying input and reshapes alias their input.
-        reorder: search a node order with a lower peak first (never accepting a worse one).
-        feeds: inputs for the one node-by-node run that sizes tensors shape inference cannot
-            (data-dependent branches); random inputs when None.
-        prepared: ``model`` already has its shapes inferred: plan it as it is (no copy unless
-            ``reorder``, which works on a copy).
-
-    Returns:
-        The :class:`MemoryPlan`; ``plan.model`` is the model it refers to (planned node order).
-    """
-    from graphopt.jobs.optimize import prepare
-
-    if prepared:
-        work = model.clone() if reorder else model
-    else:
-        work = prepare(model.clone(), input_shapes)
-    positions = {id(n): i for i, n in enumerate(work.graph.nodes)}
-    observed = observe_unknown(work, feeds) if _needs_probe(work) else None
-    before = plan_order(work, inplace=inplace, strategy=strategy, alignment=alignment,
-                        observed=observed)
-    before.order_index = list(range(len(work.graph.nodes)))
-    if not reorder:
-        return before
-    from graphopt.algorithms.memory.order import reorder_for_memory
-
-    changed = reorder_for_memory(work, inplace=inplace, strategy=strategy, alignment=alignment,
-                                 observed=observed, baseline=before)
-    if not changed:
-        return before
-    after = plan_order(work, inplace=inplace, strategy=strategy, alignment=alignment,
-                       observed=observed)
-    after.order_changed = True
-    after.order_before_lower_bound = before.bound
-    after.order_before_arena = before.arena_bytes
-    after.order_index = [positions[id(n)] for n in work.graph.nodes]
-    return after
-
-
-def apply_order(model: Model, plan: MemoryPlan) -> Model:
-    """Put ``model``'s main-graph nodes in ``plan``'s order (``model`` is the one that was given
-    to :func:`plan_memory`, or a copy of it); in place, returns ``model``."""
-    nodes = list(model.graph.nodes)
-    if plan.order_index and len(plan.order_index) == len(nodes):
-        model.graph.nodes = [nodes[i] for i in plan.order_index]
-    return model
-
-
-def plot_plan(plan: MemoryPlan, path: str, title: str = "") -> None:
-    """Write a PNG of the arena over time: every tensor a rectangle (step on x, offset on y)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Rectangle
-
-    scale, unit = (1 << 20, "MiB") if plan.arena_bytes >= 1 << 22 else (1 << 10, "KiB")
-    colors = {"input": "#4c72b0", "output": "#c44e52", "activation": "#55a868",
-              "subgraph": "#8172b2", "loop": "#937860"}
-    fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
-    rects, cols = [], []
-    for t in plan.tensors.values():
-        if not t.nbytes:
-            continue
-        rects.append(Rectangle((t.start, t.offset / scale), t.end - t.start + 1, t.nbytes / scale))
-        cols.append(colors.get(t.kind, "#55a868"))
-    ax.add_collection(PatchCollection(rects, facecolor=cols, edgecolor="black", linewidth=0.3,
-                                      alpha=0.8))
-    ax.axhline(plan.arena_bytes / scale, color="black", linewidth=1,
-               label=f"arena {plan.arena_bytes / scale:.2f} {unit}")
-    ax.axhline(plan.bound / scale, color="red", linestyle="--", linewidth=1,
-               label=f"lower bound {plan.bound / scale:.2f} {unit}")
-    ax.axvline(plan.peak_step + 0.5, color="grey", linestyle=":", linewidth=1,
-               label=f"peak at {plan.peak_node or plan.peak_step}")
-    for kind, c in colors.items():
-        if any(t.kind == kind for t in plan.tensors.values()):
-            ax.add_patch(Rectangle((0, 0), 0, 0, facecolor=c, label=kind))
-    ax.set_xlim(0, plan.steps)
-    ax.set_ylim(0, plan.arena_bytes / scale * 1.08 or 1)
-    ax.set_xlabel("step (node in execution order)")
-    ax.set_ylabel(f"arena offset ({unit})")
-    ax.set_title(title or f"memory plan: arena {plan.arena_bytes / scale:.2f} {unit}, "
-                 f"{plan.arena_bytes / plan.bound if plan.bound else 1:.3f}x lower bound, "
-                 f"naive {plan.naive_bytes / scale:.1f} {unit}")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.11), fontsize=8, ncol=4,
-              frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

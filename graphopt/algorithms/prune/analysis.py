@@ -884,7 +884,8 @@ def _matmul(ctx: _Ctx, node: gs.Node) -> None:
 def analyze(model: Model) -> Analysis:
     """Build the channel-dependency structure of ``model``'s main graph.
 
-    ``model`` must have shapes inferred (:func:`graphopt.core.shapes.infer_shapes`). Nothing is changed.
+    ``model`` must have shapes inferred (:func:`graphopt.core.shapes.infer_shapes`). Nothing is
+    changed.
     """
     ctx = _Ctx(model)
     g = model.graph

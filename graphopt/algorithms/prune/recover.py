@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from graphopt.algorithms.prune.analysis import const_value
 from graphopt.core.model import Model
-from graphopt.core.verify import make_session
+from graphopt.core.session import make_session
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _fit_width(node: gs.Node, kind: str) -> int:
     return int(w.shape[0])
 
 
-def _sessions_outputs(model: Model, names: Sequence[str],
+def truncated_session(model: Model, names: Sequence[str],
                       base: onnx.ModelProto | None = None) -> ort.InferenceSession:
     """A session computing only ``names`` (``base``: ``model`` already exported)."""
     proto = truncated_proto(base if base is not None else model, names)
@@ -259,8 +259,8 @@ def recover(original: Model, pruned: Model, calib: Sequence[Mapping[str, np.ndar
         batch = [lay for lay in layers if lay.level == level]
         xin = sorted({lay.node.inputs[0].name for lay in batch})
         yout = sorted({lay.node.outputs[0].name for lay in batch})
-        s_pruned = _sessions_outputs(pruned, xin)
-        s_orig = _sessions_outputs(original, yout, orig_proto)
+        s_pruned = truncated_session(pruned, xin)
+        s_orig = truncated_session(original, yout, orig_proto)
         in_p = {i.name for i in s_pruned.get_inputs()}
         in_o = {i.name for i in s_orig.get_inputs()}
         for feeds in calib:

@@ -17,7 +17,7 @@ import numpy as np
 from graphopt.algorithms.quant.observers import Observer, make_observer
 from graphopt.core.errors import CalibrationError
 from graphopt.core.model import Model
-from graphopt.core.verify import make_session
+from graphopt.core.session import make_session
 
 logger = logging.getLogger(__name__)
 

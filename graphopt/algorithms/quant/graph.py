@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import logging
 import math
+import platform
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
+from graphopt.core.errors import GraphoptError
 from graphopt.core.model import Model
+from graphopt.core.shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -495,3 +499,63 @@ def apply_quantization(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple
     g.cleanup(remove_unused_graph_inputs=False).toposort()
     _ = active_names
     return stats
+
+
+# ---------------------------------------------------------------------- types and opset
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """CPU feature flags (x86 ``flags`` / ARM ``Features``) of the first CPU; empty if unknown."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(val.split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_activation_type(activations: str = "auto", reduce_range: bool | None = None,
+                           flags: set[str] | None = None, machine: str | None = None
+                           ) -> tuple[np.dtype, bool, str]:
+    """(activation dtype, reduce_range, why) for ``auto``, ``uint8`` or ``int8``."""
+    flags = cpu_flags() if flags is None else flags
+    machine = (machine or platform.machine()).lower()
+    arm = machine.startswith(("arm", "aarch64"))
+    vnni = bool({"avx512_vnni", "avx_vnni"} & flags)
+    if activations not in ("auto", "uint8", "int8"):
+        raise GraphoptError(f"--activations must be auto, uint8 or int8, not '{activations}'")
+    if activations == "auto":
+        if arm:
+            dtype, why = np.dtype(np.int8), "ARM: onnxruntime runs s8s8 kernels"
+        else:
+            dtype = np.dtype(np.uint8)
+            why = "x86: onnxruntime fuses u8s8 QDQ into integer kernels"
+    else:
+        dtype, why = np.dtype(activations), "requested"
+    if reduce_range is None:
+        reduce_range = (not arm) and (not vnni) and dtype == np.uint8
+        why += "; " + ("no VNNI: 7-bit weights (reduce_range)" if reduce_range
+                       else "VNNI or ARM: full 8-bit weights")
+    return dtype, bool(reduce_range), why
+
+
+def upgrade_opset(model: Model, target: int = 13) -> Model:
+    """Convert the default-domain opset to ``target`` with onnx.version_converter (Clip, Split,
+    Squeeze/Unsqueeze, ReduceX attribute -> input changes), shapes re-inferred."""
+    if model.opset >= target:
+        return model
+    proto = model.to_onnx()
+    try:
+        converted = onnx.version_converter.convert_version(proto, target)
+    except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
+        raise GraphoptError(
+            f"cannot convert the model from opset {model.opset} to {target} for per-channel "
+            f"quantization ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"use --per-tensor") from None
+    out = Model.from_onnx(converted, path=model.path, external_data=model.external_data)
+    out.metadata = dict(model.metadata)
+    infer_shapes(out)
+    return out

@@ -45,6 +45,8 @@ from typing import ClassVar
 import numba
 import numpy as np
 
+from graphopt.core.errors import GraphoptError
+
 DEFAULT_BINS = 4096
 
 
@@ -461,8 +463,6 @@ OBSERVERS: dict[str, type[Observer]] = {
 
 def make_observer(method: str, **options: object) -> Observer:
     """An observer by method name: minmax, percentile, entropy, mse."""
-    from graphopt.core.errors import GraphoptError
-
     if method not in OBSERVERS:
         raise GraphoptError(
             f"unknown calibration method '{method}'; choose one of {', '.join(OBSERVERS)}")

@@ -1,4 +1,4 @@
-"""Load and run a library compiled by :func:`graphopt.algorithms.tvm.emit.compile_model`.
+"""Load and run a library compiled by :func:`graphopt.jobs.compile.compile_model`.
 
 An artifact is ``NAME.so`` plus ``NAME.so.json`` (the manifest: inputs, outputs, target). Running it
 needs only numpy and TVM's runtime (``TVM_USE_RUNTIME_LIB=1`` is enough), not onnx or the rest of
@@ -22,6 +22,7 @@ if __name__ == "__main__":
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
 
+import argparse
 import json
 import logging
 from collections.abc import Mapping
@@ -114,8 +115,6 @@ def load_artifact(path: str | os.PathLike[str], device: str | None = None) -> Ar
 
 
 def _main(argv: list[str] | None = None) -> int:
-    import argparse  # noqa: PLC0415
-
     ap = argparse.ArgumentParser(description="run a graphopt TVM artifact")
     ap.add_argument("artifact")
     ap.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")

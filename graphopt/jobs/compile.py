@@ -1,0 +1,366 @@
+"""The compile job: graphopt's passes for TVM, Relax import and build
+(:mod:`graphopt.algorithms.tvm.emit`), export of the library and its manifest (atomically), and a
+check of the library against onnxruntime (on this host, or under qemu for AArch64).
+
+TVM is imported lazily: ``import graphopt`` never needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphopt.algorithms.tvm.emit import (
+    TargetSpec,
+    TVMCompileError,
+    build_relax,
+    check_cuda_with_nvcc,
+    fold_shape_computations,
+    import_relax,
+    parse_target,
+    require_tvm,
+    tvm_available,
+)
+from graphopt.algorithms.tvm.qemu import qemu_unavailable_reason, run_under_qemu
+from graphopt.algorithms.tvm.runner import MANIFEST_SUFFIX, load_artifact, manifest_path_for
+from graphopt.core.cost import model_cost
+from graphopt.core.errors import GraphoptError, VerificationError
+from graphopt.core.feeds import random_feeds
+from graphopt.core.loader import load
+from graphopt.core.model import Model
+from graphopt.core.session import make_session, run_model
+from graphopt.core.verify import VerifyReport, compare
+from graphopt.jobs.optimize import optimize_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CompileResult",
+    "bench_artifact",
+    "compile_model",
+    "prepare_model",
+    "tvm_available",
+]
+
+
+def _parse_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
+                  ) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in model.graph.inputs:
+        if input_shapes and t.name in input_shapes:
+            shapes[t.name] = tuple(int(d) for d in input_shapes[t.name])
+        else:
+            dims = list(t.shape or [])
+            if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+                raise GraphoptError(
+                    f"input '{t.name}' has dynamic shape {dims}; TVM needs a fixed shape: pass "
+                    f"--input-shape {t.name}:1x3x640x640 (input_shapes={{'{t.name}': (...)}})")
+            shapes[t.name] = tuple(int(d) for d in dims)
+    unknown = set(input_shapes or {}) - {t.name for t in model.graph.inputs}
+    if unknown:
+        raise GraphoptError(f"--input-shape names unknown inputs {sorted(unknown)}; inputs are "
+                            f"{[t.name for t in model.graph.inputs]}")
+    return shapes
+
+
+_POOL_OPS = ("MaxPool", "AveragePool")
+
+
+def _has_shape_ops(m: Model) -> bool:
+    return any(n.op in ("Shape", "Size") for n in m.graph.nodes)
+
+
+def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+                  ) -> tuple[Model, dict[str, Any]]:
+    """Run graphopt's default pipeline for TVM on a copy of ``model``: fix input shapes, infer and
+    fold shapes, fold BatchNormalization, recognize activations, record Conv+activation(+pool)
+    groups.
+
+    Returns:
+        (prepared model, info) where info holds the fixed shapes, per-pass stats and fusion groups.
+    """
+    shapes = _parse_shapes(model, input_shapes)
+    res = optimize_model(model, target="portable", input_shapes=shapes, verify_output=False)
+    m = res.model
+    info: dict[str, Any] = {"input_shapes": {k: list(v) for k, v in shapes.items()},
+                            "passes": res.stats(), "nodes_before": model.num_nodes(),
+                            "nodes_after": m.num_nodes()}
+    if _has_shape_ops(m):
+        # what the folding passes left (shapes they could not prove static): fold with the exact
+        # values onnxruntime computes for the fixed input shapes
+        logger.info("folding %d Shape/Size nodes left after graphopt's passes",
+                    sum(1 for n in m.graph.nodes if n.op in ("Shape", "Size")))
+        fold_shape_computations(m, shapes)
+    groups = m.metadata.get("graphopt.fusion_groups")
+    info["fusion_groups"] = json.loads(groups) if groups else []
+    try:
+        info["macs"] = int(model_cost(m).macs)
+    except Exception as exc:  # noqa: BLE001 - cost analysis is advisory here
+        logger.debug("cost analysis failed: %s", exc)
+        info["macs"] = None
+    ops = {n.name: n.op for n in m.graph.nodes}
+    info["pool_groups"] = sum(1 for g in info["fusion_groups"]
+                              if any(ops.get(n) in _POOL_OPS for n in g))
+    return m, info
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile_model` produced."""
+
+    target: str
+    artifact: Path
+    manifest: Path
+    compile_seconds: float
+    artifact_bytes: int
+    stages: dict[str, float] = field(default_factory=dict)
+    #: True when nvcc compiled the generated CUDA source; None when not checked
+    cuda_source_checked: bool | None = None
+    #: comparison with onnxruntime on seeded inputs (None when the library could not be run here)
+    verify: Any = None
+    #: where the library ran for verification: "host", "qemu-aarch64", or None
+    verified_on: str | None = None
+    passes: dict[str, Any] = field(default_factory=dict)
+    fusion_groups: list[list[str]] = field(default_factory=list)
+    #: the fused TIR kernels of the library (one per graphopt fusion group, plus the rest)
+    kernels: list[str] = field(default_factory=list)
+    #: graphopt CPU schedule rule -> number of kernels it scheduled ("none": left as TVM wrote it)
+    schedules: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON for ``graphopt compile --json`` (keys ``target``, ``artifact``, ``verify`` as in the
+        CLI contract, plus ``manifest``, ``compile_seconds``, ``artifact_bytes``, ``stages``...)."""
+        return {
+            "target": self.target,
+            "artifact": str(self.artifact),
+            "manifest": str(self.manifest),
+            "compile_seconds": round(self.compile_seconds, 3),
+            "artifact_bytes": self.artifact_bytes,
+            "stages": {k: round(v, 3) for k, v in self.stages.items()},
+            "verify": self.verify.to_json() if self.verify is not None else None,
+            "verified_on": self.verified_on,
+            "cuda_source_checked": self.cuda_source_checked,
+            "fusion_groups": len(self.fusion_groups),
+            "kernels": len(self.kernels),
+            "schedules": self.schedules,
+        }
+
+
+def _io_desc(values: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None = None
+             ) -> list[dict[str, Any]]:
+    out = []
+    for v in values:
+        shape = list(shapes[v.name]) if shapes and v.name in shapes else list(v.shape or [])
+        dtype = np.dtype(v.dtype).name if v.dtype is not None else "float32"
+        out.append({"name": v.name, "shape": [int(d) if isinstance(d, int) else str(d)
+                                              for d in shape], "dtype": dtype})
+    return out
+
+
+def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
+                  output: str | os.PathLike[str] = "model.so",
+                  input_shapes: Mapping[str, Sequence[int]] | None = None,
+                  schedules: bool = True, check_cuda_source: bool = True,
+                  verify: bool = True) -> CompileResult:
+    """Compile ``model`` into a native library ``output`` plus a JSON manifest beside it.
+
+    Args:
+        model: a :class:`Model` or the path of an ONNX file.
+        target: ``llvm`` (this host, its CPU), ``aarch64`` (cross-compiled for AArch64 Linux with
+            NEON), or ``cuda`` / ``cuda:sm_80`` / ``cuda:sm_90``.
+        output: the library to write (``.so``); the manifest goes to ``<output>.json``.
+        input_shapes: fixed shapes for dynamic inputs, ``{name: (1, 3, 640, 640)}``.
+        schedules: apply graphopt's CPU schedules (False leaves TVM's naive loops, for comparison).
+        check_cuda_source: for CUDA, compile the generated source with ``nvcc -cubin`` when nvcc is
+            on PATH (the result is recorded in ``CompileResult.cuda_source_checked``).
+        verify: run the library on seeded random inputs and compare with onnxruntime (on this host
+            for llvm, under qemu-user for aarch64 when available; CUDA needs a GPU and is skipped).
+
+    Returns:
+        A :class:`CompileResult`.
+
+    Raises:
+        TVMUnavailableError: apache-tvm is not installed.
+        TVMCompileError: import or build failed (the message names the stage).
+        VerificationError: the library's outputs differ from onnxruntime's (nothing is written).
+        GraphoptError: bad target, or dynamic inputs without ``input_shapes``.
+    """
+    tvm = require_tvm()
+    if not isinstance(model, Model):
+        model = load(model)
+    spec = parse_target(target)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+    prepared, info = prepare_model(model, input_shapes)
+    stages["graphopt_passes"] = time.perf_counter() - t0
+    proto = prepared.to_onnx()
+    shapes = info["input_shapes"]
+    t1 = time.perf_counter()
+    mod = import_relax(proto, shapes)
+    stages["relax_import"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    record: dict[str, Any] = {}
+    sched_spec = spec
+    if info["macs"] is not None and info["macs"] < SMALL_MODEL_MACS and spec.name != "cuda":
+        # a small model runs faster on one thread than waking the pool for every kernel
+        sched_spec = replace(spec, num_cores=1)
+    ex = build_relax(mod, sched_spec, schedules=schedules, fuse_pools=info["pool_groups"] > 0,
+                     record=record)
+    stages["build"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-tvm-", dir=out.parent))
+    try:
+        tmp_lib = tmpdir / out.name
+        if spec.cross_cc:
+            if shutil.which(spec.cross_cc) is None:
+                raise GraphoptError(
+                    f"target {spec.name} needs the cross compiler {spec.cross_cc} "
+                    "(Debian: apt-get install gcc-aarch64-linux-gnu; or "
+                    "scripts/install-tvm-deps.sh)")
+            from tvm.support import cc  # noqa: PLC0415 - tvm stays optional
+
+            ex.export_library(str(tmp_lib), fcompile=cc.cross_compiler(spec.cross_cc))
+        else:
+            ex.export_library(str(tmp_lib))
+        cuda_checked = None
+        if spec.name == "cuda" and check_cuda_source:
+            cuda_checked = check_cuda_with_nvcc(ex, spec.target["arch"], tmpdir)
+        manifest = {
+            "format": "graphopt-tvm/1",
+            "target": spec.name,
+            "tvm_target": str(spec.tvm_target()),
+            "tvm_version": str(tvm.__version__),
+            "entry": "main",
+            "inputs": _io_desc(prepared.graph.inputs, shapes),
+            "outputs": _io_desc(prepared.graph.outputs),
+            "schedules": bool(schedules) and spec.name != "cuda",
+            "fusion_groups": info["fusion_groups"],
+            "source_sha256": hashlib.sha256(model.to_onnx().SerializeToString()).hexdigest(),
+            "library": out.name,
+        }
+        tmp_man = tmpdir / (out.name + MANIFEST_SUFFIX)
+        tmp_man.write_text(json.dumps(manifest, indent=2))
+        stages["export"] = time.perf_counter() - t1
+        report, verified_on = None, None
+        if verify:
+            t1 = time.perf_counter()
+            report, verified_on = _verify_artifact(model, tmp_lib, spec, shapes)
+            stages["verify"] = time.perf_counter() - t1
+            if report is not None and not report.ok:
+                bad = report.worst()
+                assert bad is not None
+                raise VerificationError(
+                    f"the {spec.name} library differs from onnxruntime on output '{bad.name}' "
+                    f"(max abs err {bad.max_abs_err:.3g}, cosine {bad.cosine:.6f}); not written. "
+                    "Re-run with --no-schedules to tell a schedule bug from an importer bug")
+        os.replace(tmp_lib, out)
+        man = manifest_path_for(out)
+        os.replace(tmp_man, man)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    total = time.perf_counter() - t0
+    logger.info("compiled for %s in %.1fs -> %s (%d bytes)", spec.name, total, out,
+                out.stat().st_size)
+    return CompileResult(spec.name, out, man, total, out.stat().st_size, stages, cuda_checked,
+                         report, verified_on, info["passes"], info["fusion_groups"],
+                         record.get("kernels", []), record.get("schedules", {}))
+
+
+def _verify_artifact(model: Model, lib: Path, spec: TargetSpec, shapes: Mapping[str, Sequence[int]]
+                     ) -> tuple[Any, str | None]:
+    """Run the library (here, or under qemu for AArch64) and onnxruntime on the same seeded
+    inputs."""
+    feeds = random_feeds(model, seed=0, shapes=shapes)
+    if spec.name == "llvm":
+        outs = load_artifact(lib).run(feeds)
+        where = "host"
+    elif spec.name == "aarch64":
+        why = qemu_unavailable_reason()
+        if why:
+            logger.info("AArch64 library not run: %s", why)
+            return None, None
+        outs = run_under_qemu(lib, feeds)
+        where = "qemu-aarch64"
+    else:
+        return None, None  # needs a GPU
+    ref = run_model(model, feeds)
+    report = VerifyReport(rtol=VERIFY_RTOL, atol=VERIFY_ATOL)
+    for name, r in ref.items():
+        if name not in outs:
+            raise TVMCompileError(f"the library has no output '{name}'")
+        report.outputs.append(compare(name, r, outs[name], VERIFY_RTOL, VERIFY_ATOL))
+    return report, where
+
+
+#: fp32 tolerance against onnxruntime (relative to max |reference|): TVM reassociates reductions
+VERIFY_RTOL = 1e-4
+
+
+VERIFY_ATOL = 1e-5
+
+
+#: below this many multiply-adds a model's kernels are scheduled without parallel loops
+SMALL_MODEL_MACS = 50_000_000
+
+
+def bench_artifact(artifact: str | os.PathLike[str], model: Model | str | os.PathLike[str],
+                   runs: int = 50, warmup: int = 5, threads: int = 2, seed: int = 0
+                   ) -> dict[str, Any]:
+    """Latency of a host library against onnxruntime on the same seeded input (``graphopt bench``).
+
+    The two run interleaved (A, B, B, A, ...), ``runs`` times each after ``warmup`` runs;
+    onnxruntime
+    with ORT_ENABLE_ALL, ``threads`` intra-op threads and spinning off. Returns medians in ms, the
+    ratio tvm/ort, and the max abs error of the library's outputs against onnxruntime's.
+    """
+    art = load_artifact(artifact)
+    if art.target != "llvm":
+        raise GraphoptError(f"{artifact} was compiled for {art.target}; only host (llvm) libraries "
+                            "can be timed here")
+    if not isinstance(model, Model):
+        model = load(model)
+    shapes = {i["name"]: [int(d) for d in i["shape"]] for i in art.inputs}
+    feeds = random_feeds(model, seed=seed, shapes=shapes)
+    sess = make_session(model, "all", threads=threads)
+    args = art._to_device(feeds)
+    ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+    outs = art.run(feeds)
+    errs = {n: compare(n, r, outs[n], VERIFY_RTOL, VERIFY_ATOL).to_json() for n, r in ref.items()}
+    t_tvm: list[float] = []
+    t_ort: list[float] = []
+
+    def _tvm_once() -> None:
+        t = time.perf_counter()
+        art.run_device(args)
+        t_tvm.append(time.perf_counter() - t)
+
+    def _ort_once() -> None:
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        t_ort.append(time.perf_counter() - t)
+
+    for _ in range(warmup):
+        art.run_device(args)
+        sess.run(None, feeds)
+    for i in range(runs):
+        first, second = (_tvm_once, _ort_once) if i % 2 == 0 else (_ort_once, _tvm_once)
+        first()
+        second()
+    tvm_ms = statistics.median(t_tvm) * 1e3
+    ort_ms = statistics.median(t_ort) * 1e3
+    return {"artifact": str(artifact), "runs": runs, "threads": threads, "tvm_ms": tvm_ms,
+            "ort_ms": ort_ms, "ratio_tvm_vs_ort": tvm_ms / ort_ms, "verify": errs}
