@@ -119,11 +119,13 @@ def test_mixed_range_concat_kept_float() -> None:
     cat = next(n for n in q.graph.nodes if n.name == "head_concat")
     assert all(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in cat.inputs)
     assert not any(c.op == "QuantizeLinear" for c in cat.outputs[0].outputs)
-    # the probabilities survive: small absolute error on the probability rows
+    # the probabilities survive: small absolute error on the probability rows. The bound is the
+    # quantization of the Sigmoid's input (step ~0.09, slope <= 0.25) plus the input's own step;
+    # probabilities requantized on the boxes' grid (step ~1.25) would err by up to ~0.6.
     s_f, s_q = make_session(m), make_session(q)
     ref = s_f.run(None, feeds[0])[0]
     out = s_q.run(None, feeds[0])[0]
-    assert np.abs(ref[4:] - out[4:]).max() < 0.02
+    assert np.abs(ref[4:] - out[4:]).max() < 0.05
     assert ref[4:].max() > 0.1  # not all zero
 
 
