@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.core.errors import OptionError
 from graphopt.core.graph import constant_nbytes, has_subgraph, local_topo_order
 from graphopt.core.model import Model, all_graph_output_ids
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
@@ -77,7 +78,11 @@ class EliminateCsePass(Pass):
     name = "eliminate-cse"
 
     def __init__(self, max_const_bytes: int = 1 << 20) -> None:
-        self.max_const_bytes = int(max_const_bytes)
+        if isinstance(max_const_bytes, bool) or not isinstance(max_const_bytes, int) \
+                or max_const_bytes < 0:
+            raise OptionError(f"eliminate-cse: max_const_bytes must be a non-negative integer, "
+                              f"got {max_const_bytes!r}")
+        self.max_const_bytes = max_const_bytes
         self._keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
 
     def call(self, model: Model) -> PassResult:

@@ -49,6 +49,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from graphopt.core.errors import OptionError
 from graphopt.core.graph import unique_name
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
@@ -251,7 +252,7 @@ class Fp16Pass(Pass):
         self.keep_io_types = keep_io_types
         self.keep_softmax = keep_softmax
         if kernels not in ("any", "native"):
-            raise ValueError(f"kernels must be 'any' or 'native', not {kernels!r}")
+            raise OptionError(f"fp16: kernels must be 'any' or 'native', not {kernels!r}")
         self.kernels = kernels
 
     # -------------------------------------------------------------- decisions

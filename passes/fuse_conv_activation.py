@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.core.errors import OptionError
 from graphopt.core.graph import make_node, unique_name
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
@@ -187,7 +188,7 @@ class FuseConvActivationPass(Pass):
 
     def __init__(self, target: str = "portable") -> None:
         if target not in TARGETS:
-            raise ValueError(f"target must be one of {', '.join(TARGETS)}, not {target!r}")
+            raise OptionError(f"fuse-conv-activation: target must be one of {', '.join(TARGETS)}, not {target!r}")
         self.target = target
 
     def call(self, model: Model) -> PassResult:

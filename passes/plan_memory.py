@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from graphopt.algorithms.memory.arena import probe_unknown
-from graphopt.algorithms.memory.planner import MemoryPlan, plan_order
+from graphopt.algorithms.memory.planner import STRATEGIES, MemoryPlan, plan_order
+from graphopt.core.errors import OptionError
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 from graphopt.core.shapes import prepare
@@ -38,6 +39,9 @@ class PlanMemoryPass(Pass):
     def __init__(self, strategy: str = "best", inplace: bool = True,
                  input_shapes: Mapping[str, Sequence[int]] | None = None,
                  feeds: Mapping[str, np.ndarray] | None = None) -> None:
+        if strategy not in STRATEGIES:
+            raise OptionError(f"plan-memory: unknown strategy {strategy!r}; choose one of "
+                              f"{', '.join(STRATEGIES)}")
         self.strategy = strategy
         self.inplace = inplace
         self.input_shapes = dict(input_shapes) if input_shapes else None

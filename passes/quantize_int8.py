@@ -24,6 +24,8 @@ from graphopt.algorithms.quant.graph import (
     plan_quantization,
     upgrade_opset,
 )
+from graphopt.algorithms.quant.observers import OBSERVERS
+from graphopt.core.errors import OptionError
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 
@@ -42,6 +44,10 @@ class QuantizeInt8Pass(Pass):
                  activations: str = "auto", per_channel: bool = True,
                  reduce_range: bool | None = None, keep_float: Iterable[str] = (),
                  op_types: Iterable[str] | None = None) -> None:
+        if method not in OBSERVERS:
+            raise OptionError(f"quantize-int8: unknown calibration method {method!r}; choose one "
+                              f"of {', '.join(OBSERVERS)}")
+        choose_activation_type(activations, reduce_range)  # raises on a bad value
         self.ranges = dict(ranges) if ranges is not None else None
         self.calib = calib
         self.method = method

@@ -18,6 +18,8 @@ import numpy as np
 
 from graphopt.algorithms.memory.arena import probe_unknown
 from graphopt.algorithms.memory.order import reorder_for_memory
+from graphopt.algorithms.memory.planner import STRATEGIES
+from graphopt.core.errors import OptionError
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 from graphopt.core.shapes import inputs_static, prepare
@@ -34,6 +36,9 @@ class ReorderMemoryPass(Pass):
     def __init__(self, inplace: bool = True, strategy: str = "best",
                  input_shapes: Mapping[str, Any] | None = None, max_states: int = 50_000,
                  feeds: Mapping[str, np.ndarray] | None = None) -> None:
+        if strategy not in STRATEGIES:
+            raise OptionError(f"reorder-memory: unknown strategy {strategy!r}; choose one of "
+                              f"{', '.join(STRATEGIES)}")
         self.inplace = inplace
         self.strategy = strategy
         self.input_shapes = dict(input_shapes) if input_shapes else None

@@ -30,6 +30,19 @@ class RecipeError(GraphoptError):
     """A recipe file or named recipe is invalid."""
 
 
+class OutputPathError(GraphoptError):
+    """An output path cannot be written: it is an input, not a regular file, another output of
+    the same run, or its folder is not writable (no permission, disk full)."""
+
+
+class OptionError(GraphoptError):
+    """An option of a command, a job or a pass has a value it cannot take."""
+
+
+class FeedError(GraphoptError):
+    """Input arrays (``--input``, ``--feeds``) cannot be read or do not match the model's inputs."""
+
+
 class VerificationError(Exception):
     """An emitted model does not compute what its input computed, within tolerance. CLI exit 1."""
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from graphopt.core.errors import CalibrationError, ShapeError
+from graphopt.core.errors import CalibrationError, FeedError, ShapeError
 from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
@@ -292,6 +293,78 @@ def open_calibration(source: Any, model: Model, batch_size: int = 8, limit: int 
         raise CalibrationError("no calibration data given (--calib DATA)")
     return CalibrationReader(source, input_specs(model), batch_size=batch_size, limit=limit,
                              defaults=defaults)
+
+
+# ---------------------------------------------------------------------- given feeds
+
+
+def check_feeds(model: Model, feeds: Mapping[str, Any], what: str = "input",
+                complete: bool = True) -> Feeds:
+    """Check arrays given for ``model``'s inputs and return them in the model's dtypes.
+
+    Every name must be a graph input; each array must have the input's rank, its static dims,
+    and a dtype of the same kind (float64 is converted to float32, integer widths likewise); with
+    ``complete`` every input must be given.
+
+    Raises:
+        FeedError: naming the input, what was given and what the model expects.
+    """
+    specs = input_specs(model)
+    unknown = [k for k in feeds if k not in specs]
+    if unknown:
+        raise FeedError(f"{what} names unknown model input(s) {', '.join(map(repr, unknown))}; "
+                        f"the model's inputs are {', '.join(map(repr, specs)) or 'none'}")
+    if complete:
+        missing = [k for k in specs if k not in feeds]
+        if missing:
+            raise FeedError(f"{what} gives no array for model input(s) "
+                            f"{', '.join(map(repr, missing))}")
+    out: Feeds = {}
+    for name, value in feeds.items():
+        spec = specs[name]
+        arr = np.asarray(value)
+        dims = spec.dims
+        if dims is not None and (arr.ndim != len(dims) or any(
+                want is not None and want != have for want, have in zip(dims, arr.shape))):
+            anysize = " (N: any size)" if None in dims else ""
+            raise FeedError(f"{what} '{name}' has shape {list(arr.shape)}, but the model expects "
+                            f"{_fmt(dims)}{anysize}")
+        if arr.dtype != spec.dtype:
+            same_kind = (arr.dtype.kind == "f" and spec.dtype.kind == "f") or (
+                arr.dtype.kind in "iu" and spec.dtype.kind in "iu")
+            if not same_kind:
+                raise FeedError(f"{what} '{name}' has dtype {arr.dtype}, but the model expects "
+                                f"{spec.dtype}")
+            arr = arr.astype(spec.dtype)
+        out[name] = arr
+    return out
+
+
+def read_feeds(path: str | os.PathLike[str]) -> Feeds:
+    """Arrays keyed by input name from a ``.npz`` file. Raises :class:`FeedError`."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise FeedError(f"cannot read feeds from {path}: {exc}") from None
+    if isinstance(z, np.ndarray):
+        raise FeedError(f"{path} holds one array; give a .npz keyed by input name")
+    try:
+        with z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise FeedError(f"cannot read feeds from {path}: {exc}") from None
+
+
+def read_array(path: str | os.PathLike[str], what: str = "input") -> np.ndarray:
+    """One array from a ``.npy`` file. Raises :class:`FeedError`."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise FeedError(f"cannot read {what} from {path}: {exc}") from None
+    if not isinstance(arr, np.ndarray):
+        arr.close()
+        raise FeedError(f"{path} is a .npz archive; give one array per {what} as a .npy file")
+    return arr
 
 
 # ---------------------------------------------------------------------- random feeds
