@@ -188,7 +188,8 @@ class FuseConvActivationPass(Pass):
 
     def __init__(self, target: str = "portable") -> None:
         if target not in TARGETS:
-            raise OptionError(f"fuse-conv-activation: target must be one of {', '.join(TARGETS)}, not {target!r}")
+            raise OptionError(f"fuse-conv-activation: target must be one of "
+                              f"{', '.join(TARGETS)}, not {target!r}")
         self.target = target
 
     def call(self, model: Model) -> PassResult:
