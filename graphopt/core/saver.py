@@ -2,8 +2,10 @@
 :mod:`graphopt.core.loader`).
 
 The model and its external data file are written into a temporary folder beside the destination and
-renamed into place, so an interrupted run never leaves a partial output and never touches the input.
-Weights go to an external data file (``<name>.data``) when the caller asks, when the source model
+published by :mod:`graphopt.core.output` (data file named per write, model renamed last), so an
+interrupted run never leaves a partial output, a reader never sees a model with another write's
+data, and the input is never touched. Weights go to an external data file
+(``<name>.<12 hex>.data``) when the caller asks, when the source model
 used external data, or when the serialized proto would pass protobuf's 2 GiB limit. External
 tensors are written straight from their buffers without building a second in-memory copy of the
 model.
@@ -14,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -26,8 +26,9 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.core.errors import GraphoptError
+from graphopt.core.errors import GraphoptError, OutputPathError
 from graphopt.core.model import PROTO_LIMIT, Model, check_proto, constant_stub, swapped_constants
+from graphopt.core.output import check_output_path, staged_model_output
 
 logger = logging.getLogger(__name__)
 
@@ -106,64 +107,54 @@ def save(
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
 
+    The model and its external data are written into one temporary folder beside ``path`` and
+    published by :func:`graphopt.core.output.staged_model_output`: the data file is named
+    ``<name>.<12 hex>.data`` (unique per write) and moved into place first, the model is renamed
+    last, and the data of the model it replaces is removed after, so that a reader never sees a
+    model paired with another write's data.
+
     Args:
-        external: True to write weights to ``<path>.data``; False to embed them (fails over 2 GiB);
-            None (default) to decide: external if the source used external data or weights are
-            large.
+        external: True to write weights to an external data file beside ``path``; False to embed
+            them (fails over 2 GiB); None (default) to decide: external if the source used
+            external data or weights are large.
         check: run ``onnx.checker`` on what is written.
 
     Raises:
-        GraphoptError: the output cannot be written (folder missing and not creatable, no
-            permission, disk full) or is the input model. Nothing is left under ``path`` then.
+        OutputPathError: the output cannot be written (folder missing and not creatable, no
+            permission, disk full, not a regular file) or is the input model or one of its
+            external data files. Nothing is left under ``path`` then.
     """
     if not getattr(model, "weights_loaded", True):
         raise ValueError("this model was loaded without its weights (load_weights=False)")
-    dest = Path(path)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        same = model.path is not None and dest.exists() and os.path.samefile(dest, model.path)
-    except OSError as exc:
-        raise GraphoptError(f"cannot write {dest}: {exc.strerror or exc}") from None
-    if same:
-        raise GraphoptError(f"refusing to overwrite the input model {dest}; choose another output")
+    inputs = [model.path, *getattr(model, "external_files", [])]
+    dest = check_output_path(path, inputs=inputs)
     if external is None:
         external = model.external_data or model.param_bytes() > AUTO_EXTERNAL_BYTES
-    data_name = dest.name + ".data"
-    if external and (dest.parent / data_name).resolve() in getattr(model, "external_files", []):
-        raise GraphoptError(
-            f"writing {dest} would overwrite {dest.parent / data_name}, the input "
-            "model's external data; choose another output name"
+    fixed_data = (dest.parent / (dest.name + ".data")).resolve()
+    if external and fixed_data in [Path(p).resolve() for p in inputs[1:]]:
+        # the new data would get its own name, but a model beside its input's weights file of the
+        # same name is a trap for whoever copies the folder next
+        raise OutputPathError(
+            f"writing {dest} would sit beside {fixed_data.name}, the input model's external "
+            "data; choose another output name"
         )
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=dest.parent))
-    except OSError as exc:
-        raise GraphoptError(f"cannot write {dest}: {exc.strerror or exc}") from None
-    try:
-        tmp_model = tmpdir / dest.name
+    with staged_model_output(dest, protect=getattr(model, "external_files", [])) as st:
         if external:
             # weights stream from the live constants into the data file one at a time; the
             # exported proto only holds references (no second copy of the weights in memory)
-            with _external_stubs(model, tmpdir / data_name, data_name):
+            with _external_stubs(model, st.data_path, st.data_name):
                 proto = model.to_onnx()
         else:
             proto = model.to_onnx()
         if proto.ByteSize() >= PROTO_LIMIT:
             raise GraphoptError("the model exceeds 2 GiB even with its weights in external data")
-        with open(tmp_model, "wb") as f:
+        with open(st.model_path, "wb") as f:
             f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
         if check:
-            check_proto(proto, tmp_model) if not external else onnx.checker.check_model(
-                str(tmp_model)
-            )
-        if external:
-            os.replace(tmpdir / data_name, dest.parent / data_name)
-        os.replace(tmp_model, dest)
-    except OSError as exc:
-        raise GraphoptError(f"cannot write {dest}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+            if external:
+                onnx.checker.check_model(str(st.model_path))
+            else:
+                check_proto(proto, st.model_path)
     logger.info("wrote %s%s", dest, " (+ external data)" if external else "")
     return dest
 
