@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from graphopt.algorithms.memory.arena import prove  # noqa: E402
 from graphopt.core.loader import load as load_model  # noqa: E402
 from graphopt.core.model import Model  # noqa: E402
+from graphopt.core.output import atomic_write_text  # noqa: E402
 from graphopt.core.saver import save  # noqa: E402
 from graphopt.fixtures import FIXTURES, fixture_path, real_model, real_model_feeds  # noqa: E402
 from graphopt.jobs.plan import apply_order, plan_memory  # noqa: E402
@@ -375,8 +376,7 @@ def main() -> int:
         "",
     ]
     text = "\n".join(lines)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    atomic_write_text(RESULTS, text)
     print(text)
     return 0 if (goal_bound and goal_proof and goal_ip and goal_order) else 1
 

@@ -42,6 +42,7 @@ from graphopt.algorithms.prune.analysis import analyze, prunable_macs  # noqa: E
 from graphopt.core.cost import model_cost  # noqa: E402
 from graphopt.core.loader import load as load_model  # noqa: E402
 from graphopt.core.model import Model  # noqa: E402
+from graphopt.core.output import atomic_write_text  # noqa: E402
 from graphopt.core.session import make_session  # noqa: E402
 from graphopt.core.shapes import fix_input_shapes, infer_shapes  # noqa: E402
 from graphopt.fixtures import fixture_path, real_model  # noqa: E402
@@ -240,8 +241,7 @@ def main() -> None:
     lines += ["", f"Total benchmark time {time.time() - t_start:.0f} s."]
     text = "\n".join(lines) + "\n"
     out = ROOT / "bench" / "results" / "prune.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(out, text)
     print(text)
 
 

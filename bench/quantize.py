@@ -42,6 +42,7 @@ from bench.ocr_data import (  # noqa: E402
     rec_preprocess,
     text_lines,
 )
+from graphopt.core.output import atomic_write_text  # noqa: E402
 
 LAT_SHAPES = {"det": (1, 3, 320, 320), "rec": (1, 3, 48, 320), "cls": (1, 3, 48, 192)}
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -329,8 +330,7 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001 - report, do not lose the other rows
                     print(f"end to end {label} failed: {exc}", file=sys.stderr)
     md = report(rows, base_fid, e2e, n_rec, n_det, n_cls, runs, args.quick)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(md)
+    atomic_write_text(args.out, md)
     print(md)
     return 0
 

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphopt.core.output import atomic_write_text
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "simplify.md"
 #: bench shapes (det is benchmarked at 640x640, larger than the test shape)
@@ -322,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
               "level."]
     lines += ["", "## Issue goals", ""] + [f"- {g}" for g in goal_lines]
     text = "\n".join(lines) + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    atomic_write_text(RESULTS, text)
     print(text)
     return 0
 

@@ -50,6 +50,7 @@ from graphopt.algorithms.tvm import emit as gtvm  # noqa: E402
 from graphopt.algorithms.tvm import qemu as gqemu  # noqa: E402
 from graphopt.algorithms.tvm import runner as grunner  # noqa: E402
 from graphopt.core.loader import load  # noqa: E402
+from graphopt.core.output import atomic_write_text  # noqa: E402
 from graphopt.core.session import make_session  # noqa: E402
 from graphopt.fixtures import real_model  # noqa: E402
 from graphopt.jobs import compile as gcompile  # noqa: E402
@@ -238,8 +239,7 @@ def main() -> int:
         cross = [] if ns.quick else bench_cross(tmp)
     text = render(rows, cross, rounds)
     out = ROOT / "bench" / "results" / "tvm.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(out, text)
     print(text)
     return 0
 

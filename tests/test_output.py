@@ -68,9 +68,10 @@ def test_atomic_path_for_writers_that_want_a_name(tmp_path: Path) -> None:
     with np.load(dest) as z:
         assert z["y"].tolist() == [0, 1, 2]
     assert _leftovers(tmp_path) == []
-    with pytest.raises(OutputPathError, match="nothing was written"), atomic_path(
-        tmp_path / "never.png"
-    ) as tmp:
+    with (
+        pytest.raises(OutputPathError, match="nothing was written"),
+        atomic_path(tmp_path / "never.png") as tmp,
+    ):
         tmp.unlink()
     assert not (tmp_path / "never.png").exists()
 
@@ -230,3 +231,20 @@ def test_concurrent_writers_never_leave_a_mixed_model(tmp_path: Path) -> None:
     assert len(_data_files(tmp_path, "m.onnx")) == 1
     assert _leftovers(tmp_path) == []
     assert load(out).metadata["tag"] in ("1.0", "2.0")
+
+
+def test_new_files_get_default_permissions_and_replaced_files_keep_theirs(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        p = atomic_write_text(tmp_path / "a.txt", "x")
+        assert p.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0600
+        p.chmod(0o640)
+        atomic_write_text(p, "y")
+        assert p.stat().st_mode & 0o777 == 0o640
+        m = save(_mlp(1.0), tmp_path / "m.onnx", external=True)
+        assert m.stat().st_mode & 0o777 == 0o644
+        assert all(
+            (tmp_path / d).stat().st_mode & 0o777 == 0o644 for d in _data_files(tmp_path, "m.onnx")
+        )
+    finally:
+        os.umask(old)

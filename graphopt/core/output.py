@@ -221,6 +221,20 @@ def _temp_prefix() -> str:
     return f"{TEMP_PREFIX}{os.getpid()}-"
 
 
+def _new_temp_file(folder: Path, suffix: str) -> Path:
+    """Create an empty temporary file in ``folder`` with the permissions a new file gets (0666
+    less the umask; ``tempfile.mkstemp`` would make it owner-only)."""
+    for _ in range(100):
+        p = folder / f"{_temp_prefix()}{uuid.uuid4().hex[:12]}{suffix}"
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return p
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -278,9 +292,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     dest = _prepare_dest(path)
     suffix = dest.suffix if 0 < len(dest.suffix) <= 16 else ""
     with _write_errors(dest):
-        fd, name = tempfile.mkstemp(prefix=_temp_prefix(), suffix=suffix, dir=dest.parent)
-        os.close(fd)
-    tmp = Path(name)
+        tmp = _new_temp_file(dest.parent, suffix)
+        st = _stat(dest)
+        if st is not None:  # a replaced file keeps its permissions
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
     try:
         yield tmp
         with _write_errors(dest):

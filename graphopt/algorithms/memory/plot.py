@@ -3,11 +3,15 @@ lazily: it is an optional dependency, the ``plot`` extra)."""
 
 from __future__ import annotations
 
+import os
+
 from graphopt.algorithms.memory.planner import MemoryPlan
+from graphopt.core.output import atomic_path
 
 
-def plot_plan(plan: MemoryPlan, path: str, title: str = "") -> None:
-    """Write a PNG of the arena over time: every tensor a rectangle (step on x, offset on y)."""
+def plot_plan(plan: MemoryPlan, path: str | os.PathLike[str], title: str = "") -> None:
+    """Write a picture of the arena over time (PNG unless ``path`` names another format that
+    matplotlib writes): every tensor a rectangle (step on x, offset on y). Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,5 +50,9 @@ def plot_plan(plan: MemoryPlan, path: str, title: str = "") -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.11), fontsize=8, ncol=4,
               frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt)
+    finally:
+        plt.close(fig)
