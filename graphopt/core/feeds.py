@@ -298,9 +298,10 @@ def open_calibration(source: Any, model: Model, batch_size: int = 8, limit: int 
 # ---------------------------------------------------------------------- given feeds
 
 
-def check_feeds(model: Model, feeds: Mapping[str, Any], what: str = "input",
-                complete: bool = True) -> Feeds:
-    """Check arrays given for ``model``'s inputs and return them in the model's dtypes.
+def check_feeds(model: Model | Mapping[str, InputSpec], feeds: Mapping[str, Any],
+                what: str = "input", complete: bool = True) -> Feeds:
+    """Check arrays given for ``model``'s inputs (a Model, or its :func:`input_specs`) and return
+    them in the model's dtypes.
 
     Every name must be a graph input; each array must have the input's rank, its static dims,
     and a dtype of the same kind (float64 is converted to float32, integer widths likewise); with
@@ -309,7 +310,7 @@ def check_feeds(model: Model, feeds: Mapping[str, Any], what: str = "input",
     Raises:
         FeedError: naming the input, what was given and what the model expects.
     """
-    specs = input_specs(model)
+    specs = input_specs(model) if isinstance(model, Model) else model
     unknown = [k for k in feeds if k not in specs]
     if unknown:
         raise FeedError(f"{what} names unknown model input(s) {', '.join(map(repr, unknown))}; "
