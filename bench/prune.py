@@ -25,7 +25,6 @@ import argparse
 import datetime as _dt
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from bench import ocr_data  # noqa: E402
 from graphopt.algorithms.prune.analysis import analyze, prunable_macs  # noqa: E402
 from graphopt.core.cost import model_cost  # noqa: E402
+from graphopt.core.latency import interleaved  # noqa: E402
 from graphopt.core.loader import load as load_model  # noqa: E402
 from graphopt.core.model import Model  # noqa: E402
 from graphopt.core.output import atomic_write_text  # noqa: E402
@@ -90,22 +90,9 @@ def latency_speedup(a: Model, b: Model, x: np.ndarray, rounds: int, budget_s: fl
     sb = make_session(b, "all", threads=THREADS)
     name = sa.get_inputs()[0].name
     feed = {name: x[:1]}
-    for _ in range(3):
-        sa.run(None, feed)
-        sb.run(None, feed)
-    ta: list[float] = []
-    tb: list[float] = []
-    t_end = time.perf_counter() + budget_s
-    i = 0
-    while i < rounds or (time.perf_counter() < t_end and i < 50 * rounds):
-        order = (sa, sb) if i % 2 == 0 else (sb, sa)
-        for s in order:
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            (ta if s is sa else tb).append(time.perf_counter() - t0)
-        i += 1
-    ratios = [p / q for p, q in zip(ta, tb)]
-    return statistics.median(ratios), statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+    t = interleaved({"a": lambda: sa.run(None, feed), "b": lambda: sb.run(None, feed)},
+                    runs=rounds, warmup=3, budget_s=budget_s)
+    return t.ratio("a", "b", paired=True), t.median_ms("a"), t.median_ms("b")
 
 
 def fidelity(kind: str, ref_model: Model, model: Model, ev: Any) -> tuple[str, float, float]:

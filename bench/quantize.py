@@ -42,6 +42,7 @@ from bench.ocr_data import (  # noqa: E402
     rec_preprocess,
     text_lines,
 )
+from graphopt.core.latency import interleaved  # noqa: E402
 from graphopt.core.output import atomic_write_text  # noqa: E402
 
 LAT_SHAPES = {"det": (1, 3, 320, 320), "rec": (1, 3, 48, 320), "cls": (1, 3, 48, 192)}
@@ -186,19 +187,12 @@ def session(path: str | Path, threads: int = 2):  # noqa: ANN201
 
 
 def latency(fp32: Path, int8: Path, shape: tuple[int, ...], runs: int) -> tuple[float, float]:
+    """Median seconds of the float and the int8 model, interleaved (A B, B A, ...)."""
     sa, sb = session(fp32), session(int8)
     x = {"x": np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)}
-    for s in (sa, sb):
-        s.run(None, x)
-    ta, tb = [], []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sa.run(None, x)
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        sb.run(None, x)
-        tb.append(time.perf_counter() - t)
-    return float(np.median(ta)), float(np.median(tb))
+    t = interleaved({"a": lambda: sa.run(None, x), "b": lambda: sb.run(None, x)}, runs=runs,
+                    warmup=1)
+    return t.median_ms("a") / 1e3, t.median_ms("b") / 1e3
 
 
 class EvalData:

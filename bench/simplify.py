@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from graphopt.core.latency import interleaved
 from graphopt.core.output import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,19 +212,11 @@ def bench_model(name: str, tmp: Path, threads: int, rounds: int | None) -> list[
                 r[f"{lvl}_error"] = msg[:200]
                 print(f"  {name} {r['tool']} @{lvl}: {msg[:300]}", file=sys.stderr)
     n = rounds or ROUNDS[name]
-    times: dict[tuple[str, str], list[float]] = {(r["tool"], lvl): [] for r, lvl, _ in sessions}
-    for _, _, s in sessions:  # warm-up
-        s.run(out_names, feeds)
-    for _ in range(n):
-        for r, lvl, s in sessions:  # interleaved round robin
-            t0 = time.perf_counter()
-            s.run(out_names, feeds)
-            times[(r["tool"], lvl)].append(time.perf_counter() - t0)
-    for r in rows:
-        for lvl in ("disable_all", "all"):
-            ts = times.get((r["tool"], lvl))
-            if ts:
-                r[lvl] = statistics.median(ts) * 1e3
+    runners = {f"{r['tool']}@{lvl}": (lambda s=s: s.run(out_names, feeds))
+               for r, lvl, s in sessions}
+    t = interleaved(runners, runs=n, warmup=1)
+    for r, lvl, _ in sessions:
+        r[lvl] = t.median_ms(f"{r['tool']}@{lvl}")
     return rows
 
 

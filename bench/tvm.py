@@ -28,11 +28,9 @@ import argparse
 import datetime as _dt
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from graphopt.algorithms.tvm import emit as gtvm  # noqa: E402
 from graphopt.algorithms.tvm import qemu as gqemu  # noqa: E402
 from graphopt.algorithms.tvm import runner as grunner  # noqa: E402
+from graphopt.core.latency import interleaved  # noqa: E402
 from graphopt.core.loader import load  # noqa: E402
 from graphopt.core.output import atomic_write_text  # noqa: E402
 from graphopt.core.session import make_session  # noqa: E402
@@ -62,27 +61,6 @@ BENCH_SHAPES = {"det": (1, 3, 640, 640), "rec": (1, 3, 48, 320), "cls": (1, 3, 4
 def ort_session(path: Path) -> ort.InferenceSession:
     """onnxruntime as deployed: ORT_ENABLE_ALL, 2 intra-op threads, spinning off."""
     return make_session(path, "all", threads=THREADS)
-
-
-def interleaved(runners: dict[str, Callable[[], Any]], rounds: int, max_seconds: dict[str, float]
-                ) -> dict[str, list[float]]:
-    """Round-robin timing; the order rotates every round. A runner stops once it has used its time
-    budget (the slow default build), keeping at least 3 samples."""
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    names = list(runners)
-    for fn in runners.values():  # warm-up
-        fn()
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        if r % 2:
-            order.reverse()
-        for k in order:
-            if len(times[k]) >= 3 and sum(times[k]) > max_seconds.get(k, 1e9):
-                continue
-            t = time.perf_counter()
-            runners[k]()
-            times[k].append(time.perf_counter() - t)
-    return times
 
 
 def bench_model(name: str, rounds: int, tmp: Path) -> dict[str, Any]:
@@ -128,14 +106,15 @@ def bench_model(name: str, rounds: int, tmp: Path) -> dict[str, Any]:
     out_b = next(iter(art.run({"x": x}).values()))
     row["err_default"] = float(np.abs(out_a - ref).max())
     row["err_graphopt"] = float(np.abs(out_b - ref).max())
+    # the slow default build sits out once it has used 20 s (keeping at least 3 runs)
     times = interleaved(
         {"tvm_default": lambda: vm_a["main"](xa),
          "tvm_graphopt": lambda: art.run_device(args_b),
          "ort": lambda: sess.run(None, {"x": x})},
-        rounds, {"tvm_default": 20.0})
-    for k, v in times.items():
-        row[f"{k}_ms"] = statistics.median(v) * 1e3
-        row[f"{k}_n"] = len(v)
+        runs=rounds, warmup=1, max_seconds={"tvm_default": 20.0})
+    for k in times.times:
+        row[f"{k}_ms"] = times.median_ms(k)
+        row[f"{k}_n"] = times.count(k)
     row["ratio_graphopt_vs_ort"] = row["tvm_graphopt_ms"] / row["ort_ms"]
     row["speedup_vs_default"] = row["tvm_default_ms"] / row["tvm_graphopt_ms"]
     return row
