@@ -2,7 +2,9 @@
 
 Sessions use ``ORT_DISABLE_ALL`` by default so that onnxruntime's own fusions cannot hide (or
 cause) a difference, thread spinning off, and the CPU provider. A Model with large weights hands
-them to onnxruntime without a copy. ``outputs=`` exposes intermediate tensors as outputs.
+them to onnxruntime without a copy. ``outputs=`` exposes intermediate tensors as outputs
+(:func:`with_outputs`, the one helper for that; ``truncate=True`` also cuts the model down to what
+those tensors need).
 """
 
 from __future__ import annotations
@@ -54,18 +56,118 @@ ZERO_COPY_BYTES = 256 << 20
 ZERO_COPY_MIN = 1 << 20
 
 
-def _add_outputs(proto: onnx.ModelProto, outputs: Sequence[str] | None) -> None:
-    if not outputs:
-        return
-    have = {o.name for o in proto.graph.output}
-    for name in outputs:
-        if name not in have:
-            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            have.add(name)
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in graph.node
+        for a in n.attribute
+    )
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names read inside a node's subgraphs (recursively) that those subgraphs do not define."""
+    defined: set[str] = set()
+    read: set[str] = set()
+    stack = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    stack += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+    while stack:
+        g = stack.pop()
+        defined.update(i.name for i in g.input)
+        defined.update(t.name for t in g.initializer)
+        for n in g.node:
+            defined.update(n.output)
+            read.update(x for x in n.input if x)
+            stack += [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+            stack += [
+                sg for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for sg in a.graphs
+            ]
+        read.update(o.name for o in g.output)
+    return read - defined
+
+
+def _truncate(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """``proto`` cut down to the nodes ``names`` need, with exactly ``names`` as outputs and every
+    graph input kept. ``onnx.utils.Extractor`` does it for graphs without subgraphs; a graph with
+    If/Loop/Scan nodes is walked here, counting what the subgraphs read from outside as inputs of
+    their node (the Extractor would miss those)."""
+    g = proto.graph
+    inputs = [i.name for i in g.input]
+    if not _has_subgraphs(g):
+        return onnx.utils.Extractor(proto).extract_model(inputs, list(names))
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    keep: set[int] = set()
+    stack = [producer[n] for n in names if n in producer]
+    while stack:
+        i = stack.pop()
+        if i in keep:
+            continue
+        keep.add(i)
+        node = g.node[i]
+        reads = set(node.input) | _subgraph_reads(node)
+        stack.extend(producer[x] for x in reads if x in producer)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    nodes = [g.node[i] for i in sorted(keep)]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    outputs = {o.name: o for o in out.graph.output}
+    del out.graph.output[:]
+    for n in names:
+        out.graph.output.append(outputs.get(n) or onnx.helper.make_empty_tensor_value_info(n))
+    return out
+
+
+def with_outputs(
+    proto: onnx.ModelProto,
+    names: Sequence[str],
+    *,
+    truncate: bool = False,
+    types: Mapping[str, int] | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``proto`` that also returns the (intermediate) tensors ``names``.
+
+    This is the one way graphopt exposes intermediate tensors (calibration, per-layer SQNR, shape
+    observation, least-squares recovery, per-layer diffs).
+
+    Args:
+        proto: the model (not modified).
+        names: tensors to return, in this order after the existing outputs.
+        truncate: return exactly ``names`` and keep only the nodes they need (every graph input
+            stays an input, so the same feeds work); uses ``onnx.utils.Extractor`` where it fits.
+        types: name -> ONNX element type, for outputs the proto has no type for (optional;
+            onnxruntime infers the rest).
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g = out.graph
+    names = list(dict.fromkeys(names))
+    known = {v.name: v for v in list(g.value_info) + list(g.input) + list(g.output)}
+    have = {o.name for o in g.output}
+    for name in names:
+        if name in have:
+            continue
+        vi = onnx.ValueInfoProto()
+        vi.name = name
+        if name in known:
+            vi.type.CopyFrom(known[name].type)
+        elif types and name in types:
+            vi.type.tensor_type.elem_type = types[name]
+        g.output.append(vi)
+        have.add(name)
+    if truncate:
+        for o in g.output:  # the Extractor finds the truncated outputs' types here
+            if o.name not in known:
+                g.value_info.append(o)
+        out = _truncate(out, names)
+    return out
 
 
 def _zero_copy_session(
-    model: Model, so: ort.SessionOptions, outputs: Sequence[str] | None
+    model: Model,
+    so: ort.SessionOptions,
+    outputs: Sequence[str] | None,
+    truncate: bool = False,
+    types: Mapping[str, int] | None = None,
 ) -> ort.InferenceSession:
     """A session whose large weights are the Model's own arrays (memory-mapped or in memory).
 
@@ -93,7 +195,12 @@ def _zero_copy_session(
 
     with swapped_constants(model, stub):
         proto = model.to_onnx()
-    _add_outputs(proto, outputs)
+    if outputs:
+        proto = with_outputs(proto, outputs, truncate=truncate, types=types)
+        if truncate:  # the weights the cut-down model no longer reads are not handed over
+            left = {t.name for t in proto.graph.initializer}
+            kept = [(n, a) for n, a in zip(names, arrays) if n in left]
+            names, arrays = [n for n, _ in kept], [a for _, a in kept]
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
     for name, value in zip(names, values):
         so.add_initializer(name, value)
@@ -113,11 +220,17 @@ def make_session(
     level: str = "disable_all",
     threads: int | None = None,
     outputs: Sequence[str] | None = None,
+    truncate: bool = False,
+    types: Mapping[str, int] | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a Model, a ModelProto or a file path.
 
-    ``outputs`` exposes extra (intermediate) tensors as outputs. A Model with large weights is
-    opened without copying them (see :func:`_zero_copy_session`).
+    Args:
+        outputs: extra (intermediate) tensors to return (:func:`with_outputs`).
+        truncate: with ``outputs``: return only those and compute only what they need.
+        types: ONNX element types of ``outputs`` the model does not declare (optional).
+
+    A Model with large weights is opened without copying them (see :func:`_zero_copy_session`).
     """
     so = session_options(level, threads)
     providers = ["CPUExecutionProvider"]
@@ -127,14 +240,10 @@ def make_session(
         else:
             return ort.InferenceSession(str(model), so, providers=providers)
     if isinstance(model, Model) and model.param_bytes() >= ZERO_COPY_BYTES:
-        return _zero_copy_session(model, so, outputs)
+        return _zero_copy_session(model, so, outputs, truncate, types)
     proto = model.to_onnx() if isinstance(model, Model) else model
     if outputs:
-        if not isinstance(model, Model):
-            copy = onnx.ModelProto()
-            copy.CopyFrom(proto)
-            proto = copy
-        _add_outputs(proto, outputs)
+        proto = with_outputs(proto, outputs, truncate=truncate, types=types)
     if proto.ByteSize() < PROTO_LIMIT:
         return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as d:
@@ -148,10 +257,17 @@ def run_model(
     feeds: Mapping[str, np.ndarray],
     outputs: Sequence[str] | None = None,
     level: str = "disable_all",
+    truncate: bool = False,
 ) -> Feeds:
-    """Run a model once in onnxruntime and return its outputs by name."""
+    """Run a model once in onnxruntime and return its outputs by name.
+
+    Args:
+        outputs: the tensors to return (graph outputs or intermediate tensors, exposed by
+            :func:`with_outputs`); default: the graph outputs.
+        truncate: compute only what ``outputs`` need.
+    """
     try:
-        sess = make_session(model, level)
+        sess = make_session(model, level, outputs=outputs, truncate=truncate and bool(outputs))
     except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
         raise GraphoptError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
     names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]

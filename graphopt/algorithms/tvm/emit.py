@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from graphopt.core.errors import GraphoptError
 from graphopt.core.model import Model
+from graphopt.core.session import make_session
 
 logger = logging.getLogger(__name__)
 
@@ -145,17 +145,12 @@ def fold_shape_computations(m: Model, shapes: Mapping[str, tuple[int, ...]]) -> 
     if not nodes:
         return
     probe = m.to_onnx()
-    del probe.graph.value_info[:]
-    for n in nodes:
-        probe.graph.output.append(
-            onnx.helper.make_tensor_value_info(n.outputs[0].name, onnx.TensorProto.INT64, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del probe.graph.value_info[:]  # onnxruntime derives the shapes for the fixed inputs itself
+    names = [n.outputs[0].name for n in nodes]
+    sess = make_session(probe, outputs=names, truncate=True,
+                        types=dict.fromkeys(names, onnx.TensorProto.INT64))
     feeds = {i.name: np.zeros(shapes[i.name], _ort_dtype(i.type)) for i in sess.get_inputs()}
-    names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, sess.run(None, feeds), strict=True))
+    values = dict(zip(names, sess.run(names, feeds), strict=True))
     for n in nodes:
         out = n.outputs[0]
         const = gs.Constant(out.name + "__folded", np.asarray(values[out.name], dtype=np.int64))
