@@ -9,7 +9,13 @@ from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
 from graphopt.core.errors import ShapeError
-from graphopt.core.shapes import fix_input_shapes, infer_shapes, missing_shapes, parse_input_shapes
+from graphopt.core.shapes import (
+    fix_input_shapes,
+    infer_shapes,
+    missing_shapes,
+    parse_input_shapes,
+    static_input_shapes,
+)
 
 
 def test_parse_specs() -> None:
@@ -19,6 +25,28 @@ def test_parse_specs() -> None:
     for bad in ("x", "x:1xax3", "x:0x3", "x:-1x3", "x:1x4294967296"):
         with pytest.raises(ShapeError):
             parse_input_shapes([bad])
+
+
+def test_parse_mappings_and_one_string() -> None:
+    """Recipe tables and the Python API go through the same parser."""
+    assert parse_input_shapes({"x": "1x3x8x8", "y": [2, 5], "s": (), "t": ""}) == {
+        "x": (1, 3, 8, 8), "y": (2, 5), "s": (), "t": ()}
+    assert parse_input_shapes("x:1x3") == {"x": (1, 3)}
+    assert parse_input_shapes(None) == {} and parse_input_shapes([]) == {}
+    for bad in ({"x": [1, 0]}, {"x": [True, 2]}, {"x": [1.5]}, {"x": "1xa"}, {"x": 3},
+                {"x": [2**31]}):
+        with pytest.raises(ShapeError, match="'x'"):
+            parse_input_shapes(bad)  # type: ignore[arg-type]
+
+
+def test_static_input_shapes() -> None:
+    m = _relu(["N", 3])
+    assert static_input_shapes(m, {"x": (2, 3)}) == {"x": (2, 3)}
+    with pytest.raises(ShapeError, match="dynamic shape"):
+        static_input_shapes(m)
+    with pytest.raises(ShapeError, match="unknown inputs"):
+        static_input_shapes(m, {"z": (1,)})
+    assert static_input_shapes(_relu([4, 3])) == {"x": (4, 3)}
 
 
 def _relu(shape: list[object]):

@@ -28,24 +28,96 @@ Shape = tuple[int, ...]
 _SPEC = re.compile(r"^(?P<name>.+):(?P<dims>\d+(?:[x,]\d+)*)?$")
 
 
-def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, Shape]:
-    """Parse ``NAME:1x3x640x640`` specs (``NAME:`` alone is a scalar). Raises
-    :class:`ShapeError`."""
+def _dims(text: str, what: str) -> Shape:
+    """``1x3x640x640`` (or ``2,5``; empty: a scalar) as a tuple of positive ints."""
+    text = text.strip()
+    if text and not re.fullmatch(r"\d+(?:[x,]\d+)*", text):
+        raise ShapeError(
+            f"bad {what}: expected NAME:D1xD2x... with positive integers, e.g. x:1x3x640x640"
+        )
+    return _checked(tuple(int(d) for d in re.split(r"[x,]", text)) if text else (), what)
+
+
+def _checked(dims: Sequence[object], what: str) -> Shape:
+    if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise ShapeError(f"bad {what}: dimensions must be positive integers, got {list(dims)}")
+    out = tuple(int(d) for d in dims)  # type: ignore[call-overload]
+    if any(d <= 0 for d in out):
+        raise ShapeError(f"bad {what}: dimensions must be positive")
+    if any(d >= 2**31 for d in out):
+        raise ShapeError(f"bad {what}: dimension too large")
+    return out
+
+
+def parse_input_shapes(
+    specs: Iterable[str] | Mapping[str, str | Sequence[int]] | None,
+) -> dict[str, Shape]:
+    """The one parser of input shapes (``--input-shape``, recipe tables, the Python API).
+
+    Args:
+        specs: ``NAME:1x3x640x640`` strings (``NAME:`` alone is a scalar, ``,`` may replace
+            ``x``; the name is everything before the last ``:``), or a mapping from input name to
+            such a dims string or to a sequence of positive integers.
+
+    Raises:
+        ShapeError: a malformed spec, a dimension that is not a positive integer or is >= 2**31.
+    """
     out: dict[str, Shape] = {}
-    for spec in specs or []:
-        m = _SPEC.match(spec.strip())
+    if specs is None:
+        return out
+    if isinstance(specs, Mapping):
+        for name, dims in specs.items():
+            what = f"input shape for '{name}'"
+            if isinstance(dims, str):
+                out[str(name)] = _dims(dims, what)
+            elif isinstance(dims, Sequence):
+                out[str(name)] = _checked(list(dims), what)
+            else:
+                raise ShapeError(
+                    f"bad {what}: give a list of positive integers or a string like "
+                    f"'1x3x224x224', not {dims!r}"
+                )
+        return out
+    if isinstance(specs, str):
+        specs = [specs]
+    for spec in specs:
+        m = _SPEC.match(str(spec).strip())
         if not m:
             raise ShapeError(
                 f"bad --input-shape '{spec}': expected NAME:D1xD2x... with positive integers, "
                 f"e.g. x:1x3x640x640"
             )
-        dims = tuple(int(d) for d in re.split(r"[x,]", m.group("dims"))) if m.group("dims") else ()
-        if any(d <= 0 for d in dims):
-            raise ShapeError(f"bad --input-shape '{spec}': dimensions must be positive")
-        if any(d >= 2**31 for d in dims):
-            raise ShapeError(f"bad --input-shape '{spec}': dimension too large")
-        out[m.group("name")] = dims
+        out[m.group("name")] = _dims(m.group("dims") or "", f"--input-shape '{spec}'")
     return out
+
+
+def static_input_shapes(
+    model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, Shape]:
+    """The fixed shape of every graph input: from ``input_shapes`` where given, else the model's
+    own static dims (what a compiler that needs every dim, such as TVM, takes).
+
+    Raises:
+        ShapeError: ``input_shapes`` names an unknown input, or an input stays dynamic.
+    """
+    given = parse_input_shapes(input_shapes) if input_shapes else {}
+    names = [t.name for t in model.graph.inputs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ShapeError(f"--input-shape names unknown inputs {unknown}; inputs are {names}")
+    shapes: dict[str, Shape] = {}
+    for t in model.graph.inputs:
+        if t.name in given:
+            shapes[t.name] = given[t.name]
+            continue
+        dims = list(t.shape or [])
+        if not dims or not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
+            raise ShapeError(
+                f"input '{t.name}' has dynamic shape {dims}; a fixed shape is needed: pass "
+                f"--input-shape {t.name}:1x3x640x640 (input_shapes={{'{t.name}': (...)}})"
+            )
+        shapes[t.name] = tuple(int(d) for d in dims)
+    return shapes
 
 
 def is_static(shape: Sequence[object] | None) -> bool:
