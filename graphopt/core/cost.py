@@ -37,13 +37,14 @@ What is counted, and how:
   non-``Constant`` nodes):
 
   - ``activation_bytes_naive``: one buffer per tensor, all summed (subgraph tensors included).
-  - ``activation_bytes_peak``: one linear sweep over the graph's node order. Before the sweep the
-    graph inputs are allocated; at step ``i`` the outputs of node ``i`` are allocated and the
-    live total is recorded (so a node's inputs and outputs are live together), then every tensor
-    whose last use is node ``i`` is freed. Graph outputs are never freed. A node that holds
-    subgraphs (If/Loop/Scan) reads every outer tensor its bodies reference (so those stay live up
-    to it), and its step adds the largest peak among its bodies, computed the same way (an upper
-    bound: a body's outputs are counted there and again as the node's outputs).
+  - ``activation_bytes_peak``: the largest live total over the steps of the node order, from
+    the liveness model the memory planner uses (:mod:`graphopt.core.liveness`): a tensor is live
+    from the step of its producer to its last reader, graph inputs from the first step, graph
+    outputs to the last; a node's inputs and outputs are live together; a node with subgraphs
+    (If/Loop/Scan) has an enter and an exit step around its bodies' steps (the branches of an If
+    one after the other), and the outer tensors its bodies read stay live up to its exit step. It
+    equals the memory plan's plain lower bound at alignment 1 (``graphopt plan`` rounds every
+    tensor up to 64 bytes first).
 
 Shapes come from the tensors (``gs.Variable.shape``/``dtype``), so run shape inference first
 (:func:`graphopt.core.shapes.infer_shapes`). Where a shape is symbolic or missing the node's
@@ -55,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.core.graph import constant_nbytes, node_subgraphs
+from graphopt.core.liveness import liveness
 from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
@@ -112,9 +114,9 @@ class ModelCost:
         macs: total multiply-accumulates.
         flops: total FLOPs.
         activation_bytes_naive: bytes of every activation tensor, one buffer each.
-        activation_bytes_peak: largest live total of the liveness sweep.
-        peak_node: name of the main-graph node at which the peak happens (None when the graph has
-            no nodes).
+        activation_bytes_peak: largest live total of the liveness model (see the module docstring).
+        peak_node: name of the main-graph node at which the peak happens (the node holding the
+            subgraph when it happens inside one; None when the graph has no nodes).
         unknown_shapes: activation tensors whose size could not be computed.
     """
 
@@ -433,19 +435,6 @@ def _unknown(node: gs.Node) -> int:
 
 
 
-def _referenced_names(graphs: Iterable[gs.Graph]) -> set[str]:
-    """Every tensor name read inside ``graphs`` (recursively), their outputs included."""
-    names: set[str] = set()
-    stack = list(graphs)
-    while stack:
-        g = stack.pop()
-        names.update(t.name for t in g.outputs)
-        for n in g.nodes:
-            names.update(t.name for t in n.inputs if t.name)
-            stack.extend(node_subgraphs(n))
-    return names
-
-
 def _constant_node_size(node: gs.Node) -> tuple[int, int]:
     """(elements, bytes) of the value a ``Constant`` node holds."""
     value = node.attrs.get("value")
@@ -482,7 +471,8 @@ class _Coster:
         self.totals = _GraphTotals()
 
     def _activation_bytes(self, t: gs.Tensor, seen: set[str]) -> int:
-        """Bytes of an activation tensor (0 when unknown), counted once into the naive totals."""
+        """Bytes of an activation tensor (0 when unknown), counted once per graph into the naive
+        totals."""
         nbytes = tensor_bytes(t)
         if t.name not in seen:
             seen.add(t.name)
@@ -492,67 +482,29 @@ class _Coster:
                 self.totals.naive += nbytes
         return nbytes or 0
 
-    def graph(self, g: gs.Graph) -> tuple[int, str | None]:
-        """Cost every node of ``g`` (recursing into subgraphs) and return its liveness peak."""
-        nodes = g.nodes
-        n = len(nodes)
+    def graph(self, g: gs.Graph) -> None:
+        """Cost every node of ``g`` (recursing into subgraphs) and count its activations."""
         seen: set[str] = set()
-        size: dict[str, int] = {}
         # constant outputs are parameters, not activations
-        for node in nodes:
+        for node in g.nodes:
             if node.op == "Constant" and node.outputs and node.outputs[0].name:
                 self.constants.setdefault(node.outputs[0].name, _constant_node_size(node))
-        for node in nodes:
+        for node in g.nodes:
             for t in node.inputs:
                 if isinstance(t, gs.Constant) and t.name not in self.constants:
                     self.constants[t.name] = (_numel(t.shape), constant_nbytes(t))
-
-        last_use: dict[str, int] = {}
-        for i, node in enumerate(nodes):
-            for t in node.inputs:
-                if t.name:
-                    last_use[t.name] = i
-            subs = node_subgraphs(node)
-            if subs:
-                for name in _referenced_names(subs):
-                    last_use[name] = i
-        for t in g.outputs:
-            last_use[t.name] = n  # never freed
-
-        live = 0
         for t in g.inputs:
             if t.name in self.constants or isinstance(t, gs.Constant):
                 continue
-            size[t.name] = self._activation_bytes(t, seen)
-            live += size[t.name]
-        frees: list[list[str]] = [[] for _ in range(n)]
-        for name in size:  # graph inputs that are never read are freed before the first node
-            lu = last_use.get(name, -1)
-            if lu < 0:
-                live -= size[name]
-            elif lu < n:
-                frees[lu].append(name)
-
-        peak, peak_node = live, None
-        for i, node in enumerate(nodes):
-            sub_peak = 0
+            self._activation_bytes(t, seen)
+        for node in g.nodes:
             self._node(node)
             for sub in node_subgraphs(node):
-                sub_peak = max(sub_peak, self.graph(sub)[0])
+                self.graph(sub)
             if node.op != "Constant":
                 for t in node.outputs:
-                    if not t.name or t.name in size:
-                        continue
-                    size[t.name] = self._activation_bytes(t, seen)
-                    live += size[t.name]
-                    lu = last_use.get(t.name, i)
-                    if lu < n:
-                        frees[max(lu, i)].append(t.name)
-            if live + sub_peak > peak:
-                peak, peak_node = live + sub_peak, node.name
-            for name in frees[i]:
-                live -= size[name]
-        return peak, peak_node
+                    if t.name:
+                        self._activation_bytes(t, seen)
 
     def _node(self, node: gs.Node) -> None:
         key = _op_key(node)
@@ -588,7 +540,10 @@ def model_cost(model: Model) -> ModelCost:
         The per-node and total costs.
     """
     coster = _Coster()
-    peak, peak_node = coster.graph(model.graph)
+    coster.graph(model.graph)
+    live = liveness(model)
+    peak, step = live.peak()
+    peak_node = live.step_owners[step] if model.graph.nodes and live.step_owners else None
     nodes = coster.nodes
     macs = sum(nc.macs for nc in nodes)
     flops = sum(nc.flops for nc in nodes)

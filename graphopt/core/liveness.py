@@ -12,7 +12,10 @@ step 0, graph outputs to the last step; a subgraph's captures stay live until th
 node, and tensors inside Loop/Scan bodies for the whole node. Tensors whose size is unknown are
 *unplanned* unless a size observed by running the model is given.
 
-The memory planner (:mod:`graphopt.algorithms.memory.planner`) and the order search build on it.
+This is the one liveness model of graphopt: the memory planner
+(:mod:`graphopt.algorithms.memory.planner`, whose lower bound is :meth:`Liveness.peak` of aligned
+sizes), the order search and the cost model's activation peak (:mod:`graphopt.core.cost`, what
+``graphopt inspect`` reports: :meth:`Liveness.peak` of exact sizes) all build on it.
 """
 
 from __future__ import annotations
@@ -92,11 +95,24 @@ class Liveness:
     step_nodes: list[tuple[int, gs.Node, bool]]
     unplanned: list[str] = field(default_factory=list)
     index: dict[str, int] = field(default_factory=dict)
+    #: name of the main-graph node each step belongs to (a subgraph's steps belong to the node
+    #: that holds the subgraph)
+    step_owners: list[str] = field(default_factory=list)
 
     def live_bytes(self, sizes: np.ndarray | None = None) -> np.ndarray:
         """Bytes live at every step (``sizes`` defaults to the exact sizes)."""
         return live_profile(self.start, self.end, self.nbytes if sizes is None else sizes,
                             self.steps)
+
+    def peak(self, alignment: int = 1) -> tuple[int, int]:
+        """(largest live total, first step where it is reached), every tensor's size rounded up
+        to a multiple of ``alignment`` (1: exact bytes). (0, 0) without activations."""
+        if not len(self.names):
+            return 0, 0
+        sizes = self.nbytes if alignment <= 1 else -(-self.nbytes // alignment) * alignment
+        prof = self.live_bytes(sizes)
+        step = int(np.argmax(prof))
+        return int(prof[step]), step
 
 
 def live_profile(start: np.ndarray, end: np.ndarray, sizes: np.ndarray, steps: int) -> np.ndarray:
@@ -127,6 +143,7 @@ def liveness(model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtyp
     index: dict[str, int] = {}
     unplanned: list[str] = []
     step_names: list[str] = []
+    step_owners: list[str] = []
     step_nodes: list[tuple[int, gs.Node, bool]] = []
 
     def add(t: gs.Tensor, step: int, kind: str) -> None:
@@ -158,13 +175,15 @@ def liveness(model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtyp
     for t in model.graph.inputs:
         add(t, 0, "input")
 
-    def visit(graph: gs.Graph, kind: str, in_loop: bool) -> None:
+    def visit(graph: gs.Graph, kind: str, in_loop: bool, owner: str | None) -> None:
         for node in graph.nodes:
             if node.op == "Constant":  # parameters: no step, no arena bytes
                 continue
+            top = node.name if owner is None else owner
             subs = node_subgraphs(node)
             s = len(step_names)
             step_names.append(node.name)
+            step_owners.append(top)
             if not subs:
                 for t in node.inputs:
                     if t.name:
@@ -178,9 +197,10 @@ def liveness(model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtyp
             for sub in subs:
                 for t in sub.inputs:
                     add(t, s, "loop" if loop else "subgraph")
-                visit(sub, "loop" if loop else "subgraph", loop)
+                visit(sub, "loop" if loop else "subgraph", loop, top)
             e = len(step_names)
             step_names.append(node.name)
+            step_owners.append(top)
             for t in node.inputs:
                 if t.name:
                     use(t.name, e)
@@ -195,10 +215,11 @@ def liveness(model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtyp
             for t in node.outputs:
                 add(t, e, kind)
 
-    visit(model.graph, "activation", False)
+    visit(model.graph, "activation", False, None)
     steps = max(1, len(step_names))
     if not step_names:
         step_names.append("")
+        step_owners.append("")
     for t in model.graph.outputs:
         i = index.get(t.name)
         if i is not None:
@@ -209,7 +230,7 @@ def liveness(model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtyp
         names=names, nbytes=np.asarray(nbytes, dtype=np.int64),
         start=np.asarray(start, dtype=np.int64), end=np.asarray(end, dtype=np.int64),
         shapes=shapes, dtypes=dtypes, kinds=kinds, steps=steps, step_names=step_names,
-        step_nodes=step_nodes, unplanned=unplanned, index=index)
+        step_nodes=step_nodes, unplanned=unplanned, index=index, step_owners=step_owners)
 
 
 def needs_probe(model: Model) -> bool:

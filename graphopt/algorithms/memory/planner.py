@@ -455,7 +455,7 @@ def plan_order(model: Model, *, inplace: bool = True, strategy: str = "best",
     """Plan ``model`` (shapes already inferred) in its current node order."""
     live = liveness(model, observed)
     aligned = align(live.nbytes, alignment)
-    lb_plain = int(live.live_bytes(aligned).max()) if len(live.names) else 0
+    lb_plain = live.peak(alignment)[0]  # the cost model's activation peak at alignment 1
     buf = merge_buffers(live, inplace=inplace, alias=inplace, alignment=alignment)
     if len(buf.size):
         prof = live_profile(buf.start, buf.end, buf.size, live.steps)
