@@ -172,7 +172,7 @@ class CalibrationReader:
     def _load_npy(f: Path) -> np.ndarray:
         try:
             return np.load(f, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise CalibrationError(f"cannot read {f}: {exc}") from None
 
     @staticmethod
@@ -180,7 +180,7 @@ class CalibrationReader:
         try:
             with np.load(f, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise CalibrationError(f"cannot read {f}: {exc}") from None
         yield f" in {f.name}", data
 
@@ -279,7 +279,7 @@ class CalibrationReader:
                         n = int(z[name].shape[0])
                 else:
                     n = int(np.load(p, mmap_mode="r").shape[0])
-            except (ValueError, OSError, IndexError):
+            except (ValueError, OSError, IndexError, EOFError, zipfile.BadZipFile):
                 return None
         return min(n, self.limit) if self.limit is not None else n
 
