@@ -13,7 +13,7 @@ Rewrites, applied to the main graph and, outermost first, to every If/Loop/Scan 
   inputs are constants. The whole constant subgraph of a graph is evaluated in ONE onnxruntime
   session (``ORT_DISABLE_ALL``, so the numbers are exactly the kernels' numbers); if that fails the
   nodes are evaluated one by one, with ``onnx.reference`` for ops onnxruntime lacks, and a node
-  nobody can evaluate is left alone.
+  nobody can evaluate is left alone (the evaluator: :mod:`graphopt.core.const_eval`).
 * ``If(c)`` with a constant condition becomes the chosen branch: its nodes move into the parent
   graph (tensor names that clash anywhere in the model are renamed), and each branch output is
   written to the corresponding If output (by its producer where possible, else through an
@@ -23,7 +23,9 @@ Never folded: random ops (RandomNormal[Like], RandomUniform[Like], Multinomial, 
 with subgraph attributes, sequence/optional ops, ``QuantizeLinear``/``DequantizeLinear`` (folding
 them would break onnxruntime's QDQ int8 kernels), and nodes of non-default domains.
 
-Size bound: a folded value is kept lazy (its node stays) when it is larger than ``size_limit``
+Size bound: a node whose result is estimated (from its IR shape, else from ONNX shape inference of
+the node given its constant inputs) at more than ``MAX_EVAL_BYTES`` (256 MiB) is never computed.
+A folded value is kept lazy (its node stays) when it is larger than ``size_limit``
 bytes (default 1 MiB) and more than ``growth`` (default 2) times the bytes of its inputs, or when
 it is larger than ``size_limit`` and computed from such a lazy value; values computed *from* lazy
 values that are small again (a ``ReduceSum`` of an ``Expand``) are folded, and the big producer,
@@ -48,16 +50,22 @@ trial, kept only if the model still loads (else only its Constant nodes are lift
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
-from onnx.reference import ReferenceEvaluator
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from graphopt.core.const_eval import (
+    DEFAULT_DOMAINS,
+    MAX_EVAL_BYTES,
+    NOT_EVALUABLE,
+    ConstantEvaluator,
+    SizeGuard,
+    constant_node_value,
+    value_nbytes,
+)
 from graphopt.core.graph import (
     constant_nbytes,
     has_subgraph,
@@ -65,180 +73,20 @@ from graphopt.core.graph import (
     node_subgraphs,
     unique_name,
 )
-from graphopt.core.model import PROTO_LIMIT, Model, all_graph_output_ids
+from graphopt.core.model import Model, all_graph_output_ids
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
-from graphopt.core.session import make_session, session_options
+from graphopt.core.session import make_session
 from graphopt.core.shapes import inputs_static, is_static, missing_shapes, onnx_infer
 
 logger = logging.getLogger(__name__)
 
-#: ops whose value is not a function of their inputs, or that produce non-tensors
-NEVER_FOLD: frozenset[str] = frozenset({
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
-    "Bernoulli", "If", "Loop", "Scan", "SequenceConstruct", "SequenceEmpty", "SequenceInsert",
-    "SequenceErase", "SequenceAt", "SequenceLength", "SplitToSequence", "ConcatFromSequence",
-    "SequenceMap", "Optional", "OptionalGetElement", "OptionalHasElement", "QuantizeLinear",
-    "DequantizeLinear", "DynamicQuantizeLinear",
-})
-
-DEFAULT_DOMAINS = ("", "ai.onnx", None)
+#: ops never folded: not evaluable (random, sequence, optional, control flow), and the QDQ ops
+#: (folding them would break onnxruntime's QDQ int8 kernels)
+NEVER_FOLD: frozenset[str] = NOT_EVALUABLE | {"QuantizeLinear", "DequantizeLinear",
+                                              "DynamicQuantizeLinear"}
 
 #: counters that mean the model changed
 _CHANGES = ("constants_lifted", "nodes_folded", "shapes_folded", "ifs_inlined", "lazy_dropped")
-
-#: a value larger than this is never computed at all (not even to be kept lazy)
-MAX_EVAL_BYTES = 256 << 20
-
-
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def constant_node_value(node: gs.Node) -> Any | None:
-    """The value of a ``Constant`` node (a numpy array or lazy values), None if unsupported."""
-    a = node.attrs
-    if "value" in a and isinstance(a["value"], gs.Constant):
-        return a["value"]._values
-    if "value_float" in a:
-        return np.array(a["value_float"], dtype=np.float32)
-    if "value_floats" in a:
-        return np.array(list(a["value_floats"]), dtype=np.float32)
-    if "value_int" in a:
-        return np.array(a["value_int"], dtype=np.int64)
-    if "value_ints" in a:
-        return np.array(list(a["value_ints"]), dtype=np.int64)
-    if "value_string" in a:
-        v = a["value_string"]
-        return np.array(v.decode() if isinstance(v, bytes) else v, dtype=object)
-    if "value_strings" in a:
-        return np.array([v.decode() if isinstance(v, bytes) else v for v in a["value_strings"]],
-                        dtype=object)
-    return None  # sparse_value and unknown forms stay as they are
-
-
-def _nbytes(v: Any) -> int:
-    if isinstance(v, gs.Constant):
-        return constant_nbytes(v)
-    if isinstance(v, gs.ir.tensor.LazyValues):
-        return int(v.nbytes)
-    return int(np.asarray(v).nbytes)
-
-
-def _predicted_bytes(t: gs.Tensor) -> int | None:
-    if not is_static(t.shape) or t.dtype is None:
-        return None
-    try:
-        itemsize = np.dtype(t.dtype).itemsize
-    except TypeError:
-        return None
-    return int(np.prod([int(d) for d in t.shape], dtype=np.int64)) * itemsize
-
-
-def _value_proto(name: str, v: Any) -> onnx.TensorProto:
-    if isinstance(v, gs.ir.tensor.LazyValues):
-        p = onnx.TensorProto()
-        p.CopyFrom(v.tensor)
-        p.name = name
-        return p
-    arr = np.asarray(v)
-    return onnx.numpy_helper.from_array(arr, name)
-
-
-def _run_ort(model: onnx.ModelProto, outputs: list[str]) -> list[np.ndarray]:
-    so = session_options("disable_all", threads=1)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return list(sess.run(outputs, {}))
-
-
-def _make_model(nodes: Sequence[gs.Node], values: dict[str, Any], outputs: list[str],
-                opset: int, ir_version: int) -> onnx.ModelProto:
-    graph = onnx.helper.make_graph(
-        [OnnxExporter.export_node(n) for n in nodes], "fold", [],
-        [onnx.helper.make_empty_tensor_value_info(o) for o in outputs],
-        initializer=[_value_proto(k, v) for k, v in values.items()])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
-    model.ir_version = max(int(ir_version), 7)
-    return model
-
-
-class _Evaluator:
-    """Evaluates lists of constant nodes: batched in one ORT session, per node as a fallback."""
-
-    def __init__(self, opset: int, ir_version: int) -> None:
-        self.opset = opset
-        self.ir_version = ir_version
-        self.sessions = 0
-
-    def run(self, nodes: list[gs.Node], known: dict[int, Any]) -> dict[int, np.ndarray]:
-        """Values of the outputs of ``nodes`` (topologically ordered), keyed by tensor id."""
-        if not nodes:
-            return {}
-        try:
-            return self._batch(nodes, known)
-        except Exception as exc:  # noqa: BLE001 - any failure: evaluate node by node
-            logger.debug("batched folding of %d nodes failed (%s); folding node by node",
-                         len(nodes), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        out: dict[int, np.ndarray] = {}
-        for n in nodes:
-            res = self._single(n, known, out)
-            if res is not None:
-                out.update(res)
-        return out
-
-    def _inputs(self, nodes: Iterable[gs.Node], produced: set[int], known: dict[int, Any],
-                extra: dict[int, np.ndarray] | None = None) -> dict[str, Any] | None:
-        vals: dict[str, Any] = {}
-        for n in nodes:
-            for t in n.inputs:
-                if t.is_empty() or id(t) in produced or t.name in vals:
-                    continue
-                if extra is not None and id(t) in extra:
-                    vals[t.name] = extra[id(t)]
-                elif isinstance(t, gs.Constant):
-                    vals[t.name] = t._values
-                elif id(t) in known:
-                    vals[t.name] = known[id(t)]
-                else:
-                    return None
-        return vals
-
-    def _batch(self, nodes: list[gs.Node], known: dict[int, Any]) -> dict[int, np.ndarray]:
-        outs = [o for n in nodes for o in n.outputs if not o.is_empty()]
-        produced = {id(o) for o in outs}
-        vals = self._inputs(nodes, produced, known)
-        if vals is None:
-            raise RuntimeError("an input of the constant subgraph is unknown")
-        model = _make_model(nodes, vals, [o.name for o in outs], self.opset, self.ir_version)
-        if model.ByteSize() >= PROTO_LIMIT:
-            raise RuntimeError("constant subgraph too large for one session")
-        self.sessions += 1
-        res = _run_ort(model, [o.name for o in outs])
-        return {id(o): np.asarray(r) for o, r in zip(outs, res)}
-
-    def _single(self, node: gs.Node, known: dict[int, Any], done: dict[int, np.ndarray]
-                ) -> dict[int, np.ndarray] | None:
-        outs = [o for n in [node] for o in n.outputs if not o.is_empty()]
-        vals = self._inputs([node], set(), known, done)
-        if vals is None:
-            return None
-        model = _make_model([node], vals, [o.name for o in outs], self.opset, self.ir_version)
-        try:
-            self.sessions += 1
-            res = _run_ort(model, [o.name for o in outs])
-        except Exception as exc:  # noqa: BLE001 - try the reference implementation
-            logger.debug("onnxruntime cannot fold %s (%s): %s", node.name, node.op, exc)
-            try:
-                feeds = {k: (v.values if isinstance(v, gs.Constant) else
-                             onnx.numpy_helper.to_array(_value_proto(k, v)))
-                         for k, v in vals.items()}
-                model = _make_model([node], {}, [o.name for o in outs], self.opset, self.ir_version)
-                model.graph.input.extend(onnx.helper.make_empty_tensor_value_info(k) for k in feeds)
-                res = ReferenceEvaluator(model).run(None, feeds)
-            except Exception as exc2:  # noqa: BLE001 - nobody can evaluate it: leave the node
-                logger.debug("onnx.reference cannot fold %s (%s): %s", node.name, node.op, exc2)
-                return None
-        if any(not isinstance(r, np.ndarray) and not np.isscalar(r) for r in res):
-            return None
-        return {id(o): np.asarray(r) for o, r in zip(outs, res)}
 
 
 #: ops whose output shape depends on input values whatever their inputs are
@@ -289,6 +137,11 @@ def _walk(root: gs.Graph, skip: Callable[[gs.Graph], bool] | None = None
         yield g
         for node in g.nodes:
             stack.extend(node_subgraphs(node))
+
+
+def _subgraph_walk(index: int, attr: str) -> Callable[[Model], Iterator[gs.Graph]]:
+    """The walk over subgraph ``attr`` of main-graph node ``index`` and its nested graphs."""
+    return lambda m: _walk(m.graph.nodes[index].attrs[attr])
 
 
 def _loads(model: Model) -> bool:
@@ -360,7 +213,7 @@ class FoldConstantsPass(Pass):
         self._rejected: dict[int, int] = {}
 
     def call(self, model: Model) -> PassResult:
-        ev = _Evaluator(model.opset, model.ir_version)
+        ev = ConstantEvaluator(model.opset, model.ir_version)
         has_subgraphs = model.num_subgraphs() > 0
         if has_subgraphs and not self._has_work(model):
             return PassResult(model, False, {"sessions": 0})  # spare the snapshot below
@@ -395,8 +248,7 @@ class FoldConstantsPass(Pass):
             for i, k in slots:
                 trial = current.clone()
                 trial_stats = self._new_stats()
-                self._run(trial, lambda m, i=i, k=k: _walk(m.graph.nodes[i].attrs[k]), ev,
-                          trial_stats)
+                self._run(trial, _subgraph_walk(i, k), ev, trial_stats)
                 if self._modified(trial_stats) and not _loads(trial):
                     # keep the harmless part: Constant nodes become initializers
                     stats["subgraphs_only_lifted"] = stats.get("subgraphs_only_lifted", 0) + 1
@@ -405,8 +257,7 @@ class FoldConstantsPass(Pass):
                     trial_stats = self._new_stats()
                     self._lift_only = True
                     try:
-                        self._run(trial, lambda m, i=i, k=k: _walk(m.graph.nodes[i].attrs[k]), ev,
-                                  trial_stats)
+                        self._run(trial, _subgraph_walk(i, k), ev, trial_stats)
                     finally:
                         self._lift_only = False
                 if self._modified(trial_stats):
@@ -462,8 +313,8 @@ class FoldConstantsPass(Pass):
     def _modified(stats: dict[str, int]) -> bool:
         return any(stats.get(k, 0) for k in _CHANGES)
 
-    def _run(self, model: Model, graphs: Callable[[Model], Iterable[gs.Graph]], ev: _Evaluator,
-             stats: dict[str, int]) -> None:
+    def _run(self, model: Model, graphs: Callable[[Model], Iterable[gs.Graph]],
+             ev: ConstantEvaluator, stats: dict[str, int]) -> None:
         """Fold every graph ``graphs(model)`` yields, refining shapes between rounds."""
         self._all_graphs = list(model.walk_graphs())
         self._escaping = {id(t) for g in self._all_graphs for t in g.outputs}
@@ -540,6 +391,8 @@ class FoldConstantsPass(Pass):
                 picked = np.take(idx, np.asarray(consts[0]).astype(np.int64), axis=0)
             else:
                 starts, ends = consts[0], consts[1]
+                if starts is None or ends is None:
+                    return None
                 axes = consts[2] if len(consts) > 2 and consts[2] is not None else [0]
                 steps = consts[3] if len(consts) > 3 and consts[3] is not None else [1]
                 if list(np.reshape(axes, -1)) not in ([0], [-1]) or \
@@ -553,11 +406,13 @@ class FoldConstantsPass(Pass):
             return None
         return np.array(vals, dtype=np.int64).reshape(np.shape(picked))
 
-    def _fold_graph(self, graph: gs.Graph, ev: _Evaluator, stats: dict[str, int]) -> None:
+    def _fold_graph(self, graph: gs.Graph, ev: ConstantEvaluator, stats: dict[str, int]) -> None:
         # values that some graph returns (this one, or a nested body returning it by name) are
         # produced by a Constant node rather than turned into initializers
         outputs = {id(t) for t in graph.outputs} | self._escaping
         known: dict[int, Any] = {}       # tensor id -> value (np array / lazy) or _Pending
+        computed: dict[int, Any] = {}    # the entries of ``known`` that are values
+        guard = SizeGuard(ev.opset, MAX_EVAL_BYTES)
         seeds: dict[int, gs.Node] = {}   # node id -> node whose outputs were computed here
         to_eval: list[gs.Node] = []
         order = local_topo_order(graph)
@@ -581,7 +436,7 @@ class FoldConstantsPass(Pass):
                     continue
                 v = constant_node_value(node)
                 if v is not None:
-                    known[id(out)] = v
+                    known[id(out)] = computed[id(out)] = v
                     seeds[id(node)] = node
                 continue
             if self._lift_only:
@@ -590,14 +445,14 @@ class FoldConstantsPass(Pass):
                     (id(node.inputs[0]) not in dd or is_known(node.inputs[0])):
                 v = self._shape_value(node, known)
                 if v is not None:
-                    known[id(node.outputs[0])] = v
+                    known[id(node.outputs[0])] = computed[id(node.outputs[0])] = v
                     seeds[id(node)] = node
                     continue
             if node.op in ("Gather", "Slice") and self.fold_shapes and node.inputs and \
                     not is_known(node.inputs[0]):
                 v = self._partial_shape_value(node, local, dd)
                 if v is not None:
-                    known[id(node.outputs[0])] = v
+                    known[id(node.outputs[0])] = computed[id(node.outputs[0])] = v
                     seeds[id(node)] = node
                     stats["partial_shapes"] = stats.get("partial_shapes", 0) + 1
                     continue
@@ -607,9 +462,9 @@ class FoldConstantsPass(Pass):
                 continue
             if any(o.is_empty() for o in node.outputs[:1]):
                 continue
-            pred = [_predicted_bytes(o) for o in node.outputs if not o.is_empty()]
-            if any(p is not None and p > MAX_EVAL_BYTES for p in pred):
-                logger.debug("not folding %s (%s): result too large", node.name, node.op)
+            why = guard.refusal(node, computed)
+            if why is not None:
+                logger.debug("not folding %s", why)
                 continue
             to_eval.append(node)
             for o in node.outputs:
@@ -617,8 +472,7 @@ class FoldConstantsPass(Pass):
                     known[id(o)] = _PENDING
         if not seeds and not to_eval:
             return
-        real_known = {k: v for k, v in known.items() if not isinstance(v, _Pending)}
-        values = ev.run(to_eval, real_known) if to_eval else {}
+        values = ev.run(to_eval, computed) if to_eval else {}
         # decide which evaluated nodes fold and which stay lazy (too large); a node that could not
         # be evaluated has no values, and neither have its dependents (their inputs were unknown)
         lazy: set[int] = set()
@@ -632,7 +486,7 @@ class FoldConstantsPass(Pass):
             from_lazy = any(id(t) in lazy for t in node.inputs)
             big = False
             for o in outs:
-                b = _nbytes(values[id(o)])
+                b = value_nbytes(values[id(o)])
                 if b > self.size_limit and (b > self.growth * in_bytes or from_lazy):
                     big = True
             if big:
@@ -675,11 +529,11 @@ class FoldConstantsPass(Pass):
         if t.is_empty():
             return 0
         if id(t) in values:
-            return _nbytes(values[id(t)])
+            return value_nbytes(values[id(t)])
         if isinstance(t, gs.Constant):
             return constant_nbytes(t)
         v = known.get(id(t))
-        return 0 if v is None or isinstance(v, _Pending) else _nbytes(v)
+        return 0 if v is None or isinstance(v, _Pending) else value_nbytes(v)
 
     @staticmethod
     def _materialize(node: gs.Node, values: dict[int, Any], outputs: set[int]) -> list[gs.Node]:
