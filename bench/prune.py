@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import ocr_data  # noqa: E402
-from graphopt.algorithms.prune.analysis import analyze, prunable_macs  # noqa: E402
+from graphopt.algorithms.prune import analyze, prunable_macs  # noqa: E402
 from graphopt.core.cost import model_cost  # noqa: E402
 from graphopt.core.latency import interleaved  # noqa: E402
 from graphopt.core.loader import load as load_model  # noqa: E402

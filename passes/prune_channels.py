@@ -41,22 +41,23 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.algorithms.prune.analysis import (
+from graphopt.algorithms.prune import (
+    CRITERIA,
     Analysis,
     Group,
     analyze,
     apply_pruning,
-    bn_importance,
     group_width,
     groups,
+    importance,
     keep_elements,
     kept_positions,
     prunable_macs,
+    recover,
     select,
     unit_scores,
-    weight_importance,
+    validate_ratio,
 )
-from graphopt.algorithms.prune.recover import recover, truncated_session
 from graphopt.core.cost import model_cost
 from graphopt.core.errors import GraphoptError
 from graphopt.core.feeds import open_calibration
@@ -66,7 +67,6 @@ from graphopt.core.shapes import fix_input_shapes, infer_shapes, is_static
 
 logger = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "bn", "activation")
 Feeds = dict[str, np.ndarray]
 
 
@@ -120,39 +120,6 @@ def materialize_calib(calib: Any, model: Model, limit: int = 128) -> list[Feeds]
     return out[:limit]
 
 
-def _activation_importance(model: Model, an: Analysis, calib: list[Feeds]) -> np.ndarray:
-    if not calib:
-        raise GraphoptError("criterion 'activation' needs calibration data (--calib DATA)")
-    names = [p.out_name for p in an.producers]
-    sess = truncated_session(model, names)
-    inputs = {i.name for i in sess.get_inputs()}
-    acc = np.zeros(an.n_elements)
-    for feeds in calib:
-        outs = sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
-        for p, y in zip(an.producers, outs):
-            axis = an.labels[p.out_name][0] if p.out_name in an.labels else 1
-            y = np.moveaxis(np.abs(y.astype(np.float64)), axis, 0).reshape(p.size, -1)
-            acc[p.start:p.start + p.size] += y.mean(1)
-    for p in an.producers:
-        sl = slice(p.start, p.start + p.size)
-        acc[sl] /= acc[sl].mean() + 1e-12
-    return acc
-
-
-def importance(model: Model, an: Analysis, criterion: str, calib: list[Feeds]) -> np.ndarray:
-    """Per-element importance for ``criterion``."""
-    if criterion == "l1":
-        return weight_importance(an, 1)
-    if criterion == "l2":
-        return weight_importance(an, 2)
-    if criterion == "bn":
-        return bn_importance(an)
-    if criterion == "activation":
-        return _activation_importance(model, an, calib)
-    raise GraphoptError(
-        f"unknown pruning criterion '{criterion}' (use one of {', '.join(CRITERIA)})")
-
-
 def group_reports(an: Analysis, grps: Iterable[Group], keep_unit: np.ndarray) -> list[GroupReport]:
     out = []
     for g in grps:
@@ -181,9 +148,7 @@ class PruneChannelsPass(Pass):
         if criterion not in CRITERIA:
             raise GraphoptError(
                 f"unknown pruning criterion '{criterion}' (use one of {', '.join(CRITERIA)})")
-        rs = ratio.values() if isinstance(ratio, dict) else [ratio]
-        if any(not 0.0 <= float(r) < 1.0 for r in rs):
-            raise GraphoptError(f"pruning ratio must be in [0, 1), got {ratio}")
+        ratio = validate_ratio(ratio)
         if scope not in ("group", "global"):
             raise GraphoptError(f"pruning scope must be 'group' or 'global', got {scope!r}")
         if round_to is not None and round_to < 1:
@@ -211,7 +176,7 @@ class PruneChannelsPass(Pass):
         fixed = dict(self.input_shapes)
         for t in work.graph.inputs:
             if t.name not in fixed and t.shape is not None and not is_static(t.shape):
-                fixed[t.name] = tuple(d if isinstance(d, (int, np.integer)) and d > 0 else 1
+                fixed[t.name] = tuple(int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1
                                       for d in t.shape)
         if fixed:
             fix_input_shapes(work, fixed)

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.algorithms.prune.analysis import const_value
+from graphopt.algorithms.prune import validate_ratio
+from graphopt.algorithms.prune.handlers import constant
 from graphopt.core.errors import GraphoptError
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
@@ -42,7 +43,7 @@ def _weights(model: Model) -> list[tuple[gs.Node, np.ndarray]]:
         if t.name in graph_inputs or uses.get(t.name, 0) != 1:
             logger.debug("prune-magnitude: %s skipped (weight shared or a graph input)", n.name)
             continue
-        w = const_value(t)
+        w = constant(t, model.opset)
         if w is None or w.dtype.kind != "f" or w.size < 2:
             continue
         out.append((n, w))
@@ -60,8 +61,8 @@ class PruneMagnitudePass(Pass):
                  scope: str = "layer") -> None:
         if threshold is None and ratio is None:
             raise GraphoptError("prune-magnitude needs a ratio or a threshold")
-        if ratio is not None and not 0.0 <= ratio < 1.0:
-            raise GraphoptError(f"prune-magnitude ratio must be in [0, 1), got {ratio}")
+        if ratio is not None:
+            ratio = validate_ratio(ratio, "prune-magnitude ratio", per_group=False)
         if scope not in ("layer", "global"):
             raise GraphoptError("prune-magnitude scope must be 'layer' or 'global'")
         self.ratio = ratio

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.algorithms.prune.analysis import (
+from graphopt.algorithms.prune import (
     analyze,
     groups,
     keep_elements,
@@ -98,7 +98,7 @@ def exact(model: Model, ratio: float = 0.5, structure=None, **kw: object):  # no
 
 
 def weight_shape(model: Model, node_name: str, index: int = 1) -> tuple[int, ...]:
-    from graphopt.algorithms.prune.analysis import const_value
+    from graphopt.core.const_eval import const_value
 
     node = next(n for n in model.graph.nodes if n.name == node_name)
     v = const_value(node.inputs[index])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from graphopt.algorithms.prune.analysis import const_value
+from graphopt.core.const_eval import const_value
 from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.fixtures import fixture_path

@@ -182,7 +182,7 @@ def test_prune_channels_depthwise_after_matmul_on_last_axis(op: str) -> None:
     onnxruntime refused the model or the output shape changed. Found by the fuzzer."""
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
-    from graphopt.algorithms.prune import analysis as pd
+    from graphopt.algorithms import prune as pd
     m = _model([helper.make_node("MatMul", ["x", "mw"], ["h"]),
                 helper.make_node(op, ["h", "w", "b"], ["y"], kernel_shape=[1, 1], group=2)],
                [("x", [1, 2, 3, 3])], [("y", [1, 2, 3, 1])],
@@ -212,7 +212,7 @@ def test_prune_channels_labels_on_a_pooled_axis() -> None:
     than 1."""
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
-    from graphopt.algorithms.prune import analysis as pd
+    from graphopt.algorithms import prune as pd
     mw = np.array([[0.063, -0.066, 0.32, 0.052], [-0.268, 0.181, 0.652, 0.474],
                    [-0.352, -0.633, -0.312, 0.021]], np.float32)
     m = _model([helper.make_node("MatMul", ["x", "mw"], ["h"]),

@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from graphopt.algorithms.prune.analysis import const_value
+from graphopt.algorithms.prune.handlers import constant
 from graphopt.core.model import Model
 from graphopt.core.session import make_session
 
@@ -46,19 +46,20 @@ class _Layer:
     kind: str
     kept_out: np.ndarray | None  # original output channels kept (None: all)
     level: int = 0
+    weight: np.ndarray | None = None  # the layer's weight as pruned (before the refit)
     xtx: np.ndarray | None = None
     xty: np.ndarray | None = None
     rows: int = 0
 
 
-def _refittable(node: gs.Node) -> str | None:
+def _refittable(node: gs.Node, opset: int) -> str | None:
     if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1:
-        w = const_value(node.inputs[1])
+        w = constant(node.inputs[1], opset)
         return "conv" if w is not None and w.ndim == 4 else None
     if node.op == "Gemm" and not node.attrs.get("transA", 0):
-        return "gemm" if const_value(node.inputs[1]) is not None else None
+        return "gemm" if constant(node.inputs[1], opset) is not None else None
     if node.op == "MatMul":
-        w = const_value(node.inputs[1])
+        w = constant(node.inputs[1], opset)
         return "matmul" if w is not None and w.ndim == 2 else None
     return None
 
@@ -75,8 +76,11 @@ def truncated_proto(model: Model | onnx.ModelProto, names: Sequence[str]) -> onn
         tensors = model.graph.tensors()
         for n in names:
             dt = tensors[n].dtype if n in tensors else None
-            types[n] = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt)) if dt is not None \
+            types[n] = (
+                onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt))
+                if dt is not None
                 else onnx.TensorProto.FLOAT
+            )
     need, stack = set(), [producer[n] for n in names if n in producer]
     while stack:
         i = stack.pop()
@@ -89,13 +93,14 @@ def truncated_proto(model: Model | onnx.ModelProto, names: Sequence[str]) -> onn
     g.node.extend(nodes)
     del g.output[:]
     for n in names:
-        g.output.append(onnx.helper.make_tensor_value_info(
-            n, types.get(n, onnx.TensorProto.FLOAT), None))
+        g.output.append(
+            onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
+        )
     return proto
 
 
-def _fit_width(node: gs.Node, kind: str) -> int:
-    w = const_value(node.inputs[1])
+def _fit_width(node: gs.Node, kind: str, opset: int) -> int:
+    w = constant(node.inputs[1], opset)
     if w is None:
         return 0
     if kind == "conv":
@@ -105,8 +110,9 @@ def _fit_width(node: gs.Node, kind: str) -> int:
     return int(w.shape[0])
 
 
-def truncated_session(model: Model, names: Sequence[str],
-                      base: onnx.ModelProto | None = None) -> ort.InferenceSession:
+def truncated_session(
+    model: Model, names: Sequence[str], base: onnx.ModelProto | None = None
+) -> ort.InferenceSession:
     """A session computing only ``names`` (``base``: ``model`` already exported)."""
     proto = truncated_proto(base if base is not None else model, names)
     if base is not None:
@@ -118,8 +124,9 @@ def truncated_session(model: Model, names: Sequence[str],
     return make_session(proto, "disable_all")
 
 
-def _conv_patches(x: np.ndarray, node: gs.Node, w_shape: tuple[int, ...], out_hw: tuple[int, int],
-                  pos: np.ndarray) -> np.ndarray:
+def _conv_patches(
+    x: np.ndarray, node: gs.Node, w_shape: tuple[int, ...], out_hw: tuple[int, int], pos: np.ndarray
+) -> np.ndarray:
     """im2col rows ``[P, C*kh*kw]`` of one sample ``x`` [C,H,W] at flat output positions ``pos``."""
     kh, kw = w_shape[2], w_shape[3]
     sh, sw = node.attrs.get("strides", [1, 1])
@@ -146,12 +153,13 @@ def _conv_patches(x: np.ndarray, node: gs.Node, w_shape: tuple[int, ...], out_hw
     return patch.transpose(1, 0, 2, 3).reshape(len(pos), -1)
 
 
-def _rows(layer: _Layer, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
-          positions: int) -> tuple[np.ndarray, np.ndarray]:
+def _rows(
+    layer: _Layer, x: np.ndarray, y: np.ndarray, rng: np.random.Generator, positions: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Design rows X (with a ones column unless MatMul) and targets Y for one batch."""
     node = layer.node
     if layer.kind == "conv":
-        w = const_value(node.inputs[1])
+        w = layer.weight
         assert w is not None
         n, _, ho, wo = y.shape
         xs, ys = [], []
@@ -176,7 +184,7 @@ def _rows(layer: _Layer, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
 
 def _write(layer: _Layer, sol: np.ndarray) -> None:
     node = layer.node
-    w = const_value(node.inputs[1])
+    w = layer.weight
     assert w is not None
     dtype = w.dtype
     if layer.kind == "conv":
@@ -201,13 +209,22 @@ def _write(layer: _Layer, sol: np.ndarray) -> None:
         node.attrs["alpha"] = 1.0
         node.attrs["beta"] = 1.0
     else:
-        node.inputs[1] = gs.Constant(f"{node.name}_W_recovered",
-                                     np.ascontiguousarray(sol.astype(dtype)))
+        node.inputs[1] = gs.Constant(
+            f"{node.name}_W_recovered", np.ascontiguousarray(sol.astype(dtype))
+        )
 
 
-def recover(original: Model, pruned: Model, calib: Sequence[Mapping[str, np.ndarray]],
-            kept_out: Mapping[str, np.ndarray], changed: set[str], positions: int = 256,
-            ridge: float = 1e-3, seed: int = 0, max_width: int = 8192) -> dict[str, int]:
+def recover(
+    original: Model,
+    pruned: Model,
+    calib: Sequence[Mapping[str, np.ndarray]],
+    kept_out: Mapping[str, np.ndarray],
+    changed: set[str],
+    positions: int = 256,
+    ridge: float = 1e-3,
+    seed: int = 0,
+    max_width: int = 8192,
+) -> dict[str, int]:
     """Refit, in place, the weight layers of ``pruned`` whose data input is in or downstream of
     ``changed`` (tensor names whose channels were cut).
 
@@ -235,14 +252,20 @@ def recover(original: Model, pruned: Model, calib: Sequence[Mapping[str, np.ndar
         ins = [i for i in node.inputs if isinstance(i, gs.Variable) and i.name]
         lv = max((level_of.get(i.name, 0) for i in ins), default=0)
         is_dirty = any(i.name in dirty for i in ins)
-        kind = _refittable(node)
-        width = _fit_width(node, kind) if kind else 0
+        kind = _refittable(node, pruned.opset)
+        width = _fit_width(node, kind, pruned.opset) if kind else 0
         if kind and width > max_width:
-            logger.info("recovery: %s skipped (%d weights per output > max_width %d)",
-                        node.name, width, max_width)
+            logger.info(
+                "recovery: %s skipped (%d weights per output > max_width %d)",
+                node.name,
+                width,
+                max_width,
+            )
             skipped += 1
         elif kind and node.inputs[0].name in dirty:
-            lay = _Layer(node, kind, kept_out.get(node.name), lv + 1)
+            lay = _Layer(
+                node, kind, kept_out.get(node.name), lv + 1, constant(node.inputs[1], pruned.opset)
+            )
             layers.append(lay)
             lv += 1
         for o in node.outputs:
@@ -267,8 +290,9 @@ def recover(original: Model, pruned: Model, calib: Sequence[Mapping[str, np.ndar
             xs = dict(zip(xin, s_pruned.run(xin, {k: v for k, v in feeds.items() if k in in_p})))
             ys = dict(zip(yout, s_orig.run(yout, {k: v for k, v in feeds.items() if k in in_o})))
             for lay in batch:
-                xm, ym = _rows(lay, xs[lay.node.inputs[0].name], ys[lay.node.outputs[0].name],
-                               rng, positions)
+                xm, ym = _rows(
+                    lay, xs[lay.node.inputs[0].name], ys[lay.node.outputs[0].name], rng, positions
+                )
                 if lay.xtx is None:
                     lay.xtx = np.zeros((xm.shape[1], xm.shape[1]))
                     lay.xty = np.zeros((xm.shape[1], ym.shape[1]))
