@@ -82,31 +82,91 @@ logger = logging.getLogger(__name__)
 
 #: ops never folded: not evaluable (random, sequence, optional, control flow), and the QDQ ops
 #: (folding them would break onnxruntime's QDQ int8 kernels)
-NEVER_FOLD: frozenset[str] = NOT_EVALUABLE | {"QuantizeLinear", "DequantizeLinear",
-                                              "DynamicQuantizeLinear"}
+NEVER_FOLD: frozenset[str] = NOT_EVALUABLE | {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+}
 
 #: counters that mean the model changed
 _CHANGES = ("constants_lifted", "nodes_folded", "shapes_folded", "ifs_inlined", "lazy_dropped")
 
 
 #: ops whose output shape depends on input values whatever their inputs are
-SHAPE_FROM_DATA_ALWAYS = frozenset({"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop",
-                                    "Scan", "If", "StringSplit", "RegexFullMatch"})
+SHAPE_FROM_DATA_ALWAYS = frozenset(
+    {
+        "NonZero",
+        "Unique",
+        "Compress",
+        "NonMaxSuppression",
+        "Loop",
+        "Scan",
+        "If",
+        "StringSplit",
+        "RegexFullMatch",
+    }
+)
 #: ops whose output shape depends on the values of their inputs after the first (or of all of
 #: them, for the ops in SHAPE_FROM_ALL_INPUTS): data-dependent unless those inputs are constant
-SHAPE_FROM_DATA_INPUTS = frozenset({
-    "Reshape", "Expand", "Tile", "Resize", "Upsample", "Slice", "Pad", "OneHot", "Squeeze",
-    "Unsqueeze", "Split", "TopK", "CenterCropPad", "MaxUnpool", "DFT", "STFT", "Col2Im",
-    "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "ConstantOfShape", "Range",
-    "BlackmanWindow", "HannWindow", "HammingWindow", "MelWeightMatrix", "RandomNormal",
-    "RandomUniform", "Multinomial", "SplitToSequence", "ImageDecoder", "AffineGrid"})
-SHAPE_FROM_ALL_INPUTS = frozenset({"ConstantOfShape", "Range", "BlackmanWindow", "HannWindow",
-                                   "HammingWindow", "MelWeightMatrix", "AffineGrid"})
+SHAPE_FROM_DATA_INPUTS = frozenset(
+    {
+        "Reshape",
+        "Expand",
+        "Tile",
+        "Resize",
+        "Upsample",
+        "Slice",
+        "Pad",
+        "OneHot",
+        "Squeeze",
+        "Unsqueeze",
+        "Split",
+        "TopK",
+        "CenterCropPad",
+        "MaxUnpool",
+        "DFT",
+        "STFT",
+        "Col2Im",
+        "ReduceSum",
+        "ReduceMean",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
+        "ConstantOfShape",
+        "Range",
+        "BlackmanWindow",
+        "HannWindow",
+        "HammingWindow",
+        "MelWeightMatrix",
+        "RandomNormal",
+        "RandomUniform",
+        "Multinomial",
+        "SplitToSequence",
+        "ImageDecoder",
+        "AffineGrid",
+    }
+)
+SHAPE_FROM_ALL_INPUTS = frozenset(
+    {
+        "ConstantOfShape",
+        "Range",
+        "BlackmanWindow",
+        "HannWindow",
+        "HammingWindow",
+        "MelWeightMatrix",
+        "AffineGrid",
+    }
+)
 
 
-def _shape_is_data_dependent(node: gs.Node, is_known: Callable[[gs.Tensor], bool],
-                             dd: set[int]) -> bool:
+def _shape_is_data_dependent(
+    node: gs.Node, is_known: Callable[[gs.Tensor], bool], dd: set[int]
+) -> bool:
     """Whether ``node``'s output shapes may change with the model's input *values*.
 
     Shapes in the IR may have been observed by running onnxruntime on one input (the fallback of
@@ -125,8 +185,7 @@ def _shape_is_data_dependent(node: gs.Node, is_known: Callable[[gs.Tensor], bool
     return False
 
 
-def _walk(root: gs.Graph, skip: Callable[[gs.Graph], bool] | None = None
-          ) -> Iterator[gs.Graph]:
+def _walk(root: gs.Graph, skip: Callable[[gs.Graph], bool] | None = None) -> Iterator[gs.Graph]:
     """``root`` and every subgraph nested in it, outermost first (lazily, like walk_graphs);
     subgraphs for which ``skip`` is true are left out with everything nested in them."""
     stack = [root]
@@ -155,8 +214,11 @@ def _loads(model: Model) -> bool:
 
 
 def _shape_nodes_left(graphs: Iterable[gs.Graph]) -> bool:
-    return any(n.op in ("Shape", "Size") and n.inputs and not is_static(n.inputs[0].shape)
-               for g in graphs for n in g.nodes)
+    return any(
+        n.op in ("Shape", "Size") and n.inputs and not is_static(n.inputs[0].shape)
+        for g in graphs
+        for n in g.nodes
+    )
 
 
 def refine_shapes(model: Model) -> int:
@@ -198,8 +260,13 @@ class FoldConstantsPass(Pass):
 
     name = "fold-constants"
 
-    def __init__(self, size_limit: int = 1 << 20, growth: float = 2.0, fold_shapes: bool = True,
-                 inline_if: bool = True) -> None:
+    def __init__(
+        self,
+        size_limit: int = 1 << 20,
+        growth: float = 2.0,
+        fold_shapes: bool = True,
+        inline_if: bool = True,
+    ) -> None:
         self.size_limit = int(size_limit)
         self.growth = float(growth)
         self.fold_shapes = bool(fold_shapes)
@@ -220,8 +287,12 @@ class FoldConstantsPass(Pass):
         snapshot = model.clone() if has_subgraphs else None
         stats = self._new_stats()
         self._run(model, lambda m: _walk(m.graph, self._rejected_graph), ev, stats)
-        if snapshot is not None and self._modified(stats) and not _loads(model) and \
-                _loads(snapshot):  # (a model onnxruntime never loaded says nothing)
+        if (
+            snapshot is not None
+            and self._modified(stats)
+            and not _loads(model)
+            and _loads(snapshot)
+        ):  # (a model onnxruntime never loaded says nothing)
             # Folding inside a branch that is never taken at these input shapes can make
             # onnxruntime's load-time shape inference see a contradiction in that dead branch
             # (silero-vad's 8 kHz branch at a 16 kHz frame size). Redo from the snapshot: the
@@ -242,8 +313,12 @@ class FoldConstantsPass(Pass):
                 model.graph = current.graph
                 stats["sessions"] = ev.sessions
                 return PassResult(model, self._modified(stats), stats)
-            slots = [(i, k) for i, n in enumerate(current.graph.nodes)
-                     for k, a in n.attrs.items() if isinstance(a, gs.Graph)]
+            slots = [
+                (i, k)
+                for i, n in enumerate(current.graph.nodes)
+                for k, a in n.attrs.items()
+                if isinstance(a, gs.Graph)
+            ]
             rejected: list[tuple[int, str]] = []
             for i, k in slots:
                 trial = current.clone()
@@ -287,17 +362,25 @@ class FoldConstantsPass(Pass):
                     if id(n.outputs[0]) not in outs and not n.inputs:
                         return True
                 elif n.op in ("Shape", "Size"):
-                    if n.inputs and (isinstance(n.inputs[0], gs.Constant)
-                                     or is_static(n.inputs[0].shape)):
+                    if n.inputs and (
+                        isinstance(n.inputs[0], gs.Constant) or is_static(n.inputs[0].shape)
+                    ):
                         return True
-                elif n.op in ("Gather", "Slice") and n.inputs and n.inputs[0].inputs and \
-                        n.inputs[0].inputs[0].op == "Shape":
+                elif (
+                    n.op in ("Gather", "Slice")
+                    and n.inputs
+                    and n.inputs[0].inputs
+                    and n.inputs[0].inputs[0].op == "Shape"
+                ):
                     return True
                 elif n.op == "If":
                     if n.inputs and isinstance(n.inputs[0], gs.Constant):
                         return True
-                elif n.op not in NEVER_FOLD and not has_subgraph(n) and all(
-                        t.is_empty() or isinstance(t, gs.Constant) for t in n.inputs):
+                elif (
+                    n.op not in NEVER_FOLD
+                    and not has_subgraph(n)
+                    and all(t.is_empty() or isinstance(t, gs.Constant) for t in n.inputs)
+                ):
                     return True
         return False
 
@@ -306,15 +389,26 @@ class FoldConstantsPass(Pass):
 
     @staticmethod
     def _new_stats() -> dict[str, int]:
-        return {"constants_lifted": 0, "nodes_folded": 0, "shapes_folded": 0, "ifs_inlined": 0,
-                "kept_large": 0, "sub_changes": 0}
+        return {
+            "constants_lifted": 0,
+            "nodes_folded": 0,
+            "shapes_folded": 0,
+            "ifs_inlined": 0,
+            "kept_large": 0,
+            "sub_changes": 0,
+        }
 
     @staticmethod
     def _modified(stats: dict[str, int]) -> bool:
         return any(stats.get(k, 0) for k in _CHANGES)
 
-    def _run(self, model: Model, graphs: Callable[[Model], Iterable[gs.Graph]],
-             ev: ConstantEvaluator, stats: dict[str, int]) -> None:
+    def _run(
+        self,
+        model: Model,
+        graphs: Callable[[Model], Iterable[gs.Graph]],
+        ev: ConstantEvaluator,
+        stats: dict[str, int],
+    ) -> None:
         """Fold every graph ``graphs(model)`` yields, refining shapes between rounds."""
         self._all_graphs = list(model.walk_graphs())
         self._escaping = {id(t) for g in self._all_graphs for t in g.outputs}
@@ -325,8 +419,9 @@ class FoldConstantsPass(Pass):
                 n0 = self._modified_count(stats)
                 for _ in range(64):
                     self._fold_graph(g, ev, stats)
-                    if self._lift_only or not (self.inline_if and
-                                               self._inline_ifs(model, g, stats)):
+                    if self._lift_only or not (
+                        self.inline_if and self._inline_ifs(model, g, stats)
+                    ):
                         break
                 if g is not model.graph and self._modified_count(stats) != n0:
                     stats["sub_changes"] += 1
@@ -395,10 +490,11 @@ class FoldConstantsPass(Pass):
                     return None
                 axes = consts[2] if len(consts) > 2 and consts[2] is not None else [0]
                 steps = consts[3] if len(consts) > 3 and consts[3] is not None else [1]
-                if list(np.reshape(axes, -1)) not in ([0], [-1]) or \
-                        list(np.reshape(steps, -1)) != [1]:
+                if list(np.reshape(axes, -1)) not in ([0], [-1]) or list(np.reshape(steps, -1)) != [
+                    1
+                ]:
                     return None
-                picked = idx[int(np.reshape(starts, -1)[0]):int(np.reshape(ends, -1)[0])]
+                picked = idx[int(np.reshape(starts, -1)[0]) : int(np.reshape(ends, -1)[0])]
         except (IndexError, ValueError, TypeError):
             return None
         vals = [dims[int(i)] for i in np.reshape(picked, -1)]
@@ -410,10 +506,10 @@ class FoldConstantsPass(Pass):
         # values that some graph returns (this one, or a nested body returning it by name) are
         # produced by a Constant node rather than turned into initializers
         outputs = {id(t) for t in graph.outputs} | self._escaping
-        known: dict[int, Any] = {}       # tensor id -> value (np array / lazy) or _Pending
-        computed: dict[int, Any] = {}    # the entries of ``known`` that are values
+        known: dict[int, Any] = {}  # tensor id -> value (np array / lazy) or _Pending
+        computed: dict[int, Any] = {}  # the entries of ``known`` that are values
         guard = SizeGuard(ev.opset, MAX_EVAL_BYTES)
-        seeds: dict[int, gs.Node] = {}   # node id -> node whose outputs were computed here
+        seeds: dict[int, gs.Node] = {}  # node id -> node whose outputs were computed here
         to_eval: list[gs.Node] = []
         order = local_topo_order(graph)
         local = {id(n) for n in order}
@@ -441,15 +537,23 @@ class FoldConstantsPass(Pass):
                 continue
             if self._lift_only:
                 continue
-            if node.op in ("Shape", "Size") and self.fold_shapes and node.inputs and \
-                    (id(node.inputs[0]) not in dd or is_known(node.inputs[0])):
+            if (
+                node.op in ("Shape", "Size")
+                and self.fold_shapes
+                and node.inputs
+                and (id(node.inputs[0]) not in dd or is_known(node.inputs[0]))
+            ):
                 v = self._shape_value(node, known)
                 if v is not None:
                     known[id(node.outputs[0])] = computed[id(node.outputs[0])] = v
                     seeds[id(node)] = node
                     continue
-            if node.op in ("Gather", "Slice") and self.fold_shapes and node.inputs and \
-                    not is_known(node.inputs[0]):
+            if (
+                node.op in ("Gather", "Slice")
+                and self.fold_shapes
+                and node.inputs
+                and not is_known(node.inputs[0])
+            ):
                 v = self._partial_shape_value(node, local, dd)
                 if v is not None:
                     known[id(node.outputs[0])] = computed[id(node.outputs[0])] = v
@@ -498,8 +602,9 @@ class FoldConstantsPass(Pass):
             final.append(node)
         replace: dict[int, list[gs.Node]] = {}
         for node in seeds.values():
-            replace[id(node)] = self._materialize(node, {id(o): known[id(o)] for o in node.outputs},
-                                                  outputs)
+            replace[id(node)] = self._materialize(
+                node, {id(o): known[id(o)] for o in node.outputs}, outputs
+            )
             if node.op == "Constant":
                 stats["constants_lifted"] += 1
             else:
@@ -551,11 +656,19 @@ class FoldConstantsPass(Pass):
                     node.outputs.append(o)
                     keep.append(node)
                     continue
-                c = gs.Constant(unique_name(f"{o.name}_value"),
-                                v if isinstance(v, gs.ir.tensor.LazyValues) else np.asarray(v))
+                c = gs.Constant(
+                    unique_name(f"{o.name}_value"),
+                    v if isinstance(v, gs.ir.tensor.LazyValues) else np.asarray(v),
+                )
                 dtype, shape = o.dtype, o.shape
-                keep.append(gs.Node("Constant", name=unique_name(f"{o.name}_const"),
-                                    attrs={"value": c}, outputs=[o]))
+                keep.append(
+                    gs.Node(
+                        "Constant",
+                        name=unique_name(f"{o.name}_const"),
+                        attrs={"value": c},
+                        outputs=[o],
+                    )
+                )
                 o.dtype = dtype if dtype is not None else c.dtype
                 o.shape = shape if shape is not None else list(c.shape)
             else:
@@ -564,8 +677,14 @@ class FoldConstantsPass(Pass):
 
     # ------------------------------------------------------------------ If inlining
     def _inline_ifs(self, model: Model, graph: gs.Graph, stats: dict[str, int]) -> bool:
-        ifs = [n for n in graph.nodes if n.op == "If" and n.domain in DEFAULT_DOMAINS
-               and n.inputs and isinstance(n.inputs[0], gs.Constant)]
+        ifs = [
+            n
+            for n in graph.nodes
+            if n.op == "If"
+            and n.domain in DEFAULT_DOMAINS
+            and n.inputs
+            and isinstance(n.inputs[0], gs.Constant)
+        ]
         if not ifs:
             return False
         owners: dict[str, set[int]] = {}
@@ -590,13 +709,13 @@ class FoldConstantsPass(Pass):
         return done > 0
 
     @staticmethod
-    def _inline(graph: gs.Graph, node: gs.Node, branch: gs.Graph, owners: dict[str, set[int]]
-                ) -> None:
+    def _inline(
+        graph: gs.Graph, node: gs.Node, branch: gs.Graph, owners: dict[str, set[int]]
+    ) -> None:
         local_nodes = {id(n) for n in branch.nodes}
         # rename branch-local tensors whose names exist elsewhere in the model
         for name, t in branch.tensors().items():
-            local = (isinstance(t, gs.Constant)
-                     or any(id(p) in local_nodes for p in t.inputs))
+            local = isinstance(t, gs.Constant) or any(id(p) in local_nodes for p in t.inputs)
             if not local:
                 continue
             others = owners.get(name, set()) - {id(t)}
@@ -625,10 +744,13 @@ class FoldConstantsPass(Pass):
             elif isinstance(bo, gs.Constant) and id(io) not in parent_outputs:
                 io.to_constant(bo._values)
             else:
-                extra.append(gs.Node("Identity", name=unique_name(f"{node.name}_out"),
-                                     inputs=[bo], outputs=[io]))
+                extra.append(
+                    gs.Node(
+                        "Identity", name=unique_name(f"{node.name}_out"), inputs=[bo], outputs=[io]
+                    )
+                )
         pos = next(i for i, n in enumerate(graph.nodes) if n is node)
-        graph.nodes[pos:pos + 1] = list(branch.nodes) + extra
+        graph.nodes[pos : pos + 1] = list(branch.nodes) + extra
         branch.nodes = []
 
 

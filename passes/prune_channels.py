@@ -124,8 +124,16 @@ def group_reports(an: Analysis, grps: Iterable[Group], keep_unit: np.ndarray) ->
     out = []
     for g in grps:
         before, after = group_width(an, g, keep_unit)
-        out.append(GroupReport(g.name, [p.node.name for p in g.producers], before, after,
-                               g.blocked, list(g.reasons)))
+        out.append(
+            GroupReport(
+                g.name,
+                [p.node.name for p in g.producers],
+                before,
+                after,
+                g.blocked,
+                list(g.reasons),
+            )
+        )
     return out
 
 
@@ -140,14 +148,25 @@ class PruneChannelsPass(Pass):
     name = "prune-channels"
     lossy = True
 
-    def __init__(self, ratio: float | dict[str, float] = 0.3, criterion: str = "l1",
-                 round_to: int | None = None, min_channels: int = 1, min_fraction: float = 0.0,
-                 calib: Any = None, recover: bool = True, positions: int = 256,
-                 ridge: float = 1e-3, calib_limit: int = 128, scope: str = "group",
-                 input_shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        ratio: float | dict[str, float] = 0.3,
+        criterion: str = "l1",
+        round_to: int | None = None,
+        min_channels: int = 1,
+        min_fraction: float = 0.0,
+        calib: Any = None,
+        recover: bool = True,
+        positions: int = 256,
+        ridge: float = 1e-3,
+        calib_limit: int = 128,
+        scope: str = "group",
+        input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> None:
         if criterion not in CRITERIA:
             raise GraphoptError(
-                f"unknown pruning criterion '{criterion}' (use one of {', '.join(CRITERIA)})")
+                f"unknown pruning criterion '{criterion}' (use one of {', '.join(CRITERIA)})"
+            )
         ratio = validate_ratio(ratio)
         if scope not in ("group", "global"):
             raise GraphoptError(f"pruning scope must be 'group' or 'global', got {scope!r}")
@@ -169,25 +188,37 @@ class PruneChannelsPass(Pass):
 
     def call(self, model: Model) -> PassResult:
         work = model.clone()
-        dyn = {t.name: (list(t.shape) if t.shape is not None else None)
-               for t in work.graph.inputs}
-        out_shapes = {t.name: (list(t.shape) if t.shape is not None else None)
-                      for t in work.graph.outputs}
+        dyn = {t.name: (list(t.shape) if t.shape is not None else None) for t in work.graph.inputs}
+        out_shapes = {
+            t.name: (list(t.shape) if t.shape is not None else None) for t in work.graph.outputs
+        }
         fixed = dict(self.input_shapes)
         for t in work.graph.inputs:
             if t.name not in fixed and t.shape is not None and not is_static(t.shape):
-                fixed[t.name] = tuple(int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1
-                                      for d in t.shape)
+                fixed[t.name] = tuple(
+                    int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in t.shape
+                )
         if fixed:
             fix_input_shapes(work, fixed)
         infer_shapes(work)
         an = analyze(work)
         grps = groups(an)
-        calib = materialize_calib(self.calib, model, self.calib_limit) \
-            if (self.criterion == "activation" or self.recover) else []
+        calib = (
+            materialize_calib(self.calib, model, self.calib_limit)
+            if (self.criterion == "activation" or self.recover)
+            else []
+        )
         scores = unit_scores(an, importance(model, an, self.criterion, calib))
-        keep_unit = select(an, grps, scores, self.ratio, self.round_to, self.min_channels,
-                           self.min_fraction, self.scope)
+        keep_unit = select(
+            an,
+            grps,
+            scores,
+            self.ratio,
+            self.round_to,
+            self.min_channels,
+            self.min_fraction,
+            self.scope,
+        )
         keep_elem = keep_elements(an, keep_unit)
         nm = _node_macs(work)
         pr, total = prunable_macs(an, nm)
@@ -201,14 +232,20 @@ class PruneChannelsPass(Pass):
             "prunable_macs_fraction": round(pr / total, 4) if total else 0.0,
         }
         if keep_elem.all():
-            self.report = PruneReport(self.criterion, self.ratio, self.round_to, reports, total,
-                                      total, pr)
+            self.report = PruneReport(
+                self.criterion, self.ratio, self.round_to, reports, total, total, pr
+            )
             stats["macs_after"] = total
             return PassResult(model, False, stats)
-        changed = {name for name, (_, lab) in an.labels.items()
-                   if len(kept_positions(lab, keep_elem)) < len(lab)}
-        kept_out = {p.node.name: kept_positions(np.arange(p.start, p.start + p.size), keep_elem)
-                    for p in an.producers}
+        changed = {
+            name
+            for name, (_, lab) in an.labels.items()
+            if len(kept_positions(lab, keep_elem)) < len(lab)
+        }
+        kept_out = {
+            p.node.name: kept_positions(np.arange(p.start, p.start + p.size), keep_elem)
+            for p in an.producers
+        }
         stats.update(apply_pruning(work, an, keep_elem))
         infer_shapes(work)
         macs_after = sum(_node_macs(work).values())
@@ -225,13 +262,15 @@ class PruneChannelsPass(Pass):
                     t.shape = None
         recovery: dict[str, int] = {}
         if self.recover and calib:
-            recovery = recover(model.clone(), work, calib, kept_out, changed, self.positions,
-                               self.ridge)
+            recovery = recover(
+                model.clone(), work, calib, kept_out, changed, self.positions, self.ridge
+            )
             stats.update(recovery)
         elif self.recover:
             logger.info("prune-channels: no calibration data, recovery skipped")
         stats["macs_after"] = macs_after
         model.graph = work.graph
-        self.report = PruneReport(self.criterion, self.ratio, self.round_to, reports, total,
-                                  macs_after, pr, recovery)
+        self.report = PruneReport(
+            self.criterion, self.ratio, self.round_to, reports, total, macs_after, pr, recovery
+        )
         return PassResult(model, True, stats)

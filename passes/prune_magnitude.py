@@ -57,8 +57,9 @@ class PruneMagnitudePass(Pass):
     name = "prune-magnitude"
     lossy = True
 
-    def __init__(self, ratio: float | None = 0.5, threshold: float | None = None,
-                 scope: str = "layer") -> None:
+    def __init__(
+        self, ratio: float | None = 0.5, threshold: float | None = None, scope: str = "layer"
+    ) -> None:
         if threshold is None and ratio is None:
             raise GraphoptError("prune-magnitude needs a ratio or a threshold")
         if ratio is not None:
@@ -72,8 +73,11 @@ class PruneMagnitudePass(Pass):
     def call(self, model: Model) -> PassResult:
         items = _weights(model)
         total = sum(w.size for _, w in items)
-        stats: dict[str, Any] = {"layers": len(items), "weights": int(total),
-                                 "speedup": "none (dense kernels; shapes unchanged)"}
+        stats: dict[str, Any] = {
+            "layers": len(items),
+            "weights": int(total),
+            "speedup": "none (dense kernels; shapes unchanged)",
+        }
         if not items:
             stats.update(weights_zeroed=0, sparsity=0.0)
             return PassResult(model, False, stats)
