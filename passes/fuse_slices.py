@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.core.graph import const, make_node
+from graphopt.core.graph import const, local_topo_order, make_node
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 
@@ -74,7 +74,8 @@ class FuseSlicesPass(Pass):
                 rng = slice_range(n)
                 if rng is not None:
                     groups[(id(n.inputs[0]), rng[0])].append((rng[1], rng[2], n))
-            new_nodes: list[gs.Node] = []
+            items_pos = {id(n): i for i, n in enumerate(g.nodes)}
+            new_at: dict[int, list[gs.Node]] = {}
             dead: set[int] = set()
             for (_, axis), items in groups.items():
                 if len(items) < 2:
@@ -102,10 +103,18 @@ class FuseSlicesPass(Pass):
                     else:
                         split = make_node("Split", [x], outs, {"axis": axis, "split": sizes},
                                           name="split")
-                    new_nodes.append(split)
+                    first = min(items_pos[id(n)] for _, _, n in items)
+                    new_at.setdefault(first, []).append(split)
                     fused += 1
-            if new_nodes:
-                g.nodes = [n for n in g.nodes if id(n) not in dead] + new_nodes
-                g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(
-                    recurse_subgraphs=False)
+            if new_at:
+                # a Split takes the place of the first Slice it replaces: x is computed before
+                # it and every slice's readers come after it, so nothing else moves
+                order: list[gs.Node] = []
+                for i, n in enumerate(g.nodes):
+                    order.extend(new_at.get(i, ()))
+                    if id(n) not in dead:
+                        order.append(n)
+                g.nodes = order
+                g.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+                g.nodes = local_topo_order(g)
         return PassResult(model, fused > 0, {"splits": fused})

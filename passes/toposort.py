@@ -1,13 +1,16 @@
 """Topological sort: reorder nodes so that every node comes after the producers of its inputs.
 
-Subgraph nodes that read outer-scope tensors count as readers of those tensors, so an If/Loop node
-is
-placed after everything its bodies capture. The sort is stable (Kahn's algorithm over the original
-order), so an already sorted graph is left unchanged and ``modified`` is exact.
+A node with subgraphs (If/Loop/Scan) depends on the producers of the outer tensors its bodies read
+(captures), not only on its explicit inputs. The sort is stable
+(:func:`graphopt.core.graph.toposort_graph`): a graph whose order is already valid is left exactly
+as it is (``modified=False``), so the pass never undoes a deliberate order such as the one
+``reorder-memory`` chose; otherwise Kahn's algorithm with the original position as priority moves
+only the misplaced nodes.
 """
 
 from __future__ import annotations
 
+from graphopt.core.graph import toposort_graph
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 
@@ -19,8 +22,5 @@ class ToposortPass(Pass):
     name = "toposort"
 
     def call(self, model: Model) -> PassResult:
-        before = [[id(n) for n in g.nodes] for g in model.walk_graphs()]
-        model.graph.toposort(recurse_subgraphs=True)
-        after = [[id(n) for n in g.nodes] for g in model.walk_graphs()]
-        moved = sum(1 for a, b in zip(before, after) if a != b)
-        return PassResult(model, before != after, {"graphs_reordered": moved})
+        moved = toposort_graph(model.graph, recurse=True)
+        return PassResult(model, moved > 0, {"graphs_reordered": moved})

@@ -1,15 +1,16 @@
 """Graph helpers shared by the passes and algorithms, on onnx-graphsurgeon graphs and nodes.
 
-Walks (subgraphs of a node), sizes (bytes of a constant), a stable topological order of one
-graph's explicit edges, node bypass (remove a node whose output equals one of its inputs), and
-fresh names, nodes and constants for rewrites.
+Walks (subgraphs of a node, what they capture), sizes (bytes of a constant), the stable
+topological sort (the given order is kept when valid; subgraph captures are dependencies), node
+bypass (remove a node whose output equals one of its inputs), and fresh names, nodes and constants
+for rewrites.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,36 +46,129 @@ def has_subgraph(node: gs.Node) -> bool:
     return False
 
 
-def local_topo_order(graph: gs.Graph) -> list[gs.Node]:
-    """The graph's nodes in a topological order of their explicit edges (stable Kahn sort).
+def captured_names(node: gs.Node) -> list[str]:
+    """Names read inside ``node``'s subgraphs (recursively) that those subgraphs do not define:
+    the node's captures from enclosing scopes, in first-read order."""
+    defined: set[str] = set()
+    read: list[str] = []
+    stack = node_subgraphs(node)
+    while stack:
+        g = stack.pop()
+        defined.update(t.name for t in g.inputs)
+        for n in g.nodes:
+            defined.update(t.name for t in n.outputs)
+            read.extend(t.name for t in n.inputs if t.name and not isinstance(t, gs.Constant))
+            stack.extend(node_subgraphs(n))
+        read.extend(t.name for t in g.outputs if not isinstance(t, gs.Constant))
+    return [r for r in dict.fromkeys(read) if r not in defined]
 
-    Returns ``graph.nodes`` itself (as a list) when it is already sorted, which is the common case.
+
+def _local_predecessors(nodes: Sequence[gs.Node]) -> list[set[int]]:
+    """For every node, the indices of the nodes of the same list it depends on: the producers of
+    its inputs and, for a node with subgraphs, of the outer tensors its subgraphs read."""
+    index = {id(n): i for i, n in enumerate(nodes)}
+    by_name = {t.name: i for i, n in enumerate(nodes) for t in n.outputs if t.name}
+    preds: list[set[int]] = []
+    for i, n in enumerate(nodes):
+        p = {index[id(q)] for t in n.inputs for q in t.inputs if id(q) in index}
+        if has_subgraph(n):
+            p.update(by_name[name] for name in captured_names(n) if name in by_name)
+        p.discard(i)
+        preds.append(p)
+    return preds
+
+
+def local_topo_order(
+    graph: gs.Graph, new: Collection[gs.Node] = ()
+) -> list[gs.Node]:
+    """The graph's nodes in a stable topological order (this graph only, not its subgraphs).
+
+    A node depends on the producers of its inputs and, when it holds subgraphs (If/Loop/Scan), on
+    the producers of the outer tensors its subgraphs read. The given order is returned unchanged
+    (as a new list of the same nodes) when it is already valid; otherwise Kahn's algorithm with the
+    original position as priority places every node as early as its dependencies allow but never
+    before a node that came before it and is ready, so the nodes that were in order keep their
+    relative order and only the misplaced ones move. A cycle leaves the order as it is (the pass
+    manager's checks report it).
+
+    Args:
+        new: nodes just added to the graph (anywhere in ``graph.nodes``, typically at the end):
+            each is placed right before the first other node that reads what it computes
+            (directly or through other new nodes), so the other nodes keep their order.
     """
     nodes = list(graph.nodes)
-    index = {id(n): i for i, n in enumerate(nodes)}
-    if all(index.get(id(p), -1) < i for i, n in enumerate(nodes) for t in n.inputs
-           for p in t.inputs):
+    preds = _local_predecessors(nodes)
+    if all(j < i for i, p in enumerate(preds) for j in p):
         return nodes
-    succs: list[set[int]] = [set() for _ in nodes]
-    indeg = [0] * len(nodes)
-    for i, n in enumerate(nodes):
-        preds = {index[id(p)] for t in n.inputs for p in t.inputs if id(p) in index}
-        indeg[i] = len(preds)
-        for j in preds:
-            succs[j].add(i)
-    ready = [i for i, d in enumerate(indeg) if d == 0]
+    succs: list[list[int]] = [[] for _ in nodes]
+    indeg = [len(p) for p in preds]
+    for i, p in enumerate(preds):
+        for j in p:
+            succs[j].append(i)
+    # priority: (position, 0) for a node in place; (position of its first reader in place, -1,
+    # position) for a new node, so that it comes right before that reader
+    fresh = {id(n) for n in new}
+    key: list[tuple[float, int, int]] = [(float(i), 0, i) for i in range(len(nodes))]
+    if fresh:
+        anchor: dict[int, float] = {}
+
+        def first_reader(i: int, seen: set[int]) -> float:
+            if i in anchor:
+                return anchor[i]
+            seen.add(i)
+            best = float("inf")
+            for k in succs[i]:
+                if id(nodes[k]) not in fresh:
+                    best = min(best, float(k))
+                elif k not in seen:
+                    best = min(best, first_reader(k, seen))
+            anchor[i] = best
+            return best
+
+        for i, n in enumerate(nodes):
+            if id(n) in fresh:
+                key[i] = (first_reader(i, set()), -1, i)
+    ready = [(key[i], i) for i, d in enumerate(indeg) if d == 0]
     heapq.heapify(ready)
     order: list[gs.Node] = []
     while ready:
-        i = heapq.heappop(ready)
+        _, i = heapq.heappop(ready)
         order.append(nodes[i])
         for k in succs[i]:
             indeg[k] -= 1
             if indeg[k] == 0:
-                heapq.heappush(ready, k)
-    if len(order) != len(nodes):  # a cycle: leave the order alone, the ensures check will say
+                heapq.heappush(ready, (key[k], k))
+    if len(order) != len(nodes):
         return nodes
     return order
+
+
+def insert_nodes(graph: gs.Graph, new: Sequence[gs.Node]) -> None:
+    """Add ``new`` nodes to ``graph``, each right before the first node that reads what it
+    computes; the graph's other nodes keep their order (see :func:`local_topo_order`)."""
+    graph.nodes = list(graph.nodes) + list(new)
+    graph.nodes = local_topo_order(graph, new)
+
+
+def toposort_graph(graph: gs.Graph, recurse: bool = True) -> int:
+    """Sort ``graph`` (and, with ``recurse``, every subgraph) with :func:`local_topo_order`, in
+    place; return how many graphs changed order (0: nothing was touched)."""
+    graphs = [graph]
+    if recurse:
+        stack = [graph]
+        while stack:
+            g = stack.pop()
+            for n in g.nodes:
+                subs = node_subgraphs(n)
+                graphs.extend(subs)
+                stack.extend(subs)
+    changed = 0
+    for g in graphs:
+        order = local_topo_order(g)
+        if any(a is not b for a, b in zip(order, g.nodes)):
+            g.nodes = order
+            changed += 1
+    return changed
 
 
 def bypass_node(

@@ -26,28 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.core.graph import node_subgraphs
+from graphopt.core.graph import captured_names, node_subgraphs
 from graphopt.core.model import Model
 from graphopt.core.shapes import is_static
 
 _LOOPS = ("Loop", "Scan")
-
-
-def captured_names(node: gs.Node) -> list[str]:
-    """Names read inside ``node``'s subgraphs (recursively) that those subgraphs do not define:
-    the node's captures from enclosing scopes, in first-read order."""
-    defined: set[str] = set()
-    read: list[str] = []
-    stack = node_subgraphs(node)
-    while stack:
-        g = stack.pop()
-        defined.update(t.name for t in g.inputs)
-        for n in g.nodes:
-            defined.update(t.name for t in n.outputs)
-            read.extend(t.name for t in n.inputs if t.name and not isinstance(t, gs.Constant))
-            stack.extend(node_subgraphs(n))
-        read.extend(t.name for t in g.outputs if not isinstance(t, gs.Constant))
-    return [r for r in dict.fromkeys(read) if r not in defined]
 
 
 def constant_names(model: Model) -> set[str]:

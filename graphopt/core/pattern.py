@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.core.graph import local_topo_order
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult
 
@@ -271,7 +272,7 @@ class RuleSet:
         """One sweep over ``graph`` (not its subgraphs). Returns the number of rewrites."""
         count = 0
         dead: set[int] = set()
-        new_nodes: list[gs.Node] = []
+        created_at: dict[int, list[gs.Node]] = {}  # root id -> the nodes that replace the match
         local = {id(n) for n in graph.nodes}
         for node in list(graph.nodes):
             if id(node) in dead:
@@ -293,16 +294,22 @@ class RuleSet:
                     n.outputs.clear()
                     n.inputs.clear()
                     dead.add(id(n))
-                created = rule.rewrite(m, outputs)
-                new_nodes.extend(created)
+                created_at[id(node)] = rule.rewrite(m, outputs)
                 stats[rule.name] = stats.get(rule.name, 0) + 1
                 count += 1
                 break
         if count:
-            graph.nodes = [n for n in graph.nodes if id(n) not in dead] + new_nodes
-            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False).toposort(
-                recurse_subgraphs=False
-            )
+            # the new nodes take the root's place: the match's inputs are computed before it and
+            # its outputs read after it, so the order stays valid and nothing else moves (the
+            # stable sort below only repairs a rule that reads tensors computed later)
+            order: list[gs.Node] = []
+            for n in graph.nodes:
+                order.extend(created_at.get(id(n), ()))
+                if id(n) not in dead:
+                    order.append(n)
+            graph.nodes = order
+            graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
+            graph.nodes = local_topo_order(graph)
         return count
 
 

@@ -32,8 +32,8 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 from graphopt.algorithms.memory.planner import MemoryPlan
 from graphopt.core.errors import GraphoptError, first_line
 from graphopt.core.feeds import random_feeds
-from graphopt.core.graph import node_subgraphs
-from graphopt.core.liveness import captured_names, constant_names, needs_probe
+from graphopt.core.graph import captured_names, node_subgraphs
+from graphopt.core.liveness import constant_names, needs_probe
 from graphopt.core.model import Model
 from graphopt.core.session import run_model, session_options
 from graphopt.core.verify import OutputDiff, compare

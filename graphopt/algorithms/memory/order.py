@@ -48,8 +48,8 @@ from graphopt.algorithms.memory.planner import (
     align,
     plan_order,
 )
-from graphopt.core.graph import node_subgraphs
-from graphopt.core.liveness import captured_names, liveness
+from graphopt.core.graph import captured_names, node_subgraphs
+from graphopt.core.liveness import liveness
 from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)

@@ -39,6 +39,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.core.errors import GraphoptError
+from graphopt.core.graph import insert_nodes
 from graphopt.core.model import Model
 from graphopt.core.shapes import infer_shapes
 
@@ -495,8 +496,9 @@ def apply_quantization(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple
             stats.absorbed += 1
         stats.layers[q.name] = info
         stats.nodes += 1
-    g.nodes.extend(new_nodes)
-    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    # every Q/DQ node goes right before the first node that reads it; the rest keep their order
+    insert_nodes(g, new_nodes)
+    g.cleanup(remove_unused_graph_inputs=False)
     _ = active_names
     return stats
 

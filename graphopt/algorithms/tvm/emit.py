@@ -33,6 +33,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.core.errors import GraphoptError
+from graphopt.core.graph import toposort_graph
 from graphopt.core.model import Model
 from graphopt.core.session import make_session
 
@@ -159,12 +160,12 @@ def fold_shape_computations(m: Model, shapes: Mapping[str, tuple[int, ...]]) -> 
                 if t is out:
                     consumer.inputs[i] = const
         n.outputs.clear()
-    m.graph.cleanup().toposort()
+    toposort_graph(m.graph.cleanup())
     try:
         m.graph.fold_constants(fold_shapes=True)
     except Exception as exc:  # graphsurgeon's folding is best effort
         logger.debug("graphsurgeon fold_constants failed: %s", exc)
-    m.graph.cleanup().toposort()
+    toposort_graph(m.graph.cleanup())
 
 
 def _ort_dtype(t: str) -> Any:
