@@ -43,7 +43,8 @@ from graphopt.core.model import Model  # noqa: E402
 from graphopt.core.output import atomic_write_text  # noqa: E402
 from graphopt.core.saver import save  # noqa: E402
 from graphopt.fixtures import FIXTURES, fixture_path, real_model, real_model_feeds  # noqa: E402
-from graphopt.jobs.plan import apply_order, plan_memory  # noqa: E402
+from graphopt.jobs.plan import apply_order  # noqa: E402
+from graphopt.jobs.plan import plan_model as plan_memory  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "memory.md"
 

@@ -162,7 +162,7 @@ def test_analysis_pass_changes_nothing(name: str, g: Generated) -> None:
 def _memory_api():
     try:
         from graphopt.algorithms.memory.arena import prove
-        from graphopt.jobs.plan import plan_memory
+        from graphopt.jobs.plan import plan_model as plan_memory
     except ImportError:
         pytest.skip("graphopt.jobs.plan or graphopt.algorithms.memory.arena has not landed")
     return plan_memory, prove

@@ -16,7 +16,7 @@ from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.core.shapes import prepare
 from graphopt.fixtures import FIXTURES, fixture_path
-from graphopt.jobs.plan import plan_memory
+from graphopt.jobs.plan import plan_model as plan_memory
 
 F = TensorProto.FLOAT
 #: a [1, 64] float tensor is 256 bytes, already 64-aligned

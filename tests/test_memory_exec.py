@@ -10,7 +10,7 @@ from graphopt.algorithms.memory.arena import ArenaExecutor, observe_tensors, pro
 from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
-from graphopt.jobs.plan import plan_memory
+from graphopt.jobs.plan import plan_model as plan_memory
 from tests.conftest import real_or_skip
 from tests.test_memory import capture, diamond, reshape_chain, residual
 

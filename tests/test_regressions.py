@@ -93,7 +93,7 @@ def test_ir_keeps_initializer_that_is_also_a_graph_input() -> None:
 def _proof(m: Model, inplace: bool = True) -> None:
     try:
         from graphopt.algorithms.memory.arena import prove
-        from graphopt.jobs.plan import plan_memory
+        from graphopt.jobs.plan import plan_model as plan_memory
     except ImportError:
         pytest.skip("graphopt.jobs.plan or graphopt.algorithms.memory.arena has not landed")
     for strategy in ("greedy-size", "greedy-breadth", "best"):

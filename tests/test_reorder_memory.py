@@ -17,7 +17,7 @@ from graphopt.core.model import Model
 from graphopt.core.saver import save
 from graphopt.core.shapes import prepare
 from graphopt.fixtures import FIXTURES, fixture_path
-from graphopt.jobs.plan import plan_memory
+from graphopt.jobs.plan import plan_model as plan_memory
 from graphopt.testing import check_pass
 from tests.test_memory import capture, chain, residual
 

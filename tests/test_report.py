@@ -66,7 +66,7 @@ def _render_check(html: Path, tmp_path: Path, min_boxes: int) -> np.ndarray:
 def _extras(model: Model) -> dict[str, object]:
     from graphopt.jobs.plan import plan_memory
 
-    plan = plan_memory(model)
+    plan = plan_memory(model).plan
     convs = [n.name for n in model.graph.nodes if n.op == "Conv"]
     quant = [{"name": n, "op": "Conv", "sqnr_db": 18.0 + 3 * i} for i, n in enumerate(convs)]
     scan = [{"ratio": r, "sqnr_db": 60 - 70 * r, "macs": 1e6 * (1 - r)} for r in (0, .1, .3, .5)]

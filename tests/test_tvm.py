@@ -122,8 +122,8 @@ def test_bench_artifact_reports_latency_and_error(tmp_path: Path) -> None:
     path = fixture_path("cnn.onnx")
     res = gcompile.compile_model(path, output=tmp_path / "c.so", verify=False)
     rep = gcompile.bench_artifact(res.artifact, path, runs=5, warmup=1)
-    assert rep["tvm_ms"] > 0 and rep["ort_ms"] > 0 and rep["ratio_tvm_vs_ort"] > 0
-    assert all(v["ok"] for v in rep["verify"].values())
+    assert rep.tvm_ms > 0 and rep.ort_ms > 0 and rep.ratio_tvm_vs_ort > 0
+    assert all(v["ok"] for v in rep.verify.values())
 
 
 def test_artifact_rejects_wrong_input_shape(tmp_path: Path) -> None:

@@ -1,16 +1,172 @@
-"""What the jobs share: a model given as a :class:`~graphopt.core.model.Model` or a path."""
+"""What the jobs share: a model given as a :class:`~graphopt.core.model.Model` or a path, the
+output-path rule (the input is never written), and the before/after block of every job that turns
+one model into another (optimize, quantize, prune, fp16).
+
+The before/after block is :class:`TransformResult`: the input and output paths, nodes, MACs,
+params and weight bytes before and after, op histograms, the verification against the input and
+what every pass did. Its :meth:`TransformResult.change_json` gives the JSON keys DESIGN.md fixes
+for these commands (``input``, ``output``, ``nodes_before``, ``nodes_after``, ``macs_before``,
+``macs_after``, ``verify``, ``passes``); each job's result adds its own keys to it.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from graphopt.core.cost import model_cost
 from graphopt.core.loader import load
 from graphopt.core.model import Model
+from graphopt.core.output import check_outputs
+from graphopt.core.verify import VerifyReport
 
 #: a Model, or the path of an ONNX file
 ModelLike = Model | str | os.PathLike[str]
 
 
-def as_model(model: ModelLike) -> Model:
-    """``model`` itself when it is a :class:`Model`, else the model loaded from that path."""
-    return model if isinstance(model, Model) else load(model)
+def as_model(model: ModelLike, load_weights: bool = True) -> Model:
+    """``model`` itself when it is a :class:`Model`, else the model loaded from that path
+    (``load_weights=False``: external weights are checked but not read, enough to inspect)."""
+    return model if isinstance(model, Model) else load(model, load_weights=load_weights)
+
+
+def source_path(model: ModelLike) -> str | None:
+    """The file a model comes from: the path given, or the path a :class:`Model` was loaded
+    from (None for a model built in memory)."""
+    if isinstance(model, Model):
+        return str(model.path) if model.path is not None else None
+    return str(model)
+
+
+def output_paths(source: ModelLike | None, *outputs: str | os.PathLike[str] | None,
+                 inputs: Iterable[object] = ()) -> list[Path | None]:
+    """Check every output of a run before any work (:func:`graphopt.core.output.check_outputs`):
+    none may be the input model (or another input file), a folder or another output of the run.
+    Returns the outputs as Paths, None where none was asked for, in the given order.
+
+    Raises:
+        OutputPathError: an output that cannot be written.
+    """
+    src = source_path(source) if source is not None else None
+    files = [str(x) for x in inputs if isinstance(x, (str, os.PathLike))]
+    checked = iter(check_outputs(inputs=[src, *files], outputs=outputs))
+    return [None if o is None else next(checked) for o in outputs]
+
+
+def output_path(output: str | os.PathLike[str] | None, source: ModelLike | None = None,
+                inputs: Iterable[object] = ()) -> Path | None:
+    """:func:`output_paths` for a run with one output."""
+    return output_paths(source, output, inputs=inputs)[0]
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars and arrays, paths, tuples and non-finite floats turned into
+    what :func:`json.dumps` writes as standard JSON (NaN -> null, inf -> "inf")."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        if math.isnan(f):
+            return None
+        if math.isinf(f):
+            return "inf" if f > 0 else "-inf"
+        return f
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    return obj
+
+
+def path_or_none(p: str | os.PathLike[str] | None) -> str | None:
+    return None if p is None else os.fspath(p)
+
+
+@dataclass(frozen=True)
+class ModelNumbers:
+    """The figures the before/after block compares."""
+
+    nodes: int
+    ops: dict[str, int]
+    params: int
+    param_bytes: int
+    macs: int
+    activation_peak: int
+
+    @classmethod
+    def of(cls, model: Model) -> ModelNumbers:
+        cost = model_cost(model)
+        return cls(model.num_nodes(), model.op_histogram(), int(cost.params),
+                   int(cost.param_bytes), int(cost.macs), int(cost.activation_bytes_peak))
+
+
+@dataclass(kw_only=True)
+class TransformResult:
+    """What a job that turns one model into another did (optimize, quantize, prune, fp16).
+
+    Attributes:
+        model: the transformed model.
+        original: the input model as the job saw it (input shapes fixed, shapes inferred).
+        verify: the transformed model against the input in onnxruntime (None when skipped).
+        input: the input file (None for a model built in memory).
+        output: the file written (None when the job was not asked to write one).
+        report_path: the HTML report written (None when not asked for).
+        seconds: wall time of the job, writing included.
+    """
+
+    model: Model
+    original: Model
+    verify: VerifyReport | None = None
+    input: str | None = None
+    output: Path | None = None
+    report_path: Path | None = None
+    seconds: float = 0.0
+
+    @cached_property
+    def before(self) -> ModelNumbers:
+        """Nodes, op histogram, params, MACs and activation peak of the input."""
+        return ModelNumbers.of(self.original)
+
+    @cached_property
+    def after(self) -> ModelNumbers:
+        """The same figures for the transformed model."""
+        return ModelNumbers.of(self.model)
+
+    def pass_stats(self) -> dict[str, dict[str, Any]]:
+        """What each pass (or step) did: ``{name: {counter: value}}``."""
+        return {}
+
+    def verify_json(self) -> dict[str, Any] | None:
+        """Per output: ``max_abs_err``, ``cosine``, ``sqnr_db`` (and more)."""
+        return self.verify.to_json() if self.verify is not None else None
+
+    def change_json(self) -> dict[str, Any]:
+        """The shared before/after keys of the optimize, quantize, prune and fp16 JSON."""
+        b, a = self.before, self.after
+        return {
+            "input": self.input, "output": path_or_none(self.output),
+            "nodes_before": b.nodes, "nodes_after": a.nodes,
+            "macs_before": b.macs, "macs_after": a.macs,
+            "params_before": b.params, "params_after": a.params,
+            "param_bytes_before": b.param_bytes, "param_bytes_after": a.param_bytes,
+            "ops_before": b.ops, "ops_after": a.ops,
+            "verify": self.verify_json(), "passes": self.pass_stats(),
+            "report": path_or_none(self.report_path), "seconds": round(self.seconds, 3),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` object of the command (JSON-ready: no NaN, no numpy types)."""
+        return jsonable(self.change_json())  # type: ignore[no-any-return]

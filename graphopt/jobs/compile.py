@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -34,45 +34,33 @@ from graphopt.algorithms.tvm.emit import (
     tvm_available,
 )
 from graphopt.algorithms.tvm.qemu import qemu_unavailable_reason, run_under_qemu
-from graphopt.algorithms.tvm.runner import MANIFEST_SUFFIX, load_artifact, manifest_path_for
+from graphopt.algorithms.tvm.runner import (
+    MANIFEST_SUFFIX,
+    Artifact,
+    load_artifact,
+    manifest_path_for,
+)
 from graphopt.core.cost import model_cost
-from graphopt.core.errors import GraphoptError, VerificationError
+from graphopt.core.errors import GraphoptError, VerificationError, first_line
 from graphopt.core.feeds import random_feeds
-from graphopt.core.loader import load
+from graphopt.core.latency import interleaved
 from graphopt.core.model import Model
 from graphopt.core.session import make_session, run_model
+from graphopt.core.shapes import static_input_shapes
 from graphopt.core.verify import VerifyReport, compare
+from graphopt.jobs.common import ModelLike, as_model, jsonable, output_paths, source_path
 from graphopt.jobs.optimize import optimize_model
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BenchResult",
     "CompileResult",
     "bench_artifact",
     "compile_model",
     "prepare_model",
     "tvm_available",
 ]
-
-
-def _parse_shapes(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
-                  ) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    for t in model.graph.inputs:
-        if input_shapes and t.name in input_shapes:
-            shapes[t.name] = tuple(int(d) for d in input_shapes[t.name])
-        else:
-            dims = list(t.shape or [])
-            if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
-                raise GraphoptError(
-                    f"input '{t.name}' has dynamic shape {dims}; TVM needs a fixed shape: pass "
-                    f"--input-shape {t.name}:1x3x640x640 (input_shapes={{'{t.name}': (...)}})")
-            shapes[t.name] = tuple(int(d) for d in dims)
-    unknown = set(input_shapes or {}) - {t.name for t in model.graph.inputs}
-    if unknown:
-        raise GraphoptError(f"--input-shape names unknown inputs {sorted(unknown)}; inputs are "
-                            f"{[t.name for t in model.graph.inputs]}")
-    return shapes
 
 
 _POOL_OPS = ("MaxPool", "AveragePool")
@@ -91,7 +79,7 @@ def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
     Returns:
         (prepared model, info) where info holds the fixed shapes, per-pass stats and fusion groups.
     """
-    shapes = _parse_shapes(model, input_shapes)
+    shapes = static_input_shapes(model, input_shapes)
     res = optimize_model(model, target="portable", input_shapes=shapes, verify_output=False)
     m = res.model
     info: dict[str, Any] = {"input_shapes": {k: list(v) for k, v in shapes.items()},
@@ -129,7 +117,7 @@ class CompileResult:
     #: True when nvcc compiled the generated CUDA source; None when not checked
     cuda_source_checked: bool | None = None
     #: comparison with onnxruntime on seeded inputs (None when the library could not be run here)
-    verify: Any = None
+    verify: VerifyReport | None = None
     #: where the library ran for verification: "host", "qemu-aarch64", or None
     verified_on: str | None = None
     passes: dict[str, Any] = field(default_factory=dict)
@@ -138,11 +126,14 @@ class CompileResult:
     kernels: list[str] = field(default_factory=list)
     #: graphopt CPU schedule rule -> number of kernels it scheduled ("none": left as TVM wrote it)
     schedules: dict[str, int] = field(default_factory=dict)
+    #: the ONNX file compiled (None for a model built in memory)
+    input: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON for ``graphopt compile --json`` (keys ``target``, ``artifact``, ``verify`` as in the
         CLI contract, plus ``manifest``, ``compile_seconds``, ``artifact_bytes``, ``stages``...)."""
-        return {
+        return jsonable({  # type: ignore[no-any-return]
+            "input": self.input,
             "target": self.target,
             "artifact": str(self.artifact),
             "manifest": str(self.manifest),
@@ -155,7 +146,7 @@ class CompileResult:
             "fusion_groups": len(self.fusion_groups),
             "kernels": len(self.kernels),
             "schedules": self.schedules,
-        }
+        })
 
 
 def _io_desc(values: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None = None
@@ -169,7 +160,7 @@ def _io_desc(values: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None =
     return out
 
 
-def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
+def compile_model(model: ModelLike, target: str = "llvm",
                   output: str | os.PathLike[str] = "model.so",
                   input_shapes: Mapping[str, Sequence[int]] | None = None,
                   schedules: bool = True, check_cuda_source: bool = True,
@@ -177,7 +168,7 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
     """Compile ``model`` into a native library ``output`` plus a JSON manifest beside it.
 
     Args:
-        model: a :class:`Model` or the path of an ONNX file.
+        model: a :class:`Model` (not changed) or the path of an ONNX file (never written).
         target: ``llvm`` (this host, its CPU), ``aarch64`` (cross-compiled for AArch64 Linux with
             NEON), or ``cuda`` / ``cuda:sm_80`` / ``cuda:sm_90``.
         output: the library to write (``.so``); the manifest goes to ``<output>.json``.
@@ -197,11 +188,12 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
         VerificationError: the library's outputs differ from onnxruntime's (nothing is written).
         GraphoptError: bad target, or dynamic inputs without ``input_shapes``.
     """
-    tvm = require_tvm()
-    if not isinstance(model, Model):
-        model = load(model)
     spec = parse_target(target)
-    out = Path(output)
+    out, _ = output_paths(model, output, manifest_path_for(output))
+    assert out is not None
+    src = source_path(model)
+    model = as_model(model)  # a file that is not a model is refused before TVM is needed
+    tvm = require_tvm()
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
@@ -277,11 +269,11 @@ def compile_model(model: Model | str | os.PathLike[str], target: str = "llvm",
                 out.stat().st_size)
     return CompileResult(spec.name, out, man, total, out.stat().st_size, stages, cuda_checked,
                          report, verified_on, info["passes"], info["fusion_groups"],
-                         record.get("kernels", []), record.get("schedules", {}))
+                         record.get("kernels", []), record.get("schedules", {}), src)
 
 
 def _verify_artifact(model: Model, lib: Path, spec: TargetSpec, shapes: Mapping[str, Sequence[int]]
-                     ) -> tuple[Any, str | None]:
+                     ) -> tuple[VerifyReport | None, str | None]:
     """Run the library (here, or under qemu for AArch64) and onnxruntime on the same seeded
     inputs."""
     feeds = random_feeds(model, seed=0, shapes=shapes)
@@ -317,22 +309,44 @@ VERIFY_ATOL = 1e-5
 SMALL_MODEL_MACS = 50_000_000
 
 
-def bench_artifact(artifact: str | os.PathLike[str], model: Model | str | os.PathLike[str],
+@dataclass
+class BenchResult:
+    """Latency of a host library against onnxruntime (:func:`bench_artifact`)."""
+
+    artifact: str
+    runs: int
+    threads: int
+    tvm_ms: float
+    ort_ms: float
+    #: per output: the library's outputs against onnxruntime's
+    verify: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ratio_tvm_vs_ort(self) -> float:
+        return self.tvm_ms / self.ort_ms if self.ort_ms else math.inf
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``graphopt bench --json`` object."""
+        return jsonable({"artifact": self.artifact,  # type: ignore[no-any-return]
+                         "runs": self.runs, "threads": self.threads, "tvm_ms": self.tvm_ms,
+                         "ort_ms": self.ort_ms, "ratio_tvm_vs_ort": self.ratio_tvm_vs_ort,
+                         "verify": self.verify})
+
+
+def bench_artifact(artifact: str | os.PathLike[str], model: ModelLike,
                    runs: int = 50, warmup: int = 5, threads: int = 2, seed: int = 0
-                   ) -> dict[str, Any]:
+                   ) -> BenchResult:
     """Latency of a host library against onnxruntime on the same seeded input (``graphopt bench``).
 
-    The two run interleaved (A, B, B, A, ...), ``runs`` times each after ``warmup`` runs;
-    onnxruntime
-    with ORT_ENABLE_ALL, ``threads`` intra-op threads and spinning off. Returns medians in ms, the
-    ratio tvm/ort, and the max abs error of the library's outputs against onnxruntime's.
+    The two run interleaved (:func:`graphopt.core.latency.interleaved`), ``runs`` times each
+    after ``warmup`` runs; onnxruntime with ORT_ENABLE_ALL, ``threads`` intra-op threads and
+    spinning off. Returns medians in ms and the library's outputs compared with onnxruntime's.
     """
-    art = load_artifact(artifact)
+    art = open_artifact(artifact)
     if art.target != "llvm":
         raise GraphoptError(f"{artifact} was compiled for {art.target}; only host (llvm) libraries "
                             "can be timed here")
-    if not isinstance(model, Model):
-        model = load(model)
+    model = as_model(model)
     shapes = {i["name"]: [int(d) for d in i["shape"]] for i in art.inputs}
     feeds = random_feeds(model, seed=seed, shapes=shapes)
     sess = make_session(model, "all", threads=threads)
@@ -340,27 +354,30 @@ def bench_artifact(artifact: str | os.PathLike[str], model: Model | str | os.Pat
     ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
     outs = art.run(feeds)
     errs = {n: compare(n, r, outs[n], VERIFY_RTOL, VERIFY_ATOL).to_json() for n, r in ref.items()}
-    t_tvm: list[float] = []
-    t_ort: list[float] = []
+    timings = interleaved({"tvm": lambda: art.run_device(args),
+                           "ort": lambda: sess.run(None, feeds)}, runs=runs, warmup=warmup)
+    return BenchResult(str(artifact), runs, threads, timings.median_ms("tvm"),
+                       timings.median_ms("ort"), errs)
 
-    def _tvm_once() -> None:
-        t = time.perf_counter()
-        art.run_device(args)
-        t_tvm.append(time.perf_counter() - t)
 
-    def _ort_once() -> None:
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        t_ort.append(time.perf_counter() - t)
+def open_artifact(path: str | os.PathLike[str]) -> Artifact:
+    """Load a library written by ``graphopt compile``; a missing or foreign file is a user error.
 
-    for _ in range(warmup):
-        art.run_device(args)
-        sess.run(None, feeds)
-    for i in range(runs):
-        first, second = (_tvm_once, _ort_once) if i % 2 == 0 else (_ort_once, _tvm_once)
-        first()
-        second()
-    tvm_ms = statistics.median(t_tvm) * 1e3
-    ort_ms = statistics.median(t_ort) * 1e3
-    return {"artifact": str(artifact), "runs": runs, "threads": threads, "tvm_ms": tvm_ms,
-            "ort_ms": ort_ms, "ratio_tvm_vs_ort": tvm_ms / ort_ms, "verify": errs}
+    Raises:
+        GraphoptError: no such file, no manifest beside it, or not a library TVM can load.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise GraphoptError(f"no such file: {p}")
+    if not manifest_path_for(p).is_file():
+        raise GraphoptError(f"{p} is not a library written by 'graphopt compile' (its manifest "
+                            f"{manifest_path_for(p).name} is missing); ONNX models end in .onnx")
+    require_tvm()
+    try:
+        return load_artifact(p)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise GraphoptError(f"cannot load the library {p}: {first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - TVM raises its own error types for foreign files
+        if type(exc).__module__.startswith("tvm"):
+            raise GraphoptError(f"cannot load the library {p}: {first_line(exc)}") from None
+        raise

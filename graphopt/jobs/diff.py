@@ -1,5 +1,5 @@
-"""The diff job: what changed between two models in the graph (:mod:`graphopt.algorithms.diff`), and
-where their numbers part ways.
+"""The diff job (``graphopt diff``, ``graphopt.diff``): what changed between two models in the
+graph (:mod:`graphopt.algorithms.diff`), and where their numbers part ways.
 
 The same inputs go through both models in onnxruntime (``ORT_DISABLE_ALL``); every output of A is
 compared with B's (max abs error, cosine, SQNR). With ``per_layer`` every tensor produced by a node
@@ -11,24 +11,75 @@ whose output differs beyond ``atol + rtol * max|ref|`` is reported, as Polygraph
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.algorithms.diff import DiffReport, LayerDiff, producers, structural_diff
-from graphopt.core.feeds import random_feeds
+from graphopt.core.feeds import check_feeds, random_feeds
 from graphopt.core.model import Model
 from graphopt.core.session import make_session
 from graphopt.core.shapes import prepare
 from graphopt.core.verify import OutputDiff, compare
-from graphopt.jobs.common import ModelLike, as_model
+from graphopt.jobs.common import ModelLike, as_model, jsonable, source_path
 
 
-def diff(a: ModelLike, b: ModelLike, **kwargs: Any) -> DiffReport:
-    """Structural and numerical diff of two models (paths or Models; neither is changed); the
-    options are :func:`diff_models`'s."""
-    return diff_models(prepare(as_model(a).clone()), prepare(as_model(b).clone()), **kwargs)
+@dataclass
+class DiffResult:
+    """What :func:`diff` found.
+
+    Attributes:
+        report: the structural and numerical differences (:class:`DiffReport`).
+        a, b: the files compared (None for models built in memory).
+        per_layer: whether every tensor both models produce was compared.
+    """
+
+    report: DiffReport
+    a: str | None = None
+    b: str | None = None
+    per_layer: bool = False
+
+    @property
+    def outputs_equal(self) -> bool:
+        return self.report.outputs_equal
+
+    @property
+    def first_divergent_node(self) -> str | None:
+        return self.report.first_divergent_node
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``graphopt diff --json`` object (``outputs_equal``, ``outputs``,
+        ``first_divergent_node``, ``nodes_added``, ``nodes_removed``, ...; ``layers`` with
+        ``per_layer``)."""
+        d = {"a": self.a, "b": self.b, **self.report.to_json()}
+        if not self.per_layer:
+            d.pop("layers")
+        return jsonable(d)  # type: ignore[no-any-return]
+
+
+def diff(a: ModelLike, b: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
+         feeds: Mapping[str, np.ndarray] | None = None, per_layer: bool = False,
+         rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, numeric: bool = True
+         ) -> DiffResult:
+    """The diff job (``graphopt diff``): structural and numerical diff of two models (paths or
+    Models; neither is changed).
+
+    Args:
+        input_shapes: fixed shapes for dynamic inputs, applied to both models.
+        feeds, per_layer, rtol, atol, seed, numeric: as :func:`diff_models`.
+    """
+    ma = prepare(_copy(as_model(a), a), input_shapes)
+    mb = prepare(_copy(as_model(b), b), input_shapes)
+    rep = diff_models(ma, mb, feeds=feeds, per_layer=per_layer, rtol=rtol, atol=atol, seed=seed,
+                      numeric=numeric)
+    return DiffResult(rep, source_path(a), source_path(b), per_layer)
+
+
+def _copy(model: Model, given: ModelLike) -> Model:
+    """A copy when the caller handed a Model in (it is not changed), else the loaded model."""
+    return model.clone() if model is given else model
 
 
 def _feeds_for(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -43,17 +94,12 @@ def _feeds_for(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nd
 
 def _run_all(model: Model, names: Sequence[str], feeds: Mapping[str, np.ndarray]
              ) -> dict[str, np.ndarray]:
-    m = model.clone()
-    tensors = m.graph.tensors()
-    have = {t.name for t in m.graph.outputs}
-    for n in names:
-        if n not in have and n in tensors and isinstance(tensors[n], gs.Variable):
-            m.graph.outputs.append(tensors[n])
-            have.add(n)
-    sess = make_session(m)
+    """The model's outputs and the tensors ``names`` (those it computes) on ``feeds``."""
+    tensors = model.graph.tensors()
+    extra = [n for n in names if n in tensors and isinstance(tensors[n], gs.Variable)]
+    sess = make_session(model, outputs=extra)
     out_names = [o.name for o in sess.get_outputs()]
-    res = sess.run(out_names, _feeds_for(m, feeds))
-    return dict(zip(out_names, res))
+    return dict(zip(out_names, sess.run(out_names, _feeds_for(model, feeds))))
 
 
 def diff_models(a: Model, b: Model, feeds: Mapping[str, np.ndarray] | None = None,
@@ -69,7 +115,7 @@ def diff_models(a: Model, b: Model, feeds: Mapping[str, np.ndarray] | None = Non
     r = structural_diff(a, b, DiffReport(rtol=rtol, atol=atol))
     if not numeric:
         return r
-    feeds = dict(feeds) if feeds is not None else random_feeds(a, seed=seed)
+    feeds = check_feeds(a, feeds, "feeds") if feeds is not None else random_feeds(a, seed=seed)
     out_a = [t.name for t in a.graph.outputs]
     prod_a = producers(a.graph)
     names_b = set(producers(b.graph)) | {t.name for t in b.graph.inputs}

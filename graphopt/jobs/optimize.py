@@ -1,4 +1,5 @@
-"""The optimize job: load -> fix shapes -> infer shapes -> pass pipeline to a fixed point -> verify.
+"""The optimize job: load -> fix shapes -> infer shapes -> pass pipeline to a fixed point -> verify
+-> write.
 
 ``DEFAULT_PIPELINE`` is the pass list run by ``graphopt optimize`` when ``--passes`` is not given;
 ``TARGET_PIPELINES`` adds target-specific passes (``ort`` emits onnxruntime's fused ops).
@@ -7,19 +8,32 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from graphopt.core.errors import GraphoptError, VerificationError
+from graphopt.core.feeds import random_feeds
+from graphopt.core.latency import interleaved_latency
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
+from graphopt.core.saver import save
 from graphopt.core.shapes import infer_shapes, missing_shapes, prepare
-from graphopt.core.verify import VerifyReport, verify
-from graphopt.jobs.common import ModelLike, as_model
+from graphopt.core.verify import verify
+from graphopt.jobs.common import (
+    ModelLike,
+    TransformResult,
+    as_model,
+    jsonable,
+    output_paths,
+    source_path,
+)
+from graphopt.jobs.report import write_report
 from graphopt.passes import get_pass, known_pass_names, resolve_passes
 
 logger = logging.getLogger(__name__)
@@ -78,24 +92,49 @@ def target_passes(target: str = "portable") -> list[Pass]:
     ]
 
 
-@dataclass
-class OptimizeResult:
-    """What ``optimize`` did."""
+def _pass_list(passes: str | Sequence[str | Pass], target: str) -> list[Pass]:
+    """Pass instances for names (``"a,b"`` or a list) or instances; passes that take a target
+    are built for ``target``."""
+    items = [p.strip() for p in passes.split(",") if p.strip()] if isinstance(passes, str) \
+        else list(passes)
+    return resolve_passes([get_pass(p, target=target) if isinstance(p, str) and
+                           p in TARGETED_PASSES else p for p in items])
 
-    model: Model
-    original: Model
+
+@dataclass(kw_only=True)
+class OptimizeResult(TransformResult):
+    """What :func:`optimize` did: the before/after block plus the pass manager's record.
+
+    Attributes:
+        manager: every pass run (steps, per-pass stats).
+        pipeline: the pass names, in order.
+        target: ``portable`` or ``ort``.
+        pass_seconds: time spent in the passes (``seconds`` is the whole job).
+        latency_ms: with ``bench``: ``{"before"|"after": {"disable_all"|"all": ms}}``.
+    """
+
     manager: ManagerResult
-    verify: VerifyReport | None
-    seconds: float
-    passes: list[str] = field(default_factory=list)
+    pipeline: list[str] = field(default_factory=list)
+    target: str = "portable"
+    pass_seconds: float = 0.0
+    latency_ms: dict[str, dict[str, float]] | None = None
 
     def stats(self) -> dict[str, dict[str, Any]]:
+        """Counters summed over the sweeps, per pass name."""
         return self.manager.stats_by_pass()
+
+    def pass_stats(self) -> dict[str, dict[str, Any]]:
+        return self.stats()
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``graphopt optimize --json`` object."""
+        return jsonable({**self.change_json(), "target": self.target,  # type: ignore[no-any-return]
+                         "latency_ms": self.latency_ms})
 
 
 def optimize_model(
     model: Model,
-    passes: Sequence[str | Pass] | None = None,
+    passes: str | Sequence[str | Pass] | None = None,
     target: str = "portable",
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     verify_output: bool = True,
@@ -103,23 +142,32 @@ def optimize_model(
     steps: int = 10,
     on_pass: Callable[[PassRecord], None] | None = None,
 ) -> OptimizeResult:
-    """Optimize a model (a transformed copy is returned; ``model`` is not changed).
+    """Optimize a model in memory (a transformed copy is returned; ``model`` is not changed).
+
+    Args:
+        passes: pass names (``"a,b"`` or a list) or instances instead of the default pipeline.
+        target: ``portable`` (standard ONNX) or ``ort`` (may emit onnxruntime's fused ops).
+        input_shapes: fixed shapes for dynamic inputs.
+        verify_output: compare the result with the input in onnxruntime.
+        feeds: inputs for shape inference's fallback and for the verification.
+        steps: at most this many sweeps over the pass list.
+        on_pass: called after every pass run.
 
     Raises:
         VerificationError: when the optimized model's outputs differ beyond fp32 tolerance.
     """
     t0 = time.perf_counter()
+    default_pipeline(target)  # validates the target
     original = prepare(model.clone(), input_shapes, feeds)
     work = original.clone()
-    pass_list: list[str | Pass]
     lowering: list[Pass] = []
     if passes is not None:
-        pass_list = [get_pass(p, target=target) if p in TARGETED_PASSES else p for p in passes]
+        pass_list = _pass_list(passes, target)
     else:  # the default pipeline to a fixed point, then the target's lowering to its own
         known = known_pass_names()
-        pass_list = [p for p in DEFAULT_PIPELINE if p in known]
+        pass_list = resolve_passes([p for p in DEFAULT_PIPELINE if p in known])
         lowering = target_passes(target)
-    manager = PassManager(resolve_passes(pass_list), steps=steps, on_pass=on_pass)
+    manager = PassManager(pass_list, steps=steps, on_pass=on_pass)
     result = manager(work)
     if lowering:
         low = PassManager(lowering, steps=steps, on_pass=on_pass)(result.model)
@@ -129,7 +177,7 @@ def optimize_model(
             result.records + low.records,
             result.steps + low.steps,
         )
-        pass_list = pass_list + list(lowering)
+        pass_list = pass_list + lowering
     out = result.model
     if missing_shapes(out):  # passes keep the shapes they touch; re-derive only what is missing
         infer_shapes(out, feeds=feeds)
@@ -137,7 +185,7 @@ def optimize_model(
     report = None
     if verify_output:
         # lossy passes (pruning, quantization, fp16) change numbers by design: judge them by SQNR
-        lossy = any(type(rec_pass).lossy for rec_pass in manager.passes)
+        lossy = any(type(p).lossy for p in pass_list)
         if lossy:
             report = verify(original, out, feeds=feeds, min_sqnr_db=LOSSY_MIN_SQNR_DB)
         else:
@@ -160,14 +208,57 @@ def optimize_model(
                     else "Re-run with -v and --passes to find the pass, and report it"
                 )
             )
-    names = [p if isinstance(p, str) else p.name for p in pass_list]
-    return OptimizeResult(out, original, result, report, elapsed, names)
+    return OptimizeResult(model=out, original=original, verify=report, manager=result,
+                          pipeline=[p.name for p in pass_list], target=target,
+                          pass_seconds=elapsed, seconds=time.perf_counter() - t0)
 
 
-def optimize(model: ModelLike, **kwargs: Any) -> OptimizeResult:
-    """Run the default (or given) pass pipeline and verify (a path or a Model; not modified); the
-    options are :func:`optimize_model`'s.
+def optimize(
+    model: ModelLike,
+    passes: str | Sequence[str | Pass] | None = None,
+    *,
+    target: str = "portable",
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    verify_output: bool = True,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    steps: int = 10,
+    on_pass: Callable[[PassRecord], None] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    bench: bool = False,
+) -> OptimizeResult:
+    """The optimize job (``graphopt optimize``): run the default (or given) pass pipeline to a
+    fixed point, verify against the input, and write the result.
 
-    Returns an ``OptimizeResult`` with ``.model``, ``.verify`` and per-pass ``.stats()``.
+    Args:
+        model: a Model (not changed) or the path of an ONNX file (never written).
+        passes, target, input_shapes, verify_output, feeds, steps, on_pass: as
+            :func:`optimize_model`.
+        output: write the optimized model here (atomically; only once it is verified).
+        report: write a self-contained HTML report here.
+        bench: measure onnxruntime latency before and after (interleaved medians, at
+            ``ORT_DISABLE_ALL`` and ``ORT_ENABLE_ALL``) into ``latency_ms``.
+
+    Returns:
+        An :class:`OptimizeResult`; ``to_json()`` is what ``graphopt optimize --json`` prints.
     """
-    return optimize_model(as_model(model), **kwargs)
+    t0 = time.perf_counter()
+    out_path, report_path = output_paths(model, output, report)
+    if passes is not None:
+        passes = _pass_list(passes, target)  # an unknown pass fails before the model is read
+    res = optimize_model(as_model(model), passes=passes, target=target, input_shapes=input_shapes,
+                         verify_output=verify_output, feeds=feeds, steps=steps, on_pass=on_pass)
+    res.input = source_path(model)
+    if out_path is not None:
+        res.output = save(res.model, out_path)
+    if report_path is not None:
+        name = Path(res.input).name if res.input else "model"
+        res.report_path = write_report(report_path, res.original, res.model, verify=res.verify,
+                                  title=f"graphopt optimize {name}",
+                                  tables={"passes": [{"pass": k, **v}
+                                                     for k, v in res.stats().items()]})
+    res.seconds = time.perf_counter() - t0
+    if bench:
+        res.latency_ms = interleaved_latency({"before": res.original, "after": res.model},
+                                             random_feeds(res.original, seed=0))
+    return res

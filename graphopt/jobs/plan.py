@@ -1,27 +1,56 @@
-"""The plan job: prepare a model (fixed input shapes, inferred shapes), size the tensors shape
-inference leaves unknown by one node-by-node run, search a node order with a lower peak, and plan
-every activation into one arena (:mod:`graphopt.algorithms.memory.planner`).
+"""The plan job (``graphopt plan``, ``graphopt.plan_memory``): prepare a model (fixed input shapes,
+inferred shapes), size the tensors shape inference leaves unknown by one node-by-node run, search a
+node order with a lower peak, and plan every activation into one arena
+(:mod:`graphopt.algorithms.memory.planner`); optionally prove the plan by running the model inside
+the arena, draw it, and write the model in the planned order with the plan in its metadata
+(``graphopt.memory_plan``) and beside it (``OUT.memplan.json``).
+
+:func:`plan_model` is the planning step alone (a :class:`MemoryPlan`, no I/O), for the other jobs
+and for tests of the planner.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from graphopt.algorithms.memory.arena import probe_unknown
+from graphopt.algorithms.memory.arena import ProofReport, probe_unknown, prove
 from graphopt.algorithms.memory.order import reorder_for_memory
 from graphopt.algorithms.memory.planner import ALIGNMENT, MemoryPlan, plan_order
+from graphopt.core.errors import VerificationError
+from graphopt.core.feeds import check_feeds
 from graphopt.core.model import Model
+from graphopt.core.output import atomic_write_text
+from graphopt.core.saver import save
 from graphopt.core.shapes import prepare
-from graphopt.jobs.common import ModelLike, as_model
+from graphopt.jobs.common import (
+    ModelLike,
+    as_model,
+    jsonable,
+    output_paths,
+    path_or_none,
+    source_path,
+)
+from graphopt.jobs.report import write_report
+
+#: metadata key of the compact plan in a planned model
+PLAN_METADATA_KEY = "graphopt.memory_plan"
+#: suffix of the full plan written beside a planned model
+PLAN_FILE_SUFFIX = ".memplan.json"
 
 
-def plan_memory(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-                strategy: str = "best", inplace: bool = True, reorder: bool = True,
-                feeds: Mapping[str, np.ndarray] | None = None, alignment: int = ALIGNMENT,
-                prepared: bool = False) -> MemoryPlan:
-    """Plan the activation memory of a model into one arena.
+def plan_model(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+               strategy: str = "best", inplace: bool = True, reorder: bool = True,
+               feeds: Mapping[str, np.ndarray] | None = None, alignment: int = ALIGNMENT,
+               prepared: bool = False) -> MemoryPlan:
+    """Plan the activation memory of a model into one arena (no I/O).
 
     Args:
         model: the model (or its path); it is not changed (a prepared copy is planned, see
@@ -43,6 +72,8 @@ def plan_memory(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | No
         work = model.clone() if reorder else model
     else:
         work = prepare(model.clone(), input_shapes)
+    if feeds is not None:
+        feeds = check_feeds(work, feeds, "--feeds")
     positions = {id(n): i for i, n in enumerate(work.graph.nodes)}
     observed = probe_unknown(work, feeds)
     before = plan_order(work, inplace=inplace, strategy=strategy, alignment=alignment,
@@ -65,8 +96,135 @@ def plan_memory(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | No
 
 def apply_order(model: Model, plan: MemoryPlan) -> Model:
     """Put ``model``'s main-graph nodes in ``plan``'s order (``model`` is the one that was given
-    to :func:`plan_memory`, or a copy of it); in place, returns ``model``."""
+    to :func:`plan_model`, or a copy of it); in place, returns ``model``."""
     nodes = list(model.graph.nodes)
     if plan.order_index and len(plan.order_index) == len(nodes):
         model.graph.nodes = [nodes[i] for i in plan.order_index]
     return model
+
+
+def planned_model(model: Model, plan: MemoryPlan) -> Model:
+    """A copy of ``model`` in the plan's node order, the compact plan in its metadata
+    (``graphopt.memory_plan``)."""
+    out = apply_order(model.clone(), plan)
+    out.metadata[PLAN_METADATA_KEY] = plan.compact_json()
+    return out
+
+
+@dataclass
+class PlanResult:
+    """What :func:`plan_memory` did.
+
+    Attributes:
+        plan: the memory plan (offsets, lifetimes, figures); ``plan.model`` is the prepared model
+            in the planned order.
+        source: the model as given (the planned order applies to it, see :meth:`planned_model`).
+        input: the file planned (None for a model built in memory).
+        proof: with ``prove``: the run of the model inside the arena against onnxruntime.
+        output: the planned model written (None when not asked for); ``plan_file`` the full plan
+            beside it.
+        plot, report_path: the picture and the HTML report written (None when not asked for).
+        seconds: time spent planning (proof, plot and writing excluded).
+    """
+
+    plan: MemoryPlan
+    source: Model
+    input: str | None = None
+    proof: ProofReport | None = None
+    output: Path | None = None
+    plan_file: Path | None = None
+    plot: Path | None = None
+    report_path: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.plan.arena_bytes
+
+    @property
+    def lower_bound_bytes(self) -> int:
+        return self.plan.lower_bound_bytes
+
+    @property
+    def naive_bytes(self) -> int:
+        return self.plan.naive_bytes
+
+    @property
+    def model(self) -> Model | None:
+        """The prepared model the plan is for (planned order)."""
+        return self.plan.model
+
+    def planned_model(self) -> Model:
+        """The model as given, in the planned order, with the compact plan in its metadata."""
+        return planned_model(self.source, self.plan)
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``graphopt plan --json`` object: the plan's figures (``arena_bytes``,
+        ``lower_bound_bytes``, ``naive_bytes``, ``inplace``, ``order_changed``, ...) and what was
+        written."""
+        return jsonable({  # type: ignore[no-any-return]
+            "model": self.input, **self.plan.summary(),
+            "report": path_or_none(self.report_path), "output": path_or_none(self.output),
+            "plan_file": path_or_none(self.plan_file), "plot": path_or_none(self.plot),
+            "seconds": round(self.seconds, 3),
+            "proof": self.proof.to_json() if self.proof is not None else None,
+        })
+
+
+def plan_memory(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+                strategy: str = "best", inplace: bool = True, reorder: bool = True,
+                feeds: Mapping[str, np.ndarray] | None = None, alignment: int = ALIGNMENT,
+                prepared: bool = False, prove_plan: bool = False,
+                output: str | os.PathLike[str] | None = None,
+                plot: str | os.PathLike[str] | None = None,
+                report: str | os.PathLike[str] | None = None) -> PlanResult:
+    """The plan job: plan the activation memory of a model into one arena, and optionally prove,
+    draw and write it.
+
+    Args:
+        model: a Model (not changed) or the path of an ONNX file (never written).
+        input_shapes, strategy, inplace, reorder, feeds, alignment, prepared: as
+            :func:`plan_model`.
+        prove_plan: run the model node by node inside the arena and compare with onnxruntime
+            (on ``feeds``, else seeded random inputs).
+        output: write the model in the planned order here, the compact plan in its metadata and
+            the full plan beside it as ``OUTPUT.memplan.json`` (atomically).
+        plot: draw the arena over time into this PNG (needs matplotlib).
+        report: write a self-contained HTML report here.
+
+    Returns:
+        A :class:`PlanResult`; ``to_json()`` is what ``graphopt plan --json`` prints.
+
+    Raises:
+        VerificationError: the plan failed its execution proof (nothing is written).
+    """
+    plan_file = None if output is None else Path(str(output) + PLAN_FILE_SUFFIX)
+    out_path, plan_path, plot_path, report_path = output_paths(model, output, plan_file, plot,
+                                                               report)
+    source = as_model(model)
+    t0 = time.perf_counter()
+    plan = plan_model(source, input_shapes, strategy=strategy, inplace=inplace, reorder=reorder,
+                      feeds=feeds, alignment=alignment, prepared=prepared)
+    res = PlanResult(plan, source, input=source_path(model), seconds=time.perf_counter() - t0)
+    if prove_plan:
+        assert plan.model is not None
+        res.proof = prove(plan.model, plan, feeds=feeds)
+        if not res.proof.ok:
+            raise VerificationError(
+                f"the plan failed its execution proof ({res.proof.error or 'outputs differ'})")
+    name = Path(res.input).name if res.input else "model"
+    if plot_path is not None:
+        from graphopt.algorithms.memory.plot import plot_plan  # noqa: PLC0415 - matplotlib
+
+        plot_plan(plan, plot_path, title=f"{name}: arena {plan.arena_bytes:,} B "
+                  f"({plan.ratio:.3f}x lower bound), naive {plan.naive_bytes:,} B"
+                  f"{', in-place' if plan.inplace else ''}")
+        res.plot = plot_path
+    if out_path is not None and plan_path is not None:
+        res.output = save(res.planned_model(), out_path)
+        res.plan_file = atomic_write_text(
+            plan_path, json.dumps(jsonable(plan.to_json()), indent=1) + "\n")
+    if report_path is not None:
+        res.report_path = write_report(report_path, plan.model or source, None, memory=plan,
+                                       title=f"graphopt plan: {name}")
+    return res

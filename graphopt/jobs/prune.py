@@ -1,8 +1,9 @@
-"""Python API for pruning: ``prune`` (structured channels, with recovery) and ``prune_scan``.
+"""The prune jobs (``graphopt prune``): structured channel pruning with least-squares recovery
+(:func:`prune`), and a scan of several ratios measuring MACs against fidelity (:func:`prune_scan`).
 
     import graphopt
-    out = graphopt.prune("model.onnx", 0.3, calib="calib.npz", round_to=8)
-    graphopt.save(out.model, "pruned.onnx"); print(out.report.macs_after / out.report.macs_before)
+    out = graphopt.prune("model.onnx", 0.3, calib="calib.npz", round_to=8, output="pruned.onnx")
+    print(out.macs_ratio, out.to_json()["verify"])
 
 Fidelity is measured against the original on evaluation feeds (the calibration data, or seeded
 random inputs): per output SQNR and cosine, and top-1 agreement for outputs that look like class
@@ -12,21 +13,36 @@ scores (rank 2 or 3 with a last axis of at least 2 classes).
 from __future__ import annotations
 
 import logging
-import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from graphopt.core.errors import OptionError
 from graphopt.core.feeds import random_feeds
-from graphopt.core.loader import load
 from graphopt.core.model import Model
+from graphopt.core.output import atomic_path
+from graphopt.core.saver import save
 from graphopt.core.session import make_session
 from graphopt.core.shapes import fix_input_shapes
 from graphopt.core.verify import cosine, sqnr_db
-from graphopt.passes.prune_channels import PruneChannelsPass, materialize_calib
+from graphopt.jobs.common import (
+    ModelLike,
+    ModelNumbers,
+    TransformResult,
+    as_model,
+    jsonable,
+    output_paths,
+    path_or_none,
+    source_path,
+)
+from graphopt.jobs.report import write_report
+from graphopt.passes.prune_channels import PruneChannelsPass, PruneReport, materialize_calib
 
 logger = logging.getLogger(__name__)
 
@@ -44,40 +60,70 @@ class OutputFidelity:
     max_abs_err: float = 0.0
 
 
-@dataclass
-class PruneOutcome:
-    """Result of :func:`prune`."""
+@dataclass(kw_only=True)
+class PruneResult(TransformResult):
+    """What :func:`prune` did: the before/after block, the per-group report and the fidelity.
 
-    model: Model
-    report: Any  # passes.prune_channels.PruneReport
+    Attributes:
+        report: the ``prune-channels`` report (groups, widths, MACs before and after); the HTML
+            report written is ``report_path``.
+        stats: the pass's counters.
+        fidelity: per output, against the original (SQNR, cosine, top-1 agreement).
+        held_out: True when fidelity was measured on calibration batches kept out of recovery.
+        scan: with ``scan``: the points measured before pruning.
+        plot: the scan plot written (None when not asked for).
+    """
+
+    report: PruneReport
     stats: dict[str, Any]
     fidelity: list[OutputFidelity] = field(default_factory=list)
-    #: True when fidelity was measured on calibration batches kept out of recovery
     held_out: bool = False
+    scan: list[ScanPoint] | None = None
+    plot: Path | None = None
 
     @property
     def macs_ratio(self) -> float:
         r = self.report
         return r.macs_after / r.macs_before if r.macs_before else 1.0
 
+    # MACs come from the pass, which counts them with the input shapes fixed (the pruned model
+    # gets the caller's dynamic dims back, where a cost count would see unknown sizes)
+    @cached_property
+    def before(self) -> ModelNumbers:
+        return replace(ModelNumbers.of(self.original), macs=int(self.report.macs_before))
+
+    @cached_property
+    def after(self) -> ModelNumbers:
+        return replace(ModelNumbers.of(self.model), macs=int(self.report.macs_after))
+
+    def pass_stats(self) -> dict[str, dict[str, Any]]:
+        return {"prune-channels": self.stats}
+
+    def verify_json(self) -> dict[str, Any]:
+        return {f.name: {"max_abs_err": f.max_abs_err, "cosine": f.cosine, "sqnr_db": f.sqnr_db}
+                for f in self.fidelity}
+
     def to_json(self) -> dict[str, Any]:
-        def num(v: float | None) -> Any:
-            if v is None:
-                return None
-            return "inf" if v == math.inf else float(v)
-
-        return {
-            "stats": self.stats,
-            **self.report.to_json(),
-            "fidelity": {f.name: {"sqnr_db": num(f.sqnr_db), "cosine": num(f.cosine),
-                                  "max_abs_err": num(f.max_abs_err),
-                                  "top1_agreement": num(f.top1_agreement)}
-                         for f in self.fidelity},
+        """The ``graphopt prune --json`` object."""
+        rep = self.report
+        d: dict[str, Any] = {
+            **self.change_json(),
+            "prunable_macs_fraction": rep.prunable_fraction,
+            "fidelity": fidelity_json(self.fidelity),
+            "held_out": self.held_out,
+            "groups": [{"name": g.name, "producers": g.producers, "width_before": g.width_before,
+                        "width_after": g.width_after, "blocked": g.blocked,
+                        "reasons": g.reasons} for g in rep.groups],
         }
+        if self.scan is not None:
+            d["scan"] = scan_json(self.scan)
+            d["plot"] = path_or_none(self.plot)
+        return jsonable(d)  # type: ignore[no-any-return]
 
 
-def _as_model(model: Model | str | os.PathLike[str]) -> Model:
-    return model.clone() if isinstance(model, Model) else load(model)
+def fidelity_json(fid: Sequence[OutputFidelity]) -> dict[str, dict[str, Any]]:
+    return {f.name: {"sqnr_db": f.sqnr_db, "cosine": f.cosine, "max_abs_err": f.max_abs_err,
+                     "top1_agreement": f.top1_agreement} for f in fid}
 
 
 def looks_like_scores(arr: np.ndarray) -> bool:
@@ -122,15 +168,20 @@ def _eval_feeds(model: Model, calib: list[Feeds], input_shapes: Mapping[str, Seq
     return [random_feeds(probe, seed=s) for s in range(n)]
 
 
-def prune(model: Model | str | os.PathLike[str], ratio: float | dict[str, float],
+def prune(model: ModelLike, ratio: float | dict[str, float],
           calib: Any = None, criterion: str = "l1", round_to: int | None = None,
           recover: bool = True, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
           min_channels: int = 1, min_fraction: float = 0.0, calib_limit: int = 128,
-          measure: bool = True, holdout: float = 0.25, **options: Any) -> PruneOutcome:
-    """Structured channel pruning (pass ``prune-channels``) with least-squares recovery.
+          measure: bool = True, holdout: float = 0.25,
+          output: str | os.PathLike[str] | None = None,
+          report: str | os.PathLike[str] | None = None,
+          scan: Sequence[float] | None = None, plot: str | os.PathLike[str] | None = None,
+          **options: Any) -> PruneResult:
+    """The prune job: structured channel pruning (pass ``prune-channels``) with least-squares
+    recovery, fidelity against the original, and the pruned model written.
 
     Args:
-        model: a :class:`Model` (not changed) or a path.
+        model: a :class:`Model` (not changed) or the path of an ONNX file (never written).
         ratio: fraction of channels removed from every dependency group, or
             ``{producer node name: ratio, "*": default}`` per layer.
         calib: calibration data (path, iterable of feed dicts) for recovery and the
@@ -147,10 +198,51 @@ def prune(model: Model | str | os.PathLike[str], ratio: float | dict[str, float]
             is kept out of recovery and used to measure fidelity (else: seeded random inputs, or
             the calibration data itself when there is too little of it).
 
+        output: write the pruned model here (atomically).
+        report: write a self-contained HTML report here (with the scan when ``scan`` is given).
+        scan: also prune at these ratios first and measure MACs against fidelity (``scan``).
+        plot: with ``scan``: draw MACs against fidelity into this PNG.
+
     Returns:
-        :class:`PruneOutcome` with the pruned model, the per-group report and the fidelity.
+        A :class:`PruneResult`; ``to_json()`` is what ``graphopt prune --json`` prints.
     """
-    original = _as_model(model)
+    t0 = time.perf_counter()
+    out_path, report_path, plot_path = output_paths(model, output, report,
+                                                    plot if scan is not None else None,
+                                                    inputs=[calib])
+    opts: dict[str, Any] = dict(calib=calib, criterion=criterion, round_to=round_to,
+                                recover=recover, input_shapes=input_shapes,
+                                min_channels=min_channels, min_fraction=min_fraction,
+                                calib_limit=calib_limit, holdout=holdout, **options)
+    # the pass checks its options (ratio in [0, 1), criterion, ...) before any work
+    PruneChannelsPass(ratio=ratio, criterion=criterion, round_to=round_to,
+                      min_channels=min_channels, min_fraction=min_fraction, **options)
+    source = as_model(model)
+    points = None if scan is None else [
+        _point(r, _prune_once(source, r, measure=True, **opts)) for r in scan]
+    res = _prune_once(source, ratio, measure=measure, **opts)
+    res.input = source_path(model)
+    res.scan = points
+    if plot_path is not None and res.scan is not None:
+        res.plot = plot_scan(res.scan, plot_path, title=_scan_title(res.input, criterion,
+                                                               recover and calib is not None))
+    if out_path is not None:
+        res.output = save(res.model, out_path)
+    if report_path is not None:
+        name = Path(res.input).name if res.input else "model"
+        res.report_path = write_report(report_path, res.original, res.model, prune_scan=res.scan,
+                                  title=f"graphopt prune: {name}")
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _prune_once(model: Model, ratio: float | dict[str, float], *, calib: Any, criterion: str,
+                round_to: int | None, recover: bool,
+                input_shapes: Mapping[str, Sequence[int]] | None, min_channels: int,
+                min_fraction: float, calib_limit: int, measure: bool, holdout: float,
+                **options: Any) -> PruneResult:
+    """Prune a copy of ``model`` once and measure its fidelity."""
+    original = model.clone()
     if input_shapes:
         fix_input_shapes(original, input_shapes)
     feeds = materialize_calib(calib, original, calib_limit) if calib is not None else []
@@ -162,9 +254,10 @@ def prune(model: Model | str | os.PathLike[str], ratio: float | dict[str, float]
                           min_channels=min_channels, min_fraction=min_fraction,
                           calib=feeds or None, recover=recover, calib_limit=calib_limit,
                           **options)
-    work = original.clone()
-    result = p(work)
-    out = PruneOutcome(result.model, p.report, dict(result.stats))
+    result = p(original.clone())
+    assert p.report is not None
+    out = PruneResult(model=result.model, original=original, report=p.report,
+                      stats=dict(result.stats))
     if measure:
         out.held_out = bool(held)
         out.fidelity = fidelity(original, result.model,
@@ -185,12 +278,119 @@ class ScanPoint:
         return self.fidelity[0]
 
 
-def prune_scan(model: Model | str | os.PathLike[str], ratios: Sequence[float] = (
-        0.1, 0.2, 0.3, 0.4, 0.5), **kwargs: Any) -> list[ScanPoint]:
-    """Prune at several ratios (same options as :func:`prune`) and measure MACs and fidelity."""
-    base = _as_model(model)
-    pts = []
-    for r in ratios:
-        out = prune(base, r, **kwargs)
-        pts.append(ScanPoint(r, out.macs_ratio, out.fidelity))
-    return pts
+def _point(ratio: float, res: PruneResult) -> ScanPoint:
+    return ScanPoint(ratio, res.macs_ratio, res.fidelity)
+
+
+def scan_json(points: Sequence[ScanPoint]) -> list[dict[str, Any]]:
+    return [{"ratio": p.ratio, "macs_ratio": p.macs_ratio, "sqnr_db": p.main.sqnr_db,
+             "cosine": p.main.cosine, "top1_agreement": p.main.top1_agreement} for p in points]
+
+
+@dataclass
+class PruneScanResult:
+    """What :func:`prune_scan` measured.
+
+    Attributes:
+        points: one per ratio: MACs after/before and the fidelity of every output.
+        input: the file scanned (None for a model built in memory).
+        plot: the plot written (None when not asked for).
+        report_path: the HTML report written (None when not asked for).
+        seconds: wall time.
+    """
+
+    points: list[ScanPoint]
+    input: str | None = None
+    plot: Path | None = None
+    report_path: Path | None = None
+    seconds: float = 0.0
+
+    def __iter__(self) -> Iterator[ScanPoint]:
+        return iter(self.points)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, i: int) -> ScanPoint:
+        return self.points[i]
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``graphopt prune --scan --json`` object (without ``--ratio``/``-o``)."""
+        return jsonable({"input": self.input, "output": None,  # type: ignore[no-any-return]
+                         "scan": scan_json(self.points), "plot": path_or_none(self.plot),
+                         "report": path_or_none(self.report_path),
+                         "seconds": round(self.seconds, 3)})
+
+
+def prune_scan(model: ModelLike, ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5), *,
+               plot: str | os.PathLike[str] | None = None,
+               report: str | os.PathLike[str] | None = None, criterion: str = "l1",
+               **kwargs: Any) -> PruneScanResult:
+    """Prune at several ratios (same options as :func:`prune`) and measure MACs and fidelity.
+
+    Args:
+        plot: draw MACs against fidelity into this PNG (needs matplotlib).
+        report: write a self-contained HTML report with the scan curve here.
+    """
+    t0 = time.perf_counter()
+    plot_path, report_path = output_paths(model, plot, report, inputs=[kwargs.get("calib")])
+    source = as_model(model)
+    ratios = list(ratios)
+    for r in ratios:  # every ratio is checked before the first one is pruned
+        PruneChannelsPass(ratio=r, criterion=criterion)
+    opts = dict(_PRUNE_DEFAULTS, criterion=criterion, **kwargs)
+    measure = opts.pop("measure")
+    pts = [_point(r, _prune_once(source, r, measure=measure, **opts)) for r in ratios]
+    res = PruneScanResult(pts, input=source_path(model))
+    if plot_path is not None:
+        res.plot = plot_scan(pts, plot_path, title=_scan_title(
+            res.input, criterion, bool(opts["recover"]) and opts["calib"] is not None))
+    if report_path is not None:
+        name = Path(res.input).name if res.input else "model"
+        res.report_path = write_report(report_path, source, None, prune_scan=pts,
+                                  title=f"graphopt prune --scan: {name}")
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+#: :func:`prune`'s defaults, for :func:`prune_scan`
+_PRUNE_DEFAULTS: dict[str, Any] = {
+    "calib": None, "round_to": None, "recover": True, "input_shapes": None, "min_channels": 1,
+    "min_fraction": 0.0, "calib_limit": 128, "measure": True, "holdout": 0.25,
+}
+
+
+def _scan_title(path: str | None, criterion: str, recovered: bool) -> str:
+    name = Path(path).name if path else "model"
+    return f"prune scan: {name} ({criterion}, {'recovery' if recovered else 'no recovery'})"
+
+
+def plot_scan(points: Sequence[ScanPoint], path: str | os.PathLike[str], title: str = "") -> Path:
+    """Draw MACs (after / before) against fidelity (top-1 agreement when every point has it,
+    else the first output's cosine) into a PNG, atomically. Needs matplotlib."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional and heavy
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        raise OptionError("plotting needs matplotlib (pip install 'graphopt[plot]')") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [p.macs_ratio for p in points]
+    agree = [p.main.top1_agreement for p in points]
+    top1 = all(a is not None for a in agree)
+    ys = agree if top1 else [p.main.cosine for p in points]
+    ax.plot(xs, ys, "o-")
+    for p, x, y in zip(points, xs, ys):
+        ax.annotate(f"{p.ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("MACs after / before")
+    ax.set_ylabel("top-1 agreement" if top1 else "output cosine")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)

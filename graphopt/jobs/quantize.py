@@ -46,13 +46,21 @@ from graphopt.algorithms.quant.graph import (
 )
 from graphopt.core.errors import PassError, VerificationError
 from graphopt.core.feeds import open_calibration
-from graphopt.core.loader import load
 from graphopt.core.model import Model, release_weight_pages
 from graphopt.core.saver import save
 from graphopt.core.session import make_session
 from graphopt.core.shapes import prepare
-from graphopt.core.verify import VerifyReport, sqnr_db, verify
+from graphopt.core.verify import sqnr_db, verify
+from graphopt.jobs.common import (
+    ModelLike,
+    TransformResult,
+    as_model,
+    jsonable,
+    output_paths,
+    source_path,
+)
 from graphopt.jobs.optimize import optimize_model
+from graphopt.jobs.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +95,23 @@ class LayerReport:
         return {k: v for k, v in self.__dict__.items()}
 
 
-@dataclass
-class QuantizeResult:
-    model: Model
-    original: Model
+@dataclass(kw_only=True)
+class QuantizeResult(TransformResult):
+    """What :func:`quantize` did: the before/after block, the calibration, the per-layer report.
+
+    Attributes:
+        float_model: the float model that was quantized (after the optimization pipeline).
+        layers: per quantizable layer: status, scales, SQNR of its output, isolated sensitivity.
+        kept_float: node name -> why it stayed float.
+        stats: the quantizer's counters (``nodes_quantized``, ``weights_quantized``, ...).
+        optimize_stats: what the optimization pipeline did before quantizing.
+        file_bytes_before, file_bytes_after: sizes of the input and output files (None when the
+            model was not read from or written to a file).
+    """
+
     float_model: Model
     layers: list[LayerReport]
     kept_float: dict[str, str]
-    verify: VerifyReport | None
     activation_dtype: str
     reduce_range: bool
     activation_reason: str
@@ -103,13 +120,14 @@ class QuantizeResult:
     calib_samples: int
     calib_batches: int
     calib_seconds: float
-    seconds: float
     opset_before: int
     opset_after: int
     optimize_stats: dict[str, Any] = field(default_factory=dict)
     optimize_note: str = ""
     mixed_precision: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    file_bytes_before: int | None = None
+    file_bytes_after: int | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -122,6 +140,20 @@ class QuantizeResult:
             "layers_float": sum(1 for layer in self.layers if layer.status == "float"),
             "kept_float": self.kept_float, "mixed_precision": self.mixed_precision,
         }
+
+    def pass_stats(self) -> dict[str, dict[str, Any]]:
+        return {**({"optimize": self.optimize_stats} if self.optimize_stats else {}),
+                "quantize-int8": self.stats}
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``graphopt quantize --json`` object."""
+        return jsonable({  # type: ignore[no-any-return]
+            **self.change_json(), **self.summary(),
+            "file_bytes_before": self.file_bytes_before,
+            "file_bytes_after": self.file_bytes_after,
+            "layers": [layer.to_json() for layer in self.layers],
+            "optimize_note": self.optimize_note,
+        })
 
 
 # ---------------------------------------------------------------------- helpers
@@ -279,9 +311,11 @@ def _mixed_range_concats(model: Model, plan: QuantPlan, ranges: Mapping[str, tup
 
 
 def quantize(
-    model: Model | str | os.PathLike[str],
+    model: ModelLike,
     calib: Any,
     *,
+    output: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
     method: str = "mse",
     activations: str = "auto",
     per_channel: bool = True,
@@ -304,10 +338,13 @@ def quantize(
     progress: Progress | None = None,
     verify_output: bool = True,
 ) -> QuantizeResult:
-    """Quantize a float ONNX model to int8 QDQ with calibration data.
+    """The quantize job (``graphopt quantize``): quantize a float ONNX model to int8 QDQ with
+    calibration data, verify against fp32, write the result.
 
     Args:
-        model: a :class:`Model` or a path.
+        model: a :class:`Model` (not changed) or the path of an ONNX file (never written).
+        output: write the int8 model here (atomically).
+        report: write a self-contained HTML report here.
         calib: ``.npz`` / ``.npy`` / folder path, or an iterable of feed dicts.
         method: activation range method: minmax, percentile, entropy, mse.
         activations: auto (from the CPU), uint8 or int8.
@@ -328,10 +365,15 @@ def quantize(
         calib_defaults: constant feeds for inputs the calibration data does not give.
         bias_correct: empirical bias correction of Conv/Gemm biases on the kept samples.
         progress: ``progress(samples_done, total_or_None)`` during calibration.
+        verify_output: compare the int8 model with fp32 on the kept calibration samples.
+
+    Returns:
+        A :class:`QuantizeResult`; ``to_json()`` is what ``graphopt quantize --json`` prints.
     """
     t0 = time.perf_counter()
-    if not isinstance(model, Model):
-        model = load(model)
+    out_path, report_path = output_paths(model, output, report, inputs=[calib])
+    src = source_path(model)
+    model = as_model(model)
     dtype, rr, why = choose_activation_type(activations, reduce_range)
     original = prepare(model.clone(), input_shapes)
     reader = open_calibration(calib, original, batch_size=batch_size, limit=limit,
@@ -430,22 +472,32 @@ def quantize(
                 reason.startswith("kept float"):
             kept_float[n] = reason
             layers.append(LayerReport(n, node_op, "float", reason))
-    report = None
+    check = None
     if verify_output and eval_batches:
-        report = verify(original, qmodel, feeds=_first_samples(eval_batches)[:eval_samples],
+        check = verify(original, qmodel, feeds=_first_samples(eval_batches)[:eval_samples],
                         min_sqnr_db=min_sqnr if min_sqnr is not None else -math.inf,
                         transformed_level=QUANT_LEVEL)
     stats = {"nodes_quantized": emit.nodes, "tensors_quantized": emit.tensors,
              "weights_quantized": emit.weights, "biases_quantized": emit.biases,
              "activations_absorbed": emit.absorbed, "kept_float": len(kept_float),
              "biases_corrected": corrected}
-    return QuantizeResult(
+    res = QuantizeResult(
         model=qmodel, original=original, float_model=work, layers=layers, kept_float=kept_float,
-        verify=report, activation_dtype=str(dtype), reduce_range=rr, activation_reason=why,
+        verify=check, activation_dtype=str(dtype), reduce_range=rr, activation_reason=why,
         method=method, per_channel=per_channel, calib_samples=cal.samples,
-        calib_batches=cal.batches, calib_seconds=cal.seconds, seconds=time.perf_counter() - t0,
-        opset_before=opset_before, opset_after=qmodel.opset, optimize_stats=opt_stats,
-        optimize_note=opt_note, mixed_precision=mp, stats=stats)
+        calib_batches=cal.batches, calib_seconds=cal.seconds, opset_before=opset_before,
+        opset_after=qmodel.opset, optimize_stats=opt_stats, optimize_note=opt_note,
+        mixed_precision=mp, stats=stats, input=src)
+    if src is not None and Path(src).is_file():
+        res.file_bytes_before = Path(src).stat().st_size
+    if out_path is not None:
+        res.output = save(qmodel, out_path)
+        res.file_bytes_after = res.output.stat().st_size
+    if report_path is not None:
+        res.report_path = write_report(report_path, original, qmodel, quant=res, verify=check,
+                                  title=f"graphopt quantize: {Path(src).name if src else 'model'}")
+    res.seconds = time.perf_counter() - t0
+    return res
 
 
 def _mixed_precision(build: Callable[..., tuple[Model, Any]], evaluator: _Evaluator,
@@ -506,6 +558,3 @@ def _mixed_precision(build: Callable[..., tuple[Model, Any]], evaluator: _Evalua
     summary.update(kept=list(order[:hi]), met=True, evaluations=evals, sqnr_db=s)
     return m, st, summary
 
-
-def save_result(result: QuantizeResult, path: str | os.PathLike[str]) -> Path:
-    return save(result.model, path)

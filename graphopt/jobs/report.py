@@ -39,6 +39,7 @@ import onnx_graphsurgeon as gs
 from graphopt.algorithms.diff import input_dependent_nodes, structural_diff
 from graphopt.core.cost import model_cost
 from graphopt.core.model import Model
+from graphopt.core.output import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -574,9 +575,5 @@ def write_report(path: str | os.PathLike[str], before: Model, after: Model | Non
     text = render_report(before, after, summary=summary, quant=quant, memory=memory,
                          prune_scan=prune_scan, tables=tables, verify=verify, title=title,
                          max_nodes=max_nodes)
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(path, text)
 

@@ -1,0 +1,138 @@
+"""The fp16 job (``graphopt fp16``, ``graphopt.fp16``): convert a model to float16 with the
+``fp16`` pass (float32 kept where half precision breaks numerics), check every output's SQNR
+against the float32 model in onnxruntime, and write the result only when it holds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphopt.core.errors import VerificationError
+from graphopt.core.model import Model
+from graphopt.core.saver import save
+from graphopt.core.shapes import infer_shapes, prepare
+from graphopt.core.verify import verify
+from graphopt.jobs.common import (
+    ModelLike,
+    TransformResult,
+    as_model,
+    jsonable,
+    output_paths,
+    source_path,
+)
+from graphopt.jobs.report import write_report
+from graphopt.passes import get_pass
+
+#: default floor: every output's SQNR (dB) against the float32 model
+MIN_SQNR_DB = 30.0
+
+
+@dataclass(kw_only=True)
+class Fp16Result(TransformResult):
+    """What :func:`fp16` did: the before/after block plus the pass's counters.
+
+    Attributes:
+        stats: the ``fp16`` pass's counters (``nodes_fp16``, ``casts_inserted``, ...).
+        kept_fp32: names of the nodes kept in float32.
+    """
+
+    stats: dict[str, Any] = field(default_factory=dict)
+    kept_fp32: list[str] = field(default_factory=list)
+
+    def pass_stats(self) -> dict[str, dict[str, Any]]:
+        return {"fp16": self.stats}
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``graphopt fp16 --json`` object."""
+        return jsonable({**self.change_json(),  # type: ignore[no-any-return]
+                         "kept_fp32": self.kept_fp32})
+
+
+def fp16_model(model: Model, *, keep_fp32: Iterable[str] | str | None = None,
+               keep_io_types: bool = True, keep_softmax: bool = False, kernels: str = "any",
+               min_sqnr: float = MIN_SQNR_DB, verify_output: bool = True,
+               input_shapes: Mapping[str, Sequence[int]] | None = None,
+               feeds: Mapping[str, np.ndarray] | None = None) -> Fp16Result:
+    """Convert a model in memory to float16 (a converted copy is returned).
+
+    Args:
+        keep_fp32: op types or node names kept in float32 (a list or ``"A,B"``).
+        keep_io_types: keep float32 graph inputs and outputs (Casts at the edges).
+        keep_softmax: keep Softmax in float32.
+        kernels: ``any``, or ``native`` to also keep ops onnxruntime CPU has no float16 kernel
+            for.
+        min_sqnr: every output's SQNR against the float32 model must reach this (dB).
+        verify_output: run the check (False: no onnxruntime run at all).
+        input_shapes: fixed shapes for dynamic inputs.
+        feeds: inputs for the check (default: seeded random inputs).
+
+    Raises:
+        VerificationError: an output's SQNR is below ``min_sqnr``.
+    """
+    t0 = time.perf_counter()
+    p = get_pass("fp16", keep_fp32=keep_fp32, keep_io_types=keep_io_types,
+                 keep_softmax=keep_softmax, kernels=kernels)
+    original = prepare(model.clone(), input_shapes)
+    res = p(original.clone())
+    infer_shapes(res.model)
+    report = None
+    if verify_output:
+        report = verify(original, res.model, feeds=feeds, min_sqnr_db=min_sqnr)
+        if not report.ok:
+            bad = report.worst()
+            assert bad is not None
+            raise VerificationError(
+                f"float16 model's output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB "
+                f"< {min_sqnr} dB{' (' + bad.note + ')' if bad.note else ''}; not written. Keep "
+                "more ops in float32 with --keep-fp32 OP,... or lower --min-sqnr")
+    stats = dict(res.stats)
+    kept = list(stats.pop("kept_fp32", []))
+    return Fp16Result(model=res.model, original=original, verify=report, stats=stats,
+                      kept_fp32=kept, seconds=time.perf_counter() - t0)
+
+
+def fp16(model: ModelLike, *, keep_fp32: Iterable[str] | str | None = None,
+         keep_io_types: bool = True, keep_softmax: bool = False, kernels: str = "any",
+         min_sqnr: float = MIN_SQNR_DB, verify_output: bool = True,
+         input_shapes: Mapping[str, Sequence[int]] | None = None,
+         feeds: Mapping[str, np.ndarray] | None = None,
+         output: str | os.PathLike[str] | None = None,
+         report: str | os.PathLike[str] | None = None) -> Fp16Result:
+    """The fp16 job: convert to float16, check the SQNR, write the model (and a report).
+
+    Args:
+        model: a Model (not changed) or the path of an ONNX file (never written).
+        keep_fp32, keep_io_types, keep_softmax, kernels, min_sqnr, verify_output, input_shapes,
+            feeds: as :func:`fp16_model`.
+        output: write the float16 model here (atomically; only once it passed its check).
+        report: write a self-contained HTML report here.
+
+    Returns:
+        An :class:`Fp16Result`; ``to_json()`` is what ``graphopt fp16 --json`` prints.
+
+    Raises:
+        VerificationError: an output's SQNR is below ``min_sqnr`` (nothing is written).
+    """
+    t0 = time.perf_counter()
+    out_path, report_path = output_paths(model, output, report)
+    res = fp16_model(as_model(model), keep_fp32=keep_fp32, keep_io_types=keep_io_types,
+                     keep_softmax=keep_softmax, kernels=kernels, min_sqnr=min_sqnr,
+                     verify_output=verify_output, input_shapes=input_shapes, feeds=feeds)
+    res.input = source_path(model)
+    if out_path is not None:
+        res.output = save(res.model, out_path)
+    if report_path is not None:
+        name = Path(res.input).name if res.input else "model"
+        res.report_path = write_report(report_path, res.original, res.model, verify=res.verify,
+                                  title=f"graphopt fp16 {name}",
+                                  summary={"nodes kept float32": len(res.kept_fp32),
+                                           "Casts inserted": res.stats.get("casts_inserted", 0)})
+    res.seconds = time.perf_counter() - t0
+    return res
