@@ -13,10 +13,27 @@ from conftest import REAL_NAMES, real_or_skip
 from graphopt.cli import main
 from graphopt.fixtures import FIXTURES, fixture_path
 
-INSPECT_KEYS = {"nodes", "ops", "params", "param_bytes", "macs", "activation_bytes", "inputs",
-                "outputs", "opset"}
-OPTIMIZE_KEYS = {"input", "output", "nodes_before", "nodes_after", "macs_before", "macs_after",
-                 "verify", "passes"}
+INSPECT_KEYS = {
+    "nodes",
+    "ops",
+    "params",
+    "param_bytes",
+    "macs",
+    "activation_bytes",
+    "inputs",
+    "outputs",
+    "opset",
+}
+OPTIMIZE_KEYS = {
+    "input",
+    "output",
+    "nodes_before",
+    "nodes_after",
+    "macs_before",
+    "macs_after",
+    "verify",
+    "passes",
+}
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -80,8 +97,9 @@ def test_optimize_json_and_output(capsys, tmp_path: Path) -> None:
 
 
 def test_optimize_tables(capsys, tmp_path: Path) -> None:
-    rc, out, err = _run(capsys, "optimize", str(fixture_path("cnn.onnx")), "-o",
-                        str(tmp_path / "o.onnx"))
+    rc, out, err = _run(
+        capsys, "optimize", str(fixture_path("cnn.onnx")), "-o", str(tmp_path / "o.onnx")
+    )
     assert rc == 0, err
     assert "verification" in out and "nodes" in out
 
@@ -119,8 +137,18 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "text", "missing-external-data",
-                                  "unknown-pass", "bad-shape", "unknown-input"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "truncated",
+        "text",
+        "missing-external-data",
+        "unknown-pass",
+        "bad-shape",
+        "unknown-input",
+    ],
+)
 @pytest.mark.parametrize("command", ["optimize", "inspect"])
 def test_bad_input_exit_2(capsys, tmp_path: Path, case: str, command: str) -> None:
     path, extra = _bad_inputs(tmp_path)[case]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import typing
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,58 +71,76 @@ def test_plan_json_is_plan_memory(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert cli["plan_file"] == str(tmp_path / "m.onnx.memplan.json")
 
 
-@pytest.mark.parametrize("case", ["inspect", "optimize", "quantize", "prune", "prune-scan",
-                                  "fp16", "diff", "run", "recipe"])
-def test_json_is_the_job_result(case: str, capsys: pytest.CaptureFixture[str],
-                                tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "case",
+    ["inspect", "optimize", "quantize", "prune", "prune-scan", "fp16", "diff", "run", "recipe"],
+)
+def test_json_is_the_job_result(
+    case: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     out = str(tmp_path / "out.onnx")
     shapes = {"x": (1, 1, 8, 8)}
+    fixed = ["--input-shape", "x:1x1x8x8"]
     argv: list[str]
     job: Callable[[], Any]
     if case == "inspect":
         argv = ["inspect", str(MOBILE), "--per-node"]
-        job = lambda: graphopt.inspect(str(MOBILE), per_node=True)  # noqa: E731
+        job = partial(graphopt.inspect, str(MOBILE), per_node=True)
     elif case == "optimize":
         argv = ["optimize", str(MOBILE), "-o", out, "--target", "ort"]
-        job = lambda: graphopt.optimize(str(MOBILE), target="ort", output=out)  # noqa: E731
+        job = partial(graphopt.optimize, str(MOBILE), target="ort", output=out)
     elif case == "quantize":
-        argv = ["quantize", str(DIGITS), "-o", out, "--calib", str(CALIB), "--input-shape",
-                "x:1x1x8x8", "--method", "minmax"]
-        job = lambda: graphopt.quantize(str(DIGITS), str(CALIB), method="minmax",  # noqa: E731
-                                        input_shapes=shapes, output=out)
+        argv = ["quantize", str(DIGITS), "-o", out, "--calib", str(CALIB), "--method", "minmax"]
+        argv += fixed
+        job = partial(
+            graphopt.quantize,
+            str(DIGITS),
+            str(CALIB),
+            method="minmax",
+            input_shapes=shapes,
+            output=out,
+        )
     elif case == "prune":
-        argv = ["prune", str(DIGITS), "-o", out, "--ratio", "0.25", "--calib", str(CALIB),
-                "--input-shape", "x:1x1x8x8"]
-        job = lambda: graphopt.prune(str(DIGITS), 0.25, calib=str(CALIB),  # noqa: E731
-                                     input_shapes=shapes, output=out)
+        argv = ["prune", str(DIGITS), "-o", out, "--ratio", "0.25", "--calib", str(CALIB), *fixed]
+        job = partial(
+            graphopt.prune, str(DIGITS), 0.25, calib=str(CALIB), input_shapes=shapes, output=out
+        )
     elif case == "prune-scan":
-        argv = ["prune", str(DIGITS), "--scan", "--ratios", "0.2,0.4", "--no-recover",
-                "--input-shape", "x:1x1x8x8"]
-        job = lambda: graphopt.prune_scan(str(DIGITS), [0.2, 0.4], recover=False,  # noqa: E731
-                                          input_shapes=shapes)
+        argv = ["prune", str(DIGITS), "--scan", "--ratios", "0.2,0.4", "--no-recover", *fixed]
+        job = partial(
+            graphopt.prune_scan, str(DIGITS), [0.2, 0.4], recover=False, input_shapes=shapes
+        )
     elif case == "fp16":
         argv = ["fp16", str(MOBILE), "-o", out, "--keep-fp32", "Conv"]
-        job = lambda: graphopt.fp16(str(MOBILE), keep_fp32="Conv", output=out)  # noqa: E731
+        job = partial(graphopt.fp16, str(MOBILE), keep_fp32="Conv", output=out)
     elif case == "diff":
         graphopt.save(graphopt.optimize(str(MOBILE)).model, out)
         argv = ["diff", str(MOBILE), out, "--per-layer"]
-        job = lambda: graphopt.diff(str(MOBILE), out, per_layer=True)  # noqa: E731
+        job = partial(graphopt.diff, str(MOBILE), out, per_layer=True)
     elif case == "run":
         x = tmp_path / "x.npy"
         np.save(x, np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
         argv = ["run", str(CNN), "--input", f"x={x}"]
-        job = lambda: graphopt.run(str(CNN), {"x": str(x)})  # noqa: E731
+        job = partial(graphopt.run, str(CNN), {"x": str(x)})
     else:
         argv = ["optimize", str(CNN), "-o", out, "--recipe", "fast-fp16"]
-        job = lambda: graphopt.run_recipe(str(CNN), "fast-fp16", output=out)  # noqa: E731
+        job = partial(graphopt.run_recipe, str(CNN), "fast-fp16", output=out)
     cli = _cli_json(capsys, *argv)
     _same(cli, job().to_json())
 
 
 def test_shared_block_keys(tmp_path: Path) -> None:
     """optimize, quantize, prune and fp16 share the before/after keys of DESIGN.md."""
-    keys = {"input", "output", "nodes_before", "nodes_after", "macs_before", "macs_after",
-            "verify", "passes"}
+    keys = {
+        "input",
+        "output",
+        "nodes_before",
+        "nodes_after",
+        "macs_before",
+        "macs_after",
+        "verify",
+        "passes",
+    }
     shapes = {"x": (1, 1, 8, 8)}
     results = [
         graphopt.optimize(str(DIGITS), input_shapes=shapes),
@@ -141,12 +160,22 @@ def test_shared_block_keys(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ facade: typed results
 
 
-@pytest.mark.parametrize("name, result", [
-    ("inspect", "InspectResult"), ("optimize", "OptimizeResult"), ("quantize", "QuantizeResult"),
-    ("prune", "PruneResult"), ("prune_scan", "PruneScanResult"), ("plan_memory", "PlanResult"),
-    ("fp16", "Fp16Result"), ("compile", "CompileResult"), ("run", "RunResult"),
-    ("diff", "DiffResult"), ("run_recipe", "RecipeResult"),
-])
+@pytest.mark.parametrize(
+    "name, result",
+    [
+        ("inspect", "InspectResult"),
+        ("optimize", "OptimizeResult"),
+        ("quantize", "QuantizeResult"),
+        ("prune", "PruneResult"),
+        ("prune_scan", "PruneScanResult"),
+        ("plan_memory", "PlanResult"),
+        ("fp16", "Fp16Result"),
+        ("compile", "CompileResult"),
+        ("run", "RunResult"),
+        ("diff", "DiffResult"),
+        ("run_recipe", "RecipeResult"),
+    ],
+)
 def test_facade_return_types(name: str, result: str) -> None:
     func = getattr(graphopt, name)
     cls = getattr(graphopt, result)
@@ -219,8 +248,9 @@ MODEL_COMMANDS = [c for c in COMMANDS if not c.startswith("list-")]
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
-def test_non_model_file_exit_2(command: str, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_model_file_exit_2(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = _not_a_model(tmp_path)
     rc = main(_argv_for(command, str(bad), tmp_path))
     _assert_user_error(rc, capsys.readouterr().err)
@@ -255,8 +285,14 @@ def _mistakes(tmp_path: Path) -> dict[str, list[str]]:
         "run-unreadable-input": ["run", str(CNN), "--input", f"x={junk}"],
         "run-missing-input-file": ["run", str(CNN), "--input", f"x={tmp_path / 'no.npy'}"],
         "run-bad-input-spec": ["run", str(CNN), "--input", "x"],
-        "quantize-corrupt-calib": ["quantize", str(DIGITS), "-o", out, "--calib",
-                                   str(_corrupt_npz(tmp_path))],
+        "quantize-corrupt-calib": [
+            "quantize",
+            str(DIGITS),
+            "-o",
+            out,
+            "--calib",
+            str(_corrupt_npz(tmp_path)),
+        ],
         "quantize-text-calib": ["quantize", str(DIGITS), "-o", out, "--calib", str(text_calib)],
         "quantize-calib-wrong-model": ["quantize", str(CNN), "-o", out, "--calib", str(CALIB)],
         "prune-ratio-1.5": ["prune", str(DIGITS), "-o", out, "--ratio", "1.5"],
@@ -270,24 +306,46 @@ def _mistakes(tmp_path: Path) -> dict[str, list[str]]:
         "inspect-unknown-input": ["inspect", str(CNN), "--input-shape", "nope:1x3x32x32"],
         "fp16-output-is-input": ["fp16", str(CNN), "-o", str(CNN)],
         "diff-bad-shape": ["diff", str(CNN), str(CNN), "--input-shape", "x:1x2x3"],
-        "compile-bad-target": ["compile", str(CNN), "-o", str(tmp_path / "a.so"), "--target",
-                               "sparc"],
+        "compile-bad-target": [
+            "compile",
+            str(CNN),
+            "-o",
+            str(tmp_path / "a.so"),
+            "--target",
+            "sparc",
+        ],
         "bench-not-a-library": ["bench", str(CNN), str(CNN)],
     }
 
 
-MISTAKES = ["run-wrong-shape", "run-unknown-input", "run-wrong-dtype", "run-unreadable-input",
-            "run-missing-input-file", "run-bad-input-spec", "quantize-corrupt-calib",
-            "quantize-text-calib", "quantize-calib-wrong-model", "prune-ratio-1.5",
-            "prune-ratio-negative", "prune-scan-bad-ratio", "prune-no-output",
-            "plan-feeds-wrong-input", "plan-feeds-not-npz", "optimize-unknown-pass",
-            "optimize-bad-shape", "inspect-unknown-input", "fp16-output-is-input",
-            "diff-bad-shape", "compile-bad-target", "bench-not-a-library"]
+MISTAKES = [
+    "run-wrong-shape",
+    "run-unknown-input",
+    "run-wrong-dtype",
+    "run-unreadable-input",
+    "run-missing-input-file",
+    "run-bad-input-spec",
+    "quantize-corrupt-calib",
+    "quantize-text-calib",
+    "quantize-calib-wrong-model",
+    "prune-ratio-1.5",
+    "prune-ratio-negative",
+    "prune-scan-bad-ratio",
+    "prune-no-output",
+    "plan-feeds-wrong-input",
+    "plan-feeds-not-npz",
+    "optimize-unknown-pass",
+    "optimize-bad-shape",
+    "inspect-unknown-input",
+    "fp16-output-is-input",
+    "diff-bad-shape",
+    "compile-bad-target",
+    "bench-not-a-library",
+]
 
 
 @pytest.mark.parametrize("case", MISTAKES)
-def test_user_mistake_exit_2(case: str, tmp_path: Path,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_user_mistake_exit_2(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = _mistakes(tmp_path)[case]
     sha = CNN.read_bytes()
     rc = main(argv)
@@ -296,17 +354,20 @@ def test_user_mistake_exit_2(case: str, tmp_path: Path,
     assert CNN.read_bytes() == sha
 
 
-@pytest.mark.parametrize("name, options", [
-    ("fp16", {"kernels": "gpu"}),
-    ("fuse-conv-activation", {"target": "tvm"}),
-    ("plan-memory", {"strategy": "magic"}),
-    ("reorder-memory", {"strategy": "magic"}),
-    ("eliminate-cse", {"max_const_bytes": "a lot"}),
-    ("quantize-int8", {"method": "kl"}),
-    ("quantize-int8", {"activations": "int4"}),
-    ("prune-channels", {"ratio": 1.5}),
-    ("toposort", {"no_such_option": 1}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("fp16", {"kernels": "gpu"}),
+        ("fuse-conv-activation", {"target": "tvm"}),
+        ("plan-memory", {"strategy": "magic"}),
+        ("reorder-memory", {"strategy": "magic"}),
+        ("eliminate-cse", {"max_const_bytes": "a lot"}),
+        ("quantize-int8", {"method": "kl"}),
+        ("quantize-int8", {"activations": "int4"}),
+        ("prune-channels", {"ratio": 1.5}),
+        ("toposort", {"no_such_option": 1}),
+    ],
+)
 def test_pass_options_raise_graphopt_errors(name: str, options: dict[str, Any]) -> None:
     with pytest.raises(GraphoptError):
         get_pass(name, **options)

@@ -21,21 +21,55 @@ def _page(p: Path) -> str:
 
 def test_quantize_report(tmp_path: Path, capsys) -> None:
     rep = tmp_path / "q.html"
-    assert main(["quantize", DIGITS, "-o", str(tmp_path / "q.onnx"), "--calib", CALIB,
-                 "--input-shape", "x:1x1x8x8", "--report", str(rep), "--json"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                DIGITS,
+                "-o",
+                str(tmp_path / "q.onnx"),
+                "--calib",
+                CALIB,
+                "--input-shape",
+                "x:1x1x8x8",
+                "--report",
+                str(rep),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert "Quantization error per layer" in _page(rep)
 
 
 def test_prune_report(tmp_path: Path, capsys) -> None:
     rep = tmp_path / "p.html"
-    assert main(["prune", DIGITS, "-o", str(tmp_path / "p.onnx"), "--ratio", "0.2",
-                 "--input-shape", "x:1x1x8x8", "--report", str(rep), "--json"]) == 0
+    assert (
+        main(
+            [
+                "prune",
+                DIGITS,
+                "-o",
+                str(tmp_path / "p.onnx"),
+                "--ratio",
+                "0.2",
+                "--input-shape",
+                "x:1x1x8x8",
+                "--report",
+                str(rep),
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert "pruned" in _page(rep)
 
 
 def test_plan_report(tmp_path: Path, capsys) -> None:
     rep = tmp_path / "m.html"
-    assert main(["plan", str(fixture_path("mobilenet_block.onnx")), "--report", str(rep),
-                 "--json"]) == 0
+    assert (
+        main(["plan", str(fixture_path("mobilenet_block.onnx")), "--report", str(rep), "--json"])
+        == 0
+    )
     text = _page(rep)
     assert "arena" in text.lower()

@@ -27,8 +27,19 @@ def test_compile_run_bench(capsys, tmp_path: Path) -> None:
     out = tmp_path / "o.npz"
     assert main(["run", str(lib), "--input", f"x={tmp_path / 'x.npy'}", "-o", str(out)]) == 0
     ref = tmp_path / "r.npz"
-    assert main(["run", str(fixture_path("cnn.onnx")), "--input", f"x={tmp_path / 'x.npy'}",
-                 "-o", str(ref)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(fixture_path("cnn.onnx")),
+                "--input",
+                f"x={tmp_path / 'x.npy'}",
+                "-o",
+                str(ref),
+            ]
+        )
+        == 0
+    )
     a, b = np.load(out), np.load(ref)
     np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-4, atol=1e-5)
     capsys.readouterr()
@@ -38,8 +49,19 @@ def test_compile_run_bench(capsys, tmp_path: Path) -> None:
 
 
 def test_bad_target_and_missing_artifact(capsys, tmp_path: Path) -> None:
-    assert main(["compile", str(fixture_path("cnn.onnx")), "-o", str(tmp_path / "a.so"),
-                 "--target", "sparc"]) == 2
+    assert (
+        main(
+            [
+                "compile",
+                str(fixture_path("cnn.onnx")),
+                "-o",
+                str(tmp_path / "a.so"),
+                "--target",
+                "sparc",
+            ]
+        )
+        == 2
+    )
     assert "unknown target" in capsys.readouterr().err
     assert not (tmp_path / "a.so").exists()
     assert main(["run", str(tmp_path / "nope.so")]) == 2

@@ -30,8 +30,9 @@ def _optimized(name: str) -> tuple[Model, Model]:
 def _break_weight(model: Model, consumer_op: str = "Conv", which: int = 1) -> tuple[Model, str]:
     """A copy with one weight changed; returns (copy, name of the node that reads it)."""
     b = model.clone()
-    nodes = [n for n in b.graph.nodes if n.op == consumer_op
-             and isinstance(n.inputs[1], gs.Constant)]
+    nodes = [
+        n for n in b.graph.nodes if n.op == consumer_op and isinstance(n.inputs[1], gs.Constant)
+    ]
     node = nodes[which]
     w = node.inputs[1]
     vals = np.array(w.values, copy=True)
@@ -87,8 +88,16 @@ def test_identical_models_no_change() -> None:
     a = prepare(load(fixture_path("transformer_block.onnx")))
     rep = diff_models(a, a.clone(), per_layer=True)
     assert rep.outputs_equal and rep.first_divergent_node is None
-    assert not (rep.fused_groups or rep.changed or rep.added or rep.removed or rep.nodes_added
-                or rep.nodes_removed or rep.initializers_changed or rep.shapes_changed)
+    assert not (
+        rep.fused_groups
+        or rep.changed
+        or rep.added
+        or rep.removed
+        or rep.nodes_added
+        or rep.nodes_removed
+        or rep.initializers_changed
+        or rep.shapes_changed
+    )
 
 
 def test_fp16_diff_shapes_and_casts() -> None:
@@ -122,8 +131,7 @@ def test_cli_diff_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     info = json.loads(cap.out)
-    for key in ("outputs_equal", "outputs", "first_divergent_node", "nodes_added",
-                "nodes_removed"):
+    for key in ("outputs_equal", "outputs", "first_divergent_node", "nodes_added", "nodes_removed"):
         assert key in info
     assert info["outputs_equal"] is True and info["first_divergent_node"] is None
     assert "Add+Clip+Mul+Div -> HardSwish" in {g["label"] for g in info["fused_groups"]}

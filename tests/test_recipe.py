@@ -34,28 +34,42 @@ def _has(mod: str) -> bool:
 # ------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"step": [{"kind": "quantise"}]}, "unknown step kind 'quantise' (did you mean 'quantize'?)"),
-    ({"step": [{"kind": "prune", "ratio": 0.3, "recovr": True}]},
-     "unknown option 'recovr' (did you mean 'recover'?)"),
-    ({"step": [{"kind": "prune", "ratio": "0.3"}]},
-     "option 'ratio' must be an integer or a number"),
-    ({"step": [{"kind": "prune", "ratio": 1.5}]}, "must be between 0 and 1"),
-    ({"step": [{"kind": "prune"}]}, "option 'ratio' is required"),
-    ({"step": [{"kind": "fp16", "keep_io_types": 1}]}, "must be a boolean"),
-    ({"step": [{"kind": "quantize", "method": "kl"}]}, "must be one of minmax, percentile"),
-    ({"step": [{"kind": "compile", "target": "aarch64"}, {"kind": "simplify"}]},
-     "compile must be the last step"),
-    ({"step": [{"kind": "compile", "target": "riscv"}]}, "must be llvm, aarch64"),
-    ({"step": [{"kind": "quantize"}, {"kind": "fp16"}]}, "cannot be combined"),
-    ({"step": [{"kind": "quantize"}, {"kind": "prune", "ratio": 0.2}]},
-     "prune must come before quantize"),
-    ({"steps": [{"kind": "simplify"}]}, "unknown top-level key 'steps' (did you mean 'step'?)"),
-    ({"name": "x"}, "no steps"),
-    ({"step": [{"ratio": 0.2}]}, "step 1 has no kind"),
-    ({"step": [{"kind": "simplify"}], "input_shapes": {"x": [1, -3]}}, "positive integers"),
-    ({"step": [{"kind": "fp16", "keep_fp32": ["Softmax", 3]}]}, "list of strings"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {"step": [{"kind": "quantise"}]},
+            "unknown step kind 'quantise' (did you mean 'quantize'?)",
+        ),
+        (
+            {"step": [{"kind": "prune", "ratio": 0.3, "recovr": True}]},
+            "unknown option 'recovr' (did you mean 'recover'?)",
+        ),
+        (
+            {"step": [{"kind": "prune", "ratio": "0.3"}]},
+            "option 'ratio' must be an integer or a number",
+        ),
+        ({"step": [{"kind": "prune", "ratio": 1.5}]}, "must be between 0 and 1"),
+        ({"step": [{"kind": "prune"}]}, "option 'ratio' is required"),
+        ({"step": [{"kind": "fp16", "keep_io_types": 1}]}, "must be a boolean"),
+        ({"step": [{"kind": "quantize", "method": "kl"}]}, "must be one of minmax, percentile"),
+        (
+            {"step": [{"kind": "compile", "target": "aarch64"}, {"kind": "simplify"}]},
+            "compile must be the last step",
+        ),
+        ({"step": [{"kind": "compile", "target": "riscv"}]}, "must be llvm, aarch64"),
+        ({"step": [{"kind": "quantize"}, {"kind": "fp16"}]}, "cannot be combined"),
+        (
+            {"step": [{"kind": "quantize"}, {"kind": "prune", "ratio": 0.2}]},
+            "prune must come before quantize",
+        ),
+        ({"steps": [{"kind": "simplify"}]}, "unknown top-level key 'steps' (did you mean 'step'?)"),
+        ({"name": "x"}, "no steps"),
+        ({"step": [{"ratio": 0.2}]}, "step 1 has no kind"),
+        ({"step": [{"kind": "simplify"}], "input_shapes": {"x": [1, -3]}}, "positive integers"),
+        ({"step": [{"kind": "fp16", "keep_fp32": ["Softmax", 3]}]}, "list of strings"),
+    ],
+)
 def test_validation_errors(data: dict, message: str) -> None:
     with pytest.raises(RecipeError) as exc:
         parse_recipe(data, "r.toml")
@@ -77,8 +91,10 @@ def test_builtin_recipes_valid_and_documented() -> None:
 
 def test_toml_file_and_shapes(tmp_path: Path) -> None:
     p = tmp_path / "r.toml"
-    p.write_text('input_shapes = { x = "1x3x32x32" }\n[[step]]\nkind = "simplify"\n'
-                 '[[step]]\nkind = "fp16"\nkeep_fp32 = ["Gemm"]\nmin_sqnr = 35\n')
+    p.write_text(
+        'input_shapes = { x = "1x3x32x32" }\n[[step]]\nkind = "simplify"\n'
+        '[[step]]\nkind = "fp16"\nkeep_fp32 = ["Gemm"]\nmin_sqnr = 35\n'
+    )
     r = load_recipe(p)
     assert r.name == "r" and r.input_shapes == {"x": (1, 3, 32, 32)}
     assert r.steps[1].options["keep_fp32"] == ["Gemm"] and r.steps[1].label.startswith("fp16(")
@@ -91,9 +107,12 @@ def test_cli_recipe_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     model = str(fixture_path("cnn.onnx"))
     bad = tmp_path / "bad.toml"
     bad.write_text('[[step]]\nkind = "simplyfy"\n')
-    for argv in (["--recipe", str(bad)], ["--recipe", "no-such-recipe"],
-                 ["--recipe", "simplify", "--passes", "toposort"],
-                 ["--recipe", "edge-int8"]):  # edge-int8 without --calib
+    for argv in (
+        ["--recipe", str(bad)],
+        ["--recipe", "no-such-recipe"],
+        ["--recipe", "simplify", "--passes", "toposort"],
+        ["--recipe", "edge-int8"],
+    ):  # edge-int8 without --calib
         if argv[-1] == "edge-int8" and not _has("graphopt.jobs.quantize"):
             continue
         rc = main(["optimize", model, "-o", str(tmp_path / "o.onnx"), *argv])
@@ -106,8 +125,9 @@ def test_cli_recipe_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_missing_capability_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(STEP_MODULES, "prune", "graphopt.prune_api_not_here")
-    with pytest.raises(RecipeError, match="step 'prune' needs graphopt.prune_api_not_here, "
-                                          "not available"):
+    with pytest.raises(
+        RecipeError, match="step 'prune' needs graphopt.prune_api_not_here, not available"
+    ):
         run_recipe(load(fixture_path("cnn.onnx")), "prune-int8-arm", calib=[])
 
 
@@ -124,24 +144,54 @@ def test_fast_fp16_recipe_on_fixture() -> None:
     assert half.latency_ms is not None and half.latency_ms > 0
     assert all(s.arena_bytes for s in res.steps) or not _has("graphopt.jobs.plan")
     row = res.table()[1]
-    for key in ("step", "ok", "check", "nodes", "params", "macs", "model_bytes", "arena_bytes",
-                "fidelity_sqnr_db", "latency_ms"):
+    for key in (
+        "step",
+        "ok",
+        "check",
+        "nodes",
+        "params",
+        "macs",
+        "model_bytes",
+        "arena_bytes",
+        "fidelity_sqnr_db",
+        "latency_ms",
+    ):
         assert key in row
 
 
 def test_cli_recipe_json_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "o.onnx"
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[step]]\nkind = "simplify"\n[[step]]\nkind = "fp16"\n'
-                      'keep_fp32 = "Softmax"\n')
-    rc = main(["optimize", str(fixture_path("mobilenet_block.onnx")), "-o", str(out),
-               "--recipe", str(recipe), "--json", "--report", str(tmp_path / "r.html")])
+    recipe.write_text(
+        '[[step]]\nkind = "simplify"\n[[step]]\nkind = "fp16"\nkeep_fp32 = "Softmax"\n'
+    )
+    rc = main(
+        [
+            "optimize",
+            str(fixture_path("mobilenet_block.onnx")),
+            "-o",
+            str(out),
+            "--recipe",
+            str(recipe),
+            "--json",
+            "--report",
+            str(tmp_path / "r.html"),
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     info = json.loads(cap.out)
     assert info["ok"] and info["recipe"] == "r" and len(info["steps"]) == 2
-    for key in ("input", "output", "nodes_before", "nodes_after", "macs_before", "macs_after",
-                "verify", "passes"):
+    for key in (
+        "input",
+        "output",
+        "nodes_before",
+        "nodes_after",
+        "macs_before",
+        "macs_after",
+        "verify",
+        "passes",
+    ):
         assert key in info
     assert load(out).op_histogram().get("Cast", 0) >= 2
     html = (tmp_path / "r.html").read_text()
@@ -156,12 +206,18 @@ def test_verification_failure_names_the_step() -> None:
         run_recipe(load(fixture_path("cnn.onnx")), recipe)
 
 
-@pytest.mark.skipif(not (_has("graphopt.jobs.quantize") and _has("graphopt.jobs.plan")),
-                    reason="int8 quantization or memory planning not available")
+@pytest.mark.skipif(
+    not (_has("graphopt.jobs.quantize") and _has("graphopt.jobs.plan")),
+    reason="int8 quantization or memory planning not available",
+)
 def test_edge_int8_recipe_digits() -> None:
     calib = str(fixture_path("digits_calib.npz"))
-    res = run_recipe(load(fixture_path("digits_cnn.onnx")), "edge-int8", calib=calib,
-                     input_shapes={"x": (1, 1, 8, 8)})
+    res = run_recipe(
+        load(fixture_path("digits_cnn.onnx")),
+        "edge-int8",
+        calib=calib,
+        input_shapes={"x": (1, 1, 8, 8)},
+    )
     assert res.ok and [s.kind for s in res.steps] == ["simplify", "quantize", "plan-memory"]
     q, plan = res.steps[1], res.steps[2]
     assert q.check == "SQNR >= 20 dB" and min(q.fidelity.values()) >= 20
@@ -174,9 +230,13 @@ def test_edge_int8_recipe_digits() -> None:
 @pytest.mark.skipif(not _has("graphopt.jobs.prune"), reason="channel pruning not available")
 def test_prune_recipe_digits() -> None:
     calib = str(fixture_path("digits_calib.npz"))
-    recipe = {"input_shapes": {"x": [1, 1, 8, 8]},
-              "step": [{"kind": "simplify"},
-                       {"kind": "prune", "ratio": 0.25, "recover": True, "min_sqnr": 10}]}
+    recipe = {
+        "input_shapes": {"x": [1, 1, 8, 8]},
+        "step": [
+            {"kind": "simplify"},
+            {"kind": "prune", "ratio": 0.25, "recover": True, "min_sqnr": 10},
+        ],
+    }
     res = run_recipe(load(fixture_path("digits_cnn.onnx")), recipe, calib=calib)
     assert res.ok
     simp, pr = res.steps

@@ -23,20 +23,43 @@ from graphopt.fixtures import fixture_path
 from graphopt.jobs.optimize import optimize_model
 from graphopt.jobs.report import collapse, render_report, write_report
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                             shutil.which("google-chrome")) if p), None)
+CHROMIUM = next(
+    (
+        p
+        for p in (
+            shutil.which("chromium"),
+            shutil.which("chromium-browser"),
+            shutil.which("google-chrome"),
+        )
+        if p
+    ),
+    None,
+)
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium not installed (scripts/install-system-deps.sh installs it)")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    CHROMIUM is None, reason="chromium not installed (scripts/install-system-deps.sh installs it)"
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _chromium(html: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     assert CHROMIUM is not None
     with tempfile.TemporaryDirectory(prefix="graphopt-chromium-") as profile:
-        return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *extra,
-                               html.resolve().as_uri()], capture_output=True, text=True,
-                              timeout=90, check=False)
+        return subprocess.run(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *extra, html.resolve().as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
 
 
 def _render_check(html: Path, tmp_path: Path, min_boxes: int) -> np.ndarray:
@@ -69,7 +92,7 @@ def _extras(model: Model) -> dict[str, object]:
     plan = plan_memory(model).plan
     convs = [n.name for n in model.graph.nodes if n.op == "Conv"]
     quant = [{"name": n, "op": "Conv", "sqnr_db": 18.0 + 3 * i} for i, n in enumerate(convs)]
-    scan = [{"ratio": r, "sqnr_db": 60 - 70 * r, "macs": 1e6 * (1 - r)} for r in (0, .1, .3, .5)]
+    scan = [{"ratio": r, "sqnr_db": 60 - 70 * r, "macs": 1e6 * (1 - r)} for r in (0, 0.1, 0.3, 0.5)]
     return {"memory": plan, "quant": quant, "prune_scan": scan}
 
 
@@ -84,8 +107,15 @@ def test_report_self_contained(tmp_path: Path) -> None:
     text = render_report(res.original, res.model, verify=res.verify, **_extras(res.model))
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text)
     assert "@import" not in text and "url(http" not in text
-    for section in ("summary", "verify", "groups", "graphs", "quantization", "memory-plan",
-                    "prune-scan"):
+    for section in (
+        "summary",
+        "verify",
+        "groups",
+        "graphs",
+        "quantization",
+        "memory-plan",
+        "prune-scan",
+    ):
         assert f"id='{section}'" in text, section
     assert "Add+Clip+Mul+Div -&gt; HardSwish" in text
     assert text.count('class="node fused"') >= 5  # 3 Conv+BN, 2 HardSwish
@@ -124,12 +154,24 @@ def test_report_renders_fixture(tmp_path: Path) -> None:
 
 @needs_chromium
 @pytest.mark.real
-def test_report_renders_real_cls_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                         ) -> None:
+def test_report_renders_real_cls_via_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, shapes = real_or_skip("cls")
     html = tmp_path / "cls.html"
-    rc = main(["optimize", str(path), "-o", str(tmp_path / "cls.onnx"), "--report", str(html),
-               "--input-shape", "x:" + "x".join(map(str, shapes["x"])), "--json"])
+    rc = main(
+        [
+            "optimize",
+            str(path),
+            "-o",
+            str(tmp_path / "cls.onnx"),
+            "--report",
+            str(html),
+            "--input-shape",
+            "x:" + "x".join(map(str, shapes["x"])),
+            "--json",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     assert json.loads(cap.out)["report"] == str(html)

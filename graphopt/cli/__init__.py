@@ -35,13 +35,19 @@ EXIT_INTERRUPTED = 130
 #: parser)`` adds the command's options and sets ``func`` (an ``args -> exit code`` handler)
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("graphopt.cli.inspect", "summary: I/O, ops, params, MACs, memory"),
-    "optimize": ("graphopt.cli.optimize",
-                 "simplify and fuse (or run a recipe); verify; write ONNX"),
-    "quantize": ("graphopt.cli.quantize",
-                 "calibrated static int8 quantization (QDQ); verify against fp32"),
+    "optimize": (
+        "graphopt.cli.optimize",
+        "simplify and fuse (or run a recipe); verify; write ONNX",
+    ),
+    "quantize": (
+        "graphopt.cli.quantize",
+        "calibrated static int8 quantization (QDQ); verify against fp32",
+    ),
     "prune": ("graphopt.cli.prune", "structured channel pruning with least-squares recovery"),
-    "plan": ("graphopt.cli.plan",
-             "plan activation memory into one arena (liveness, offsets, in-place)"),
+    "plan": (
+        "graphopt.cli.plan",
+        "plan activation memory into one arena (liveness, offsets, in-place)",
+    ),
     "fp16": ("graphopt.cli.fp16", "convert to float16 (float32 kept where half breaks numerics)"),
     "compile": ("graphopt.cli.tvm", "compile through Apache TVM to a native library (+ manifest)"),
     "run": ("graphopt.cli.tvm", "run a compiled library or an ONNX model"),
@@ -55,8 +61,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def common_parser() -> argparse.ArgumentParser:
     """The options every command takes (DESIGN.md, CLI contract)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS",
-                   help="fix an input's shape, e.g. x:1x3x640x640 (repeatable)")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME:DIMS",
+        help="fix an input's shape, e.g. x:1x3x640x640 (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     return p
@@ -67,7 +78,8 @@ def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentPars
     modules, the other commands are listed with their help line only."""
     common = common_parser()
     parser = argparse.ArgumentParser(
-        prog="graphopt", description="A compiler-style graph optimizer for ONNX models.")
+        prog="graphopt", description="A compiler-style graph optimizer for ONNX models."
+    )
     parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     load = set(COMMANDS) if commands is None else set(commands)
@@ -95,12 +107,16 @@ def setup_logging(verbose: int) -> None:
     from graphopt.cli.common import console  # noqa: PLC0415
 
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(name)s: %(message)s",
-                        handlers=[RichHandler(console=console(stderr=True), show_time=False)])
+    logging.basicConfig(
+        level=level,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console(stderr=True), show_time=False)],
+    )
     from onnx_graphsurgeon.logger import G_LOGGER  # noqa: PLC0415 - only when a command runs
 
-    G_LOGGER.severity = G_LOGGER.DEBUG if verbose >= 2 else (
-        G_LOGGER.INFO if verbose == 1 else G_LOGGER.ERROR)
+    G_LOGGER.severity = (
+        G_LOGGER.DEBUG if verbose >= 2 else (G_LOGGER.INFO if verbose == 1 else G_LOGGER.ERROR)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,8 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exit_code is not None:
             sys.stderr.write(f"graphopt: error: {_one_line(exc)}\n")
         else:
-            sys.stderr.write(f"graphopt: internal error: {type(exc).__name__}: {_one_line(exc)} "
-                             "(re-run with -v for the traceback)\n")
+            sys.stderr.write(
+                f"graphopt: internal error: {type(exc).__name__}: {_one_line(exc)} "
+                "(re-run with -v for the traceback)\n"
+            )
         if verbose:
             logger.exception("traceback")
         return int(exit_code) if isinstance(exit_code, int) else EXIT_FAILED

@@ -87,17 +87,23 @@ def names(items: Iterable[object], limit: int = 10) -> str:
     return ", ".join(fmt_name(x) for x in items[:limit]) + more
 
 
-def verify_table(report: VerifyReport | Any,
-                 title: str = "verification against the input (onnxruntime)") -> Table:
+def verify_table(
+    report: VerifyReport | Any, title: str = "verification against the input (onnxruntime)"
+) -> Table:
     """Per output: shape, max abs error, cosine, SQNR, ok (anything with ``.outputs`` of
     :class:`~graphopt.core.verify.OutputDiff`)."""
     t = Table(title=title, title_justify="left")
     for col in ("output", "shape", "max abs err", "cosine", "SQNR dB", "ok"):
         t.add_column(col, justify="left" if col == "output" else "right")
     for o in report.outputs:
-        t.add_row(fmt_name(o.name), fmt_shape(o.shape), f"{o.max_abs_err:.3g}",
-                  f"{o.cosine:.6f}", db(o.sqnr_db),
-                  "[green]yes[/]" if o.ok else f"[red]NO[/] {fmt_name(o.note)}")
+        t.add_row(
+            fmt_name(o.name),
+            fmt_shape(o.shape),
+            f"{o.max_abs_err:.3g}",
+            f"{o.cosine:.6f}",
+            db(o.sqnr_db),
+            "[green]yes[/]" if o.ok else f"[red]NO[/] {fmt_name(o.note)}",
+        )
     return t
 
 

@@ -31,8 +31,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     model, cost = res.model, res.cost
     c = console()
-    c.print(f"[bold]{fmt_name(args.model)}[/]  opset {model.opset}  IR {model.ir_version}  "
-            f"producer {fmt_name(res.producer) or '?'}")
+    c.print(
+        f"[bold]{fmt_name(args.model)}[/]  opset {model.opset}  IR {model.ir_version}  "
+        f"producer {fmt_name(res.producer) or '?'}"
+    )
     io = Table(title="inputs and outputs", title_justify="left")
     for col in ("", "name", "shape", "dtype"):
         io.add_column(col)
@@ -49,8 +51,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     summ.add_row("MACs", human_count(cost.macs))
     summ.add_row("FLOPs", human_count(cost.flops))
     summ.add_row("activations, one buffer each", human_bytes(cost.activation_bytes_naive))
-    summ.add_row("activations, liveness peak", f"{human_bytes(cost.activation_bytes_peak)}"
-                 f" at {fmt_name(cost.peak_node or '?')}")
+    summ.add_row(
+        "activations, liveness peak",
+        f"{human_bytes(cost.activation_bytes_peak)} at {fmt_name(cost.peak_node or '?')}",
+    )
     if cost.unknown_shapes:
         summ.add_row("tensors of unknown size", f"{cost.unknown_shapes} (fix --input-shape)")
     c.print(summ)
@@ -60,15 +64,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     by_op = cost.by_op()
     for op, n in model.op_histogram().items():
         row = by_op.get(op, {})
-        ops.add_row(fmt_name(op), str(n), human_count(row.get("macs", 0)),
-                    human_count(row.get("params", 0)))
+        ops.add_row(
+            fmt_name(op), str(n), human_count(row.get("macs", 0)), human_count(row.get("params", 0))
+        )
     c.print(ops)
     if args.per_node:
         pn = Table(title="per node", title_justify="left")
         for col in ("node", "op", "MACs", "params", "output bytes"):
             pn.add_column(col, justify="left" if col in ("node", "op") else "right")
-        for n in cost.nodes:
-            pn.add_row(fmt_name(n.name), fmt_name(n.op), human_count(n.macs),
-                       human_count(n.params), human_bytes(n.output_bytes))
+        for nc in cost.nodes:
+            pn.add_row(
+                fmt_name(nc.name),
+                fmt_name(nc.op),
+                human_count(nc.macs),
+                human_count(nc.params),
+                human_bytes(nc.output_bytes),
+            )
         c.print(pn)
     return 0

@@ -16,9 +16,15 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list_passes(args: argparse.Namespace) -> int:
-    rows = [{"name": n, "summary": cls.describe(), "default": n in DEFAULT_PIPELINE,
-             "kind": "analysis" if cls.analysis else ("lossy" if cls.lossy else "exact")}
-            for n, cls in registered_passes().items()]
+    rows = [
+        {
+            "name": n,
+            "summary": cls.describe(),
+            "default": n in DEFAULT_PIPELINE,
+            "kind": "analysis" if cls.analysis else ("lossy" if cls.lossy else "exact"),
+        }
+        for n, cls in registered_passes().items()
+    ]
     if args.json:
         emit_json({"passes": rows})
         return 0
@@ -26,7 +32,11 @@ def cmd_list_passes(args: argparse.Namespace) -> int:
     for col in ("name", "kind", "default", "what it does"):
         t.add_column(col)
     for r in rows:
-        t.add_row(fmt_name(r["name"]), str(r["kind"]), "yes" if r["default"] else "",
-                  fmt_name(r["summary"]))
+        t.add_row(
+            fmt_name(r["name"]),
+            str(r["kind"]),
+            "yes" if r["default"] else "",
+            fmt_name(r["summary"]),
+        )
     console().print(t)
     return 0

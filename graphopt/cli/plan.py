@@ -13,48 +13,88 @@ from graphopt.jobs.plan import plan_memory
 
 def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
-    p.add_argument("--report", metavar="OUT.html",
-                   help="write a self-contained HTML report (graphs, per-step figures)")
-    p.add_argument("-o", "--output", help="write the model in the planned order, with the plan "
-                   "in its metadata and beside it as OUT.memplan.json")
-    p.add_argument("--strategy", default="best",
-                   choices=["greedy-size", "greedy-breadth", "best"],
-                   help="offset assignment (best: try all, keep the smallest arena)")
-    p.add_argument("--no-inplace", action="store_true",
-                   help="no in-place writes and no reshape aliasing: one buffer per tensor")
+    p.add_argument(
+        "--report",
+        metavar="OUT.html",
+        help="write a self-contained HTML report (graphs, per-step figures)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="write the model in the planned order, with the plan "
+        "in its metadata and beside it as OUT.memplan.json",
+    )
+    p.add_argument(
+        "--strategy",
+        default="best",
+        choices=["greedy-size", "greedy-breadth", "best"],
+        help="offset assignment (best: try all, keep the smallest arena)",
+    )
+    p.add_argument(
+        "--no-inplace",
+        action="store_true",
+        help="no in-place writes and no reshape aliasing: one buffer per tensor",
+    )
     p.add_argument("--no-reorder", action="store_true", help="keep the given node order")
     p.add_argument("--plot", metavar="PNG", help="draw the arena over time")
-    p.add_argument("--prove", action="store_true",
-                   help="run the model node by node inside the arena and compare with "
-                        "onnxruntime (random inputs unless --feeds)")
-    p.add_argument("--feeds", metavar="NPZ", help="inputs (arrays keyed by input name) for "
-                   "--prove and for sizing data-dependent tensors")
+    p.add_argument(
+        "--prove",
+        action="store_true",
+        help="run the model node by node inside the arena and compare with "
+        "onnxruntime (random inputs unless --feeds)",
+    )
+    p.add_argument(
+        "--feeds",
+        metavar="NPZ",
+        help="inputs (arrays keyed by input name) for "
+        "--prove and for sizing data-dependent tensors",
+    )
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     feeds = read_feeds(args.feeds) if args.feeds else None
-    res = plan_memory(args.model, input_shapes(args), strategy=args.strategy,
-                      inplace=not args.no_inplace, reorder=not args.no_reorder, feeds=feeds,
-                      prove_plan=args.prove, output=args.output, plot=args.plot,
-                      report=args.report)
+    res = plan_memory(
+        args.model,
+        input_shapes(args),
+        strategy=args.strategy,
+        inplace=not args.no_inplace,
+        reorder=not args.no_reorder,
+        feeds=feeds,
+        prove_plan=args.prove,
+        output=args.output,
+        plot=args.plot,
+        report=args.report,
+    )
     if args.json:
         emit_json(res.to_json())
         return 0
     plan = res.plan
     s = plan.summary()
-    rows = [("one buffer per tensor (naive)", human_bytes(plan.naive_bytes), ""),
-            ("lower bound (liveness)", human_bytes(plan.lower_bound_bytes), "1.000x")]
+    rows = [
+        ("one buffer per tensor (naive)", human_bytes(plan.naive_bytes), ""),
+        ("lower bound (liveness)", human_bytes(plan.lower_bound_bytes), "1.000x"),
+    ]
     if plan.inplace:
-        rows.append(("lower bound with in-place/aliasing",
-                     human_bytes(plan.inplace_lower_bound_bytes),
-                     f"{plan.inplace_lower_bound_bytes / max(plan.lower_bound_bytes, 1):.3f}x"))
-    rows += [(f"[bold]arena[/] ({plan.strategy})", f"[bold]{human_bytes(plan.arena_bytes)}[/]",
-              f"{s['arena_over_lower_bound']:.3f}x"),
-             ("arena / its lower bound", "", f"{plan.ratio:.3f}x"),
-             ("naive / arena", "", f"{s['naive_over_arena']:.1f}x")]
-    t = Table(title=f"memory plan of {fmt_name(args.model)}", title_justify="left",
-              show_header=False)
+        rows.append(
+            (
+                "lower bound with in-place/aliasing",
+                human_bytes(plan.inplace_lower_bound_bytes),
+                f"{plan.inplace_lower_bound_bytes / max(plan.lower_bound_bytes, 1):.3f}x",
+            )
+        )
+    rows += [
+        (
+            f"[bold]arena[/] ({plan.strategy})",
+            f"[bold]{human_bytes(plan.arena_bytes)}[/]",
+            f"{s['arena_over_lower_bound']:.3f}x",
+        ),
+        ("arena / its lower bound", "", f"{plan.ratio:.3f}x"),
+        ("naive / arena", "", f"{s['naive_over_arena']:.1f}x"),
+    ]
+    t = Table(
+        title=f"memory plan of {fmt_name(args.model)}", title_justify="left", show_header=False
+    )
     t.add_column("what")
     t.add_column("bytes", justify="right")
     t.add_column("", justify="right")
@@ -63,23 +103,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     c = console()
     c.print(t)
     c.print(f"peak at step {plan.peak_step} of {plan.steps}: node '{fmt_name(plan.peak_node)}'")
-    c.print(f"buffers {s['buffers']} for {s['tensors']} tensors: {plan.aliased} aliased views, "
-            f"{plan.inplace_reused} in-place writes"
-            + (f", {len(plan.unplanned)} tensors of unknown size outside the arena"
-               if plan.unplanned else ""))
+    c.print(
+        f"buffers {s['buffers']} for {s['tensors']} tensors: {plan.aliased} aliased views, "
+        f"{plan.inplace_reused} in-place writes"
+        + (
+            f", {len(plan.unplanned)} tensors of unknown size outside the arena"
+            if plan.unplanned
+            else ""
+        )
+    )
     if plan.order_changed and plan.order_before_arena:
-        c.print(f"node order changed: arena {human_bytes(plan.order_before_arena)} -> "
-                f"{human_bytes(plan.arena_bytes)} "
-                f"({(plan.arena_bytes / plan.order_before_arena - 1) * 100:+.1f}%)")
+        c.print(
+            f"node order changed: arena {human_bytes(plan.order_before_arena)} -> "
+            f"{human_bytes(plan.arena_bytes)} "
+            f"({(plan.arena_bytes / plan.order_before_arena - 1) * 100:+.1f}%)"
+        )
     else:
-        c.print("node order unchanged (" + ("--no-reorder" if args.no_reorder else
-                                            "no order with a smaller arena found") + ")")
+        c.print(
+            "node order unchanged ("
+            + ("--no-reorder" if args.no_reorder else "no order with a smaller arena found")
+            + ")"
+        )
     if res.proof is not None:
-        c.print(f"execution proof: [green]passed[/] ({res.proof.nodes_in_arena} nodes ran inside "
-                "the arena, outputs match onnxruntime)")
+        c.print(
+            f"execution proof: [green]passed[/] ({res.proof.nodes_in_arena} nodes ran inside "
+            "the arena, outputs match onnxruntime)"
+        )
     if res.output is not None:
-        c.print(f"wrote {fmt_name(res.output)} (planned order, plan in metadata "
-                f"'graphopt.memory_plan') and {fmt_name(res.plan_file)}")
+        c.print(
+            f"wrote {fmt_name(res.output)} (planned order, plan in metadata "
+            f"'graphopt.memory_plan') and {fmt_name(res.plan_file)}"
+        )
     if res.plot is not None:
         c.print(f"wrote {fmt_name(res.plot)}")
     return 0

@@ -23,24 +23,45 @@ from graphopt.jobs.prune import OutputFidelity, PruneResult, ScanPoint, prune, p
 
 def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
-    p.add_argument("--report", metavar="OUT.html",
-                   help="write a self-contained HTML report (graphs, per-step figures)")
+    p.add_argument(
+        "--report",
+        metavar="OUT.html",
+        help="write a self-contained HTML report (graphs, per-step figures)",
+    )
     p.add_argument("-o", "--output", help="pruned model (required unless --scan)")
     p.add_argument("--ratio", type=float, help="fraction of channels removed per group, in [0, 1)")
-    p.add_argument("--calib", metavar="DATA",
-                   help=".npz keyed by input name (batch on axis 0) or a folder of .npz/.npy; "
-                        "used for recovery and the activation criterion")
-    p.add_argument("--criterion", choices=["l1", "l2", "bn", "activation"], default="l1",
-                   help="channel importance (default l1)")
+    p.add_argument(
+        "--calib",
+        metavar="DATA",
+        help=".npz keyed by input name (batch on axis 0) or a folder of .npz/.npy; "
+        "used for recovery and the activation criterion",
+    )
+    p.add_argument(
+        "--criterion",
+        choices=["l1", "l2", "bn", "activation"],
+        default="l1",
+        help="channel importance (default l1)",
+    )
     p.add_argument("--round-to", type=int, metavar="N", help="keep widths multiples of N")
     p.add_argument("--min-channels", type=int, default=1, help="never keep fewer channels")
-    p.add_argument("--min-fraction", type=float, default=0.0,
-                   help="never keep less than this fraction of a group")
-    p.add_argument("--scope", choices=["group", "global"], default="group",
-                   help="group: the ratio in every group; global: rank all channels together")
+    p.add_argument(
+        "--min-fraction",
+        type=float,
+        default=0.0,
+        help="never keep less than this fraction of a group",
+    )
+    p.add_argument(
+        "--scope",
+        choices=["group", "global"],
+        default="group",
+        help="group: the ratio in every group; global: rank all channels together",
+    )
     p.add_argument("--no-recover", action="store_true", help="skip the least-squares refit")
-    p.add_argument("--scan", action="store_true",
-                   help="prune at several ratios and print MACs against fidelity")
+    p.add_argument(
+        "--scan",
+        action="store_true",
+        help="prune at several ratios and print MACs against fidelity",
+    )
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="ratios for --scan")
     p.add_argument("--plot", metavar="PNG", help="with --scan: plot MACs against fidelity")
     p.set_defaults(func=cmd_prune)
@@ -58,9 +79,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise OptionError("give -o OUT (or --scan to only measure several ratios)")
     if args.ratio is None and not args.scan:
         raise OptionError("give --ratio R (fraction of channels to remove, e.g. 0.3)")
-    opts = dict(calib=args.calib, criterion=args.criterion, round_to=args.round_to,
-                recover=not args.no_recover, input_shapes=input_shapes(args) or None,
-                min_channels=args.min_channels, min_fraction=args.min_fraction, scope=args.scope)
+    opts = dict(
+        calib=args.calib,
+        criterion=args.criterion,
+        round_to=args.round_to,
+        recover=not args.no_recover,
+        input_shapes=input_shapes(args) or None,
+        min_channels=args.min_channels,
+        min_fraction=args.min_fraction,
+        scope=args.scope,
+    )
     ratios = _ratios(args.ratios) if args.scan else None
     if args.ratio is None or args.output is None:  # --scan only
         scan = prune_scan(args.model, ratios or [], plot=args.plot, report=args.report, **opts)
@@ -69,8 +97,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         else:
             console().print(_scan_table(scan.points))
         return 0
-    res = prune(args.model, args.ratio, output=args.output, report=args.report, scan=ratios,
-                plot=args.plot if args.scan else None, **opts)
+    res = prune(
+        args.model,
+        args.ratio,
+        output=args.output,
+        report=args.report,
+        scan=ratios,
+        plot=args.plot if args.scan else None,
+        **opts,
+    )
     if args.json:
         emit_json(res.to_json())
         return 0
@@ -79,8 +114,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         c.print(_scan_table(res.scan))
     c.print(_group_table(res))
     c.print(_summary_table(res, args.model))
-    what = ("(held-out quarter of the calibration data)" if res.held_out else
-            "(on the calibration data)" if args.calib else "(seeded random inputs)")
+    what = (
+        "(held-out quarter of the calibration data)"
+        if res.held_out
+        else "(on the calibration data)"
+        if args.calib
+        else "(seeded random inputs)"
+    )
     c.print(_fidelity_table(res.fidelity, f"fidelity against the original {what}"))
     c.print(f"wrote {fmt_name(res.output)} in {res.seconds:.2f} s")
     return 0
@@ -92,8 +132,13 @@ def _scan_table(points: Sequence[ScanPoint]) -> Table:
         t.add_column(col, justify="right")
     for p in points:
         f = p.main
-        t.add_row(f"{p.ratio:g}", f"{p.macs_ratio:.3f}x", db(f.sqnr_db), f"{f.cosine:.4f}",
-                  "-" if f.top1_agreement is None else f"{f.top1_agreement:.3f}")
+        t.add_row(
+            f"{p.ratio:g}",
+            f"{p.macs_ratio:.3f}x",
+            db(f.sqnr_db),
+            f"{f.cosine:.4f}",
+            "-" if f.top1_agreement is None else f"{f.top1_agreement:.3f}",
+        )
     return t
 
 
@@ -103,10 +148,14 @@ def _group_table(res: PruneResult, limit: int = 60) -> Table:
         t.add_column(col, justify="right" if col in ("before", "after") else "left")
     rows = sorted(res.report.groups, key=lambda g: (g.blocked, g.name))
     for g in rows[:limit]:
-        status = "blocked: " + "; ".join(fmt_name(r) for r in g.reasons[:2]) if g.blocked else (
-            "pruned" if g.width_after < g.width_before else "kept")
-        t.add_row(fmt_name(g.name), str(len(g.producers)), str(g.width_before),
-                  str(g.width_after), status)
+        status = (
+            "blocked: " + "; ".join(fmt_name(r) for r in g.reasons[:2])
+            if g.blocked
+            else ("pruned" if g.width_after < g.width_before else "kept")
+        )
+        t.add_row(
+            fmt_name(g.name), str(len(g.producers)), str(g.width_before), str(g.width_after), status
+        )
     if len(rows) > limit:
         t.add_row(f"... {len(rows) - limit} more", "", "", "", "")
     return t
@@ -120,11 +169,17 @@ def _summary_table(res: PruneResult, model: str) -> Table:
     t.add_row("MACs before", human_count(rep.macs_before))
     t.add_row("MACs after", f"{human_count(rep.macs_after)} ({res.macs_ratio:.3f}x)")
     t.add_row("prunable compute", f"{rep.prunable_fraction * 100:.1f}%")
-    t.add_row("groups pruned / blocked / all",
-              f"{st['groups_pruned']} / {st['groups_blocked']} / {st['groups']}")
+    t.add_row(
+        "groups pruned / blocked / all",
+        f"{st['groups_pruned']} / {st['groups_blocked']} / {st['groups']}",
+    )
     t.add_row("channels removed", str(st["channels_removed"]))
-    t.add_row("recovery", f"{st.get('layers_refit', 0)} layers refit"
-              if st.get("layers_refit") else "none (no --calib or --no-recover)")
+    t.add_row(
+        "recovery",
+        f"{st.get('layers_refit', 0)} layers refit"
+        if st.get("layers_refit")
+        else "none (no --calib or --no-recover)",
+    )
     return t
 
 
@@ -133,6 +188,10 @@ def _fidelity_table(fid: Sequence[OutputFidelity], title: str) -> Table:
     for col in ("output", "SQNR dB", "cosine", "top-1 agreement"):
         t.add_column(col, justify="left" if col == "output" else "right")
     for f in fid:
-        t.add_row(fmt_name(f.name), db(f.sqnr_db), f"{f.cosine:.4f}",
-                  "-" if f.top1_agreement is None else f"{f.top1_agreement:.3f}")
+        t.add_row(
+            fmt_name(f.name),
+            db(f.sqnr_db),
+            f"{f.cosine:.4f}",
+            "-" if f.top1_agreement is None else f"{f.top1_agreement:.3f}",
+        )
     return t

@@ -25,35 +25,77 @@ from graphopt.jobs.quantize import QuantizeResult, quantize
 
 def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("model")
-    p.add_argument("--report", metavar="OUT.html",
-                   help="write a self-contained HTML report (graphs, per-step figures)")
+    p.add_argument(
+        "--report",
+        metavar="OUT.html",
+        help="write a self-contained HTML report (graphs, per-step figures)",
+    )
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--calib", required=True, metavar="DATA",
-                   help=".npz keyed by input name (samples on axis 0), or a folder of .npz files "
-                        "or of .npy files named after the inputs")
-    p.add_argument("--method", default="mse", choices=["minmax", "percentile", "entropy", "mse"],
-                   help="activation range method (default mse)")
-    p.add_argument("--activations", default="auto", choices=["auto", "uint8", "int8"],
-                   help="activation type; auto reads the CPU flags (default)")
+    p.add_argument(
+        "--calib",
+        required=True,
+        metavar="DATA",
+        help=".npz keyed by input name (samples on axis 0), or a folder of .npz files "
+        "or of .npy files named after the inputs",
+    )
+    p.add_argument(
+        "--method",
+        default="mse",
+        choices=["minmax", "percentile", "entropy", "mse"],
+        help="activation range method (default mse)",
+    )
+    p.add_argument(
+        "--activations",
+        default="auto",
+        choices=["auto", "uint8", "int8"],
+        help="activation type; auto reads the CPU flags (default)",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
-                   help="per-output-channel weight scales (default; raises the opset to 13)")
-    g.add_argument("--per-tensor", dest="per_channel", action="store_false",
-                   help="one weight scale per tensor")
-    p.add_argument("--min-sqnr", type=float, default=None, metavar="DB",
-                   help="keep the most sensitive layers float until every output reaches DB")
-    p.add_argument("--sensitivity", action="store_true",
-                   help="measure every layer's isolated sensitivity (one layer int8 at a time)")
-    p.add_argument("--keep-float", default="", metavar="NODES",
-                   help="comma-separated node names to leave in float")
-    p.add_argument("--bias-correction", action="store_true",
-                   help="correct Conv/Gemm biases for the mean error of weight rounding")
+    g.add_argument(
+        "--per-channel",
+        dest="per_channel",
+        action="store_true",
+        default=True,
+        help="per-output-channel weight scales (default; raises the opset to 13)",
+    )
+    g.add_argument(
+        "--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor"
+    )
+    p.add_argument(
+        "--min-sqnr",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="keep the most sensitive layers float until every output reaches DB",
+    )
+    p.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="measure every layer's isolated sensitivity (one layer int8 at a time)",
+    )
+    p.add_argument(
+        "--keep-float",
+        default="",
+        metavar="NODES",
+        help="comma-separated node names to leave in float",
+    )
+    p.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="correct Conv/Gemm biases for the mean error of weight rounding",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
-    p.add_argument("--no-optimize", action="store_true",
-                   help="quantize the model as given (skip the default optimization pipeline)")
-    p.add_argument("--progress", action="store_true",
-                   help="show the calibration progress bar even when stderr is not a terminal")
+    p.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="quantize the model as given (skip the default optimization pipeline)",
+    )
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="show the calibration progress bar even when stderr is not a terminal",
+    )
     p.set_defaults(func=cmd_quantize)
 
 
@@ -61,8 +103,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     progress_cb: Callable[[int, int | None], None] | None = None
     bar = None
     if (not args.json and sys.stderr.isatty()) or args.progress:
-        bar = Progress("calibrating", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       console=console(stderr=True), transient=True)
+        bar = Progress(
+            "calibrating",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console(stderr=True),
+            transient=True,
+        )
         task = bar.add_task("calibrating", total=None)
         bar.start()
 
@@ -70,13 +118,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             bar.update(task, completed=done, total=total)
 
     try:
-        res = quantize(args.model, args.calib, output=args.output, report=args.report,
-                       method=args.method, activations=args.activations,
-                       per_channel=args.per_channel, min_sqnr=args.min_sqnr,
-                       sensitivity=True if args.sensitivity else None,
-                       input_shapes=input_shapes(args), optimize=not args.no_optimize,
-                       keep_float=split_list(args.keep_float), batch_size=args.batch_size,
-                       limit=args.limit, bias_correct=args.bias_correction, progress=progress_cb)
+        res = quantize(
+            args.model,
+            args.calib,
+            output=args.output,
+            report=args.report,
+            method=args.method,
+            activations=args.activations,
+            per_channel=args.per_channel,
+            min_sqnr=args.min_sqnr,
+            sensitivity=True if args.sensitivity else None,
+            input_shapes=input_shapes(args),
+            optimize=not args.no_optimize,
+            keep_float=split_list(args.keep_float),
+            batch_size=args.batch_size,
+            limit=args.limit,
+            bias_correct=args.bias_correction,
+            progress=progress_cb,
+        )
     finally:
         if bar is not None:
             bar.stop()
@@ -84,12 +143,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         emit_json(res.to_json())
         return 0
     c = console()
-    c.print(f"[bold]{fmt_name(args.model)}[/] -> {fmt_name(res.output)}: {res.method} "
-            f"calibration on {res.calib_samples} samples in {res.calib_seconds:.1f} s; "
-            f"activations {res.activation_dtype}{' (reduce_range)' if res.reduce_range else ''} "
-            f"({res.activation_reason}); weights int8 "
-            f"{'per channel' if res.per_channel else 'per tensor'}; opset {res.opset_before} -> "
-            f"{res.opset_after}")
+    c.print(
+        f"[bold]{fmt_name(args.model)}[/] -> {fmt_name(res.output)}: {res.method} "
+        f"calibration on {res.calib_samples} samples in {res.calib_seconds:.1f} s; "
+        f"activations {res.activation_dtype}{' (reduce_range)' if res.reduce_range else ''} "
+        f"({res.activation_reason}); weights int8 "
+        f"{'per channel' if res.per_channel else 'per tensor'}; opset {res.opset_before} -> "
+        f"{res.opset_after}"
+    )
     if res.optimize_note:
         c.print(f"[yellow]{fmt_name(res.optimize_note)}[/]")
     c.print(_layer_table(res))
@@ -102,15 +163,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         c.print(kt)
     if res.mixed_precision:
         mp = res.mixed_precision
-        c.print(f"mixed precision: target {mp.get('target_sqnr_db')} dB, all-int8 "
-                f"{mp.get('sqnr_all_int8_db', float('nan')):.1f} dB -> "
-                f"{mp.get('sqnr_db', float('nan')):.1f} dB with {len(mp.get('kept', []))} layers "
-                f"float ({'met' if mp.get('met') else 'NOT met'}, {mp.get('evaluations')} "
-                f"evaluations)")
+        c.print(
+            f"mixed precision: target {mp.get('target_sqnr_db')} dB, all-int8 "
+            f"{mp.get('sqnr_all_int8_db', float('nan')):.1f} dB -> "
+            f"{mp.get('sqnr_db', float('nan')):.1f} dB with {len(mp.get('kept', []))} layers "
+            f"float ({'met' if mp.get('met') else 'NOT met'}, {mp.get('evaluations')} "
+            f"evaluations)"
+        )
     if res.file_bytes_before is not None and res.file_bytes_after is not None:
         a, b = res.file_bytes_before, res.file_bytes_after
-        c.print(f"file size {human_bytes(a)} -> {human_bytes(b)} "
-                f"({(b - a) / max(a, 1) * 100:+.1f}%)")
+        c.print(
+            f"file size {human_bytes(a)} -> {human_bytes(b)} ({(b - a) / max(a, 1) * 100:+.1f}%)"
+        )
     if res.verify:
         c.print(verify_table(res.verify, "int8 against fp32 on calibration samples (onnxruntime)"))
     c.print(f"quantized and wrote {fmt_name(res.output)} in {res.seconds:.2f} s")
@@ -118,19 +182,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _layer_table(result: QuantizeResult, limit: int = 400) -> Table:
-    t = Table(title="layers (SQNR: this layer's output in the int8 model vs fp32; isolated: model "
-                    "outputs with only this layer int8)", title_justify="left")
-    for col in ("layer", "op", "status", "in scale", "out scale", "weight scale", "SQNR dB",
-                "isolated dB"):
+    t = Table(
+        title="layers (SQNR: this layer's output in the int8 model vs fp32; isolated: model "
+        "outputs with only this layer int8)",
+        title_justify="left",
+    )
+    for col in (
+        "layer",
+        "op",
+        "status",
+        "in scale",
+        "out scale",
+        "weight scale",
+        "SQNR dB",
+        "isolated dB",
+    ):
         t.add_column(col, justify="left" if col in ("layer", "op", "status") else "right")
     for layer in result.layers[:limit]:
         ins = ", ".join(f"{s:.3g}" for s in layer.input_scales.values())
-        ws = "" if not layer.weight_scale else (
-            f"{layer.weight_scale[0]:.2g}..{layer.weight_scale[1]:.2g}" if layer.per_channel
-            else f"{layer.weight_scale[0]:.3g}")
+        ws = (
+            ""
+            if not layer.weight_scale
+            else (
+                f"{layer.weight_scale[0]:.2g}..{layer.weight_scale[1]:.2g}"
+                if layer.per_channel
+                else f"{layer.weight_scale[0]:.3g}"
+            )
+        )
         status = "int8" if layer.status == "int8" else "[yellow]float[/]"
         op = layer.op + (f"+{layer.absorbed.split('/')[-1]}" if layer.absorbed else "")
-        t.add_row(fmt_name(layer.name), fmt_name(op), status, ins,
-                  "" if layer.output_scale is None else f"{layer.output_scale:.3g}", ws,
-                  db(layer.sqnr_db), db(layer.sensitivity_db))
+        t.add_row(
+            fmt_name(layer.name),
+            fmt_name(op),
+            status,
+            ins,
+            "" if layer.output_scale is None else f"{layer.output_scale:.3g}",
+            ws,
+            db(layer.sqnr_db),
+            db(layer.sensitivity_db),
+        )
     return t

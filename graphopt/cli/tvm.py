@@ -28,14 +28,24 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     if name == "compile":
         p.add_argument("model")
         p.add_argument("-o", "--output", required=True, help="library path, e.g. model.so")
-        p.add_argument("--target", default="llvm",
-                       help="llvm (this host), aarch64, cuda, cuda:sm_80 or cuda:sm_90")
-        p.add_argument("--no-schedules", action="store_true",
-                       help="TVM's default kernels instead of graphopt's CPU schedules")
-        p.add_argument("--no-verify", action="store_true",
-                       help="skip running the library against onnxruntime")
-        p.add_argument("--no-nvcc-check", action="store_true",
-                       help="cuda: skip compiling the generated source with nvcc")
+        p.add_argument(
+            "--target",
+            default="llvm",
+            help="llvm (this host), aarch64, cuda, cuda:sm_80 or cuda:sm_90",
+        )
+        p.add_argument(
+            "--no-schedules",
+            action="store_true",
+            help="TVM's default kernels instead of graphopt's CPU schedules",
+        )
+        p.add_argument(
+            "--no-verify", action="store_true", help="skip running the library against onnxruntime"
+        )
+        p.add_argument(
+            "--no-nvcc-check",
+            action="store_true",
+            help="cuda: skip compiling the generated source with nvcc",
+        )
         p.set_defaults(func=cmd_compile)
     elif name == "run":
         p.add_argument("artifact", help="a library from 'graphopt compile' or an .onnx file")
@@ -52,19 +62,26 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    res = compile_model(args.model, target=args.target, output=args.output,
-                        input_shapes=input_shapes(args) or None,
-                        schedules=not args.no_schedules, check_cuda_source=not args.no_nvcc_check,
-                        verify=not args.no_verify)
+    res = compile_model(
+        args.model,
+        target=args.target,
+        output=args.output,
+        input_shapes=input_shapes(args) or None,
+        schedules=not args.no_schedules,
+        check_cuda_source=not args.no_nvcc_check,
+        verify=not args.no_verify,
+    )
     info = res.to_json()
     if args.json:
         emit_json(info)
         return 0
-    rows = [("target", fmt_name(res.target)),
-            ("compile time", f"{res.compile_seconds:.2f} s"),
-            ("artifact size", human_bytes(res.artifact_bytes)),
-            ("manifest", fmt_name(res.manifest)),
-            ("kernels", str(len(res.kernels)))]
+    rows = [
+        ("target", fmt_name(res.target)),
+        ("compile time", f"{res.compile_seconds:.2f} s"),
+        ("artifact size", human_bytes(res.artifact_bytes)),
+        ("manifest", fmt_name(res.manifest)),
+        ("kernels", str(len(res.kernels))),
+    ]
     if res.verified_on:
         rows.append(("verified on", res.verified_on))
     if res.cuda_source_checked is not None:
@@ -76,8 +93,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         for col in ("output", "max abs err", "cosine", "SQNR dB"):
             vt.add_column(col, justify="left" if col == "output" else "right")
         for o in res.verify.outputs:
-            vt.add_row(fmt_name(o.name), f"{o.max_abs_err:.3g}", f"{o.cosine:.6f}",
-                       db(o.sqnr_db))
+            vt.add_row(fmt_name(o.name), f"{o.max_abs_err:.3g}", f"{o.cosine:.6f}", db(o.sqnr_db))
         c.print(vt)
     return 0
 
@@ -101,23 +117,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     for col in ("output", "shape", "dtype", "min", "max"):
         t.add_column(col)
     for k, v in res.summary().items():
-        t.add_row(fmt_name(k), fmt_shape(v["shape"]), v["dtype"],
-                  "-" if v["min"] is None else f"{v['min']:.4g}",
-                  "-" if v["max"] is None else f"{v['max']:.4g}")
+        t.add_row(
+            fmt_name(k),
+            fmt_shape(v["shape"]),
+            v["dtype"],
+            "-" if v["min"] is None else f"{v['min']:.4g}",
+            "-" if v["max"] is None else f"{v['max']:.4g}",
+        )
     console().print(t)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    res = bench_artifact(args.artifact, args.model, runs=args.runs, warmup=args.warmup,
-                         threads=args.threads)
+    res = bench_artifact(
+        args.artifact, args.model, runs=args.runs, warmup=args.warmup, threads=args.threads
+    )
     if args.json:
         emit_json(res.to_json())
         return 0
     c = console()
-    c.print(f"TVM artifact {res.tvm_ms:.3f} ms, onnxruntime {res.ort_ms:.3f} ms "
-            f"(TVM/ORT latency ratio {res.ratio_tvm_vs_ort:.2f}; median of {args.runs} "
-            "interleaved runs)")
+    c.print(
+        f"TVM artifact {res.tvm_ms:.3f} ms, onnxruntime {res.ort_ms:.3f} ms "
+        f"(TVM/ORT latency ratio {res.ratio_tvm_vs_ort:.2f}; median of {args.runs} "
+        "interleaved runs)"
+    )
     bad = [k for k, v in res.verify.items() if not v.get("ok", True)]
     c.print("outputs match onnxruntime" if not bad else f"[red]outputs differ: {names(bad)}[/]")
     return 0

@@ -45,8 +45,9 @@ def source_path(model: ModelLike) -> str | None:
     return str(model)
 
 
-def output_paths(source: ModelLike | None, *outputs: str | os.PathLike[str] | None,
-                 inputs: Iterable[object] = ()) -> list[Path | None]:
+def output_paths(
+    source: ModelLike | None, *outputs: str | os.PathLike[str] | None, inputs: Iterable[object] = ()
+) -> list[Path | None]:
     """Check every output of a run before any work (:func:`graphopt.core.output.check_outputs`):
     none may be the input model (or another input file), a folder or another output of the run.
     Returns the outputs as Paths, None where none was asked for, in the given order.
@@ -60,8 +61,11 @@ def output_paths(source: ModelLike | None, *outputs: str | os.PathLike[str] | No
     return [None if o is None else next(checked) for o in outputs]
 
 
-def output_path(output: str | os.PathLike[str] | None, source: ModelLike | None = None,
-                inputs: Iterable[object] = ()) -> Path | None:
+def output_path(
+    output: str | os.PathLike[str] | None,
+    source: ModelLike | None = None,
+    inputs: Iterable[object] = (),
+) -> Path | None:
     """:func:`output_paths` for a run with one output."""
     return output_paths(source, output, inputs=inputs)[0]
 
@@ -109,8 +113,14 @@ class ModelNumbers:
     @classmethod
     def of(cls, model: Model) -> ModelNumbers:
         cost = model_cost(model)
-        return cls(model.num_nodes(), model.op_histogram(), int(cost.params),
-                   int(cost.param_bytes), int(cost.macs), int(cost.activation_bytes_peak))
+        return cls(
+            model.num_nodes(),
+            model.op_histogram(),
+            int(cost.params),
+            int(cost.param_bytes),
+            int(cost.macs),
+            int(cost.activation_bytes_peak),
+        )
 
 
 @dataclass(kw_only=True)
@@ -157,14 +167,22 @@ class TransformResult:
         """The shared before/after keys of the optimize, quantize, prune and fp16 JSON."""
         b, a = self.before, self.after
         return {
-            "input": self.input, "output": path_or_none(self.output),
-            "nodes_before": b.nodes, "nodes_after": a.nodes,
-            "macs_before": b.macs, "macs_after": a.macs,
-            "params_before": b.params, "params_after": a.params,
-            "param_bytes_before": b.param_bytes, "param_bytes_after": a.param_bytes,
-            "ops_before": b.ops, "ops_after": a.ops,
-            "verify": self.verify_json(), "passes": self.pass_stats(),
-            "report": path_or_none(self.report_path), "seconds": round(self.seconds, 3),
+            "input": self.input,
+            "output": path_or_none(self.output),
+            "nodes_before": b.nodes,
+            "nodes_after": a.nodes,
+            "macs_before": b.macs,
+            "macs_after": a.macs,
+            "params_before": b.params,
+            "params_after": a.params,
+            "param_bytes_before": b.param_bytes,
+            "param_bytes_after": a.param_bytes,
+            "ops_before": b.ops,
+            "ops_after": a.ops,
+            "verify": self.verify_json(),
+            "passes": self.pass_stats(),
+            "report": path_or_none(self.report_path),
+            "seconds": round(self.seconds, 3),
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -70,8 +70,9 @@ def _has_shape_ops(m: Model) -> bool:
     return any(n.op in ("Shape", "Size") for n in m.graph.nodes)
 
 
-def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
-                  ) -> tuple[Model, dict[str, Any]]:
+def prepare_model(
+    model: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> tuple[Model, dict[str, Any]]:
     """Run graphopt's default pipeline for TVM on a copy of ``model``: fix input shapes, infer and
     fold shapes, fold BatchNormalization, recognize activations, record Conv+activation(+pool)
     groups.
@@ -82,14 +83,19 @@ def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
     shapes = static_input_shapes(model, input_shapes)
     res = optimize_model(model, target="portable", input_shapes=shapes, verify_output=False)
     m = res.model
-    info: dict[str, Any] = {"input_shapes": {k: list(v) for k, v in shapes.items()},
-                            "passes": res.stats(), "nodes_before": model.num_nodes(),
-                            "nodes_after": m.num_nodes()}
+    info: dict[str, Any] = {
+        "input_shapes": {k: list(v) for k, v in shapes.items()},
+        "passes": res.stats(),
+        "nodes_before": model.num_nodes(),
+        "nodes_after": m.num_nodes(),
+    }
     if _has_shape_ops(m):
         # what the folding passes left (shapes they could not prove static): fold with the exact
         # values onnxruntime computes for the fixed input shapes
-        logger.info("folding %d Shape/Size nodes left after graphopt's passes",
-                    sum(1 for n in m.graph.nodes if n.op in ("Shape", "Size")))
+        logger.info(
+            "folding %d Shape/Size nodes left after graphopt's passes",
+            sum(1 for n in m.graph.nodes if n.op in ("Shape", "Size")),
+        )
         fold_shape_computations(m, shapes)
     groups = m.metadata.get("graphopt.fusion_groups")
     info["fusion_groups"] = json.loads(groups) if groups else []
@@ -99,8 +105,9 @@ def prepare_model(model: Model, input_shapes: Mapping[str, Sequence[int]] | None
         logger.debug("cost analysis failed: %s", exc)
         info["macs"] = None
     ops = {n.name: n.op for n in m.graph.nodes}
-    info["pool_groups"] = sum(1 for g in info["fusion_groups"]
-                              if any(ops.get(n) in _POOL_OPS for n in g))
+    info["pool_groups"] = sum(
+        1 for g in info["fusion_groups"] if any(ops.get(n) in _POOL_OPS for n in g)
+    )
     return m, info
 
 
@@ -132,39 +139,51 @@ class CompileResult:
     def to_json(self) -> dict[str, Any]:
         """JSON for ``graphopt compile --json`` (keys ``target``, ``artifact``, ``verify`` as in the
         CLI contract, plus ``manifest``, ``compile_seconds``, ``artifact_bytes``, ``stages``...)."""
-        return jsonable({  # type: ignore[no-any-return]
-            "input": self.input,
-            "target": self.target,
-            "artifact": str(self.artifact),
-            "manifest": str(self.manifest),
-            "compile_seconds": round(self.compile_seconds, 3),
-            "artifact_bytes": self.artifact_bytes,
-            "stages": {k: round(v, 3) for k, v in self.stages.items()},
-            "verify": self.verify.to_json() if self.verify is not None else None,
-            "verified_on": self.verified_on,
-            "cuda_source_checked": self.cuda_source_checked,
-            "fusion_groups": len(self.fusion_groups),
-            "kernels": len(self.kernels),
-            "schedules": self.schedules,
-        })
+        return jsonable(
+            {  # type: ignore[no-any-return]
+                "input": self.input,
+                "target": self.target,
+                "artifact": str(self.artifact),
+                "manifest": str(self.manifest),
+                "compile_seconds": round(self.compile_seconds, 3),
+                "artifact_bytes": self.artifact_bytes,
+                "stages": {k: round(v, 3) for k, v in self.stages.items()},
+                "verify": self.verify.to_json() if self.verify is not None else None,
+                "verified_on": self.verified_on,
+                "cuda_source_checked": self.cuda_source_checked,
+                "fusion_groups": len(self.fusion_groups),
+                "kernels": len(self.kernels),
+                "schedules": self.schedules,
+            }
+        )
 
 
-def _io_desc(values: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None = None
-             ) -> list[dict[str, Any]]:
+def _io_desc(
+    values: Sequence[Any], shapes: Mapping[str, Sequence[int]] | None = None
+) -> list[dict[str, Any]]:
     out = []
     for v in values:
         shape = list(shapes[v.name]) if shapes and v.name in shapes else list(v.shape or [])
         dtype = np.dtype(v.dtype).name if v.dtype is not None else "float32"
-        out.append({"name": v.name, "shape": [int(d) if isinstance(d, int) else str(d)
-                                              for d in shape], "dtype": dtype})
+        out.append(
+            {
+                "name": v.name,
+                "shape": [int(d) if isinstance(d, int) else str(d) for d in shape],
+                "dtype": dtype,
+            }
+        )
     return out
 
 
-def compile_model(model: ModelLike, target: str = "llvm",
-                  output: str | os.PathLike[str] = "model.so",
-                  input_shapes: Mapping[str, Sequence[int]] | None = None,
-                  schedules: bool = True, check_cuda_source: bool = True,
-                  verify: bool = True) -> CompileResult:
+def compile_model(
+    model: ModelLike,
+    target: str = "llvm",
+    output: str | os.PathLike[str] = "model.so",
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    schedules: bool = True,
+    check_cuda_source: bool = True,
+    verify: bool = True,
+) -> CompileResult:
     """Compile ``model`` into a native library ``output`` plus a JSON manifest beside it.
 
     Args:
@@ -210,8 +229,9 @@ def compile_model(model: ModelLike, target: str = "llvm",
     if info["macs"] is not None and info["macs"] < SMALL_MODEL_MACS and spec.name != "cuda":
         # a small model runs faster on one thread than waking the pool for every kernel
         sched_spec = replace(spec, num_cores=1)
-    ex = build_relax(mod, sched_spec, schedules=schedules, fuse_pools=info["pool_groups"] > 0,
-                     record=record)
+    ex = build_relax(
+        mod, sched_spec, schedules=schedules, fuse_pools=info["pool_groups"] > 0, record=record
+    )
     stages["build"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-tvm-", dir=out.parent))
@@ -222,7 +242,8 @@ def compile_model(model: ModelLike, target: str = "llvm",
                 raise GraphoptError(
                     f"target {spec.name} needs the cross compiler {spec.cross_cc} "
                     "(Debian: apt-get install gcc-aarch64-linux-gnu; or "
-                    "scripts/install-tvm-deps.sh)")
+                    "scripts/install-tvm-deps.sh)"
+                )
             from tvm.support import cc  # noqa: PLC0415 - tvm stays optional
 
             ex.export_library(str(tmp_lib), fcompile=cc.cross_compiler(spec.cross_cc))
@@ -258,22 +279,38 @@ def compile_model(model: ModelLike, target: str = "llvm",
                 raise VerificationError(
                     f"the {spec.name} library differs from onnxruntime on output '{bad.name}' "
                     f"(max abs err {bad.max_abs_err:.3g}, cosine {bad.cosine:.6f}); not written. "
-                    "Re-run with --no-schedules to tell a schedule bug from an importer bug")
+                    "Re-run with --no-schedules to tell a schedule bug from an importer bug"
+                )
         os.replace(tmp_lib, out)
         man = manifest_path_for(out)
         os.replace(tmp_man, man)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     total = time.perf_counter() - t0
-    logger.info("compiled for %s in %.1fs -> %s (%d bytes)", spec.name, total, out,
-                out.stat().st_size)
-    return CompileResult(spec.name, out, man, total, out.stat().st_size, stages, cuda_checked,
-                         report, verified_on, info["passes"], info["fusion_groups"],
-                         record.get("kernels", []), record.get("schedules", {}), src)
+    logger.info(
+        "compiled for %s in %.1fs -> %s (%d bytes)", spec.name, total, out, out.stat().st_size
+    )
+    return CompileResult(
+        spec.name,
+        out,
+        man,
+        total,
+        out.stat().st_size,
+        stages,
+        cuda_checked,
+        report,
+        verified_on,
+        info["passes"],
+        info["fusion_groups"],
+        record.get("kernels", []),
+        record.get("schedules", {}),
+        src,
+    )
 
 
-def _verify_artifact(model: Model, lib: Path, spec: TargetSpec, shapes: Mapping[str, Sequence[int]]
-                     ) -> tuple[VerifyReport | None, str | None]:
+def _verify_artifact(
+    model: Model, lib: Path, spec: TargetSpec, shapes: Mapping[str, Sequence[int]]
+) -> tuple[VerifyReport | None, str | None]:
     """Run the library (here, or under qemu for AArch64) and onnxruntime on the same seeded
     inputs."""
     feeds = random_feeds(model, seed=0, shapes=shapes)
@@ -327,15 +364,27 @@ class BenchResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``graphopt bench --json`` object."""
-        return jsonable({"artifact": self.artifact,  # type: ignore[no-any-return]
-                         "runs": self.runs, "threads": self.threads, "tvm_ms": self.tvm_ms,
-                         "ort_ms": self.ort_ms, "ratio_tvm_vs_ort": self.ratio_tvm_vs_ort,
-                         "verify": self.verify})
+        return jsonable(
+            {
+                "artifact": self.artifact,  # type: ignore[no-any-return]
+                "runs": self.runs,
+                "threads": self.threads,
+                "tvm_ms": self.tvm_ms,
+                "ort_ms": self.ort_ms,
+                "ratio_tvm_vs_ort": self.ratio_tvm_vs_ort,
+                "verify": self.verify,
+            }
+        )
 
 
-def bench_artifact(artifact: str | os.PathLike[str], model: ModelLike,
-                   runs: int = 50, warmup: int = 5, threads: int = 2, seed: int = 0
-                   ) -> BenchResult:
+def bench_artifact(
+    artifact: str | os.PathLike[str],
+    model: ModelLike,
+    runs: int = 50,
+    warmup: int = 5,
+    threads: int = 2,
+    seed: int = 0,
+) -> BenchResult:
     """Latency of a host library against onnxruntime on the same seeded input (``graphopt bench``).
 
     The two run interleaved (:func:`graphopt.core.latency.interleaved`), ``runs`` times each
@@ -344,8 +393,10 @@ def bench_artifact(artifact: str | os.PathLike[str], model: ModelLike,
     """
     art = open_artifact(artifact)
     if art.target != "llvm":
-        raise GraphoptError(f"{artifact} was compiled for {art.target}; only host (llvm) libraries "
-                            "can be timed here")
+        raise GraphoptError(
+            f"{artifact} was compiled for {art.target}; only host (llvm) libraries "
+            "can be timed here"
+        )
     model = as_model(model)
     shapes = {i["name"]: [int(d) for d in i["shape"]] for i in art.inputs}
     feeds = random_feeds(model, seed=seed, shapes=shapes)
@@ -354,10 +405,14 @@ def bench_artifact(artifact: str | os.PathLike[str], model: ModelLike,
     ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
     outs = art.run(feeds)
     errs = {n: compare(n, r, outs[n], VERIFY_RTOL, VERIFY_ATOL).to_json() for n, r in ref.items()}
-    timings = interleaved({"tvm": lambda: art.run_device(args),
-                           "ort": lambda: sess.run(None, feeds)}, runs=runs, warmup=warmup)
-    return BenchResult(str(artifact), runs, threads, timings.median_ms("tvm"),
-                       timings.median_ms("ort"), errs)
+    timings = interleaved(
+        {"tvm": lambda: art.run_device(args), "ort": lambda: sess.run(None, feeds)},
+        runs=runs,
+        warmup=warmup,
+    )
+    return BenchResult(
+        str(artifact), runs, threads, timings.median_ms("tvm"), timings.median_ms("ort"), errs
+    )
 
 
 def open_artifact(path: str | os.PathLike[str]) -> Artifact:
@@ -370,8 +425,10 @@ def open_artifact(path: str | os.PathLike[str]) -> Artifact:
     if not p.is_file():
         raise GraphoptError(f"no such file: {p}")
     if not manifest_path_for(p).is_file():
-        raise GraphoptError(f"{p} is not a library written by 'graphopt compile' (its manifest "
-                            f"{manifest_path_for(p).name} is missing); ONNX models end in .onnx")
+        raise GraphoptError(
+            f"{p} is not a library written by 'graphopt compile' (its manifest "
+            f"{manifest_path_for(p).name} is missing); ONNX models end in .onnx"
+        )
     require_tvm()
     try:
         return load_artifact(p)

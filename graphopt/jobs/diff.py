@@ -59,10 +59,18 @@ class DiffResult:
         return jsonable(d)  # type: ignore[no-any-return]
 
 
-def diff(a: ModelLike, b: ModelLike, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
-         feeds: Mapping[str, np.ndarray] | None = None, per_layer: bool = False,
-         rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0, numeric: bool = True
-         ) -> DiffResult:
+def diff(
+    a: ModelLike,
+    b: ModelLike,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    per_layer: bool = False,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    seed: int = 0,
+    numeric: bool = True,
+) -> DiffResult:
     """The diff job (``graphopt diff``): structural and numerical diff of two models (paths or
     Models; neither is changed).
 
@@ -72,8 +80,9 @@ def diff(a: ModelLike, b: ModelLike, *, input_shapes: Mapping[str, Sequence[int]
     """
     ma = prepare(_copy(as_model(a), a), input_shapes)
     mb = prepare(_copy(as_model(b), b), input_shapes)
-    rep = diff_models(ma, mb, feeds=feeds, per_layer=per_layer, rtol=rtol, atol=atol, seed=seed,
-                      numeric=numeric)
+    rep = diff_models(
+        ma, mb, feeds=feeds, per_layer=per_layer, rtol=rtol, atol=atol, seed=seed, numeric=numeric
+    )
     return DiffResult(rep, source_path(a), source_path(b), per_layer)
 
 
@@ -92,8 +101,9 @@ def _feeds_for(model: Model, feeds: Mapping[str, np.ndarray]) -> dict[str, np.nd
     return out
 
 
-def _run_all(model: Model, names: Sequence[str], feeds: Mapping[str, np.ndarray]
-             ) -> dict[str, np.ndarray]:
+def _run_all(
+    model: Model, names: Sequence[str], feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """The model's outputs and the tensors ``names`` (those it computes) on ``feeds``."""
     tensors = model.graph.tensors()
     extra = [n for n in names if n in tensors and isinstance(tensors[n], gs.Variable)]
@@ -102,9 +112,16 @@ def _run_all(model: Model, names: Sequence[str], feeds: Mapping[str, np.ndarray]
     return dict(zip(out_names, sess.run(out_names, _feeds_for(model, feeds))))
 
 
-def diff_models(a: Model, b: Model, feeds: Mapping[str, np.ndarray] | None = None,
-                per_layer: bool = False, rtol: float = 1e-4, atol: float = 1e-5,
-                seed: int = 0, numeric: bool = True) -> DiffReport:
+def diff_models(
+    a: Model,
+    b: Model,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    per_layer: bool = False,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    seed: int = 0,
+    numeric: bool = True,
+) -> DiffReport:
     """Structural and numerical diff of two models (shapes should be inferred on both).
 
     Args:
@@ -121,14 +138,21 @@ def diff_models(a: Model, b: Model, feeds: Mapping[str, np.ndarray] | None = Non
     names_b = set(producers(b.graph)) | {t.name for t in b.graph.inputs}
     layer_names: list[str] = []
     if per_layer:
-        layer_names = [o.name for n in a.graph.nodes for o in n.outputs
-                       if o.name and o.name in names_b and n.op != "Constant"]
+        layer_names = [
+            o.name
+            for n in a.graph.nodes
+            for o in n.outputs
+            if o.name and o.name in names_b and n.op != "Constant"
+        ]
     ra = _run_all(a, layer_names + out_a, feeds)
     rb = _run_all(b, layer_names + out_a, feeds)
     for name in out_a:
         if name not in rb:
-            r.outputs.append(OutputDiff(name, float("inf"), 0.0, float("-inf"), 0.0, [], False,
-                                        "output missing from B"))
+            r.outputs.append(
+                OutputDiff(
+                    name, float("inf"), 0.0, float("-inf"), 0.0, [], False, "output missing from B"
+                )
+            )
             continue
         r.outputs.append(compare(name, ra[name], _as_ref_type(rb[name], ra[name]), rtol, atol))
     for name in layer_names:

@@ -51,15 +51,26 @@ class Fp16Result(TransformResult):
 
     def to_json(self) -> dict[str, Any]:
         """The ``graphopt fp16 --json`` object."""
-        return jsonable({**self.change_json(),  # type: ignore[no-any-return]
-                         "kept_fp32": self.kept_fp32})
+        return jsonable(
+            {
+                **self.change_json(),  # type: ignore[no-any-return]
+                "kept_fp32": self.kept_fp32,
+            }
+        )
 
 
-def fp16_model(model: Model, *, keep_fp32: Iterable[str] | str | None = None,
-               keep_io_types: bool = True, keep_softmax: bool = False, kernels: str = "any",
-               min_sqnr: float = MIN_SQNR_DB, verify_output: bool = True,
-               input_shapes: Mapping[str, Sequence[int]] | None = None,
-               feeds: Mapping[str, np.ndarray] | None = None) -> Fp16Result:
+def fp16_model(
+    model: Model,
+    *,
+    keep_fp32: Iterable[str] | str | None = None,
+    keep_io_types: bool = True,
+    keep_softmax: bool = False,
+    kernels: str = "any",
+    min_sqnr: float = MIN_SQNR_DB,
+    verify_output: bool = True,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> Fp16Result:
     """Convert a model in memory to float16 (a converted copy is returned).
 
     Args:
@@ -77,8 +88,13 @@ def fp16_model(model: Model, *, keep_fp32: Iterable[str] | str | None = None,
         VerificationError: an output's SQNR is below ``min_sqnr``.
     """
     t0 = time.perf_counter()
-    p = get_pass("fp16", keep_fp32=keep_fp32, keep_io_types=keep_io_types,
-                 keep_softmax=keep_softmax, kernels=kernels)
+    p = get_pass(
+        "fp16",
+        keep_fp32=keep_fp32,
+        keep_io_types=keep_io_types,
+        keep_softmax=keep_softmax,
+        kernels=kernels,
+    )
     original = prepare(model.clone(), input_shapes)
     res = p(original.clone())
     infer_shapes(res.model)
@@ -91,20 +107,34 @@ def fp16_model(model: Model, *, keep_fp32: Iterable[str] | str | None = None,
             raise VerificationError(
                 f"float16 model's output '{bad.name}' has SQNR {bad.sqnr_db:.1f} dB "
                 f"< {min_sqnr} dB{' (' + bad.note + ')' if bad.note else ''}; not written. Keep "
-                "more ops in float32 with --keep-fp32 OP,... or lower --min-sqnr")
+                "more ops in float32 with --keep-fp32 OP,... or lower --min-sqnr"
+            )
     stats = dict(res.stats)
     kept = list(stats.pop("kept_fp32", []))
-    return Fp16Result(model=res.model, original=original, verify=report, stats=stats,
-                      kept_fp32=kept, seconds=time.perf_counter() - t0)
+    return Fp16Result(
+        model=res.model,
+        original=original,
+        verify=report,
+        stats=stats,
+        kept_fp32=kept,
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def fp16(model: ModelLike, *, keep_fp32: Iterable[str] | str | None = None,
-         keep_io_types: bool = True, keep_softmax: bool = False, kernels: str = "any",
-         min_sqnr: float = MIN_SQNR_DB, verify_output: bool = True,
-         input_shapes: Mapping[str, Sequence[int]] | None = None,
-         feeds: Mapping[str, np.ndarray] | None = None,
-         output: str | os.PathLike[str] | None = None,
-         report: str | os.PathLike[str] | None = None) -> Fp16Result:
+def fp16(
+    model: ModelLike,
+    *,
+    keep_fp32: Iterable[str] | str | None = None,
+    keep_io_types: bool = True,
+    keep_softmax: bool = False,
+    kernels: str = "any",
+    min_sqnr: float = MIN_SQNR_DB,
+    verify_output: bool = True,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+) -> Fp16Result:
     """The fp16 job: convert to float16, check the SQNR, write the model (and a report).
 
     Args:
@@ -122,17 +152,32 @@ def fp16(model: ModelLike, *, keep_fp32: Iterable[str] | str | None = None,
     """
     t0 = time.perf_counter()
     out_path, report_path = output_paths(model, output, report)
-    res = fp16_model(as_model(model), keep_fp32=keep_fp32, keep_io_types=keep_io_types,
-                     keep_softmax=keep_softmax, kernels=kernels, min_sqnr=min_sqnr,
-                     verify_output=verify_output, input_shapes=input_shapes, feeds=feeds)
+    res = fp16_model(
+        as_model(model),
+        keep_fp32=keep_fp32,
+        keep_io_types=keep_io_types,
+        keep_softmax=keep_softmax,
+        kernels=kernels,
+        min_sqnr=min_sqnr,
+        verify_output=verify_output,
+        input_shapes=input_shapes,
+        feeds=feeds,
+    )
     res.input = source_path(model)
     if out_path is not None:
         res.output = save(res.model, out_path)
     if report_path is not None:
         name = Path(res.input).name if res.input else "model"
-        res.report_path = write_report(report_path, res.original, res.model, verify=res.verify,
-                                  title=f"graphopt fp16 {name}",
-                                  summary={"nodes kept float32": len(res.kept_fp32),
-                                           "Casts inserted": res.stats.get("casts_inserted", 0)})
+        res.report_path = write_report(
+            report_path,
+            res.original,
+            res.model,
+            verify=res.verify,
+            title=f"graphopt fp16 {name}",
+            summary={
+                "nodes kept float32": len(res.kept_fp32),
+                "Casts inserted": res.stats.get("casts_inserted", 0),
+            },
+        )
     res.seconds = time.perf_counter() - t0
     return res

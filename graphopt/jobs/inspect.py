@@ -49,10 +49,12 @@ class InspectResult:
             "opset_imports": m.opset_imports,
             "ir_version": m.ir_version,
             "producer": self.producer,
-            "inputs": [{"name": t.name, "shape": t.shape, "dtype": str(t.dtype)}
-                       for t in m.graph.inputs],
-            "outputs": [{"name": t.name, "shape": t.shape, "dtype": str(t.dtype)}
-                        for t in m.graph.outputs],
+            "inputs": [
+                {"name": t.name, "shape": t.shape, "dtype": str(t.dtype)} for t in m.graph.inputs
+            ],
+            "outputs": [
+                {"name": t.name, "shape": t.shape, "dtype": str(t.dtype)} for t in m.graph.outputs
+            ],
             "nodes": m.num_nodes(),
             "nodes_main_graph": m.num_nodes(subgraphs=False),
             "subgraphs": m.num_subgraphs(),
@@ -61,10 +63,12 @@ class InspectResult:
             "param_bytes": cost.param_bytes,
             "macs": cost.macs,
             "flops": cost.flops,
-            "activation_bytes": {"naive": cost.activation_bytes_naive,
-                                 "peak": cost.activation_bytes_peak,
-                                 "peak_node": cost.peak_node,
-                                 "unknown_shapes": cost.unknown_shapes},
+            "activation_bytes": {
+                "naive": cost.activation_bytes_naive,
+                "peak": cost.activation_bytes_peak,
+                "peak_node": cost.peak_node,
+                "unknown_shapes": cost.unknown_shapes,
+            },
             "metadata": dict(m.metadata),
         }
         if self.per_node:
@@ -72,8 +76,11 @@ class InspectResult:
         return jsonable(info)  # type: ignore[no-any-return]
 
 
-def inspect(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None,
-            per_node: bool = False) -> InspectResult:
+def inspect(
+    model: ModelLike,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    per_node: bool = False,
+) -> InspectResult:
     """Summarize a model (a path or a Model; a Model is not modified).
 
     Args:

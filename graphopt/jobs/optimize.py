@@ -95,10 +95,17 @@ def target_passes(target: str = "portable") -> list[Pass]:
 def _pass_list(passes: str | Sequence[str | Pass], target: str) -> list[Pass]:
     """Pass instances for names (``"a,b"`` or a list) or instances; passes that take a target
     are built for ``target``."""
-    items = [p.strip() for p in passes.split(",") if p.strip()] if isinstance(passes, str) \
+    items = (
+        [p.strip() for p in passes.split(",") if p.strip()]
+        if isinstance(passes, str)
         else list(passes)
-    return resolve_passes([get_pass(p, target=target) if isinstance(p, str) and
-                           p in TARGETED_PASSES else p for p in items])
+    )
+    return resolve_passes(
+        [
+            get_pass(p, target=target) if isinstance(p, str) and p in TARGETED_PASSES else p
+            for p in items
+        ]
+    )
 
 
 @dataclass(kw_only=True)
@@ -128,8 +135,13 @@ class OptimizeResult(TransformResult):
 
     def to_json(self) -> dict[str, Any]:
         """The ``graphopt optimize --json`` object."""
-        return jsonable({**self.change_json(), "target": self.target,  # type: ignore[no-any-return]
-                         "latency_ms": self.latency_ms})
+        return jsonable(
+            {
+                **self.change_json(),
+                "target": self.target,  # type: ignore[no-any-return]
+                "latency_ms": self.latency_ms,
+            }
+        )
 
 
 def optimize_model(
@@ -208,9 +220,16 @@ def optimize_model(
                     else "Re-run with -v and --passes to find the pass, and report it"
                 )
             )
-    return OptimizeResult(model=out, original=original, verify=report, manager=result,
-                          pipeline=[p.name for p in pass_list], target=target,
-                          pass_seconds=elapsed, seconds=time.perf_counter() - t0)
+    return OptimizeResult(
+        model=out,
+        original=original,
+        verify=report,
+        manager=result,
+        pipeline=[p.name for p in pass_list],
+        target=target,
+        pass_seconds=elapsed,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def optimize(
@@ -246,19 +265,32 @@ def optimize(
     out_path, report_path = output_paths(model, output, report)
     if passes is not None:
         passes = _pass_list(passes, target)  # an unknown pass fails before the model is read
-    res = optimize_model(as_model(model), passes=passes, target=target, input_shapes=input_shapes,
-                         verify_output=verify_output, feeds=feeds, steps=steps, on_pass=on_pass)
+    res = optimize_model(
+        as_model(model),
+        passes=passes,
+        target=target,
+        input_shapes=input_shapes,
+        verify_output=verify_output,
+        feeds=feeds,
+        steps=steps,
+        on_pass=on_pass,
+    )
     res.input = source_path(model)
     if out_path is not None:
         res.output = save(res.model, out_path)
     if report_path is not None:
         name = Path(res.input).name if res.input else "model"
-        res.report_path = write_report(report_path, res.original, res.model, verify=res.verify,
-                                  title=f"graphopt optimize {name}",
-                                  tables={"passes": [{"pass": k, **v}
-                                                     for k, v in res.stats().items()]})
+        res.report_path = write_report(
+            report_path,
+            res.original,
+            res.model,
+            verify=res.verify,
+            title=f"graphopt optimize {name}",
+            tables={"passes": [{"pass": k, **v} for k, v in res.stats().items()]},
+        )
     res.seconds = time.perf_counter() - t0
     if bench:
-        res.latency_ms = interleaved_latency({"before": res.original, "after": res.model},
-                                             random_feeds(res.original, seed=0))
+        res.latency_ms = interleaved_latency(
+            {"before": res.original, "after": res.model}, random_feeds(res.original, seed=0)
+        )
     return res

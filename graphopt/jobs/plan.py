@@ -46,10 +46,17 @@ PLAN_METADATA_KEY = "graphopt.memory_plan"
 PLAN_FILE_SUFFIX = ".memplan.json"
 
 
-def plan_model(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-               strategy: str = "best", inplace: bool = True, reorder: bool = True,
-               feeds: Mapping[str, np.ndarray] | None = None, alignment: int = ALIGNMENT,
-               prepared: bool = False) -> MemoryPlan:
+def plan_model(
+    model: ModelLike,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    strategy: str = "best",
+    inplace: bool = True,
+    reorder: bool = True,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    alignment: int = ALIGNMENT,
+    prepared: bool = False,
+) -> MemoryPlan:
     """Plan the activation memory of a model into one arena (no I/O).
 
     Args:
@@ -76,17 +83,25 @@ def plan_model(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | Non
         feeds = check_feeds(work, feeds, "--feeds")
     positions = {id(n): i for i, n in enumerate(work.graph.nodes)}
     observed = probe_unknown(work, feeds)
-    before = plan_order(work, inplace=inplace, strategy=strategy, alignment=alignment,
-                        observed=observed)
+    before = plan_order(
+        work, inplace=inplace, strategy=strategy, alignment=alignment, observed=observed
+    )
     before.order_index = list(range(len(work.graph.nodes)))
     if not reorder:
         return before
-    changed = reorder_for_memory(work, inplace=inplace, strategy=strategy, alignment=alignment,
-                                 observed=observed, baseline=before)
+    changed = reorder_for_memory(
+        work,
+        inplace=inplace,
+        strategy=strategy,
+        alignment=alignment,
+        observed=observed,
+        baseline=before,
+    )
     if not changed:
         return before
-    after = plan_order(work, inplace=inplace, strategy=strategy, alignment=alignment,
-                       observed=observed)
+    after = plan_order(
+        work, inplace=inplace, strategy=strategy, alignment=alignment, observed=observed
+    )
     after.order_changed = True
     after.order_before_lower_bound = before.bound
     after.order_before_arena = before.arena_bytes
@@ -162,22 +177,35 @@ class PlanResult:
         """The ``graphopt plan --json`` object: the plan's figures (``arena_bytes``,
         ``lower_bound_bytes``, ``naive_bytes``, ``inplace``, ``order_changed``, ...) and what was
         written."""
-        return jsonable({  # type: ignore[no-any-return]
-            "model": self.input, **self.plan.summary(),
-            "report": path_or_none(self.report_path), "output": path_or_none(self.output),
-            "plan_file": path_or_none(self.plan_file), "plot": path_or_none(self.plot),
-            "seconds": round(self.seconds, 3),
-            "proof": self.proof.to_json() if self.proof is not None else None,
-        })
+        return jsonable(
+            {  # type: ignore[no-any-return]
+                "model": self.input,
+                **self.plan.summary(),
+                "report": path_or_none(self.report_path),
+                "output": path_or_none(self.output),
+                "plan_file": path_or_none(self.plan_file),
+                "plot": path_or_none(self.plot),
+                "seconds": round(self.seconds, 3),
+                "proof": self.proof.to_json() if self.proof is not None else None,
+            }
+        )
 
 
-def plan_memory(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-                strategy: str = "best", inplace: bool = True, reorder: bool = True,
-                feeds: Mapping[str, np.ndarray] | None = None, alignment: int = ALIGNMENT,
-                prepared: bool = False, prove_plan: bool = False,
-                output: str | os.PathLike[str] | None = None,
-                plot: str | os.PathLike[str] | None = None,
-                report: str | os.PathLike[str] | None = None) -> PlanResult:
+def plan_memory(
+    model: ModelLike,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    strategy: str = "best",
+    inplace: bool = True,
+    reorder: bool = True,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    alignment: int = ALIGNMENT,
+    prepared: bool = False,
+    prove_plan: bool = False,
+    output: str | os.PathLike[str] | None = None,
+    plot: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+) -> PlanResult:
     """The plan job: plan the activation memory of a model into one arena, and optionally prove,
     draw and write it.
 
@@ -199,32 +227,48 @@ def plan_memory(model: ModelLike, input_shapes: Mapping[str, Sequence[int]] | No
         VerificationError: the plan failed its execution proof (nothing is written).
     """
     plan_file = None if output is None else Path(str(output) + PLAN_FILE_SUFFIX)
-    out_path, plan_path, plot_path, report_path = output_paths(model, output, plan_file, plot,
-                                                               report)
+    out_path, plan_path, plot_path, report_path = output_paths(
+        model, output, plan_file, plot, report
+    )
     source = as_model(model)
     t0 = time.perf_counter()
-    plan = plan_model(source, input_shapes, strategy=strategy, inplace=inplace, reorder=reorder,
-                      feeds=feeds, alignment=alignment, prepared=prepared)
+    plan = plan_model(
+        source,
+        input_shapes,
+        strategy=strategy,
+        inplace=inplace,
+        reorder=reorder,
+        feeds=feeds,
+        alignment=alignment,
+        prepared=prepared,
+    )
     res = PlanResult(plan, source, input=source_path(model), seconds=time.perf_counter() - t0)
     if prove_plan:
         assert plan.model is not None
         res.proof = prove(plan.model, plan, feeds=feeds)
         if not res.proof.ok:
             raise VerificationError(
-                f"the plan failed its execution proof ({res.proof.error or 'outputs differ'})")
+                f"the plan failed its execution proof ({res.proof.error or 'outputs differ'})"
+            )
     name = Path(res.input).name if res.input else "model"
     if plot_path is not None:
         from graphopt.algorithms.memory.plot import plot_plan  # noqa: PLC0415 - matplotlib
 
-        plot_plan(plan, plot_path, title=f"{name}: arena {plan.arena_bytes:,} B "
-                  f"({plan.ratio:.3f}x lower bound), naive {plan.naive_bytes:,} B"
-                  f"{', in-place' if plan.inplace else ''}")
+        plot_plan(
+            plan,
+            plot_path,
+            title=f"{name}: arena {plan.arena_bytes:,} B "
+            f"({plan.ratio:.3f}x lower bound), naive {plan.naive_bytes:,} B"
+            f"{', in-place' if plan.inplace else ''}",
+        )
         res.plot = plot_path
     if out_path is not None and plan_path is not None:
         res.output = save(res.planned_model(), out_path)
         res.plan_file = atomic_write_text(
-            plan_path, json.dumps(jsonable(plan.to_json()), indent=1) + "\n")
+            plan_path, json.dumps(jsonable(plan.to_json()), indent=1) + "\n"
+        )
     if report_path is not None:
-        res.report_path = write_report(report_path, plan.model or source, None, memory=plan,
-                                       title=f"graphopt plan: {name}")
+        res.report_path = write_report(
+            report_path, plan.model or source, None, memory=plan, title=f"graphopt plan: {name}"
+        )
     return res

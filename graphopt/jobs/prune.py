@@ -100,8 +100,10 @@ class PruneResult(TransformResult):
         return {"prune-channels": self.stats}
 
     def verify_json(self) -> dict[str, Any]:
-        return {f.name: {"max_abs_err": f.max_abs_err, "cosine": f.cosine, "sqnr_db": f.sqnr_db}
-                for f in self.fidelity}
+        return {
+            f.name: {"max_abs_err": f.max_abs_err, "cosine": f.cosine, "sqnr_db": f.sqnr_db}
+            for f in self.fidelity
+        }
 
     def to_json(self) -> dict[str, Any]:
         """The ``graphopt prune --json`` object."""
@@ -111,9 +113,17 @@ class PruneResult(TransformResult):
             "prunable_macs_fraction": rep.prunable_fraction,
             "fidelity": fidelity_json(self.fidelity),
             "held_out": self.held_out,
-            "groups": [{"name": g.name, "producers": g.producers, "width_before": g.width_before,
-                        "width_after": g.width_after, "blocked": g.blocked,
-                        "reasons": g.reasons} for g in rep.groups],
+            "groups": [
+                {
+                    "name": g.name,
+                    "producers": g.producers,
+                    "width_before": g.width_before,
+                    "width_after": g.width_after,
+                    "blocked": g.blocked,
+                    "reasons": g.reasons,
+                }
+                for g in rep.groups
+            ],
         }
         if self.scan is not None:
             d["scan"] = scan_json(self.scan)
@@ -122,8 +132,15 @@ class PruneResult(TransformResult):
 
 
 def fidelity_json(fid: Sequence[OutputFidelity]) -> dict[str, dict[str, Any]]:
-    return {f.name: {"sqnr_db": f.sqnr_db, "cosine": f.cosine, "max_abs_err": f.max_abs_err,
-                     "top1_agreement": f.top1_agreement} for f in fid}
+    return {
+        f.name: {
+            "sqnr_db": f.sqnr_db,
+            "cosine": f.cosine,
+            "max_abs_err": f.max_abs_err,
+            "top1_agreement": f.top1_agreement,
+        }
+        for f in fid
+    }
 
 
 def looks_like_scores(arr: np.ndarray) -> bool:
@@ -131,8 +148,9 @@ def looks_like_scores(arr: np.ndarray) -> bool:
     return arr.ndim in (2, 3) and arr.shape[-1] >= 2
 
 
-def fidelity(original: Model, pruned: Model, feeds: Sequence[Mapping[str, np.ndarray]]
-             ) -> list[OutputFidelity]:
+def fidelity(
+    original: Model, pruned: Model, feeds: Sequence[Mapping[str, np.ndarray]]
+) -> list[OutputFidelity]:
     """SQNR, cosine and top-1 agreement of ``pruned`` against ``original`` over ``feeds``."""
     s0, s1 = make_session(original, "basic"), make_session(pruned, "basic")
     names = [o.name for o in s0.get_outputs()]
@@ -158,25 +176,37 @@ def fidelity(original: Model, pruned: Model, feeds: Sequence[Mapping[str, np.nda
     return res
 
 
-def _eval_feeds(model: Model, calib: list[Feeds], input_shapes: Mapping[str, Sequence[int]] | None,
-                n: int = 8) -> list[Feeds]:
+def _eval_feeds(
+    model: Model, calib: list[Feeds], input_shapes: Mapping[str, Sequence[int]] | None, n: int = 8
+) -> list[Feeds]:
     if calib:
-        return calib[:max(n, 1) * 4]
+        return calib[: max(n, 1) * 4]
     probe = model.clone()
     if input_shapes:
         fix_input_shapes(probe, input_shapes)
     return [random_feeds(probe, seed=s) for s in range(n)]
 
 
-def prune(model: ModelLike, ratio: float | dict[str, float],
-          calib: Any = None, criterion: str = "l1", round_to: int | None = None,
-          recover: bool = True, *, input_shapes: Mapping[str, Sequence[int]] | None = None,
-          min_channels: int = 1, min_fraction: float = 0.0, calib_limit: int = 128,
-          measure: bool = True, holdout: float = 0.25,
-          output: str | os.PathLike[str] | None = None,
-          report: str | os.PathLike[str] | None = None,
-          scan: Sequence[float] | None = None, plot: str | os.PathLike[str] | None = None,
-          **options: Any) -> PruneResult:
+def prune(
+    model: ModelLike,
+    ratio: float | dict[str, float],
+    calib: Any = None,
+    criterion: str = "l1",
+    round_to: int | None = None,
+    recover: bool = True,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    min_channels: int = 1,
+    min_fraction: float = 0.0,
+    calib_limit: int = 128,
+    measure: bool = True,
+    holdout: float = 0.25,
+    output: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    scan: Sequence[float] | None = None,
+    plot: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> PruneResult:
     """The prune job: structured channel pruning (pass ``prune-channels``) with least-squares
     recovery, fidelity against the original, and the pruned model written.
 
@@ -207,40 +237,76 @@ def prune(model: ModelLike, ratio: float | dict[str, float],
         A :class:`PruneResult`; ``to_json()`` is what ``graphopt prune --json`` prints.
     """
     t0 = time.perf_counter()
-    out_path, report_path, plot_path = output_paths(model, output, report,
-                                                    plot if scan is not None else None,
-                                                    inputs=[calib])
-    opts: dict[str, Any] = dict(calib=calib, criterion=criterion, round_to=round_to,
-                                recover=recover, input_shapes=input_shapes,
-                                min_channels=min_channels, min_fraction=min_fraction,
-                                calib_limit=calib_limit, holdout=holdout, **options)
+    out_path, report_path, plot_path = output_paths(
+        model, output, report, plot if scan is not None else None, inputs=[calib]
+    )
+    opts: dict[str, Any] = dict(
+        calib=calib,
+        criterion=criterion,
+        round_to=round_to,
+        recover=recover,
+        input_shapes=input_shapes,
+        min_channels=min_channels,
+        min_fraction=min_fraction,
+        calib_limit=calib_limit,
+        holdout=holdout,
+        **options,
+    )
     # the pass checks its options (ratio in [0, 1), criterion, ...) before any work
-    PruneChannelsPass(ratio=ratio, criterion=criterion, round_to=round_to,
-                      min_channels=min_channels, min_fraction=min_fraction, **options)
+    PruneChannelsPass(
+        ratio=ratio,
+        criterion=criterion,
+        round_to=round_to,
+        min_channels=min_channels,
+        min_fraction=min_fraction,
+        **options,
+    )
     source = as_model(model)
-    points = None if scan is None else [
-        _point(r, _prune_once(source, r, measure=True, **opts)) for r in scan]
+    points = (
+        None
+        if scan is None
+        else [_point(r, _prune_once(source, r, measure=True, **opts)) for r in scan]
+    )
     res = _prune_once(source, ratio, measure=measure, **opts)
     res.input = source_path(model)
     res.scan = points
     if plot_path is not None and res.scan is not None:
-        res.plot = plot_scan(res.scan, plot_path, title=_scan_title(res.input, criterion,
-                                                               recover and calib is not None))
+        res.plot = plot_scan(
+            res.scan,
+            plot_path,
+            title=_scan_title(res.input, criterion, recover and calib is not None),
+        )
     if out_path is not None:
         res.output = save(res.model, out_path)
     if report_path is not None:
         name = Path(res.input).name if res.input else "model"
-        res.report_path = write_report(report_path, res.original, res.model, prune_scan=res.scan,
-                                  title=f"graphopt prune: {name}")
+        res.report_path = write_report(
+            report_path,
+            res.original,
+            res.model,
+            prune_scan=res.scan,
+            title=f"graphopt prune: {name}",
+        )
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _prune_once(model: Model, ratio: float | dict[str, float], *, calib: Any, criterion: str,
-                round_to: int | None, recover: bool,
-                input_shapes: Mapping[str, Sequence[int]] | None, min_channels: int,
-                min_fraction: float, calib_limit: int, measure: bool, holdout: float,
-                **options: Any) -> PruneResult:
+def _prune_once(
+    model: Model,
+    ratio: float | dict[str, float],
+    *,
+    calib: Any,
+    criterion: str,
+    round_to: int | None,
+    recover: bool,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    min_channels: int,
+    min_fraction: float,
+    calib_limit: int,
+    measure: bool,
+    holdout: float,
+    **options: Any,
+) -> PruneResult:
     """Prune a copy of ``model`` once and measure its fidelity."""
     original = model.clone()
     if input_shapes:
@@ -250,18 +316,27 @@ def _prune_once(model: Model, ratio: float | dict[str, float], *, calib: Any, cr
     if measure and holdout > 0 and len(feeds) >= 4:
         k = max(1, int(round(len(feeds) * holdout)))
         feeds, held = feeds[:-k], feeds[-k:]
-    p = PruneChannelsPass(ratio=ratio, criterion=criterion, round_to=round_to,
-                          min_channels=min_channels, min_fraction=min_fraction,
-                          calib=feeds or None, recover=recover, calib_limit=calib_limit,
-                          **options)
+    p = PruneChannelsPass(
+        ratio=ratio,
+        criterion=criterion,
+        round_to=round_to,
+        min_channels=min_channels,
+        min_fraction=min_fraction,
+        calib=feeds or None,
+        recover=recover,
+        calib_limit=calib_limit,
+        **options,
+    )
     result = p(original.clone())
     assert p.report is not None
-    out = PruneResult(model=result.model, original=original, report=p.report,
-                      stats=dict(result.stats))
+    out = PruneResult(
+        model=result.model, original=original, report=p.report, stats=dict(result.stats)
+    )
     if measure:
         out.held_out = bool(held)
-        out.fidelity = fidelity(original, result.model,
-                                held or _eval_feeds(original, feeds, input_shapes))
+        out.fidelity = fidelity(
+            original, result.model, held or _eval_feeds(original, feeds, input_shapes)
+        )
     return out
 
 
@@ -283,8 +358,16 @@ def _point(ratio: float, res: PruneResult) -> ScanPoint:
 
 
 def scan_json(points: Sequence[ScanPoint]) -> list[dict[str, Any]]:
-    return [{"ratio": p.ratio, "macs_ratio": p.macs_ratio, "sqnr_db": p.main.sqnr_db,
-             "cosine": p.main.cosine, "top1_agreement": p.main.top1_agreement} for p in points]
+    return [
+        {
+            "ratio": p.ratio,
+            "macs_ratio": p.macs_ratio,
+            "sqnr_db": p.main.sqnr_db,
+            "cosine": p.main.cosine,
+            "top1_agreement": p.main.top1_agreement,
+        }
+        for p in points
+    ]
 
 
 @dataclass
@@ -316,16 +399,27 @@ class PruneScanResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``graphopt prune --scan --json`` object (without ``--ratio``/``-o``)."""
-        return jsonable({"input": self.input, "output": None,  # type: ignore[no-any-return]
-                         "scan": scan_json(self.points), "plot": path_or_none(self.plot),
-                         "report": path_or_none(self.report_path),
-                         "seconds": round(self.seconds, 3)})
+        return jsonable(
+            {
+                "input": self.input,
+                "output": None,  # type: ignore[no-any-return]
+                "scan": scan_json(self.points),
+                "plot": path_or_none(self.plot),
+                "report": path_or_none(self.report_path),
+                "seconds": round(self.seconds, 3),
+            }
+        )
 
 
-def prune_scan(model: ModelLike, ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5), *,
-               plot: str | os.PathLike[str] | None = None,
-               report: str | os.PathLike[str] | None = None, criterion: str = "l1",
-               **kwargs: Any) -> PruneScanResult:
+def prune_scan(
+    model: ModelLike,
+    ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5),
+    *,
+    plot: str | os.PathLike[str] | None = None,
+    report: str | os.PathLike[str] | None = None,
+    criterion: str = "l1",
+    **kwargs: Any,
+) -> PruneScanResult:
     """Prune at several ratios (same options as :func:`prune`) and measure MACs and fidelity.
 
     Args:
@@ -343,20 +437,33 @@ def prune_scan(model: ModelLike, ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 
     pts = [_point(r, _prune_once(source, r, measure=measure, **opts)) for r in ratios]
     res = PruneScanResult(pts, input=source_path(model))
     if plot_path is not None:
-        res.plot = plot_scan(pts, plot_path, title=_scan_title(
-            res.input, criterion, bool(opts["recover"]) and opts["calib"] is not None))
+        res.plot = plot_scan(
+            pts,
+            plot_path,
+            title=_scan_title(
+                res.input, criterion, bool(opts["recover"]) and opts["calib"] is not None
+            ),
+        )
     if report_path is not None:
         name = Path(res.input).name if res.input else "model"
-        res.report_path = write_report(report_path, source, None, prune_scan=pts,
-                                  title=f"graphopt prune --scan: {name}")
+        res.report_path = write_report(
+            report_path, source, None, prune_scan=pts, title=f"graphopt prune --scan: {name}"
+        )
     res.seconds = time.perf_counter() - t0
     return res
 
 
 #: :func:`prune`'s defaults, for :func:`prune_scan`
 _PRUNE_DEFAULTS: dict[str, Any] = {
-    "calib": None, "round_to": None, "recover": True, "input_shapes": None, "min_channels": 1,
-    "min_fraction": 0.0, "calib_limit": 128, "measure": True, "holdout": 0.25,
+    "calib": None,
+    "round_to": None,
+    "recover": True,
+    "input_shapes": None,
+    "min_channels": 1,
+    "min_fraction": 0.0,
+    "calib_limit": 128,
+    "measure": True,
+    "holdout": 0.25,
 }
 
 
@@ -379,7 +486,7 @@ def plot_scan(points: Sequence[ScanPoint], path: str | os.PathLike[str], title: 
     xs = [p.macs_ratio for p in points]
     agree = [p.main.top1_agreement for p in points]
     top1 = all(a is not None for a in agree)
-    ys = agree if top1 else [p.main.cosine for p in points]
+    ys = [float(a) for a in agree if a is not None] if top1 else [p.main.cosine for p in points]
     ax.plot(xs, ys, "o-")
     for p, x, y in zip(points, xs, ys):
         ax.annotate(f"{p.ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4))

@@ -131,29 +131,40 @@ class QuantizeResult(TransformResult):
 
     def summary(self) -> dict[str, Any]:
         return {
-            "method": self.method, "activations": self.activation_dtype,
-            "reduce_range": self.reduce_range, "activation_choice": self.activation_reason,
-            "per_channel": self.per_channel, "calib_samples": self.calib_samples,
-            "calib_batches": self.calib_batches, "calib_seconds": round(self.calib_seconds, 3),
-            "opset_before": self.opset_before, "opset_after": self.opset_after,
+            "method": self.method,
+            "activations": self.activation_dtype,
+            "reduce_range": self.reduce_range,
+            "activation_choice": self.activation_reason,
+            "per_channel": self.per_channel,
+            "calib_samples": self.calib_samples,
+            "calib_batches": self.calib_batches,
+            "calib_seconds": round(self.calib_seconds, 3),
+            "opset_before": self.opset_before,
+            "opset_after": self.opset_after,
             "layers_int8": sum(1 for layer in self.layers if layer.status == "int8"),
             "layers_float": sum(1 for layer in self.layers if layer.status == "float"),
-            "kept_float": self.kept_float, "mixed_precision": self.mixed_precision,
+            "kept_float": self.kept_float,
+            "mixed_precision": self.mixed_precision,
         }
 
     def pass_stats(self) -> dict[str, dict[str, Any]]:
-        return {**({"optimize": self.optimize_stats} if self.optimize_stats else {}),
-                "quantize-int8": self.stats}
+        return {
+            **({"optimize": self.optimize_stats} if self.optimize_stats else {}),
+            "quantize-int8": self.stats,
+        }
 
     def to_json(self) -> dict[str, Any]:
         """The ``graphopt quantize --json`` object."""
-        return jsonable({  # type: ignore[no-any-return]
-            **self.change_json(), **self.summary(),
-            "file_bytes_before": self.file_bytes_before,
-            "file_bytes_after": self.file_bytes_after,
-            "layers": [layer.to_json() for layer in self.layers],
-            "optimize_note": self.optimize_note,
-        })
+        return jsonable(
+            {  # type: ignore[no-any-return]
+                **self.change_json(),
+                **self.summary(),
+                "file_bytes_before": self.file_bytes_before,
+                "file_bytes_after": self.file_bytes_after,
+                "layers": [layer.to_json() for layer in self.layers],
+                "optimize_note": self.optimize_note,
+            }
+        )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -165,7 +176,9 @@ def _first_samples(batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str
     for b in batches:
         n = next(iter(b.values())).shape[0]
         for i in range(n):
-            out.append({k: (v[i:i + 1] if v.ndim and v.shape[0] == n else v) for k, v in b.items()})
+            out.append(
+                {k: (v[i : i + 1] if v.ndim and v.shape[0] == n else v) for k, v in b.items()}
+            )
     return out
 
 
@@ -197,8 +210,12 @@ class _Evaluator:
         return worst
 
 
-def _layer_sqnr(float_model: Model, qmodel: Model, names: Sequence[str],
-                batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
+def _layer_sqnr(
+    float_model: Model,
+    qmodel: Model,
+    names: Sequence[str],
+    batches: Sequence[Mapping[str, np.ndarray]],
+) -> dict[str, float]:
     """SQNR of each named tensor in the quantized model against the float model (cumulative)."""
     if not names or not batches:
         return {}
@@ -218,13 +235,19 @@ def _layer_sqnr(float_model: Model, qmodel: Model, names: Sequence[str],
             d = a64 - np.asarray(c, np.float64).ravel()
             sig[n] += float(a64 @ a64)
             noise[n] += float(d @ d)
-    return {n: (math.inf if noise[n] == 0 else (-math.inf if sig[n] == 0 else
-                                                 10 * math.log10(sig[n] / noise[n])))
-            for n in names}
+    return {
+        n: (
+            math.inf
+            if noise[n] == 0
+            else (-math.inf if sig[n] == 0 else 10 * math.log10(sig[n] / noise[n]))
+        )
+        for n in names
+    }
 
 
-def bias_correction(float_model: Model, qmodel: Model, batches: Sequence[Mapping[str, np.ndarray]]
-                    ) -> int:
+def bias_correction(
+    float_model: Model, qmodel: Model, batches: Sequence[Mapping[str, np.ndarray]]
+) -> int:
     """Bias correction of weight quantization (Nagel et al. 2019, empirical input means), in place.
 
     For a Conv/Gemm with int32 bias, the expected output error from rounding the weights is
@@ -235,13 +258,19 @@ def bias_correction(float_model: Model, qmodel: Model, batches: Sequence[Mapping
     fnodes = {n.name: n for n in float_model.graph.nodes}
     targets: dict[str, gs.Node] = {}
     for n in qmodel.graph.nodes:
-        if n.op in ("Conv", "Gemm") and len(n.inputs) > 2 and n.inputs[2].inputs and \
-                n.inputs[2].inputs[0].op == "DequantizeLinear" and \
-                isinstance(n.inputs[2].inputs[0].inputs[0], gs.Constant) and \
-                n.inputs[2].inputs[0].inputs[0].dtype == np.int32 and n.name in fnodes and \
-                n.inputs[1].inputs and n.inputs[1].inputs[0].op == "DequantizeLinear" and \
-                isinstance(fnodes[n.name].inputs[1], gs.Constant) and \
-                not (n.op == "Gemm" and n.attrs.get("transA", 0)):
+        if (
+            n.op in ("Conv", "Gemm")
+            and len(n.inputs) > 2
+            and n.inputs[2].inputs
+            and n.inputs[2].inputs[0].op == "DequantizeLinear"
+            and isinstance(n.inputs[2].inputs[0].inputs[0], gs.Constant)
+            and n.inputs[2].inputs[0].inputs[0].dtype == np.int32
+            and n.name in fnodes
+            and n.inputs[1].inputs
+            and n.inputs[1].inputs[0].op == "DequantizeLinear"
+            and isinstance(fnodes[n.name].inputs[1], gs.Constant)
+            and not (n.op == "Gemm" and n.attrs.get("transA", 0))
+        ):
             targets[n.name] = n
     names = sorted({n.inputs[0].name for n in targets.values()})
     if not names or not batches:
@@ -287,14 +316,15 @@ def bias_correction(float_model: Model, qmodel: Model, batches: Sequence[Mapping
         bs = np.asarray(dq.inputs[1].values, np.float64)
         if delta.shape != bq.shape:
             continue
-        new = np.clip(np.round(bq - delta / bs), -2**31, 2**31 - 1).astype(np.int32)
+        new = np.clip(np.round(bq - delta / bs), -(2**31), 2**31 - 1).astype(np.int32)
         dq.inputs[0] = gs.Constant(dq.inputs[0].name + "_corrected", new)
         fixed += 1
     return fixed
 
 
-def _mixed_range_concats(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]],
-                         ratio: float) -> dict[str, str]:
+def _mixed_range_concats(
+    model: Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], ratio: float
+) -> dict[str, str]:
     out = {}
     for name, q in plan.nodes.items():
         if q.kind != "concat":
@@ -302,8 +332,10 @@ def _mixed_range_concats(model: Model, plan: QuantPlan, ranges: Mapping[str, tup
         widths = [ranges[t][1] - ranges[t][0] for t in q.inputs if t in ranges]
         widths = [w for w in widths if w > 0]
         if len(widths) >= 2 and max(widths) / min(widths) > ratio:
-            out[name] = (f"mixed-range Concat: input ranges span {min(widths):.3g} to "
-                         f"{max(widths):.3g} (x{max(widths) / min(widths):.0f} > {ratio:g})")
+            out[name] = (
+                f"mixed-range Concat: input ranges span {min(widths):.3g} to "
+                f"{max(widths):.3g} (x{max(widths) / min(widths):.0f} > {ratio:g})"
+            )
     return out
 
 
@@ -376,8 +408,9 @@ def quantize(
     model = as_model(model)
     dtype, rr, why = choose_activation_type(activations, reduce_range)
     original = prepare(model.clone(), input_shapes)
-    reader = open_calibration(calib, original, batch_size=batch_size, limit=limit,
-                              defaults=calib_defaults)
+    reader = open_calibration(
+        calib, original, batch_size=batch_size, limit=limit, defaults=calib_defaults
+    )
     total = reader.num_samples()
     batch_iter = iter(reader)
     first = next(batch_iter)
@@ -387,10 +420,15 @@ def quantize(
     opt_stats: dict[str, Any] = {}
     if optimize:
         try:
-            res = optimize_model(model, passes=passes, input_shapes=input_shapes,
-                                 verify_output=True, feeds=first_sample)
-            work = res.model
-            opt_stats = res.stats()
+            opt = optimize_model(
+                model,
+                passes=passes,
+                input_shapes=input_shapes,
+                verify_output=True,
+                feeds=first_sample,
+            )
+            work = opt.model
+            opt_stats = opt.stats()
         except (VerificationError, PassError) as exc:
             opt_note = f"optimization skipped: {exc}"
             logger.warning("quantize: %s", opt_note)
@@ -402,12 +440,23 @@ def quantize(
         work = upgrade_opset(work, 13)
     keep_float = set(keep_float)
     # optimization passes suffix node names (conv__go12): accept the names of the input model too
-    keep_float |= {n.name for n in work.graph.nodes
-                   if n.name and re.sub(r"(__go\d+)+$", "", n.name) in keep_float}
+    keep_float |= {
+        n.name
+        for n in work.graph.nodes
+        if n.name and re.sub(r"(__go\d+)+$", "", n.name) in keep_float
+    }
     plan = plan_quantization(work, keep_float=keep_float, op_types=op_types)
     levels = 256
-    cal = collect_ranges(work, plan.observed(), batches, method=method, levels=levels,
-                         progress=progress, total=total, keep_samples=eval_samples)
+    cal = collect_ranges(
+        work,
+        plan.observed(),
+        batches,
+        method=method,
+        levels=levels,
+        progress=progress,
+        total=total,
+        keep_samples=eval_samples,
+    )
     kept_float: dict[str, str] = {}
     mixed = _mixed_range_concats(work, plan, cal.ranges, mixed_range_ratio)
     for name, reason in mixed.items():
@@ -439,12 +488,15 @@ def quantize(
             m, _ = build([n for n in plan.nodes if n != layer])
             sens[layer] = evaluator.min_sqnr(m)
     if want_target and evaluator is not None:
-        qmodel, emit, mp = _mixed_precision(build, evaluator, plan, sens, min_sqnr, metric,
-                                            metric_target, qmodel, emit)
+        qmodel, emit, mp = _mixed_precision(
+            build, evaluator, plan, sens, min_sqnr, metric, metric_target, qmodel, emit
+        )
         qmodel.metadata.pop("graphopt.fusion_groups", None)
         for n in mp.get("kept", []):
-            kept_float[n] = (f"sensitive (isolated SQNR {sens.get(n, float('nan')):.1f} dB); "
-                             f"kept float to meet the target")
+            kept_float[n] = (
+                f"sensitive (isolated SQNR {sens.get(n, float('nan')):.1f} dB); "
+                f"kept float to meet the target"
+            )
     corrected = bias_correction(work, qmodel, eval_batches) if bias_correct and eval_batches else 0
     # per-layer report
     out_names = [q.output for q in plan.nodes.values() if q.output and q.name in emit.layers]
@@ -455,55 +507,111 @@ def quantize(
             continue
         info = emit.layers.get(n)
         if info is None:
-            layers.append(LayerReport(n, q.op, "float", kept_float.get(n, "no calibrated range"),
-                                      sensitivity_db=sens.get(n)))
+            layers.append(
+                LayerReport(
+                    n,
+                    q.op,
+                    "float",
+                    kept_float.get(n, "no calibrated range"),
+                    sensitivity_db=sens.get(n),
+                )
+            )
             continue
         ws = info.get("weight_scale")
-        layers.append(LayerReport(
-            n, q.op, "int8", "", input_scales=info["inputs"], output_scale=info["output_scale"],
-            weight_scale=tuple(ws) if ws else None, per_channel=info.get("per_channel"),
-            absorbed=info.get("absorbed"), sqnr_db=cum.get(q.output) if q.output else None,
-            sensitivity_db=sens.get(n)))
+        layers.append(
+            LayerReport(
+                n,
+                q.op,
+                "int8",
+                "",
+                input_scales=info["inputs"],
+                output_scale=info["output_scale"],
+                weight_scale=tuple(ws) if ws else None,
+                per_channel=info.get("per_channel"),
+                absorbed=info.get("absorbed"),
+                sqnr_db=cum.get(q.output) if q.output else None,
+                sensitivity_db=sens.get(n),
+            )
+        )
     for n, reason in plan.skipped.items():
         if n in kept_float:
             continue
         node_op = next((x.op for x in work.graph.nodes if x.name == n), "?")
-        if node_op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or \
-                reason.startswith("kept float"):
+        if node_op in ("Conv", "ConvTranspose", "Gemm", "MatMul") or reason.startswith(
+            "kept float"
+        ):
             kept_float[n] = reason
             layers.append(LayerReport(n, node_op, "float", reason))
     check = None
     if verify_output and eval_batches:
-        check = verify(original, qmodel, feeds=_first_samples(eval_batches)[:eval_samples],
-                        min_sqnr_db=min_sqnr if min_sqnr is not None else -math.inf,
-                        transformed_level=QUANT_LEVEL)
-    stats = {"nodes_quantized": emit.nodes, "tensors_quantized": emit.tensors,
-             "weights_quantized": emit.weights, "biases_quantized": emit.biases,
-             "activations_absorbed": emit.absorbed, "kept_float": len(kept_float),
-             "biases_corrected": corrected}
+        check = verify(
+            original,
+            qmodel,
+            feeds=_first_samples(eval_batches)[:eval_samples],
+            min_sqnr_db=min_sqnr if min_sqnr is not None else -math.inf,
+            transformed_level=QUANT_LEVEL,
+        )
+    stats = {
+        "nodes_quantized": emit.nodes,
+        "tensors_quantized": emit.tensors,
+        "weights_quantized": emit.weights,
+        "biases_quantized": emit.biases,
+        "activations_absorbed": emit.absorbed,
+        "kept_float": len(kept_float),
+        "biases_corrected": corrected,
+    }
     res = QuantizeResult(
-        model=qmodel, original=original, float_model=work, layers=layers, kept_float=kept_float,
-        verify=check, activation_dtype=str(dtype), reduce_range=rr, activation_reason=why,
-        method=method, per_channel=per_channel, calib_samples=cal.samples,
-        calib_batches=cal.batches, calib_seconds=cal.seconds, opset_before=opset_before,
-        opset_after=qmodel.opset, optimize_stats=opt_stats, optimize_note=opt_note,
-        mixed_precision=mp, stats=stats, input=src)
+        model=qmodel,
+        original=original,
+        float_model=work,
+        layers=layers,
+        kept_float=kept_float,
+        verify=check,
+        activation_dtype=str(dtype),
+        reduce_range=rr,
+        activation_reason=why,
+        method=method,
+        per_channel=per_channel,
+        calib_samples=cal.samples,
+        calib_batches=cal.batches,
+        calib_seconds=cal.seconds,
+        opset_before=opset_before,
+        opset_after=qmodel.opset,
+        optimize_stats=opt_stats,
+        optimize_note=opt_note,
+        mixed_precision=mp,
+        stats=stats,
+        input=src,
+    )
     if src is not None and Path(src).is_file():
         res.file_bytes_before = Path(src).stat().st_size
     if out_path is not None:
         res.output = save(qmodel, out_path)
         res.file_bytes_after = res.output.stat().st_size
     if report_path is not None:
-        res.report_path = write_report(report_path, original, qmodel, quant=res, verify=check,
-                                  title=f"graphopt quantize: {Path(src).name if src else 'model'}")
+        res.report_path = write_report(
+            report_path,
+            original,
+            qmodel,
+            quant=res,
+            verify=check,
+            title=f"graphopt quantize: {Path(src).name if src else 'model'}",
+        )
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _mixed_precision(build: Callable[..., tuple[Model, Any]], evaluator: _Evaluator,
-                     plan: QuantPlan, sens: Mapping[str, float], min_sqnr: float | None,
-                     metric: Metric | None, metric_target: float | None, qmodel: Model,
-                     emit: Any) -> tuple[Model, Any, dict[str, Any]]:
+def _mixed_precision(
+    build: Callable[..., tuple[Model, Any]],
+    evaluator: _Evaluator,
+    plan: QuantPlan,
+    sens: Mapping[str, float],
+    min_sqnr: float | None,
+    metric: Metric | None,
+    metric_target: float | None,
+    qmodel: Model,
+    emit: Any,
+) -> tuple[Model, Any, dict[str, Any]]:
     """Keep the k most sensitive layers float, smallest k meeting the target (doubling, then
     bisection). Returns the chosen model, its emit stats and a summary."""
     order = sorted(plan.layers(), key=lambda n: sens.get(n, math.inf))
@@ -516,8 +624,11 @@ def _mixed_precision(build: Callable[..., tuple[Model, Any]], evaluator: _Evalua
         good = min_sqnr is None or score >= min_sqnr
         if good and metric is not None:
             v = metric(m)
-            good = bool(v) if isinstance(v, (bool, np.bool_)) or metric_target is None \
+            good = (
+                bool(v)
+                if isinstance(v, (bool, np.bool_)) or metric_target is None
                 else float(v) >= metric_target
+            )
         return good, score
 
     good, score = ok(qmodel)
@@ -557,4 +668,3 @@ def _mixed_precision(build: Callable[..., tuple[Model, Any]], evaluator: _Evalua
     m, st, s = cache[hi]
     summary.update(kept=list(order[:hi]), met=True, evaluations=evals, sqnr_db=s)
     return m, st, summary
-

@@ -53,25 +53,39 @@ class RunResult:
         out: dict[str, dict[str, Any]] = {}
         for k, v in self.outputs.items():
             num = v.size > 0 and v.dtype.kind in "biuf"
-            out[k] = {"shape": list(v.shape), "dtype": str(v.dtype),
-                      "min": v.min().item() if num else None,
-                      "max": v.max().item() if num else None}
+            out[k] = {
+                "shape": list(v.shape),
+                "dtype": str(v.dtype),
+                "min": v.min().item() if num else None,
+                "max": v.max().item() if num else None,
+            }
         return out
 
     def to_json(self) -> dict[str, Any]:
         """The ``graphopt run --json`` object."""
-        return jsonable({"artifact": self.artifact,  # type: ignore[no-any-return]
-                         "outputs": self.summary(),
-                         "output_file": path_or_none(self.output_file)})
+        return jsonable(
+            {
+                "artifact": self.artifact,  # type: ignore[no-any-return]
+                "outputs": self.summary(),
+                "output_file": path_or_none(self.output_file),
+            }
+        )
 
 
 def _arrays(inputs: Mapping[str, InputValue]) -> dict[str, np.ndarray]:
-    return {k: v if isinstance(v, np.ndarray) else read_array(v, f"input '{k}'")
-            for k, v in inputs.items()}
+    return {
+        k: v if isinstance(v, np.ndarray) else read_array(v, f"input '{k}'")
+        for k, v in inputs.items()
+    }
 
 
-def run(artifact: ModelLike, inputs: Mapping[str, InputValue] | None = None, *,
-        output: str | os.PathLike[str] | None = None, seed: int = 0) -> RunResult:
+def run(
+    artifact: ModelLike,
+    inputs: Mapping[str, InputValue] | None = None,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+) -> RunResult:
     """Run an ONNX model (onnxruntime, ``ORT_DISABLE_ALL``) or a compiled library once.
 
     Args:
@@ -94,8 +108,10 @@ def run(artifact: ModelLike, inputs: Mapping[str, InputValue] | None = None, *,
         outs = run_model(model, feeds)
     else:
         art = open_artifact(src)
-        specs = {i["name"]: InputSpec(i["name"], tuple(int(d) for d in i["shape"]),
-                                      np.dtype(i["dtype"])) for i in art.inputs}
+        specs = {
+            i["name"]: InputSpec(i["name"], tuple(int(d) for d in i["shape"]), np.dtype(i["dtype"]))
+            for i in art.inputs
+        }
         outs = art.run(check_feeds(specs, feeds, "--input"))
     res = RunResult(source_path(artifact), {k: np.asarray(v) for k, v in outs.items()})
     if out_path is not None:

@@ -33,8 +33,13 @@ else:  # pragma: no cover - Python 3.10
 
 
 def _type_name(types: tuple[type, ...]) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "a list"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+    }
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
@@ -50,12 +55,15 @@ def _parse_shapes(value: Any, where: str) -> dict[str, tuple[int, ...]]:
     for k, v in value.items():
         if isinstance(v, str):
             out.update(parse_input_shapes([f"{k}:{v}"]))
-        elif isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool)
-                                         and d > 0 for d in v):
+        elif isinstance(v, list) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v
+        ):
             out[k] = tuple(v)
         else:
-            raise RecipeError(f"{where}input_shapes.{k} must be a list of positive integers or "
-                              f"a string like \"1x3x224x224\", got {v!r}")
+            raise RecipeError(
+                f"{where}input_shapes.{k} must be a list of positive integers or "
+                f'a string like "1x3x224x224", got {v!r}'
+            )
     return out
 
 
@@ -64,12 +72,16 @@ def parse_recipe(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
     where = f"{source}: "
     for key in data:
         if key not in TOP_LEVEL:
-            raise RecipeError(f"{where}unknown top-level key '{key}'{_suggest(key, TOP_LEVEL)}; "
-                              f"allowed: {', '.join(sorted(TOP_LEVEL))}")
+            hint = _suggest(key, sorted(TOP_LEVEL))
+            raise RecipeError(
+                f"{where}unknown top-level key '{key}'{hint}; "
+                f"allowed: {', '.join(sorted(TOP_LEVEL))}"
+            )
     raw_steps = data.get("step")
     if not raw_steps:
-        raise RecipeError(f"{where}no steps: add [[step]] tables with kind = "
-                          f"{' | '.join(STEP_OPTIONS)}")
+        raise RecipeError(
+            f"{where}no steps: add [[step]] tables with kind = {' | '.join(STEP_OPTIONS)}"
+        )
     if not isinstance(raw_steps, list):
         raise RecipeError(f"{where}'step' must be an array of tables ([[step]])")
     steps: list[Step] = []
@@ -78,12 +90,15 @@ def parse_recipe(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
             raise RecipeError(f"{where}step {i} must be a table")
         kind = raw.get("kind")
         if not isinstance(kind, str):
-            raise RecipeError(f"{where}step {i} has no kind; set kind = one of "
-                              f"{', '.join(STEP_OPTIONS)}")
+            raise RecipeError(
+                f"{where}step {i} has no kind; set kind = one of {', '.join(STEP_OPTIONS)}"
+            )
         if kind not in STEP_OPTIONS:
-            raise RecipeError(f"{where}step {i}: unknown step kind '{kind}'"
-                              f"{_suggest(kind, list(STEP_OPTIONS))}; known kinds: "
-                              f"{', '.join(STEP_OPTIONS)}")
+            raise RecipeError(
+                f"{where}step {i}: unknown step kind '{kind}'"
+                f"{_suggest(kind, list(STEP_OPTIONS))}; known kinds: "
+                f"{', '.join(STEP_OPTIONS)}"
+            )
         spec = STEP_OPTIONS[kind]
         opts: dict[str, Any] = {}
         for k, v in raw.items():
@@ -91,16 +106,21 @@ def parse_recipe(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
                 continue
             if k not in spec:
                 known = ", ".join(spec) or "none"
-                raise RecipeError(f"{where}step {i} ({kind}): unknown option '{k}'"
-                                  f"{_suggest(k, list(spec))}; options of {kind}: {known}")
+                raise RecipeError(
+                    f"{where}step {i} ({kind}): unknown option '{k}'"
+                    f"{_suggest(k, list(spec))}; options of {kind}: {known}"
+                )
             o = spec[k]
             ok = isinstance(v, o.types) and not (isinstance(v, bool) and bool not in o.types)
             if not ok:
-                raise RecipeError(f"{where}step {i} ({kind}): option '{k}' must be "
-                                  f"{_type_name(o.types)}, got {type(v).__name__} {v!r}")
+                raise RecipeError(
+                    f"{where}step {i} ({kind}): option '{k}' must be "
+                    f"{_type_name(o.types)}, got {type(v).__name__} {v!r}"
+                )
             if isinstance(v, list) and not all(isinstance(x, str) for x in v):
-                raise RecipeError(f"{where}step {i} ({kind}): option '{k}' must be a list of "
-                                  f"strings, got {v!r}")
+                raise RecipeError(
+                    f"{where}step {i} ({kind}): option '{k}' must be a list of strings, got {v!r}"
+                )
             if o.check is not None:
                 msg = o.check(v)
                 if msg:
@@ -116,12 +136,14 @@ def parse_recipe(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
     if "compile" in kinds and (kinds.count("compile") > 1 or kinds[-1] != "compile"):
         raise RecipeError(f"{where}compile must be the last step, and there can be only one")
     if "quantize" in kinds and "fp16" in kinds:
-        raise RecipeError(f"{where}quantize and fp16 cannot be combined (int8 or float16, "
-                          "pick one)")
+        raise RecipeError(
+            f"{where}quantize and fp16 cannot be combined (int8 or float16, pick one)"
+        )
     for late in ("quantize", "fp16"):
-        if late in kinds and "prune" in kinds[kinds.index(late):]:
-            raise RecipeError(f"{where}prune must come before {late} (pruning works on float "
-                              "weights)")
+        if late in kinds and "prune" in kinds[kinds.index(late) :]:
+            raise RecipeError(
+                f"{where}prune must come before {late} (pruning works on float weights)"
+            )
     calib = data.get("calib")
     if calib is not None and not isinstance(calib, str):
         raise RecipeError(f"{where}calib must be a path string, got {calib!r}")
@@ -147,8 +169,10 @@ def load_recipe(spec: str | os.PathLike[str] | Mapping[str, Any] | Recipe) -> Re
     p = Path(text)
     if not p.is_file():
         hint = _suggest(text, list(BUILTIN_RECIPES))
-        raise RecipeError(f"recipe '{text}' is neither a built-in recipe{hint} "
-                          f"({', '.join(BUILTIN_RECIPES)}) nor a TOML file")
+        raise RecipeError(
+            f"recipe '{text}' is neither a built-in recipe{hint} "
+            f"({', '.join(BUILTIN_RECIPES)}) nor a TOML file"
+        )
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -156,13 +180,17 @@ def load_recipe(spec: str | os.PathLike[str] | Mapping[str, Any] | Recipe) -> Re
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{p}: cannot read: {exc}") from None
     r = parse_recipe(data, str(p))
-    r.calib = str((p.parent / r.calib).resolve()) if r.calib and not Path(r.calib).is_absolute() \
-        and (p.parent / r.calib).exists() else r.calib
+    r.calib = (
+        str((p.parent / r.calib).resolve())
+        if r.calib and not Path(r.calib).is_absolute() and (p.parent / r.calib).exists()
+        else r.calib
+    )
     r.name = r.name or p.stem
     return r
 
 
 def describe_builtin() -> list[tuple[str, str, list[str]]]:
     """(name, description, step labels) of every built-in recipe."""
-    return [(n, d, [s.label for s in load_recipe(n).steps]) for n, (d, _) in
-            BUILTIN_RECIPES.items()]
+    return [
+        (n, d, [s.label for s in load_recipe(n).steps]) for n, (d, _) in BUILTIN_RECIPES.items()
+    ]

@@ -66,8 +66,10 @@ def check_capability(kind: str) -> None:
     except ImportError as exc:
         raise RecipeError(f"step '{kind}' needs {mod}, not available ({exc})") from None
     if kind == "compile" and not module.tvm_available():
-        raise RecipeError("step 'compile' needs apache-tvm, not available (install the tvm extra "
-                          "or run scripts/install-tvm-deps.sh)")
+        raise RecipeError(
+            "step 'compile' needs apache-tvm, not available (install the tvm extra "
+            "or run scripts/install-tvm-deps.sh)"
+        )
 
 
 # ------------------------------------------------------------------ running
@@ -94,11 +96,21 @@ class StepRecord:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
-        return {"step": self.label, "ok": self.ok, "check": self.check, "nodes": self.nodes,
-                "params": self.params, "macs": self.macs, "model_bytes": self.model_bytes,
-                "arena_bytes": self.arena_bytes, "fidelity_sqnr_db": self.fidelity,
-                "step_sqnr_db": self.step_sqnr, "latency_ms": self.latency_ms,
-                "seconds": round(self.seconds, 3), "note": self.note}
+        return {
+            "step": self.label,
+            "ok": self.ok,
+            "check": self.check,
+            "nodes": self.nodes,
+            "params": self.params,
+            "macs": self.macs,
+            "model_bytes": self.model_bytes,
+            "arena_bytes": self.arena_bytes,
+            "fidelity_sqnr_db": self.fidelity,
+            "step_sqnr_db": self.step_sqnr,
+            "latency_ms": self.latency_ms,
+            "seconds": round(self.seconds, 3),
+            "note": self.note,
+        }
 
 
 @dataclass(kw_only=True)
@@ -140,9 +152,15 @@ class RecipeResult(TransformResult):
 
     def to_json(self) -> dict[str, Any]:
         """The ``graphopt optimize --recipe ... --json`` object."""
-        return jsonable({**self.change_json(),  # type: ignore[no-any-return]
-                         "recipe": self.recipe.name, "steps": self.table(), "ok": self.ok,
-                         "artifact": path_or_none(self.artifact)})
+        return jsonable(
+            {
+                **self.change_json(),  # type: ignore[no-any-return]
+                "recipe": self.recipe.name,
+                "steps": self.table(),
+                "ok": self.ok,
+                "artifact": path_or_none(self.artifact),
+            }
+        )
 
 
 def sqnr_text(d: Mapping[str, float]) -> str:
@@ -193,20 +211,24 @@ def _calib_feeds(calib: Any, model: Model, limit: int = 8) -> list[dict[str, np.
 def _arena_bytes(model: Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> int | None:
     """Arena of a quick memory plan (no reordering); None when planning fails."""
     try:
-        return int(plan_model(model, reorder=False, feeds=feeds[0] if feeds else None
-                              ).arena_bytes)
+        return int(plan_model(model, reorder=False, feeds=feeds[0] if feeds else None).arena_bytes)
     except Exception as exc:  # noqa: BLE001 - a number for the table, never a failure
         logger.debug("memory plan for the table failed: %s", exc)
         return None
 
 
-def run_recipe(model: ModelLike,
-               recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe, *,
-               input_shapes: Mapping[str, Sequence[int]] | None = None, calib: Any = None,
-               output: str | os.PathLike[str] | None = None, bench: bool = False,
-               report: str | os.PathLike[str] | None = None,
-               feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
-               on_step: Callable[[StepRecord], None] | None = None) -> RecipeResult:
+def run_recipe(
+    model: ModelLike,
+    recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    calib: Any = None,
+    output: str | os.PathLike[str] | None = None,
+    bench: bool = False,
+    report: str | os.PathLike[str] | None = None,
+    feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> RecipeResult:
     """Run a recipe on a model, verifying every step against its input.
 
     Args:
@@ -235,24 +257,25 @@ def run_recipe(model: ModelLike,
     rec = load_recipe(recipe)
     for s in rec.steps:  # fail before any work when a capability is missing
         check_capability(s.kind)
-    shapes = dict(rec.input_shapes)
+    shapes: dict[str, Sequence[int]] = dict(rec.input_shapes)
     shapes.update(input_shapes or {})
     calib = calib if calib is not None else rec.calib
     original = prepare(as_model(model).clone(), shapes)
     if feeds is None:
         feeds = _calib_feeds(calib, original) or [random_feeds(original, seed=s) for s in (0, 1)]
-    feeds = [dict(f) for f in feeds]
-    ref = _run_all(original, feeds)
-    result = RecipeResult(recipe=rec, original=original, model=original, feeds=feeds,
-                          input=source_path(model))
+    checked = [dict(f) for f in feeds]
+    ref = _run_all(original, checked)
+    result = RecipeResult(
+        recipe=rec, original=original, model=original, feeds=checked, input=source_path(model)
+    )
     current = original
     prev_out = ref
     for step in rec.steps:
         t0 = time.perf_counter()
         runner = _STEP_RUNNERS[step.kind]
-        new, check, stats, extra = runner(step, current, shapes, calib, feeds, result, out_path)
+        new, check, stats, extra = runner(step, current, shapes, calib, checked, result, out_path)
         seconds = time.perf_counter() - t0
-        out = _run_all(new, feeds) if extra.get("outputs") is None else extra["outputs"]
+        out = _run_all(new, checked) if extra.get("outputs") is None else extra["outputs"]
         n = extra.get("samples")  # a compiled library may run on the first few feeds only
         ref_n = {k: v[:n] for k, v in ref.items()} if n else ref
         prev_n = {k: v[:n] for k, v in prev_out.items()} if n else prev_out
@@ -260,18 +283,32 @@ def run_recipe(model: ModelLike,
         ok, how = check(prev_n, out)
         cost = model_cost(new)
         record = StepRecord(
-            step.kind, step.label, ok, how, seconds, new.num_nodes(), int(cost.params),
-            int(cost.macs), _model_bytes(new) if extra.get("bytes") is None else extra["bytes"],
-            extra["arena"] if "arena" in extra else _arena_bytes(new, feeds),
-            _sqnrs(ref_n, out), step_sqnr,
-            _latency_ms(new, feeds[0]) if bench and step.kind != "compile" else
-            extra.get("latency"), extra.get("note", ""), stats)
+            step.kind,
+            step.label,
+            ok,
+            how,
+            seconds,
+            new.num_nodes(),
+            int(cost.params),
+            int(cost.macs),
+            _model_bytes(new) if extra.get("bytes") is None else extra["bytes"],
+            extra["arena"] if "arena" in extra else _arena_bytes(new, checked),
+            _sqnrs(ref_n, out),
+            step_sqnr,
+            _latency_ms(new, checked[0])
+            if bench and step.kind != "compile"
+            else extra.get("latency"),
+            extra.get("note", ""),
+            stats,
+        )
         result.steps.append(record)
         if on_step:
             on_step(record)
         if not ok:
-            raise VerificationError(f"recipe step {step.index} ({step.label}) failed its check "
-                                    f"({how}): {record.note or step_sqnr}")
+            raise VerificationError(
+                f"recipe step {step.index} ({step.label}) failed its check "
+                f"({how}): {record.note or step_sqnr}"
+            )
         if step.kind != "compile":
             current, prev_out = new, out
     result.model = current
@@ -279,12 +316,23 @@ def run_recipe(model: ModelLike,
         result.output = save(current, out_path)
     if report_path is not None:
         name = Path(result.input).name if result.input else "model"
-        rows = [{**r, "fidelity_sqnr_db": sqnr_text(r["fidelity_sqnr_db"]),
-                 "step_sqnr_db": sqnr_text(r["step_sqnr_db"])} for r in result.table()]
-        result.report_path = write_report(report_path, original, current, quant=result.quant,
-                                          memory=result.plan,
-                                          title=f"graphopt recipe {rec.name} on {name}",
-                                          tables={"steps": rows})
+        rows = [
+            {
+                **r,
+                "fidelity_sqnr_db": sqnr_text(r["fidelity_sqnr_db"]),
+                "step_sqnr_db": sqnr_text(r["step_sqnr_db"]),
+            }
+            for r in result.table()
+        ]
+        result.report_path = write_report(
+            report_path,
+            original,
+            current,
+            quant=result.quant,
+            memory=result.plan,
+            title=f"graphopt recipe {rec.name} on {name}",
+            tables={"steps": rows},
+        )
     result.seconds = time.perf_counter() - t_start
     return result
 
@@ -319,8 +367,11 @@ def _min_sqnr(db: float, what: str = "SQNR") -> Check:
         if missing:
             return False, f"outputs missing: {missing}"
         worst = min(s.values()) if s else math.inf
-        nan = any(np.isnan(np.asarray(v, np.float64)).any() for v in out.values()
-                  if np.asarray(v).dtype.kind == "f")
+        nan = any(
+            np.isnan(np.asarray(v, np.float64)).any()
+            for v in out.values()
+            if np.asarray(v).dtype.kind == "f"
+        )
         return (not nan and worst >= db), f"{what} >= {db:g} dB"
 
     return check
@@ -331,77 +382,130 @@ def _min_sqnr(db: float, what: str = "SQNR") -> Check:
 StepOutput = tuple[Model, Check, dict[str, Any], dict[str, Any]]
 
 
-def _simplify(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
-              feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Path | None
-              ) -> StepOutput:
+def _simplify(
+    step: Step,
+    model: Model,
+    shapes: Mapping[str, Sequence[int]],
+    calib: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    res: RecipeResult,
+    output: Path | None,
+) -> StepOutput:
     passes = step.options["passes"]
-    r = optimize_model(model, passes=passes or None, target=step.options["target"],
-                       verify_output=False)
+    r = optimize_model(
+        model, passes=passes or None, target=step.options["target"], verify_output=False
+    )
     return r.model, _exact(), r.stats(), {}
 
 
-def _fp16(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
-          feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Path | None
-          ) -> StepOutput:
+def _fp16(
+    step: Step,
+    model: Model,
+    shapes: Mapping[str, Sequence[int]],
+    calib: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    res: RecipeResult,
+    output: Path | None,
+) -> StepOutput:
     o = step.options
-    r = fp16_model(model, keep_fp32=o["keep_fp32"], keep_io_types=o["keep_io_types"],
-                   keep_softmax=o["keep_softmax"], kernels=o["kernels"], verify_output=False)
+    r = fp16_model(
+        model,
+        keep_fp32=o["keep_fp32"],
+        keep_io_types=o["keep_io_types"],
+        keep_softmax=o["keep_softmax"],
+        kernels=o["kernels"],
+        verify_output=False,
+    )
     stats: dict[str, Any] = {**r.stats, "kept_fp32": len(r.kept_fp32)}
     return r.model, _min_sqnr(o["min_sqnr"]), stats, {}
 
 
 def _need_calib(kind: str, calib: Any) -> None:
     if calib is None:
-        raise RecipeError(f"step '{kind}' needs calibration data: set calib = \"data.npz\" in the "
-                          "recipe, or pass --calib DATA (calib= in the Python API)")
+        raise RecipeError(
+            f"step '{kind}' needs calibration data: set calib = \"data.npz\" in the "
+            "recipe, or pass --calib DATA (calib= in the Python API)"
+        )
 
 
-def _prune(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
-           feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Path | None
-           ) -> StepOutput:
+def _prune(
+    step: Step,
+    model: Model,
+    shapes: Mapping[str, Sequence[int]],
+    calib: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    res: RecipeResult,
+    output: Path | None,
+) -> StepOutput:
     o = step.options
     if o["recover"] or o["criterion"] == "activation":
         _need_calib("prune", calib)
-    out = prune(model, o["ratio"], calib=calib, criterion=o["criterion"],
-                round_to=o["round_to"], recover=o["recover"], input_shapes=shapes or None,
-                measure=False)
+    out = prune(
+        model,
+        o["ratio"],
+        calib=calib,
+        criterion=o["criterion"],
+        round_to=o["round_to"],
+        recover=o["recover"],
+        input_shapes=shapes or None,
+        measure=False,
+    )
 
     pruned = prepare(out.model, shapes)
     res.prune_report = out.report
     stats = {k: v for k, v in out.stats.items() if isinstance(v, (int, float, str, bool))}
     floor = o["min_sqnr"] if o["min_sqnr"] is not None else DEFAULT_FLOOR_DB["prune"]
-    return pruned, _min_sqnr(floor), stats, {
-        "note": f"MACs x{out.macs_ratio:.2f}"}
+    return pruned, _min_sqnr(floor), stats, {"note": f"MACs x{out.macs_ratio:.2f}"}
 
 
-def _quantize(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
-              feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Path | None
-              ) -> StepOutput:
+def _quantize(
+    step: Step,
+    model: Model,
+    shapes: Mapping[str, Sequence[int]],
+    calib: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    res: RecipeResult,
+    output: Path | None,
+) -> StepOutput:
     _need_calib("quantize", calib)
     o = step.options
     first = model.graph.inputs[0].shape if model.graph.inputs else None
     batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 8
-    q = quantize(model, calib, method=o["method"], activations=o["activations"],
-                 per_channel=o["per_channel"], min_sqnr=o["min_sqnr"],
-                 input_shapes=shapes or None, limit=o["limit"], verify_output=False,
-                 batch_size=batch)
+    q = quantize(
+        model,
+        calib,
+        method=o["method"],
+        activations=o["activations"],
+        per_channel=o["per_channel"],
+        min_sqnr=o["min_sqnr"],
+        input_shapes=shapes or None,
+        limit=o["limit"],
+        verify_output=False,
+        batch_size=batch,
+    )
     res.quant = q
 
     qm = prepare(q.model, shapes)
     stats = {k: v for k, v in (q.stats or {}).items() if isinstance(v, (int, float, str, bool))}
     stats["kept_float"] = len(q.kept_float)
     floor = o["min_sqnr"] if o["min_sqnr"] is not None else DEFAULT_FLOOR_DB["quantize"]
-    return qm, _min_sqnr(floor), stats, {
-        "note": f"{q.activation_dtype} activations, {q.method}"}
+    return qm, _min_sqnr(floor), stats, {"note": f"{q.activation_dtype} activations, {q.method}"}
 
 
-def _plan(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
-          feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Path | None
-          ) -> StepOutput:
+def _plan(
+    step: Step,
+    model: Model,
+    shapes: Mapping[str, Sequence[int]],
+    calib: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    res: RecipeResult,
+    output: Path | None,
+) -> StepOutput:
     o = step.options
     first = feeds[0] if feeds else None
-    planned = plan_memory(model, strategy=o["strategy"], inplace=o["inplace"],
-                          reorder=o["reorder"], feeds=first)
+    planned = plan_memory(
+        model, strategy=o["strategy"], inplace=o["inplace"], reorder=o["reorder"], feeds=first
+    )
     plan = planned.plan
     res.plan = plan
     exact = _exact()
@@ -417,14 +521,23 @@ def _plan(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: 
         ok, how = exact(ref, outs)
         return ok and proof_ok, how + (" + arena execution" if o["prove"] else "")
 
-    return planned.planned_model(), check, {"arena_bytes": plan.arena_bytes,
-                                            "order_changed": plan.order_changed}, {
-        "arena": int(plan.arena_bytes), "note": note}
+    return (
+        planned.planned_model(),
+        check,
+        {"arena_bytes": plan.arena_bytes, "order_changed": plan.order_changed},
+        {"arena": int(plan.arena_bytes), "note": note},
+    )
 
 
-def _compile(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], calib: Any,
-             feeds: Sequence[Mapping[str, np.ndarray]], res: RecipeResult, output: Path | None
-             ) -> StepOutput:
+def _compile(
+    step: Step,
+    model: Model,
+    shapes: Mapping[str, Sequence[int]],
+    calib: Any,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    res: RecipeResult,
+    output: Path | None,
+) -> StepOutput:
     o = step.options
     target = o["target"]
     if o["output"]:
@@ -433,8 +546,11 @@ def _compile(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], cali
         lib = Path(output).with_suffix(f".{target.split(':')[0]}.so")
     else:
         lib = Path(tempfile.mkdtemp(prefix="graphopt-recipe-")) / f"model.{target}.so"
-    in_shapes = {t.name: tuple(int(d) for d in t.shape) for t in model.graph.inputs
-                 if t.shape is not None and all(isinstance(d, int) for d in t.shape)}
+    in_shapes = {
+        t.name: tuple(int(d) for d in t.shape)
+        for t in model.graph.inputs
+        if t.shape is not None and all(isinstance(d, int) for d in t.shape)
+    }
     cr = compile_model(model, target, lib, input_shapes=in_shapes or None)
     res.artifact = Path(cr.artifact)
     extra: dict[str, Any] = {"bytes": int(cr.artifact_bytes)}
@@ -483,8 +599,10 @@ def _compile(step: Step, model: Model, shapes: Mapping[str, Sequence[int]], cali
 
 
 _STEP_RUNNERS: dict[str, Callable[..., StepOutput]] = {
-    "simplify": _simplify, "fp16": _fp16, "prune": _prune, "quantize": _quantize,
-    "plan-memory": _plan, "compile": _compile,
+    "simplify": _simplify,
+    "fp16": _fp16,
+    "prune": _prune,
+    "quantize": _quantize,
+    "plan-memory": _plan,
+    "compile": _compile,
 }
-
-

@@ -96,21 +96,29 @@ TOP_LEVEL = {"name", "description", "input_shapes", "calib", "step"}
 
 #: built-in recipes: name -> (description, TOML text)
 BUILTIN_RECIPES: dict[str, tuple[str, str]] = {
-    "simplify": ("the default semantics-preserving pipeline (fold, fuse, clean up); exact",
-                 '[[step]]\nkind = "simplify"\n'),
-    "fast-fp16": ("simplify, then float16 weights and activations (float32 kept where half "
-                  "breaks numerics); output SQNR >= 30 dB",
-                  '[[step]]\nkind = "simplify"\n\n[[step]]\nkind = "fp16"\n'),
-    "edge-int8": ("simplify, int8 QDQ quantization calibrated on --calib (entropy), then a memory "
-                  "plan for one activation arena",
-                  '[[step]]\nkind = "simplify"\n\n[[step]]\nkind = "quantize"\n'
-                  'method = "entropy"\n\n[[step]]\nkind = "plan-memory"\n'),
-    "prune-int8-arm": ("simplify, prune 30% of channels with least-squares recovery on --calib, "
-                       "int8 quantization, memory plan, and an AArch64 library through TVM",
-                       '[[step]]\nkind = "simplify"\n\n[[step]]\nkind = "prune"\nratio = 0.3\n'
-                       'recover = true\n\n[[step]]\nkind = "quantize"\n\n'
-                       '[[step]]\nkind = "plan-memory"\n\n[[step]]\nkind = "compile"\n'
-                       'target = "aarch64"\n'),
+    "simplify": (
+        "the default semantics-preserving pipeline (fold, fuse, clean up); exact",
+        '[[step]]\nkind = "simplify"\n',
+    ),
+    "fast-fp16": (
+        "simplify, then float16 weights and activations (float32 kept where half "
+        "breaks numerics); output SQNR >= 30 dB",
+        '[[step]]\nkind = "simplify"\n\n[[step]]\nkind = "fp16"\n',
+    ),
+    "edge-int8": (
+        "simplify, int8 QDQ quantization calibrated on --calib (entropy), then a memory "
+        "plan for one activation arena",
+        '[[step]]\nkind = "simplify"\n\n[[step]]\nkind = "quantize"\n'
+        'method = "entropy"\n\n[[step]]\nkind = "plan-memory"\n',
+    ),
+    "prune-int8-arm": (
+        "simplify, prune 30% of channels with least-squares recovery on --calib, "
+        "int8 quantization, memory plan, and an AArch64 library through TVM",
+        '[[step]]\nkind = "simplify"\n\n[[step]]\nkind = "prune"\nratio = 0.3\n'
+        'recover = true\n\n[[step]]\nkind = "quantize"\n\n'
+        '[[step]]\nkind = "plan-memory"\n\n[[step]]\nkind = "compile"\n'
+        'target = "aarch64"\n',
+    ),
 }
 
 
@@ -124,8 +132,11 @@ class Step:
 
     @property
     def label(self) -> str:
-        extra = ", ".join(f"{k}={v}" for k, v in self.options.items()
-                          if v is not None and v != STEP_OPTIONS[self.kind][k].default)
+        extra = ", ".join(
+            f"{k}={v}"
+            for k, v in self.options.items()
+            if v is not None and v != STEP_OPTIONS[self.kind][k].default
+        )
         return f"{self.kind}({extra})" if extra else self.kind
 
 
