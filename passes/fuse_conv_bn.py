@@ -40,7 +40,7 @@ from graphopt.algorithms.linear import (
 )
 from graphopt.core.graph import const, make_node
 from graphopt.core.pass_manager import register_pass
-from graphopt.core.pattern import Const, Match, Op, Pattern, RewritePass, Rule, Var
+from graphopt.core.pattern import Const, Match, Op, Opt, Pattern, Refusal, RewritePass, Rule, Var
 
 logger = logging.getLogger(__name__)
 
@@ -76,25 +76,31 @@ class _FoldBN(Rule):
     """BN(Linear(x, W[, B])) -> Linear(x, W', B')."""
 
     modifies = ("w", "b")
-    with_bias = True
 
-    def check(self, m: Match) -> bool:
+    def check(self, m: Match) -> bool | Refusal:
         node, bn = m["lin"], m["bn"]
         w = m.value("w")
-        if not _bn_ok(bn) or not linear_ok(node, w):
-            return False
+        if not _bn_ok(bn):
+            return Refusal("BatchNormalization in training mode or with used extra outputs")
+        if not linear_ok(node, w):
+            return Refusal(f"{node.op} weight of this layout or type is not supported")
         aff = _bn_affine(m)
         n = out_channels(node, w)
-        if aff is None or n is None or aff[0].size != n:
-            return False
+        if aff is None:
+            return Refusal("BN parameters are not 1-D float vectors of one length, or var + eps "
+                           "<= 0")
+        if n is None or aff[0].size != n:
+            return Refusal(f"BN has {aff[0].size} channels, the {node.op} {n} output channels")
         if node.op == "Gemm" and "b" in m.tensors:
             try:
                 np.broadcast_shapes(m.value("b").shape, (1, n))
             except ValueError:
-                return False
+                return Refusal("Gemm bias does not broadcast to [1, N]")
         elif "b" in m.tensors and m.value("b").size != n:
-            return False
-        return "b" not in m.tensors or is_float(m.value("b"))
+            return Refusal("bias size differs from the output channels")
+        if "b" in m.tensors and not is_float(m.value("b")):
+            return Refusal("bias is not float")
+        return True
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         node = m["lin"]
@@ -109,16 +115,11 @@ class _FoldBN(Rule):
 
 
 def _fold_rules() -> list[Rule]:
-    rules: list[Rule] = []
-    for op in LINEAR_OPS:
-        with_b = Op(op, ["x", Const("w"), Const("b")], name="lin")
-        without = Op(op, ["x", Const("w")], name="lin")
-        for bias, pat in ((True, with_b), (False, without)):
-            cls = type(f"Fold{op}BatchNorm{'Bias' if bias else ''}", (_FoldBN,),
-                       {"name": f"fold-{op.lower()}-bn", "pattern": _bn_pattern(pat),
-                        "with_bias": bias})
-            rules.append(cls())
-    return rules
+    return [
+        _FoldBN(_bn_pattern(Op(op, ["x", Const("w"), Opt(Const("b"))], name="lin")),
+                name=f"fold-{op.lower()}-bn")
+        for op in LINEAR_OPS
+    ]
 
 
 _ULP = 4 * float(np.finfo(np.float32).eps)

@@ -31,7 +31,7 @@ from graphopt.algorithms.linear import (
     scale_out_channels,
 )
 from graphopt.core.pass_manager import register_pass
-from graphopt.core.pattern import Const, Match, Op, Pattern, RewritePass, Rule
+from graphopt.core.pattern import Const, Match, Op, Opt, Pattern, Refusal, RewritePass, Rule
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,11 @@ class _FoldAffine(Rule):
     """Elementwise(Linear(x, W[, B]), c) -> Linear(x, W', B')."""
 
     kind = "mul"  # mul | div | add | sub | rsub
+
+    def __init__(self, kind: str, pattern: Op) -> None:
+        mods = ("w", "b") if kind in ("mul", "div", "rsub") else ("b",)
+        super().__init__(pattern, name=f"fold-linear-{kind}", modifies=mods)
+        self.kind = kind
 
     def vector(self, m: Match) -> np.ndarray | None:
         node = m["lin"]
@@ -86,8 +91,11 @@ class _FoldAffine(Rule):
             return None
         return v
 
-    def check(self, m: Match) -> bool:
-        return self.vector(m) is not None
+    def check(self, m: Match) -> bool | Refusal:
+        if self.vector(m) is None:
+            return Refusal("the constant is not a finite per-channel or scalar value of the "
+                           "weight's type (or a zero divisor), or the weight layout is unsupported")
+        return True
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         node = m["lin"]
@@ -110,25 +118,16 @@ class _FoldAffine(Rule):
 
 
 def _rules() -> list[Rule]:
-    forms: list[tuple[str, str, Callable[[Op], list[Pattern | str | None]], bool]] = [
-        ("mul", "Mul", lambda p: [p, Const("c")], True),
-        ("div", "Div", lambda p: [p, Const("c")], False),
-        ("add", "Add", lambda p: [p, Const("c")], True),
-        ("sub", "Sub", lambda p: [p, Const("c")], False),
-        ("rsub", "Sub", lambda p: [Const("c"), p], False),
+    forms: list[tuple[str, str, Callable[[Op], list[Pattern | str | None]]]] = [
+        ("mul", "Mul", lambda p: [p, Const("c")]),
+        ("div", "Div", lambda p: [p, Const("c")]),
+        ("add", "Add", lambda p: [p, Const("c")]),
+        ("sub", "Sub", lambda p: [p, Const("c")]),
+        ("rsub", "Sub", lambda p: [Const("c"), p]),
     ]
-    rules: list[Rule] = []
-    for kind, op, inputs, comm in forms:
-        for bias in (True, False):
-            lin = Op(LINEAR_OPS, ["x", Const("w"), Const("b")] if bias else ["x", Const("w")],
-                     name="lin")
-            mods = ("w", "b") if kind in ("mul", "div", "rsub") else ("b",)
-            cls = type(f"Fold{kind.title()}{'Bias' if bias else ''}", (_FoldAffine,), {
-                "name": f"fold-linear-{kind}",
-                "pattern": Op(op, inputs(lin), name="root", commutative=comm),
-                "modifies": mods, "kind": kind})
-            rules.append(cls())
-    return rules
+    lin = Op(LINEAR_OPS, ["x", Const("w"), Opt(Const("b"))], name="lin")
+    # Mul and Add also match with the constant first (commutative ops); Div and Sub do not
+    return [_FoldAffine(kind, Op(op, inputs(lin), name="root")) for kind, op, inputs in forms]
 
 
 @register_pass

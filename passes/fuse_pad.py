@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.core.graph import make_node
 from graphopt.core.pass_manager import register_pass
-from graphopt.core.pattern import Match, Op, RewritePass, Rule
+from graphopt.core.pattern import Match, Op, Opt, Refusal, RewritePass, Rule
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +103,14 @@ class _FoldPad(Rule):
                                        or not any(old))
         return new if ok else None
 
-    def check(self, m: Match) -> bool:
+    def check(self, m: Match) -> bool | Refusal:
         # the engine detaches the matched nodes before ``rewrite``: keep what was read from them
         self._checked = (m.root, self._new_pads(m))
-        return self._checked[1] is not None
+        if self._checked[1] is None:
+            return Refusal("the pad is not constant, pads batch/channel axes or is negative, its "
+                           "value differs from what the op pads with, or a pool window would see "
+                           "only padding")
+        return True
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         op = m["op"]
@@ -122,11 +126,8 @@ class _FoldPad(Rule):
 
 def _rules() -> list[Rule]:
     pad = Op("Pad", ["x"], name="pad", extra_inputs=True)
-    forms = [("conv", Op("Conv", [pad, "w", "b"], name="op")),
-             ("conv", Op("Conv", [pad, "w"], name="op")),
-             ("pool", Op(("AveragePool", "MaxPool"), [pad], name="op"))]
-    return [type(f"FoldPad{i}", (_FoldPad,), {"name": f"fold-pad-{n}", "pattern": p})()
-            for i, (n, p) in enumerate(forms)]
+    return [_FoldPad(Op("Conv", [pad, "w", Opt("b")], name="op"), name="fold-pad-conv"),
+            _FoldPad(Op(("AveragePool", "MaxPool"), [pad], name="op"), name="fold-pad-pool")]
 
 
 @register_pass

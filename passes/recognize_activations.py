@@ -38,7 +38,7 @@ import onnx_graphsurgeon as gs
 from graphopt.core.graph import const, make_node, unique_name
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import PassResult, register_pass
-from graphopt.core.pattern import Const, Match, Op, RewritePass, Rule, RuleSet, scalar
+from graphopt.core.pattern import Const, Match, Op, Refusal, RewritePass, Rule, RuleSet, scalar
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +77,13 @@ class ActivationRule(Rule):
     opset: int = 13
 
     def __init__(self, name: str, pattern: Op, **kw: Any) -> None:
-        self.name = name  # type: ignore[misc]
-        self.pattern = pattern  # type: ignore[misc]
+        super().__init__(pattern, name=name)
         for k, v in kw.items():
             setattr(self, k, v)
 
-    def check(self, m: Match) -> bool:
+    def check(self, m: Match) -> bool | Refusal:
         if not (self.min_opset <= self.opset <= self.max_opset):
-            return False
+            return Refusal(f"opset {self.opset} outside {self.min_opset}..{self.max_opset}")
         x = m.tensors.get("x")
         if x is None:
             return True
@@ -94,14 +93,14 @@ class ActivationRule(Rule):
                        if isinstance(t, gs.Constant)), None)
         if xd is None or xd not in (np.dtype(np.float16), np.dtype(np.float32),
                                     np.dtype(np.float64)):
-            return False
+            return Refusal(f"input type {xd} is not float16/32/64")
         rank = len(x.shape) if getattr(x, "shape", None) is not None else 1
         for key, t in m.tensors.items():
             if key == "x" or not isinstance(t, gs.Constant):
                 continue
             v = np.asarray(t.values)
             if v.size == 1 and (v.ndim > rank or v.dtype != xd):
-                return False
+                return Refusal(f"constant '{t.name}' would change the result's rank or type")
         return self.extra_check(m)
 
     def extra_check(self, m: Match) -> bool:

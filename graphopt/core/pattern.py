@@ -14,7 +14,14 @@ The engine, not each rule, guarantees that a rewrite never crosses an escaping v
 
 A rule's ``rewrite`` receives the match and the root's output tensors, already detached from the
 root, and returns the new nodes that produce exactly those tensors (names and graph outputs are
-kept).
+kept); they take the root's place in the node order.
+
+Matching details: :class:`Opt` marks an optional input (absent, or the empty name, matches and
+binds nothing; present, it must match the inner pattern); the inputs of commutative ops (Add, Mul,
+Max, Min, Sum, And, Or, Xor, Equal with two inputs) are also tried in the other order unless the
+pattern says ``commutative=False``. A rule's ``check`` may return a :class:`Refusal` (falsy) that
+says why it declined; the engine logs every refusal, its own escaping-value ones included, at
+DEBUG. Rules are instances: a rule class can be instantiated with its own pattern and name.
 """
 
 from __future__ import annotations
@@ -32,6 +39,12 @@ from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult
 
 logger = logging.getLogger(__name__)
+
+
+#: ops whose two inputs may be swapped (the engine tries both orders unless told otherwise)
+COMMUTATIVE_OPS: frozenset[str] = frozenset(
+    {"Add", "Mul", "Max", "Min", "Sum", "And", "Or", "Xor", "Equal"}
+)
 
 
 class Pattern:
@@ -54,15 +67,25 @@ class Const(Pattern):
 
 
 @dataclass
+class Opt(Pattern):
+    """An optional input: a missing input (fewer inputs, or the empty name) matches and binds
+    nothing; a present one must match ``pattern`` (a str is shorthand for ``Var(str)``)."""
+
+    pattern: Pattern | str
+
+
+@dataclass
 class Op(Pattern):
     """A node of type ``op`` (or one of several) whose inputs match ``inputs``.
 
     Args:
         op: op type or tuple of op types.
-        inputs: input patterns (a str is shorthand for ``Var(str)``); ``None`` matches anything.
+        inputs: input patterns (a str is shorthand for ``Var(str)``); ``None`` matches anything;
+            :class:`Opt` an optional input.
         name: capture the node under this name.
         attrs: predicate on the node's attribute dict.
-        commutative: also try the two inputs swapped (Add, Mul).
+        commutative: also try the two inputs swapped. None (default): when every op type of the
+            pattern is in :data:`COMMUTATIVE_OPS`.
         extra_inputs: allow the node to have more inputs than patterns (trailing optional inputs).
         domain: node domain ('' means the default ONNX domain).
     """
@@ -71,9 +94,19 @@ class Op(Pattern):
     inputs: Sequence[Pattern | str | None] = ()
     name: str | None = None
     attrs: Callable[[dict[str, Any]], bool] | None = None
-    commutative: bool = False
+    commutative: bool | None = None
     extra_inputs: bool = False
     domain: str = ""
+
+    @property
+    def swaps(self) -> bool:
+        """Whether the two inputs are also tried in the other order."""
+        if len(self.inputs) != 2:
+            return False
+        if self.commutative is not None:
+            return self.commutative
+        ops = (self.op,) if isinstance(self.op, str) else self.op
+        return self.domain in ("", "ai.onnx") and all(o in COMMUTATIVE_OPS for o in ops)
 
 
 def scalar(value: float | None = None, tol: float = 1e-6) -> Callable[[np.ndarray], bool]:
@@ -136,7 +169,10 @@ def _node_ok(p: Op, node: gs.Node) -> bool:
     if p.attrs is not None and not p.attrs(node.attrs):
         return False
     n_in = len(node.inputs)
-    if n_in < len(p.inputs) or (n_in > len(p.inputs) and not p.extra_inputs):
+    required = len(p.inputs)
+    while required and isinstance(p.inputs[required - 1], Opt):
+        required -= 1
+    if n_in < required or (n_in > len(p.inputs) and not p.extra_inputs):
         return False
     return True
 
@@ -149,7 +185,7 @@ def _match_op(p: Op, node: gs.Node, m: Match) -> Iterable[Match]:
     if p.name:
         m.named_nodes[p.name] = node
     orders: list[Sequence[Pattern | str | None]] = [p.inputs]
-    if p.commutative and len(p.inputs) == 2:
+    if p.swaps:
         orders.append([p.inputs[1], p.inputs[0]])
     for order in orders:
         yield from _match_inputs(list(order), list(node.inputs), m)
@@ -161,8 +197,12 @@ def _match_inputs(
     if not pats:
         yield m
         return
-    p, t = pats[0], tensors[0]
-    for m2 in _match_tensor(p, t, m):
+    p = pats[0]
+    if not tensors:  # only optional patterns are left (checked by _node_ok)
+        if isinstance(p, Opt):
+            yield from _match_inputs(pats[1:], tensors, m)
+        return
+    for m2 in _match_tensor(p, tensors[0], m):
         yield from _match_inputs(pats[1:], tensors[1:], m2)
 
 
@@ -170,6 +210,11 @@ def _match_tensor(p: Pattern | str | None, t: gs.Tensor, m: Match) -> Iterable[M
     if p is None:
         yield m
         return
+    if isinstance(p, Opt):
+        if not t.name:  # an omitted optional input
+            yield m
+            return
+        p = p.pattern
     if isinstance(p, str):
         p = Var(p)
     if isinstance(p, Var):
@@ -206,21 +251,60 @@ def _match_tensor(p: Pattern | str | None, t: gs.Tensor, m: Match) -> Iterable[M
     raise TypeError(f"bad pattern element {p!r}")
 
 
+class Refusal:
+    """A check's "no" with its reason; falsy, so ``if not rule.check(m)`` reads as before.
+
+    Example::
+
+        def check(self, m):
+            if m.value("w").ndim != 2:
+                return Refusal("weight is not 2-D")
+            return True
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.reason!r})"
+
+
 class Rule:
-    """A rewrite rule. Subclasses set ``name``, ``pattern`` and implement ``rewrite``.
+    """A rewrite rule: ``name``, ``pattern``, ``modifies`` and ``rewrite`` (and maybe ``check``).
+
+    Subclasses set them as class attributes, or pass them to the constructor to make several rules
+    of one class with their own patterns (``FoldBias(Op("Conv", ...), name="fold-conv")``).
 
     Attributes:
         modifies: names of captured constants whose values the rewrite replaces; the engine refuses
-        a
-            match where one of them is shared with nodes outside the match or is not a constant.
+            a match where one of them is shared with nodes outside the match or is not a constant.
     """
 
-    name: ClassVar[str] = ""
-    pattern: ClassVar[Op]
-    modifies: ClassVar[tuple[str, ...]] = ()
+    name: str = ""
+    pattern: Op
+    modifies: tuple[str, ...] = ()
 
-    def check(self, m: Match) -> bool:
-        """Extra conditions (shapes, attributes, values). Return False to skip this match."""
+    def __init__(
+        self,
+        pattern: Op | None = None,
+        name: str | None = None,
+        modifies: Sequence[str] | None = None,
+    ) -> None:
+        if pattern is not None:
+            self.pattern = pattern
+        if name is not None:
+            self.name = name
+        if modifies is not None:
+            self.modifies = tuple(modifies)
+
+    def check(self, m: Match) -> bool | Refusal:
+        """Extra conditions (shapes, attributes, values). Return True to rewrite, a
+        :class:`Refusal` (or False) to skip this match."""
         return True
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
@@ -286,8 +370,10 @@ class RuleSet:
                 if why is not None:
                     logger.debug("%s: skip at %s: %s", rule.name, node.name, why)
                     continue
-                if not rule.check(m):
-                    logger.debug("%s: check refused at %s", rule.name, node.name)
+                verdict = rule.check(m)
+                if not verdict:
+                    reason = verdict.reason if isinstance(verdict, Refusal) else "check failed"
+                    logger.debug("%s: check refused at %s: %s", rule.name, node.name, reason)
                     continue
                 outputs = list(node.outputs)
                 for n in m.nodes:
@@ -334,5 +420,3 @@ class RewritePass(Pass):
                 if not n:
                     break
         return PassResult(model, total > 0, stats)
-
-
