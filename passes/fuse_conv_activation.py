@@ -1,27 +1,20 @@
-"""Conv + activation (+ pool) fusion groups.
+"""Conv + activation -> onnxruntime's fused ops (the ``ort`` target's lowering).
 
-A group is a Conv whose output feeds only an activation unit, optionally followed by a MaxPool or
-AveragePool that alone reads the activation's output. Activation units: Relu, LeakyRelu, Clip,
-HardSigmoid, HardSwish, Sigmoid, Tanh, and the two-node units SiLU ``y * Sigmoid(y)`` and hardswish
-``y * HardSigmoid(y, 1/6, 1/2)`` (what ``recognize-activations`` emits below opset 14). No value
-inside a group may be a graph output or be read outside the group.
-
-* ``target='portable'`` (default): the graph stays standard ONNX; the groups are recorded as a JSON
-  list of lists of node names in ``model.metadata['graphopt.fusion_groups']`` (the TVM backend
-  compiles each group as one kernel). Nodes of a group without a name get a unique one.
-* ``target='ort'``: ``Conv -> act`` becomes onnxruntime's ``com.microsoft.FusedConv`` with
-  ``activation`` in {Relu, Tanh, Sigmoid, LeakyRelu, Clip, HardSigmoid} and ``activation_params``
-  (LeakyRelu: alpha; Clip: min, max; HardSigmoid: alpha, beta), float32 only (the only type of its
-  CPU kernel). Any SiLU unit ``y * Sigmoid(y)`` becomes ``com.microsoft.QuickGelu(alpha=1)``, which
-  is ``y * Sigmoid(alpha * y)``. The output runs only in onnxruntime.
+* ``Conv -> act`` becomes ``com.microsoft.FusedConv`` with ``activation`` in {Relu, Tanh, Sigmoid,
+  LeakyRelu, Clip, HardSigmoid} and ``activation_params`` (LeakyRelu: alpha; Clip: min, max;
+  HardSigmoid: alpha, beta), float32 only (the only type of its CPU kernel). The Conv's output must
+  feed only the activation and must not be a graph output (the engine refuses escaping values).
+* Any SiLU unit ``y * Sigmoid(y)`` becomes ``com.microsoft.QuickGelu(alpha=1)``, which is
+  ``y * Sigmoid(alpha * y)``.
 
 ``FusedConv(x) = act(Conv(x))`` exactly as the two nodes compute it (onnxruntime's own
-``ConvActivationFusion`` emits the same node).
+``ConvActivationFusion`` emits the same node). The output runs only in onnxruntime, so the pass
+exists for ``target='ort'`` only. The fusion groups the TVM back end compiles as single kernels are
+an analysis of their own (``annotate-fusion-groups``), run by the compile job.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -29,71 +22,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.core.errors import OptionError
-from graphopt.core.graph import make_node, unique_name
+from graphopt.core.graph import make_node
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
-from graphopt.core.pattern import Const, Match, Op, Rule, RuleSet
+from graphopt.core.pattern import Const, Match, Op, Opt, Refusal, Rule, RuleSet
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEY = "graphopt.fusion_groups"
-TARGETS = ("portable", "ort")
-SINGLE_ACTS = ("Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh")
-POOLS = ("MaxPool", "AveragePool")
+TARGETS = ("ort",)
 F32_MIN, F32_MAX = float(np.finfo(np.float32).min), float(np.finfo(np.float32).max)
-
-
-# ---------------------------------------------------------------------------------- groups
-
-
-def _sole_consumer(t: gs.Tensor, graph_outputs: set[int]) -> gs.Node | None:
-    if id(t) in graph_outputs or len(t.outputs) != 1:
-        return None
-    return t.outputs[0]
-
-
-def _activation_unit(y: gs.Tensor, graph_outputs: set[int]) -> list[gs.Node] | None:
-    """The nodes of the activation unit reading ``y`` (which nothing else reads), or None."""
-    if id(y) in graph_outputs:
-        return None
-    readers = list(y.outputs)
-    if len(readers) == 1 and readers[0].op in SINGLE_ACTS and readers[0].inputs[0] is y:
-        return readers
-    if len(readers) == 2:
-        gate: gs.Node | None = next((n for n in readers if n.op in ("Sigmoid", "HardSigmoid")),
-                                    None)
-        mul: gs.Node | None = next((n for n in readers if n.op == "Mul"), None)
-        if gate is None or mul is None or gate.inputs[0] is not y:
-            return None
-        if gate.op == "HardSigmoid" and not (
-                abs(float(gate.attrs.get("alpha", 0.2)) - 1 / 6) <= 1e-6
-                and abs(float(gate.attrs.get("beta", 0.5)) - 0.5) <= 1e-6):
-            return None
-        g = gate.outputs[0]
-        if {id(t) for t in mul.inputs} != {id(y), id(g)}:
-            return None
-        if _sole_consumer(g, graph_outputs) is not mul:
-            return None
-        return [gate, mul]
-    return None
-
-
-def find_groups(graph: gs.Graph) -> list[list[gs.Node]]:
-    """Conv + activation unit (+ pool) groups of one graph, in graph order."""
-    outs = {id(t) for t in graph.outputs}
-    groups: list[list[gs.Node]] = []
-    for node in graph.nodes:
-        if node.op != "Conv" or len(node.outputs) != 1:
-            continue
-        unit = _activation_unit(node.outputs[0], outs)
-        if unit is None:
-            continue
-        group = [node, *unit]
-        pool = _sole_consumer(unit[-1].outputs[0], outs)
-        if pool is not None and pool.op in POOLS and len(pool.outputs) == 1:
-            group.append(pool)
-        groups.append(group)
-    return groups
 
 
 # ---------------------------------------------------------------------------------- ORT rules
@@ -109,10 +46,6 @@ def _f32(t: gs.Tensor | None) -> bool:
 
 class FusedConvRule(Rule):
     """``act(Conv(x, W[, B])) -> com.microsoft.FusedConv(x, W[, B], activation=act)``."""
-
-    def __init__(self, name: str, pattern: Op) -> None:
-        self.name = name  # type: ignore[misc]
-        self.pattern = pattern  # type: ignore[misc]
 
     def params(self, m: Match) -> list[float] | None:
         act = m["act"]
@@ -131,11 +64,15 @@ class FusedConvRule(Rule):
             return [max(lo, F32_MIN), min(hi, F32_MAX)]
         return []
 
-    def check(self, m: Match) -> bool:
+    def check(self, m: Match) -> bool | Refusal:
         conv = m["conv"]
-        if len(conv.outputs) != 1 or not all(_f32(m.tensors.get(k)) for k in ("x", "w", "b")):
-            return False
-        return self.params(m) is not None
+        if len(conv.outputs) != 1:
+            return Refusal("Conv has more than one output")
+        if not all(_f32(m.tensors.get(k)) for k in ("x", "w", "b")):
+            return Refusal("FusedConv's CPU kernel is float32 only")
+        if self.params(m) is None:
+            return Refusal("Clip bounds are not scalars")
+        return True
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         conv, act = m["conv"], m["act"]
@@ -153,10 +90,10 @@ class QuickGeluRule(Rule):
     """``y * Sigmoid(y) -> com.microsoft.QuickGelu(y, alpha=1)``."""
 
     name = "silu-to-quickgelu"
-    pattern = Op("Mul", ["x", Op("Sigmoid", ["x"])], commutative=True)
+    pattern = Op("Mul", ["x", Op("Sigmoid", ["x"])])
 
-    def check(self, m: Match) -> bool:
-        return _f32(m["x"])
+    def check(self, m: Match) -> bool | Refusal:
+        return True if _f32(m["x"]) else Refusal("QuickGelu's CPU kernel is float32 only")
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         return [make_node("QuickGelu", [m["x"]], outputs, {"alpha": 1.0}, name="quickgelu",
@@ -164,15 +101,13 @@ class QuickGeluRule(Rule):
 
 
 def ort_rules() -> list[Rule]:
-    rules: list[Rule] = []
-    for bias in (True, False):
-        conv = Op("Conv", ["x", "w", "b"] if bias else ["x", "w"], name="conv")
-        for op in ("Relu", "Tanh", "Sigmoid", "LeakyRelu", "HardSigmoid"):
-            rules.append(FusedConvRule(f"fused-conv-{op.lower()}", Op(op, [conv], name="act")))
-        clips = [Op("Clip", [conv, Const("lo"), Const("hi")], name="act"),
-                 Op("Clip", [conv, Const("lo")], name="act"),
-                 Op("Clip", [conv], name="act")]
-        rules.extend(FusedConvRule("fused-conv-clip", p) for p in clips)
+    conv = Op("Conv", ["x", "w", Opt("b")], name="conv")
+    rules: list[Rule] = [
+        FusedConvRule(Op(op, [conv], name="act"), name=f"fused-conv-{op.lower()}")
+        for op in ("Relu", "Tanh", "Sigmoid", "LeakyRelu", "HardSigmoid")
+    ]
+    clip = Op("Clip", [conv, Opt(Const("lo")), Opt(Const("hi"))], name="act")
+    rules.append(FusedConvRule(clip, name="fused-conv-clip"))
     rules.append(QuickGeluRule())
     return rules
 
@@ -182,43 +117,23 @@ def ort_rules() -> list[Rule]:
 
 @register_pass
 class FuseConvActivationPass(Pass):
-    """Conv+activation(+pool) groups: metadata (portable) or com.microsoft.FusedConv (ort)."""
+    """Conv+activation -> com.microsoft.FusedConv, SiLU -> com.microsoft.QuickGelu (ort target)."""
 
     name = "fuse-conv-activation"
 
-    def __init__(self, target: str = "portable") -> None:
+    def __init__(self, target: str = "ort") -> None:
         if target not in TARGETS:
-            raise OptionError(f"fuse-conv-activation: target must be one of "
-                              f"{', '.join(TARGETS)}, not {target!r}")
+            raise OptionError(
+                f"fuse-conv-activation lowers to onnxruntime's fused ops: target must be 'ort', "
+                f"not {target!r} (the TVM fusion groups are 'annotate-fusion-groups')"
+            )
         self.target = target
 
     def call(self, model: Model) -> PassResult:
         stats: dict[str, int] = {}
         modified = False
-        if self.target == "ort":
-            rs = RuleSet(ort_rules())
-            for g in list(model.walk_graphs()):
-                while rs.apply(g, stats):
-                    modified = True
-            return PassResult(model, modified, stats)
-        groups: list[list[str]] = []
-        with_pool = 0
-        for g in model.walk_graphs():
-            for group in find_groups(g):
-                for n in group:
-                    if not n.name:
-                        n.name = unique_name(n.op.lower())
-                        modified = True
-                groups.append([n.name for n in group])
-                with_pool += group[-1].op in POOLS
-        stats["groups"] = len(groups)
-        stats["with_pool"] = with_pool
-        value = json.dumps(groups, separators=(",", ":"))
-        if groups and model.metadata.get(METADATA_KEY) != value:
-            model.metadata[METADATA_KEY] = value
-            modified = True
-        elif not groups and METADATA_KEY in model.metadata:
-            del model.metadata[METADATA_KEY]
-            modified = True
+        rs = RuleSet(ort_rules())
+        for g in list(model.walk_graphs()):
+            while rs.apply(g, stats):
+                modified = True
         return PassResult(model, modified, stats)
-

@@ -1,8 +1,7 @@
-"""fuse-conv-activation: fusion groups in metadata (portable) or com.microsoft ops (ort)."""
+"""fuse-conv-activation: Conv+activation -> com.microsoft.FusedConv, SiLU -> QuickGelu (the ort
+target's lowering; the TVM fusion groups are tests/test_annotate_fusion_groups.py)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -13,24 +12,9 @@ from graphopt.core.model import Model
 from graphopt.core.shapes import prepare
 from graphopt.fixtures import real_model_feeds
 from graphopt.jobs.optimize import optimize_model
-from graphopt.passes.fuse_conv_activation import METADATA_KEY
 from graphopt.testing import check_pass, op_counts
 
 P = "fuse-conv-activation"
-
-
-def groups(model: Model) -> list[list[str]]:
-    return json.loads(model.metadata[METADATA_KEY])
-
-
-def test_portable_records_groups_with_pool(load_fixture) -> None:
-    m = optimize_model(load_fixture("cnn.onnx"), passes=["fuse-conv-bn"], verify_output=False).model
-    before = op_counts(m)
-    res, _ = check_pass(m, P, structure=lambda mm: op_counts(mm) == before or pytest.fail("ops"))
-    ops = {n.name: n.op for n in res.model.graph.nodes}
-    assert [[ops[n] for n in g] for g in groups(res.model)] == [["Conv", "Relu", "MaxPool"]] * 2
-    # a second run finds the same groups: nothing to change (fixed point)
-    check_pass(res.model, P, expect_modified=False)
 
 
 def _conv_act(act: list, inits: dict | None = None, outputs: tuple[str, ...] = ("y",),
@@ -38,27 +22,6 @@ def _conv_act(act: list, inits: dict | None = None, outputs: tuple[str, ...] = (
     base = {"w": rand(4, 3, 3, 3), "b": rand(4)}
     return build([node("Conv", ["x", "w", "b"], "c", pads=[1, 1, 1, 1]), *act],
                  {"x": (1, 3, 6, 6)}, list(outputs), {**base, **(inits or {})}, opset=opset)
-
-
-def test_portable_silu_and_hardswish_units() -> None:
-    m = _conv_act([node("Sigmoid", ["c"], "s"), node("Mul", ["c", "s"], "y")])
-    res, _ = check_pass(m, P)
-    assert len(groups(res.model)[0]) == 3
-    m2 = _conv_act([node("HardSigmoid", ["c"], "s", alpha=1 / 6, beta=0.5),
-                    node("Mul", ["s", "c"], "y")], opset=12)
-    res2, _ = check_pass(m2, P)
-    assert len(groups(res2.model)[0]) == 3
-
-
-@pytest.mark.parametrize("case", ["conv_out_escapes", "two_readers", "hsig_0.2_gate"])
-def test_portable_negatives(case: str) -> None:
-    if case == "conv_out_escapes":
-        m = _conv_act([node("Relu", ["c"], "y")], outputs=("y", "c"))
-    elif case == "two_readers":
-        m = _conv_act([node("Relu", ["c"], "y"), node("Tanh", ["c"], "z")], outputs=("y", "z"))
-    else:
-        m = _conv_act([node("HardSigmoid", ["c"], "s"), node("Mul", ["s", "c"], "y")])
-    check_pass(m, P, expect_modified=False)
 
 
 ACTS = [("Relu", {}, {}), ("Tanh", {}, {}), ("Sigmoid", {}, {}),
@@ -77,6 +40,26 @@ def test_ort_fused_conv(act: str, attrs: dict, consts: dict) -> None:
     assert fc.attrs["activation"] == act and fc.domain == "com.microsoft"
 
 
+@pytest.mark.parametrize("form", ["no_bias", "clip_min_only", "clip_no_bounds"])
+def test_ort_optional_inputs(form: str) -> None:
+    """Conv without bias and Clip with fewer bounds are matched by the same rules (Opt inputs)."""
+    if form == "no_bias":
+        m = build([node("Conv", ["x", "w"], "c"), node("Relu", ["c"], "y")], {"x": (1, 3, 6, 6)},
+                  ["y"], {"w": rand(4, 3, 3, 3)})
+        want = []
+    elif form == "clip_min_only":
+        m = _conv_act([node("Clip", ["c", "lo"], "y")], {"lo": np.float32(0.1)})
+        want = [0.1, float(np.finfo(np.float32).max)]
+    else:
+        m = _conv_act([node("Clip", ["c"], "y")])
+        want = [float(np.finfo(np.float32).min), float(np.finfo(np.float32).max)]
+    res, _ = check_pass(m, P, target="ort",
+                        structure=lambda mm: op_counts(mm) == {"com.microsoft.FusedConv": 1}
+                        or pytest.fail(str(op_counts(mm))))
+    fc = res.model.graph.nodes[0]
+    assert list(fc.attrs.get("activation_params", [])) == pytest.approx(want)
+
+
 def test_ort_silu_becomes_quickgelu() -> None:
     m = _conv_act([node("Sigmoid", ["c"], "s"), node("Mul", ["s", "c"], "y")])
     check_pass(m, P, target="ort", structure=lambda mm: op_counts(mm) == {
@@ -93,11 +76,14 @@ def test_ort_negative_escaping_and_hardswish_unit() -> None:
 
 
 def test_bad_target() -> None:
-    from graphopt.core.errors import GraphoptError
+    """The lowering exists for onnxruntime only; a portable or TVM target is a user error."""
+    from graphopt.core.errors import OptionError
     from graphopt.passes import get_pass
 
-    with pytest.raises((GraphoptError, ValueError)):
-        get_pass(P, target="tvm")
+    for target in ("tvm", "portable"):
+        with pytest.raises(OptionError, match="annotate-fusion-groups"):
+            get_pass(P, target=target)
+    assert get_pass(P).target == "ort"
 
 
 @pytest.mark.parametrize("target", ["portable", "ort"])
@@ -108,7 +94,7 @@ def test_optimize_pipeline_mobilenet(load_fixture, target: str) -> None:
     assert "BatchNormalization" not in c and "Clip" not in c and "Div" not in c
     if target == "portable":
         assert not any("." in k for k in c), c
-        assert len(groups(res.model)) >= 3
+        assert not any(k.startswith("graphopt.fusion") for k in res.model.metadata)
     else:
         assert c.get("com.microsoft.FusedConv", 0) >= 1 and c.get("com.microsoft.QuickGelu") == 1
 

@@ -33,6 +33,7 @@ from graphopt.algorithms.tvm.emit import (
     require_tvm,
     tvm_available,
 )
+from graphopt.algorithms.tvm.fusion import recorded_groups
 from graphopt.algorithms.tvm.qemu import qemu_unavailable_reason, run_under_qemu
 from graphopt.algorithms.tvm.runner import (
     MANIFEST_SUFFIX,
@@ -50,6 +51,7 @@ from graphopt.core.shapes import static_input_shapes
 from graphopt.core.verify import VerifyReport, compare
 from graphopt.jobs.common import ModelLike, as_model, jsonable, output_paths, source_path
 from graphopt.jobs.optimize import optimize_model
+from graphopt.passes import get_pass
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +99,8 @@ def prepare_model(
             sum(1 for n in m.graph.nodes if n.op in ("Shape", "Size")),
         )
         fold_shape_computations(m, shapes)
-    groups = m.metadata.get("graphopt.fusion_groups")
-    info["fusion_groups"] = json.loads(groups) if groups else []
+    info["passes"]["annotate-fusion-groups"] = get_pass("annotate-fusion-groups")(m).stats
+    info["fusion_groups"] = recorded_groups(m)
     try:
         info["macs"] = int(model_cost(m).macs)
     except Exception as exc:  # noqa: BLE001 - cost analysis is advisory here

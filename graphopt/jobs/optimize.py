@@ -57,7 +57,7 @@ DEFAULT_PIPELINE: list[str] = [
 #: target lowering, run to its own fixed point after the default pipeline has converged (a pass
 #: named here is constructed with ``target=...`` when it takes that option)
 TARGET_PIPELINES: dict[str, list[str]] = {
-    "portable": ["fuse-conv-activation"],
+    "portable": [],  # standard ONNX, no back-end metadata (TVM's groups: compile's own analysis)
     "ort": ["fuse-conv-activation", "eliminate-dead", "toposort"],
 }
 
