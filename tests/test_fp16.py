@@ -16,6 +16,7 @@ from conftest import real_or_skip
 from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
+from graphopt.algorithms.fp16 import ORT_CPU_FP16, convert_float16, probe_node
 from graphopt.cli import main
 from graphopt.core.feeds import random_feeds
 from graphopt.core.loader import load
@@ -23,7 +24,7 @@ from graphopt.core.model import Model
 from graphopt.core.session import run_model
 from graphopt.core.shapes import prepare
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
-from graphopt.passes.fp16 import ORT_CPU_FP16, Fp16Pass, _probe_node
+from graphopt.passes.fp16 import Fp16Pass
 from graphopt.testing import check_pass
 
 F16 = np.dtype(np.float16)
@@ -262,7 +263,7 @@ def test_kernel_table_matches_probe() -> None:
     model = prepare(make_model(nodes, [vi("x", [2, 3]), vi("a", []), vi("b", []), vi("c", [])],
                                [vi("t", [3, 2]), vi("y", [None])]))
     for n in model.graph.nodes:
-        assert _probe_node(n, 17) == ORT_CPU_FP16[n.op], n.op
+        assert probe_node(n, 17) == ORT_CPU_FP16[n.op], n.op
 
 
 def test_cli_fp16_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -297,3 +298,18 @@ def test_kernels_native_keeps_ops_without_half_kernels() -> None:
 
     res, _ = check_pass(model, "fp16", min_sqnr_db=40, structure=structure, kernels="native")
     assert {n.name for n in model.graph.nodes if n.op == "Conv"} <= set(res.stats["kept_fp32"])
+
+
+def test_pass_is_the_algorithm() -> None:
+    """The pass only carries options: the algorithm gives the same model and stats."""
+    from graphopt.core.errors import OptionError
+
+    model = prepare(load(fixture_path("mobilenet_block.onnx")))
+    a, b = model.clone(), model.clone()
+    res_pass = Fp16Pass(keep_fp32="Sigmoid")(a)
+    res_alg = convert_float16(b, keep_fp32=["Sigmoid"])
+    assert res_alg.modified and res_pass.modified
+    assert res_alg.stats == res_pass.stats and res_alg.kept_fp32 == res_pass.stats["kept_fp32"]
+    assert a.op_histogram() == b.op_histogram()
+    with pytest.raises(OptionError, match="kernels"):
+        Fp16Pass(kernels="gpu")
