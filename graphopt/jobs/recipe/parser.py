@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from graphopt.core.errors import RecipeError
+from graphopt.core.errors import RecipeError, ShapeError
 from graphopt.core.shapes import parse_input_shapes
 from graphopt.jobs.recipe.schema import (
     BUILTIN_RECIPES,
@@ -51,20 +51,13 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
 def _parse_shapes(value: Any, where: str) -> dict[str, tuple[int, ...]]:
     if not isinstance(value, Mapping):
         raise RecipeError(f"{where}input_shapes must be a table like {{ x = [1, 3, 224, 224] }}")
-    out: dict[str, tuple[int, ...]] = {}
-    for k, v in value.items():
-        if isinstance(v, str):
-            out.update(parse_input_shapes([f"{k}:{v}"]))
-        elif isinstance(v, list) and all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in v
-        ):
-            out[k] = tuple(v)
-        else:
-            raise RecipeError(
-                f"{where}input_shapes.{k} must be a list of positive integers or "
-                f'a string like "1x3x224x224", got {v!r}'
-            )
-    return out
+    try:
+        return parse_input_shapes(value)
+    except ShapeError as exc:
+        raise RecipeError(
+            f"{where}input_shapes: {exc} (give each input a list of positive integers or a string "
+            'like "1x3x224x224")'
+        ) from None
 
 
 def parse_recipe(data: Mapping[str, Any], source: str = "recipe") -> Recipe:
