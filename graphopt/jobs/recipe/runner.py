@@ -546,12 +546,8 @@ def _compile(
         lib = Path(output).with_suffix(f".{target.split(':')[0]}.so")
     else:
         lib = Path(tempfile.mkdtemp(prefix="graphopt-recipe-")) / f"model.{target}.so"
-    in_shapes = {
-        t.name: tuple(int(d) for d in t.shape)
-        for t in model.graph.inputs
-        if t.shape is not None and all(isinstance(d, int) for d in t.shape)
-    }
-    cr = compile_model(model, target, lib, input_shapes=in_shapes or None)
+    # the model carries its fixed input shapes (compile reads them: static_input_shapes)
+    cr = compile_model(model, target, lib)
     res.artifact = Path(cr.artifact)
     extra: dict[str, Any] = {"bytes": int(cr.artifact_bytes)}
     stats = {"compile_seconds": round(cr.compile_seconds, 2), "artifact": str(cr.artifact)}
