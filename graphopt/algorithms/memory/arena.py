@@ -54,7 +54,8 @@ def _constant_value(node: gs.Node) -> np.ndarray:
     proto = OnnxExporter.export_node(node)
     g = onnx.helper.make_graph([proto], "c", [], [onnx.helper.make_value_info(
         node.outputs[0].name, onnx.TypeProto())])
-    return np.asarray(ReferenceEvaluator(onnx.helper.make_model(g)).run(None, {})[0])
+    outs: Any = ReferenceEvaluator(onnx.helper.make_model(g)).run(None, {})
+    return np.asarray(outs[0])
 
 
 @dataclass

@@ -116,10 +116,10 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
     created: set[int] = set()
     mem0 = 0
     for t in model.graph.inputs:  # graph inputs are live from the start
-        i = idx.get(t.name)
-        if i is not None and tb[i] not in created:
-            created.add(tb[i])
-            mem0 += size[tb[i]]
+        bi = idx.get(t.name)
+        if bi is not None and tb[bi] not in created:
+            created.add(tb[bi])
+            mem0 += size[tb[bi]]
     for v, nd in enumerate(sched):
         reads = [t.name for t in nd.inputs if t.name]
         if node_subgraphs(nd):
@@ -130,16 +130,16 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
             if p is not None and p != v and not preds[v] >> p & 1:
                 preds[v] |= 1 << p
                 succs[p].append(v)
-            i = idx.get(name)
-            if i is not None and tb[i] not in seen:
-                seen.add(tb[i])
-                in_bufs[v].append(tb[i])
-                cons[tb[i]] |= 1 << v
+            bi = idx.get(name)
+            if bi is not None and tb[bi] not in seen:
+                seen.add(tb[bi])
+                in_bufs[v].append(tb[bi])
+                cons[tb[bi]] |= 1 << v
         for t in nd.outputs:  # an alias output's buffer already exists (its input's)
-            i = idx.get(t.name)
-            if i is not None and tb[i] not in created:
-                created.add(tb[i])
-                out_bufs[v].append(tb[i])
+            bi = idx.get(t.name)
+            if bi is not None and tb[bi] not in created:
+                created.add(tb[bi])
+                out_bufs[v].append(tb[bi])
         if inplace and nd.op in INPLACE_OPS and nd.outputs and nd.outputs[0].name in idx:
             o = idx[nd.outputs[0].name]
             pos = INPLACE_OPS[nd.op]
@@ -371,11 +371,11 @@ def _emit(model: Model, sched: list[gs.Node], order: list[int]) -> list[gs.Node]
     before: dict[int, list[gs.Node]] = {}
     head: list[gs.Node] = []
     for c in consts:
-        k = first_reader.get(id(c))
-        if k is None:
+        kr = first_reader.get(id(c))
+        if kr is None:
             head.append(c)
         else:
-            before.setdefault(k, []).append(c)
+            before.setdefault(kr, []).append(c)
     out = list(head)
     for k, v in enumerate(order):
         out.extend(before.get(k, []))

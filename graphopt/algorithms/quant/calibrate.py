@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +35,8 @@ class CalibrationResult:
     kept: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
-def collect_ranges(model: Model, tensors: Sequence[str], batches: Iterable[dict[str, np.ndarray]],
+def collect_ranges(model: Model, tensors: Sequence[str],
+                   batches: Iterable[Mapping[str, np.ndarray]],
                    method: str = "entropy", levels: int = 256, progress: Progress | None = None,
                    total: int | None = None, keep_samples: int = 0,
                    observer_options: dict[str, object] | None = None) -> CalibrationResult:

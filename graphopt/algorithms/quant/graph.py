@@ -529,6 +529,7 @@ def choose_activation_type(activations: str = "auto", reduce_range: bool | None 
     vnni = bool({"avx512_vnni", "avx_vnni"} & flags)
     if activations not in ("auto", "uint8", "int8"):
         raise GraphoptError(f"--activations must be auto, uint8 or int8, not '{activations}'")
+    dtype: np.dtype[Any]
     if activations == "auto":
         if arm:
             dtype, why = np.dtype(np.int8), "ARM: onnxruntime runs s8s8 kernels"
