@@ -44,3 +44,15 @@ def test_if_model_peak_inside_a_branch_is_named_by_its_if() -> None:
     assert model_cost(m).peak_node == live.step_owners[step] == "if2"
     assert peak == 256
     assert np.all(live.live_bytes() <= peak)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_inspect_and_plan_jobs_report_the_same_figure(name: str) -> None:
+    """What ``graphopt inspect --json`` and ``graphopt plan --json`` print, through the jobs."""
+    from graphopt.jobs.inspect import inspect
+    from graphopt.jobs.plan import plan_memory
+
+    path = fixture_path(name)
+    peak = inspect(path, input_shapes=SHAPES.get(name)).to_json()["activation_bytes"]["peak"]
+    plan = plan_memory(path, SHAPES.get(name), reorder=False, inplace=False, alignment=1)
+    assert plan.lower_bound_bytes == peak > 0
