@@ -91,9 +91,14 @@ def ort_peak(path: Path, feeds_path: Path, pattern: bool) -> int | None:
         # (its adaptive threshold would otherwise keep freed tensors resident), so RSS follows
         # the bytes the run really holds
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-        out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(feeds_path),
-                              "1" if pattern else "0"], capture_output=True, text=True,
-                             timeout=600, check=True, env=env)
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(path), str(feeds_path), "1" if pattern else "0"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+            env=env,
+        )
         return int(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError) as exc:
         print(f"  onnxruntime peak failed: {exc}", file=sys.stderr)
@@ -130,15 +135,24 @@ def tvm_storage(path: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[int | N
         ours = plan_memory(m, shapes, reorder=False).arena_bytes
         mod = import_relax(m.to_onnx(), shapes)
         with tvm.target.Target("llvm"):
-            mod = tvm.transform.Sequential([
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(), relax.transform.FoldConstant(),
-                relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(), relax.transform.FuseOps(),
-                relax.transform.FuseTIR(), relax.transform.DeadCodeElimination(),
-                relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
-                relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
-                relax.transform.StaticPlanBlockMemory()])(mod)
+            mod = tvm.transform.Sequential(
+                [
+                    relax.transform.DecomposeOpsForInference(),
+                    relax.transform.CanonicalizeBindings(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.LegalizeOps(),
+                    relax.transform.AnnotateTIROpPattern(),
+                    relax.transform.FoldConstant(),
+                    relax.transform.FuseOps(),
+                    relax.transform.FuseTIR(),
+                    relax.transform.DeadCodeElimination(),
+                    relax.transform.RewriteDataflowReshape(),
+                    relax.transform.ToNonDataflow(),
+                    relax.transform.RemovePurityChecking(),
+                    relax.transform.CallTIRRewrite(),
+                    relax.transform.StaticPlanBlockMemory(),
+                ]
+            )(mod)
         text = mod["main"].script(show_meta=False)
         sizes = [int(x) for x in re.findall(r"alloc_storage\(R\.shape\(\[(\d+)\]\)", text)]
         return sum(sizes), ours
@@ -161,29 +175,53 @@ def branches_model() -> Model:
     f = TensorProto.FLOAT
     inits = []
     for i in (1, 2):
-        inits.append(helper.make_tensor(f"w{i}", f, [16, 65536], rng.standard_normal(
-            (16, 65536)).astype(np.float32).ravel()))
-        inits.append(helper.make_tensor(f"v{i}", f, [65536, 16], rng.standard_normal(
-            (65536, 16)).astype(np.float32).ravel() * 0.01))
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a1"], name="a1"),
-             helper.make_node("MatMul", ["x", "w2"], ["b1"], name="b1"),
-             helper.make_node("Relu", ["a1"], ["a1r"], name="a1r"),
-             helper.make_node("Relu", ["b1"], ["b1r"], name="b1r"),
-             helper.make_node("MatMul", ["a1r", "v1"], ["a2"], name="a2"),
-             helper.make_node("MatMul", ["b1r", "v2"], ["b2"], name="b2"),
-             helper.make_node("Add", ["a2", "b2"], ["y"], name="add")]
-    g = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", f, [1, 16])],
-                          [helper.make_tensor_value_info("y", f, [1, 16])], initializer=inits)
-    return prepare(Model.from_onnx(helper.make_model(
-        g, opset_imports=[helper.make_opsetid("", 17)])))
+        inits.append(
+            helper.make_tensor(
+                f"w{i}", f, [16, 65536], rng.standard_normal((16, 65536)).astype(np.float32).ravel()
+            )
+        )
+        inits.append(
+            helper.make_tensor(
+                f"v{i}",
+                f,
+                [65536, 16],
+                rng.standard_normal((65536, 16)).astype(np.float32).ravel() * 0.01,
+            )
+        )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a1"], name="a1"),
+        helper.make_node("MatMul", ["x", "w2"], ["b1"], name="b1"),
+        helper.make_node("Relu", ["a1"], ["a1r"], name="a1r"),
+        helper.make_node("Relu", ["b1"], ["b1r"], name="b1r"),
+        helper.make_node("MatMul", ["a1r", "v1"], ["a2"], name="a2"),
+        helper.make_node("MatMul", ["b1r", "v2"], ["b2"], name="b2"),
+        helper.make_node("Add", ["a2", "b2"], ["y"], name="add"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "branches",
+        [helper.make_tensor_value_info("x", f, [1, 16])],
+        [helper.make_tensor_value_info("y", f, [1, 16])],
+        initializer=inits,
+    )
+    return prepare(
+        Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    )
 
 
 # ------------------------------------------------------------------------------ main
 
 
-def bench_one(label: str, model_path: Path | None, shapes: dict[str, Any] | None,
-              feeds: dict[str, np.ndarray] | None, tmp: Path, repeats: int, peers: bool,
-              model: Model | None = None) -> dict[str, Any]:
+def bench_one(
+    label: str,
+    model_path: Path | None,
+    shapes: dict[str, Any] | None,
+    feeds: dict[str, np.ndarray] | None,
+    tmp: Path,
+    repeats: int,
+    peers: bool,
+    model: Model | None = None,
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     load = (lambda: model.clone()) if model is not None else (lambda: load_model(model_path))
     plain = plan_memory(load(), shapes, inplace=False, feeds=feeds)
@@ -198,12 +236,22 @@ def bench_one(label: str, model_path: Path | None, shapes: dict[str, Any] | None
         if not rep.ok:
             print(f"  PROOF FAILED for {label}: {rep.to_json()}", file=sys.stderr)
     row: dict[str, Any] = {
-        "label": label, "naive": inpl.naive_bytes, "lb": inpl.lower_bound_bytes,
-        "arena_plain": plain.arena_bytes, "ip_lb": inpl.inplace_lower_bound_bytes,
-        "arena_ip": inpl.arena_bytes, "proof": all(proofs), "plain": plain, "inpl": inpl,
-        "given_arena": given.arena_bytes, "given_lb": given.bound, "order_changed":
-        inpl.order_changed or plain.order_changed, "plan_s": plan_s,
-        "tvm": None, "tvm_ours": None, "ort": {},
+        "label": label,
+        "naive": inpl.naive_bytes,
+        "lb": inpl.lower_bound_bytes,
+        "arena_plain": plain.arena_bytes,
+        "ip_lb": inpl.inplace_lower_bound_bytes,
+        "arena_ip": inpl.arena_bytes,
+        "proof": all(proofs),
+        "plain": plain,
+        "inpl": inpl,
+        "given_arena": given.arena_bytes,
+        "given_lb": given.bound,
+        "order_changed": inpl.order_changed or plain.order_changed,
+        "plan_s": plan_s,
+        "tvm": None,
+        "tvm_ours": None,
+        "ort": {},
     }
     if peers:
         src = model_path
@@ -236,40 +284,50 @@ PEERS_NOTE = (
     "each), which graphopt's plan of the unoptimized graph counts as activations; `graphopt "
     "optimize` (fold-constants) turns them into weights: planned after it, silero's arena is "
     "11.5 kB (measured separately; proof passes). The synthetic row is at the RSS noise floor "
-    "(ORT also fuses and orders on its own).")
+    "(ORT also fuses and orders on its own)."
+)
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| model | naive | lower bound (LB) | arena, no in-place | arena / LB | "
-           "in-place LB | arena, in-place | arena / in-place LB | arena / plain LB | "
-           "proof | arena, given order | arena, emitted order |",
-           "|---|" + "---:|" * 8 + "---|---:|---:|"]
+    out = [
+        "| model | naive | lower bound (LB) | arena, no in-place | arena / LB | "
+        "in-place LB | arena, in-place | arena / in-place LB | arena / plain LB | "
+        "proof | arena, given order | arena, emitted order |",
+        "|---|" + "---:|" * 8 + "---|---:|---:|",
+    ]
     for r in rows:
         out.append(
             f"| {r['label']} | {mb(r['naive'])} | {mb(r['lb'])} | {mb(r['arena_plain'])} | "
             f"{r['arena_plain'] / r['lb']:.3f} | {mb(r['ip_lb'])} | {mb(r['arena_ip'])} | "
             f"{r['arena_ip'] / r['ip_lb']:.3f} | {r['arena_ip'] / r['lb']:.3f} | "
             f"{'pass' if r['proof'] else 'FAIL'} | {mb(r['given_arena'])} | "
-            f"{mb(r['arena_ip'])}{' (reordered)' if r['order_changed'] else ''} |")
+            f"{mb(r['arena_ip'])}{' (reordered)' if r['order_changed'] else ''} |"
+        )
     return out
 
 
 def peers_table(rows: list[dict[str, Any]]) -> list[str]:
-    out = ["| model | graphopt arena (in-place) | TVM planned storage | graphopt arena on "
-           "TVM's graph | TVM / graphopt (same graph) | ORT peak, pattern | "
-           "ORT peak, dynamic | ORT pattern / graphopt arena | ORT peak, reordered "
-           "model (pattern / dynamic) |",
-           "|---|" + "---:|" * 8]
+    out = [
+        "| model | graphopt arena (in-place) | TVM planned storage | graphopt arena on "
+        "TVM's graph | TVM / graphopt (same graph) | ORT peak, pattern | "
+        "ORT peak, dynamic | ORT pattern / graphopt arena | ORT peak, reordered "
+        "model (pattern / dynamic) |",
+        "|---|" + "---:|" * 8,
+    ]
     for r in rows:
         o = r["ort"]
         pat, dyn = o.get("original/pattern"), o.get("original/dynamic")
-        tvm_ratio = (f"{r['tvm'] / r['tvm_ours']:.2f}" if r["tvm"] and r["tvm_ours"] else "n/a")
-        reo = ("same model (order unchanged)" if "reordered/pattern" not in o else
-               f"{mb(o.get('reordered/pattern'))} / {mb(o.get('reordered/dynamic'))}")
+        tvm_ratio = f"{r['tvm'] / r['tvm_ours']:.2f}" if r["tvm"] and r["tvm_ours"] else "n/a"
+        reo = (
+            "same model (order unchanged)"
+            if "reordered/pattern" not in o
+            else f"{mb(o.get('reordered/pattern'))} / {mb(o.get('reordered/dynamic'))}"
+        )
         out.append(
             f"| {r['label']} | {mb(r['arena_ip'])} | {mb(r['tvm'])} | {mb(r['tvm_ours'])} | "
             f"{tvm_ratio} | {mb(pat)} | {mb(dyn)} | "
-            f"{(pat / r['arena_ip']) if pat else float('nan'):.2f} | {reo} |")
+            f"{(pat / r['arena_ip']) if pat else float('nan'):.2f} | {reo} |"
+        )
     return out
 
 
@@ -282,8 +340,12 @@ def main() -> int:
     real: list[tuple[str, str, dict[str, Any] | None]] = []
     if not args.quick:
         real.append(("det 1x3x640x640", "det", {"x": (1, 3, 640, 640)}))
-    real += [("det 1x3x320x320", "det", None), ("rec 1x3x48x320", "rec", None),
-             ("cls 1x3x48x192", "cls", None), ("silero-vad (If subgraphs)", "silero", None)]
+    real += [
+        ("det 1x3x320x320", "det", None),
+        ("rec 1x3x48x320", "rec", None),
+        ("cls 1x3x48x192", "cls", None),
+        ("silero-vad (If subgraphs)", "silero", None),
+    ]
     rows: list[dict[str, Any]] = []
     frows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-memory-") as d:
@@ -297,18 +359,32 @@ def main() -> int:
             shapes = override or shapes
             feeds = real_model_feeds(name)
             if override:
-                feeds = {k: np.random.default_rng(0).uniform(-1, 1, v).astype(np.float32)
-                         for k, v in override.items()}
+                feeds = {
+                    k: np.random.default_rng(0).uniform(-1, 1, v).astype(np.float32)
+                    for k, v in override.items()
+                }
             print(f"{label} ...", file=sys.stderr)
             rows.append(bench_one(label, path, shapes, feeds, tmp, args.repeats, peers))
         print("synthetic branches ...", file=sys.stderr)
-        rows.append(bench_one("synthetic: two branches, bad order", None, None, None, tmp,
-                              args.repeats, peers, model=branches_model()))
+        rows.append(
+            bench_one(
+                "synthetic: two branches, bad order",
+                None,
+                None,
+                None,
+                tmp,
+                args.repeats,
+                peers,
+                model=branches_model(),
+            )
+        )
         for f in FIXTURES:
             shapes = {"x": (1, 1, 8, 8)} if f == "digits_cnn.onnx" else None
             frows.append(bench_one(f, fixture_path(f), shapes, None, tmp, 1, False))
-    goal_bound = all(r["arena_plain"] <= 1.02 * r["lb"] and r["arena_ip"] <= 1.02 * r["ip_lb"]
-                     for r in rows + frows)
+    goal_bound = all(
+        r["arena_plain"] <= 1.02 * r["lb"] and r["arena_ip"] <= 1.02 * r["ip_lb"]
+        for r in rows + frows
+    )
     goal_proof = all(r["proof"] for r in rows + frows)
     ocr = [r for r in rows if r["label"].split()[0] in ("det", "rec", "cls")]
     goal_ip = all(r["arena_ip"] <= 0.70 * r["lb"] for r in ocr)
@@ -368,12 +444,19 @@ def main() -> int:
         f"- every plan passes the execution proof: **{'met' if goal_proof else 'NOT met'}**",
         f"- with in-place reuse, arena <= 0.70x the plain lower bound on det, rec and cls: "
         f"**{'met' if goal_ip else 'NOT met'}** ("
-        + ", ".join(f"{r['label']} {r['arena_ip'] / r['lb']:.3f}" for r in ocr) + ")",
+        + ", ".join(f"{r['label']} {r['arena_ip'] / r['lb']:.3f}" for r in ocr)
+        + ")",
         f"- emitted order never worse than the given one: **{'met' if goal_order else 'NOT met'}**"
-        "; improvements: " + (", ".join(
-            f"{r['label']} {mb(r['given_arena'])} -> {mb(r['arena_ip'])} "
-            f"({(r['arena_ip'] / r['given_arena'] - 1) * 100:+.1f}%)"
-            for r in rows + frows if r["order_changed"]) or "none"),
+        "; improvements: "
+        + (
+            ", ".join(
+                f"{r['label']} {mb(r['given_arena'])} -> {mb(r['arena_ip'])} "
+                f"({(r['arena_ip'] / r['given_arena'] - 1) * 100:+.1f}%)"
+                for r in rows + frows
+                if r["order_changed"]
+            )
+            or "none"
+        ),
         "",
     ]
     text = "\n".join(lines)

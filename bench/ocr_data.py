@@ -33,8 +33,11 @@ PUNCT = [",", ".", ":", "-", "/", "#", "%", "(", ")", "+"]
 
 def font_path() -> str:
     """A TrueType font available on this machine (DejaVu Sans preferred)."""
-    for pat in ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-                "/usr/share/fonts/truetype/dejavu/*.ttf", "/usr/share/fonts/**/*.ttf"):
+    for pat in (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/dejavu/*.ttf",
+        "/usr/share/fonts/**/*.ttf",
+    ):
         hits = sorted(glob.glob(pat, recursive=True))
         if hits:
             return hits[0]
@@ -84,8 +87,9 @@ def _random_text(rng: np.random.Generator, alphabet: set[str]) -> str:
     return text.strip() or "0"
 
 
-def render_line(text: str, height: int = 48, seed: int = 0, font_size: int | None = None
-                ) -> np.ndarray:
+def render_line(
+    text: str, height: int = 48, seed: int = 0, font_size: int | None = None
+) -> np.ndarray:
     """Draw ``text`` as one dark-on-light line; returns an HxWx3 uint8 RGB image (H ~ height)."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -169,8 +173,9 @@ def char_accuracy(preds: Sequence[str], truths: Sequence[str]) -> float:
     return 1.0 - errs / max(total, 1)
 
 
-def render_page(lines: Sequence[str], seed: int = 0, width: int = 640, line_height: int = 40
-                ) -> np.ndarray:
+def render_page(
+    lines: Sequence[str], seed: int = 0, width: int = 640, line_height: int = 40
+) -> np.ndarray:
     """A page (HxWx3 uint8, RGB) with one text line per entry, left-aligned, for detection and
     end-to-end OCR."""
     from PIL import Image, ImageDraw, ImageFont
@@ -181,8 +186,12 @@ def render_page(lines: Sequence[str], seed: int = 0, width: int = 640, line_heig
     img = Image.new("RGB", (width, h), (250, 250, 245))
     d = ImageDraw.Draw(img)
     for i, t in enumerate(lines):
-        d.text((int(rng.integers(10, 40)), line_height // 2 + i * line_height), t, font=font,
-               fill=(10, 10, 10))
+        d.text(
+            (int(rng.integers(10, 40)), line_height // 2 + i * line_height),
+            t,
+            font=font,
+            fill=(10, 10, 10),
+        )
     return np.asarray(img)
 
 

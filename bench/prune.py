@@ -71,18 +71,19 @@ def det_data(n: int, seed: int) -> np.ndarray:
 
 
 def per_sample(x: np.ndarray) -> list[dict[str, np.ndarray]]:
-    return [{"x": x[i:i + 1]} for i in range(len(x))]
+    return [{"x": x[i : i + 1]} for i in range(len(x))]
 
 
 def run_all(model: Model, x: np.ndarray) -> np.ndarray:
     s = make_session(model, "all", threads=THREADS)
     name = s.get_inputs()[0].name
-    return np.concatenate([s.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+    return np.concatenate([s.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
 
 
 # ------------------------------------------------------------------------------ metrics
-def latency_speedup(a: Model, b: Model, x: np.ndarray, rounds: int, budget_s: float = 4.0
-                    ) -> tuple[float, float, float]:
+def latency_speedup(
+    a: Model, b: Model, x: np.ndarray, rounds: int, budget_s: float = 4.0
+) -> tuple[float, float, float]:
     """(median of per-pair speedups, median ms of a, median ms of b). Pairs run back to back in
     alternating order, so load changes on the shared machine hit both sides of a pair alike; at
     least ``rounds`` pairs, more while within ``budget_s``."""
@@ -90,8 +91,12 @@ def latency_speedup(a: Model, b: Model, x: np.ndarray, rounds: int, budget_s: fl
     sb = make_session(b, "all", threads=THREADS)
     name = sa.get_inputs()[0].name
     feed = {name: x[:1]}
-    t = interleaved({"a": lambda: sa.run(None, feed), "b": lambda: sb.run(None, feed)},
-                    runs=rounds, warmup=3, budget_s=budget_s)
+    t = interleaved(
+        {"a": lambda: sa.run(None, feed), "b": lambda: sb.run(None, feed)},
+        runs=rounds,
+        warmup=3,
+        budget_s=budget_s,
+    )
     return t.ratio("a", "b", paired=True), t.median_ms("a"), t.median_ms("b")
 
 
@@ -132,8 +137,13 @@ def load(kind: str) -> Model:
 def prunable_share(m: Model) -> float:
     w = m.clone()
     if any(not isinstance(d, int) for t in w.graph.inputs for d in (t.shape or [])):
-        fix_input_shapes(w, {t.name: tuple(d if isinstance(d, int) else 1 for d in t.shape)
-                             for t in w.graph.inputs})
+        fix_input_shapes(
+            w,
+            {
+                t.name: tuple(d if isinstance(d, int) else 1 for d in t.shape)
+                for t in w.graph.inputs
+            },
+        )
     infer_shapes(w)
     an = analyze(w)
     pr, total = prunable_macs(an, {nc.name: nc.macs for nc in model_cost(w).nodes})
@@ -161,17 +171,35 @@ def main() -> None:
         elif kind == "digits":
             cal = np.load(fixture_path("digits_calib.npz"))["x"]
             ev = np.load(fixture_path("digits_eval.npz"))
-            data[kind] = ([{"x": cal[i:i + 32]} for i in range(0, len(cal), 32)],
-                          (ev["x"], ev["y"]))
+            data[kind] = (
+                [{"x": cal[i : i + 32]} for i in range(0, len(cal), 32)],
+                (ev["x"], ev["y"]),
+            )
     # (ratio, round_to, recover, criterion)
     plans: dict[str, list[tuple[float, int | None, bool, str]]] = {
-        "cls": [(0.1, 8, False, "l1"), (0.1, 8, True, "l1"), (0.15, None, True, "l1"),
-                (0.15, 8, True, "l1"), (0.15, 8, True, "bn"), (0.15, 8, True, "activation"),
-                (0.2, 8, True, "l1"), (0.3, 8, False, "l1"), (0.3, 8, True, "l1")],
-        "digits": [(0.2, None, False, "l1"), (0.2, None, True, "l1"), (0.3, None, True, "l1"),
-                   (0.3, 8, True, "l1")],
-        "rec": [(0.1, 8, True, "l1"), (0.1, 8, True, "activation"), (0.3, 8, False, "l1"),
-                (0.3, 8, True, "l1")],
+        "cls": [
+            (0.1, 8, False, "l1"),
+            (0.1, 8, True, "l1"),
+            (0.15, None, True, "l1"),
+            (0.15, 8, True, "l1"),
+            (0.15, 8, True, "bn"),
+            (0.15, 8, True, "activation"),
+            (0.2, 8, True, "l1"),
+            (0.3, 8, False, "l1"),
+            (0.3, 8, True, "l1"),
+        ],
+        "digits": [
+            (0.2, None, False, "l1"),
+            (0.2, None, True, "l1"),
+            (0.3, None, True, "l1"),
+            (0.3, 8, True, "l1"),
+        ],
+        "rec": [
+            (0.1, 8, True, "l1"),
+            (0.1, 8, True, "activation"),
+            (0.3, 8, False, "l1"),
+            (0.3, 8, True, "l1"),
+        ],
         "det": [(0.1, 8, True, "l1"), (0.3, 8, False, "l1"), (0.3, 8, True, "l1")],
     }
     if q:
@@ -184,19 +212,28 @@ def main() -> None:
         calib, ev = data[kind]
         for ratio, rt, rec, crit in plans[kind]:
             t0 = time.time()
-            res = get_pass("prune-channels", ratio=ratio, round_to=rt, recover=rec, criterion=crit,
-                           calib=calib if (rec or crit == "activation") else None)(m.clone())
+            res = get_pass(
+                "prune-channels",
+                ratio=ratio,
+                round_to=rt,
+                recover=rec,
+                criterion=crit,
+                calib=calib if (rec or crit == "activation") else None,
+            )(m.clone())
             secs = time.time() - t0
             pm = res.model
             onnx.checker.check_model(pm.to_onnx(), full_check=True)
             macs = res.stats["macs_after"] / res.stats["macs_before"]
-            x_lat = (ev[0] if isinstance(ev, tuple) else ev)
+            x_lat = ev[0] if isinstance(ev, tuple) else ev
             sp, ta, tb = latency_speedup(m, pm, x_lat, rounds)
             metric, val, orig = fidelity(kind, m, pm, ev)
             rows.append((kind, ratio, rt, rec, crit, macs, sp, ta, tb, metric, val, orig, secs))
-            print(f"{kind} r={ratio} round_to={rt} recover={rec} {crit}: MACs {macs:.3f}x, "
-                  f"latency {sp:.2f}x ({ta:.2f} -> {tb:.2f} ms), {metric} {val:.3f} "
-                  f"(orig {orig:.3f}), {secs:.1f}s", flush=True)
+            print(
+                f"{kind} r={ratio} round_to={rt} recover={rec} {crit}: MACs {macs:.3f}x, "
+                f"latency {sp:.2f}x ({ta:.2f} -> {tb:.2f} ms), {metric} {val:.3f} "
+                f"(orig {orig:.3f}), {secs:.1f}s",
+                flush=True,
+            )
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Structured channel pruning (prune-channels)",
@@ -214,17 +251,20 @@ def main() -> None:
         "fidelity on held-out data rendered with another seed.",
         "",
         "Prunable compute (MACs of weight layers touching a free channel group): "
-        + ", ".join(f"{k} {v * 100:.1f}%" for k, v in shares.items()) + ".",
+        + ", ".join(f"{k} {v * 100:.1f}%" for k, v in shares.items())
+        + ".",
         "",
         "| model | ratio | round_to | criterion | recovery | MACs after/before | ORT speedup "
         "| ms before -> after | fidelity | pruned | original | prune time s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, ratio, rt, rec, crit, macs, sp, ta, tb, metric, val, orig, secs in rows:
-        lines.append(f"| {kind} | {ratio} | {rt or '-'} | {crit} | {'yes' if rec else 'no'} "
-                     f"| {macs:.3f}x "
-                     f"| {sp:.2f}x | {ta:.2f} -> {tb:.2f} | {metric} | {val:.3f} | {orig:.3f} "
-                     f"| {secs:.1f} |")
+        lines.append(
+            f"| {kind} | {ratio} | {rt or '-'} | {crit} | {'yes' if rec else 'no'} "
+            f"| {macs:.3f}x "
+            f"| {sp:.2f}x | {ta:.2f} -> {tb:.2f} | {metric} | {val:.3f} | {orig:.3f} "
+            f"| {secs:.1f} |"
+        )
     lines += ["", f"Total benchmark time {time.time() - t_start:.0f} s."]
     text = "\n".join(lines) + "\n"
     out = ROOT / "bench" / "results" / "prune.md"

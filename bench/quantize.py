@@ -64,7 +64,7 @@ def make_calibration(d: Path, n_rec: int, n_det: int, n_cls: int) -> dict[str, P
         x = rec_preprocess(img, width=None)
         w = min(320, int(np.ceil(x.shape[2] / 32) * 32))
         pad = np.zeros((3, 48, w), np.float32)
-        pad[:, :, :min(w, x.shape[2])] = x[:, :, :w]
+        pad[:, :, : min(w, x.shape[2])] = x[:, :, :w]
         buckets.setdefault(w, []).append(pad)
     for w, xs in sorted(buckets.items()):
         np.savez(rec_dir / f"w{w:04d}.npz", x=np.stack(xs))
@@ -73,8 +73,10 @@ def make_calibration(d: Path, n_rec: int, n_det: int, n_cls: int) -> dict[str, P
     np.savez(d / "rec_320.npz", x=np.stack([rec_preprocess(i, 320) for i, _ in lines[:n_rec]]))
     out["rec_ort"] = d / "rec_320.npz"
     # a quarter of the samples, for timing onnxruntime's Entropy when the full set exceeds the cap
-    np.savez(d / "rec_320_quarter.npz",
-             x=np.stack([rec_preprocess(i, 320) for i, _ in lines[:max(n_rec // 4, 1)]]))
+    np.savez(
+        d / "rec_320_quarter.npz",
+        x=np.stack([rec_preprocess(i, 320) for i, _ in lines[: max(n_rec // 4, 1)]]),
+    )
     out["rec_ort_quarter"] = d / "rec_320_quarter.npz"
     np.savez(d / "det.npz", x=np.concatenate([det_preprocess(p) for p, _ in pages(n_det, seed=2)]))
     out["det"] = out["det_ort"] = d / "det.npz"
@@ -98,12 +100,21 @@ def worker(spec: dict) -> dict:
         from graphopt.core.saver import save
         from graphopt.jobs.quantize import quantize
 
-        res = quantize(spec["model"], spec["calib"], method=spec["method"],
-                       batch_size=spec.get("batch_size", 8), eval_samples=4)
+        res = quantize(
+            spec["model"],
+            spec["calib"],
+            method=spec["method"],
+            batch_size=spec.get("batch_size", 8),
+            eval_samples=4,
+        )
         save(res.model, spec["out"])
-        info = {"calib_seconds": res.calib_seconds, "kept_float": len(res.kept_float),
-                "layers_int8": res.summary()["layers_int8"], "activations": res.activation_dtype,
-                "reduce_range": res.reduce_range}
+        info = {
+            "calib_seconds": res.calib_seconds,
+            "kept_float": len(res.kept_float),
+            "layers_int8": res.summary()["layers_int8"],
+            "activations": res.activation_dtype,
+            "reduce_range": res.reduce_range,
+        }
     else:
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -122,14 +133,20 @@ def worker(spec: dict) -> dict:
                 if self.i >= len(self.x):
                     return None
                 self.i += 1
-                return {"x": self.x[self.i - 1:self.i]}
+                return {"x": self.x[self.i - 1 : self.i]}
 
         u8 = spec["variant"] == "u8rr"
-        quantize_static(spec["model"], spec["out"], Reader(spec["calib"]),
-                        quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8 if u8 else QuantType.QInt8,
-                        weight_type=QuantType.QInt8, reduce_range=u8, per_channel=False,
-                        calibrate_method=getattr(CalibrationMethod, spec["method"]))
+        quantize_static(
+            spec["model"],
+            spec["out"],
+            Reader(spec["calib"]),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8 if u8 else QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            reduce_range=u8,
+            per_channel=False,
+            calibrate_method=getattr(CalibrationMethod, spec["method"]),
+        )
     info["seconds"] = time.perf_counter() - t0
     info["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return info
@@ -182,16 +199,18 @@ def session(path: str | Path, threads: int = 2):  # noqa: ANN201
 
     from graphopt.core.session import session_options
 
-    return ort.InferenceSession(str(path), session_options("all", threads=threads),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(path), session_options("all", threads=threads), providers=["CPUExecutionProvider"]
+    )
 
 
 def latency(fp32: Path, int8: Path, shape: tuple[int, ...], runs: int) -> tuple[float, float]:
     """Median seconds of the float and the int8 model, interleaved (A B, B A, ...)."""
     sa, sb = session(fp32), session(int8)
     x = {"x": np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)}
-    t = interleaved({"a": lambda: sa.run(None, x), "b": lambda: sb.run(None, x)}, runs=runs,
-                    warmup=1)
+    t = interleaved(
+        {"a": lambda: sa.run(None, x), "b": lambda: sb.run(None, x)}, runs=runs, warmup=1
+    )
     return t.median_ms("a") / 1e3, t.median_ms("b") / 1e3
 
 
@@ -202,8 +221,9 @@ class EvalData:
         self.rec_truth = [t for _, t in lines]
         self.det_x = [det_preprocess(p) for p, _ in pages(n_det, seed=77)]
         cl = text_lines(n_cls, seed=555)
-        self.cls_x = np.stack([cls_preprocess(i if k % 2 else i[::-1, ::-1].copy())
-                               for k, (i, _) in enumerate(cl)])
+        self.cls_x = np.stack(
+            [cls_preprocess(i if k % 2 else i[::-1, ::-1].copy()) for k, (i, _) in enumerate(cl)]
+        )
         self.fp32: dict[str, object] = {}
 
 
@@ -212,7 +232,7 @@ def fidelity(name: str, path: Path, data: EvalData, fp32_path: Path) -> float:
     if name == "rec":
         preds = []
         for i in range(0, len(data.rec_x), 16):
-            preds += ctc_decode(s.run(None, {"x": data.rec_x[i:i + 16]})[0])
+            preds += ctc_decode(s.run(None, {"x": data.rec_x[i : i + 16]})[0])
         return char_accuracy(preds, data.rec_truth)
     if name == "det":
         if "det" not in data.fp32:
@@ -233,14 +253,20 @@ def fidelity(name: str, path: Path, data: EvalData, fp32_path: Path) -> float:
 def end_to_end(models: dict[str, Path], n_pages: int) -> float:
     from rapidocr_onnxruntime import RapidOCR
 
-    engine = RapidOCR(det_model_path=str(models["det"]), rec_model_path=str(models["rec"]),
-                      cls_model_path=str(models["cls"]), intra_op_num_threads=2,
-                      inter_op_num_threads=1)
+    engine = RapidOCR(
+        det_model_path=str(models["det"]),
+        rec_model_path=str(models["rec"]),
+        cls_model_path=str(models["cls"]),
+        intra_op_num_threads=2,
+        inter_op_num_threads=1,
+    )
     preds, truths = [], []
     for img, lines in pages(n_pages, seed=4242):
         result, _ = engine(img[:, :, ::-1].copy())  # RapidOCR takes BGR like cv2
-        found = sorted(result or [], key=lambda r: (np.mean([p[1] for p in r[0]]),
-                                                    np.mean([p[0] for p in r[0]])))
+        found = sorted(
+            result or [],
+            key=lambda r: (np.mean([p[1] for p in r[0]]), np.mean([p[0] for p in r[0]])),
+        )
         # PP-OCRv4 (a Chinese+English model) rarely emits the spaces between words: compare the
         # characters without whitespace
         preds.append("\n".join("".join(r[1].split()) for r in found))
@@ -284,39 +310,68 @@ def main() -> int:
     for name in names:
         for tool, method, variant in configs:
             out = tmp / f"{name}_{tool}_{method}_{variant or 'auto'}.onnx"
-            spec = {"tool": tool, "method": method, "variant": variant, "model": str(fp32[name]),
-                    "out": str(out), "calib": str(calib[name if tool == "graphopt"
-                                                        else f"{name}_ort"])}
+            spec = {
+                "tool": tool,
+                "method": method,
+                "variant": variant,
+                "model": str(fp32[name]),
+                "out": str(out),
+                "calib": str(calib[name if tool == "graphopt" else f"{name}_ort"]),
+            }
             info = run_job(spec, args.mem_cap_gb * 2**30, args.timeout)
             row = {"model": name, "tool": tool, "method": method, "variant": variant, **info}
             if "error" not in info:
                 try:
                     t32, t8 = latency(fp32[name], out, LAT_SHAPES[name], runs)
-                    row.update(fp32_ms=t32 * 1e3, int8_ms=t8 * 1e3, speedup=t32 / t8,
-                               fidelity=fidelity(name, out, data, fp32[name]))
+                    row.update(
+                        fp32_ms=t32 * 1e3,
+                        int8_ms=t8 * 1e3,
+                        speedup=t32 / t8,
+                        fidelity=fidelity(name, out, data, fp32[name]),
+                    )
                     outputs[(name, tool, method, variant)] = out
                 except Exception as exc:  # noqa: BLE001 - e.g. a model onnxruntime cannot load
                     row["error"] = f"does not run: {str(exc).splitlines()[0][:120]}"
             rows.append(row)
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                              for k, v in row.items()}), file=sys.stderr, flush=True)
-            if name == "rec" and tool == "ort" and method == "Entropy" and variant == "u8rr" \
-                    and "error" in info:
+            print(
+                json.dumps(
+                    {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+            if (
+                name == "rec"
+                and tool == "ort"
+                and method == "Entropy"
+                and variant == "u8rr"
+                and "error" in info
+            ):
                 # the full set did not fit: time onnxruntime's Entropy on a quarter of it
                 spec = dict(spec, calib=str(calib["rec_ort_quarter"]), out=str(out) + ".q.onnx")
                 info = run_job(spec, args.mem_cap_gb * 2**30, args.timeout)
-                rows.append({"model": name, "tool": tool, "method": "Entropy",
-                             "variant": variant, "quarter": True, **info,
-                             "note": f"{max(n_rec // 4, 1)} samples (a quarter)"})
+                rows.append(
+                    {
+                        "model": name,
+                        "tool": tool,
+                        "method": "Entropy",
+                        "variant": variant,
+                        "quarter": True,
+                        **info,
+                        "note": f"{max(n_rec // 4, 1)} samples (a quarter)",
+                    }
+                )
     base_fid = {n: fidelity(n, fp32[n], data, fp32[n]) for n in names}
     e2e = {}
     if set(names) == {"det", "rec", "cls"}:
         n_pages = 6 if args.quick else 12
         e2e["fp32"] = end_to_end(fp32, n_pages)
-        for label, key in (("graphopt mse", ("graphopt", "mse", "")),
-                           ("graphopt entropy", ("graphopt", "entropy", "")),
-                           ("onnxruntime Entropy u8+rr", ("ort", "Entropy", "u8rr")),
-                           ("onnxruntime Entropy default", ("ort", "Entropy", "default"))):
+        for label, key in (
+            ("graphopt mse", ("graphopt", "mse", "")),
+            ("graphopt entropy", ("graphopt", "entropy", "")),
+            ("onnxruntime Entropy u8+rr", ("ort", "Entropy", "u8rr")),
+            ("onnxruntime Entropy default", ("ort", "Entropy", "default")),
+        ):
             ms = {n: outputs.get((n, *key)) for n in names}
             if all(ms.values()):
                 try:
@@ -329,8 +384,16 @@ def main() -> int:
     return 0
 
 
-def report(rows: list[dict], base_fid: dict, e2e: dict, n_rec: int, n_det: int, n_cls: int,
-           runs: int, quick: bool) -> str:
+def report(
+    rows: list[dict],
+    base_fid: dict,
+    e2e: dict,
+    n_rec: int,
+    n_det: int,
+    n_cls: int,
+    runs: int,
+    quick: bool,
+) -> str:
     import platform
 
     import onnxruntime as ort
@@ -338,8 +401,11 @@ def report(rows: list[dict], base_fid: dict, e2e: dict, n_rec: int, n_det: int, 
     from graphopt.algorithms.quant.graph import choose_activation_type
 
     dt, rr, why = choose_activation_type("auto")
-    fid_name = {"det": "IoU of map>0.3 vs fp32", "rec": "char accuracy (ground truth)",
-                "cls": "top-1 agreement with fp32"}
+    fid_name = {
+        "det": "IoU of map>0.3 vs fp32",
+        "rec": "char accuracy (ground truth)",
+        "cls": "top-1 agreement with fp32",
+    }
     lines = [
         "# int8 quantization: graphopt vs onnxruntime quantize_static (PP-OCRv4)",
         "",
@@ -361,17 +427,21 @@ def report(rows: list[dict], base_fid: dict, e2e: dict, n_rec: int, n_det: int, 
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for n in sorted({r["model"] for r in rows}, key=["det", "rec", "cls"].index):
-        lines.append(f"| {n} | fp32 | - | - | | | 1.00x | {base_fid[n]:.4f} | | | "
-                     f"{fid_name[n]} |")
+        lines.append(f"| {n} | fp32 | - | - | | | 1.00x | {base_fid[n]:.4f} | | | {fid_name[n]} |")
         for r in (r for r in rows if r["model"] == n):
-            act = ("auto" if r["tool"] == "graphopt" else
-                   ("uint8 + reduce_range" if r["variant"] == "u8rr" else "defaults (int8)"))
+            act = (
+                "auto"
+                if r["tool"] == "graphopt"
+                else ("uint8 + reduce_range" if r["variant"] == "u8rr" else "defaults (int8)")
+            )
             if "error" in r or r.get("quarter"):
                 note = r.get("error", "")
                 if r.get("quarter"):
                     note = r["note"] + (", calibration only" if not note else f": {note}")
-                lines.append(f"| {n} | {r['tool']} | {r['method']} | {act} | | | | | "
-                             f"{r['seconds']:.1f} | {fmt_gb(r['peak_rss'])} | {note} |")
+                lines.append(
+                    f"| {n} | {r['tool']} | {r['method']} | {act} | | | | | "
+                    f"{r['seconds']:.1f} | {fmt_gb(r['peak_rss'])} | {note} |"
+                )
                 continue
             note = f"calibration {r['calib_seconds']:.1f} s" if "calib_seconds" in r else ""
             if r.get("kept_float"):
@@ -379,38 +449,58 @@ def report(rows: list[dict], base_fid: dict, e2e: dict, n_rec: int, n_det: int, 
             lines.append(
                 f"| {n} | {r['tool']} | {r['method']} | {act} | {r['fp32_ms']:.1f} | "
                 f"{r['int8_ms']:.1f} | {r['speedup']:.2f}x | {r['fidelity']:.4f} | "
-                f"{r['seconds']:.1f} | {fmt_gb(r['peak_rss'])} | {note} |")
+                f"{r['seconds']:.1f} | {fmt_gb(r['peak_rss'])} | {note} |"
+            )
     if e2e:
-        lines += ["", f"RapidOCR end to end ({'6' if quick else '12'} rendered pages, 6 lines "
-                  "each; character accuracy of the page text without whitespace, lines ordered top "
-                  "to bottom):", "",
-                  "| models | char accuracy |", "|---|---:|"]
+        lines += [
+            "",
+            f"RapidOCR end to end ({'6' if quick else '12'} rendered pages, 6 lines "
+            "each; character accuracy of the page text without whitespace, lines ordered top "
+            "to bottom):",
+            "",
+            "| models | char accuracy |",
+            "|---|---:|",
+        ]
         lines += [f"| {k} | {v:.4f} |" for k, v in e2e.items()]
     ent = [r for r in rows if r["model"] == "rec" and r["method"].lower() == "entropy"]
     g = next((r for r in ent if r["tool"] == "graphopt"), None)
-    o = next((r for r in ent if r["tool"] == "ort" and r["variant"] == "u8rr"
-              and not r.get("quarter")), None)
+    o = next(
+        (r for r in ent if r["tool"] == "ort" and r["variant"] == "u8rr" and not r.get("quarter")),
+        None,
+    )
     oq = next((r for r in ent if r.get("quarter")), None)
     if g and o:
         if "error" not in o:
-            text = (f"onnxruntime {o['seconds']:.1f} s, peak {fmt_gb(o['peak_rss'])}; ratio "
-                    f"{o['seconds'] / g['seconds']:.1f}x")
+            text = (
+                f"onnxruntime {o['seconds']:.1f} s, peak {fmt_gb(o['peak_rss'])}; ratio "
+                f"{o['seconds'] / g['seconds']:.1f}x"
+            )
         else:
-            text = (f"onnxruntime did not finish ({o['error']} after {o['seconds']:.1f} s)")
+            text = f"onnxruntime did not finish ({o['error']} after {o['seconds']:.1f} s)"
             if oq and "error" in oq:
-                text += (f"; on a quarter of the samples it did not finish either "
-                         f"({oq['error']} after {oq['seconds']:.1f} s)")
+                text += (
+                    f"; on a quarter of the samples it did not finish either "
+                    f"({oq['error']} after {oq['seconds']:.1f} s)"
+                )
             if oq and "error" not in oq:
-                text += (f"; on a quarter of the samples it took {oq['seconds']:.1f} s and "
-                         f"{fmt_gb(oq['peak_rss'])}: graphopt on all {n_rec} samples is "
-                         f"{oq['seconds'] / g['seconds']:.1f}x faster than onnxruntime on "
-                         f"{max(n_rec // 4, 1)}")
-        lines += ["", f"Entropy calibration on {n_rec} rec samples: graphopt "
-                  f"{g['seconds']:.1f} s wall (whole job incl. optimization and checks; "
-                  f"calibration itself {g.get('calib_seconds', float('nan')):.1f} s), peak "
-                  f"{fmt_gb(g['peak_rss'])}; {text}."]
-    ok = {r["model"]: r for r in rows if r["tool"] == "graphopt" and r["method"] == "mse"
-          and "error" not in r}
+                text += (
+                    f"; on a quarter of the samples it took {oq['seconds']:.1f} s and "
+                    f"{fmt_gb(oq['peak_rss'])}: graphopt on all {n_rec} samples is "
+                    f"{oq['seconds'] / g['seconds']:.1f}x faster than onnxruntime on "
+                    f"{max(n_rec // 4, 1)}"
+                )
+        lines += [
+            "",
+            f"Entropy calibration on {n_rec} rec samples: graphopt "
+            f"{g['seconds']:.1f} s wall (whole job incl. optimization and checks; "
+            f"calibration itself {g.get('calib_seconds', float('nan')):.1f} s), peak "
+            f"{fmt_gb(g['peak_rss'])}; {text}.",
+        ]
+    ok = {
+        r["model"]: r
+        for r in rows
+        if r["tool"] == "graphopt" and r["method"] == "mse" and "error" not in r
+    }
     goals = []
     for n in ("det", "rec"):
         if n in ok:

@@ -44,8 +44,15 @@ SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
     # samples) is statically inconsistent and onnxruntime refuses the model at BASIC and above
     "silero": {"state": (2, 1, 128), "sr": ()},
 }
-TOOLS = ["onnxsim", "onnxslim", "onnxoptimizer", "ort-basic", "ort-extended", "graphopt",
-         "graphopt-ort"]
+TOOLS = [
+    "onnxsim",
+    "onnxslim",
+    "onnxoptimizer",
+    "ort-basic",
+    "ort-extended",
+    "graphopt",
+    "graphopt-ort",
+]
 ROUNDS = {"det": 15, "rec": 60, "cls": 150, "silero": 300}
 
 
@@ -79,8 +86,11 @@ def fix_inputs(src: Path, dst: Path, shapes: dict[str, tuple[int, ...]]) -> None
 def feeds_for(name: str) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     if name == "silero":  # 16 kHz, 512 samples
-        return {"input": (rng.standard_normal((1, 512)) * 0.1).astype(np.float32),
-                "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)}
+        return {
+            "input": (rng.standard_normal((1, 512)) * 0.1).astype(np.float32),
+            "state": np.zeros((2, 1, 128), np.float32),
+            "sr": np.array(16000, np.int64),
+        }
     return {k: rng.uniform(-1, 1, size=v).astype(np.float32) for k, v in SHAPES[name].items()}
 
 
@@ -90,7 +100,8 @@ def session(path: Path, level: str, threads: int) -> Any:
     so = ort.SessionOptions()
     so.graph_optimization_level = {
         "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 4
@@ -132,16 +143,17 @@ def run_tool(tool: str, src: str, dst: str, model_name: str) -> dict[str, Any]:
         onnx.save(m, dst)
     elif tool in ("ort-basic", "ort-extended"):
         so = ort.SessionOptions()
-        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-                                       if tool == "ort-basic"
-                                       else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        so.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            if tool == "ort-basic"
+            else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        )
         so.optimized_model_filepath = dst
         so.log_severity_level = 4
         ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     elif tool in ("graphopt", "graphopt-ort"):
         target = "ort" if tool == "graphopt-ort" else "portable"
-        res = optimize_model(load(src), target=target, input_shapes=shapes,
-                             verify_output=False)
+        res = optimize_model(load(src), target=target, input_shapes=shapes, verify_output=False)
         save(res.model, dst)
     else:
         raise ValueError(tool)
@@ -167,8 +179,10 @@ def spawn(tool: str, src: Path, dst: Path, model_name: str, timeout: float = 600
 
 
 def max_err(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
-    return max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-               if a.size else 0.0 for a, b in zip(ref, out, strict=True))
+    return max(
+        float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+        for a, b in zip(ref, out, strict=True)
+    )
 
 
 def bench_model(name: str, tmp: Path, threads: int, rounds: int | None) -> list[dict[str, Any]]:
@@ -177,8 +191,14 @@ def bench_model(name: str, tmp: Path, threads: int, rounds: int | None) -> list[
     src, _ = real_model(name)
     fixed = tmp / f"{name}_fixed.onnx"
     fix_inputs(src, fixed, SHAPES[name])
-    rows: list[dict[str, Any]] = [{"tool": "original", "path": fixed, "seconds": 0.0,
-                                   "nodes": count_nodes(onnx.load(str(fixed)).graph)}]
+    rows: list[dict[str, Any]] = [
+        {
+            "tool": "original",
+            "path": fixed,
+            "seconds": 0.0,
+            "nodes": count_nodes(onnx.load(str(fixed)).graph),
+        }
+    ]
     for tool in TOOLS:
         dst = tmp / f"{name}_{tool}.onnx"
         r = spawn(tool, fixed, dst, name)
@@ -212,8 +232,9 @@ def bench_model(name: str, tmp: Path, threads: int, rounds: int | None) -> list[
                 r[f"{lvl}_error"] = msg[:200]
                 print(f"  {name} {r['tool']} @{lvl}: {msg[:300]}", file=sys.stderr)
     n = rounds or ROUNDS[name]
-    runners = {f"{r['tool']}@{lvl}": (lambda s=s: s.run(out_names, feeds))
-               for r, lvl, s in sessions}
+    runners = {
+        f"{r['tool']}@{lvl}": (lambda s=s: s.run(out_names, feeds)) for r, lvl, s in sessions
+    }
     t = interleaved(runners, runs=n, warmup=1)
     for r, lvl, _ in sessions:
         r[lvl] = t.median_ms(f"{r['tool']}@{lvl}")
@@ -223,20 +244,27 @@ def bench_model(name: str, tmp: Path, threads: int, rounds: int | None) -> list[
 def fmt_row(name: str, r: dict[str, Any], base: dict[str, Any]) -> str:
     if "error" in r and "nodes" not in r:
         return f"| {name} | {r['tool']} | failed: {r['error']} | | | | |"
+
     def lat(k: str) -> str:
         if f"{k}_error" in r:
-            return "does not load" if "Load model" in r[f"{k}_error"] or "Inferenc" in r[
-                f"{k}_error"] else "fails"
+            return (
+                "does not load"
+                if "Load model" in r[f"{k}_error"] or "Inferenc" in r[f"{k}_error"]
+                else "fails"
+            )
         if k not in r:
             return "-"
         ratio = f" ({base[k] / r[k]:.2f}x)" if k in base and r["tool"] != "original" else ""
         return f"{r[k]:.2f}{ratio}"
+
     err = r.get("max_err")
     err_s = f"{err:.1e}" if isinstance(err, float) else "-"
     secs = f"{r['seconds']:.2f}" if r["tool"] != "original" else "-"
     tool = r["tool"] + (" *" if "note" in r else "")
-    return (f"| {name} | {tool} | {r['nodes']} | {secs} | {err_s} | {lat('disable_all')} | "
-            f"{lat('all')} |")
+    return (
+        f"| {name} | {tool} | {r['nodes']} | {secs} | {err_s} | {lat('disable_all')} | "
+        f"{lat('all')} |"
+    )
 
 
 def goals(name: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -246,24 +274,31 @@ def goals(name: str, rows: list[dict[str, Any]]) -> list[str]:
     peers = [by[t]["nodes"] for t in ("onnxsim", "onnxslim", "ort-basic") if t in by]
     if "graphopt" in by and peers:
         ok = by["graphopt"]["nodes"] <= min(peers)
-        out.append(f"{name}: portable nodes {by['graphopt']['nodes']} <= min(onnxsim, onnxslim, "
-                   f"ORT BASIC) {min(peers)} (peers with running outputs): "
-                   f"{'yes' if ok else 'NO'}")
+        out.append(
+            f"{name}: portable nodes {by['graphopt']['nodes']} <= min(onnxsim, onnxslim, "
+            f"ORT BASIC) {min(peers)} (peers with running outputs): "
+            f"{'yes' if ok else 'NO'}"
+        )
     if "graphopt-ort" in by and "ort-extended" in by:
         a, b = by["graphopt-ort"]["nodes"], by["ort-extended"]["nodes"]
-        out.append(f"{name}: --target ort nodes {a} <= ORT EXTENDED {b}: "
-                   f"{'yes' if a <= b else 'NO'}")
+        out.append(
+            f"{name}: --target ort nodes {a} <= ORT EXTENDED {b}: {'yes' if a <= b else 'NO'}"
+        )
     g = by.get("graphopt", {})
     ext = by.get("ort-extended", {})
     if "disable_all" in g and "disable_all" in ext:
         ratio = ext["disable_all"] / g["disable_all"]
-        out.append(f"{name}: portable @DISABLE_ALL {g['disable_all']:.2f} ms vs ORT EXTENDED "
-                   f"output @DISABLE_ALL {ext['disable_all']:.2f} ms (speed ratio {ratio:.2f}x)")
+        out.append(
+            f"{name}: portable @DISABLE_ALL {g['disable_all']:.2f} ms vs ORT EXTENDED "
+            f"output @DISABLE_ALL {ext['disable_all']:.2f} ms (speed ratio {ratio:.2f}x)"
+        )
     best = [(r["all"], t) for t, r in by.items() if "all" in r and not t.startswith("graphopt")]
     if "all" in g and best:
         b, t = min(best)
-        out.append(f"{name}: portable @ENABLE_ALL {g['all']:.2f} ms vs best peer ({t}) {b:.2f} ms "
-                   f"(ratio {b / g['all']:.2f}x)")
+        out.append(
+            f"{name}: portable @ENABLE_ALL {g['all']:.2f} ms vs best peer ({t}) {b:.2f} ms "
+            f"(ratio {b / g['all']:.2f}x)"
+        )
     return out
 
 
@@ -272,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="det,rec,cls,silero")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=None, help="latency rounds (default per model)")
-    ap.add_argument("--worker", nargs=4, metavar=("TOOL", "SRC", "DST", "MODEL"),
-                    help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--worker", nargs=4, metavar=("TOOL", "SRC", "DST", "MODEL"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args(argv)
     if args.worker:
         tool, src, dst, model_name = args.worker
@@ -294,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
         f"**shared with other jobs (noisy)**; onnxruntime {ort.__version__} CPU, "
         f"intra-op threads {args.threads}, spinning off; onnx {onnx.__version__}; "
-        + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + ".",
         "",
         "Nodes include subgraph nodes. Time: load + optimize + save in a fresh process (graphopt "
         "without its own verification). Max err: max abs difference of any output vs the original, "
@@ -311,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
             base = rows[0]
             lines += [fmt_row(name, r, base) for r in rows]
             goal_lines += goals(name, rows)
-    lines += ["", "\\* the tool failed on the fixed-shape model and was given the published "
-              "dynamic-shape model instead. 'does not load': onnxruntime refuses the model at that "
-              "level."]
+    lines += [
+        "",
+        "\\* the tool failed on the fixed-shape model and was given the published "
+        "dynamic-shape model instead. 'does not load': onnxruntime refuses the model at that "
+        "level.",
+    ]
     lines += ["", "## Issue goals", ""] + [f"- {g}" for g in goal_lines]
     text = "\n".join(lines) + "\n"
     atomic_write_text(RESULTS, text)

@@ -91,8 +91,9 @@ def bench_model(name: str, rounds: int, tmp: Path) -> dict[str, Any]:
 
     vm_a = VirtualMachine(ex, tvm.cpu())
     # B: graphopt's pipeline and schedules (the compile command)
-    res = gcompile.compile_model(model, target="llvm", output=tmp / f"{name}.so",
-                                 input_shapes=shapes)
+    res = gcompile.compile_model(
+        model, target="llvm", output=tmp / f"{name}.so", input_shapes=shapes
+    )
     row["compile_graphopt_s"] = res.compile_seconds
     row["artifact_mb"] = res.artifact_bytes / 2**20
     art = grunner.load_artifact(res.artifact)
@@ -108,10 +109,15 @@ def bench_model(name: str, rounds: int, tmp: Path) -> dict[str, Any]:
     row["err_graphopt"] = float(np.abs(out_b - ref).max())
     # the slow default build sits out once it has used 20 s (keeping at least 3 runs)
     times = interleaved(
-        {"tvm_default": lambda: vm_a["main"](xa),
-         "tvm_graphopt": lambda: art.run_device(args_b),
-         "ort": lambda: sess.run(None, {"x": x})},
-        runs=rounds, warmup=1, max_seconds={"tvm_default": 20.0})
+        {
+            "tvm_default": lambda: vm_a["main"](xa),
+            "tvm_graphopt": lambda: art.run_device(args_b),
+            "ort": lambda: sess.run(None, {"x": x}),
+        },
+        runs=rounds,
+        warmup=1,
+        max_seconds={"tvm_default": 20.0},
+    )
     for k in times.times:
         row[f"{k}_ms"] = times.median_ms(k)
         row[f"{k}_n"] = times.count(k)
@@ -126,17 +132,22 @@ def bench_cross(tmp: Path) -> list[dict[str, Any]]:
     for target in ("aarch64", "cuda:sm_90"):
         row: dict[str, Any] = {"model": "cls", "target": target}
         try:
-            res = gcompile.compile_model(path, target=target, output=tmp / f"cls_{target[:4]}.so",
-                                     input_shapes=shapes)
+            res = gcompile.compile_model(
+                path, target=target, output=tmp / f"cls_{target[:4]}.so", input_shapes=shapes
+            )
             row["compile_s"] = res.compile_seconds
             row["artifact_mb"] = res.artifact_bytes / 2**20
             if res.verify is not None:
                 worst = max(d.max_abs_err for d in res.verify.outputs)
-                row["check"] = (f"ran under {res.verified_on}: max abs err {worst:.2g} vs "
-                                f"onnxruntime x86 ({'ok' if res.verify.ok else 'MISMATCH'})")
+                row["check"] = (
+                    f"ran under {res.verified_on}: max abs err {worst:.2g} vs "
+                    f"onnxruntime x86 ({'ok' if res.verify.ok else 'MISMATCH'})"
+                )
             elif target.startswith("cuda"):
-                row["check"] = ("built; nvcc -cubin on the generated source: "
-                                + {True: "ok", None: "nvcc not found"}[res.cuda_source_checked])
+                row["check"] = (
+                    "built; nvcc -cubin on the generated source: "
+                    + {True: "ok", None: "nvcc not found"}[res.cuda_source_checked]
+                )
             else:
                 row["check"] = "built; not run (" + (gqemu.qemu_unavailable_reason() or "?") + ")"
         except Exception as exc:  # noqa: BLE001 - reported in the table
@@ -173,8 +184,9 @@ def render(rows: list[dict[str, Any]], cross: list[dict[str, Any]], rounds: int)
         "|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['shape']} | {r['import_published']} | "
-                     f"{r['import_graphopt']} |")
+        lines.append(
+            f"| {r['model']} | {r['shape']} | {r['import_published']} | {r['import_graphopt']} |"
+        )
     lines += [
         "",
         "## CPU latency (llvm, this host)",
@@ -191,16 +203,27 @@ def render(rows: list[dict[str, Any]], cross: list[dict[str, Any]], rounds: int)
             f"(n={r['ort_n']}) | {r['ratio_graphopt_vs_ort']:.2f}x | "
             f"{r['speedup_vs_default']:.1f}x | {r['err_default']:.1e} / {r['err_graphopt']:.1e} | "
             f"{r['compile_default_s']:.0f} / {r['compile_graphopt_s']:.0f} | "
-            f"{r['artifact_mb']:.1f} |")
-    lines += ["", "## Cross targets (cls, 1x3x48x192)", "",
-              "| target | compile s | artifact MB | check |", "|---|---|---|---|"]
+            f"{r['artifact_mb']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Cross targets (cls, 1x3x48x192)",
+        "",
+        "| target | compile s | artifact MB | check |",
+        "|---|---|---|---|",
+    ]
     for c in cross:
-        lines.append(f"| {c['target']} | {c.get('compile_s', float('nan')):.0f} | "
-                     f"{c.get('artifact_mb', float('nan')):.1f} | {c['check']} |")
-    lines += ["", "Emulated AArch64 timings mean nothing and are not reported; the CUDA library "
-              "needs a GPU to run, so only its build and nvcc's compile of the generated source "
-              "are checked.",
-              ""]
+        lines.append(
+            f"| {c['target']} | {c.get('compile_s', float('nan')):.0f} | "
+            f"{c.get('artifact_mb', float('nan')):.1f} | {c['check']} |"
+        )
+    lines += [
+        "",
+        "Emulated AArch64 timings mean nothing and are not reported; the CUDA library "
+        "needs a GPU to run, so only its build and nvcc's compile of the generated source "
+        "are checked.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -58,12 +58,21 @@ def fixture_path(name: str) -> Path:
 REAL_MODELS: dict[str, tuple[str, str, dict[str, tuple[int, ...]]]] = {
     "det": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx", {"x": (1, 3, 320, 320)}),
     "rec": ("rapidocr_onnxruntime", "models/ch_PP-OCRv4_rec_infer.onnx", {"x": (1, 3, 48, 320)}),
-    "cls": ("rapidocr_onnxruntime", "models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-            {"x": (1, 3, 48, 192)}),
-    "silero": ("silero_vad", "data/silero_vad.onnx",
-               {"input": (1, 512), "state": (2, 1, 128), "sr": ()}),
-    "silero_op15": ("silero_vad", "data/silero_vad_16k_op15.onnx",
-                    {"input": (1, 512), "state": (2, 1, 128), "sr": ()}),
+    "cls": (
+        "rapidocr_onnxruntime",
+        "models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        {"x": (1, 3, 48, 192)},
+    ),
+    "silero": (
+        "silero_vad",
+        "data/silero_vad.onnx",
+        {"input": (1, 512), "state": (2, 1, 128), "sr": ()},
+    ),
+    "silero_op15": (
+        "silero_vad",
+        "data/silero_vad_16k_op15.onnx",
+        {"input": (1, 512), "state": (2, 1, 128), "sr": ()},
+    ),
 }
 
 
@@ -89,8 +98,10 @@ def real_model_feeds(name: str, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     _, shapes = real_model(name)
     if name.startswith("silero"):
-        return {"input": (rng.standard_normal(shapes["input"]) * 0.1).astype(np.float32),
-                "state": np.zeros(shapes["state"], np.float32),
-                "sr": np.array(16000, dtype=np.int64)}
+        return {
+            "input": (rng.standard_normal(shapes["input"]) * 0.1).astype(np.float32),
+            "state": np.zeros(shapes["state"], np.float32),
+            "sr": np.array(16000, dtype=np.int64),
+        }
     # OCR models take images normalized to about [-1, 1]
     return {k: rng.uniform(-1, 1, size=v).astype(np.float32) for k, v in shapes.items()}

@@ -34,8 +34,17 @@ from graphopt.core.pass_manager import Pass, PassResult, register_pass
 logger = logging.getLogger(__name__)
 
 #: ops whose two evaluations may differ
-NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
-                              "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"})
+NONDETERMINISTIC = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "Dropout",
+    }
+)
 COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal"})
 #: variadic ops whose result does not depend on the input order even in floating point (a sum of
 #: three or more terms does: (a + b) + c may differ from (c + b) + a in the last bit)
@@ -78,10 +87,15 @@ class EliminateCsePass(Pass):
     name = "eliminate-cse"
 
     def __init__(self, max_const_bytes: int = 1 << 20) -> None:
-        if isinstance(max_const_bytes, bool) or not isinstance(max_const_bytes, int) \
-                or max_const_bytes < 0:
-            raise OptionError(f"eliminate-cse: max_const_bytes must be a non-negative integer, "
-                              f"got {max_const_bytes!r}")
+        if (
+            isinstance(max_const_bytes, bool)
+            or not isinstance(max_const_bytes, int)
+            or max_const_bytes < 0
+        ):
+            raise OptionError(
+                f"eliminate-cse: max_const_bytes must be a non-negative integer, "
+                f"got {max_const_bytes!r}"
+            )
         self.max_const_bytes = max_const_bytes
         self._keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
 
@@ -136,8 +150,9 @@ class EliminateCsePass(Pass):
                 removed.add(id(node))
                 stats["nodes_merged"] += 1
             else:
-                logger.debug("not merging %s into %s: both outputs are graph outputs",
-                             node.name, first.name)
+                logger.debug(
+                    "not merging %s into %s: both outputs are graph outputs", node.name, first.name
+                )
         if removed:
             graph.nodes = [n for n in graph.nodes if id(n) not in removed]
 
@@ -159,8 +174,11 @@ class EliminateCsePass(Pass):
         if any(o.is_empty() for o in node.outputs):
             return None
         ins = [id(t) if not t.is_empty() else None for t in node.inputs]
-        if node.op in COMMUTATIVE and node.domain in ("", "ai.onnx", None) and (
-                len(ins) == 2 or node.op in EXACT_VARIADIC):
+        if (
+            node.op in COMMUTATIVE
+            and node.domain in ("", "ai.onnx", None)
+            and (len(ins) == 2 or node.op in EXACT_VARIADIC)
+        ):
             ins = sorted(ins, key=lambda v: -1 if v is None else v)
         try:
             attrs = tuple(sorted((k, _attr_key(v)) for k, v in node.attrs.items()))

@@ -35,8 +35,12 @@ class EliminateDeadPass(Pass):
 
     def call(self, model: Model) -> PassResult:
         n0, c0 = _sizes(model)
-        model.graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=True,
-                            remove_unused_node_outputs=False)
+        model.graph.cleanup(
+            remove_unused_graph_inputs=False,
+            recurse_subgraphs=True,
+            remove_unused_node_outputs=False,
+        )
         n1, c1 = _sizes(model)
-        return PassResult(model, (n1, c1) != (n0, c0),
-                          {"nodes_removed": n0 - n1, "constants_removed": c0 - c1})
+        return PassResult(
+            model, (n1, c1) != (n0, c0), {"nodes_removed": n0 - n1, "constants_removed": c0 - c1}
+        )

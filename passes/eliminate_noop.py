@@ -175,13 +175,19 @@ class EliminateNoopPass(Pass):
         if op == "Cast":
             dt = _dtype(x)
             to = node.attrs.get("to")
-            if dt is not None and to is not None and \
-                    dt == onnx.helper.tensor_dtype_to_np_dtype(int(to)):
+            if (
+                dt is not None
+                and to is not None
+                and dt == onnx.helper.tensor_dtype_to_np_dtype(int(to))
+            ):
                 kind = "cast"
         elif op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Tile"):
             out = self._out_shape(node)
-            if out is not None and out == _shape(x) and (
-                    op != "Tile" or bool(np.all(_const(node.inputs[1]) == 1))):
+            if (
+                out is not None
+                and out == _shape(x)
+                and (op != "Tile" or bool(np.all(_const(node.inputs[1]) == 1)))
+            ):
                 kind = op.lower()
             elif out is not None and op in PURE_RESHAPES and self._undo(st, node, out, removed):
                 return "reshape_pair"
@@ -236,8 +242,9 @@ class EliminateNoopPass(Pass):
             axis = axis + len(s) if axis < 0 else axis
             return [int(np.prod(s[:axis], dtype=np.int64)), int(np.prod(s[axis:], dtype=np.int64))]
         if op == "Squeeze":
-            has_axes = "axes" in node.attrs or (len(node.inputs) > 1 and
-                                                 not node.inputs[1].is_empty())
+            has_axes = "axes" in node.attrs or (
+                len(node.inputs) > 1 and not node.inputs[1].is_empty()
+            )
             axes = _axes(node, len(s)) if has_axes else []
             if axes == []:  # no axes, or an empty axes list: squeeze every 1-dim
                 axes = [i for i, d in enumerate(s) if d == 1]
@@ -273,9 +280,15 @@ class EliminateNoopPass(Pass):
     def _undo(self, st: _Graph, node: gs.Node, out: list[int], removed: set[int]) -> bool:
         """R2(R1(x)) -> x for pure reshapes R1, R2 when the result has x's (static) shape."""
         inner = st.producer(node.inputs[0])
-        if inner is None or id(inner) in removed or inner.op not in PURE_RESHAPES or \
-                inner.domain not in DEFAULT_DOMAINS or len(inner.outputs) != 1 or \
-                not inner.inputs or _shape(inner.inputs[0]) != out:
+        if (
+            inner is None
+            or id(inner) in removed
+            or inner.op not in PURE_RESHAPES
+            or inner.domain not in DEFAULT_DOMAINS
+            or len(inner.outputs) != 1
+            or not inner.inputs
+            or _shape(inner.inputs[0]) != out
+        ):
             return False
         if self._bypass(st, node, inner.inputs[0], removed):
             self._drop_if_dead(st, inner, removed)
@@ -288,8 +301,11 @@ class EliminateNoopPass(Pass):
         target = _const(node.inputs[1]) if len(node.inputs) > 1 else None
         if inner is None or target is None or id(inner) in removed:
             return None
-        if inner.op not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") or \
-                inner.domain not in DEFAULT_DOMAINS or len(inner.outputs) != 1:
+        if (
+            inner.op not in ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+            or inner.domain not in DEFAULT_DOMAINS
+            or len(inner.outputs) != 1
+        ):
             return None
         if not st.private(inner_out) or id(inner_out) in st.outputs:
             return None
@@ -327,8 +343,9 @@ class EliminateNoopPass(Pass):
             return None
         src = inner.inputs[0]
         rank = _rank(src)
-        has_axes = "axes" in inner.attrs or (len(inner.inputs) > 1 and
-                                              not inner.inputs[1].is_empty())
+        has_axes = "axes" in inner.attrs or (
+            len(inner.inputs) > 1 and not inner.inputs[1].is_empty()
+        )
         if not has_axes:
             return None
         a1 = _axes(inner, rank)
@@ -350,8 +367,12 @@ class EliminateNoopPass(Pass):
         if p2 == list(range(len(p2))):
             return "transpose" if self._bypass(st, node, x, removed) else None
         inner = st.producer(x)
-        if inner is None or inner.op != "Transpose" or id(inner) in removed or \
-                inner.domain not in DEFAULT_DOMAINS:
+        if (
+            inner is None
+            or inner.op != "Transpose"
+            or id(inner) in removed
+            or inner.domain not in DEFAULT_DOMAINS
+        ):
             return None
         p1 = _perm(inner, _rank(inner.inputs[0]))
         if p1 is None or len(p1) != len(p2):
@@ -385,22 +406,29 @@ class EliminateNoopPass(Pass):
             if x.shape is None:
                 return False
             # unknown dims: only a [0, INT64_MAX) range is certainly the whole axis
-            s = [2**63 - 1 if not isinstance(d, (int, np.integer)) or d < 0 else int(d)
-                 for d in x.shape]
+            s = [
+                2**63 - 1 if not isinstance(d, (int, np.integer)) or d < 0 else int(d)
+                for d in x.shape
+            ]
         if "starts" in node.attrs:  # opset < 10
             starts = list(node.attrs["starts"])
             ends = list(node.attrs["ends"])
             axes = list(node.attrs.get("axes", range(len(starts))))
             steps = [1] * len(starts)
         else:
-            vals = [_const(t) if i < len(node.inputs) and not node.inputs[i].is_empty() else None
-                    for i, t in enumerate(node.inputs[1:5], start=1)]
+            vals = [
+                _const(t) if i < len(node.inputs) and not node.inputs[i].is_empty() else None
+                for i, t in enumerate(node.inputs[1:5], start=1)
+            ]
             if len(node.inputs) < 3 or vals[0] is None or vals[1] is None:
                 return False
             starts = vals[0].reshape(-1).tolist()
             ends = vals[1].reshape(-1).tolist()
-            axes = vals[2].reshape(-1).tolist() if len(vals) > 2 and vals[2] is not None else \
-                list(range(len(starts)))
+            axes = (
+                vals[2].reshape(-1).tolist()
+                if len(vals) > 2 and vals[2] is not None
+                else list(range(len(starts)))
+            )
             if len(node.inputs) > 3 and not node.inputs[3].is_empty() and vals[2] is None:
                 return False
             if len(node.inputs) > 4 and not node.inputs[4].is_empty():
@@ -449,4 +477,3 @@ def _unsqueeze(shape: Sequence[int], axes: Sequence[int]) -> list[int]:
     for a in sorted(axes):
         out.insert(a, 1)
     return out
-

@@ -25,8 +25,13 @@ class Fp16Pass(Pass):
     name = "fp16"
     lossy = True
 
-    def __init__(self, keep_fp32: Iterable[str] | str | None = None, keep_io_types: bool = True,
-                 keep_softmax: bool = False, kernels: str = "any") -> None:
+    def __init__(
+        self,
+        keep_fp32: Iterable[str] | str | None = None,
+        keep_io_types: bool = True,
+        keep_softmax: bool = False,
+        kernels: str = "any",
+    ) -> None:
         """Args: see :class:`graphopt.algorithms.fp16.Fp16Converter` (raises OptionError)."""
         self.converter = Fp16Converter(keep_fp32, keep_io_types, keep_softmax, kernels)
 

@@ -54,10 +54,16 @@ class FusedConvRule(Rule):
         if act.op == "HardSigmoid":
             return [float(act.attrs.get("alpha", 0.2)), float(act.attrs.get("beta", 0.5))]
         if act.op == "Clip":
-            lo = float(m.value("lo").reshape(-1)[0]) if "lo" in m.tensors else float(
-                act.attrs.get("min", F32_MIN))
-            hi = float(m.value("hi").reshape(-1)[0]) if "hi" in m.tensors else float(
-                act.attrs.get("max", F32_MAX))
+            lo = (
+                float(m.value("lo").reshape(-1)[0])
+                if "lo" in m.tensors
+                else float(act.attrs.get("min", F32_MIN))
+            )
+            hi = (
+                float(m.value("hi").reshape(-1)[0])
+                if "hi" in m.tensors
+                else float(act.attrs.get("max", F32_MAX))
+            )
             for k in ("lo", "hi"):
                 if k in m.tensors and m.value(k).size != 1:
                     return None
@@ -82,8 +88,9 @@ class FusedConvRule(Rule):
         if params:
             attrs["activation_params"] = params
         inputs = [m["x"], m["w"]] + ([m["b"]] if "b" in m.tensors else [])
-        return [make_node("FusedConv", inputs, outputs, attrs, name=conv.name,
-                          domain="com.microsoft")]
+        return [
+            make_node("FusedConv", inputs, outputs, attrs, name=conv.name, domain="com.microsoft")
+        ]
 
 
 class QuickGeluRule(Rule):
@@ -96,8 +103,16 @@ class QuickGeluRule(Rule):
         return True if _f32(m["x"]) else Refusal("QuickGelu's CPU kernel is float32 only")
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
-        return [make_node("QuickGelu", [m["x"]], outputs, {"alpha": 1.0}, name="quickgelu",
-                          domain="com.microsoft")]
+        return [
+            make_node(
+                "QuickGelu",
+                [m["x"]],
+                outputs,
+                {"alpha": 1.0},
+                name="quickgelu",
+                domain="com.microsoft",
+            )
+        ]
 
 
 def ort_rules() -> list[Rule]:

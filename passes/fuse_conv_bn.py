@@ -68,8 +68,11 @@ def _bn_affine(m: Match) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def _bn_pattern(producer: Pattern | str) -> Op:
-    return Op("BatchNormalization",
-              [producer, Const("gamma"), Const("beta"), Const("mean"), Const("var")], name="bn")
+    return Op(
+        "BatchNormalization",
+        [producer, Const("gamma"), Const("beta"), Const("mean"), Const("var")],
+        name="bn",
+    )
 
 
 class _FoldBN(Rule):
@@ -87,8 +90,9 @@ class _FoldBN(Rule):
         aff = _bn_affine(m)
         n = out_channels(node, w)
         if aff is None:
-            return Refusal("BN parameters are not 1-D float vectors of one length, or var + eps "
-                           "<= 0")
+            return Refusal(
+                "BN parameters are not 1-D float vectors of one length, or var + eps <= 0"
+            )
         if n is None or aff[0].size != n:
             return Refusal(f"BN has {aff[0].size} channels, the {node.op} {n} output channels")
         if node.op == "Gemm" and "b" in m.tensors:
@@ -116,8 +120,10 @@ class _FoldBN(Rule):
 
 def _fold_rules() -> list[Rule]:
     return [
-        _FoldBN(_bn_pattern(Op(op, ["x", Const("w"), Opt(Const("b"))], name="lin")),
-                name=f"fold-{op.lower()}-bn")
+        _FoldBN(
+            _bn_pattern(Op(op, ["x", Const("w"), Opt(Const("b"))], name="lin")),
+            name=f"fold-{op.lower()}-bn",
+        )
         for op in LINEAR_OPS
     ]
 
@@ -170,10 +176,14 @@ class SimplifyStandaloneBN(Rule):
             # identity: eliminate-identity removes it (keeping graph output names)
             return [make_node("Identity", [x], outputs, name="bn_id")]
         if not zero:
-            return [make_node("Add", [x, const("bn_shift", t.reshape(shape), dt)], outputs,
-                              name="bn_add")]
-        return [make_node("Mul", [x, const("bn_scale", s.reshape(shape), dt)], outputs,
-                          name="bn_mul")]
+            return [
+                make_node(
+                    "Add", [x, const("bn_shift", t.reshape(shape), dt)], outputs, name="bn_add"
+                )
+            ]
+        return [
+            make_node("Mul", [x, const("bn_scale", s.reshape(shape), dt)], outputs, name="bn_mul")
+        ]
 
 
 @register_pass

@@ -93,8 +93,10 @@ class _FoldAffine(Rule):
 
     def check(self, m: Match) -> bool | Refusal:
         if self.vector(m) is None:
-            return Refusal("the constant is not a finite per-channel or scalar value of the "
-                           "weight's type (or a zero divisor), or the weight layout is unsupported")
+            return Refusal(
+                "the constant is not a finite per-channel or scalar value of the "
+                "weight's type (or a zero divisor), or the weight layout is unsupported"
+            )
         return True
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:

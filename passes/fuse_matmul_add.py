@@ -45,8 +45,10 @@ class MatMulAddToGemm(Rule):
             return Refusal("addend has rank > 2")
         cs = (1,) * (2 - c.ndim) + tuple(c.shape)
         if cs[1] not in (1, n) or not (cs[0] == 1 or (isinstance(mdim, int) and cs[0] == mdim)):
-            return Refusal(f"addend of shape {tuple(c.shape)} does not broadcast to [M, {n}] "
-                           "without changing the result's shape")
+            return Refusal(
+                f"addend of shape {tuple(c.shape)} does not broadcast to [M, {n}] "
+                "without changing the result's shape"
+            )
         return True
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:

@@ -86,7 +86,7 @@ class _FoldPad(Rule):
         old = [int(p) for p in op.attrs.get("pads", [0] * (2 * sp))]
         if len(old) != 2 * sp:
             return None
-        add = pads[2:r] + pads[r + 2:]
+        add = pads[2:r] + pads[r + 2 :]
         new = [a + b for a, b in zip(old, add, strict=True)]
         if op.op == "Conv":
             ok = value == 0.0
@@ -99,17 +99,20 @@ class _FoldPad(Rule):
             if op.op == "MaxPool":
                 ok = value == -np.inf and len(op.outputs) <= 1
             else:
-                ok = value == 0.0 and (int(op.attrs.get("count_include_pad", 0)) == 1
-                                       or not any(old))
+                ok = value == 0.0 and (
+                    int(op.attrs.get("count_include_pad", 0)) == 1 or not any(old)
+                )
         return new if ok else None
 
     def check(self, m: Match) -> bool | Refusal:
         # the engine detaches the matched nodes before ``rewrite``: keep what was read from them
         self._checked = (m.root, self._new_pads(m))
         if self._checked[1] is None:
-            return Refusal("the pad is not constant, pads batch/channel axes or is negative, its "
-                           "value differs from what the op pads with, or a pool window would see "
-                           "only padding")
+            return Refusal(
+                "the pad is not constant, pads batch/channel axes or is negative, its "
+                "value differs from what the op pads with, or a pool window would see "
+                "only padding"
+            )
         return True
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
@@ -126,8 +129,10 @@ class _FoldPad(Rule):
 
 def _rules() -> list[Rule]:
     pad = Op("Pad", ["x"], name="pad", extra_inputs=True)
-    return [_FoldPad(Op("Conv", [pad, "w", Opt("b")], name="op"), name="fold-pad-conv"),
-            _FoldPad(Op(("AveragePool", "MaxPool"), [pad], name="op"), name="fold-pad-pool")]
+    return [
+        _FoldPad(Op("Conv", [pad, "w", Opt("b")], name="op"), name="fold-pad-conv"),
+        _FoldPad(Op(("AveragePool", "MaxPool"), [pad], name="op"), name="fold-pad-pool"),
+    ]
 
 
 @register_pass

@@ -98,11 +98,17 @@ class FuseSlicesPass(Pass):
                         n.outputs.clear()
                         dead.add(id(n))
                     if model.opset >= 13:
-                        split = make_node("Split", [x, const("split", np.array(sizes), np.int64)],
-                                          outs, {"axis": axis}, name="split")
+                        split = make_node(
+                            "Split",
+                            [x, const("split", np.array(sizes), np.int64)],
+                            outs,
+                            {"axis": axis},
+                            name="split",
+                        )
                     else:
-                        split = make_node("Split", [x], outs, {"axis": axis, "split": sizes},
-                                          name="split")
+                        split = make_node(
+                            "Split", [x], outs, {"axis": axis, "split": sizes}, name="split"
+                        )
                     first = min(items_pos[id(n)] for _, _, n in items)
                     new_at.setdefault(first, []).append(split)
                     fused += 1

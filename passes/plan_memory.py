@@ -36,12 +36,17 @@ class PlanMemoryPass(Pass):
     name = "plan-memory"
     analysis = True
 
-    def __init__(self, strategy: str = "best", inplace: bool = True,
-                 input_shapes: Mapping[str, Sequence[int]] | None = None,
-                 feeds: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        strategy: str = "best",
+        inplace: bool = True,
+        input_shapes: Mapping[str, Sequence[int]] | None = None,
+        feeds: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         if strategy not in STRATEGIES:
-            raise OptionError(f"plan-memory: unknown strategy {strategy!r}; choose one of "
-                              f"{', '.join(STRATEGIES)}")
+            raise OptionError(
+                f"plan-memory: unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
         self.strategy = strategy
         self.inplace = inplace
         self.input_shapes = dict(input_shapes) if input_shapes else None
@@ -51,12 +56,27 @@ class PlanMemoryPass(Pass):
     def call(self, model: Model) -> PassResult:
         # the model keeps its order; a prepared copy is planned (``last_plan.model``)
         work = prepare(model.clone(), self.input_shapes)
-        plan = plan_order(work, inplace=self.inplace, strategy=self.strategy,
-                          observed=probe_unknown(work, self.feeds))
+        plan = plan_order(
+            work,
+            inplace=self.inplace,
+            strategy=self.strategy,
+            observed=probe_unknown(work, self.feeds),
+        )
         plan.order_index = list(range(len(work.graph.nodes)))
         self.last_plan = plan
         s = plan.summary()
-        stats: dict[str, Any] = {k: s[k] for k in (
-            "arena_bytes", "lower_bound_bytes", "inplace_lower_bound_bytes", "naive_bytes",
-            "arena_over_bound", "aliased", "inplace_reused", "unplanned", "peak_step")}
+        stats: dict[str, Any] = {
+            k: s[k]
+            for k in (
+                "arena_bytes",
+                "lower_bound_bytes",
+                "inplace_lower_bound_bytes",
+                "naive_bytes",
+                "arena_over_bound",
+                "aliased",
+                "inplace_reused",
+                "unplanned",
+                "peak_step",
+            )
+        }
         return PassResult(model, False, stats)

@@ -39,14 +39,22 @@ class QuantizeInt8Pass(Pass):
     name = "quantize-int8"
     lossy = True
 
-    def __init__(self, ranges: Mapping[str, tuple[float, float]] | None = None,
-                 calib: Iterable[Mapping[str, Any]] | None = None, method: str = "mse",
-                 activations: str = "auto", per_channel: bool = True,
-                 reduce_range: bool | None = None, keep_float: Iterable[str] = (),
-                 op_types: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        ranges: Mapping[str, tuple[float, float]] | None = None,
+        calib: Iterable[Mapping[str, Any]] | None = None,
+        method: str = "mse",
+        activations: str = "auto",
+        per_channel: bool = True,
+        reduce_range: bool | None = None,
+        keep_float: Iterable[str] = (),
+        op_types: Iterable[str] | None = None,
+    ) -> None:
         if method not in OBSERVERS:
-            raise OptionError(f"quantize-int8: unknown calibration method {method!r}; choose one "
-                              f"of {', '.join(OBSERVERS)}")
+            raise OptionError(
+                f"quantize-int8: unknown calibration method {method!r}; choose one "
+                f"of {', '.join(OBSERVERS)}"
+            )
         choose_activation_type(activations, reduce_range)  # raises on a bad value
         self.ranges = dict(ranges) if ranges is not None else None
         self.calib = calib
@@ -75,7 +83,11 @@ class QuantizeInt8Pass(Pass):
             model.graph, model.opset_imports = upgraded.graph, upgraded.opset_imports
             plan = plan_quantization(model, keep_float=self.keep_float, op_types=self.op_types)
         st = apply_quantization(model, plan, ranges, QuantConfig(dtype, self.per_channel, rr))
-        stats = {"nodes_quantized": st.nodes, "tensors_quantized": st.tensors,
-                 "weights_quantized": st.weights, "biases_quantized": st.biases,
-                 "activations_absorbed": st.absorbed}
+        stats = {
+            "nodes_quantized": st.nodes,
+            "tensors_quantized": st.tensors,
+            "weights_quantized": st.weights,
+            "biases_quantized": st.biases,
+            "activations_absorbed": st.absorbed,
+        }
         return PassResult(model, st.nodes > 0, stats)

@@ -65,8 +65,11 @@ def _float(t: gs.Tensor) -> np.dtype | None:
 
 
 def _fresh(like: gs.Tensor, base: str) -> gs.Variable:
-    return gs.Variable(unique_name(f"{base}_{like.name}"), dtype=getattr(like, "dtype", None),
-                       shape=getattr(like, "shape", None))
+    return gs.Variable(
+        unique_name(f"{base}_{like.name}"),
+        dtype=getattr(like, "dtype", None),
+        shape=getattr(like, "shape", None),
+    )
 
 
 class ActivationRule(Rule):
@@ -89,10 +92,19 @@ class ActivationRule(Rule):
             return True
         xd = _float(x)
         if xd is None:  # shapes not inferred: the constants' dtype (ONNX makes them agree)
-            xd = next((np.asarray(t.values).dtype for t in m.tensors.values()
-                       if isinstance(t, gs.Constant)), None)
-        if xd is None or xd not in (np.dtype(np.float16), np.dtype(np.float32),
-                                    np.dtype(np.float64)):
+            xd = next(
+                (
+                    np.asarray(t.values).dtype
+                    for t in m.tensors.values()
+                    if isinstance(t, gs.Constant)
+                ),
+                None,
+            )
+        if xd is None or xd not in (
+            np.dtype(np.float16),
+            np.dtype(np.float32),
+            np.dtype(np.float64),
+        ):
             return Refusal(f"input type {xd} is not float16/32/64")
         rank = len(x.shape) if getattr(x, "shape", None) is not None else 1
         for key, t in m.tensors.items():
@@ -113,12 +125,19 @@ class ActivationRule(Rule):
 def _clip_forms(x: str = "x") -> Iterator[Op]:
     a = add(x, C("three", 3.0))
     yield Op("Clip", [a, C("lo", 0.0), C("hi", 6.0)])
-    yield Op("Clip", [a], attrs=lambda at: float(at.get("min", -np.inf)) == 0.0
-             and float(at.get("max", np.inf)) == 6.0)
-    yield Op("Min", [Op("Max", [a, C("lo", 0.0)], commutative=True), C("hi", 6.0)],
-             commutative=True)
-    yield Op("Max", [Op("Min", [a, C("hi", 6.0)], commutative=True), C("lo", 0.0)],
-             commutative=True)
+    yield Op(
+        "Clip",
+        [a],
+        attrs=lambda at: (
+            float(at.get("min", -np.inf)) == 0.0 and float(at.get("max", np.inf)) == 6.0
+        ),
+    )
+    yield Op(
+        "Min", [Op("Max", [a, C("lo", 0.0)], commutative=True), C("hi", 6.0)], commutative=True
+    )
+    yield Op(
+        "Max", [Op("Min", [a, C("hi", 6.0)], commutative=True), C("lo", 0.0)], commutative=True
+    )
     yield Op("Min", [Op("Relu", [a]), C("hi", 6.0)], commutative=True)
 
 
@@ -130,12 +149,12 @@ def _sixth(k: Op) -> Iterator[Op]:
 
 def hardswish_patterns() -> Iterator[Op]:
     for k in _clip_forms():
-        yield Op("Div", [mul("x", k), C("six", 6.0)])          # x * k / 6
-        yield mul(mul("x", k), C("sixth", 1.0 / 6.0))          # x * k * (1/6)
+        yield Op("Div", [mul("x", k), C("six", 6.0)])  # x * k / 6
+        yield mul(mul("x", k), C("sixth", 1.0 / 6.0))  # x * k * (1/6)
         for s in _sixth(k):
-            yield mul("x", s)                                   # x * (k / 6)
-        yield mul(Op("Div", ["x", C("six", 6.0)]), k)           # (x / 6) * k
-        yield mul(mul("x", C("sixth", 1.0 / 6.0)), k)           # (x * 1/6) * k
+            yield mul("x", s)  # x * (k / 6)
+        yield mul(Op("Div", ["x", C("six", 6.0)]), k)  # (x / 6) * k
+        yield mul(mul("x", C("sixth", 1.0 / 6.0)), k)  # (x * 1/6) * k
 
 
 def hardsigmoid_patterns() -> Iterator[Op]:
@@ -144,15 +163,22 @@ def hardsigmoid_patterns() -> Iterator[Op]:
 
 
 def _is_hswish_hsig(at: dict[str, Any]) -> bool:
-    return (abs(float(at.get("alpha", 0.2)) - 1.0 / 6.0) <= 1e-6
-            and abs(float(at.get("beta", 0.5)) - 0.5) <= 1e-6)
+    return (
+        abs(float(at.get("alpha", 0.2)) - 1.0 / 6.0) <= 1e-6
+        and abs(float(at.get("beta", 0.5)) - 0.5) <= 1e-6
+    )
 
 
 def _hardswish_nodes(x: gs.Tensor, outputs: list[gs.Variable], opset: int) -> list[gs.Node]:
     if opset >= 14:
         return [make_node("HardSwish", [x], outputs, name="hardswish")]
-    hs = make_node("HardSigmoid", [x], [_fresh(x, "hsig")],
-                   {"alpha": 1.0 / 6.0, "beta": 0.5}, name="hardswish_hsig")
+    hs = make_node(
+        "HardSigmoid",
+        [x],
+        [_fresh(x, "hsig")],
+        {"alpha": 1.0 / 6.0, "beta": 0.5},
+        name="hardswish_hsig",
+    )
     return [hs, make_node("Mul", [x, hs.outputs[0]], outputs, name="hardswish_mul")]
 
 
@@ -163,8 +189,15 @@ class HardSwishRule(ActivationRule):
 
 class HardSigmoidRule(ActivationRule):
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
-        return [make_node("HardSigmoid", [m["x"]], outputs, {"alpha": 1.0 / 6.0, "beta": 0.5},
-                          name="hardsigmoid")]
+        return [
+            make_node(
+                "HardSigmoid",
+                [m["x"]],
+                outputs,
+                {"alpha": 1.0 / 6.0, "beta": 0.5},
+                name="hardsigmoid",
+            )
+        ]
 
 
 class SiluUnitRule(ActivationRule):
@@ -220,18 +253,19 @@ class LayerNormRule(ActivationRule):
         if s1 != sorted(a % r for a in a2) or not s1:
             return None
         k = len(s1)
-        if s1 != list(range(r - k, r)) or any(not isinstance(d, int) for d in x.shape[r - k:]):
+        if s1 != list(range(r - k, r)) or any(not isinstance(d, int) for d in x.shape[r - k :]):
             return None
         return k
 
-    def _param(self, m: Match, key: str, norm_shape: tuple[int, ...], rank: int,
-               default: float) -> np.ndarray | None:
+    def _param(
+        self, m: Match, key: str, norm_shape: tuple[int, ...], rank: int, default: float
+    ) -> np.ndarray | None:
         if key not in m.tensors:
             return np.full(norm_shape, default)
         v = m.value(key)
         if v.ndim > rank or any(d != 1 for d in v.shape[: max(0, v.ndim - len(norm_shape))]):
             return None
-        tail = v.reshape(v.shape[max(0, v.ndim - len(norm_shape)):])
+        tail = v.reshape(v.shape[max(0, v.ndim - len(norm_shape)) :])
         try:
             return np.broadcast_to(tail, norm_shape)
         except ValueError:
@@ -257,9 +291,11 @@ class LayerNormRule(ActivationRule):
             return False
         x = m["x"]
         ns = tuple(int(d) for d in x.shape[-k:])
-        return (self._param(m, "gamma", ns, len(x.shape), 1.0) is not None
-                and self._param(m, "beta", ns, len(x.shape), 0.0) is not None
-                and float(m.value("eps").reshape(-1)[0]) >= 0)
+        return (
+            self._param(m, "gamma", ns, len(x.shape), 1.0) is not None
+            and self._param(m, "beta", ns, len(x.shape), 0.0) is not None
+            and float(m.value("eps").reshape(-1)[0]) >= 0
+        )
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         x = m["x"]
@@ -270,10 +306,19 @@ class LayerNormRule(ActivationRule):
         g = self._param(m, "gamma", ns, len(x.shape), 1.0)
         b = self._param(m, "beta", ns, len(x.shape), 0.0)
         eps = float(m.value("eps").reshape(-1)[0])
-        return [make_node("LayerNormalization",
-                          [x, const("ln_scale", np.ascontiguousarray(g), dt),
-                           const("ln_bias", np.ascontiguousarray(b), dt)],
-                          outputs, {"axis": -k, "epsilon": eps}, name="layernorm")]
+        return [
+            make_node(
+                "LayerNormalization",
+                [
+                    x,
+                    const("ln_scale", np.ascontiguousarray(g), dt),
+                    const("ln_bias", np.ascontiguousarray(b), dt),
+                ],
+                outputs,
+                {"axis": -k, "epsilon": eps},
+                name="layernorm",
+            )
+        ]
 
 
 # ---------------------------------------------------------------------------------- GELU
@@ -288,8 +333,10 @@ def _halves(x: Any, t: Op) -> Iterator[Op]:
 
 
 def gelu_patterns() -> Iterator[tuple[str, Op]]:
-    for scaled in (Op("Div", ["x", C("sqrt2", math.sqrt(2.0))]),
-                   mul("x", C("isqrt2", 1.0 / math.sqrt(2.0)))):
+    for scaled in (
+        Op("Div", ["x", C("sqrt2", math.sqrt(2.0))]),
+        mul("x", C("isqrt2", 1.0 / math.sqrt(2.0))),
+    ):
         t = add(Op("Erf", [scaled]), C("one", 1.0))
         for p in _halves("x", t):
             yield "gelu", p
@@ -318,9 +365,13 @@ def build_rules(opset: int) -> list[Rule]:
     rules: list[ActivationRule] = []
     for p in hardswish_patterns():
         rules.append(HardSwishRule("hardswish", p))
-    rules.append(HardSwishRule("hardsigmoid-mul", mul("x", Op("HardSigmoid", ["x"],
-                                                                attrs=_is_hswish_hsig)),
-                               min_opset=14))
+    rules.append(
+        HardSwishRule(
+            "hardsigmoid-mul",
+            mul("x", Op("HardSigmoid", ["x"], attrs=_is_hswish_hsig)),
+            min_opset=14,
+        )
+    )
     for p in hardsigmoid_patterns():
         rules.append(HardSigmoidRule("hardsigmoid", p))
     rules.append(SiluUnitRule("sigmoid-mul-one", Op("Sigmoid", [mul("x", C("one", 1.0))])))
@@ -355,9 +406,13 @@ class RecognizeActivationsPass(RewritePass):
 
     def rule_set(self) -> RuleSet:
         """Only the rules that can apply: right opset, every op of the pattern in the model."""
-        rules = [r for r in build_rules(self._opset)
-                 if isinstance(r, ActivationRule) and r.min_opset <= self._opset <= r.max_opset
-                 and (self._present is None or required_ops(r.pattern) <= self._present)]
+        rules = [
+            r
+            for r in build_rules(self._opset)
+            if isinstance(r, ActivationRule)
+            and r.min_opset <= self._opset <= r.max_opset
+            and (self._present is None or required_ops(r.pattern) <= self._present)
+        ]
         return RuleSet(rules)
 
     def call(self, model: Model) -> PassResult:

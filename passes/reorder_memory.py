@@ -33,12 +33,19 @@ class ReorderMemoryPass(Pass):
 
     name = "reorder-memory"
 
-    def __init__(self, inplace: bool = True, strategy: str = "best",
-                 input_shapes: Mapping[str, Any] | None = None, max_states: int = 50_000,
-                 feeds: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self,
+        inplace: bool = True,
+        strategy: str = "best",
+        input_shapes: Mapping[str, Any] | None = None,
+        max_states: int = 50_000,
+        feeds: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         if strategy not in STRATEGIES:
-            raise OptionError(f"reorder-memory: unknown strategy {strategy!r}; choose one of "
-                              f"{', '.join(STRATEGIES)}")
+            raise OptionError(
+                f"reorder-memory: unknown strategy {strategy!r}; choose one of "
+                f"{', '.join(STRATEGIES)}"
+            )
         self.inplace = inplace
         self.strategy = strategy
         self.input_shapes = dict(input_shapes) if input_shapes else None
@@ -54,12 +61,20 @@ class ReorderMemoryPass(Pass):
         info: dict[str, Any] = {}
         # graph.copy keeps the node order: position i of the clone is node i of the model
         orig_pos = {id(n): i for i, n in enumerate(work.graph.nodes)}
-        changed = reorder_for_memory(work, inplace=self.inplace, strategy=self.strategy,
-                                     observed=observed, max_states=self.max_states, info=info)
-        stats: dict[str, Any] = {"order_changed": int(changed),
-                                 "arena_before": info.get("arena_before", 0),
-                                 "arena_after": info.get("arena_after", 0),
-                                 "exact_searched": int(bool(info.get("exact_searched")))}
+        changed = reorder_for_memory(
+            work,
+            inplace=self.inplace,
+            strategy=self.strategy,
+            observed=observed,
+            max_states=self.max_states,
+            info=info,
+        )
+        stats: dict[str, Any] = {
+            "order_changed": int(changed),
+            "arena_before": info.get("arena_before", 0),
+            "arena_after": info.get("arena_after", 0),
+            "exact_searched": int(bool(info.get("exact_searched"))),
+        }
         if not changed:
             return PassResult(model, False, stats)
         nodes = list(model.graph.nodes)

@@ -24,34 +24,47 @@ def rand(*shape: int, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
     return RNG.uniform(lo, hi, size=shape).astype(np.float32)
 
 
-def node(op: str, inputs: Sequence[str], outputs: Sequence[str] | str, **attrs: Any
-         ) -> onnx.NodeProto:
+def node(
+    op: str, inputs: Sequence[str], outputs: Sequence[str] | str, **attrs: Any
+) -> onnx.NodeProto:
     outs = [outputs] if isinstance(outputs, str) else list(outputs)
     domain = attrs.pop("domain", "")
     return helper.make_node(op, list(inputs), outs, name=outs[0] + "_node", domain=domain, **attrs)
 
 
-def build(nodes: Sequence[onnx.NodeProto], inputs: dict[str, Sequence[int]],
-          outputs: Sequence[str], inits: dict[str, np.ndarray | float] | None = None,
-          opset: int = 17, graph_inputs_extra: Sequence[onnx.ValueInfoProto] = ()) -> Model:
+def build(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: dict[str, Sequence[int]],
+    outputs: Sequence[str],
+    inits: dict[str, np.ndarray | float] | None = None,
+    opset: int = 17,
+    graph_inputs_extra: Sequence[onnx.ValueInfoProto] = (),
+) -> Model:
     """A model from nodes; initializers from numpy arrays (floats become float32 scalars)."""
     init = []
     for k, v in (inits or {}).items():
         arr = np.asarray(v, dtype=np.float32) if isinstance(v, float) else np.asarray(v)
         init.append(numpy_helper.from_array(arr, k))
     g = helper.make_graph(
-        list(nodes), "g",
+        list(nodes),
+        "g",
         [helper.make_tensor_value_info(k, TensorProto.FLOAT, list(s)) for k, s in inputs.items()]
         + list(graph_inputs_extra),
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], init)
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        init,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     return prepare(Model.from_onnx(m))
 
 
 def bn_params(prefix: str, c: int) -> dict[str, np.ndarray]:
-    return {f"{prefix}.g": rand(c, lo=0.5, hi=1.5), f"{prefix}.b": rand(c),
-            f"{prefix}.m": rand(c, lo=-0.2, hi=0.2), f"{prefix}.v": rand(c, lo=0.5, hi=2.0)}
+    return {
+        f"{prefix}.g": rand(c, lo=0.5, hi=1.5),
+        f"{prefix}.b": rand(c),
+        f"{prefix}.m": rand(c, lo=-0.2, hi=0.2),
+        f"{prefix}.v": rand(c, lo=0.5, hi=2.0),
+    }
 
 
 def bn_inputs(prefix: str) -> list[str]:

@@ -71,8 +71,9 @@ class Builder:
         self.counter += 1
         return f"{hint}_{self.counter}"
 
-    def node(self, op: str, inputs: list[str], n_out: int = 1, hint: str | None = None,
-             **attrs: Any) -> list[str]:
+    def node(
+        self, op: str, inputs: list[str], n_out: int = 1, hint: str | None = None, **attrs: Any
+    ) -> list[str]:
         outs = [self.name((hint or op).lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(f"n_{op}"), **attrs))
         self.consumed.update(i for i in inputs if i)
@@ -101,8 +102,14 @@ class Builder:
             a = self.rng.standard_normal(shape) * 0.5
         return np.asarray(a, dtype=np.float32)
 
-    def const(self, arr: np.ndarray, hint: str = "w", kind: str = "weight",
-              may_be_input: bool = False, may_share: bool = True) -> str:
+    def const(
+        self,
+        arr: np.ndarray,
+        hint: str = "w",
+        kind: str = "weight",
+        may_be_input: bool = False,
+        may_share: bool = True,
+    ) -> str:
         """An initializer; sometimes a shared one of the same shape, sometimes a graph input."""
         key = (tuple(arr.shape), kind)
         if may_share and key in self.shared and self.draw(st.integers(0, 3)) == 3:
@@ -110,13 +117,19 @@ class Builder:
         name = self.name(hint)
         mode = self.draw(st.integers(0, 9)) if may_be_input and arr.dtype == np.float32 else 0
         if mode == 9:  # a weight fed at run time (no default)
-            self.inputs.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+            self.inputs.append(
+                helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)
+                )
+            )
             return name
         self.inits.append(numpy_helper.from_array(np.array(arr, order="C"), name))
         if mode == 8:  # an initializer that is also a graph input (an overridable default)
-            self.inputs.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+            self.inputs.append(
+                helper.make_tensor_value_info(
+                    name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)
+                )
+            )
             return name
         if may_share:
             self.shared.setdefault(key, []).append(name)
@@ -126,8 +139,7 @@ class Builder:
         return self.const(np.asarray(values, dtype=np.int64), hint, kind="int", may_share=False)
 
     def scalar(self, value: float, hint: str = "s") -> str:
-        return self.const(np.asarray(value, dtype=np.float32), hint, kind="scalar",
-                          may_share=False)
+        return self.const(np.asarray(value, dtype=np.float32), hint, kind="scalar", may_share=False)
 
     def add(self, name: str, shape: Shape) -> _T:
         t = _T(name, tuple(int(d) for d in shape))
@@ -147,8 +159,13 @@ def _conv_out(h: int, k: int, s: int, d: int, p0: int, p1: int) -> int:
 # Each block takes (builder, input tensor) and returns the new tensor, or None if it does not apply.
 
 
-def _conv(b: Builder, x: _T, cout: int | None = None, allow_pads: bool = True,
-          weights_may_be_inputs: bool = True) -> _T | None:
+def _conv(
+    b: Builder,
+    x: _T,
+    cout: int | None = None,
+    allow_pads: bool = True,
+    weights_may_be_inputs: bool = True,
+) -> _T | None:
     if len(x.shape) != 4:
         return None
     n, c, h, w = x.shape
@@ -170,8 +187,11 @@ def _conv(b: Builder, x: _T, cout: int | None = None, allow_pads: bool = True,
     kh, kw = b.integer(1, 3), b.integer(1, 3)
     s = b.integer(1, 2)
     d = b.integer(1, 2)
-    pads = [b.integer(0, 1), b.integer(0, 1), b.integer(0, 1), b.integer(0, 1)] if allow_pads \
+    pads = (
+        [b.integer(0, 1), b.integer(0, 1), b.integer(0, 1), b.integer(0, 1)]
+        if allow_pads
         else [0, 0, 0, 0]
+    )
     oh, ow = _conv_out(h, kh, s, d, pads[0], pads[2]), _conv_out(w, kw, s, d, pads[1], pads[3])
     if oh < 1 or ow < 1:
         kh = kw = s = d = 1
@@ -182,8 +202,12 @@ def _conv(b: Builder, x: _T, cout: int | None = None, allow_pads: bool = True,
     ins = [x.name, wt]
     if b.flag():
         ins.append(b.const(b.array((cout,), "small"), "conv_b", may_be_input=weights_may_be_inputs))
-    attrs: dict[str, Any] = {"kernel_shape": [kh, kw], "strides": [s, s], "dilations": [d, d],
-                             "group": group}
+    attrs: dict[str, Any] = {
+        "kernel_shape": [kh, kw],
+        "strides": [s, s],
+        "dilations": [d, d],
+        "group": group,
+    }
     if any(pads):
         attrs["pads"] = pads
     (y,) = b.node("Conv", ins, **attrs)
@@ -205,8 +229,12 @@ def _conv_transpose(b: Builder, x: _T) -> _T | None:
         return None
     wt = b.const(b.array((c, cout // group, k, k)), "convt_w")
     ins = [x.name, wt] + ([b.const(b.array((cout,), "small"), "convt_b")] if b.flag() else [])
-    attrs: dict[str, Any] = {"kernel_shape": [k, k], "strides": [s, s], "group": group,
-                             "pads": [p, p, p, p]}
+    attrs: dict[str, Any] = {
+        "kernel_shape": [k, k],
+        "strides": [s, s],
+        "group": group,
+        "pads": [p, p, p, p],
+    }
     if op:
         attrs["output_padding"] = [op, op]
     (y,) = b.node("ConvTranspose", ins, **attrs)
@@ -217,9 +245,13 @@ def _batchnorm(b: Builder, x: _T) -> _T | None:
     if len(x.shape) not in (2, 3, 4):
         return None
     c = x.shape[1]
-    ins = [x.name, b.const(b.array((c,), "small") + 1.0, "bn_scale"),
-           b.const(b.array((c,), "small"), "bn_bias"), b.const(b.array((c,), "small"), "bn_mean"),
-           b.const(b.array((c,), "positive"), "bn_var", kind="positive")]
+    ins = [
+        x.name,
+        b.const(b.array((c,), "small") + 1.0, "bn_scale"),
+        b.const(b.array((c,), "small"), "bn_bias"),
+        b.const(b.array((c,), "small"), "bn_mean"),
+        b.const(b.array((c,), "positive"), "bn_var", kind="positive"),
+    ]
     (y,) = b.node("BatchNormalization", ins, epsilon=b.choice([1e-5, 1e-3]))
     return b.add(y, x.shape)
 
@@ -262,16 +294,35 @@ def _conv_act(b: Builder, x: _T) -> _T | None:
 
 
 def _activation(b: Builder, x: _T) -> _T | None:
-    op = b.choice(["Relu", "Sigmoid", "Tanh", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish",
-                   "Elu", "Softplus", "PRelu", "Relu6", "Abs", "Neg", "Softsign"])
+    op = b.choice(
+        [
+            "Relu",
+            "Sigmoid",
+            "Tanh",
+            "LeakyRelu",
+            "Clip",
+            "HardSigmoid",
+            "HardSwish",
+            "Elu",
+            "Softplus",
+            "PRelu",
+            "Relu6",
+            "Abs",
+            "Neg",
+            "Softsign",
+        ]
+    )
     if op == "LeakyRelu":
         (y,) = b.node(op, [x.name], alpha=b.choice([0.01, 0.1, 0.2]))
     elif op in ("Clip", "Relu6"):
         lo, hi = (0.0, 6.0) if op == "Relu6" else b.choice([(0.0, 6.0), (-1.0, 1.0), (0.0, 1.0)])
         ins = [x.name, b.scalar(lo, "lo")]
         form = b.integer(0, 2)
-        ins = ins + [b.scalar(hi, "hi")] if form == 0 else \
-            ([x.name, "", b.scalar(hi, "hi")] if form == 1 else ins)
+        ins = (
+            ins + [b.scalar(hi, "hi")]
+            if form == 0
+            else ([x.name, "", b.scalar(hi, "hi")] if form == 1 else ins)
+        )
         (y,) = b.node("Clip", ins)
     elif op == "HardSigmoid":
         (y,) = b.node(op, [x.name], alpha=b.choice([0.2, 1 / 6]), beta=0.5)
@@ -290,8 +341,19 @@ def _activation(b: Builder, x: _T) -> _T | None:
 
 def _written_activation(b: Builder, x: _T) -> _T | None:
     """Activations written out with elementwise ops, in the forms exporters produce."""
-    form = b.choice(["hardswish", "hardswish_relu6", "hardswish_hsig", "swish", "gelu_erf",
-                     "gelu_erf_mul", "gelu_tanh", "mish", "hardsigmoid"])
+    form = b.choice(
+        [
+            "hardswish",
+            "hardswish_relu6",
+            "hardswish_hsig",
+            "swish",
+            "gelu_erf",
+            "gelu_erf_mul",
+            "gelu_tanh",
+            "mish",
+            "hardsigmoid",
+        ]
+    )
     s = x.shape
     if form in ("hardswish", "hardswish_relu6", "hardsigmoid"):
         (a,) = b.node("Add", [x.name, b.scalar(3.0, "three")])
@@ -415,13 +477,22 @@ def _se_block(b: Builder, x: _T) -> _T | None:
         return None
     n, c, _, _ = x.shape
     r = max(1, c // 2)
-    (p,) = b.node("GlobalAveragePool", [x.name]) if b.flag() else \
-        b.node("ReduceMean", [x.name], axes=[2, 3], keepdims=1)
-    (c1,) = b.node("Conv", [p, b.const(b.array((r, c, 1, 1)), "se_w1"),
-                            b.const(b.array((r,), "small"), "se_b1")], kernel_shape=[1, 1])
+    (p,) = (
+        b.node("GlobalAveragePool", [x.name])
+        if b.flag()
+        else b.node("ReduceMean", [x.name], axes=[2, 3], keepdims=1)
+    )
+    (c1,) = b.node(
+        "Conv",
+        [p, b.const(b.array((r, c, 1, 1)), "se_w1"), b.const(b.array((r,), "small"), "se_b1")],
+        kernel_shape=[1, 1],
+    )
     (a,) = b.node("Relu", [c1])
-    (c2,) = b.node("Conv", [a, b.const(b.array((c, r, 1, 1)), "se_w2"),
-                            b.const(b.array((c,), "small"), "se_b2")], kernel_shape=[1, 1])
+    (c2,) = b.node(
+        "Conv",
+        [a, b.const(b.array((c, r, 1, 1)), "se_w2"), b.const(b.array((c,), "small"), "se_b2")],
+        kernel_shape=[1, 1],
+    )
     (g,) = b.node(b.choice(["Sigmoid", "HardSigmoid"]), [c2])
     (y,) = b.node("Mul", [x.name, g] if b.flag() else [g, x.name])
     return b.add(y, x.shape)
@@ -452,8 +523,12 @@ def _concat(b: Builder, x: _T) -> _T | None:
     axis = b.integer(0, len(x.shape) - 1) if x.shape else 0
     if not x.shape:
         return None
-    partners = [t for t in b.tensors if len(t.shape) == len(x.shape) and all(
-        a == c for i, (a, c) in enumerate(zip(t.shape, x.shape)) if i != axis)]
+    partners = [
+        t
+        for t in b.tensors
+        if len(t.shape) == len(x.shape)
+        and all(a == c for i, (a, c) in enumerate(zip(t.shape, x.shape)) if i != axis)
+    ]
     other = b.choice(partners)  # x itself is always a partner
     shape = list(x.shape)
     shape[axis] += other.shape[axis]
@@ -550,8 +625,15 @@ def _resize(b: Builder, x: _T) -> _T | None:
         attrs["nearest_mode"] = "floor"
     else:
         attrs["coordinate_transformation_mode"] = b.choice(["half_pixel", "align_corners"])
-    (y,) = b.node("Resize", [x.name, "", b.const(np.array([1, 1, 2, 2], np.float32), "scales",
-                                                  kind="scales", may_share=False)], **attrs)
+    (y,) = b.node(
+        "Resize",
+        [
+            x.name,
+            "",
+            b.const(np.array([1, 1, 2, 2], np.float32), "scales", kind="scales", may_share=False),
+        ],
+        **attrs,
+    )
     n, c, h, w = x.shape
     return b.add(y, (n, c, 2 * h, 2 * w))
 
@@ -600,8 +682,22 @@ def _softmax(b: Builder, x: _T) -> _T | None:
 
 def _noop(b: Builder, x: _T) -> _T | None:
     """Ops that compute nothing: Identity, inference Dropout, Cast to float, Mul 1, Add 0..."""
-    form = b.choice(["Identity", "Dropout", "Dropout_ratio", "Cast", "Mul1", "Add0", "Pad0",
-                     "SliceAll", "Reshape_same", "Transpose_id", "Expand_same", "Concat1"])
+    form = b.choice(
+        [
+            "Identity",
+            "Dropout",
+            "Dropout_ratio",
+            "Cast",
+            "Mul1",
+            "Add0",
+            "Pad0",
+            "SliceAll",
+            "Reshape_same",
+            "Transpose_id",
+            "Expand_same",
+            "Concat1",
+        ]
+    )
     if form == "Identity":
         (y,) = b.node("Identity", [x.name])
     elif form == "Dropout":
@@ -681,17 +777,22 @@ def _if(b: Builder, x: _T) -> _T | None:
             k = b.name(f"{tag}_k")
             inits.append(numpy_helper.from_array(b.array((), "small") + 1.0, k))
             mid = b.name(f"{tag}_mid")
-            nodes = [helper.make_node("Mul", [x.name, k], [mid], name=b.name(f"{tag}_mul")),
-                     helper.make_node("Sigmoid", [mid], [out], name=b.name(f"{tag}_sig"))]
+            nodes = [
+                helper.make_node("Mul", [x.name, k], [mid], name=b.name(f"{tag}_mul")),
+                helper.make_node("Sigmoid", [mid], [out], name=b.name(f"{tag}_sig")),
+            ]
         elif kind == 2 and len(x.shape) == 4:
             c = x.shape[1]
             w, bb = b.name(f"{tag}_w"), b.name(f"{tag}_b")
             inits.append(numpy_helper.from_array(b.array((c, c, 1, 1)), w))
             inits.append(numpy_helper.from_array(b.array((c,), "small"), bb))
             mid = b.name(f"{tag}_conv")
-            nodes = [helper.make_node("Conv", [x.name, w, bb], [mid], name=b.name(f"{tag}_c"),
-                                      kernel_shape=[1, 1]),
-                     helper.make_node("Relu", [mid], [out], name=b.name(f"{tag}_r"))]
+            nodes = [
+                helper.make_node(
+                    "Conv", [x.name, w, bb], [mid], name=b.name(f"{tag}_c"), kernel_shape=[1, 1]
+                ),
+                helper.make_node("Relu", [mid], [out], name=b.name(f"{tag}_r")),
+            ]
         else:
             nodes = [helper.make_node("Identity", [x.name], [out], name=b.name(f"{tag}_id"))]
         vi = onnx.ValueInfoProto()
@@ -745,15 +846,20 @@ class Generated:
     blocks: list[str]
 
     def __repr__(self) -> str:  # what hypothesis prints for a falsifying example
-        return f"Generated(blocks={self.blocks}, nodes={len(self.model.graph.node)})\n" + \
-            onnx.printer.to_text(self.model.graph)
+        return (
+            f"Generated(blocks={self.blocks}, nodes={len(self.model.graph.node)})\n"
+            + onnx.printer.to_text(self.model.graph)
+        )
 
 
 @st.composite
-def generated_models(draw: Callable[[st.SearchStrategy[Any]], Any], max_blocks: int = 8,
-                     blocks: tuple[str, ...] | None = None,
-                     kinds: tuple[str, ...] = ("image", "image", "image", "sequence", "matrix"),
-                     min_blocks: int = 1) -> Generated:
+def generated_models(
+    draw: Callable[[st.SearchStrategy[Any]], Any],
+    max_blocks: int = 8,
+    blocks: tuple[str, ...] | None = None,
+    kinds: tuple[str, ...] = ("image", "image", "image", "sequence", "matrix"),
+    min_blocks: int = 1,
+) -> Generated:
     """A random valid opset-17 model with float32 inputs of static shape, and its output shapes.
 
     Args:
@@ -766,8 +872,12 @@ def generated_models(draw: Callable[[st.SearchStrategy[Any]], Any], max_blocks: 
     kind = draw(st.sampled_from(list(kinds)))
     n = draw(st.integers(1, 2))
     if kind == "image":
-        shape: Shape = (n, draw(st.integers(1, 8)), draw(st.integers(3, 9)),
-                        draw(st.integers(3, 9)))
+        shape: Shape = (
+            n,
+            draw(st.integers(1, 8)),
+            draw(st.integers(3, 9)),
+            draw(st.integers(3, 9)),
+        )
     elif kind == "sequence":
         shape = (n, draw(st.integers(1, 8)), draw(st.integers(2, 16)))
     else:
@@ -785,10 +895,10 @@ def generated_models(draw: Callable[[st.SearchStrategy[Any]], Any], max_blocks: 
         before = (len(b.nodes), len(b.inits), len(b.inputs), len(b.tensors), set(b.consumed))
         y = BLOCKS[name](b, x)
         if y is None:  # not applicable here: undo whatever the block started
-            b.nodes[before[0]:] = []
-            b.inits[before[1]:] = []
-            b.inputs[before[2]:] = []
-            b.tensors[before[3]:] = []
+            b.nodes[before[0] :] = []
+            b.inits[before[1] :] = []
+            b.inputs[before[2] :] = []
+            b.tensors[before[3] :] = []
             b.consumed = before[4]
             known = {i.name for i in b.inits}
             for key in list(b.shared):
@@ -809,11 +919,13 @@ def generated_models(draw: Callable[[st.SearchStrategy[Any]], Any], max_blocks: 
     if last.name in inputs:  # no block applied: return the input through a node
         (y,) = b.node("Relu", [last.name])
         outputs = [b.add(y, last.shape)]
-    out_vis = [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.shape))
-               for t in outputs]
+    out_vis = [
+        helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.shape)) for t in outputs
+    ]
     graph = helper.make_graph(b.nodes, "fuzz", b.inputs, out_vis, initializer=b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="graphgen")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="graphgen"
+    )
     model.ir_version = IR_VERSION
     return Generated(model, {t.name: t.shape for t in outputs}, b.used_blocks)
 

@@ -15,9 +15,13 @@ P = "annotate-fusion-groups"
 
 
 def _conv_act(act: list, outputs: tuple[str, ...] = ("y",), opset: int = 17) -> Model:
-    return build([node("Conv", ["x", "w", "b"], "c", pads=[1, 1, 1, 1]), *act],
-                 {"x": (1, 3, 6, 6)}, list(outputs), {"w": rand(4, 3, 3, 3), "b": rand(4)},
-                 opset=opset)
+    return build(
+        [node("Conv", ["x", "w", "b"], "c", pads=[1, 1, 1, 1]), *act],
+        {"x": (1, 3, 6, 6)},
+        list(outputs),
+        {"w": rand(4, 3, 3, 3), "b": rand(4)},
+        opset=opset,
+    )
 
 
 def test_records_groups_with_pool_and_changes_no_node(load_fixture) -> None:
@@ -26,7 +30,8 @@ def test_records_groups_with_pool_and_changes_no_node(load_fixture) -> None:
     res, _ = check_pass(m, P, structure=lambda mm: op_counts(mm) == before or pytest.fail("ops"))
     ops = {n.name: n.op for n in res.model.graph.nodes}
     assert [[ops[n] for n in g] for g in recorded_groups(res.model)] == [
-        ["Conv", "Relu", "MaxPool"]] * 2
+        ["Conv", "Relu", "MaxPool"]
+    ] * 2
     assert res.stats == {"groups": 2, "with_pool": 2}
     # a second run finds the same groups: nothing to change (fixed point)
     check_pass(res.model, P, expect_modified=False)
@@ -36,8 +41,10 @@ def test_silu_and_hardswish_units() -> None:
     m = _conv_act([node("Sigmoid", ["c"], "s"), node("Mul", ["c", "s"], "y")])
     res, _ = check_pass(m, P)
     assert len(recorded_groups(res.model)[0]) == 3
-    m2 = _conv_act([node("HardSigmoid", ["c"], "s", alpha=1 / 6, beta=0.5),
-                    node("Mul", ["s", "c"], "y")], opset=12)
+    m2 = _conv_act(
+        [node("HardSigmoid", ["c"], "s", alpha=1 / 6, beta=0.5), node("Mul", ["s", "c"], "y")],
+        opset=12,
+    )
     res2, _ = check_pass(m2, P)
     assert len(recorded_groups(res2.model)[0]) == 3
 

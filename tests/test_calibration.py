@@ -18,15 +18,24 @@ from graphopt.core.saver import save
 def dynamic_width_model() -> Model:
     """x [N, 3, 8, W] -> Conv 3x3 -> Relu -> GlobalAveragePool -> y [N, 4, 1, 1]."""
     rng = np.random.default_rng(0)
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3],
-                           rng.standard_normal((4, 3, 3, 3)).astype(np.float32).ravel())
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap")]
-    g = helper.make_graph(nodes, "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, "W"])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 1])],
-                          [w])
+    w = helper.make_tensor(
+        "w",
+        TensorProto.FLOAT,
+        [4, 3, 3, 3],
+        rng.standard_normal((4, 3, 3, 3)).astype(np.float32).ravel(),
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["r"], ["y"], name="gap"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 1])],
+        [w],
+    )
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(proto)
     return Model.from_onnx(proto)
@@ -57,8 +66,12 @@ def test_folder_of_npz_with_different_widths(tmp_path: Path) -> None:
     batches = _collect(open_calibration(tmp_path, m, batch_size=2))
     for b in batches:  # a batch never mixes widths
         assert b["x"].ndim == 4
-    assert [b["x"].shape for b in batches] == [(2, 3, 8, 16), (1, 3, 8, 24), (2, 3, 8, 40),
-                                               (1, 3, 8, 40)]
+    assert [b["x"].shape for b in batches] == [
+        (2, 3, 8, 16),
+        (1, 3, 8, 24),
+        (2, 3, 8, 40),
+        (1, 3, 8, 40),
+    ]
 
 
 def test_folder_of_npy_and_float64_cast(tmp_path: Path) -> None:
@@ -77,12 +90,15 @@ def test_iterable_of_samples_without_batch_axis() -> None:
     assert [b["x"].shape for b in batches] == [(3, 3, 8, 8), (1, 3, 8, 20)]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"y": np.zeros((2, 3, 8, 8), np.float32)}, "no array for model input 'x'"),
-    ({"x": np.zeros((2, 8, 8), np.float32)}, "rank 3"),
-    ({"x": np.zeros((2, 3, 8, 8), np.int64)}, "dtype int64"),
-    ({"x": np.zeros((2, 1, 8, 8), np.float32)}, "fixes dim 1 to 3"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"y": np.zeros((2, 3, 8, 8), np.float32)}, "no array for model input 'x'"),
+        ({"x": np.zeros((2, 8, 8), np.float32)}, "rank 3"),
+        ({"x": np.zeros((2, 3, 8, 8), np.int64)}, "dtype int64"),
+        ({"x": np.zeros((2, 1, 8, 8), np.float32)}, "fixes dim 1 to 3"),
+    ],
+)
 def test_bad_data_is_a_calibration_error(tmp_path: Path, data: dict, message: str) -> None:
     m = dynamic_width_model()
     np.savez(tmp_path / "bad.npz", **data)
@@ -113,7 +129,16 @@ def test_cli_exit_2_on_bad_calibration(tmp_path: Path) -> None:
     m = dynamic_width_model()
     save(m, tmp_path / "m.onnx")
     np.savez(tmp_path / "bad.npz", z=np.zeros((2, 3, 8, 8), np.float32))
-    rc = main(["quantize", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "q.onnx"),
-               "--calib", str(tmp_path / "bad.npz"), "--json"])
+    rc = main(
+        [
+            "quantize",
+            str(tmp_path / "m.onnx"),
+            "-o",
+            str(tmp_path / "q.onnx"),
+            "--calib",
+            str(tmp_path / "bad.npz"),
+            "--json",
+        ]
+    )
     assert rc == 2
     assert not (tmp_path / "q.onnx").exists()

@@ -24,9 +24,13 @@ logger = logging.getLogger(__name__)
 F = TensorProto.FLOAT
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
-           outputs: list[onnx.ValueInfoProto], inits: list[onnx.TensorProto] | None = None,
-           opset: int = 17) -> Model:
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    inits: list[onnx.TensorProto] | None = None,
+    opset: int = 17,
+) -> Model:
     """Build a model, check it, and fill its shapes."""
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits or [])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -53,10 +57,15 @@ def _single(model: Model) -> int:
 
 def test_conv_groups_dilation_stride_padding() -> None:
     # effective kernel 2*(3-1)+1 = 5; out = (17 + 2 - 5) // 2 + 1 = 8
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], group=2, dilations=[2, 2],
-                            strides=[2, 2], pads=[1, 1, 1, 1])
-    m = _model([node], [_vi("x", 1, 8, 17, 17)], [_vi("y", 1, 12, 8, 8)],
-               [_w("w", 12, 4, 3, 3), _w("b", 12)])
+    node = helper.make_node(
+        "Conv", ["x", "w", "b"], ["y"], group=2, dilations=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1]
+    )
+    m = _model(
+        [node],
+        [_vi("x", 1, 8, 17, 17)],
+        [_vi("y", 1, 12, 8, 8)],
+        [_w("w", 12, 4, 3, 3), _w("b", 12)],
+    )
     assert list(m.graph.outputs[0].shape) == [1, 12, 8, 8]  # re-derived by shape inference
     macs = 1 * 12 * 8 * 8 * (8 // 2) * 3 * 3
     assert macs == 27648
@@ -70,8 +79,7 @@ def test_conv_groups_dilation_stride_padding() -> None:
 
 def test_depthwise_conv() -> None:
     node = helper.make_node("Conv", ["x", "w"], ["y"], group=16, pads=[1, 1, 1, 1])
-    m = _model([node], [_vi("x", 2, 16, 10, 10)], [_vi("y", 2, 16, 10, 10)],
-               [_w("w", 16, 1, 3, 3)])
+    m = _model([node], [_vi("x", 2, 16, 10, 10)], [_vi("y", 2, 16, 10, 10)], [_w("w", 16, 1, 3, 3)])
     assert _single(m) == 2 * 16 * 10 * 10 * 1 * 9 == 28800
     assert model_cost(m).flops == 2 * 28800  # no bias
 
@@ -100,8 +108,9 @@ def test_gemm_trans(trans_a: int, a_shape: tuple[int, int]) -> None:
         ((6,), (6,), (), 6),  # dot product
     ],
 )
-def test_matmul_batched_broadcast(a: tuple[int, ...], b: tuple[int, ...], y: tuple[int, ...],
-                                  macs: int) -> None:
+def test_matmul_batched_broadcast(
+    a: tuple[int, ...], b: tuple[int, ...], y: tuple[int, ...], macs: int
+) -> None:
     node = helper.make_node("MatMul", ["a", "b"], ["y"])
     m = _model([node], [_vi("a", *a), _vi("b", *b)], [_vi("y", *y)])
     assert tuple(m.graph.outputs[0].shape) == y
@@ -127,8 +136,9 @@ def test_params_shared_weight_counted_once() -> None:
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["a"]),
         helper.make_node("Conv", ["x", "w"], ["b"]),
-        helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(
-            np.ones((4, 1, 1), np.float32))),
+        helper.make_node(
+            "Constant", [], ["k"], value=numpy_helper.from_array(np.ones((4, 1, 1), np.float32))
+        ),
         helper.make_node("Add", ["a", "b"], ["s"]),
         helper.make_node("Mul", ["s", "k"], ["y"]),
     ]
@@ -139,8 +149,12 @@ def test_params_shared_weight_counted_once() -> None:
     convs = [nc for nc in cost.nodes if nc.op == "Conv"]
     assert [nc.params for nc in convs] == [12, 12]  # each reader sees the weight
     assert sum(nc.params for nc in cost.nodes if nc.op == "Mul") == 4  # Constant value -> its user
-    assert cost.by_op()["Conv"] == {"count": 2, "macs": 2 * 4 * 64 * 3, "flops": 2 * 2 * 4 * 64 * 3,
-                                    "params": 24}
+    assert cost.by_op()["Conv"] == {
+        "count": 2,
+        "macs": 2 * 4 * 64 * 3,
+        "flops": 2 * 2 * 4 * 64 * 3,
+        "params": 24,
+    }
     assert cost.by_op()["Constant"]["params"] == 0
     # the Constant output is a parameter, not an activation: x, a, b, s, y
     assert cost.activation_bytes_naive == 4 * (3 * 64 + 4 * 4 * 64)
@@ -158,9 +172,11 @@ def test_tensor_bytes() -> None:
 
 def test_peak_vs_naive_chain() -> None:
     # x -> a -> b -> c, 4000 bytes each: at most a producer's input and output are live together
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="r0"),
-             helper.make_node("Relu", ["a"], ["b"], name="r1"),
-             helper.make_node("Relu", ["b"], ["c"], name="r2")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="r0"),
+        helper.make_node("Relu", ["a"], ["b"], name="r1"),
+        helper.make_node("Relu", ["b"], ["c"], name="r2"),
+    ]
     m = _model(nodes, [_vi("x", 1, 1000)], [_vi("c", 1, 1000)])
     cost = model_cost(m)
     assert cost.activation_bytes_naive == 4 * 4000
@@ -171,10 +187,12 @@ def test_peak_vs_naive_chain() -> None:
 
 def test_peak_vs_naive_diamond() -> None:
     # x feeds two branches, so x, a and b are live together while b is computed
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="left"),
-             helper.make_node("Sigmoid", ["x"], ["b"], name="right"),
-             helper.make_node("Add", ["a", "b"], ["c"], name="join"),
-             helper.make_node("Relu", ["c"], ["d"], name="tail")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="left"),
+        helper.make_node("Sigmoid", ["x"], ["b"], name="right"),
+        helper.make_node("Add", ["a", "b"], ["c"], name="join"),
+        helper.make_node("Relu", ["c"], ["d"], name="tail"),
+    ]
     m = _model(nodes, [_vi("x", 1, 1000)], [_vi("d", 1, 1000)])
     cost = model_cost(m)
     assert cost.activation_bytes_naive == 5 * 4000
@@ -185,9 +203,11 @@ def test_peak_vs_naive_diamond() -> None:
 
 def test_graph_outputs_stay_alive() -> None:
     # 'a' is a graph output: it is never freed, so the tail adds to it
-    nodes = [helper.make_node("Relu", ["x"], ["a"], name="n0"),
-             helper.make_node("Relu", ["a"], ["b"], name="n1"),
-             helper.make_node("Relu", ["b"], ["c"], name="n2")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="n0"),
+        helper.make_node("Relu", ["a"], ["b"], name="n1"),
+        helper.make_node("Relu", ["b"], ["c"], name="n2"),
+    ]
     m = _model(nodes, [_vi("x", 1000)], [_vi("a", 1000), _vi("c", 1000)])
     cost = model_cost(m)
     assert cost.activation_bytes_peak == 3 * 4000  # a, b, c at n2
@@ -195,16 +215,18 @@ def test_graph_outputs_stay_alive() -> None:
 
 
 def test_if_subgraph_nodes_and_outer_liveness() -> None:
-    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [],
-                               [_vi("t", 4, 8)])
-    else_g = helper.make_graph([helper.make_node("Relu", ["x"], ["e"])], "else", [],
-                               [_vi("e", 4, 8)])
-    nodes = [helper.make_node("Relu", ["x0"], ["x"], name="pre"),
-             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g,
-                              else_branch=else_g)]
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [], [_vi("t", 4, 8)]
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["e"])], "else", [], [_vi("e", 4, 8)]
+    )
+    nodes = [
+        helper.make_node("Relu", ["x0"], ["x"], name="pre"),
+        helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g),
+    ]
     cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
-    m = _model(nodes, [_vi("x0", 4, 8), cond],
-               [_vi("y", 4, 8)], [_w("w", 8, 8)])
+    m = _model(nodes, [_vi("x0", 4, 8), cond], [_vi("y", 4, 8)], [_w("w", 8, 8)])
     cost = model_cost(m)
     ops = [nc.op for nc in cost.nodes]
     assert ops[:2] == ["Relu", "If"] and sorted(ops[2:]) == ["MatMul", "Relu"]  # both branches
@@ -242,8 +264,9 @@ def _independent_macs(path: Path, shape: tuple[int, ...]) -> dict[str, int]:
     import onnxruntime as ort
 
     proto = onnx.load(str(path))
-    weights: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
-                                       for t in proto.graph.initializer}
+    weights: dict[str, np.ndarray] = {
+        t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
+    }
     for n in proto.graph.node:
         if n.op_type == "Constant" and n.attribute[0].name == "value":
             weights[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
@@ -286,15 +309,21 @@ def test_real_ppocr_macs_match_independent_count(key: str) -> None:
     ref = _independent_macs(path, shapes["x"])
     ours = {nc.name: nc.macs for nc in cost.nodes if nc.op in _CONTRACTIONS}
     total_ref = sum(ref.values())
-    logger.info("%s MACs: graphopt %d, independent %d (%+.4f%%)", key, cost.macs, total_ref,
-                100 * (cost.macs - total_ref) / total_ref)
+    logger.info(
+        "%s MACs: graphopt %d, independent %d (%+.4f%%)",
+        key,
+        cost.macs,
+        total_ref,
+        100 * (cost.macs - total_ref) / total_ref,
+    )
     assert cost.unknown_shapes == 0
     assert math.isclose(cost.macs, total_ref, rel_tol=0.01)
     assert ours == ref  # node by node, in fact exact
     assert cost.activation_bytes_peak <= cost.activation_bytes_naive
     proto = onnx.load(str(path))  # every constant of these models is a Constant node
-    values = [numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node
-              if n.op_type == "Constant"]
+    values = [
+        numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node if n.op_type == "Constant"
+    ]
     values += [numpy_helper.to_array(t) for t in proto.graph.initializer]
     assert cost.params == sum(v.size for v in values)
     assert cost.param_bytes == sum(v.nbytes for v in values)

@@ -10,10 +10,12 @@ from graphopt.testing import check_pass, op_counts
 
 
 def test_removes_identity_and_dropout() -> None:
-    nodes = [helper.make_node("Relu", ["x"], ["a"]),
-             helper.make_node("Identity", ["a"], ["b"]),
-             helper.make_node("Dropout", ["b"], ["c"]),
-             helper.make_node("Sigmoid", ["c"], ["y"])]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Identity", ["a"], ["b"]),
+        helper.make_node("Dropout", ["b"], ["c"]),
+        helper.make_node("Sigmoid", ["c"], ["y"]),
+    ]
     m = make_model(nodes, [vi("x", [4])], [vi("y", [4])])
     res, _ = check_pass(m, "eliminate-identity")
     assert op_counts(res.model) == {"Relu": 1, "Sigmoid": 1}
@@ -37,7 +39,13 @@ def test_identity_of_graph_input_to_output_kept() -> None:
 
 def test_training_dropout_kept() -> None:
     nodes = [helper.make_node("Dropout", ["x", "r", "t"], ["y"])]
-    m = make_model(nodes, [vi("x", [4])], [vi("y", [4])],
-                   {"r": np.array(0.5, np.float32), "t": np.array(True)})
-    check_pass(m, "eliminate-identity", expect_modified=False, checker=False,
-               feeds={"x": np.zeros(4, np.float32)})
+    m = make_model(
+        nodes, [vi("x", [4])], [vi("y", [4])], {"r": np.array(0.5, np.float32), "t": np.array(True)}
+    )
+    check_pass(
+        m,
+        "eliminate-identity",
+        expect_modified=False,
+        checker=False,
+        feeds={"x": np.zeros(4, np.float32)},
+    )

@@ -125,9 +125,17 @@ def _norm_model() -> Model:
         helper.make_node("MatMul", ["n", "w"], ["y"]),
     ]
     rng = np.random.default_rng(0)
-    return make_model(nodes, [vi("x", [2, 16])], [vi("y", [2, 8])],
-                      {"two": np.array(2, np.float32), "eps": np.array(1e-12, np.float32),
-                       "w": rng.standard_normal((16, 8)).astype(np.float32)}, opset=17)
+    return make_model(
+        nodes,
+        [vi("x", [2, 16])],
+        [vi("y", [2, 8])],
+        {
+            "two": np.array(2, np.float32),
+            "eps": np.array(1e-12, np.float32),
+            "w": rng.standard_normal((16, 8)).astype(np.float32),
+        },
+        opset=17,
+    )
 
 
 def test_norm_chain_stays_float32() -> None:
@@ -139,8 +147,9 @@ def test_norm_chain_stays_float32() -> None:
             assert np.dtype(by_op[op].outputs[0].dtype) == np.float32, op
         assert np.dtype(by_op["MatMul"].outputs[0].dtype) == F16
         assert np.dtype(by_op["Sub"].outputs[0].dtype) == F16
-        eps = [t for t in m.graph.tensors().values() if isinstance(t, gs.Constant)
-               and t.name == "eps"]
+        eps = [
+            t for t in m.graph.tensors().values() if isinstance(t, gs.Constant) and t.name == "eps"
+        ]
         assert eps and eps[0].values.dtype == np.float32 and float(eps[0].values) > 0
 
     res, _ = check_pass(model, "fp16", min_sqnr_db=40, structure=structure)
@@ -149,11 +158,21 @@ def test_norm_chain_stays_float32() -> None:
 
 
 def test_resize_scales_stay_float32() -> None:
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Resize", ["c", "", "scales"], ["y"], mode="nearest")]
-    model = prepare(make_model(nodes, [vi("x", [1, 2, 4, 4])], [vi("y", [1, 3, 8, 8])], {
-        "w": np.random.default_rng(1).standard_normal((3, 2, 3, 3)).astype(np.float32),
-        "scales": np.array([1, 1, 2, 2], np.float32)}))
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["c", "", "scales"], ["y"], mode="nearest"),
+    ]
+    model = prepare(
+        make_model(
+            nodes,
+            [vi("x", [1, 2, 4, 4])],
+            [vi("y", [1, 3, 8, 8])],
+            {
+                "w": np.random.default_rng(1).standard_normal((3, 2, 3, 3)).astype(np.float32),
+                "scales": np.array([1, 1, 2, 2], np.float32),
+            },
+        )
+    )
 
     def structure(m: Model) -> None:
         rs = next(n for n in m.graph.nodes if n.op == "Resize")
@@ -165,11 +184,22 @@ def test_resize_scales_stay_float32() -> None:
 
 def test_clip_bounds_clipped_and_overflowing_weight_kept() -> None:
     """Clip's max of 1e10 saturates harmlessly to 65504; a Mul by 1e6 keeps float32 (no inf)."""
-    nodes = [helper.make_node("Clip", ["x", "lo", "hi"], ["c"]),
-             helper.make_node("Mul", ["c", "big"], ["y"])]
-    model = prepare(make_model(nodes, [vi("x", [4])], [vi("y", [4])], {
-        "lo": np.array(-1e10, np.float32), "hi": np.array(1e10, np.float32),
-        "big": np.full(4, 1e6, np.float32)}))
+    nodes = [
+        helper.make_node("Clip", ["x", "lo", "hi"], ["c"]),
+        helper.make_node("Mul", ["c", "big"], ["y"]),
+    ]
+    model = prepare(
+        make_model(
+            nodes,
+            [vi("x", [4])],
+            [vi("y", [4])],
+            {
+                "lo": np.array(-1e10, np.float32),
+                "hi": np.array(1e10, np.float32),
+                "big": np.full(4, 1e6, np.float32),
+            },
+        )
+    )
 
     def structure(m: Model) -> None:
         clip = next(n for n in m.graph.nodes if n.op == "Clip")
@@ -196,8 +226,9 @@ def test_keep_fp32_by_op_and_name() -> None:
     def first_conv_f32(m: Model) -> None:
         n = next(n for n in m.graph.nodes if n.name == convs[0])
         assert np.dtype(n.outputs[0].dtype) == np.float32
-        assert any(np.dtype(x.outputs[0].dtype) == F16 for x in m.graph.nodes
-                   if x.name in convs[1:])
+        assert any(
+            np.dtype(x.outputs[0].dtype) == F16 for x in m.graph.nodes if x.name in convs[1:]
+        )
 
     check_pass(model, "fp16", min_sqnr_db=40, structure=first_conv_f32, keep_fp32=convs[0])
 
@@ -223,8 +254,9 @@ def test_subgraph_converted_if_outputs_float32() -> None:
         if_node = next(n for n in m.graph.nodes if n.op == "If")
         for key in ("then_branch", "else_branch"):
             sub = if_node.attrs[key]
-            assert any(t.dtype is not None and np.dtype(t.dtype) == F16
-                       for t in sub.tensors().values())
+            assert any(
+                t.dtype is not None and np.dtype(t.dtype) == F16 for t in sub.tensors().values()
+            )
             for o in sub.outputs:
                 assert np.dtype(o.dtype) == np.float32
         _io_float32(m)
@@ -234,9 +266,14 @@ def test_subgraph_converted_if_outputs_float32() -> None:
 
 def test_no_float_ops_unchanged() -> None:
     nodes = [helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Shape", ["c"], ["s"])]
-    model = prepare(make_model(nodes, [vi("a", [3], TensorProto.INT64)],
-                               [vi("s", [1], TensorProto.INT64)],
-                               {"b": np.arange(3, dtype=np.int64)}))
+    model = prepare(
+        make_model(
+            nodes,
+            [vi("a", [3], TensorProto.INT64)],
+            [vi("s", [1], TensorProto.INT64)],
+            {"b": np.arange(3, dtype=np.int64)},
+        )
+    )
     check_pass(model, "fp16", expect_modified=False)
 
 
@@ -244,8 +281,13 @@ def test_weight_graph_input_and_graph_output_intermediate() -> None:
     """A weight that is a graph input stays a float32 input (Cast inside); an intermediate that is
     also a graph output keeps its name and float32 type."""
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
-    model = prepare(make_model(nodes, [vi("x", [1, 2, 5, 5]), vi("w", [3, 2, 3, 3])],
-                               [vi("y", [1, 3, 3, 3]), vi("c", [1, 3, 3, 3])]))
+    model = prepare(
+        make_model(
+            nodes,
+            [vi("x", [1, 2, 5, 5]), vi("w", [3, 2, 3, 3])],
+            [vi("y", [1, 3, 3, 3]), vi("c", [1, 3, 3, 3])],
+        )
+    )
 
     def structure(m: Model) -> None:
         assert [t.name for t in m.graph.outputs] == ["y", "c"]
@@ -258,23 +300,49 @@ def test_weight_graph_input_and_graph_output_intermediate() -> None:
 
 def test_kernel_table_matches_probe() -> None:
     """The cached table agrees with a fresh onnxruntime probe for a few op types."""
-    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Transpose", ["r"], ["t"]),
-             helper.make_node("Range", ["a", "b", "c"], ["y"])]
-    model = prepare(make_model(nodes, [vi("x", [2, 3]), vi("a", []), vi("b", []), vi("c", [])],
-                               [vi("t", [3, 2]), vi("y", [None])]))
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["t"]),
+        helper.make_node("Range", ["a", "b", "c"], ["y"]),
+    ]
+    model = prepare(
+        make_model(
+            nodes,
+            [vi("x", [2, 3]), vi("a", []), vi("b", []), vi("c", [])],
+            [vi("t", [3, 2]), vi("y", [None])],
+        )
+    )
     for n in model.graph.nodes:
         assert probe_node(n, 17) == ORT_CPU_FP16[n.op], n.op
 
 
 def test_cli_fp16_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "t.onnx"
-    rc = main(["fp16", str(fixture_path("transformer_block.onnx")), "-o", str(out), "--json",
-               "--keep-fp32", "Softmax"])
+    rc = main(
+        [
+            "fp16",
+            str(fixture_path("transformer_block.onnx")),
+            "-o",
+            str(out),
+            "--json",
+            "--keep-fp32",
+            "Softmax",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     info = json.loads(cap.out)
-    for key in ("input", "output", "nodes_before", "nodes_after", "macs_before", "macs_after",
-                "verify", "passes", "kept_fp32"):
+    for key in (
+        "input",
+        "output",
+        "nodes_before",
+        "nodes_after",
+        "macs_before",
+        "macs_after",
+        "verify",
+        "passes",
+        "kept_fp32",
+    ):
         assert key in info
     assert any("oftmax" in n or n for n in info["kept_fp32"])
     assert all(v["sqnr_db"] == "inf" or v["sqnr_db"] >= 40 for v in info["verify"].values())
@@ -293,8 +361,7 @@ def test_kernels_native_keeps_ops_without_half_kernels() -> None:
         for n in m.graph.nodes:
             if ORT_CPU_FP16.get(n.op) == "cast":
                 assert all(t.dtype is None or np.dtype(t.dtype) != F16 for t in n.outputs), n.op
-        assert any(n.op == "Flatten" and np.dtype(n.outputs[0].dtype) == F16
-                   for n in m.graph.nodes)
+        assert any(n.op == "Flatten" and np.dtype(n.outputs[0].dtype) == F16 for n in m.graph.nodes)
 
     res, _ = check_pass(model, "fp16", min_sqnr_db=40, structure=structure, kernels="native")
     assert {n.name for n in model.graph.nodes if n.op == "Conv"} <= set(res.stats["kept_fp32"])

@@ -17,25 +17,41 @@ from graphopt.testing import check_pass, op_counts
 P = "fuse-conv-activation"
 
 
-def _conv_act(act: list, inits: dict | None = None, outputs: tuple[str, ...] = ("y",),
-              opset: int = 17) -> Model:
+def _conv_act(
+    act: list, inits: dict | None = None, outputs: tuple[str, ...] = ("y",), opset: int = 17
+) -> Model:
     base = {"w": rand(4, 3, 3, 3), "b": rand(4)}
-    return build([node("Conv", ["x", "w", "b"], "c", pads=[1, 1, 1, 1]), *act],
-                 {"x": (1, 3, 6, 6)}, list(outputs), {**base, **(inits or {})}, opset=opset)
+    return build(
+        [node("Conv", ["x", "w", "b"], "c", pads=[1, 1, 1, 1]), *act],
+        {"x": (1, 3, 6, 6)},
+        list(outputs),
+        {**base, **(inits or {})},
+        opset=opset,
+    )
 
 
-ACTS = [("Relu", {}, {}), ("Tanh", {}, {}), ("Sigmoid", {}, {}),
-        ("LeakyRelu", {"alpha": 0.3}, {}), ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, {}),
-        ("Clip", {}, {"lo": np.float32(-0.5), "hi": np.float32(0.7)})]
+ACTS = [
+    ("Relu", {}, {}),
+    ("Tanh", {}, {}),
+    ("Sigmoid", {}, {}),
+    ("LeakyRelu", {"alpha": 0.3}, {}),
+    ("HardSigmoid", {"alpha": 0.2, "beta": 0.5}, {}),
+    ("Clip", {}, {"lo": np.float32(-0.5), "hi": np.float32(0.7)}),
+]
 
 
 @pytest.mark.parametrize("act,attrs,consts", ACTS)
 def test_ort_fused_conv(act: str, attrs: dict, consts: dict) -> None:
     ins = ["c", *consts]
     m = _conv_act([node(act, ins, "y", **attrs)], consts)
-    res, _ = check_pass(m, P, target="ort",
-                        structure=lambda mm: op_counts(mm) == {"com.microsoft.FusedConv": 1}
-                        or pytest.fail(str(op_counts(mm))))
+    res, _ = check_pass(
+        m,
+        P,
+        target="ort",
+        structure=lambda mm: (
+            op_counts(mm) == {"com.microsoft.FusedConv": 1} or pytest.fail(str(op_counts(mm)))
+        ),
+    )
     fc = res.model.graph.nodes[0]
     assert fc.attrs["activation"] == act and fc.domain == "com.microsoft"
 
@@ -44,8 +60,12 @@ def test_ort_fused_conv(act: str, attrs: dict, consts: dict) -> None:
 def test_ort_optional_inputs(form: str) -> None:
     """Conv without bias and Clip with fewer bounds are matched by the same rules (Opt inputs)."""
     if form == "no_bias":
-        m = build([node("Conv", ["x", "w"], "c"), node("Relu", ["c"], "y")], {"x": (1, 3, 6, 6)},
-                  ["y"], {"w": rand(4, 3, 3, 3)})
+        m = build(
+            [node("Conv", ["x", "w"], "c"), node("Relu", ["c"], "y")],
+            {"x": (1, 3, 6, 6)},
+            ["y"],
+            {"w": rand(4, 3, 3, 3)},
+        )
         want = []
     elif form == "clip_min_only":
         m = _conv_act([node("Clip", ["c", "lo"], "y")], {"lo": np.float32(0.1)})
@@ -53,25 +73,42 @@ def test_ort_optional_inputs(form: str) -> None:
     else:
         m = _conv_act([node("Clip", ["c"], "y")])
         want = [float(np.finfo(np.float32).min), float(np.finfo(np.float32).max)]
-    res, _ = check_pass(m, P, target="ort",
-                        structure=lambda mm: op_counts(mm) == {"com.microsoft.FusedConv": 1}
-                        or pytest.fail(str(op_counts(mm))))
+    res, _ = check_pass(
+        m,
+        P,
+        target="ort",
+        structure=lambda mm: (
+            op_counts(mm) == {"com.microsoft.FusedConv": 1} or pytest.fail(str(op_counts(mm)))
+        ),
+    )
     fc = res.model.graph.nodes[0]
     assert list(fc.attrs.get("activation_params", [])) == pytest.approx(want)
 
 
 def test_ort_silu_becomes_quickgelu() -> None:
     m = _conv_act([node("Sigmoid", ["c"], "s"), node("Mul", ["s", "c"], "y")])
-    check_pass(m, P, target="ort", structure=lambda mm: op_counts(mm) == {
-        "Conv": 1, "com.microsoft.QuickGelu": 1} or pytest.fail(str(op_counts(mm))))
+    check_pass(
+        m,
+        P,
+        target="ort",
+        structure=lambda mm: (
+            op_counts(mm) == {"Conv": 1, "com.microsoft.QuickGelu": 1}
+            or pytest.fail(str(op_counts(mm)))
+        ),
+    )
 
 
 def test_ort_negative_escaping_and_hardswish_unit() -> None:
-    check_pass(_conv_act([node("Relu", ["c"], "y")], outputs=("y", "c")), P, target="ort",
-               expect_modified=False)
+    check_pass(
+        _conv_act([node("Relu", ["c"], "y")], outputs=("y", "c")),
+        P,
+        target="ort",
+        expect_modified=False,
+    )
     # FusedConv's HardSigmoid cannot multiply by the Conv output again
-    m = _conv_act([node("HardSigmoid", ["c"], "s", alpha=1 / 6, beta=0.5),
-                   node("Mul", ["s", "c"], "y")])
+    m = _conv_act(
+        [node("HardSigmoid", ["c"], "s", alpha=1 / 6, beta=0.5), node("Mul", ["s", "c"], "y")]
+    )
     check_pass(m, P, target="ort", expect_modified=False)
 
 
@@ -115,7 +152,8 @@ def test_real_models_optimize_and_verify(name: str) -> None:
 
 def test_explicit_pass_list_gets_the_target(load_fixture) -> None:
     """``--passes ... --target ort``: the targeted pass is built for the target."""
-    res = optimize_model(load_fixture("cnn.onnx"), passes=["fuse-conv-bn", "fuse-conv-activation"],
-                         target="ort")
+    res = optimize_model(
+        load_fixture("cnn.onnx"), passes=["fuse-conv-bn", "fuse-conv-activation"], target="ort"
+    )
     assert res.model.op_histogram().get("com.microsoft.FusedConv") == 2
     assert res.verify is not None and res.verify.ok

@@ -16,8 +16,12 @@ def gemm_only(model) -> None:
 
 @pytest.mark.parametrize("bias_shape", [(6,), (1, 6), (3, 6), (3, 1), ()])
 def test_matmul_add_to_gemm(bias_shape: tuple[int, ...]) -> None:
-    m = build([node("MatMul", ["x", "w"], "mm"), node("Add", ["c", "mm"], "y")],
-              {"x": (3, 5)}, ["y"], {"w": rand(5, 6), "c": rand(*bias_shape)})
+    m = build(
+        [node("MatMul", ["x", "w"], "mm"), node("Add", ["c", "mm"], "y")],
+        {"x": (3, 5)},
+        ["y"],
+        {"w": rand(5, 6), "c": rand(*bias_shape)},
+    )
     check_pass(m, P, structure=gemm_only)
 
 

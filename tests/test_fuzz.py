@@ -45,8 +45,11 @@ FUZZ = settings(
     deadline=None,
     database=None,
     print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.filter_too_much],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
 )
 
 PASSES = registered_passes()
@@ -146,8 +149,11 @@ def test_default_pipeline_preserves_outputs(g: Generated) -> None:
 # ---------------------------------------------------------------------- analysis passes
 
 
-@pytest.mark.parametrize("name", ANALYSIS or [pytest.param("-", marks=pytest.mark.skip(
-    reason="no analysis pass is registered"))])
+@pytest.mark.parametrize(
+    "name",
+    ANALYSIS
+    or [pytest.param("-", marks=pytest.mark.skip(reason="no analysis pass is registered"))],
+)
 @FUZZ
 @given(g=generated_models())
 def test_analysis_pass_changes_nothing(name: str, g: Generated) -> None:
@@ -169,8 +175,11 @@ def _memory_api():
 
 
 @FUZZ
-@given(g=generated_models(), strategy=st.sampled_from(["greedy-size", "greedy-breadth", "best"]),
-       inplace=st.booleans())
+@given(
+    g=generated_models(),
+    strategy=st.sampled_from(["greedy-size", "greedy-breadth", "best"]),
+    inplace=st.booleans(),
+)
 def test_memory_plan_passes_execution_proof(g: Generated, strategy: str, inplace: bool) -> None:
     """Every tensor placed where the plan says inside one arena, the model still computes its
     outputs (graphopt.algorithms.memory.arena.prove): no two live tensors overlap."""
@@ -194,8 +203,10 @@ def _lossy_pass(name: str, m: Model, method: str):
     return get_pass(name)
 
 
-@pytest.mark.parametrize("name", LOSSY or [pytest.param("-", marks=pytest.mark.skip(
-    reason="no lossy pass is registered"))])
+@pytest.mark.parametrize(
+    "name",
+    LOSSY or [pytest.param("-", marks=pytest.mark.skip(reason="no lossy pass is registered"))],
+)
 @FUZZ
 @given(g=generated_models(), method=st.sampled_from(["minmax", "percentile", "entropy", "mse"]))
 def test_lossy_pass_output_loads_and_runs(name: str, g: Generated, method: str) -> None:
@@ -223,20 +234,40 @@ def _prune_api():
     except ImportError:
         pytest.skip("graphopt.algorithms.prune has not landed")
     if not hasattr(pd, "zero_pruned"):
-        pytest.skip("graphopt.algorithms.prune has no zero_pruned: cannot build the "
-                    "zeroed reference")
+        pytest.skip(
+            "graphopt.algorithms.prune has no zero_pruned: cannot build the zeroed reference"
+        )
     return pd
 
 
 #: blocks whose channels pruning can follow (conv chains, BN, SE, residuals, concat, pooling)
-PRUNE_BLOCKS = ("conv", "conv_bn", "conv_act", "conv_scale_shift", "batchnorm", "activation",
-                "se_block", "pool", "binary_tensors", "concat", "split", "pad_conv", "noop",
-                "conv_transpose", "resize", "reshape", "gemm", "matmul")
+PRUNE_BLOCKS = (
+    "conv",
+    "conv_bn",
+    "conv_act",
+    "conv_scale_shift",
+    "batchnorm",
+    "activation",
+    "se_block",
+    "pool",
+    "binary_tensors",
+    "concat",
+    "split",
+    "pad_conv",
+    "noop",
+    "conv_transpose",
+    "resize",
+    "reshape",
+    "gemm",
+    "matmul",
+)
 
 
 @FUZZ
-@given(g=generated_models(blocks=PRUNE_BLOCKS, kinds=("image",), min_blocks=2),
-       ratio=st.sampled_from([0.5, 0.75]))
+@given(
+    g=generated_models(blocks=PRUNE_BLOCKS, kinds=("image",), min_blocks=2),
+    ratio=st.sampled_from([0.5, 0.75]),
+)
 def test_pruning_zeroed_channels_first_is_exact(g: Generated, ratio: float) -> None:
     """Zero the channels that pruning will remove, then remove them: the outputs must not change.
 

@@ -58,8 +58,9 @@ def _deadline(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], seconds: int = 60
-            ) -> tuple[int, str, str]:
+def run_cli(
+    args: list[str], capsys: pytest.CaptureFixture[str], seconds: int = 60
+) -> tuple[int, str, str]:
     capsys.readouterr()
     with _deadline(seconds):
         rc = main([str(a) for a in args])
@@ -78,8 +79,9 @@ def assert_clean(inp: Path, sha: str, out: Path | None) -> None:
         assert not left, f"temporary folder left behind: {left}"
 
 
-def assert_refused(rc: int, err: str, inp: Path, sha: str, out: Path | None = None,
-                   words: tuple[str, ...] = ()) -> None:
+def assert_refused(
+    rc: int, err: str, inp: Path, sha: str, out: Path | None = None, words: tuple[str, ...] = ()
+) -> None:
     assert rc == 2, f"exit {rc}, expected 2: {err}"
     lines = err.strip().splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
@@ -90,8 +92,13 @@ def assert_refused(rc: int, err: str, inp: Path, sha: str, out: Path | None = No
     assert_clean(inp, sha, out)
 
 
-def inspect_and_optimize(path: Path, tmp: Path, capsys: pytest.CaptureFixture[str],
-                         words: tuple[str, ...] = (), inspect_may_work: bool = False) -> None:
+def inspect_and_optimize(
+    path: Path,
+    tmp: Path,
+    capsys: pytest.CaptureFixture[str],
+    words: tuple[str, ...] = (),
+    inspect_may_work: bool = False,
+) -> None:
     """Both commands refuse ``path`` (inspect may succeed where it needs no runtime)."""
     sha = _sha(path) if path.is_file() else ""
     rc, _, err = run_cli(["inspect", path, "--json"], capsys)
@@ -110,28 +117,40 @@ def save(proto: onnx.ModelProto, path: Path, check: bool = False) -> Path:
     return path
 
 
-def small_model(opset: int = 17, nodes: list[onnx.NodeProto] | None = None,
-                inputs: list[onnx.ValueInfoProto] | None = None,
-                outputs: list[onnx.ValueInfoProto] | None = None,
-                inits: list[onnx.TensorProto] | None = None,
-                extra_opsets: dict[str, int] | None = None) -> onnx.ModelProto:
+def small_model(
+    opset: int = 17,
+    nodes: list[onnx.NodeProto] | None = None,
+    inputs: list[onnx.ValueInfoProto] | None = None,
+    outputs: list[onnx.ValueInfoProto] | None = None,
+    inits: list[onnx.TensorProto] | None = None,
+    extra_opsets: dict[str, int] | None = None,
+) -> onnx.ModelProto:
     """x[1,3,8,8] -> Conv -> Relu -> y (or the given pieces)."""
     rng = np.random.default_rng(0)
     if nodes is None:
-        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3],
-                                  pads=[1, 1, 1, 1]),
-                 helper.make_node("Relu", ["c"], ["y"])]
+        nodes = [
+            helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"]),
+        ]
         inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
-    inputs = inputs if inputs is not None else [
-        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
-    outputs = outputs if outputs is not None else [
-        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])]
-    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in
-                                                 (extra_opsets or {}).items()]
+    inputs = (
+        inputs
+        if inputs is not None
+        else [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    )
+    outputs = (
+        outputs
+        if outputs is not None
+        else [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])]
+    )
+    opsets = [helper.make_opsetid("", opset)] + [
+        helper.make_opsetid(d, v) for d, v in (extra_opsets or {}).items()
+    ]
     ir = max(min(onnx.helper.find_min_ir_version_for(opsets, True), onnx.IR_VERSION), 3)
     if ir < 4:  # before IR 4 every initializer must also be a graph input
-        inputs = list(inputs) + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                                 for t in inits or []]
+        inputs = list(inputs) + [
+            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits or []
+        ]
     g = helper.make_graph(nodes, "g", inputs, outputs, initializer=inits or [])
     m = helper.make_model(g, opset_imports=opsets, producer_name="hostile")
     m.ir_version = ir
@@ -141,8 +160,9 @@ def small_model(opset: int = 17, nodes: list[onnx.NodeProto] | None = None,
 # ---------------------------------------------------------------------- unreadable files
 
 
-def test_missing_empty_and_folder_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                          ) -> None:
+def test_missing_empty_and_folder_inputs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, _, err = run_cli(["inspect", tmp_path / "nope.onnx"], capsys)
     assert rc == 2 and "no such file" in err and len(err.strip().splitlines()) == 1
     empty = tmp_path / "empty.onnx"
@@ -155,15 +175,19 @@ def test_missing_empty_and_folder_inputs(tmp_path: Path, capsys: pytest.CaptureF
 @pytest.mark.parametrize("cut", [1, 7, 64, 0.25, 0.5, 0.9, -1])
 def test_truncated_file(cut: float, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = fixture_path("mobilenet_block.onnx").read_bytes()
-    n = int(cut) if isinstance(cut, int) and cut > 0 else (
-        len(data) - 1 if cut == -1 else int(len(data) * cut))
+    n = (
+        int(cut)
+        if isinstance(cut, int) and cut > 0
+        else (len(data) - 1 if cut == -1 else int(len(data) * cut))
+    )
     p = tmp_path / "trunc.onnx"
     p.write_bytes(data[:n])
     inspect_and_optimize(p, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("name", ["if_model.onnx", "mobilenet_block.onnx",
-                                  "transformer_block.onnx"])
+@pytest.mark.parametrize(
+    "name", ["if_model.onnx", "mobilenet_block.onnx", "transformer_block.onnx"]
+)
 def test_bit_flips(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Random bit flips: exit 2 with one line, or exit 0 when the flip was harmless (the output is
     then a valid model that graphopt verified against the flipped input). Never 1, never a hang."""
@@ -210,11 +234,13 @@ def test_random_bytes_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_other_protobuf_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A serialized TensorProto / GraphProto handed over as a model."""
     t = numpy_helper.from_array(np.ones((3, 3), np.float32), "w")
-    inspect_and_optimize(save_bytes(t.SerializeToString(), tmp_path / "tensor.onnx"), tmp_path,
-                         capsys)
+    inspect_and_optimize(
+        save_bytes(t.SerializeToString(), tmp_path / "tensor.onnx"), tmp_path, capsys
+    )
     g = small_model().graph
-    inspect_and_optimize(save_bytes(g.SerializeToString(), tmp_path / "graph.onnx"), tmp_path,
-                         capsys)
+    inspect_and_optimize(
+        save_bytes(g.SerializeToString(), tmp_path / "graph.onnx"), tmp_path, capsys
+    )
 
 
 def save_bytes(data: bytes, p: Path) -> Path:
@@ -222,8 +248,9 @@ def save_bytes(data: bytes, p: Path) -> Path:
     return p
 
 
-def test_tensor_data_does_not_match_dims(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                         ) -> None:
+def test_tensor_data_does_not_match_dims(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     m = small_model()
     m.graph.initializer[0].raw_data = m.graph.initializer[0].raw_data[:-3]
     inspect_and_optimize(save(m, tmp_path / "short.onnx"), tmp_path, capsys, words=("bytes",))
@@ -247,13 +274,14 @@ def test_attribute_of_wrong_type(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_weight_of_wrong_element_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     m = small_model()
     m.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((4, 3, 3, 3), np.int64), "w"))
-    inspect_and_optimize(save(m, tmp_path / "int_w.onnx"), tmp_path, capsys,
-                         inspect_may_work=True)
+    inspect_and_optimize(save(m, tmp_path / "int_w.onnx"), tmp_path, capsys, inspect_may_work=True)
 
 
 def test_string_input_into_relu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    m = small_model(nodes=[helper.make_node("Relu", ["x"], ["y"])],
-                    inputs=[helper.make_tensor_value_info("x", TensorProto.STRING, [2])])
+    m = small_model(
+        nodes=[helper.make_node("Relu", ["x"], ["y"])],
+        inputs=[helper.make_tensor_value_info("x", TensorProto.STRING, [2])],
+    )
     inspect_and_optimize(save(m, tmp_path / "str.onnx"), tmp_path, capsys, inspect_may_work=True)
 
 
@@ -284,8 +312,9 @@ def test_missing_external_data(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 @pytest.mark.parametrize("where", ["parent", "absolute", "symlink", "deep"])
-def test_external_data_outside_model_folder(where: str, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_external_data_outside_model_folder(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A crafted model must not make graphopt read a file outside the model's folder."""
     secret = tmp_path / "secret.bin"
     secret.write_bytes(b"\x01" * 4096)
@@ -313,31 +342,47 @@ def _vi(name: str, shape: list[int] | None = None) -> onnx.ValueInfoProto:
 
 
 def test_cycle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    m = small_model(nodes=[helper.make_node("Add", ["x", "b"], ["a"], name="A"),
-                           helper.make_node("Relu", ["a"], ["b"], name="B"),
-                           helper.make_node("Relu", ["a"], ["y"], name="C")],
-                    inputs=[_vi("x")], outputs=[_vi("y")])
+    m = small_model(
+        nodes=[
+            helper.make_node("Add", ["x", "b"], ["a"], name="A"),
+            helper.make_node("Relu", ["a"], ["b"], name="B"),
+            helper.make_node("Relu", ["a"], ["y"], name="C"),
+        ],
+        inputs=[_vi("x")],
+        outputs=[_vi("y")],
+    )
     inspect_and_optimize(save(m, tmp_path / "cycle.onnx"), tmp_path, capsys)
 
 
 def test_dangling_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    m = small_model(nodes=[helper.make_node("Add", ["x", "nowhere"], ["y"])],
-                    inputs=[_vi("x")], outputs=[_vi("y")])
+    m = small_model(
+        nodes=[helper.make_node("Add", ["x", "nowhere"], ["y"])],
+        inputs=[_vi("x")],
+        outputs=[_vi("y")],
+    )
     inspect_and_optimize(save(m, tmp_path / "dangling.onnx"), tmp_path, capsys)
-    m = small_model(nodes=[helper.make_node("Relu", ["x"], ["r"])],
-                    inputs=[_vi("x")], outputs=[_vi("not_produced")])
+    m = small_model(
+        nodes=[helper.make_node("Relu", ["x"], ["r"])],
+        inputs=[_vi("x")],
+        outputs=[_vi("not_produced")],
+    )
     inspect_and_optimize(save(m, tmp_path / "dangling_out.onnx"), tmp_path, capsys)
 
 
 def test_duplicate_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # two nodes writing one tensor: not SSA
-    m = small_model(nodes=[helper.make_node("Relu", ["x"], ["y"]),
-                           helper.make_node("Sigmoid", ["x"], ["y"])],
-                    inputs=[_vi("x")], outputs=[_vi("y")])
+    m = small_model(
+        nodes=[helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Sigmoid", ["x"], ["y"])],
+        inputs=[_vi("x")],
+        outputs=[_vi("y")],
+    )
     inspect_and_optimize(save(m, tmp_path / "dup_out.onnx"), tmp_path, capsys)
     # two graph inputs with one name
-    m = small_model(nodes=[helper.make_node("Relu", ["x"], ["y"])],
-                    inputs=[_vi("x"), _vi("x")], outputs=[_vi("y")])
+    m = small_model(
+        nodes=[helper.make_node("Relu", ["x"], ["y"])],
+        inputs=[_vi("x"), _vi("x")],
+        outputs=[_vi("y")],
+    )
     inspect_and_optimize(save(m, tmp_path / "dup_in.onnx"), tmp_path, capsys)
     # two initializers with one name
     m = small_model()
@@ -348,9 +393,14 @@ def test_duplicate_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_duplicate_node_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """onnx.checker allows repeated node names and onnxruntime refuses them: graphopt renames the
     duplicates on load, so the model inspects and optimizes, and the output runs."""
-    m = small_model(nodes=[helper.make_node("Relu", ["x"], ["r"], name="n"),
-                           helper.make_node("Sigmoid", ["r"], ["y"], name="n")],
-                    inputs=[_vi("x")], outputs=[_vi("y")])
+    m = small_model(
+        nodes=[
+            helper.make_node("Relu", ["x"], ["r"], name="n"),
+            helper.make_node("Sigmoid", ["r"], ["y"], name="n"),
+        ],
+        inputs=[_vi("x")],
+        outputs=[_vi("y")],
+    )
     path = save(m, tmp_path / "dup_names.onnx")
     sha = _sha(path)
     rc, _, err = run_cli(["inspect", path, "--json"], capsys)
@@ -370,16 +420,24 @@ def test_unknown_domain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     del m.opset_import[1:]
     inspect_and_optimize(save(m, tmp_path / "no_import.onnx"), tmp_path, capsys)
     # declared, but no runtime implements it: inspect works, optimize cannot verify -> refused
-    m = small_model(nodes=[node], inputs=[_vi("x")], outputs=[_vi("y")],
-                    extra_opsets={"com.example.unknown": 1})
-    inspect_and_optimize(save(m, tmp_path / "unknown.onnx"), tmp_path, capsys,
-                         words=("onnxruntime",), inspect_may_work=True)
+    m = small_model(
+        nodes=[node], inputs=[_vi("x")], outputs=[_vi("y")], extra_opsets={"com.example.unknown": 1}
+    )
+    inspect_and_optimize(
+        save(m, tmp_path / "unknown.onnx"),
+        tmp_path,
+        capsys,
+        words=("onnxruntime",),
+        inspect_may_work=True,
+    )
 
 
-def test_unknown_operator_in_default_domain(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                            ) -> None:
-    m = small_model(nodes=[helper.make_node("NoSuchOp", ["x"], ["y"])],
-                    inputs=[_vi("x")], outputs=[_vi("y")])
+def test_unknown_operator_in_default_domain(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = small_model(
+        nodes=[helper.make_node("NoSuchOp", ["x"], ["y"])], inputs=[_vi("x")], outputs=[_vi("y")]
+    )
     inspect_and_optimize(save(m, tmp_path / "noop.onnx"), tmp_path, capsys)
 
 
@@ -390,8 +448,9 @@ def _ort_max_opset() -> int:
     """The newest default-domain opset this onnxruntime loads (probing with a Relu model)."""
     best = 7
     for v in range(7, onnx.defs.onnx_opset_version() + 1):
-        m = small_model(v, nodes=[helper.make_node("Relu", ["x"], ["y"])], inputs=[_vi("x")],
-                        outputs=[_vi("y")])
+        m = small_model(
+            v, nodes=[helper.make_node("Relu", ["x"], ["y"])], inputs=[_vi("x")], outputs=[_vi("y")]
+        )
         try:
             ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
             best = v
@@ -408,10 +467,14 @@ def _opset_model(opset: int) -> onnx.ModelProto:
     rng = np.random.default_rng(opset)
     f32 = np.float32
     inits = {
-        "w": rng.standard_normal((4, 3, 3, 3)).astype(f32), "b": rng.standard_normal(4).astype(f32),
-        "g": rng.uniform(0.5, 2, 4).astype(f32), "be": rng.standard_normal(4).astype(f32),
-        "mu": rng.standard_normal(4).astype(f32), "var": rng.uniform(0.5, 2, 4).astype(f32),
-        "fw": rng.standard_normal((5, 36)).astype(f32), "fb": rng.standard_normal(5).astype(f32),
+        "w": rng.standard_normal((4, 3, 3, 3)).astype(f32),
+        "b": rng.standard_normal(4).astype(f32),
+        "g": rng.uniform(0.5, 2, 4).astype(f32),
+        "be": rng.standard_normal(4).astype(f32),
+        "mu": rng.standard_normal(4).astype(f32),
+        "var": rng.uniform(0.5, 2, 4).astype(f32),
+        "fw": rng.standard_normal((5, 36)).astype(f32),
+        "fb": rng.standard_normal(5).astype(f32),
     }
     nodes = [
         helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3]),
@@ -421,10 +484,13 @@ def _opset_model(opset: int) -> onnx.ModelProto:
         helper.make_node("Flatten", ["p"], ["f"], axis=1),
         helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1),
     ]
-    return small_model(opset, nodes=nodes,
-                       inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                       outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
-                       inits=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return small_model(
+        opset,
+        nodes=nodes,
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        inits=[numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
 
 
 @pytest.mark.parametrize("opset", list(range(7, onnx.defs.onnx_opset_version() + 1)))
@@ -450,9 +516,11 @@ def test_every_opset(opset: int, tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def _relu_model(shape: list[int | str]) -> onnx.ModelProto:
-    return small_model(nodes=[helper.make_node("Relu", ["x"], ["y"])],
-                       inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                       outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    return small_model(
+        nodes=[helper.make_node("Relu", ["x"], ["y"])],
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
 
 
 def test_zero_dim_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -484,10 +552,12 @@ def test_negative_dims(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     inspect_and_optimize(save(m, tmp_path / "neg.onnx"), tmp_path, capsys, words=("negative",))
 
 
-@pytest.mark.parametrize("spec", ["x:0x3x8x8", "x:1x3x8", "x:1x3x99999999999x8", "x:-1x3x8x8",
-                                  "x:abc", "nosuch:1x3x8x8"])
-def test_bad_input_shape_option(spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                ) -> None:
+@pytest.mark.parametrize(
+    "spec", ["x:0x3x8x8", "x:1x3x8", "x:1x3x99999999999x8", "x:-1x3x8x8", "x:abc", "nosuch:1x3x8x8"]
+)
+def test_bad_input_shape_option(
+    spec: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     p = save(_relu_model(["N", 3, 8, 8]), tmp_path / "dyn.onnx")
     sha = _sha(p)
     out = tmp_path / "o.onnx"
@@ -522,8 +592,9 @@ def test_unwritable_or_bad_output(tmp_path: Path, capsys: pytest.CaptureFixture[
         ro.chmod(0o700)
 
 
-def test_output_would_overwrite_input_external_data(tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_would_overwrite_input_external_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The input's weights live in ``o.onnx.data``: writing ``o.onnx`` beside it would replace
     them (and break the input model), so it is refused."""
     m = onnx.load(str(fixture_path("external_data.onnx")), load_external_data=False)
@@ -555,8 +626,12 @@ def test_subprocess_refuses_corrupt_file_with_one_line(tmp_path: Path) -> None:
     p.write_bytes(fixture_path("cnn.onnx").read_bytes()[:500])
     sha = _sha(p)
     out = tmp_path / "o.onnx"
-    r = subprocess.run(_graphopt_cmd() + ["optimize", str(p), "-o", str(out)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        _graphopt_cmd() + ["optimize", str(p), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert_clean(p, sha, out)
@@ -573,15 +648,28 @@ def _big_model(folder: Path, mib: int = 96) -> Path:
     for i in range(layers):
         t = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[n, n])
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", data.name), ("offset", str(i * 4 * n * n)),
-                     ("length", str(4 * n * n))):
+        for k, v in (
+            ("location", data.name),
+            ("offset", str(i * 4 * n * n)),
+            ("length", str(4 * n * n)),
+        ):
             e = t.external_data.add()
             e.key, e.value = k, v
         inits.append(t)
-    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
-                              [f"h{i}" if i < layers - 1 else "y"]) for i in range(layers)]
-    m = small_model(nodes=nodes, inputs=[helper.make_tensor_value_info("x", 1, [1, n])],
-                    outputs=[helper.make_tensor_value_info("y", 1, [1, n])], inits=inits)
+    nodes = [
+        helper.make_node(
+            "MatMul",
+            ["x" if i == 0 else f"h{i - 1}", f"w{i}"],
+            [f"h{i}" if i < layers - 1 else "y"],
+        )
+        for i in range(layers)
+    ]
+    m = small_model(
+        nodes=nodes,
+        inputs=[helper.make_tensor_value_info("x", 1, [1, n])],
+        outputs=[helper.make_tensor_value_info("y", 1, [1, n])],
+        inits=inits,
+    )
     return save(m, folder / "big.onnx")
 
 
@@ -597,9 +685,13 @@ def test_killed_mid_save_leaves_no_output(sig: int, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = out_dir / "big.opt.onnx"
-    proc = subprocess.Popen(_graphopt_cmd() + ["optimize", str(model), "-o", str(out),
-                                               "--no-verify", "--passes", "eliminate-dead"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _graphopt_cmd()
+        + ["optimize", str(model), "-o", str(out), "--no-verify", "--passes", "eliminate-dead"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     killed = False
     deadline = time.monotonic() + 120
     try:

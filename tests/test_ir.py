@@ -57,15 +57,27 @@ def test_external_data_round_trip(tmp_path: Path) -> None:
 
 def test_metadata_opsets_functions_kept(tmp_path: Path) -> None:
     # a model-local function, a custom-domain opset and metadata must survive a round trip
-    fn = helper.make_function("local", "Twice", ["a"], ["b"],
-                              [helper.make_node("Add", ["a", "a"], ["b"])],
-                              [helper.make_opsetid("", 17)])
+    fn = helper.make_function(
+        "local",
+        "Twice",
+        ["a"],
+        ["b"],
+        [helper.make_node("Add", ["a", "a"], ["b"])],
+        [helper.make_opsetid("", 17)],
+    )
     node = helper.make_node("Twice", ["x"], ["y"], domain="local")
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [2])],
-                          [helper.make_tensor_value_info("y", 1, [2])])
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
-                                                helper.make_opsetid("local", 1)],
-                              functions=[fn], ir_version=8)
+    g = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", 1, [2])],
+        [helper.make_tensor_value_info("y", 1, [2])],
+    )
+    proto = helper.make_model(
+        g,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+        functions=[fn],
+        ir_version=8,
+    )
     helper.set_model_props(proto, {"author": "me", "k": "v"})
     p = tmp_path / "f.onnx"
     onnx.save(proto, str(p))

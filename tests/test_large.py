@@ -93,23 +93,35 @@ def _write_model(folder: Path) -> Path:
                 f.write((rng.standard_normal((r, N), dtype=np.float32) * scale).tobytes())
             t = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[N, N])
             t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", data.name), ("offset", str(offset)),
-                         ("length", str(4 * N * N))):
+            for k, v in (
+                ("location", data.name),
+                ("offset", str(offset)),
+                ("length", str(4 * N * N)),
+            ):
                 e = t.external_data.add()
                 e.key, e.value = k, v
             inits.append(t)
-    inits.append(helper.make_tensor("bias", TensorProto.FLOAT, [N],
-                                    (np.arange(N, dtype=np.float32) / N).tolist()))
-    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"]),
-             helper.make_node("Identity", ["h0"], ["h0i"]),
-             helper.make_node("MatMul", ["h0i", "w1"], ["h1"]),
-             helper.make_node("Relu", ["h1"], ["r1"]),
-             helper.make_node("MatMul", ["r1", "w2"], ["h2"]),
-             helper.make_node("MatMul", ["h2", "w3"], ["h3"]),
-             helper.make_node("Add", ["h3", "bias"], ["y"])]
-    g = helper.make_graph(nodes, "large",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, N])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])], inits)
+    inits.append(
+        helper.make_tensor(
+            "bias", TensorProto.FLOAT, [N], (np.arange(N, dtype=np.float32) / N).tolist()
+        )
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h0"]),
+        helper.make_node("Identity", ["h0"], ["h0i"]),
+        helper.make_node("MatMul", ["h0i", "w1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w3"], ["h3"]),
+        helper.make_node("Add", ["h3", "bias"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, N])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="large")
     m.ir_version = 8
     path = folder / "large.onnx"
@@ -118,8 +130,7 @@ def _write_model(folder: Path) -> Path:
 
 
 def _reference(folder: Path, x: np.ndarray) -> np.ndarray:
-    w = np.memmap(folder / "large.onnx.data", dtype=np.float32, mode="r",
-                  shape=(LAYERS, N, N))
+    w = np.memmap(folder / "large.onnx.data", dtype=np.float32, mode="r", shape=(LAYERS, N, N))
     h = x.astype(np.float64)
     for i in range(LAYERS):
         h = h @ np.asarray(w[i], dtype=np.float64)
@@ -141,11 +152,15 @@ def large_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run_job(job: str, src: Path, out: Path) -> dict[str, object]:
-    r = subprocess.run([sys.executable, "-c", JOB, job, str(src), str(out)], capture_output=True,
-                       text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", JOB, job, str(src), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")][-1]
-    return json.loads(line[len("REPORT "):])
+    return json.loads(line[len("REPORT ") :])
 
 
 def _gb(n: object) -> str:
@@ -155,13 +170,19 @@ def _gb(n: object) -> str:
 def test_inspect_without_loading_weights(large_model: Path) -> None:
     """``graphopt inspect`` reads dims, not weights: seconds and little memory for 2.1 GB."""
     cmd = [str(GRAPHOPT)] if GRAPHOPT.is_file() else [sys.executable, "-m", "graphopt.cli"]
-    script = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
-              "capture_output=True, text=True); print(r.stdout); sys.stderr.write(r.stderr); "
-              "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
-              "sys.exit(r.returncode)")
+    script = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
+        "capture_output=True, text=True); print(r.stdout); sys.stderr.write(r.stderr); "
+        "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
+        "sys.exit(r.returncode)"
+    )
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-c", script, *cmd, "inspect", str(large_model), "--json"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", script, *cmd, "inspect", str(large_model), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     maxrss = int(r.stdout.rsplit("MAXRSS", 1)[1].split()[0])
@@ -179,7 +200,8 @@ def test_optimize_and_save_within_bounded_memory(large_model: Path, tmp_path: Pa
     rep = _run_job("optimize", large_model, out)
     print(f"optimize: {rep}")
     assert int(rep["peak"]) <= BOUND * WEIGHT_BYTES, (
-        f"peak RSS {_gb(rep['peak'])} > {BOUND} x {_gb(WEIGHT_BYTES)}: {rep}")
+        f"peak RSS {_gb(rep['peak'])} > {BOUND} x {_gb(WEIGHT_BYTES)}: {rep}"
+    )
     proto = onnx.load(str(out), load_external_data=False)
     ops = [n.op_type for n in proto.graph.node]
     assert "Identity" not in ops
@@ -210,7 +232,8 @@ def test_quantize_and_save_within_bounded_memory(large_model: Path, tmp_path: Pa
     rep = _run_job("quantize", large_model, out)
     print(f"quantize: {rep}")
     assert int(rep["peak"]) <= QUANTIZE_BOUND * WEIGHT_BYTES, (
-        f"peak RSS {_gb(rep['peak'])} > {QUANTIZE_BOUND} x {_gb(WEIGHT_BYTES)}: {rep}")
+        f"peak RSS {_gb(rep['peak'])} > {QUANTIZE_BOUND} x {_gb(WEIGHT_BYTES)}: {rep}"
+    )
     onnx.checker.check_model(str(out))
     proto = onnx.load(str(out), load_external_data=False)
     assert any(n.op_type == "DequantizeLinear" for n in proto.graph.node)

@@ -35,25 +35,42 @@ def _vi(name, shape=(1, 64)):
 
 def chain() -> Model:
     """x -> Relu -> Sigmoid -> Neg -> y"""
-    return _model([helper.make_node("Relu", ["x"], ["a"]),
-                   helper.make_node("Sigmoid", ["a"], ["b"]),
-                   helper.make_node("Neg", ["b"], ["y"])], [_vi("x")], [_vi("y")])
+    return _model(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Sigmoid", ["a"], ["b"]),
+            helper.make_node("Neg", ["b"], ["y"]),
+        ],
+        [_vi("x")],
+        [_vi("y")],
+    )
 
 
 def diamond() -> Model:
     """x -> Relu -> a, x -> Sigmoid -> b, y = a + b"""
-    return _model([helper.make_node("Relu", ["x"], ["a"]),
-                   helper.make_node("Sigmoid", ["x"], ["b"]),
-                   helper.make_node("Add", ["a", "b"], ["y"])], [_vi("x")], [_vi("y")])
+    return _model(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Sigmoid", ["x"], ["b"]),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ],
+        [_vi("x")],
+        [_vi("y")],
+    )
 
 
 def residual() -> Model:
     """h = Relu(x); r = Neg(Sigmoid(h)); y = h + r (h is kept alive over the branch)"""
-    return _model([helper.make_node("Relu", ["x"], ["h"]),
-                   helper.make_node("Sigmoid", ["h"], ["s"]),
-                   helper.make_node("Neg", ["s"], ["r"]),
-                   helper.make_node("Add", ["h", "r"], ["y"])],
-                  [_vi("x")], [_vi("y")])
+    return _model(
+        [
+            helper.make_node("Relu", ["x"], ["h"]),
+            helper.make_node("Sigmoid", ["h"], ["s"]),
+            helper.make_node("Neg", ["s"], ["r"]),
+            helper.make_node("Add", ["h", "r"], ["y"]),
+        ],
+        [_vi("x")],
+        [_vi("y")],
+    )
 
 
 def capture() -> Model:
@@ -62,21 +79,32 @@ def capture() -> Model:
     then = helper.make_graph([helper.make_node("Neg", ["t"], ["ty"])], "then", [], [_vi("ty")])
     els = helper.make_graph([helper.make_node("Sigmoid", ["t"], ["ey"])], "else", [], [_vi("ey")])
     zero = helper.make_tensor("zero", F, [], [0.0])
-    return _model([
-        helper.make_node("Relu", ["x"], ["t"]),
-        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-        helper.make_node("Greater", ["s", "zero"], ["c"]),
-        helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=els),
-    ], [_vi("x")], [_vi("y")], inits=[zero])
+    return _model(
+        [
+            helper.make_node("Relu", ["x"], ["t"]),
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["c"]),
+            helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=els),
+        ],
+        [_vi("x")],
+        [_vi("y")],
+        inits=[zero],
+    )
 
 
 def reshape_chain() -> Model:
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [8, 8])
-    return _model([helper.make_node("Relu", ["x"], ["a"]),
-                   helper.make_node("Reshape", ["a", "shape"], ["b"]),
-                   helper.make_node("Sigmoid", ["b"], ["c"]),
-                   helper.make_node("Mul", ["b", "c"], ["y"])],
-                  [_vi("x")], [_vi("y", (8, 8))], inits=[shape])
+    return _model(
+        [
+            helper.make_node("Relu", ["x"], ["a"]),
+            helper.make_node("Reshape", ["a", "shape"], ["b"]),
+            helper.make_node("Sigmoid", ["b"], ["c"]),
+            helper.make_node("Mul", ["b", "c"], ["y"]),
+        ],
+        [_vi("x")],
+        [_vi("y", (8, 8))],
+        inits=[shape],
+    )
 
 
 def _iv(live, name):
@@ -165,7 +193,7 @@ def _brute_force_ok(plan) -> None:
     for i, a in enumerate(ts):
         assert a.offset % ALIGNMENT == 0
         assert a.offset + a.nbytes <= plan.arena_bytes
-        for b in ts[i + 1:]:
+        for b in ts[i + 1 :]:
             if not (a.start <= b.end and b.start <= a.end):
                 continue
             if not (a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes):
@@ -209,8 +237,16 @@ def test_wrong_plan_is_detected_by_the_brute_force_check():
 def test_plan_json_keys():
     plan = plan_memory(load(fixture_path("cnn.onnx")))
     d = plan.to_json()
-    for key in ("arena_bytes", "lower_bound_bytes", "naive_bytes", "inplace", "order_changed",
-                "inplace_lower_bound_bytes", "peak_node", "tensors"):
+    for key in (
+        "arena_bytes",
+        "lower_bound_bytes",
+        "naive_bytes",
+        "inplace",
+        "order_changed",
+        "inplace_lower_bound_bytes",
+        "peak_node",
+        "tensors",
+    ):
         assert key in d
     compact = json.loads(plan.compact_json())
     assert compact["arena_bytes"] == plan.arena_bytes
@@ -240,8 +276,20 @@ def test_cli_plan(tmp_path):
     assert compact["arena_bytes"] == full["arena_bytes"] > 0
     assert full["lower_bound_bytes"] >= full["arena_bytes"]  # in-place beats the plain bound
     assert main(["plan", str(tmp_path / "missing.onnx")]) == 2
-    assert main(["plan", str(src), "--strategy", "greedy-breadth", "--no-inplace",
-                 "--no-reorder", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                str(src),
+                "--strategy",
+                "greedy-breadth",
+                "--no-inplace",
+                "--no-reorder",
+                "--json",
+            ]
+        )
+        == 0
+    )
 
 
 def test_cli_plan_json(capsys):
@@ -251,5 +299,6 @@ def test_cli_plan_json(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["inplace"] is True and d["order_changed"] is False
     assert d["naive_bytes"] > d["lower_bound_bytes"] >= d["arena_bytes"] > 0
-    assert np.isclose(d["arena_over_bound"], d["arena_bytes"] / d["inplace_lower_bound_bytes"],
-                      atol=1e-3)
+    assert np.isclose(
+        d["arena_over_bound"], d["arena_bytes"] / d["inplace_lower_bound_bytes"], atol=1e-3
+    )

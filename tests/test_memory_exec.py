@@ -52,8 +52,9 @@ def _clobber(plan, only: set[str] | None = None):
     raise AssertionError("no pair of overlapping lifetimes")
 
 
-@pytest.mark.parametrize("name", ["residual.onnx", "mobilenet_block.onnx",
-                                  "transformer_block.onnx"])
+@pytest.mark.parametrize(
+    "name", ["residual.onnx", "mobilenet_block.onnx", "transformer_block.onnx"]
+)
 def test_overlapping_plan_fails_proof(name):
     model, shapes = _load(name)
     plan = plan_memory(model, shapes, inplace=False)
@@ -108,8 +109,7 @@ def test_real_ocr_models(name):
     path, shapes = real_or_skip(name)
     feeds = real_model_feeds(name)
     for inplace in (False, True):  # the order search runs once (with in-place)
-        plan = plan_memory(load(path), shapes, inplace=inplace, feeds=feeds,
-                           reorder=inplace)
+        plan = plan_memory(load(path), shapes, inplace=inplace, feeds=feeds, reorder=inplace)
         assert plan.arena_bytes <= 1.02 * plan.bound, plan.summary()
         rep = prove(plan.model, plan, feeds=feeds)
         assert rep.ok, rep.to_json()
@@ -140,22 +140,40 @@ def loop_model() -> Model:
 
     f = TensorProto.FLOAT
     body = helper.make_graph(
-        [helper.make_node("Add", ["acc_in", "w"], ["acc_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", f, [1, 64])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", f, [1, 64])])
-    nodes = [helper.make_node("Relu", ["x"], ["w"]), helper.make_node("Sigmoid", ["x"], ["s"]),
-             helper.make_node("Loop", ["trip", "cond", "s"], ["acc"], body=body),
-             helper.make_node("Mul", ["acc", "w"], ["y"])]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f, [1, 64])],
-                          [helper.make_tensor_value_info("y", f, [1, 64])],
-                          initializer=[helper.make_tensor("trip", TensorProto.INT64, [], [3]),
-                                       helper.make_tensor("cond", TensorProto.BOOL, [], [True])])
-    return prepare(Model.from_onnx(helper.make_model(
-        g, opset_imports=[helper.make_opsetid("", 17)])))
+        [
+            helper.make_node("Add", ["acc_in", "w"], ["acc_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", f, [1, 64]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", f, [1, 64]),
+        ],
+    )
+    nodes = [
+        helper.make_node("Relu", ["x"], ["w"]),
+        helper.make_node("Sigmoid", ["x"], ["s"]),
+        helper.make_node("Loop", ["trip", "cond", "s"], ["acc"], body=body),
+        helper.make_node("Mul", ["acc", "w"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", f, [1, 64])],
+        [helper.make_tensor_value_info("y", f, [1, 64])],
+        initializer=[
+            helper.make_tensor("trip", TensorProto.INT64, [], [3]),
+            helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
+        ],
+    )
+    return prepare(
+        Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    )
 
 
 def test_loop_runs_whole_with_its_capture():

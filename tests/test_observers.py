@@ -20,8 +20,10 @@ from graphopt.algorithms.quant.observers import (
 def _batches(seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     # growing scales force re-binning; a heavy tail (Student t, 3 dof)
-    return [(rng.standard_t(3, size=(4, 8, 16, 16)) * s).astype(np.float32)
-            for s in (0.5, 1.0, 3.0, 0.2, 6.0)]
+    return [
+        (rng.standard_t(3, size=(4, 8, 16, 16)) * s).astype(np.float32)
+        for s in (0.5, 1.0, 3.0, 0.2, 6.0)
+    ]
 
 
 def _brute_counts(h: Histogram, data: np.ndarray) -> np.ndarray:

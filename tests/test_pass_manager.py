@@ -80,8 +80,11 @@ def test_analysis_pass_may_not_modify() -> None:
 def test_pass_index_matches_registrations() -> None:
     from graphopt import passes
 
-    registered = {n: c.__module__.rsplit(".", 1)[-1] for n, c in registered_passes().items()
-                  if c.__module__.startswith("graphopt.passes.")}
+    registered = {
+        n: c.__module__.rsplit(".", 1)[-1]
+        for n, c in registered_passes().items()
+        if c.__module__.startswith("graphopt.passes.")
+    }
     assert registered == passes.PASS_INDEX
 
 

@@ -31,8 +31,9 @@ class MulMulToMul(Rule):
     """Mul(Mul(x, a), b) -> Mul(x, a*b) for constants a, b (a toy rule that modifies weights)."""
 
     name = "mul-mul"
-    pattern = Op("Mul", [Op("Mul", ["x", Const("a")], commutative=True), Const("b")],
-                 commutative=True)
+    pattern = Op(
+        "Mul", [Op("Mul", ["x", Const("a")], commutative=True), Const("b")], commutative=True
+    )
     modifies = ("a", "b")
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
@@ -62,8 +63,11 @@ def _chain(shared: bool = False, expose_inner: bool = False, weight_input: bool 
 
 
 def test_rewrite_applies_and_verifies() -> None:
-    res, _ = check_pass(_chain(), MulMulPass(),
-                        structure=lambda m: op_counts(m) == {"Mul": 1} or pytest.fail(op_counts(m)))
+    res, _ = check_pass(
+        _chain(),
+        MulMulPass(),
+        structure=lambda m: op_counts(m) == {"Mul": 1} or pytest.fail(op_counts(m)),
+    )
     assert res.stats == {"mul-mul": 1}
 
 
@@ -78,14 +82,28 @@ def test_escaping_values_refused(case: str) -> None:
 
 def test_dag_binding_requires_same_tensor() -> None:
     # x * Clip(x + 3, 0, 6): the two x must be one tensor
-    pat = Op("Mul", ["x", Op("Clip", [Op("Add", ["x", Const("three", scalar(3.0))],
-                                        commutative=True), None, None])], commutative=True)
-    nodes = [helper.make_node("Add", ["x", "three"], ["s"]),
-             helper.make_node("Clip", ["s", "lo", "hi"], ["c"]),
-             helper.make_node("Mul", ["c", "x"], ["y"]),
-             helper.make_node("Mul", ["c", "w"], ["y2"])]
-    inits = {"three": np.array(3.0, np.float32), "lo": np.array(0.0, np.float32),
-             "hi": np.array(6.0, np.float32)}
+    pat = Op(
+        "Mul",
+        [
+            "x",
+            Op(
+                "Clip",
+                [Op("Add", ["x", Const("three", scalar(3.0))], commutative=True), None, None],
+            ),
+        ],
+        commutative=True,
+    )
+    nodes = [
+        helper.make_node("Add", ["x", "three"], ["s"]),
+        helper.make_node("Clip", ["s", "lo", "hi"], ["c"]),
+        helper.make_node("Mul", ["c", "x"], ["y"]),
+        helper.make_node("Mul", ["c", "w"], ["y2"]),
+    ]
+    inits = {
+        "three": np.array(3.0, np.float32),
+        "lo": np.array(0.0, np.float32),
+        "hi": np.array(6.0, np.float32),
+    }
     m = make_model(nodes, [vi("x", [4]), vi("w", [4])], [vi("y", [4]), vi("y2", [4])], inits)
     mul_x, mul_w = [n for n in m.graph.nodes if n.op == "Mul"]
     assert match_pattern(pat, mul_x) is not None
@@ -108,14 +126,28 @@ def test_commutative_ops_match_either_input_order(op: str) -> None:
     ``commutative=True``; a non-commutative op is not."""
     dt = np.bool_ if op in ("And", "Or", "Xor") else np.float32
     nodes = [helper.make_node(op, ["k", "x"], ["y"])]
-    m = make_model(nodes, [vi("x", [2], helper.np_dtype_to_tensor_dtype(np.dtype(dt)))],
-                   [vi("y", [2], helper.np_dtype_to_tensor_dtype(np.dtype(
-                       np.bool_ if op in ("And", "Or", "Xor", "Equal") else dt)))],
-                   {"k": np.ones(2, dt)})
+    m = make_model(
+        nodes,
+        [vi("x", [2], helper.np_dtype_to_tensor_dtype(np.dtype(dt)))],
+        [
+            vi(
+                "y",
+                [2],
+                helper.np_dtype_to_tensor_dtype(
+                    np.dtype(np.bool_ if op in ("And", "Or", "Xor", "Equal") else dt)
+                ),
+            )
+        ],
+        {"k": np.ones(2, dt)},
+    )
     found = match_pattern(Op(op, [Var("x"), Const("k")]), m.graph.nodes[0])
     assert found is not None and found["x"].name == "x" and found["k"].name == "k"
-    sub = make_model([helper.make_node("Sub", ["k", "x"], ["y"])], [vi("x", [2])], [vi("y", [2])],
-                     {"k": np.ones(2, np.float32)})
+    sub = make_model(
+        [helper.make_node("Sub", ["k", "x"], ["y"])],
+        [vi("x", [2])],
+        [vi("y", [2])],
+        {"k": np.ones(2, np.float32)},
+    )
     assert match_pattern(Op("Sub", [Var("x"), Const("k")]), sub.graph.nodes[0]) is None
 
 
@@ -126,12 +158,12 @@ def test_optional_inputs() -> None:
     pat = Op("Conv", ["x", Const("w"), Opt(Const("b"))], name="conv")
     x = [vi("x", [1, 3, 4, 4])]
     y = [vi("y", [1, 2, 4, 4])]
-    with_b = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"])], x, y,
-                        {"w": w, "b": b})
+    with_b = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"])], x, y, {"w": w, "b": b})
     no_b = make_model([helper.make_node("Conv", ["x", "w"], ["y"])], x, y, {"w": w})
     empty_b = make_model([helper.make_node("Conv", ["x", "w", ""], ["y"])], x, y, {"w": w})
-    var_b = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"])], x + [vi("b", [2])],
-                       y, {"w": w})
+    var_b = make_model(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"])], x + [vi("b", [2])], y, {"w": w}
+    )
     found = match_pattern(pat, with_b.graph.nodes[0])
     assert found is not None and "b" in found.tensors
     for m in (no_b, empty_b):
@@ -167,10 +199,16 @@ class NeutralPass(RewritePass):
 
 
 def test_pattern_per_rule_instance_and_refusal_reason(caplog: pytest.LogCaptureFixture) -> None:
-    nodes = [helper.make_node("Mul", ["x", "one"], ["a"]), helper.make_node("Add", ["a", "two"],
-                                                                          ["y"])]
-    m = make_model(nodes, [vi("x", [2])], [vi("y", [2])],
-                   {"one": np.ones(2, np.float32), "two": np.full(2, 2.0, np.float32)})
+    nodes = [
+        helper.make_node("Mul", ["x", "one"], ["a"]),
+        helper.make_node("Add", ["a", "two"], ["y"]),
+    ]
+    m = make_model(
+        nodes,
+        [vi("x", [2])],
+        [vi("y", [2])],
+        {"one": np.ones(2, np.float32), "two": np.full(2, 2.0, np.float32)},
+    )
     assert [r.pattern.op for r in NeutralPass.rules] == ["Mul", "Add"]
     with caplog.at_level(logging.DEBUG, logger="graphopt.core.pattern"):
         res, _ = check_pass(m, NeutralPass())
@@ -184,10 +222,12 @@ def test_pattern_per_rule_instance_and_refusal_reason(caplog: pytest.LogCaptureF
 def test_new_nodes_take_the_root_place() -> None:
     """The rewrite's nodes replace the match where its root was: the other nodes keep their
     order (no re-sort of the whole graph)."""
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="r"),
-             helper.make_node("Mul", ["r", "one"], ["a"], name="mul"),
-             helper.make_node("Neg", ["x"], ["n"], name="n"),
-             helper.make_node("Add", ["a", "n"], ["y"], name="add")]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="r"),
+        helper.make_node("Mul", ["r", "one"], ["a"], name="mul"),
+        helper.make_node("Neg", ["x"], ["n"], name="n"),
+        helper.make_node("Add", ["a", "n"], ["y"], name="add"),
+    ]
     m = make_model(nodes, [vi("x", [2])], [vi("y", [2])], {"one": np.ones(2, np.float32)})
     res, _ = check_pass(m, NeutralPass())
     assert [n.op for n in res.model.graph.nodes] == ["Relu", "Identity", "Neg", "Add"]

@@ -39,8 +39,9 @@ def test_ratio_per_layer() -> None:
             kept = np.abs(w[a != 0]).min()
             assert kept >= np.abs(w[a == 0]).max()  # only the smallest went
 
-    res, _ = check_pass(m, "prune-magnitude", ratio=0.5, min_sqnr_db=0.0, rtol=1e9, atol=1e9,
-                        structure=st)
+    res, _ = check_pass(
+        m, "prune-magnitude", ratio=0.5, min_sqnr_db=0.0, rtol=1e9, atol=1e9, structure=st
+    )
     assert abs(res.stats["sparsity"] - 0.5) < 0.02
     assert res.stats["weights_zeroed"] > 0 and "none" in res.stats["speedup"]
 
@@ -56,15 +57,24 @@ def test_threshold_and_global() -> None:
 
 def test_small_ratio_exact_outputs_change_little() -> None:
     m = load(fixture_path("digits_cnn.onnx"))
-    check_pass(m, "prune-magnitude", ratio=0.05, min_sqnr_db=20.0, rtol=1e9, atol=1e9,
-               feeds={"x": np.load(fixture_path("digits_calib.npz"))["x"][:16]})
+    check_pass(
+        m,
+        "prune-magnitude",
+        ratio=0.05,
+        min_sqnr_db=20.0,
+        rtol=1e9,
+        atol=1e9,
+        feeds={"x": np.load(fixture_path("digits_calib.npz"))["x"][:16]},
+    )
 
 
 def test_shared_weight_and_graph_input_untouched() -> None:
     inits = {"w": W(3, 3, 3, 3)}
-    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="c1", pads=[1] * 4),
-             helper.make_node("Conv", ["a", "w"], ["b"], name="c2", pads=[1] * 4),
-             helper.make_node("Conv", ["b", "wi"], ["y"], name="c3", pads=[1] * 4)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["a"], name="c1", pads=[1] * 4),
+        helper.make_node("Conv", ["a", "w"], ["b"], name="c2", pads=[1] * 4),
+        helper.make_node("Conv", ["b", "wi"], ["y"], name="c3", pads=[1] * 4),
+    ]
     m = build(nodes, {"x": [1, 3, 8, 8], "wi": [4, 3, 3, 3]}, ["y"], inits)
     res, _ = check_pass(m, "prune-magnitude", ratio=0.5, expect_modified=False)
     assert res.stats["layers"] == 0

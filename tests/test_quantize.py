@@ -31,8 +31,9 @@ def calib_feeds(model: Model, n: int, seed: int = 0) -> list[dict[str, np.ndarra
     for _ in range(n):
         f = {}
         for t in model.graph.inputs:
-            shape = [d if isinstance(d, int) else (1 if i == 0 else 8) for i, d in
-                     enumerate(t.shape)]
+            shape = [
+                d if isinstance(d, int) else (1 if i == 0 else 8) for i, d in enumerate(t.shape)
+            ]
             f[t.name] = rng.standard_normal(shape).astype(np.float32)
         out.append(f)
     return out
@@ -47,9 +48,17 @@ def _ort_optimized_ops(model: Model, tmp_path: Path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(dst)).graph.node)
 
 
-@pytest.mark.parametrize("name, min_db", [
-    ("cnn.onnx", 30), ("residual.onnx", 25), ("mobilenet_block.onnx", 20),
-    ("transformer_block.onnx", 20), ("external_data.onnx", 25), ("digits_cnn.onnx", 20)])
+@pytest.mark.parametrize(
+    "name, min_db",
+    [
+        ("cnn.onnx", 30),
+        ("residual.onnx", 25),
+        ("mobilenet_block.onnx", 20),
+        ("transformer_block.onnx", 20),
+        ("external_data.onnx", 25),
+        ("digits_cnn.onnx", 20),
+    ],
+)
 def test_fixture_quantizes_loads_and_keeps_sqnr(name: str, min_db: float) -> None:
     m = load(fixture_path(name))
     res = quantize(m, calib_feeds(m, 16), method="mse")
@@ -88,10 +97,12 @@ def test_digits_accuracy_within_half_a_point() -> None:
 def _mixed_range_model() -> Model:
     """A detector-like head: boxes (0..320) and class probabilities (0..1) concatenated."""
     rng = np.random.default_rng(0)
-    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [4, 8, 1, 1],
-                            rng.standard_normal(32).astype(np.float32))
-    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [3, 8, 1, 1],
-                            rng.standard_normal(24).astype(np.float32))
+    w1 = helper.make_tensor(
+        "w1", TensorProto.FLOAT, [4, 8, 1, 1], rng.standard_normal(32).astype(np.float32)
+    )
+    w2 = helper.make_tensor(
+        "w2", TensorProto.FLOAT, [3, 8, 1, 1], rng.standard_normal(24).astype(np.float32)
+    )
     k = helper.make_tensor("k", TensorProto.FLOAT, [], [160.0])
     shape = helper.make_tensor("shape", TensorProto.INT64, [2], [7, -1])
     nodes = [
@@ -102,11 +113,15 @@ def _mixed_range_model() -> Model:
         helper.make_node("Conv", ["x", "w2"], ["c0"], name="cls_conv"),
         helper.make_node("Sigmoid", ["c0"], ["probs"], name="cls_sig"),
         helper.make_node("Concat", ["boxes", "probs"], ["cat"], name="head_concat", axis=1),
-        helper.make_node("Reshape", ["cat", "shape"], ["y"], name="flatten")]
-    g = helper.make_graph(nodes, "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 16])],
-                          [w1, w2, k, shape])
+        helper.make_node("Reshape", ["cat", "shape"], ["y"], name="flatten"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 16])],
+        [w1, w2, k, shape],
+    )
     return Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
 
 
@@ -147,8 +162,9 @@ def test_metric_callback_drives_mixed_precision() -> None:
     calls = []
 
     def metric(q: Model) -> bool:
-        kept = sum(1 for n in q.graph.nodes if n.op == "Conv" and
-                   n.inputs[1].inputs == [])  # a float weight: layer kept float
+        kept = sum(
+            1 for n in q.graph.nodes if n.op == "Conv" and n.inputs[1].inputs == []
+        )  # a float weight: layer kept float
         calls.append(kept)
         return kept >= 1
 
@@ -180,8 +196,11 @@ def test_int8_activations_and_per_tensor() -> None:
     res = quantize(m, calib_feeds(m, 8), activations="int8", per_channel=False)
     zps = [n.inputs[2].values for n in res.model.graph.nodes if n.op == "QuantizeLinear"]
     assert zps and all(np.asarray(z).dtype == np.int8 for z in zps)
-    assert all("axis" not in n.attrs for n in res.model.graph.nodes if n.op == "DequantizeLinear"
-               and n.inputs[0].dtype == np.int8)
+    assert all(
+        "axis" not in n.attrs
+        for n in res.model.graph.nodes
+        if n.op == "DequantizeLinear" and n.inputs[0].dtype == np.int8
+    )
     assert min(o.sqnr_db for o in res.verify.outputs) > 25
 
 
@@ -190,12 +209,34 @@ def test_cli_quantize_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
     m = load(fixture_path("digits_cnn.onnx"))
     out = tmp_path / "q.onnx"
-    rc = main(["quantize", str(fixture_path("digits_cnn.onnx")), "-o", str(out), "--calib",
-               str(fixture_path("digits_calib.npz")), "--json", "--method", "entropy"])
+    rc = main(
+        [
+            "quantize",
+            str(fixture_path("digits_cnn.onnx")),
+            "-o",
+            str(out),
+            "--calib",
+            str(fixture_path("digits_calib.npz")),
+            "--json",
+            "--method",
+            "entropy",
+        ]
+    )
     assert rc == 0 and out.is_file()
     payload = json.loads(capsys.readouterr().out)
-    for key in ("input", "output", "nodes_before", "nodes_after", "macs_before", "macs_after",
-                "verify", "passes", "layers", "kept_float", "activations"):
+    for key in (
+        "input",
+        "output",
+        "nodes_before",
+        "nodes_after",
+        "macs_before",
+        "macs_after",
+        "verify",
+        "passes",
+        "layers",
+        "kept_float",
+        "activations",
+    ):
         assert key in payload
     assert payload["passes"]["quantize-int8"]["nodes_quantized"] > 0
     assert payload["file_bytes_after"] < payload["file_bytes_before"]
@@ -232,21 +273,27 @@ def test_bias_correction_removes_mean_shift() -> None:
     assert mean_err(corrected.model) < mean_err(plain.model)
 
 
-@pytest.mark.parametrize("shape,axis", [((16, 3, 3, 3), 0), ((3, 16, 2, 2), 1), ((64, 10), 1),
-                                        ((64, 10), None)])
+@pytest.mark.parametrize(
+    "shape,axis", [((16, 3, 3, 3), 0), ((3, 16, 2, 2), 1), ((64, 10), 1), ((64, 10), None)]
+)
 def test_blockwise_weight_quantization_matches_whole_tensor(monkeypatch, shape, axis) -> None:
     """Huge layers are quantized block by block (bounded memory); the result must not change."""
     from graphopt.algorithms.quant import graph as qg
+
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     a = np.abs(w.astype(np.float64))
-    m = np.asarray(a.max()) if axis is None else \
-        np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
+    m = (
+        np.asarray(a.max())
+        if axis is None
+        else np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
+    )
     scales = np.where(m / 127 > 0, m / 127, 1.0).astype(np.float32)
     shp = [1] * w.ndim
     if axis is not None:
         shp[axis] = -1
-    ref = np.clip(np.round(w.astype(np.float64) / scales.reshape(shp if axis is not None else ())),
-                  -127, 127).astype(np.int8)
+    ref = np.clip(
+        np.round(w.astype(np.float64) / scales.reshape(shp if axis is not None else ())), -127, 127
+    ).astype(np.int8)
     monkeypatch.setattr(qg, "_BLOCK_ELEMENTS", 7)  # many small blocks
     assert np.array_equal(qg.weight_params(w, axis, 127), scales)
     assert np.array_equal(qg.quantize_weight(w, scales, axis, 127), ref)

@@ -24,8 +24,9 @@ def test_pass_contract_positive_and_structure() -> None:
     def structure(q: Model) -> None:
         ops = op_counts(q)
         assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= ops["QuantizeLinear"] + 2
-        weights = [n for n in q.graph.nodes if n.op == "DequantizeLinear"
-                   and n.inputs[0].dtype == np.int8]
+        weights = [
+            n for n in q.graph.nodes if n.op == "DequantizeLinear" and n.inputs[0].dtype == np.int8
+        ]
         assert weights and all(n.attrs.get("axis") == 0 for n in weights)  # per channel
 
     check_pass(m, QuantizeInt8Pass(calib=calib_feeds(m, 8)), min_sqnr_db=25, structure=structure)
@@ -35,9 +36,16 @@ def test_no_quantizable_op_leaves_model_unchanged() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
     c = helper.make_tensor("c", TensorProto.FLOAT, [4], [1, 2, 3, 4])
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"], name="relu"),
-                           helper.make_node("Add", ["r", "c"], ["y"], name="add")],
-                          "g", [x], [y], [c])
+    g = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            helper.make_node("Add", ["r", "c"], ["y"], name="add"),
+        ],
+        "g",
+        [x],
+        [y],
+        [c],
+    )
     m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
     check_pass(m, QuantizeInt8Pass(calib=calib_feeds(m, 4)), expect_modified=False)
     res = quantize(m, calib_feeds(m, 4))
@@ -48,7 +56,8 @@ def test_weight_that_is_a_graph_input_stays_float() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])
     w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [3, 2, 3, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
-    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
-                          [x, w], [y])
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g", [x, w], [y]
+    )
     m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
     check_pass(m, QuantizeInt8Pass(calib=calib_feeds(m, 4)), expect_modified=False)

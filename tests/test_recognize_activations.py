@@ -18,6 +18,7 @@ X = {"x": (2, 3, 4, 5)}
 def counts(expected: dict[str, int]):
     def check(model) -> None:
         assert op_counts(model) == expected, op_counts(model)
+
     return check
 
 
@@ -45,8 +46,9 @@ def hswish_nodes(form: str, opset: int = 17) -> tuple[list, dict]:
     return nodes, inits
 
 
-@pytest.mark.parametrize("form", ["paddle", "mul_sixth", "inner_div", "x_div_first", "minmax",
-                                  "relu_min"])
+@pytest.mark.parametrize(
+    "form", ["paddle", "mul_sixth", "inner_div", "x_div_first", "minmax", "relu_min"]
+)
 def test_hardswish_forms_opset14(form: str) -> None:
     nodes, inits = hswish_nodes(form)
     m = build(nodes, X, ["y"], inits, opset=14)
@@ -73,21 +75,35 @@ def test_mobilenet_fixture(load_fixture) -> None:
 
 def test_hardsigmoid_times_x_and_hardsigmoid_written_out() -> None:
     inits = {"three": 3.0, "lo": 0.0, "hi": 6.0, "six": 6.0}
-    m = build([node("HardSigmoid", ["x"], "h", alpha=1 / 6, beta=0.5),
-               node("Mul", ["h", "x"], "y1"),
-               node("Add", ["x", "three"], "a"), node("Clip", ["a", "lo", "hi"], "k"),
-               node("Div", ["k", "six"], "y2")], X, ["y1", "y2"], inits, opset=14)
+    m = build(
+        [
+            node("HardSigmoid", ["x"], "h", alpha=1 / 6, beta=0.5),
+            node("Mul", ["h", "x"], "y1"),
+            node("Add", ["x", "three"], "a"),
+            node("Clip", ["a", "lo", "hi"], "k"),
+            node("Div", ["k", "six"], "y2"),
+        ],
+        X,
+        ["y1", "y2"],
+        inits,
+        opset=14,
+    )
     check_pass(m, P, structure=counts({"HardSwish": 1, "HardSigmoid": 1}))
 
 
-@pytest.mark.parametrize("case", ["three_is_2", "six_is_5", "alpha_0.2", "opset13_hsig",
-                                  "escaping", "shared_x"])
+@pytest.mark.parametrize(
+    "case", ["three_is_2", "six_is_5", "alpha_0.2", "opset13_hsig", "escaping", "shared_x"]
+)
 def test_hardswish_negatives(case: str) -> None:
     if case in ("alpha_0.2", "opset13_hsig"):
         alpha = 0.2 if case == "alpha_0.2" else 1 / 6
-        m = build([node("HardSigmoid", ["x"], "h", alpha=alpha, beta=0.5),
-                   node("Mul", ["x", "h"], "y")], X, ["y"], {},
-                  opset=17 if case == "alpha_0.2" else 13)
+        m = build(
+            [node("HardSigmoid", ["x"], "h", alpha=alpha, beta=0.5), node("Mul", ["x", "h"], "y")],
+            X,
+            ["y"],
+            {},
+            opset=17 if case == "alpha_0.2" else 13,
+        )
     else:
         nodes, inits = hswish_nodes("paddle")
         outputs = ["y"]
@@ -99,15 +115,22 @@ def test_hardswish_negatives(case: str) -> None:
             outputs = ["y", "k"]
         else:  # the Mul reads another tensor than the Add: not x * f(x)
             nodes[1:] = []
-            nodes += [node("Clip", ["a", "lo", "hi"], "k"), node("Mul", ["z", "k"], "m"),
-                      node("Div", ["m", "six"], "y")]
+            nodes += [
+                node("Clip", ["a", "lo", "hi"], "k"),
+                node("Mul", ["z", "k"], "m"),
+                node("Div", ["m", "six"], "y"),
+            ]
         m = build(nodes, {**X, "z": X["x"]} if case == "shared_x" else X, outputs, inits)
     check_pass(m, P, expect_modified=False)
 
 
 def test_sigmoid_of_x_times_one() -> None:
-    m = build([node("Mul", ["x", "one"], "a"), node("Sigmoid", ["a"], "s"),
-               node("Mul", ["x", "s"], "y")], X, ["y"], {"one": 1.0})
+    m = build(
+        [node("Mul", ["x", "one"], "a"), node("Sigmoid", ["a"], "s"), node("Mul", ["x", "s"], "y")],
+        X,
+        ["y"],
+        {"one": 1.0},
+    )
     check_pass(m, P, structure=counts({"Sigmoid": 1, "Mul": 1}))
 
 
@@ -119,16 +142,26 @@ def test_layernorm_fixture(load_fixture) -> None:
 
 def ln_nodes(square: str = "pow", axes: list[int] | None = None) -> list:
     axes = axes or [-1]
-    sq = (node("Pow", ["d", "two"], "sq") if square == "pow" else node("Mul", ["d", "d"], "sq"))
-    return [node("ReduceMean", ["x"], "mu", axes=axes), node("Sub", ["x", "mu"], "d"), sq,
-            node("ReduceMean", ["sq"], "var", axes=axes), node("Add", ["var", "eps"], "ve"),
-            node("Sqrt", ["ve"], "std"), node("Reciprocal", ["std"], "r"),
-            node("Mul", ["d", "r"], "n"), node("Mul", ["n", "g"], "y")]
+    sq = node("Pow", ["d", "two"], "sq") if square == "pow" else node("Mul", ["d", "d"], "sq")
+    return [
+        node("ReduceMean", ["x"], "mu", axes=axes),
+        node("Sub", ["x", "mu"], "d"),
+        sq,
+        node("ReduceMean", ["sq"], "var", axes=axes),
+        node("Add", ["var", "eps"], "ve"),
+        node("Sqrt", ["ve"], "std"),
+        node("Reciprocal", ["std"], "r"),
+        node("Mul", ["d", "r"], "n"),
+        node("Mul", ["n", "g"], "y"),
+    ]
 
 
 def test_layernorm_two_axes_mul_square_reciprocal() -> None:
-    inits = {"two": 2.0, "eps": 1e-5, "g": np.random.default_rng(0).uniform(
-        0.5, 1.5, (4, 5)).astype(np.float32)}
+    inits = {
+        "two": 2.0,
+        "eps": 1e-5,
+        "g": np.random.default_rng(0).uniform(0.5, 1.5, (4, 5)).astype(np.float32),
+    }
     m = build(ln_nodes("mul", [-2, -1]), X, ["y"], inits)
     res, _ = check_pass(m, P, structure=counts({"LayerNormalization": 1}))
     assert res.model.graph.nodes[0].attrs["axis"] == -2
@@ -146,8 +179,11 @@ def test_layernorm_negatives(case: str) -> None:
 
 def gelu_erf(order: str) -> tuple[list, dict]:
     inits = {"sqrt2": math.sqrt(2.0), "one": 1.0, "half": 0.5}
-    nodes = [node("Div", ["x", "sqrt2"], "s"), node("Erf", ["s"], "e"),
-             node("Add", ["e", "one"], "t")]
+    nodes = [
+        node("Div", ["x", "sqrt2"], "s"),
+        node("Erf", ["s"], "e"),
+        node("Add", ["e", "one"], "t"),
+    ]
     if order == "pytorch":
         nodes += [node("Mul", ["x", "t"], "m"), node("Mul", ["m", "half"], "y")]
     else:  # TF: 0.5 * x * (1 + erf(x / sqrt 2))
@@ -157,10 +193,16 @@ def gelu_erf(order: str) -> tuple[list, dict]:
 
 def gelu_tanh() -> tuple[list, dict]:
     inits = {"three": 3.0, "k": 0.044715, "c": math.sqrt(2 / math.pi), "one": 1.0, "half": 0.5}
-    nodes = [node("Pow", ["x", "three"], "x3"), node("Mul", ["k", "x3"], "kx3"),
-             node("Add", ["x", "kx3"], "in"), node("Mul", ["in", "c"], "arg"),
-             node("Tanh", ["arg"], "th"), node("Add", ["th", "one"], "t"),
-             node("Mul", ["x", "half"], "hx"), node("Mul", ["hx", "t"], "y")]
+    nodes = [
+        node("Pow", ["x", "three"], "x3"),
+        node("Mul", ["k", "x3"], "kx3"),
+        node("Add", ["x", "kx3"], "in"),
+        node("Mul", ["in", "c"], "arg"),
+        node("Tanh", ["arg"], "th"),
+        node("Add", ["th", "one"], "t"),
+        node("Mul", ["x", "half"], "hx"),
+        node("Mul", ["hx", "t"], "y"),
+    ]
     return nodes, inits
 
 
@@ -170,7 +212,8 @@ def test_gelu_opset20(form: str) -> None:
     m = build(nodes, X, ["y"], inits, opset=20)
     res, _ = check_pass(m, P, structure=counts({"Gelu": 1}))
     assert res.model.graph.nodes[0].attrs.get("approximate", "none") == (
-        "tanh" if form == "tanh" else "none")
+        "tanh" if form == "tanh" else "none"
+    )
 
 
 def test_gelu_below_opset20_left_alone(load_fixture) -> None:

@@ -21,16 +21,27 @@ from graphopt.passes import get_pass, registered_passes
 from graphopt.testing import fingerprint
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list[tuple[str, list[int]]],
-           outputs: list[tuple[str, list[int]]], inits: dict[str, np.ndarray],
-           extra_inputs: list[str] = ()) -> Model:
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[tuple[str, list[int]]],
+    outputs: list[tuple[str, list[int]]],
+    inits: dict[str, np.ndarray],
+    extra_inputs: list[str] = (),
+) -> Model:
     vis = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
-    vis += [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(inits[n].dtype),
-                                          list(inits[n].shape)) for n in extra_inputs]
-    g = helper.make_graph(nodes, "regression", vis,
-                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, s)
-                           for n, s in outputs],
-                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    vis += [
+        helper.make_tensor_value_info(
+            n, helper.np_dtype_to_tensor_dtype(inits[n].dtype), list(inits[n].shape)
+        )
+        for n in extra_inputs
+    ]
+    g = helper.make_graph(
+        nodes,
+        "regression",
+        vis,
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     onnx.checker.check_model(proto, full_check=True)
@@ -45,8 +56,13 @@ def _exact_after(name: str, m: Model) -> Model:
     result = get_pass(name)(m.clone())
     assert fingerprint(original) == before
     onnx.checker.check_model(result.model.to_onnx(), full_check=True)
-    rep = verify(original, result.model, feeds=[random_feeds(original, seed=s) for s in (0, 1)],
-                 rtol=RTOL, atol=ATOL)
+    rep = verify(
+        original,
+        result.model,
+        feeds=[random_feeds(original, seed=s) for s in (0, 1)],
+        rtol=RTOL,
+        atol=ATOL,
+    )
     assert rep.ok, rep.to_json()
     return result.model
 
@@ -56,11 +72,15 @@ def test_fuse_pad_all_zero_pads_before_conv() -> None:
     was read again after the engine had detached the matched nodes). Found by the fuzzer."""
     w = np.full((1, 1, 1, 1), 0.12573022, np.float32)
     m = _model(
-        [helper.make_node("Relu", ["x"], ["r"]),
-         helper.make_node("Pad", ["r", "pads"], ["p"], mode="constant"),
-         helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[1, 1])],
-        [("x", [1, 1, 3, 3])], [("y", [1, 1, 3, 3])],
-        {"pads": np.zeros(8, np.int64), "w": w})
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Pad", ["r", "pads"], ["p"], mode="constant"),
+            helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[1, 1]),
+        ],
+        [("x", [1, 1, 3, 3])],
+        [("y", [1, 1, 3, 3])],
+        {"pads": np.zeros(8, np.int64), "w": w},
+    )
     out = _exact_after("fuse-pad", m)
     assert "Pad" not in out.op_histogram()
     res = optimize_model(m)
@@ -73,8 +93,13 @@ def test_ir_keeps_initializer_that_is_also_a_graph_input() -> None:
     interface and letting passes fold a value the caller may override. Found by the fuzzer's IR
     round trip."""
     w = np.arange(10, dtype=np.float32).reshape(5, 2) / 10
-    m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, 5])], [("y", [1, 2])],
-               {"w": w}, extra_inputs=["w"])
+    m = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [("x", [1, 5])],
+        [("y", [1, 2])],
+        {"w": w},
+        extra_inputs=["w"],
+    )
     assert [t.name for t in m.graph.inputs] == ["x", "w"]
     proto = m.to_onnx()
     assert [i.name for i in proto.graph.input] == ["x", "w"]
@@ -102,8 +127,12 @@ def _proof(m: Model, inplace: bool = True) -> None:
         assert report.ok, f"{strategy}: {report.to_json()}"
 
 
-_BN = {"s": np.array([1.06], np.float32), "b": np.array([-0.07], np.float32),
-       "mu": np.array([0.32], np.float32), "var": np.array([0.52], np.float32)}
+_BN = {
+    "s": np.array([1.06], np.float32),
+    "b": np.array([-0.07], np.float32),
+    "mu": np.array([0.32], np.float32),
+    "var": np.array([0.52], np.float32),
+}
 
 
 def test_memory_plan_inplace_never_overwrites_a_graph_output() -> None:
@@ -111,25 +140,36 @@ def test_memory_plan_inplace_never_overwrites_a_graph_output() -> None:
     BatchNormalization ran in place on ``relu``, an intermediate that is also a graph output,
     clobbering that output (a graph output's lifetime ends at the last step, so "its last reader is
     this node" held). Fuzzer."""
-    m = _model([helper.make_node("Relu", ["x"], ["relu"]),
-                helper.make_node("BatchNormalization", ["relu", "s", "b", "mu", "var"], ["bn"])],
-               [("x", [1, 1, 3, 3])], [("bn", [1, 1, 3, 3]), ("relu", [1, 1, 3, 3])], dict(_BN))
+    m = _model(
+        [
+            helper.make_node("Relu", ["x"], ["relu"]),
+            helper.make_node("BatchNormalization", ["relu", "s", "b", "mu", "var"], ["bn"]),
+        ],
+        [("x", [1, 1, 3, 3])],
+        [("bn", [1, 1, 3, 3]), ("relu", [1, 1, 3, 3])],
+        dict(_BN),
+    )
     _proof(m)
 
 
 def test_memory_plan_inplace_never_overwrites_an_output_through_an_alias() -> None:
     """plan-memory: ``Relu`` ran in place on a Reshape view of ``bn``, a graph output; the alias
     shares ``bn``'s bytes, so the output was overwritten. Found by the fuzzer."""
-    m = _model([helper.make_node("BatchNormalization", ["x", "s", "b", "mu", "var"], ["bn"]),
-                helper.make_node("Shape", ["bn"], ["shp"]),
-                helper.make_node("Gather", ["shp", "i0"], ["n"], axis=0),
-                helper.make_node("Concat", ["n", "m1"], ["tgt"], axis=0),
-                helper.make_node("Reshape", ["bn", "tgt"], ["flat"]),
-                helper.make_node("Relu", ["flat"], ["r1"]),
-                helper.make_node("Relu", ["r1"], ["r2"]),
-                helper.make_node("Relu", ["flat"], ["y"])],
-               [("x", [1, 1, 3, 3])], [("y", [1, 9]), ("bn", [1, 1, 3, 3])],
-               dict(_BN, i0=np.array([0], np.int64), m1=np.array([-1], np.int64)))
+    m = _model(
+        [
+            helper.make_node("BatchNormalization", ["x", "s", "b", "mu", "var"], ["bn"]),
+            helper.make_node("Shape", ["bn"], ["shp"]),
+            helper.make_node("Gather", ["shp", "i0"], ["n"], axis=0),
+            helper.make_node("Concat", ["n", "m1"], ["tgt"], axis=0),
+            helper.make_node("Reshape", ["bn", "tgt"], ["flat"]),
+            helper.make_node("Relu", ["flat"], ["r1"]),
+            helper.make_node("Relu", ["r1"], ["r2"]),
+            helper.make_node("Relu", ["flat"], ["y"]),
+        ],
+        [("x", [1, 1, 3, 3])],
+        [("y", [1, 9]), ("bn", [1, 1, 3, 3])],
+        dict(_BN, i0=np.array([0], np.int64), m1=np.array([-1], np.int64)),
+    )
     _proof(m)
 
 
@@ -138,8 +178,13 @@ def test_overridable_weight_is_fed_when_verifying() -> None:
     which leaves out overridable initializers, so a fed weight was silently replaced by its default
     and the memory-plan proof (which does use the fed value) disagreed. Found by the fuzzer."""
     w = np.array([[0.5], [-1.0], [2.0]], np.float32)
-    m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, 3])], [("y", [1, 1])],
-               {"w": w}, extra_inputs=["w"])
+    m = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [("x", [1, 3])],
+        [("y", [1, 1])],
+        {"w": w},
+        extra_inputs=["w"],
+    )
     from graphopt.core.session import run_model
 
     feeds = {"x": np.ones((1, 3), np.float32), "w": np.ones((3, 1), np.float32)}
@@ -160,14 +205,23 @@ def test_prune_channels_keeps_producers_whose_bias_is_a_graph_input() -> None:
 
     w = np.array([0.126, -0.132], np.float32).reshape(2, 1, 1, 1)
     m = _model(
-        [helper.make_node("Relu", ["x"], ["r"]),
-         helper.make_node("Conv", ["r", "w", "b"], ["c"], kernel_shape=[1, 1]),
-         helper.make_node("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["bn"]),
-         helper.make_node("Conv", ["bn", "w2"], ["y"], kernel_shape=[1, 1])],
-        [("x", [1, 1, 3, 3]), ("b", [2])], [("y", [1, 1, 3, 3])],
-        {"w": w, "s": np.array([0.73, 1.18], np.float32), "bb": np.array([0.65, 0.47], np.float32),
-         "mu": np.array([-0.35, -0.63], np.float32), "var": np.array([1.72, 0.5], np.float32),
-         "w2": np.array([-1.64, -0.15], np.float32).reshape(1, 2, 1, 1)})
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Conv", ["r", "w", "b"], ["c"], kernel_shape=[1, 1]),
+            helper.make_node("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["bn"]),
+            helper.make_node("Conv", ["bn", "w2"], ["y"], kernel_shape=[1, 1]),
+        ],
+        [("x", [1, 1, 3, 3]), ("b", [2])],
+        [("y", [1, 1, 3, 3])],
+        {
+            "w": w,
+            "s": np.array([0.73, 1.18], np.float32),
+            "bb": np.array([0.65, 0.47], np.float32),
+            "mu": np.array([-0.35, -0.63], np.float32),
+            "var": np.array([1.72, 0.5], np.float32),
+            "w2": np.array([-1.64, -0.15], np.float32).reshape(1, 2, 1, 1),
+        },
+    )
     feeds = random_feeds(m, seed=0)
     result = get_pass("prune-channels", ratio=0.5, recover=False)(m.clone())
     assert [tuple(t.shape) for t in result.model.graph.inputs] == [(1, 1, 3, 3), (2,)]
@@ -183,16 +237,28 @@ def test_prune_channels_depthwise_after_matmul_on_last_axis(op: str) -> None:
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
     from graphopt.algorithms import prune as pd
-    m = _model([helper.make_node("MatMul", ["x", "mw"], ["h"]),
-                helper.make_node(op, ["h", "w", "b"], ["y"], kernel_shape=[1, 1], group=2)],
-               [("x", [1, 2, 3, 3])], [("y", [1, 2, 3, 1])],
-               {"mw": np.array([[0.126], [-0.132], [0.64]], np.float32),
-                "w": np.array([0.105, -0.536], np.float32).reshape(2, 1, 1, 1),
-                "b": np.array([0.18, 0.65], np.float32)})
+
+    m = _model(
+        [
+            helper.make_node("MatMul", ["x", "mw"], ["h"]),
+            helper.make_node(op, ["h", "w", "b"], ["y"], kernel_shape=[1, 1], group=2),
+        ],
+        [("x", [1, 2, 3, 3])],
+        [("y", [1, 2, 3, 1])],
+        {
+            "mw": np.array([[0.126], [-0.132], [0.64]], np.float32),
+            "w": np.array([0.105, -0.536], np.float32).reshape(2, 1, 1, 1),
+            "b": np.array([0.18, 0.65], np.float32),
+        },
+    )
     zeroed = m.clone()
     an = pd.analyze(zeroed)
-    keep = pd.keep_elements(an, pd.select(an, pd.groups(an), pd.unit_scores(
-        an, pd.weight_importance(an)), 0.5, None, 1, 0.0))
+    keep = pd.keep_elements(
+        an,
+        pd.select(
+            an, pd.groups(an), pd.unit_scores(an, pd.weight_importance(an)), 0.5, None, 1, 0.0
+        ),
+    )
     pd.zero_pruned(zeroed, an, keep)
     pruned = zeroed.clone()
     pd.apply_pruning(pruned, pd.analyze(pruned), keep)
@@ -213,18 +279,34 @@ def test_prune_channels_labels_on_a_pooled_axis() -> None:
     if "prune-channels" not in registered_passes():
         pytest.skip("prune-channels is not registered")
     from graphopt.algorithms import prune as pd
-    mw = np.array([[0.063, -0.066, 0.32, 0.052], [-0.268, 0.181, 0.652, 0.474],
-                   [-0.352, -0.633, -0.312, 0.021]], np.float32)
-    m = _model([helper.make_node("MatMul", ["x", "mw"], ["h"]),
-                helper.make_node("MaxPool", ["h"], ["p"], kernel_shape=[2, 2]),
-                helper.make_node("Relu", ["p"], ["r"]),
-                helper.make_node("Split", ["r", "sp"], ["s0", "y"], axis=3)],
-               [("x", [2, 2, 3, 3])], [("y", [2, 2, 2, 2])],
-               {"mw": mw, "sp": np.array([1, 2], np.int64)})
+
+    mw = np.array(
+        [
+            [0.063, -0.066, 0.32, 0.052],
+            [-0.268, 0.181, 0.652, 0.474],
+            [-0.352, -0.633, -0.312, 0.021],
+        ],
+        np.float32,
+    )
+    m = _model(
+        [
+            helper.make_node("MatMul", ["x", "mw"], ["h"]),
+            helper.make_node("MaxPool", ["h"], ["p"], kernel_shape=[2, 2]),
+            helper.make_node("Relu", ["p"], ["r"]),
+            helper.make_node("Split", ["r", "sp"], ["s0", "y"], axis=3),
+        ],
+        [("x", [2, 2, 3, 3])],
+        [("y", [2, 2, 2, 2])],
+        {"mw": mw, "sp": np.array([1, 2], np.int64)},
+    )
     zeroed = m.clone()
     an = pd.analyze(zeroed)
-    keep = pd.keep_elements(an, pd.select(an, pd.groups(an), pd.unit_scores(
-        an, pd.weight_importance(an)), 0.5, None, 1, 0.0))
+    keep = pd.keep_elements(
+        an,
+        pd.select(
+            an, pd.groups(an), pd.unit_scores(an, pd.weight_importance(an)), 0.5, None, 1, 0.0
+        ),
+    )
     pd.zero_pruned(zeroed, an, keep)
     pruned = zeroed.clone()
     pd.apply_pruning(pruned, pd.analyze(pruned), keep)

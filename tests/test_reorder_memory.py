@@ -31,12 +31,21 @@ def two_branches(bad: bool = True, shared_weight: bool = False) -> Model:
     each branch to its end first keeps one.
     """
     rng = np.random.default_rng(0)
-    w = [helper.make_tensor(f"w{i}", F, [16, 4096],
-                            rng.standard_normal((16, 4096)).astype(np.float32).ravel())
-         for i in (1, 2)]
-    v = [helper.make_tensor(f"v{i}", F, [4096, 16],
-                            rng.standard_normal((4096, 16)).astype(np.float32).ravel() * 0.01)
-         for i in (1, 2)]
+    w = [
+        helper.make_tensor(
+            f"w{i}", F, [16, 4096], rng.standard_normal((16, 4096)).astype(np.float32).ravel()
+        )
+        for i in (1, 2)
+    ]
+    v = [
+        helper.make_tensor(
+            f"v{i}",
+            F,
+            [4096, 16],
+            rng.standard_normal((4096, 16)).astype(np.float32).ravel() * 0.01,
+        )
+        for i in (1, 2)
+    ]
     w2 = "w1" if shared_weight else "w2"
     a1 = helper.make_node("MatMul", ["x", "w1"], ["a1"], name="a1")
     b1 = helper.make_node("MatMul", ["x", w2], ["b1"], name="b1")
@@ -44,9 +53,13 @@ def two_branches(bad: bool = True, shared_weight: bool = False) -> Model:
     b2 = helper.make_node("MatMul", ["b1", "v2"], ["b2"], name="b2")
     add = helper.make_node("Add", ["a2", "b2"], ["y"], name="add")
     nodes = [a1, b1, a2, b2, add] if bad else [a1, a2, b1, b2, add]
-    g = helper.make_graph(nodes, "branches", [helper.make_tensor_value_info("x", F, [1, 16])],
-                          [helper.make_tensor_value_info("y", F, [1, 16])],
-                          initializer=w + v)
+    g = helper.make_graph(
+        nodes,
+        "branches",
+        [helper.make_tensor_value_info("x", F, [1, 16])],
+        [helper.make_tensor_value_info("y", F, [1, 16])],
+        initializer=w + v,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     return prepare(Model.from_onnx(m))
 
@@ -74,15 +87,15 @@ def test_reorder_strictly_better_on_a_bad_order():
 def test_reorder_leaves_a_good_order_alone():
     res, _ = check_pass(two_branches(bad=False), "reorder-memory", expect_modified=False)
     assert res.stats["exact_searched"] == 1  # the DP proved no order beats the given one
-    res, _ = check_pass(load(fixture_path("mobilenet_block.onnx")), "reorder-memory",
-                        expect_modified=False)
+    res, _ = check_pass(
+        load(fixture_path("mobilenet_block.onnx")), "reorder-memory", expect_modified=False
+    )
     assert res.stats["exact_searched"] == 1
 
 
 def test_reorder_shared_weight_and_graph_output_intermediate_unchanged():
     # a shared weight changes nothing about the schedule's legality; the good order stays
-    check_pass(two_branches(bad=False, shared_weight=True), "reorder-memory",
-               expect_modified=False)
+    check_pass(two_branches(bad=False, shared_weight=True), "reorder-memory", expect_modified=False)
     # a chain has exactly one order
     check_pass(chain(), "reorder-memory", expect_modified=False)
 
@@ -124,13 +137,15 @@ def test_exact_search_is_optimal_on_small_graphs(build, inplace):
     for mode in ("net", "peak", "lookahead", "dfs", "lookahead-dfs", "reverse"):
         o = _greedy(pb, mode)
         pos = {v: k for k, v in enumerate(o)}
-        assert all(pos[u] < pos[v] for v in range(pb.n) for u in range(pb.n)
-                   if pb.preds[v] >> u & 1)
+        assert all(
+            pos[u] < pos[v] for v in range(pb.n) for u in range(pb.n) if pb.preds[v] >> u & 1
+        )
 
 
 def test_reorder_keeps_if_subgraphs_working():
-    res, _ = check_pass(load(fixture_path("if_model.onnx")), "reorder-memory",
-                        expect_modified=False)
+    res, _ = check_pass(
+        load(fixture_path("if_model.onnx")), "reorder-memory", expect_modified=False
+    )
     assert res.stats["order_changed"] == 0
 
 

@@ -20,7 +20,10 @@ from graphopt.core.shapes import (
 
 def test_parse_specs() -> None:
     assert parse_input_shapes(["x:1x3x640x640", "y:2,5", "s:"]) == {
-        "x": (1, 3, 640, 640), "y": (2, 5), "s": ()}
+        "x": (1, 3, 640, 640),
+        "y": (2, 5),
+        "s": (),
+    }
     assert parse_input_shapes(["a:b:1x2"]) == {"a:b": (1, 2)}
     for bad in ("x", "x:1xax3", "x:0x3", "x:-1x3", "x:1x4294967296"):
         with pytest.raises(ShapeError):
@@ -30,11 +33,21 @@ def test_parse_specs() -> None:
 def test_parse_mappings_and_one_string() -> None:
     """Recipe tables and the Python API go through the same parser."""
     assert parse_input_shapes({"x": "1x3x8x8", "y": [2, 5], "s": (), "t": ""}) == {
-        "x": (1, 3, 8, 8), "y": (2, 5), "s": (), "t": ()}
+        "x": (1, 3, 8, 8),
+        "y": (2, 5),
+        "s": (),
+        "t": (),
+    }
     assert parse_input_shapes("x:1x3") == {"x": (1, 3)}
     assert parse_input_shapes(None) == {} and parse_input_shapes([]) == {}
-    for bad in ({"x": [1, 0]}, {"x": [True, 2]}, {"x": [1.5]}, {"x": "1xa"}, {"x": 3},
-                {"x": [2**31]}):
+    for bad in (
+        {"x": [1, 0]},
+        {"x": [True, 2]},
+        {"x": [1.5]},
+        {"x": "1xa"},
+        {"x": 3},
+        {"x": [2**31]},
+    ):
         with pytest.raises(ShapeError, match="'x'"):
             parse_input_shapes(bad)  # type: ignore[arg-type]
 

@@ -46,8 +46,10 @@ def test_only_the_misplaced_node_moves() -> None:
     """a b c d e with d moved to the front (it reads c): d goes back right after c; the others keep
     their relative order."""
     names = ["a", "b", "c", "d", "e"]
-    nodes = {n: helper.make_node("Relu", [f"{p}_out" if p else "x"], [f"{n}_out"], name=n)
-             for n, p in zip(names, [None, "a", "b", "c", "d"])}
+    nodes = {
+        n: helper.make_node("Relu", [f"{p}_out" if p else "x"], [f"{n}_out"], name=n)
+        for n, p in zip(names, [None, "a", "b", "c", "d"])
+    }
     order = ["d", "a", "b", "c", "e"]
     m = _model([nodes[n] for n in order], [vi("x", [3])], [vi("e_out", [3])])
     res, _ = check_pass(m, "toposort")
@@ -57,12 +59,11 @@ def test_only_the_misplaced_node_moves() -> None:
 def test_subgraph_captures_are_dependencies() -> None:
     """The If reads 'c' only inside its branches (no explicit input): the producer of 'c' must come
     before it, which the explicit edges alone do not say."""
-    then_g = helper.make_graph([helper.make_node("Neg", ["c"], ["t"])], "then", [],
-                               [vi("t", [3])])
-    else_g = helper.make_graph([helper.make_node("Abs", ["c"], ["e"])], "else", [],
-                               [vi("e", [3])])
-    if_node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g,
-                               else_branch=else_g)
+    then_g = helper.make_graph([helper.make_node("Neg", ["c"], ["t"])], "then", [], [vi("t", [3])])
+    else_g = helper.make_graph([helper.make_node("Abs", ["c"], ["e"])], "else", [], [vi("e", [3])])
+    if_node = helper.make_node(
+        "If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g
+    )
     relu = helper.make_node("Relu", ["x"], ["c"], name="relu")
     cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
     m = _model([if_node, relu], [vi("x", [3]), cond], [vi("y", [3])])

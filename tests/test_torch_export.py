@@ -39,10 +39,16 @@ def _net() -> Net:
 
 def test_from_torch_matches_torch_and_optimizes() -> None:
     from graphopt.core import torch_export
+
     net = _net().train()
     x = torch.randn(2, 3, 8, 8)
-    model = torch_export.from_torch(net, x, input_names=["x"], output_names=["logits"],
-                                    dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    model = torch_export.from_torch(
+        net,
+        x,
+        input_names=["x"],
+        output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+    )
     assert net.training  # mode restored
     assert [t.name for t in model.graph.inputs] == ["x"]
     assert [t.name for t in model.graph.outputs] == ["logits"]

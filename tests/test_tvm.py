@@ -45,8 +45,9 @@ def _real(name: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
         pytest.skip(str(exc))
 
 
-def _assert_matches_ort(model_path: Path, artifact: Path, shapes: dict[str, tuple[int, ...]],
-                        seed: int = 1) -> None:
+def _assert_matches_ort(
+    model_path: Path, artifact: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1
+) -> None:
     model = load(model_path)
     feeds = random_feeds(model, seed=seed, shapes=shapes)
     ref = run_model(model, feeds)
@@ -108,9 +109,21 @@ def test_runner_script_runs_artifact_without_graphopt(cls_llvm, tmp_path: Path) 
     np.save(tmp_path / "x.npy", x)
     runner = Path(grunner.__file__).resolve()
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
-    proc = subprocess.run([sys.executable, str(runner), str(res.artifact), "--input",
-                           f"x={tmp_path / 'x.npy'}", "--output", str(tmp_path / "o.npz")],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(runner),
+            str(res.artifact),
+            "--input",
+            f"x={tmp_path / 'x.npy'}",
+            "--output",
+            str(tmp_path / "o.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     ref = run_model(load(path), {"x": x})
     with np.load(tmp_path / "o.npz") as z:
@@ -127,8 +140,9 @@ def test_bench_artifact_reports_latency_and_error(tmp_path: Path) -> None:
 
 
 def test_artifact_rejects_wrong_input_shape(tmp_path: Path) -> None:
-    res = gcompile.compile_model(fixture_path("residual.onnx"), output=tmp_path / "r.so",
-                                 verify=False)
+    res = gcompile.compile_model(
+        fixture_path("residual.onnx"), output=tmp_path / "r.so", verify=False
+    )
     art = grunner.load_artifact(res.artifact)
     with pytest.raises(ValueError, match="compiled for"):
         art.run({"x": np.zeros((1, 16, 8, 8), np.float32)})
@@ -176,16 +190,22 @@ def test_parse_target() -> None:
 @pytest.mark.slow
 def test_cls_aarch64_runs_under_qemu_and_matches_onnxruntime(tmp_path: Path) -> None:
     if shutil.which("aarch64-linux-gnu-gcc") is None:
-        pytest.skip("no AArch64 cross compiler (apt-get install gcc-aarch64-linux-gnu; "
-                    "scripts/install-tvm-deps.sh)")
+        pytest.skip(
+            "no AArch64 cross compiler (apt-get install gcc-aarch64-linux-gnu; "
+            "scripts/install-tvm-deps.sh)"
+        )
     why = gqemu.qemu_unavailable_reason()
     if why:
         pytest.skip(why)
     path, shapes = _real("cls")
-    res = gcompile.compile_model(path, target="aarch64", output=tmp_path / "cls_arm.so",
-                             input_shapes=shapes)
-    out = subprocess.run(["file", str(res.artifact)], capture_output=True, text=True).stdout \
-        if shutil.which("file") else "aarch64"
+    res = gcompile.compile_model(
+        path, target="aarch64", output=tmp_path / "cls_arm.so", input_shapes=shapes
+    )
+    out = (
+        subprocess.run(["file", str(res.artifact)], capture_output=True, text=True).stdout
+        if shutil.which("file")
+        else "aarch64"
+    )
     assert "aarch64" in out.lower()
     # compile_model ran it under qemu on seeded inputs; check the figures it recorded
     assert res.verified_on == "qemu-aarch64"
@@ -198,8 +218,9 @@ def test_cls_aarch64_runs_under_qemu_and_matches_onnxruntime(tmp_path: Path) -> 
 
 
 def test_cuda_builds_and_nvcc_compiles_its_source(tmp_path: Path) -> None:
-    res = gcompile.compile_model(fixture_path("mobilenet_block.onnx"), target="cuda:sm_90",
-                             output=tmp_path / "mb_cuda.so")
+    res = gcompile.compile_model(
+        fixture_path("mobilenet_block.onnx"), target="cuda:sm_90", output=tmp_path / "mb_cuda.so"
+    )
     assert res.artifact.is_file()
     assert json.loads(res.manifest.read_text())["target"] == "cuda"
     if shutil.which("nvcc") is None:

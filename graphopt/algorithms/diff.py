@@ -95,9 +95,16 @@ class DiffReport:
             "nodes_removed": self.nodes_removed,
             "nodes_a": self.nodes_a,
             "nodes_b": self.nodes_b,
-            "fused_groups": [{"node": g.node, "label": g.label, "replaced": g.replaced,
-                              "replaced_ops": g.replaced_ops, "nodes": g.nodes}
-                             for g in self.fused_groups],
+            "fused_groups": [
+                {
+                    "node": g.node,
+                    "label": g.label,
+                    "replaced": g.replaced,
+                    "replaced_ops": g.replaced_ops,
+                    "nodes": g.nodes,
+                }
+                for g in self.fused_groups
+            ],
             "added": self.added,
             "removed": self.removed,
             "changed": self.changed,
@@ -135,8 +142,12 @@ def _node_signature(n: gs.Node) -> tuple[Any, ...]:
     attrs = []
     for k, v in sorted(n.attrs.items()):
         if isinstance(v, gs.Constant):
-            v = ("const", v.dtype.name if hasattr(v.dtype, "name") else str(v.dtype),
-                 tuple(v.shape), np.asarray(v.values).tobytes())
+            v = (
+                "const",
+                v.dtype.name if hasattr(v.dtype, "name") else str(v.dtype),
+                tuple(v.shape),
+                np.asarray(v.values).tobytes(),
+            )
         elif isinstance(v, gs.Graph):
             v = ("graph", len(v.nodes))
         elif isinstance(v, (list, np.ndarray)):
@@ -155,10 +166,16 @@ def structural_diff(a: Model, b: Model, report: DiffReport | None = None) -> Dif
     r = report or DiffReport()
     r.nodes_a, r.nodes_b = a.num_nodes(), b.num_nodes()
     ha, hb = a.op_histogram(), b.op_histogram()
-    r.nodes_added = {op: hb.get(op, 0) - ha.get(op, 0) for op in sorted(set(ha) | set(hb))
-                     if hb.get(op, 0) > ha.get(op, 0)}
-    r.nodes_removed = {op: ha.get(op, 0) - hb.get(op, 0) for op in sorted(set(ha) | set(hb))
-                       if ha.get(op, 0) > hb.get(op, 0)}
+    r.nodes_added = {
+        op: hb.get(op, 0) - ha.get(op, 0)
+        for op in sorted(set(ha) | set(hb))
+        if hb.get(op, 0) > ha.get(op, 0)
+    }
+    r.nodes_removed = {
+        op: ha.get(op, 0) - hb.get(op, 0)
+        for op in sorted(set(ha) | set(hb))
+        if ha.get(op, 0) > hb.get(op, 0)
+    }
 
     ga, gb = a.graph, b.graph
     prod_a, prod_b = producers(ga), producers(gb)
@@ -189,8 +206,9 @@ def structural_diff(a: Model, b: Model, report: DiffReport | None = None) -> Dif
                     stack.append(prod_a[t.name])
         claimed.update(group)
         # weight computations folded into the new node are not part of the group's name
-        nodes = sorted((n for n in group.values() if id(n) in layers_a),
-                       key=lambda n: order_a[id(n)]) or list(group.values())
+        nodes = sorted(
+            (n for n in group.values() if id(n) in layers_a), key=lambda n: order_a[id(n)]
+        ) or list(group.values())
         if len(nodes) == 1 and nodes[0].op == nb.op:
             if _node_signature(nodes[0]) != _node_signature(nb):
                 r.changed.append(nb.name)
@@ -202,15 +220,25 @@ def structural_diff(a: Model, b: Model, report: DiffReport | None = None) -> Dif
             n = stack_b.pop()
             for t in n.inputs:
                 p = prod_b.get(t.name) if t.name and t.name not in tensors_a else None
-                if p is not None and id(p) not in side and p.op != "Constant" and all(
-                        id(c) in side for o in p.outputs for c in o.outputs):
+                if (
+                    p is not None
+                    and id(p) not in side
+                    and p.op != "Constant"
+                    and all(id(c) in side for o in p.outputs for c in o.outputs)
+                ):
                     side[id(p)] = p
                     stack_b.append(p)
         nodes_b = sorted(side.values(), key=lambda n: order_b[id(n)])
         absorbed.update(id(n) for n in nodes_b if n is not nb)
-        r.fused_groups.append(FusedGroup(nb.name, "+".join(n.op for n in nodes_b),
-                                         [n.name for n in nodes], [n.op for n in nodes],
-                                         [n.name for n in nodes_b]))
+        r.fused_groups.append(
+            FusedGroup(
+                nb.name,
+                "+".join(n.op for n in nodes_b),
+                [n.name for n in nodes],
+                [n.op for n in nodes],
+                [n.name for n in nodes_b],
+            )
+        )
     r.added = [n.name for n in unmatched if id(n) not in absorbed]
     r.removed = [n.name for n in ga.nodes if id(n) not in claimed]
 
@@ -229,6 +257,7 @@ def structural_diff(a: Model, b: Model, report: DiffReport | None = None) -> Dif
         da = str(np.dtype(x.dtype)) if x.dtype is not None else None
         db = str(np.dtype(y.dtype)) if y.dtype is not None else None
         if sa != sb or da != db:
-            r.shapes_changed.append({"tensor": name, "a": sa, "b": sb, "dtype_a": da,
-                                     "dtype_b": db})
+            r.shapes_changed.append(
+                {"tensor": name, "a": sa, "b": sb, "dtype_a": da, "dtype_b": db}
+            )
     return r

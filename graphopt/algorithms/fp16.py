@@ -64,41 +64,166 @@ FP16_MAX = float(np.finfo(np.float16).max)
 # Measured with onnxruntime 1.32 (CPUExecutionProvider, x86-64), one fp16 node per op type:
 # native = runs with fp16 kernel; cast = ORT inserts Casts around it (runs in fp32); none = refused.
 ORT_CPU_FP16: dict[str, str] = {
-    **dict.fromkeys((
-        "Cast", "Compress", "Concat", "ConstantOfShape", "Constant", "Expand", "Flatten",
-        "Gather", "GatherElements", "Identity", "IsNaN", "LayerNormalization", "Max", "Min", "Mod",
-        "Not", "Reshape", "Round", "ScatterND", "Shape", "Shrink", "Sign", "Slice", "Split",
-        "Squeeze", "Transpose", "Unsqueeze"), "native"),
-    **dict.fromkeys((
-        "Abs", "Acos", "Add", "ArgMax", "Asin", "Atan", "AveragePool", "BatchNormalization",
-        "Ceil", "Clip", "Conv", "ConvTranspose", "Cos", "CumSum", "DepthToSpace", "Det", "Div",
-        "Dropout", "Einsum", "Elu", "Equal", "Erf", "Exp", "EyeLike", "Floor", "Gelu", "Gemm",
-        "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool", "GridSample", "GRU", "Greater",
-        "Hardmax", "HardSigmoid", "HardSwish", "InstanceNormalization", "LeakyRelu", "Less", "Log",
-        "LogSoftmax", "LpNormalization", "LpPool", "LRN", "LSTM", "MatMul", "MaxPool", "Mean",
-        "MeanVarianceNormalization", "Mish", "Mul", "Neg", "NonZero", "Pad", "Pow", "PRelu",
-        "Reciprocal", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
-        "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu", "Resize",
-        "Selu", "Sigmoid", "Sin", "Sinh", "Size", "Softmax", "Softplus", "Softsign",
-        "SpaceToDepth", "Sqrt", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK",
-        "Trilu", "Upsample", "Where"), "cast"),
+    **dict.fromkeys(
+        (
+            "Cast",
+            "Compress",
+            "Concat",
+            "ConstantOfShape",
+            "Constant",
+            "Expand",
+            "Flatten",
+            "Gather",
+            "GatherElements",
+            "Identity",
+            "IsNaN",
+            "LayerNormalization",
+            "Max",
+            "Min",
+            "Mod",
+            "Not",
+            "Reshape",
+            "Round",
+            "ScatterND",
+            "Shape",
+            "Shrink",
+            "Sign",
+            "Slice",
+            "Split",
+            "Squeeze",
+            "Transpose",
+            "Unsqueeze",
+        ),
+        "native",
+    ),
+    **dict.fromkeys(
+        (
+            "Abs",
+            "Acos",
+            "Add",
+            "ArgMax",
+            "Asin",
+            "Atan",
+            "AveragePool",
+            "BatchNormalization",
+            "Ceil",
+            "Clip",
+            "Conv",
+            "ConvTranspose",
+            "Cos",
+            "CumSum",
+            "DepthToSpace",
+            "Det",
+            "Div",
+            "Dropout",
+            "Einsum",
+            "Elu",
+            "Equal",
+            "Erf",
+            "Exp",
+            "EyeLike",
+            "Floor",
+            "Gelu",
+            "Gemm",
+            "GlobalAveragePool",
+            "GlobalLpPool",
+            "GlobalMaxPool",
+            "GridSample",
+            "GRU",
+            "Greater",
+            "Hardmax",
+            "HardSigmoid",
+            "HardSwish",
+            "InstanceNormalization",
+            "LeakyRelu",
+            "Less",
+            "Log",
+            "LogSoftmax",
+            "LpNormalization",
+            "LpPool",
+            "LRN",
+            "LSTM",
+            "MatMul",
+            "MaxPool",
+            "Mean",
+            "MeanVarianceNormalization",
+            "Mish",
+            "Mul",
+            "Neg",
+            "NonZero",
+            "Pad",
+            "Pow",
+            "PRelu",
+            "Reciprocal",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceMax",
+            "ReduceMean",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceSum",
+            "ReduceSumSquare",
+            "Relu",
+            "Resize",
+            "Selu",
+            "Sigmoid",
+            "Sin",
+            "Sinh",
+            "Size",
+            "Softmax",
+            "Softplus",
+            "Softsign",
+            "SpaceToDepth",
+            "Sqrt",
+            "Sub",
+            "Sum",
+            "Tan",
+            "Tanh",
+            "ThresholdedRelu",
+            "Tile",
+            "TopK",
+            "Trilu",
+            "Upsample",
+            "Where",
+        ),
+        "cast",
+    ),
     **dict.fromkeys(("Range", "Celu", "IsInf", "GroupNormalization"), "none"),
 }
 
 #: accumulate many values or raise to powers: float16 overflows (256^2 > 65504) or loses the sum
-ALWAYS_FP32: frozenset[str] = frozenset({
-    "Pow", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum",
-    "ReduceLogSumExp", "ReduceProd", "LayerNormalization", "GroupNormalization",
-    "InstanceNormalization", "MeanVarianceNormalization", "LpNormalization", "CumSum",
-    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-})
+ALWAYS_FP32: frozenset[str] = frozenset(
+    {
+        "Pow",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceProd",
+        "LayerNormalization",
+        "GroupNormalization",
+        "InstanceNormalization",
+        "MeanVarianceNormalization",
+        "LpNormalization",
+        "CumSum",
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+        "Multinomial",
+    }
+)
 #: ops on the path reduction -> normalizer (var + eps, sqrt, 1/x, x/std) that stay float32
 NORM_CHAIN: frozenset[str] = frozenset({"Add", "Sqrt", "Reciprocal", "Div", "Max", "Clip"})
 #: control flow: converted inside, float32 at the boundary
 CONTROL_FLOW: frozenset[str] = frozenset({"If", "Loop", "Scan"})
 #: (op, input index) that must stay float32 even when the node runs in half
-FP32_INPUTS: dict[str, frozenset[int]] = {"Resize": frozenset({1, 2}),
-                                          "Upsample": frozenset({1})}
+FP32_INPUTS: dict[str, frozenset[int]] = {"Resize": frozenset({1, 2}), "Upsample": frozenset({1})}
 #: ops where clipping an out-of-range constant to +-65504 changes nothing that matters (bounds)
 SATURATION_SAFE: frozenset[str] = frozenset({"Clip", "Max", "Min"})
 #: ops producing probabilities, kept float32 when they produce a float32 graph output
@@ -174,19 +299,28 @@ def probe_node(node: gs.Node, opset: int) -> str:
             arr = arr.astype(np.float16) if half else arr
             inits.append(onnx.numpy_helper.from_array(arr, name))
         else:
-            elem = onnx.TensorProto.FLOAT16 if half else (
-                helper.np_dtype_to_tensor_dtype(dt) if dt is not None else onnx.TensorProto.FLOAT)
+            elem = (
+                onnx.TensorProto.FLOAT16
+                if half
+                else (
+                    helper.np_dtype_to_tensor_dtype(dt)
+                    if dt is not None
+                    else onnx.TensorProto.FLOAT
+                )
+            )
             shape = [d if isinstance(d, int) else None for d in t.shape] if t.shape else None
             inputs.append(helper.make_tensor_value_info(name, elem, shape))
     outs = []
     for j, o in enumerate(node.outputs):
         dt = _dtype(o)
-        elem = (onnx.TensorProto.FLOAT16 if dt in (None, F32)
-                else helper.np_dtype_to_tensor_dtype(dt))
+        elem = (
+            onnx.TensorProto.FLOAT16 if dt in (None, F32) else helper.np_dtype_to_tensor_dtype(dt)
+        )
         outs.append(helper.make_tensor_value_info(f"o{j}", elem, None))
     attrs = {k: v for k, v in node.attrs.items() if not isinstance(v, gs.Graph)}
-    proto_node = helper.make_node(node.op, in_names, [f"o{j}" for j in range(len(node.outputs))],
-                                  domain=node.domain or "")
+    proto_node = helper.make_node(
+        node.op, in_names, [f"o{j}" for j in range(len(node.outputs))], domain=node.domain or ""
+    )
     for k, v in attrs.items():
         if isinstance(v, gs.Constant):
             v = onnx.numpy_helper.from_array(np.asarray(v.values), k)
@@ -251,8 +385,13 @@ class Fp16Conversion:
 class Fp16Converter:
     """The float16 placement and rewrite (see the module docstring), configured once."""
 
-    def __init__(self, keep_fp32: Iterable[str] | str | None = None, keep_io_types: bool = True,
-                 keep_softmax: bool = False, kernels: str = "any") -> None:
+    def __init__(
+        self,
+        keep_fp32: Iterable[str] | str | None = None,
+        keep_io_types: bool = True,
+        keep_softmax: bool = False,
+        kernels: str = "any",
+    ) -> None:
         """Args:
             keep_fp32: op types or node names to keep in float32 (list or comma-separated).
             keep_io_types: keep float32 graph inputs/outputs (Casts at the edges).
@@ -275,8 +414,11 @@ class Fp16Converter:
     # -------------------------------------------------------------- decisions
     def _float_inputs(self, node: gs.Node, orig: dict[int, np.dtype | None]) -> list[int]:
         keep = FP32_INPUTS.get(node.op, frozenset())
-        return [i for i, t in enumerate(node.inputs)
-                if t.name and orig.get(id(t)) == F32 and i not in keep]
+        return [
+            i
+            for i, t in enumerate(node.inputs)
+            if t.name and orig.get(id(t)) == F32 and i not in keep
+        ]
 
     def _reason_fp32(self, node: gs.Node, opset: int) -> str | None:
         """Why ``node`` must stay float32 (None: it may run in half)."""
@@ -337,8 +479,11 @@ class Fp16Converter:
         if self.keep_io_types:
             outs = {id(t) for t in model.graph.outputs}
             for n in model.graph.nodes:
-                if n.op in PROBABILITY_OPS and half.get(id(n)) and any(
-                        id(o) in outs for o in n.outputs):
+                if (
+                    n.op in PROBABILITY_OPS
+                    and half.get(id(n))
+                    and any(id(o) in outs for o in n.outputs)
+                ):
                     half[id(n)] = False
                     kept.append(n.name)
         # normalizer chains: reduction -> Add(eps) -> Sqrt -> Div/Reciprocal stay float32
@@ -363,11 +508,19 @@ class Fp16Converter:
                     half[id(n)] = True
 
         # 3. rewrite, graph by graph (outer first, so outer tensors have their final dtype)
-        stats: dict[str, Any] = {"nodes_fp16": 0, "casts_inserted": 0, "weights_fp16": 0,
-                                 "values_clipped": 0}
+        stats: dict[str, Any] = {
+            "nodes_fp16": 0,
+            "casts_inserted": 0,
+            "weights_fp16": 0,
+            "values_clipped": 0,
+        }
         const_copy: dict[int, gs.Constant] = {}
-        for c in {id(t): t for g in graphs for t in g.tensors().values()
-                  if isinstance(t, gs.Constant) and orig.get(id(t)) == F32}.values():
+        for c in {
+            id(t): t
+            for g in graphs
+            for t in g.tensors().values()
+            if isinstance(t, gs.Constant) and orig.get(id(t)) == F32
+        }.values():
             uses = consumers.get(id(c), [])
             if uses and all(half_use(n, i) for n, i in uses) and id(c) not in graph_out_ids:
                 arr, clipped = _to_f16(c.values)
@@ -381,9 +534,12 @@ class Fp16Converter:
                     t.dtype = F16
         for g in graphs:
             self._rewrite_graph(g, g is main, orig, half, half_use, const_copy, stats)
-        changed = bool(stats["nodes_fp16"] or stats["weights_fp16"] or stats["casts_inserted"]
-                       or (not self.keep_io_types and any(orig.get(id(t)) == F32
-                                                          for t in main.inputs)))
+        changed = bool(
+            stats["nodes_fp16"]
+            or stats["weights_fp16"]
+            or stats["casts_inserted"]
+            or (not self.keep_io_types and any(orig.get(id(t)) == F32 for t in main.inputs))
+        )
         stats["kept_fp32"] = sorted(set(kept))
         return Fp16Conversion(changed, stats)
 
@@ -403,10 +559,16 @@ class Fp16Converter:
                     if c.op not in ("Div", "Reciprocal"):
                         frontier.append(c)
 
-    def _rewrite_graph(self, g: gs.Graph, is_main: bool, orig: dict[int, np.dtype | None],
-                       half: dict[int, bool], half_use: Callable[[gs.Node, int], bool],
-                       const_copy: dict[int, gs.Constant],
-                       stats: dict[str, Any]) -> None:
+    def _rewrite_graph(
+        self,
+        g: gs.Graph,
+        is_main: bool,
+        orig: dict[int, np.dtype | None],
+        half: dict[int, bool],
+        half_use: Callable[[gs.Node, int], bool],
+        const_copy: dict[int, gs.Constant],
+        stats: dict[str, Any],
+    ) -> None:
         casts: dict[tuple[int, str], gs.Variable] = {}
         new_nodes: list[gs.Node] = []
 
@@ -416,8 +578,11 @@ class Fp16Converter:
                 base = unique_name(f"{t.name}_{'fp16' if to == F16 else 'fp32'}")
                 v = gs.Variable(base, dtype=to, shape=t.shape)
                 elem = onnx.TensorProto.FLOAT16 if to == F16 else onnx.TensorProto.FLOAT
-                new_nodes.append(gs.Node("Cast", name=f"{base}_cast", inputs=[t], outputs=[v],
-                                         attrs={"to": elem}))
+                new_nodes.append(
+                    gs.Node(
+                        "Cast", name=f"{base}_cast", inputs=[t], outputs=[v], attrs={"to": elem}
+                    )
+                )
                 stats["casts_inserted"] += 1
                 casts[key] = v
             return casts[key]
@@ -456,19 +621,30 @@ class Fp16Converter:
                 out = gs.Variable(name, dtype=F32, shape=t.shape)
             else:
                 out = gs.Variable(unique_name(f"{t.name}_fp32"), dtype=F32, shape=t.shape)
-            new_nodes.append(gs.Node("Cast", name=unique_name(f"{out.name}_cast"), inputs=[t],
-                                     outputs=[out], attrs={"to": onnx.TensorProto.FLOAT}))
+            new_nodes.append(
+                gs.Node(
+                    "Cast",
+                    name=unique_name(f"{out.name}_cast"),
+                    inputs=[t],
+                    outputs=[out],
+                    attrs={"to": onnx.TensorProto.FLOAT},
+                )
+            )
             stats["casts_inserted"] += 1
             g.outputs[k] = out
         g.nodes = new_nodes
 
-    def _make_half(self, n: gs.Node, orig: dict[int, np.dtype | None], stats: dict[str, Any]
-                   ) -> None:
+    def _make_half(
+        self, n: gs.Node, orig: dict[int, np.dtype | None], stats: dict[str, Any]
+    ) -> None:
         if n.op == "Cast":
             n.attrs["to"] = onnx.TensorProto.FLOAT16
         elif n.op in ("Constant", "ConstantOfShape"):
-            key = "value" if "value" in n.attrs else next(
-                (k for k in n.attrs if k.startswith("value")), "value")
+            key = (
+                "value"
+                if "value" in n.attrs
+                else next((k for k in n.attrs if k.startswith("value")), "value")
+            )
             v = n.attrs.get(key)
             if isinstance(v, gs.Constant):
                 arr, clipped = _to_f16(v.values)
@@ -485,9 +661,13 @@ class Fp16Converter:
                 o.dtype = F16
 
 
-def convert_float16(model: Model, keep_fp32: Iterable[str] | str | None = None,
-                    keep_io_types: bool = True, keep_softmax: bool = False,
-                    kernels: str = "any") -> Fp16Conversion:
+def convert_float16(
+    model: Model,
+    keep_fp32: Iterable[str] | str | None = None,
+    keep_io_types: bool = True,
+    keep_softmax: bool = False,
+    kernels: str = "any",
+) -> Fp16Conversion:
     """Convert ``model`` (shapes inferred) to float16 in place, keeping float32 where half breaks
     numerics (see the module docstring and :class:`Fp16Converter` for the options)."""
     return Fp16Converter(keep_fp32, keep_io_types, keep_softmax, kernels).run(model)

@@ -79,13 +79,20 @@ def bias_of(node: gs.Node, m: Match, n_out: int) -> np.ndarray:
     return m.value("b").astype(np.float64).reshape(-1)
 
 
-def rebuild_linear(m: Match, node: gs.Node, w_new: np.ndarray | None, b_new: np.ndarray,
-                   outputs: list[gs.Variable], dtype: Any) -> gs.Node:
+def rebuild_linear(
+    m: Match,
+    node: gs.Node,
+    w_new: np.ndarray | None,
+    b_new: np.ndarray,
+    outputs: list[gs.Variable],
+    dtype: Any,
+) -> gs.Node:
     """A copy of the producer ``node`` (already detached) with new weight (None: keep) and bias."""
     attrs = dict(node.attrs)
     if node.op == "Gemm":
         attrs["beta"] = 1.0
     w = m["w"] if w_new is None else const(m["w"].name, w_new.astype(dtype), dtype=dtype)
-    b = const(m["b"].name if "b" in m.tensors else f"{node.name}.bias", b_new.astype(dtype),
-              dtype=dtype)
+    b = const(
+        m["b"].name if "b" in m.tensors else f"{node.name}.bias", b_new.astype(dtype), dtype=dtype
+    )
     return make_node(node.op, [m["x"], w, b], outputs, attrs, name=node.name)

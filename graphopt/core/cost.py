@@ -339,8 +339,9 @@ def node_macs(node: gs.Node) -> int:
         return 0
     macs = entry[0](node)
     if macs is None:
-        logger.debug("cost: %s '%s' has symbolic or missing shapes; MACs counted as 0",
-                     node.op, node.name)
+        logger.debug(
+            "cost: %s '%s' has symbolic or missing shapes; MACs counted as 0", node.op, node.name
+        )
         return 0
     return int(macs)
 
@@ -350,23 +351,95 @@ def node_macs(node: gs.Node) -> int:
 #: FLOPs per output element of elementwise ops
 _ELEMENTWISE: dict[str, int] = {
     **dict.fromkeys(
-        ["Add", "Sub", "Mul", "Div", "Mod", "Pow", "Max", "Min", "Mean", "Sum", "Where",
-         "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor", "Not",
-         "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "Abs", "Neg", "Sign",
-         "Relu", "LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", "Floor", "Ceil", "Round",
-         "Reciprocal", "IsNaN", "IsInf", "Shrink"], 1),
+        [
+            "Add",
+            "Sub",
+            "Mul",
+            "Div",
+            "Mod",
+            "Pow",
+            "Max",
+            "Min",
+            "Mean",
+            "Sum",
+            "Where",
+            "Equal",
+            "Greater",
+            "GreaterOrEqual",
+            "Less",
+            "LessOrEqual",
+            "And",
+            "Or",
+            "Xor",
+            "Not",
+            "BitShift",
+            "BitwiseAnd",
+            "BitwiseOr",
+            "BitwiseXor",
+            "BitwiseNot",
+            "Abs",
+            "Neg",
+            "Sign",
+            "Relu",
+            "LeakyRelu",
+            "PRelu",
+            "ThresholdedRelu",
+            "Clip",
+            "Floor",
+            "Ceil",
+            "Round",
+            "Reciprocal",
+            "IsNaN",
+            "IsInf",
+            "Shrink",
+        ],
+        1,
+    ),
     **dict.fromkeys(["HardSigmoid", "Sqrt", "Celu", "Elu", "Selu"], 3),
-    **dict.fromkeys(["HardSwish", "QuantizeLinear", "DequantizeLinear",
-                     "DynamicQuantizeLinear"], 2),
-    **dict.fromkeys(["Exp", "Log", "Sigmoid", "Tanh", "Erf", "Sin", "Cos", "Tan", "Asin", "Acos",
-                     "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Softplus", "Softsign",
-                     "com.microsoft.QuickGelu"], 4),
-    **dict.fromkeys(["Mish", "Gelu", "com.microsoft.Gelu", "com.microsoft.BiasGelu",
-                     "com.microsoft.FastGelu"], 8),
+    **dict.fromkeys(
+        ["HardSwish", "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"], 2
+    ),
+    **dict.fromkeys(
+        [
+            "Exp",
+            "Log",
+            "Sigmoid",
+            "Tanh",
+            "Erf",
+            "Sin",
+            "Cos",
+            "Tan",
+            "Asin",
+            "Acos",
+            "Atan",
+            "Sinh",
+            "Cosh",
+            "Asinh",
+            "Acosh",
+            "Atanh",
+            "Softplus",
+            "Softsign",
+            "com.microsoft.QuickGelu",
+        ],
+        4,
+    ),
+    **dict.fromkeys(
+        ["Mish", "Gelu", "com.microsoft.Gelu", "com.microsoft.BiasGelu", "com.microsoft.FastGelu"],
+        8,
+    ),
     "BatchNormalization": 2,
-    **dict.fromkeys(["LayerNormalization", "InstanceNormalization", "GroupNormalization",
-                     "LpNormalization", "MeanVarianceNormalization",
-                     "com.microsoft.SimplifiedLayerNormalization", "RMSNormalization"], 5),
+    **dict.fromkeys(
+        [
+            "LayerNormalization",
+            "InstanceNormalization",
+            "GroupNormalization",
+            "LpNormalization",
+            "MeanVarianceNormalization",
+            "com.microsoft.SimplifiedLayerNormalization",
+            "RMSNormalization",
+        ],
+        5,
+    ),
     "com.microsoft.SkipLayerNormalization": 6,
     **dict.fromkeys(["Softmax", "LogSoftmax", "Hardmax"], 3),
     **dict.fromkeys(["Resize", "Upsample"], 1),
@@ -374,9 +447,23 @@ _ELEMENTWISE: dict[str, int] = {
 
 #: FLOPs per input element of reductions and global pooling
 _PER_INPUT: dict[str, int] = {
-    **dict.fromkeys(["GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum",
-                     "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ArgMax", "ArgMin",
-                     "ReduceLogSumExp", "CumSum"], 1),
+    **dict.fromkeys(
+        [
+            "GlobalAveragePool",
+            "GlobalMaxPool",
+            "ReduceMean",
+            "ReduceSum",
+            "ReduceMax",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceL1",
+            "ArgMax",
+            "ArgMin",
+            "ReduceLogSumExp",
+            "CumSum",
+        ],
+        1,
+    ),
     **dict.fromkeys(["ReduceL2", "ReduceSumSquare", "GlobalLpPool", "ReduceLogSum"], 2),
 }
 
@@ -425,14 +512,13 @@ def node_flops(node: gs.Node, macs: int | None = None) -> int:
 
 
 def _unknown(node: gs.Node) -> int:
-    logger.debug("cost: %s '%s' has symbolic or missing shapes; FLOPs counted as 0",
-                 node.op, node.name)
+    logger.debug(
+        "cost: %s '%s' has symbolic or missing shapes; FLOPs counted as 0", node.op, node.name
+    )
     return 0
 
 
 # ---------------------------------------------------------------------------------- model
-
-
 
 
 def _constant_node_size(node: gs.Node) -> tuple[int, int]:
@@ -525,8 +611,17 @@ class _Coster:
         for t in node.outputs:
             if t.name:
                 out_bytes += tensor_bytes(t) or 0
-        self.nodes.append(NodeCost(name=node.name, op=key, macs=macs, flops=flops, params=params,
-                                   param_bytes=pbytes, output_bytes=out_bytes))
+        self.nodes.append(
+            NodeCost(
+                name=node.name,
+                op=key,
+                macs=macs,
+                flops=flops,
+                params=params,
+                param_bytes=pbytes,
+                output_bytes=out_bytes,
+            )
+        )
 
 
 def model_cost(model: Model) -> ModelCost:
@@ -550,8 +645,9 @@ def model_cost(model: Model) -> ModelCost:
     params = sum(c[0] for c in coster.constants.values())
     pbytes = sum(c[1] for c in coster.constants.values())
     if coster.totals.unknown:
-        logger.debug("cost: %d activation tensors have symbolic or missing shapes",
-                     coster.totals.unknown)
+        logger.debug(
+            "cost: %d activation tensors have symbolic or missing shapes", coster.totals.unknown
+        )
     return ModelCost(
         nodes=nodes,
         params=params,

@@ -59,8 +59,13 @@ def input_specs(model: Model) -> dict[str, InputSpec]:
     """The model's graph inputs as :class:`InputSpec` (initializer-backed inputs excluded)."""
     specs = {}
     for t in model.graph.inputs:
-        dims = None if t.shape is None else tuple(
-            int(d) if isinstance(d, (int, np.integer)) and d > 0 else None for d in t.shape)
+        dims = (
+            None
+            if t.shape is None
+            else tuple(
+                int(d) if isinstance(d, (int, np.integer)) and d > 0 else None for d in t.shape
+            )
+        )
         dtype = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
         specs[t.name] = InputSpec(t.name, dims, dtype)
     return specs
@@ -78,12 +83,14 @@ def _check_array(spec: InputSpec, arr: np.ndarray, where: str, batched: bool) ->
             raise CalibrationError(
                 f"calibration input '{spec.name}'{where} has rank {arr.ndim} (shape "
                 f"{list(arr.shape)}), but the model expects rank {spec.rank} "
-                f"{_fmt(spec.dims)} with samples on axis 0")
+                f"{_fmt(spec.dims)} with samples on axis 0"
+            )
         for i, (want, have) in enumerate(zip(spec.dims or (), arr.shape, strict=False)):
             if i > 0 and want is not None and want != have:
                 raise CalibrationError(
                     f"calibration input '{spec.name}'{where} has shape {list(arr.shape)}, but the "
-                    f"model fixes dim {i} to {want} {_fmt(spec.dims)}")
+                    f"model fixes dim {i} to {want} {_fmt(spec.dims)}"
+                )
     want_kind = spec.dtype.kind
     if arr.dtype != spec.dtype:
         if want_kind == "f" and arr.dtype.kind == "f":
@@ -94,7 +101,8 @@ def _check_array(spec: InputSpec, arr: np.ndarray, where: str, batched: bool) ->
             raise CalibrationError(
                 f"calibration input '{spec.name}'{where} has dtype {arr.dtype}, but the model "
                 f"expects {spec.dtype}; convert the data (e.g. images to float32 as the model's "
-                f"preprocessing does)")
+                f"preprocessing does)"
+            )
     return arr
 
 
@@ -115,9 +123,14 @@ class CalibrationReader:
         defaults: constant feeds for inputs the data does not give (e.g. a sample rate).
     """
 
-    def __init__(self, source: Any, specs: Mapping[str, InputSpec], batch_size: int = 8,
-                 limit: int | None = None, defaults: Mapping[str, np.ndarray] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        source: Any,
+        specs: Mapping[str, InputSpec],
+        batch_size: int = 8,
+        limit: int | None = None,
+        defaults: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         if batch_size < 1:
             raise CalibrationError("calibration batch size must be at least 1")
         self.source = source
@@ -139,7 +152,8 @@ class CalibrationReader:
                 raise CalibrationError(f"calibration data {p} does not exist")
             if p.is_file() and p.suffix not in (".npz", ".npy"):
                 raise CalibrationError(
-                    f"calibration data {p} is not a .npz or .npy file (or a folder of them)")
+                    f"calibration data {p} is not a .npz or .npy file (or a folder of them)"
+                )
             if p.is_dir() and not (list(p.glob("*.npz")) or list(p.glob("*.npy"))):
                 raise CalibrationError(f"calibration folder {p} holds no .npz or .npy files")
 
@@ -152,7 +166,8 @@ class CalibrationReader:
             if len(self.specs) != 1:
                 raise CalibrationError(
                     f"{p} is a single .npy file but the model has {len(self.specs)} inputs "
-                    f"({', '.join(self.specs)}); use a .npz keyed by input name")
+                    f"({', '.join(self.specs)}); use a .npz keyed by input name"
+                )
             name = next(iter(self.specs))
             yield f" in {p.name}", {name: self._load_npy(p)}
         else:
@@ -184,8 +199,9 @@ class CalibrationReader:
             raise CalibrationError(f"cannot read {f}: {exc}") from None
         yield f" in {f.name}", data
 
-    def _samples_from_chunk(self, where: str, feeds: Mapping[str, np.ndarray], batched: bool
-                            ) -> Iterator[Feeds]:
+    def _samples_from_chunk(
+        self, where: str, feeds: Mapping[str, np.ndarray], batched: bool
+    ) -> Iterator[Feeds]:
         """Validated batched arrays of one chunk, split into runs of samples (views)."""
         data: Feeds = {}
         for name, spec in self.specs.items():
@@ -197,14 +213,16 @@ class CalibrationReader:
                 have = ", ".join(sorted(feeds)) or "nothing"
                 raise CalibrationError(
                     f"calibration data{where} has no array for model input '{name}' (it has: "
-                    f"{have}); key the arrays by the model's input names: {', '.join(self.specs)}")
+                    f"{have}); key the arrays by the model's input names: {', '.join(self.specs)}"
+                )
         counts = {k: v.shape[0] for k, v in data.items()}
         if len(set(counts.values())) > 1:
             raise CalibrationError(
-                f"calibration data{where} gives different sample counts per input: {counts}")
+                f"calibration data{where} gives different sample counts per input: {counts}"
+            )
         n = next(iter(counts.values()), 0)
         for i in range(0, n, self.batch_size):
-            yield {k: v[i:i + self.batch_size] for k, v in data.items()}
+            yield {k: v[i : i + self.batch_size] for k, v in data.items()}
 
     def _chunks(self) -> Iterator[Feeds]:
         if isinstance(self.source, (str, os.PathLike)):
@@ -216,12 +234,14 @@ class CalibrationReader:
             except TypeError:
                 raise CalibrationError(
                     f"calibration data must be a path or an iterable of feed dicts, not "
-                    f"{type(self.source).__name__}") from None
+                    f"{type(self.source).__name__}"
+                ) from None
             for k, feeds in enumerate(it):
                 if not isinstance(feeds, Mapping):
                     raise CalibrationError(
                         f"calibration item {k} is a {type(feeds).__name__}, not a dict of arrays "
-                        f"keyed by input name")
+                        f"keyed by input name"
+                    )
                 yield from self._samples_from_chunk(f" (item {k})", feeds, batched=False)
 
     # ------------------------------------------------------------------ batching
@@ -232,9 +252,12 @@ class CalibrationReader:
         seen = 0
 
         def flush() -> Feeds:
-            batch = {k: np.ascontiguousarray(np.concatenate([p[k] for p in pending]))
-                     if len(pending) > 1 else np.ascontiguousarray(pending[0][k])
-                     for k in pending[0]}
+            batch = {
+                k: np.ascontiguousarray(np.concatenate([p[k] for p in pending]))
+                if len(pending) > 1
+                else np.ascontiguousarray(pending[0][k])
+                for k in pending[0]
+            }
             for k, v in self.defaults.items():
                 batch.setdefault(k, v)
             return batch
@@ -284,22 +307,32 @@ class CalibrationReader:
         return min(n, self.limit) if self.limit is not None else n
 
 
-def open_calibration(source: Any, model: Model, batch_size: int = 8, limit: int | None = None,
-                     defaults: Mapping[str, np.ndarray] | None = None) -> CalibrationReader:
+def open_calibration(
+    source: Any,
+    model: Model,
+    batch_size: int = 8,
+    limit: int | None = None,
+    defaults: Mapping[str, np.ndarray] | None = None,
+) -> CalibrationReader:
     """A :class:`CalibrationReader` for ``model``'s inputs (passes a reader through unchanged)."""
     if isinstance(source, CalibrationReader):
         return source
     if source is None:
         raise CalibrationError("no calibration data given (--calib DATA)")
-    return CalibrationReader(source, input_specs(model), batch_size=batch_size, limit=limit,
-                             defaults=defaults)
+    return CalibrationReader(
+        source, input_specs(model), batch_size=batch_size, limit=limit, defaults=defaults
+    )
 
 
 # ---------------------------------------------------------------------- given feeds
 
 
-def check_feeds(model: Model | Mapping[str, InputSpec], feeds: Mapping[str, Any],
-                what: str = "input", complete: bool = True) -> Feeds:
+def check_feeds(
+    model: Model | Mapping[str, InputSpec],
+    feeds: Mapping[str, Any],
+    what: str = "input",
+    complete: bool = True,
+) -> Feeds:
     """Check arrays given for ``model``'s inputs (a Model, or its :func:`input_specs`) and return
     them in the model's dtypes.
 
@@ -313,29 +346,38 @@ def check_feeds(model: Model | Mapping[str, InputSpec], feeds: Mapping[str, Any]
     specs = input_specs(model) if isinstance(model, Model) else model
     unknown = [k for k in feeds if k not in specs]
     if unknown:
-        raise FeedError(f"{what} names unknown model input(s) {', '.join(map(repr, unknown))}; "
-                        f"the model's inputs are {', '.join(map(repr, specs)) or 'none'}")
+        raise FeedError(
+            f"{what} names unknown model input(s) {', '.join(map(repr, unknown))}; "
+            f"the model's inputs are {', '.join(map(repr, specs)) or 'none'}"
+        )
     if complete:
         missing = [k for k in specs if k not in feeds]
         if missing:
-            raise FeedError(f"{what} gives no array for model input(s) "
-                            f"{', '.join(map(repr, missing))}")
+            raise FeedError(
+                f"{what} gives no array for model input(s) {', '.join(map(repr, missing))}"
+            )
     out: Feeds = {}
     for name, value in feeds.items():
         spec = specs[name]
         arr = np.asarray(value)
         dims = spec.dims
-        if dims is not None and (arr.ndim != len(dims) or any(
-                want is not None and want != have for want, have in zip(dims, arr.shape))):
+        if dims is not None and (
+            arr.ndim != len(dims)
+            or any(want is not None and want != have for want, have in zip(dims, arr.shape))
+        ):
             anysize = " (N: any size)" if None in dims else ""
-            raise FeedError(f"{what} '{name}' has shape {list(arr.shape)}, but the model expects "
-                            f"{_fmt(dims)}{anysize}")
+            raise FeedError(
+                f"{what} '{name}' has shape {list(arr.shape)}, but the model expects "
+                f"{_fmt(dims)}{anysize}"
+            )
         if arr.dtype != spec.dtype:
             same_kind = (arr.dtype.kind == "f" and spec.dtype.kind == "f") or (
-                arr.dtype.kind in "iu" and spec.dtype.kind in "iu")
+                arr.dtype.kind in "iu" and spec.dtype.kind in "iu"
+            )
             if not same_kind:
-                raise FeedError(f"{what} '{name}' has dtype {arr.dtype}, but the model expects "
-                                f"{spec.dtype}")
+                raise FeedError(
+                    f"{what} '{name}' has dtype {arr.dtype}, but the model expects {spec.dtype}"
+                )
             arr = arr.astype(spec.dtype)
         out[name] = arr
     return out

@@ -78,9 +78,7 @@ def _local_predecessors(nodes: Sequence[gs.Node]) -> list[set[int]]:
     return preds
 
 
-def local_topo_order(
-    graph: gs.Graph, new: Collection[gs.Node] = ()
-) -> list[gs.Node]:
+def local_topo_order(graph: gs.Graph, new: Collection[gs.Node] = ()) -> list[gs.Node]:
     """The graph's nodes in a stable topological order (this graph only, not its subgraphs).
 
     A node depends on the producers of its inputs and, when it holds subgraphs (If/Loop/Scan), on

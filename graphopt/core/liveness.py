@@ -84,8 +84,9 @@ class Liveness:
 
     def live_bytes(self, sizes: np.ndarray | None = None) -> np.ndarray:
         """Bytes live at every step (``sizes`` defaults to the exact sizes)."""
-        return live_profile(self.start, self.end, self.nbytes if sizes is None else sizes,
-                            self.steps)
+        return live_profile(
+            self.start, self.end, self.nbytes if sizes is None else sizes, self.steps
+        )
 
     def peak(self, alignment: int = 1) -> tuple[int, int]:
         """(largest live total, first step where it is reached), every tensor's size rounded up
@@ -105,8 +106,9 @@ def live_profile(start: np.ndarray, end: np.ndarray, sizes: np.ndarray, steps: i
     return np.cumsum(diff[:-1])
 
 
-def liveness(model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None
-             ) -> Liveness:
+def liveness(
+    model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None
+) -> Liveness:
     """Liveness of every activation of ``model`` (shapes inferred) in its current node order.
 
     Args:
@@ -210,10 +212,20 @@ def liveness(model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtyp
             if kinds[i] == "activation":
                 kinds[i] = "output"
     return Liveness(
-        names=names, nbytes=np.asarray(nbytes, dtype=np.int64),
-        start=np.asarray(start, dtype=np.int64), end=np.asarray(end, dtype=np.int64),
-        shapes=shapes, dtypes=dtypes, kinds=kinds, steps=steps, step_names=step_names,
-        step_nodes=step_nodes, unplanned=unplanned, index=index, step_owners=step_owners)
+        names=names,
+        nbytes=np.asarray(nbytes, dtype=np.int64),
+        start=np.asarray(start, dtype=np.int64),
+        end=np.asarray(end, dtype=np.int64),
+        shapes=shapes,
+        dtypes=dtypes,
+        kinds=kinds,
+        steps=steps,
+        step_names=step_names,
+        step_nodes=step_nodes,
+        unplanned=unplanned,
+        index=index,
+        step_owners=step_owners,
+    )
 
 
 def needs_probe(model: Model) -> bool:
@@ -225,7 +237,10 @@ def needs_probe(model: Model) -> bool:
             if n.op == "Constant":
                 continue
             for t in n.outputs:
-                if t.name and t.name not in consts and not (is_static(t.shape)
-                                                             and _dtype(t) is not None):
+                if (
+                    t.name
+                    and t.name not in consts
+                    and not (is_static(t.shape) and _dtype(t) is not None)
+                ):
                     return True
     return False

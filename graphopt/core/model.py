@@ -429,5 +429,3 @@ def check_proto(proto: onnx.ModelProto, path: Path | None = None) -> None:
             f"invalid ONNX model{in_file(path)}: a name or string is not valid UTF-8 "
             "(corrupt file?)"
         ) from None
-
-

@@ -32,7 +32,8 @@ def _torch() -> Any:
         raise GraphoptError(
             "from_torch needs PyTorch, which is not installed; install it with "
             "`pip install graphopt[torch]` or `pip install torch --index-url "
-            "https://download.pytorch.org/whl/cpu`") from None
+            "https://download.pytorch.org/whl/cpu`"
+        ) from None
     return torch
 
 
@@ -43,13 +44,19 @@ def _as_tuple(example_inputs: Any, torch: Any) -> tuple[Any, ...]:
         return tuple(example_inputs)
     raise GraphoptError(
         "example_inputs must be a tensor or a tuple of tensors, not "
-        f"{type(example_inputs).__name__}")
+        f"{type(example_inputs).__name__}"
+    )
 
 
-def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | None = None,
-               output_names: Sequence[str] | None = None,
-               dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
-               opset: int = 17, dynamo: bool | None = None) -> Model:
+def from_torch(
+    module: Any,
+    example_inputs: Any,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
+    opset: int = 17,
+    dynamo: bool | None = None,
+) -> Model:
     """Export a ``torch.nn.Module`` to ONNX and return it as a :class:`Model`.
 
     Args:
@@ -68,8 +75,11 @@ def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | No
         raise GraphoptError(f"from_torch expects a torch.nn.Module, not {type(module).__name__}")
     args = _as_tuple(example_inputs, torch)
     n_in = len(args)
-    names_in = list(input_names) if input_names else (
-        ["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
+    names_in = (
+        list(input_names)
+        if input_names
+        else (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
+    )
     if len(names_in) != n_in:
         raise GraphoptError(f"{len(names_in)} input_names for {n_in} example inputs")
     attempts = [False, True] if dynamo is None else [bool(dynamo)]
@@ -79,8 +89,9 @@ def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | No
     try:
         for use_dynamo in attempts:
             try:
-                proto = _export(torch, module, args, names_in, output_names, dynamic_axes, opset,
-                                use_dynamo)
+                proto = _export(
+                    torch, module, args, names_in, output_names, dynamic_axes, opset, use_dynamo
+                )
             except GraphoptError:
                 raise
             except Exception as exc:  # noqa: BLE001 - torch raises many exception types
@@ -96,9 +107,16 @@ def from_torch(module: Any, example_inputs: Any, input_names: Sequence[str] | No
     raise GraphoptError("torch.onnx.export failed: " + "; ".join(errors))
 
 
-def _export(torch: Any, module: Any, args: tuple[Any, ...], input_names: list[str],
-            output_names: Sequence[str] | None, dynamic_axes: Any, opset: int,
-            dynamo: bool) -> onnx.ModelProto:
+def _export(
+    torch: Any,
+    module: Any,
+    args: tuple[Any, ...],
+    input_names: list[str],
+    output_names: Sequence[str] | None,
+    dynamic_axes: Any,
+    opset: int,
+    dynamo: bool,
+) -> onnx.ModelProto:
     kwargs: dict[str, Any] = {"input_names": input_names, "opset_version": opset}
     if output_names:
         kwargs["output_names"] = list(output_names)
@@ -106,16 +124,20 @@ def _export(torch: Any, module: Any, args: tuple[Any, ...], input_names: list[st
         warnings.simplefilter("ignore")
         if not dynamo:
             if dynamic_axes:
-                kwargs["dynamic_axes"] = {k: dict(v) if isinstance(v, Mapping) else list(v)
-                                          for k, v in dynamic_axes.items()}
+                kwargs["dynamic_axes"] = {
+                    k: dict(v) if isinstance(v, Mapping) else list(v)
+                    for k, v in dynamic_axes.items()
+                }
             buf = io.BytesIO()
             with torch.no_grad():
-                torch.onnx.export(module, args, buf, dynamo=False, do_constant_folding=True,
-                                  **kwargs)
+                torch.onnx.export(
+                    module, args, buf, dynamo=False, do_constant_folding=True, **kwargs
+                )
             return onnx.load_model_from_string(buf.getvalue())
         if dynamic_axes:
-            kwargs["dynamic_axes"] = {k: dict(v) if isinstance(v, Mapping) else list(v)
-                                      for k, v in dynamic_axes.items()}
+            kwargs["dynamic_axes"] = {
+                k: dict(v) if isinstance(v, Mapping) else list(v) for k, v in dynamic_axes.items()
+            }
         with tempfile.TemporaryDirectory(prefix="graphopt-torch-") as d:
             path = Path(d) / "model.onnx"
             with torch.no_grad():

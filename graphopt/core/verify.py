@@ -192,9 +192,7 @@ def verify(
     try:
         sa = make_session(ref_model)
     except Exception as exc:  # noqa: BLE001 - an input onnxruntime refuses is the user's to fix
-        raise GraphoptError(
-            f"onnxruntime cannot load the input model: {first_line(exc)}"
-        ) from None
+        raise GraphoptError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
     try:
         sb = make_session(transformed, transformed_level)
     except Exception as exc:  # noqa: BLE001

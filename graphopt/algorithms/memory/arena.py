@@ -52,8 +52,9 @@ def _constant_value(node: gs.Node) -> np.ndarray:
         if key in a:
             return np.array(list(a[key]), dtype=dt)
     proto = OnnxExporter.export_node(node)
-    g = onnx.helper.make_graph([proto], "c", [], [onnx.helper.make_value_info(
-        node.outputs[0].name, onnx.TypeProto())])
+    g = onnx.helper.make_graph(
+        [proto], "c", [], [onnx.helper.make_value_info(node.outputs[0].name, onnx.TypeProto())]
+    )
     outs: Any = ReferenceEvaluator(onnx.helper.make_model(g)).run(None, {})
     return np.asarray(outs[0])
 
@@ -82,8 +83,12 @@ class ArenaExecutor:
                 for t in n.inputs:
                     if isinstance(t, gs.Constant) and t.name not in self.consts:
                         self.consts[t.name] = np.asarray(t.values)
-        self._const_nodes = {n.outputs[0].name: n for g in model.walk_graphs() for n in g.nodes
-                             if n.op == "Constant" and n.outputs}
+        self._const_nodes = {
+            n.outputs[0].name: n
+            for g in model.walk_graphs()
+            for n in g.nodes
+            if n.op == "Constant" and n.outputs
+        }
         self._const_names = constant_names(model)
         self._sessions: dict[int, _Session] = {}
         self.arena: np.ndarray | None = None
@@ -91,8 +96,10 @@ class ArenaExecutor:
         self.observed: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.ran_in_arena = 0
         self.ran_reference = 0
-        if plan is not None and (plan.order != [n.name for n in model.graph.nodes] or (
-                plan.order_ops and plan.order_ops != [n.op for n in model.graph.nodes])):
+        if plan is not None and (
+            plan.order != [n.name for n in model.graph.nodes]
+            or (plan.order_ops and plan.order_ops != [n.op for n in model.graph.nodes])
+        ):
             raise ValueError("the plan was made for another node order; plan this model again")
 
     # ------------------------------------------------------------------ storage
@@ -102,7 +109,7 @@ class ArenaExecutor:
         tp = self.plan.tensors.get(name)
         if tp is None or tp.nbytes == 0:
             return None
-        raw = self.arena[tp.offset:tp.offset + tp.nbytes]
+        raw = self.arena[tp.offset : tp.offset + tp.nbytes]
         return raw.view(np.dtype(tp.dtype)).reshape(tp.shape)
 
     def get(self, name: str) -> np.ndarray:
@@ -123,8 +130,10 @@ class ArenaExecutor:
             self.values[name] = np.array(value, copy=True)
             return
         if slot.shape != value.shape or slot.dtype != value.dtype:
-            raise RuntimeError(f"tensor '{name}' is {value.dtype}{list(value.shape)} but the plan "
-                               f"says {slot.dtype}{list(slot.shape)}")
+            raise RuntimeError(
+                f"tensor '{name}' is {value.dtype}{list(value.shape)} but the plan "
+                f"says {slot.dtype}{list(slot.shape)}"
+            )
         np.copyto(slot, value)
 
     # ------------------------------------------------------------------ sessions
@@ -141,14 +150,20 @@ class ArenaExecutor:
         g_inputs = []
         for name in fed:
             v = self.get(name)
-            g_inputs.append(onnx.helper.make_tensor_value_info(
-                name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
-        g_outputs = [onnx.helper.make_value_info(t.name, onnx.TypeProto())
-                     for t in node.outputs if t.name]
-        initializers = [onnx.numpy_helper.from_array(np.asarray(self.get(n)), n)
-                        for n in dict.fromkeys(inits)]
-        graph = onnx.helper.make_graph([proto], f"node_{node.name}", g_inputs, g_outputs,
-                                       initializer=initializers)
+            g_inputs.append(
+                onnx.helper.make_tensor_value_info(
+                    name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)
+                )
+            )
+        g_outputs = [
+            onnx.helper.make_value_info(t.name, onnx.TypeProto()) for t in node.outputs if t.name
+        ]
+        initializers = [
+            onnx.numpy_helper.from_array(np.asarray(self.get(n)), n) for n in dict.fromkeys(inits)
+        ]
+        graph = onnx.helper.make_graph(
+            [proto], f"node_{node.name}", g_inputs, g_outputs, initializer=initializers
+        )
         opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
         if node.domain and node.domain not in self.model.opset_imports:
             opsets.append(onnx.helper.make_opsetid(node.domain, 1))
@@ -157,12 +172,17 @@ class ArenaExecutor:
         outs = [t.name for t in node.outputs if t.name]
         try:
             so = session_options("disable_all", self.threads)
-            sess: Any = ort.InferenceSession(mp.SerializeToString(), so,
-                                             providers=["CPUExecutionProvider"])
+            sess: Any = ort.InferenceSession(
+                mp.SerializeToString(), so, providers=["CPUExecutionProvider"]
+            )
             s = _Session(sess, fed, outs)
         except Exception as exc:  # noqa: BLE001 - ops ORT cannot run alone
-            logger.debug("node %s (%s) runs in the reference evaluator: %s", node.name, node.op,
-                         str(exc).splitlines()[0] if str(exc) else exc)
+            logger.debug(
+                "node %s (%s) runs in the reference evaluator: %s",
+                node.name,
+                node.op,
+                str(exc).splitlines()[0] if str(exc) else exc,
+            )
             s = _Session(ReferenceEvaluator(mp), fed, outs, reference=True)
         self._sessions[key] = s
         return s
@@ -177,8 +197,12 @@ class ArenaExecutor:
             self._run_graph(branch)
             for out, res in zip(node.outputs, branch.outputs):
                 if out.name:
-                    self.put(out.name, np.array(self.get(res.name), copy=True)
-                             if not isinstance(res, gs.Constant) else np.asarray(res.values))
+                    self.put(
+                        out.name,
+                        np.array(self.get(res.name), copy=True)
+                        if not isinstance(res, gs.Constant)
+                        else np.asarray(res.values),
+                    )
             return
         extra = captured_names(node) if node_subgraphs(node) else []
         s = self._session(node, extra)
@@ -224,7 +248,7 @@ class ArenaExecutor:
         if self.plan is not None:
             base = np.empty(self.plan.arena_bytes + 64, dtype=np.uint8)
             shift = (-base.ctypes.data) % 64
-            self.arena = base[shift:shift + self.plan.arena_bytes]
+            self.arena = base[shift : shift + self.plan.arena_bytes]
         self.values = {}
         for t in self.model.graph.inputs:
             if t.name in feeds:
@@ -233,16 +257,18 @@ class ArenaExecutor:
         return {t.name: np.array(self.get(t.name), copy=True) for t in self.model.graph.outputs}
 
 
-def observe_tensors(model: Model, feeds: Mapping[str, np.ndarray] | None = None
-                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def observe_tensors(
+    model: Model, feeds: Mapping[str, np.ndarray] | None = None
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every tensor computed when running ``model`` on ``feeds``."""
     ex = ArenaExecutor(model, None)
     ex.run(dict(feeds) if feeds is not None else random_feeds(model, seed=0))
     return ex.observed
 
 
-def observe_unknown(model: Model, feeds: Mapping[str, np.ndarray] | None
-                    ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def observe_unknown(
+    model: Model, feeds: Mapping[str, np.ndarray] | None
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Run the model node by node once and record every tensor's shape and dtype."""
     try:
         return observe_tensors(model, feeds)
@@ -250,14 +276,19 @@ def observe_unknown(model: Model, feeds: Mapping[str, np.ndarray] | None
         raise
     except Exception as exc:  # noqa: BLE001 - the model fails on these inputs: plan without
         first = first_line(exc)
-        logger.warning("could not run the model node by node on %s inputs to size the tensors "
-                       "shape inference leaves unknown (%s); they stay outside the arena. Give "
-                       "real inputs (feeds / --feeds)", "the given" if feeds else "random", first)
+        logger.warning(
+            "could not run the model node by node on %s inputs to size the tensors "
+            "shape inference leaves unknown (%s); they stay outside the arena. Give "
+            "real inputs (feeds / --feeds)",
+            "the given" if feeds else "random",
+            first,
+        )
         return {}
 
 
-def probe_unknown(model: Model, feeds: Mapping[str, np.ndarray] | None
-                  ) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
+def probe_unknown(
+    model: Model, feeds: Mapping[str, np.ndarray] | None
+) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
     """:func:`observe_unknown` when some activation's size is unknown after shape inference
     (:func:`~graphopt.core.liveness.needs_probe`), else None (nothing to observe)."""
     return observe_unknown(model, feeds) if needs_probe(model) else None
@@ -275,13 +306,24 @@ class ProofReport:
     nodes_reference: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "error": self.error, "arena_bytes": self.arena_bytes,
-                "nodes_in_arena": self.nodes_in_arena, "nodes_reference": self.nodes_reference,
-                "outputs": {o.name: o.to_json() for o in self.outputs}}
+        return {
+            "ok": self.ok,
+            "error": self.error,
+            "arena_bytes": self.arena_bytes,
+            "nodes_in_arena": self.nodes_in_arena,
+            "nodes_reference": self.nodes_reference,
+            "outputs": {o.name: o.to_json() for o in self.outputs},
+        }
 
 
-def prove(model: Model, plan: MemoryPlan, feeds: Mapping[str, np.ndarray] | None = None,
-          rtol: float = 1e-4, atol: float = 1e-5, threads: int = 1) -> ProofReport:
+def prove(
+    model: Model,
+    plan: MemoryPlan,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+    threads: int = 1,
+) -> ProofReport:
     """Run ``model`` inside ``plan``'s arena and compare with onnxruntime on the whole model.
 
     Never raises for a wrong plan: a crash inside the arena (e.g. a clobbered shape tensor) is a

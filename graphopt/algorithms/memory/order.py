@@ -71,8 +71,13 @@ class _Problem:
     pos: list[int] = field(default_factory=list)  # original position (tie-break)
 
 
-def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
-           observed: Mapping[str, Any] | None) -> _Problem:
+def _build(
+    model: Model,
+    sched: list[gs.Node],
+    inplace: bool,
+    alignment: int,
+    observed: Mapping[str, Any] | None,
+) -> _Problem:
     live = liveness(model, observed)
     idx = live.index
     n = len(sched)
@@ -150,8 +155,9 @@ def _build(model: Model, sched: list[gs.Node], inplace: bool, alignment: int,
                     if live.shapes[x] == live.shapes[o] and live.dtypes[x] == live.dtypes[o]:
                         cands[v].append(tb[x])
     ncons = [bin(c).count("1") for c in cons]
-    return _Problem(n, preds, succs, out_bufs, in_bufs, cands, size, is_out, cons, ncons, mem0,
-                    list(range(n)))
+    return _Problem(
+        n, preds, succs, out_bufs, in_bufs, cands, size, is_out, cons, ncons, mem0, list(range(n))
+    )
 
 
 def simulate(pb: _Problem, order: list[int]) -> int:
@@ -192,9 +198,12 @@ def _greedy(pb: _Problem, mode: str) -> list[int]:
                 best_s = 0
                 for s in pb.succs[v]:
                     if npred[s] == 1:
-                        freed = sum(pb.size[b] for b in pb.in_bufs[s]
-                                    if remaining[b] - (1 if b in pb.in_bufs[v] else 0) == 1
-                                    and not pb.is_out[b])
+                        freed = sum(
+                            pb.size[b]
+                            for b in pb.in_bufs[s]
+                            if remaining[b] - (1 if b in pb.in_bufs[v] else 0) == 1
+                            and not pb.is_out[b]
+                        )
                         best_s = min(best_s, -freed)
                 look = best_s
             chain = 0 if (mode.endswith("dfs") and last >= 0 and v in pb.succs[last]) else 1
@@ -220,8 +229,7 @@ def _greedy(pb: _Problem, mode: str) -> list[int]:
     return order
 
 
-def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int = 12
-            ) -> list[int]:
+def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int = 12) -> list[int]:
     """Hill climbing: move single nodes near the peak step to another legal position while that
     lowers the model's peak (strictly)."""
     t0 = time.perf_counter()
@@ -244,7 +252,7 @@ def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int =
             for j in range(max(lo, k - 3 * window), min(hi, k + 3 * window + 1)):
                 if j == k or j == k + 1:
                     continue
-                cand = order[:k] + order[k + 1:]
+                cand = order[:k] + order[k + 1 :]
                 cand.insert(j if j < k else j - 1, v)
                 val = simulate(pb, cand)
                 if val < best:
@@ -286,9 +294,13 @@ def _profile(pb: _Problem, order: list[int]) -> np.ndarray:
     return out
 
 
-def exact_order(pb: _Problem, upper: int, max_states: int = 50_000,
-                max_level: int = 5_000,
-                status: dict[str, str] | None = None) -> list[int] | None:
+def exact_order(
+    pb: _Problem,
+    upper: int,
+    max_states: int = 50_000,
+    max_level: int = 5_000,
+    status: dict[str, str] | None = None,
+) -> list[int] | None:
     """Minimal-peak order by DP over down-sets, or None when it would need too many states or
     when no order beats ``upper`` (``status['result']`` says which: ``optimal``,
     ``no-better-order`` or ``too-many-states``)."""
@@ -383,11 +395,17 @@ def _emit(model: Model, sched: list[gs.Node], order: list[int]) -> list[gs.Node]
     return out
 
 
-def reorder_for_memory(model: Model, *, inplace: bool = True, strategy: str = "best",
-                       alignment: int = ALIGNMENT,
-                       observed: Mapping[str, Any] | None = None,
-                       baseline: MemoryPlan | None = None, max_states: int = 50_000,
-                       info: dict[str, Any] | None = None) -> bool:
+def reorder_for_memory(
+    model: Model,
+    *,
+    inplace: bool = True,
+    strategy: str = "best",
+    alignment: int = ALIGNMENT,
+    observed: Mapping[str, Any] | None = None,
+    baseline: MemoryPlan | None = None,
+    max_states: int = 50_000,
+    info: dict[str, Any] | None = None,
+) -> bool:
     """Reorder ``model.graph.nodes`` (shapes inferred) in place when that lowers the planned arena.
 
     Returns True when the order changed. ``info`` (optional) receives the search figures.
@@ -412,12 +430,18 @@ def reorder_for_memory(model: Model, *, inplace: bool = True, strategy: str = "b
         peaks["exact"] = simulate(pb, exact)
     if info is not None:
         proved = status.get("result") in ("optimal", "no-better-order")
-        info.update({"search_peaks": dict(peaks), "exact_searched": proved,
-                     "exact_result": status.get("result", ""),
-                     "nodes_scheduled": pb.n})
+        info.update(
+            {
+                "search_peaks": dict(peaks),
+                "exact_searched": proved,
+                "exact_result": status.get("result", ""),
+                "nodes_scheduled": pb.n,
+            }
+        )
     if baseline is None:
-        baseline = plan_order(model, inplace=inplace, strategy=strategy, alignment=alignment,
-                              observed=observed)
+        baseline = plan_order(
+            model, inplace=inplace, strategy=strategy, alignment=alignment, observed=observed
+        )
     original = list(model.graph.nodes)
     best_key = (baseline.arena_bytes, baseline.bound)
     best_nodes: list[gs.Node] | None = None
@@ -429,8 +453,9 @@ def reorder_for_memory(model: Model, *, inplace: bool = True, strategy: str = "b
             continue
         tried.add(tuple(order))
         model.graph.nodes = _emit(model, sched, order)
-        plan = plan_order(model, inplace=inplace, strategy=strategy, alignment=alignment,
-                          observed=observed)
+        plan = plan_order(
+            model, inplace=inplace, strategy=strategy, alignment=alignment, observed=observed
+        )
         key = (plan.arena_bytes, plan.bound)
         if key < best_key:
             best_key, best_nodes, best_name = key, list(model.graph.nodes), name
@@ -439,13 +464,23 @@ def reorder_for_memory(model: Model, *, inplace: bool = True, strategy: str = "b
     if best_nodes is None:
         model.graph.nodes = original
         if info is not None:
-            info.update({"method": "given", "arena_before": baseline.arena_bytes,
-                         "arena_after": baseline.arena_bytes})
+            info.update(
+                {
+                    "method": "given",
+                    "arena_before": baseline.arena_bytes,
+                    "arena_after": baseline.arena_bytes,
+                }
+            )
         return False
     model.graph.nodes = best_nodes
     if info is not None:
-        info.update({"method": best_name, "arena_before": baseline.arena_bytes,
-                     "arena_after": best_key[0]})
-    logger.info("memory order: %s order cuts the arena %d -> %d bytes", best_name,
-                baseline.arena_bytes, best_key[0])
+        info.update(
+            {"method": best_name, "arena_before": baseline.arena_bytes, "arena_after": best_key[0]}
+        )
+    logger.info(
+        "memory order: %s order cuts the arena %d -> %d bytes",
+        best_name,
+        baseline.arena_bytes,
+        best_key[0],
+    )
     return True

@@ -69,10 +69,39 @@ ALIGNMENT = 64
 #: ops whose output is a view of input 0 (same bytes, another shape)
 ALIAS_OPS: frozenset[str] = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 
-_UNARY = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
-          "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Exp", "Log", "Neg", "Abs", "Sqrt",
-          "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Erf", "Sin", "Cos", "Not", "Clip",
-          "BatchNormalization", "PRelu", "Softmax", "LogSoftmax")
+_UNARY = (
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Softplus",
+    "Softsign",
+    "ThresholdedRelu",
+    "Exp",
+    "Log",
+    "Neg",
+    "Abs",
+    "Sqrt",
+    "Reciprocal",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Erf",
+    "Sin",
+    "Cos",
+    "Not",
+    "Clip",
+    "BatchNormalization",
+    "PRelu",
+    "Softmax",
+    "LogSoftmax",
+)
 _BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "And", "Or", "Xor")
 _VARIADIC = ("Max", "Min", "Sum", "Mean")
 
@@ -92,7 +121,6 @@ def align(n: int | np.ndarray, a: int = ALIGNMENT) -> Any:
     return (n + a - 1) // a * a
 
 
-
 # ---------------------------------------------------------------------------------- buffers
 
 
@@ -110,8 +138,9 @@ class Buffers:
     reuses: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
-def merge_buffers(live: Liveness, inplace: bool = True, alias: bool = True,
-                  alignment: int = ALIGNMENT) -> Buffers:
+def merge_buffers(
+    live: Liveness, inplace: bool = True, alias: bool = True, alignment: int = ALIGNMENT
+) -> Buffers:
     """Group tensors into buffers: views for reshapes, in-place writes for elementwise ops."""
     n = len(live.names)
     parent = list(range(n))
@@ -160,8 +189,12 @@ def merge_buffers(live: Liveness, inplace: bool = True, alias: bool = True,
             x = idx.get(node.inputs[k].name)
             if x is None or live.kinds[x] == "loop" or find(x) in holds_output:
                 continue
-            if (live.shapes[x] != live.shapes[o] or live.dtypes[x] != live.dtypes[o]
-                    or gend[find(x)] != step or find(x) == find(o)):
+            if (
+                live.shapes[x] != live.shapes[o]
+                or live.dtypes[x] != live.dtypes[o]
+                or gend[find(x)] != step
+                or find(x) == find(o)
+            ):
                 continue
             union(x, o)
             inplaced += 1
@@ -176,15 +209,27 @@ def merge_buffers(live: Liveness, inplace: bool = True, alias: bool = True,
     np.minimum.at(bstart, of_tensor, live.start)
     np.maximum.at(bend, of_tensor, live.end)
     np.maximum.at(bsize, of_tensor, align(live.nbytes, alignment))
-    return Buffers(of_tensor=of_tensor.astype(np.int64), start=bstart, end=bend, size=bsize,
-                   aliased=aliased, inplace=inplaced, reuses=reuses)
+    return Buffers(
+        of_tensor=of_tensor.astype(np.int64),
+        start=bstart,
+        end=bend,
+        size=bsize,
+        aliased=aliased,
+        inplace=inplaced,
+        reuses=reuses,
+    )
 
 
 # ---------------------------------------------------------------------------------- offsets
 
 
-def best_fit(start: np.ndarray, end: np.ndarray, size: np.ndarray, order: np.ndarray,
-             alignment: int = ALIGNMENT) -> tuple[np.ndarray, int]:
+def best_fit(
+    start: np.ndarray,
+    end: np.ndarray,
+    size: np.ndarray,
+    order: np.ndarray,
+    alignment: int = ALIGNMENT,
+) -> tuple[np.ndarray, int]:
     """Place buffers in ``order``, each in the smallest gap that fits among the already placed
     buffers that overlap it in time (else on top of them). Returns (offsets, arena bytes)."""
     n = len(size)
@@ -258,8 +303,9 @@ def breadth_order(buf: Buffers, steps: int) -> np.ndarray:
     return np.lexsort((buf.start, -buf.size, best))
 
 
-def assign_offsets(buf: Buffers, steps: int, strategy: str = "best",
-                   alignment: int = ALIGNMENT) -> tuple[np.ndarray, int, str]:
+def assign_offsets(
+    buf: Buffers, steps: int, strategy: str = "best", alignment: int = ALIGNMENT
+) -> tuple[np.ndarray, int, str]:
     """Offsets of every buffer; returns (offsets, arena bytes, strategy that won)."""
     if strategy not in STRATEGIES:
         raise GraphoptError(f"unknown strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
@@ -283,8 +329,15 @@ def assign_offsets(buf: Buffers, steps: int, strategy: str = "best",
     return best
 
 
-def _repair(buf: Buffers, steps: int, best: tuple[np.ndarray, int, str], order: np.ndarray,
-            alignment: int, rounds: int = 4, tries: int = 48) -> tuple[np.ndarray, int, str]:
+def _repair(
+    buf: Buffers,
+    steps: int,
+    best: tuple[np.ndarray, int, str],
+    order: np.ndarray,
+    alignment: int,
+    rounds: int = 4,
+    tries: int = 48,
+) -> tuple[np.ndarray, int, str]:
     """Pinning: a buffer (those ending above the lower bound first, then the longest-lived) is
     placed first (at the bottom) and the rest best-fit again around it; kept when the arena
     shrinks. Fixes the fragmentation that
@@ -379,7 +432,8 @@ class MemoryPlan:
             "arena_over_bound": round(self.ratio, 4),
             "arena_over_lower_bound": round(self.arena_bytes / lb, 4) if lb else 1.0,
             "naive_over_arena": round(self.naive_bytes / self.arena_bytes, 3)
-            if self.arena_bytes else 1.0,
+            if self.arena_bytes
+            else 1.0,
             "strategy": self.strategy,
             "alignment": self.alignment,
             "tensors": len(self.tensors),
@@ -399,20 +453,38 @@ class MemoryPlan:
         d = self.summary()
         d["order"] = self.order
         d["unplanned_tensors"] = self.unplanned
-        d["tensors"] = [{"name": t.name, "offset": t.offset, "bytes": t.nbytes, "start": t.start,
-                         "end": t.end, "shape": list(t.shape), "dtype": t.dtype, "kind": t.kind,
-                         "buffer": t.buffer,
-                         **({"reuses": self.reuses[t.name][0], "reuse": self.reuses[t.name][1]}
-                            if t.name in self.reuses else {})}
-                        for t in self.tensors.values()]
+        d["tensors"] = [
+            {
+                "name": t.name,
+                "offset": t.offset,
+                "bytes": t.nbytes,
+                "start": t.start,
+                "end": t.end,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "kind": t.kind,
+                "buffer": t.buffer,
+                **(
+                    {"reuses": self.reuses[t.name][0], "reuse": self.reuses[t.name][1]}
+                    if t.name in self.reuses
+                    else {}
+                ),
+            }
+            for t in self.tensors.values()
+        ]
         return d
 
     def compact_json(self) -> str:
         """Arena size and offsets only (for the model's ``graphopt.memory_plan`` metadata)."""
-        return json.dumps({"arena_bytes": self.arena_bytes, "alignment": self.alignment,
-                           "inplace": self.inplace,
-                           "offsets": {t.name: t.offset for t in self.tensors.values()}},
-                          separators=(",", ":"))
+        return json.dumps(
+            {
+                "arena_bytes": self.arena_bytes,
+                "alignment": self.alignment,
+                "inplace": self.inplace,
+                "offsets": {t.name: t.offset for t in self.tensors.values()},
+            },
+            separators=(",", ":"),
+        )
 
     def with_offsets(self, offsets: Mapping[str, int]) -> MemoryPlan:
         """A copy with some offsets replaced (to build deliberately wrong plans in tests)."""
@@ -439,8 +511,15 @@ def conflicts(plan: MemoryPlan, limit: int = 10) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for i in range(len(ts)):
         j = np.arange(i + 1, len(ts))
-        bad = ((s[j] <= e[i]) & (e[j] >= s[i]) & (o[j] < o[i] + z[i]) & (o[j] + z[j] > o[i])
-               & (z[j] > 0) & (z[i] > 0) & (b[j] != b[i]))
+        bad = (
+            (s[j] <= e[i])
+            & (e[j] >= s[i])
+            & (o[j] < o[i] + z[i])
+            & (o[j] + z[j] > o[i])
+            & (z[j] > 0)
+            & (z[i] > 0)
+            & (b[j] != b[i])
+        )
         for k in j[bad].tolist():
             out.append((ts[i].name, ts[k].name))
             if len(out) >= limit:
@@ -448,10 +527,14 @@ def conflicts(plan: MemoryPlan, limit: int = 10) -> list[tuple[str, str]]:
     return out
 
 
-def plan_order(model: Model, *, inplace: bool = True, strategy: str = "best",
-               alignment: int = ALIGNMENT,
-               observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None
-               ) -> MemoryPlan:
+def plan_order(
+    model: Model,
+    *,
+    inplace: bool = True,
+    strategy: str = "best",
+    alignment: int = ALIGNMENT,
+    observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+) -> MemoryPlan:
     """Plan ``model`` (shapes already inferred) in its current node order."""
     live = liveness(model, observed)
     aligned = align(live.nbytes, alignment)
@@ -467,20 +550,38 @@ def plan_order(model: Model, *, inplace: bool = True, strategy: str = "best",
     tensors: dict[str, TensorPlan] = {}
     for i, name in enumerate(live.names):
         b = int(buf.of_tensor[i])
-        tensors[name] = TensorPlan(name, int(offs[b]), int(live.nbytes[i]), int(live.start[i]),
-                                   int(live.end[i]), live.shapes[i], str(live.dtypes[i]),
-                                   live.kinds[i], b)
+        tensors[name] = TensorPlan(
+            name,
+            int(offs[b]),
+            int(live.nbytes[i]),
+            int(live.start[i]),
+            int(live.end[i]),
+            live.shapes[i],
+            str(live.dtypes[i]),
+            live.kinds[i],
+            b,
+        )
     if live.unplanned:
-        logger.info("memory plan: %d tensors of unknown size left out of the arena",
-                    len(live.unplanned))
+        logger.info(
+            "memory plan: %d tensors of unknown size left out of the arena", len(live.unplanned)
+        )
     return MemoryPlan(
-        tensors=tensors, arena_bytes=int(arena), lower_bound_bytes=lb_plain,
-        inplace_lower_bound_bytes=lb_inplace, naive_bytes=int(aligned.sum()), inplace=inplace,
-        strategy=won, alignment=alignment, steps=live.steps,
-        order=[n.name for n in model.graph.nodes], order_ops=[n.op for n in model.graph.nodes],
+        tensors=tensors,
+        arena_bytes=int(arena),
+        lower_bound_bytes=lb_plain,
+        inplace_lower_bound_bytes=lb_inplace,
+        naive_bytes=int(aligned.sum()),
+        inplace=inplace,
+        strategy=won,
+        alignment=alignment,
+        steps=live.steps,
+        order=[n.name for n in model.graph.nodes],
+        order_ops=[n.op for n in model.graph.nodes],
         peak_step=peak,
-        peak_node=live.step_names[peak] if live.step_names else "", aliased=buf.aliased,
-        inplace_reused=buf.inplace, unplanned=list(live.unplanned), reuses=buf.reuses,
-        model=model)
-
-
+        peak_node=live.step_names[peak] if live.step_names else "",
+        aliased=buf.aliased,
+        inplace_reused=buf.inplace,
+        unplanned=list(live.unplanned),
+        reuses=buf.reuses,
+        model=model,
+    )

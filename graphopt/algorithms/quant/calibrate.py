@@ -35,11 +35,17 @@ class CalibrationResult:
     kept: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
-def collect_ranges(model: Model, tensors: Sequence[str],
-                   batches: Iterable[Mapping[str, np.ndarray]],
-                   method: str = "entropy", levels: int = 256, progress: Progress | None = None,
-                   total: int | None = None, keep_samples: int = 0,
-                   observer_options: dict[str, object] | None = None) -> CalibrationResult:
+def collect_ranges(
+    model: Model,
+    tensors: Sequence[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    method: str = "entropy",
+    levels: int = 256,
+    progress: Progress | None = None,
+    total: int | None = None,
+    keep_samples: int = 0,
+    observer_options: dict[str, object] | None = None,
+) -> CalibrationResult:
     """Observe ``tensors`` over the calibration batches and compute each one's range.
 
     Args:
@@ -67,7 +73,8 @@ def collect_ranges(model: Model, tensors: Sequence[str],
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             shapes = {k: list(v.shape) for k, v in feeds.items()}
             raise CalibrationError(
-                f"the model cannot run on a calibration batch {shapes}: {first}") from None
+                f"the model cannot run on a calibration batch {shapes}: {first}"
+            ) from None
         for name, val in zip(names, outs, strict=False):
             observers[name].update(val)
         del outs

@@ -52,8 +52,20 @@ BINARY_OPS = {"Add", "Mul"}
 UNARY_OPS = {"AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"}
 CONCAT_OPS = {"Concat"}
 #: data-movement ops that run on the integer tensor unchanged (same scale and zero point)
-SHARED_OPS = {"MaxPool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
-              "Slice", "Pad", "DepthToSpace", "SpaceToDepth", "Upsample"}
+SHARED_OPS = {
+    "MaxPool",
+    "Resize",
+    "Reshape",
+    "Transpose",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Pad",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Upsample",
+}
 #: activations onnxruntime folds into the following QuantizeLinear
 ABSORBED_OPS = {"Relu", "Clip"}
 QUANTIZABLE_OPS = COMPUTE_OPS | BINARY_OPS | UNARY_OPS | CONCAT_OPS | SHARED_OPS
@@ -115,10 +127,16 @@ class QuantPlan:
             produced = {q.output for q in self.nodes.values() if q.kind != "shared" and q.output}
             consumed = {t for q in self.nodes.values() if q.kind != "shared" for t in q.inputs}
             for n, q in list(self.nodes.items()):
-                if q.kind == "shared" and q.inputs[0] not in produced and \
-                        q.inputs[0] not in consumed and \
-                        not any(q.inputs[0] == o.output for o in self.nodes.values()
-                                if o.kind == "shared" and o is not q):
+                if (
+                    q.kind == "shared"
+                    and q.inputs[0] not in produced
+                    and q.inputs[0] not in consumed
+                    and not any(
+                        q.inputs[0] == o.output
+                        for o in self.nodes.values()
+                        if o.kind == "shared" and o is not q
+                    )
+                ):
                     del self.nodes[n]
                     self.skipped[n] = "its input is not quantized"
                     changed = True
@@ -142,14 +160,18 @@ def _is_float_act(t: gs.Tensor) -> bool:
 
 def _is_hardswish_mul(a: gs.Tensor, b: gs.Tensor) -> bool:
     for x, y in ((a, b), (b, a)):
-        if len(y.inputs) == 1 and y.inputs[0].op in ("HardSigmoid", "Sigmoid") and \
-                y.inputs[0].inputs[0] is x:
+        if (
+            len(y.inputs) == 1
+            and y.inputs[0].op in ("HardSigmoid", "Sigmoid")
+            and y.inputs[0].inputs[0] is x
+        ):
             return True
     return False
 
 
-def plan_quantization(model: Model, keep_float: Iterable[str] = (),
-                      op_types: Iterable[str] | None = None) -> QuantPlan:
+def plan_quantization(
+    model: Model, keep_float: Iterable[str] = (), op_types: Iterable[str] | None = None
+) -> QuantPlan:
     """Decide which nodes of the main graph run quantized (If/Loop bodies stay float)."""
     g = model.graph
     keep = set(keep_float)
@@ -194,8 +216,11 @@ def plan_quantization(model: Model, keep_float: Iterable[str] = (),
                     acts, weight = [x.name], w.name
                     if len(node.inputs) > 2 and node.inputs[2].name:
                         b = node.inputs[2]
-                        ok_bias = isinstance(b, gs.Constant) and b.dtype == np.float32 and \
-                            len(b.shape) == 1
+                        ok_bias = (
+                            isinstance(b, gs.Constant)
+                            and b.dtype == np.float32
+                            and len(b.shape) == 1
+                        )
                         if op == "Gemm" and float(node.attrs.get("beta", 1.0)) != 1.0:
                             ok_bias = False
                         if not ok_bias:
@@ -240,11 +265,20 @@ def plan_quantization(model: Model, keep_float: Iterable[str] = (),
             aout = act.outputs[0]
             lo_ok = True
             if act.op == "Clip":
-                lo = _const_value(act.inputs[1]) if len(act.inputs) > 1 and act.inputs[1].name \
+                lo = (
+                    _const_value(act.inputs[1])
+                    if len(act.inputs) > 1 and act.inputs[1].name
                     else np.float32(act.attrs.get("min", -np.inf))
-                lo_ok = lo is not None and float(np.asarray(lo)) == 0.0 and \
-                    (len(act.inputs) < 3 or not act.inputs[2].name or
-                     _const_value(act.inputs[2]) is not None)
+                )
+                lo_ok = (
+                    lo is not None
+                    and float(np.asarray(lo)) == 0.0
+                    and (
+                        len(act.inputs) < 3
+                        or not act.inputs[2].name
+                        or _const_value(act.inputs[2]) is not None
+                    )
+                )
             if lo_ok and aout.name not in outputs:
                 out_name, absorbed = aout.name, act.name
         plan.nodes[node.name] = QNode(node.name, op, kind, acts, out_name, absorbed, weight, bias)
@@ -269,8 +303,9 @@ def activation_params(lo: float, hi: float, dtype: np.dtype) -> QParams:
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     qmin, qmax = (0, 255) if np.dtype(dtype) == np.uint8 else (-128, 127)
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi - lo <= 0:
-        return QParams(1.0, qmin if hi >= 0 and lo >= 0 else (qmin + qmax + 1) // 2,
-                       np.dtype(dtype))
+        return QParams(
+            1.0, qmin if hi >= 0 and lo >= 0 else (qmin + qmax + 1) // 2, np.dtype(dtype)
+        )
     scale = (hi - lo) / (qmax - qmin)
     zp = int(np.clip(round(qmin - lo / scale), qmin, qmax))
     return QParams(float(np.float32(scale)), zp, np.dtype(dtype))
@@ -367,8 +402,13 @@ def _unique(g: gs.Graph, base: str, taken: set[str]) -> str:
     return name
 
 
-def apply_quantization(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]],
-                       config: QuantConfig, only: Iterable[str] | None = None) -> EmitStats:
+def apply_quantization(
+    model: Model,
+    plan: QuantPlan,
+    ranges: Mapping[str, tuple[float, float]],
+    config: QuantConfig,
+    only: Iterable[str] | None = None,
+) -> EmitStats:
     """Insert Q/DQ pairs and quantized weights in place for the planned nodes (or ``only`` some).
 
     ``ranges`` gives the calibrated (lo, hi) of every observed tensor; a node whose tensors lack a
@@ -430,10 +470,18 @@ def apply_quantization(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple
         zp = gs.Constant(_unique(g, f"{t}_zero_point", taken), np.array(p.zero_point, p.dtype))
         qv = gs.Variable(_unique(g, f"{t}_quantized", taken), dtype=p.dtype, shape=var.shape)
         dqv = gs.Variable(_unique(g, f"{t}_dequantized", taken), dtype=np.float32, shape=var.shape)
-        qn = gs.Node("QuantizeLinear", _unique(g, f"{t}_QuantizeLinear", taken),
-                     inputs=[var, scale, zp], outputs=[qv])
-        dqn = gs.Node("DequantizeLinear", _unique(g, f"{t}_DequantizeLinear", taken),
-                      inputs=[qv, scale, zp], outputs=[dqv])
+        qn = gs.Node(
+            "QuantizeLinear",
+            _unique(g, f"{t}_QuantizeLinear", taken),
+            inputs=[var, scale, zp],
+            outputs=[qv],
+        )
+        dqn = gs.Node(
+            "DequantizeLinear",
+            _unique(g, f"{t}_DequantizeLinear", taken),
+            inputs=[qv, scale, zp],
+            outputs=[dqv],
+        )
         redirect_all = t in producer_quantized
         quantized_consumers = consumers_quantized.get(t, set())
         for c in list(var.outputs):
@@ -449,9 +497,12 @@ def apply_quantization(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple
     # weights and biases
     for q in active:
         node = node_by_name[q.name]
-        info: dict[str, Any] = {"op": q.op, "inputs": {t: params[t].scale for t in q.inputs},
-                                "output_scale": params[q.output].scale if q.output else None,
-                                "absorbed": q.absorbed}
+        info: dict[str, Any] = {
+            "op": q.op,
+            "inputs": {t: params[t].scale for t in q.inputs},
+            "output_scale": params[q.output].scale if q.output else None,
+            "absorbed": q.absorbed,
+        }
         if q.weight:
             widx = 1
             wt = node.inputs[widx]
@@ -461,14 +512,22 @@ def apply_quantization(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple
             wq = quantize_weight(w, ws, axis, qmax_w)
             wc = gs.Constant(_unique(g, f"{wt.name}_quantized", taken), wq)
             sc = gs.Constant(_unique(g, f"{wt.name}_scale", taken), ws)
-            zc = gs.Constant(_unique(g, f"{wt.name}_zero_point", taken),
-                             np.zeros(ws.shape, np.int8))
-            wdq = gs.Variable(_unique(g, f"{wt.name}_dequantized", taken), dtype=np.float32,
-                              shape=list(w.shape))
+            zc = gs.Constant(
+                _unique(g, f"{wt.name}_zero_point", taken), np.zeros(ws.shape, np.int8)
+            )
+            wdq = gs.Variable(
+                _unique(g, f"{wt.name}_dequantized", taken), dtype=np.float32, shape=list(w.shape)
+            )
             attrs = {"axis": int(axis)} if axis is not None else {}
-            new_nodes.append(gs.Node("DequantizeLinear",
-                                     _unique(g, f"{wt.name}_DequantizeLinear", taken),
-                                     attrs=attrs, inputs=[wc, sc, zc], outputs=[wdq]))
+            new_nodes.append(
+                gs.Node(
+                    "DequantizeLinear",
+                    _unique(g, f"{wt.name}_DequantizeLinear", taken),
+                    attrs=attrs,
+                    inputs=[wc, sc, zc],
+                    outputs=[wdq],
+                )
+            )
             node.inputs[widx] = wdq
             stats.weights += 1
             info["weight_scale"] = [float(ws.min()), float(ws.max())]
@@ -478,18 +537,27 @@ def apply_quantization(model: Model, plan: QuantPlan, ranges: Mapping[str, tuple
                 b = np.asarray(bt.values).astype(np.float64)
                 sx = params[q.inputs[0]].scale
                 bs = np.asarray(sx * ws.astype(np.float64), np.float32)  # 0-d when per tensor
-                bq = np.clip(np.round(b / bs.astype(np.float64)), -2**31, 2**31 - 1)
+                bq = np.clip(np.round(b / bs.astype(np.float64)), -(2**31), 2**31 - 1)
                 bq = bq.astype(np.int32)
                 bc = gs.Constant(_unique(g, f"{bt.name}_quantized", taken), bq)
                 bsc = gs.Constant(_unique(g, f"{bt.name}_scale", taken), bs)
-                bzc = gs.Constant(_unique(g, f"{bt.name}_zero_point", taken),
-                                  np.zeros(bs.shape, np.int32))
-                bdq = gs.Variable(_unique(g, f"{bt.name}_dequantized", taken), dtype=np.float32,
-                                  shape=list(b.shape))
-                new_nodes.append(gs.Node("DequantizeLinear",
-                                         _unique(g, f"{bt.name}_DequantizeLinear", taken),
-                                         attrs={"axis": 0} if bs.ndim else {},
-                                         inputs=[bc, bsc, bzc], outputs=[bdq]))
+                bzc = gs.Constant(
+                    _unique(g, f"{bt.name}_zero_point", taken), np.zeros(bs.shape, np.int32)
+                )
+                bdq = gs.Variable(
+                    _unique(g, f"{bt.name}_dequantized", taken),
+                    dtype=np.float32,
+                    shape=list(b.shape),
+                )
+                new_nodes.append(
+                    gs.Node(
+                        "DequantizeLinear",
+                        _unique(g, f"{bt.name}_DequantizeLinear", taken),
+                        attrs={"axis": 0} if bs.ndim else {},
+                        inputs=[bc, bsc, bzc],
+                        outputs=[bdq],
+                    )
+                )
                 node.inputs[2] = bdq
                 stats.biases += 1
         if q.absorbed:
@@ -519,9 +587,12 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
     return set()
 
 
-def choose_activation_type(activations: str = "auto", reduce_range: bool | None = None,
-                           flags: set[str] | None = None, machine: str | None = None
-                           ) -> tuple[np.dtype, bool, str]:
+def choose_activation_type(
+    activations: str = "auto",
+    reduce_range: bool | None = None,
+    flags: set[str] | None = None,
+    machine: str | None = None,
+) -> tuple[np.dtype, bool, str]:
     """(activation dtype, reduce_range, why) for ``auto``, ``uint8`` or ``int8``."""
     flags = cpu_flags() if flags is None else flags
     machine = (machine or platform.machine()).lower()
@@ -540,8 +611,11 @@ def choose_activation_type(activations: str = "auto", reduce_range: bool | None 
         dtype, why = np.dtype(activations), "requested"
     if reduce_range is None:
         reduce_range = (not arm) and (not vnni) and dtype == np.uint8
-        why += "; " + ("no VNNI: 7-bit weights (reduce_range)" if reduce_range
-                       else "VNNI or ARM: full 8-bit weights")
+        why += "; " + (
+            "no VNNI: 7-bit weights (reduce_range)"
+            if reduce_range
+            else "VNNI or ARM: full 8-bit weights"
+        )
     return dtype, bool(reduce_range), why
 
 
@@ -557,7 +631,8 @@ def upgrade_opset(model: Model, target: int = 13) -> Model:
         raise GraphoptError(
             f"cannot convert the model from opset {model.opset} to {target} for per-channel "
             f"quantization ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-            f"use --per-tensor") from None
+            f"use --per-tensor"
+        ) from None
     out = Model.from_onnx(converted, path=model.path, external_data=model.external_data)
     out.metadata = dict(model.metadata)
     infer_shapes(out)

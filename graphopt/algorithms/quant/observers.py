@@ -70,8 +70,9 @@ def _finite_minmax(x: np.ndarray) -> tuple[float, float, int]:  # pragma: no cov
 
 
 @numba.njit(cache=True, nogil=True)
-def _accumulate(x: np.ndarray, counts: np.ndarray, inv_w: float,
-                i0: int) -> None:  # pragma: no cover - numba
+def _accumulate(
+    x: np.ndarray, counts: np.ndarray, inv_w: float, i0: int
+) -> None:  # pragma: no cover - numba
     nb = counts.size
     for i in range(x.size):
         v = x[i]
@@ -257,8 +258,11 @@ class Histogram:
             self.exp = self._exp_for(lo, hi, None)
             self.i0 = math.floor(lo / self.width)
             self.used = True
-        elif not self._fits(self.exp, lo, hi) or math.floor(lo / self.width) < self.i0 or \
-                math.floor(hi / self.width) >= self.i0 + self.nbins:
+        elif (
+            not self._fits(self.exp, lo, hi)
+            or math.floor(lo / self.width) < self.i0
+            or math.floor(hi / self.width) >= self.i0 + self.nbins
+        ):
             self._regrid(self._exp_for(lo, hi, self.exp), lo)
         _accumulate(flat, self.counts, math.ldexp(1.0, -self.exp), self.i0)
 
@@ -396,9 +400,14 @@ class EntropyObserver(HistogramObserver):
 
     name = "entropy"
 
-    def __init__(self, bins: int = DEFAULT_BINS, max_candidates: int = 1024,
-                 min_count_per_level: int = 64, search_bins: int = 2048,
-                 max_clip_fraction: float = 1e-4) -> None:
+    def __init__(
+        self,
+        bins: int = DEFAULT_BINS,
+        max_candidates: int = 1024,
+        min_count_per_level: int = 64,
+        search_bins: int = 2048,
+        max_clip_fraction: float = 1e-4,
+    ) -> None:
         super().__init__(bins)
         self.max_clip_fraction = max_clip_fraction
         self.max_candidates = max_candidates
@@ -458,12 +467,14 @@ class MSEObserver(HistogramObserver):
 
 
 OBSERVERS: dict[str, type[Observer]] = {
-    c.name: c for c in (MinMaxObserver, PercentileObserver, EntropyObserver, MSEObserver)}
+    c.name: c for c in (MinMaxObserver, PercentileObserver, EntropyObserver, MSEObserver)
+}
 
 
 def make_observer(method: str, **options: object) -> Observer:
     """An observer by method name: minmax, percentile, entropy, mse."""
     if method not in OBSERVERS:
         raise GraphoptError(
-            f"unknown calibration method '{method}'; choose one of {', '.join(OBSERVERS)}")
+            f"unknown calibration method '{method}'; choose one of {', '.join(OBSERVERS)}"
+        )
     return OBSERVERS[method](**options)  # type: ignore[arg-type]

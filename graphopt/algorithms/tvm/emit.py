@@ -69,7 +69,8 @@ def require_tvm() -> Any:
     except Exception as exc:  # ImportError, or a broken native library
         raise TVMUnavailableError(
             f"apache-tvm is not usable here ({type(exc).__name__}: {exc}); "
-            "install it with: pip install 'graphopt[tvm]'") from None
+            "install it with: pip install 'graphopt[tvm]'"
+        ) from None
     return tvm
 
 
@@ -80,11 +81,11 @@ def require_tvm() -> Any:
 class TargetSpec:
     """A resolved compilation target."""
 
-    name: str                       # llvm | aarch64 | cuda
-    target: dict[str, Any]          # TVM target dict (``{"kind": "llvm", ...}``)
-    host: dict[str, Any] | None     # host target for device targets
-    cross_cc: str | None = None     # C compiler used to link the exported library
-    vector_lanes: int = 8           # float32 lanes of the widest vector unit
+    name: str  # llvm | aarch64 | cuda
+    target: dict[str, Any]  # TVM target dict (``{"kind": "llvm", ...}``)
+    host: dict[str, Any] | None  # host target for device targets
+    cross_cc: str | None = None  # C compiler used to link the exported library
+    vector_lanes: int = 8  # float32 lanes of the widest vector unit
     num_cores: int = 1
 
     def tvm_target(self) -> Any:
@@ -122,16 +123,20 @@ def parse_target(target: str) -> TargetSpec:
         tgt, lanes = _host_llvm()
         return TargetSpec("llvm", tgt, None, None, lanes, cores)
     if t in ("aarch64", "arm64", "arm"):
-        tgt = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"],
-               "num-cores": 4}
+        tgt = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4}
         return TargetSpec("aarch64", tgt, None, "aarch64-linux-gnu-gcc", 4, 4)
     if t.startswith("cuda"):
         arch = t.split(":", 1)[1] if ":" in t else "sm_80"
         if not arch.startswith("sm_"):
             arch = "sm_" + arch
         host, lanes = _host_llvm()
-        cuda = {"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
-                "max_threads_per_block": 1024, "thread_warp_size": 32}
+        cuda = {
+            "kind": "cuda",
+            "arch": arch,
+            "max_shared_memory_per_block": 49152,
+            "max_threads_per_block": 1024,
+            "thread_warp_size": 32,
+        }
         return TargetSpec("cuda", cuda, host, None, lanes, cores)
     raise GraphoptError(f"unknown target '{target}'; use one of: llvm, aarch64, cuda[:sm_80|sm_90]")
 
@@ -148,8 +153,9 @@ def fold_shape_computations(m: Model, shapes: Mapping[str, tuple[int, ...]]) -> 
     probe = m.to_onnx()
     del probe.graph.value_info[:]  # onnxruntime derives the shapes for the fixed inputs itself
     names = [n.outputs[0].name for n in nodes]
-    sess = make_session(probe, outputs=names, truncate=True,
-                        types=dict.fromkeys(names, onnx.TensorProto.INT64))
+    sess = make_session(
+        probe, outputs=names, truncate=True, types=dict.fromkeys(names, onnx.TensorProto.INT64)
+    )
     feeds = {i.name: np.zeros(shapes[i.name], _ort_dtype(i.type)) for i in sess.get_inputs()}
     values = dict(zip(names, sess.run(names, feeds), strict=True))
     for n in nodes:
@@ -169,9 +175,16 @@ def fold_shape_computations(m: Model, shapes: Mapping[str, tuple[int, ...]]) -> 
 
 
 def _ort_dtype(t: str) -> Any:
-    return {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
-            "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
-            "tensor(bool)": np.bool_, "tensor(float16)": np.float16}.get(t, np.float32)
+    return {
+        "tensor(float)": np.float32,
+        "tensor(double)": np.float64,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(uint8)": np.uint8,
+        "tensor(int8)": np.int8,
+        "tensor(bool)": np.bool_,
+        "tensor(float16)": np.float16,
+    }.get(t, np.float32)
 
 
 # ---------------------------------------------------------------------- Relax
@@ -186,8 +199,12 @@ def import_relax(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) ->
     for i in proto.graph.input:
         dtypes[i.name] = onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name
     try:
-        mod = from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()},
-                        dtype_dict=dtypes, opset=_default_opset(proto))
+        mod = from_onnx(
+            proto,
+            shape_dict={k: list(v) for k, v in shapes.items()},
+            dtype_dict=dtypes,
+            opset=_default_opset(proto),
+        )
     except Exception as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise TVMCompileError(f"TVM's ONNX importer failed: {type(exc).__name__}: {msg}") from exc
@@ -201,8 +218,12 @@ def _default_opset(proto: onnx.ModelProto) -> int | None:
     return None
 
 
-def relax_pipeline(spec: TargetSpec, schedules: bool = True, fuse_pools: bool = False,
-                   record: dict[str, Any] | None = None) -> Any:
+def relax_pipeline(
+    spec: TargetSpec,
+    schedules: bool = True,
+    fuse_pools: bool = False,
+    record: dict[str, Any] | None = None,
+) -> Any:
     """graphopt's Relax pipeline for ``spec``: legalize, fold, fuse, schedule, lower.
 
     ``fuse_pools``: graphopt recorded Conv+activation+pool groups; compile each as one kernel.
@@ -231,14 +252,21 @@ def relax_pipeline(spec: TargetSpec, schedules: bool = True, fuse_pools: bool = 
             ]
             mod = tvm.transform.Sequential(passes)(mod)
             if record is not None:
-                record["kernels"] = sorted(gv.name_hint for gv, f in mod.functions_items()
-                                           if isinstance(f, tvm.tirx.PrimFunc))
+                record["kernels"] = sorted(
+                    gv.name_hint
+                    for gv, f in mod.functions_items()
+                    if isinstance(f, tvm.tirx.PrimFunc)
+                )
             if spec.name == "cuda":
                 from tvm.s_tir import dlight as dl  # noqa: PLC0415
 
                 mod = dl.ApplyDefaultSchedule(
-                    dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                    dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+                    dl.gpu.Matmul(),
+                    dl.gpu.GEMV(),
+                    dl.gpu.Reduction(),
+                    dl.gpu.GeneralReduction(),
+                    dl.gpu.Fallback(),
+                )(mod)
             elif schedules:
                 from graphopt.algorithms.tvm.schedules import ApplyCPUSchedules  # noqa: PLC0415
 
@@ -290,8 +318,14 @@ def _FusePoolIntoProducer() -> Any:  # noqa: N802 - a pass constructor
     return _pass
 
 
-def build_relax(mod: Any, spec: TargetSpec, pipeline: str = "graphopt", schedules: bool = True,
-                fuse_pools: bool = False, record: dict[str, Any] | None = None) -> Any:
+def build_relax(
+    mod: Any,
+    spec: TargetSpec,
+    pipeline: str = "graphopt",
+    schedules: bool = True,
+    fuse_pools: bool = False,
+    record: dict[str, Any] | None = None,
+) -> Any:
     """Build a Relax module; ``pipeline`` is ``graphopt`` or ``tvm-default`` (``tvm.compile``)."""
     tvm = require_tvm()
     from tvm import relax  # noqa: PLC0415
@@ -301,12 +335,14 @@ def build_relax(mod: Any, spec: TargetSpec, pipeline: str = "graphopt", schedule
     try:
         if pipeline == "tvm-default":
             return tvm.compile(mod, target=target)
-        return tvm.compile(mod, target=target,
-                           relax_pipeline=relax_pipeline(spec, schedules, fuse_pools, record))
+        return tvm.compile(
+            mod, target=target, relax_pipeline=relax_pipeline(spec, schedules, fuse_pools, record)
+        )
     except Exception as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise TVMCompileError(f"TVM build for {spec.name} failed: {type(exc).__name__}: {msg}"
-                              ) from exc
+        raise TVMCompileError(
+            f"TVM build for {spec.name} failed: {type(exc).__name__}: {msg}"
+        ) from exc
 
 
 # ---------------------------------------------------------------------- compile
@@ -327,11 +363,16 @@ def check_cuda_with_nvcc(ex: Any, arch: str, workdir: Path) -> bool | None:
         return None
     cu = workdir / "kernels.cu"
     cu.write_text(src)
-    proc = subprocess.run([nvcc, f"-arch={arch}", "-cubin", "-O3", "-o", str(workdir / "k.cubin"),
-                           str(cu)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [nvcc, f"-arch={arch}", "-cubin", "-O3", "-o", str(workdir / "k.cubin"), str(cu)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
-        raise TVMCompileError(f"nvcc -arch={arch} rejected TVM's CUDA source: "
-                              f"{proc.stderr.strip()[-2000:]}")
+        raise TVMCompileError(
+            f"nvcc -arch={arch} rejected TVM's CUDA source: {proc.stderr.strip()[-2000:]}"
+        )
     return True
 
 

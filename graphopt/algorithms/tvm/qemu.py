@@ -26,15 +26,18 @@ def qemu_unavailable_reason() -> str | None:
         return "qemu-aarch64 is not installed (Debian: apt-get install qemu-user)"
     py = ARM64_ROOT / "usr" / "bin" / "python3"
     if not py.exists():
-        return (f"no arm64 Python under {ARM64_ROOT} (run scripts/install-tvm-deps.sh, or set "
-                "GRAPHOPT_ARM64_ROOT)")
+        return (
+            f"no arm64 Python under {ARM64_ROOT} (run scripts/install-tvm-deps.sh, or set "
+            "GRAPHOPT_ARM64_ROOT)"
+        )
     if not (ARM64_ROOT / "opt" / "site-packages" / "tvm").is_dir():
         return f"no aarch64 apache-tvm wheel unpacked under {ARM64_ROOT}/opt/site-packages"
     return None
 
 
-def run_under_qemu(artifact: str | os.PathLike[str], feeds: Mapping[str, np.ndarray],
-                   timeout: float = 300.0) -> dict[str, np.ndarray]:
+def run_under_qemu(
+    artifact: str | os.PathLike[str], feeds: Mapping[str, np.ndarray], timeout: float = 300.0
+) -> dict[str, np.ndarray]:
     """Run an AArch64 library with Debian's arm64 Python and TVM's aarch64 runtime under qemu-user
     (``graphopt/algorithms/tvm/runner.py`` as the script). Emulated: correctness only, timings mean
     nothing."""
@@ -49,14 +52,29 @@ def run_under_qemu(artifact: str | os.PathLike[str], feeds: Mapping[str, np.ndar
             np.save(f, arr)
             args += ["--input", f"{name}={f}"]
         out = Path(td) / "out.npz"
-        env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", PYTHONHOME=str(ARM64_ROOT / "usr"),
-                   PYTHONPATH=str(ARM64_ROOT / "opt" / "site-packages"), PYTHONNOUSERSITE="1")
+        env = dict(
+            os.environ,
+            TVM_USE_RUNTIME_LIB="1",
+            PYTHONHOME=str(ARM64_ROOT / "usr"),
+            PYTHONPATH=str(ARM64_ROOT / "opt" / "site-packages"),
+            PYTHONNOUSERSITE="1",
+        )
         env.pop("VIRTUAL_ENV", None)
-        cmd = ["qemu-aarch64", "-L", str(ARM64_ROOT), str(ARM64_ROOT / "usr" / "bin" / "python3"),
-               str(Path(runner_mod.__file__).resolve()), str(art), *args, "--output", str(out)]
+        cmd = [
+            "qemu-aarch64",
+            "-L",
+            str(ARM64_ROOT),
+            str(ARM64_ROOT / "usr" / "bin" / "python3"),
+            str(Path(runner_mod.__file__).resolve()),
+            str(art),
+            *args,
+            "--output",
+            str(out),
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise TVMCompileError(f"the AArch64 library failed under qemu: "
-                                  f"{proc.stderr.strip()[-1500:]}")
+            raise TVMCompileError(
+                f"the AArch64 library failed under qemu: {proc.stderr.strip()[-1500:]}"
+            )
         with np.load(out) as z:
             return {k: z[k] for k in z.files}

@@ -51,8 +51,10 @@ class Artifact:
         if not self.path.is_file():
             raise FileNotFoundError(f"no such artifact: {self.path}")
         if not man.is_file():
-            raise FileNotFoundError(f"the manifest {man} is missing; it is written next to the "
-                                    f"library by `graphopt compile`")
+            raise FileNotFoundError(
+                f"the manifest {man} is missing; it is written next to the "
+                f"library by `graphopt compile`"
+            )
         self.manifest: dict[str, Any] = json.loads(man.read_text())
         self.target: str = self.manifest.get("target", "llvm")
         self.inputs: list[dict[str, Any]] = self.manifest["inputs"]
@@ -72,13 +74,16 @@ class Artifact:
         for spec in self.inputs:
             name = spec["name"]
             if name not in feeds:
-                raise KeyError(f"missing input '{name}'; the artifact takes "
-                               f"{[i['name'] for i in self.inputs]}")
+                raise KeyError(
+                    f"missing input '{name}'; the artifact takes {[i['name'] for i in self.inputs]}"
+                )
             arr = np.ascontiguousarray(feeds[name], dtype=spec["dtype"])
             want = [int(d) for d in spec["shape"]]
             if list(arr.shape) != want:
-                raise ValueError(f"input '{name}' has shape {list(arr.shape)}; the artifact was "
-                                 f"compiled for {want}")
+                raise ValueError(
+                    f"input '{name}' has shape {list(arr.shape)}; the artifact was "
+                    f"compiled for {want}"
+                )
             args.append(self._tvm.runtime.tensor(arr, self.device))
         return args
 
@@ -92,8 +97,9 @@ class Artifact:
         outs = _flatten(res)
         names = [o["name"] for o in self.outputs]
         if len(outs) != len(names):
-            raise RuntimeError(f"the library returned {len(outs)} outputs; the manifest lists "
-                               f"{len(names)}")
+            raise RuntimeError(
+                f"the library returned {len(outs)} outputs; the manifest lists {len(names)}"
+            )
         return {n: o.numpy() for n, o in zip(names, outs, strict=True)}
 
     def __repr__(self) -> str:

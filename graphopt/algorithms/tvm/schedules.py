@@ -210,9 +210,16 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
         except Exception:  # noqa: BLE001
             pass
     # inline the element-wise epilogue into one final block
-    _inline_injective(sch, keep={conv_name} | pads | {sch.get(p).name_hint for p in _blocks(sch)
-                                               if sch.get(p).name_hint != conv_name
-                                               and not sch.get_consumers(p)})
+    _inline_injective(
+        sch,
+        keep={conv_name}
+        | pads
+        | {
+            sch.get(p).name_hint
+            for p in _blocks(sch)
+            if sch.get(p).name_hint != conv_name and not sch.get_consumers(p)
+        },
+    )
     # the register tile
     # 256-bit tiles with many accumulators beat 512-bit tiles with few (AMD runs a 512-bit FMA as
     # two 256-bit halves; more independent accumulators hide the FMA latency)
@@ -238,8 +245,16 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
     for e in ext[4:]:
         red_work *= e
     work = n_e * f_e * y_e * x_e * red_work
-    logger.debug("conv-like %s: out %s red %s fi=%d xi=%d narrow=%s work=%d", conv_name, ext[:4],
-                 ext[4:], fi, xi, narrow, work)
+    logger.debug(
+        "conv-like %s: out %s red %s fi=%d xi=%d narrow=%s work=%d",
+        conv_name,
+        ext[:4],
+        ext[4:],
+        fi,
+        xi,
+        narrow,
+        work,
+    )
     local = sch.cache_write(conv, 0, "local")
     n, f, y, x, *rs = sch.get_loops(conv)
     fo, fi_l = sch.split(f, [None, fi])
@@ -291,8 +306,12 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
                     logger.debug("pad compute_at refused: %s", str(exc).splitlines()[-1:])
     if fi > 1 and xi > 1 and not narrow and _TUNE.get("pack", 0):
         _pack_weights(sch, conv, f_e, fi, outer if _TUNE.get("packat", 1) else None)
-    if n_e * (f_e // fi) * y_e > 1 and cores > 1 and work >= PARALLEL_MIN_WORK \
-            and not _TUNE.get("serial", 0):
+    if (
+        n_e * (f_e // fi) * y_e > 1
+        and cores > 1
+        and work >= PARALLEL_MIN_WORK
+        and not _TUNE.get("serial", 0)
+    ):
         sch.parallel(outer)
     init = sch.decompose_reduction(conv, rs[0])
     _tile_loops(init)
@@ -369,8 +388,7 @@ def _pack_weights(sch: Schedule, conv: BlockRV, f_e: int, fi: int, at: Any) -> N
         return
     try:
         wc = sch.cache_read(conv, idx, "global")
-        sch.transform_layout(wc, ("write", 0),
-                             lambda f, c, ky, kx: (f // fi, c, ky, kx, f % fi))
+        sch.transform_layout(wc, ("write", 0), lambda f, c, ky, kx: (f // fi, c, ky, kx, f % fi))
         if at is not None:
             sch.compute_at(wc, at, preserve_unit_loops=True)
     except Exception as exc:  # noqa: BLE001 - keep the original weight layout
@@ -399,8 +417,9 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
             sch.compute_inline(p)
         except Exception:  # noqa: BLE001
             pass
-    _inline_injective(sch, keep={name} | {sch.get(p).name_hint for p in _blocks(sch)
-                                          if not sch.get_consumers(p)})
+    _inline_injective(
+        sch, keep={name} | {sch.get(p).name_hint for p in _blocks(sch) if not sch.get_consumers(p)}
+    )
     *batch, i, j, k = sch.get_loops(mm)
     i_e, j_e = ext[-3], ext[-2]
     ji = _vec_factor(j_e, lanes)
@@ -412,9 +431,14 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
         ii = _vec_factor(i_e, lanes)
         ji = _divisor(j_e, [8, 7, 6, 5, 4, 3, 2])
         reads = sch.get(mm).reads
-        a_idx = next((n for n, r in enumerate(reads)
-                      if len(r.source.shape) == len(ext) - 1
-                      and r.source.scope() == "global"), None)
+        a_idx = next(
+            (
+                n
+                for n, r in enumerate(reads)
+                if len(r.source.shape) == len(ext) - 1 and r.source.scope() == "global"
+            ),
+            None,
+        )
         if a_idx is not None:
             try:
                 ac = sch.cache_read(mm, a_idx, "global")
@@ -438,6 +462,7 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
             sch.reverse_compute_inline(cons[0])
         except Exception:  # noqa: BLE001
             break
+
     def _tile(b: BlockRV, vec: bool) -> None:
         lps = sch.get_loops(b)
         try:
@@ -489,8 +514,14 @@ def schedule_reduction(sch: Schedule, lanes: int, cores: int) -> bool:
     blocks = _blocks(sch)
     if not any(_is_reduction(sch, b) for b in blocks):
         return False
-    _inline_injective(sch, keep={sch.get(b).name_hint for b in blocks
-                                 if _is_reduction(sch, b) or not sch.get_consumers(b)})
+    _inline_injective(
+        sch,
+        keep={
+            sch.get(b).name_hint
+            for b in blocks
+            if _is_reduction(sch, b) or not sch.get_consumers(b)
+        },
+    )
     for b in _blocks(sch):
         if _is_reduction(sch, b):
             loops = sch.get_loops(b)
@@ -551,8 +582,9 @@ def schedule_func(func: tirx.PrimFunc, lanes: int, cores: int) -> tuple[tirx.Pri
                 return sch.mod["main"], name
         except Exception as exc:  # noqa: BLE001 - a primitive refused; next rule
             lines = [ln for ln in str(exc).splitlines() if "rror" in ln][-2:]
-            logger.debug("schedule rule %s failed: %s: %s", name, type(exc).__name__,
-                         lines or str(exc)[:300])
+            logger.debug(
+                "schedule rule %s failed: %s: %s", name, type(exc).__name__, lines or str(exc)[:300]
+            )
     return None, "none"
 
 
