@@ -43,7 +43,10 @@ fuzz: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/python -m pip install -q ruff mypy
 	$(BIN)/ruff check graphopt passes tests bench fixtures
-	$(BIN)/mypy graphopt passes
+	$(BIN)/ruff format --check graphopt passes tests bench fixtures
+	$(BIN)/mypy graphopt passes tests fixtures
+	# the bench scripts import each other as bench.<module>: module names from the repository root
+	$(BIN)/mypy --explicit-package-bases bench
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache

@@ -223,7 +223,13 @@ def bench_one(
     model: Model | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    load = (lambda: model.clone()) if model is not None else (lambda: load_model(model_path))
+
+    def load() -> Model:
+        if model is not None:
+            return model.clone()
+        assert model_path is not None
+        return load_model(model_path)
+
     plain = plan_memory(load(), shapes, inplace=False, feeds=feeds)
     inpl = plan_memory(load(), shapes, inplace=True, feeds=feeds)
     given = plan_memory(load(), shapes, inplace=True, reorder=False, feeds=feeds)
@@ -260,7 +266,8 @@ def bench_one(
             src = tmp / f"{label}.onnx"
             save(model, src)
         feeds_path = tmp / f"{label}.npz"
-        np.savez(feeds_path, **(feeds if feeds is not None else _random_feeds(load(), shapes)))
+        arrays: dict[str, Any] = feeds if feeds is not None else _random_feeds(load(), shapes)
+        np.savez(feeds_path, **arrays)
         paths = {"original": src}
         if inpl.order_changed:
             reordered = tmp / f"{label}.reordered.onnx"
@@ -379,8 +386,8 @@ def main() -> int:
             )
         )
         for f in FIXTURES:
-            shapes = {"x": (1, 1, 8, 8)} if f == "digits_cnn.onnx" else None
-            frows.append(bench_one(f, fixture_path(f), shapes, None, tmp, 1, False))
+            fshapes = {"x": (1, 1, 8, 8)} if f == "digits_cnn.onnx" else None
+            frows.append(bench_one(f, fixture_path(f), fshapes, None, tmp, 1, False))
     goal_bound = all(
         r["arena_plain"] <= 1.02 * r["lb"] and r["arena_ip"] <= 1.02 * r["ip_lb"]
         for r in rows + frows

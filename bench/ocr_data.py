@@ -101,7 +101,7 @@ def render_line(
     w, h = x1 - x0 + 2 * pad_x, y1 - y0 + 2 * pad_y
     bg = tuple(int(v) for v in rng.integers(200, 256, size=3))
     fg = tuple(int(v) for v in rng.integers(0, 70, size=3))
-    img = Image.new("RGB", (w, h), bg)
+    img = Image.new("RGB", (int(w), int(h)), bg)
     ImageDraw.Draw(img).text((pad_x - x0, pad_y - y0), text, font=font, fill=fg)
     arr = np.asarray(img, dtype=np.float32)
     arr += rng.normal(0, 4.0, size=arr.shape)  # a little sensor noise
@@ -132,7 +132,9 @@ def rec_preprocess(img: np.ndarray, width: int | None = 320, height: int = 48) -
     rw = int(math.ceil(height * w / h))
     if width is not None:
         rw = min(rw, width)
-    im = np.asarray(Image.fromarray(img).resize((rw, height), Image.BILINEAR), dtype=np.float32)
+    im = np.asarray(
+        Image.fromarray(img).resize((rw, height), Image.Resampling.BILINEAR), dtype=np.float32
+    )
     im = (im.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
     out = np.zeros((3, height, width or rw), np.float32)
     out[:, :, :rw] = im
@@ -210,7 +212,9 @@ def det_preprocess(img: np.ndarray, size: int = 320) -> np.ndarray:
     """PP-OCR det normalization: resize to size x size, (x/255 - 0.5)/0.5, NCHW float32."""
     from PIL import Image
 
-    im = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    im = np.asarray(
+        Image.fromarray(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
+    )
     return ((im / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32)
 
 

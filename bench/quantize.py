@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -224,7 +225,7 @@ class EvalData:
         self.cls_x = np.stack(
             [cls_preprocess(i if k % 2 else i[::-1, ::-1].copy()) for k, (i, _) in enumerate(cl)]
         )
-        self.fp32: dict[str, object] = {}
+        self.fp32: dict[str, Any] = {}
 
 
 def fidelity(name: str, path: Path, data: EvalData, fp32_path: Path) -> float:

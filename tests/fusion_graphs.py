@@ -7,7 +7,7 @@ shape, which the fusion rules read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,9 +34,9 @@ def node(
 
 def build(
     nodes: Sequence[onnx.NodeProto],
-    inputs: dict[str, Sequence[int]],
+    inputs: Mapping[str, Sequence[int]],
     outputs: Sequence[str],
-    inits: dict[str, np.ndarray | float] | None = None,
+    inits: Mapping[str, Any] | None = None,
     opset: int = 17,
     graph_inputs_extra: Sequence[onnx.ValueInfoProto] = (),
 ) -> Model:

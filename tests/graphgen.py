@@ -24,7 +24,7 @@ Not a test module: import it (``from graphgen import onnx_models``) from tests.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +135,7 @@ class Builder:
             self.shared.setdefault(key, []).append(name)
         return name
 
-    def ints(self, values: list[int] | tuple[int, ...], hint: str = "i") -> str:
+    def ints(self, values: int | Sequence[int], hint: str = "i") -> str:
         return self.const(np.asarray(values, dtype=np.int64), hint, kind="int", may_share=False)
 
     def scalar(self, value: float, hint: str = "s") -> str:
@@ -593,6 +593,7 @@ def _reshape(b: Builder, x: _T) -> _T | None:
     n = x.shape[0]
     rest = _elems(x.shape[1:])
     form = b.integer(0, 3)
+    target: tuple[int, ...]
     if form == 0:
         target, spec = (n, rest), [n, -1]
     elif form == 1:
@@ -917,8 +918,8 @@ def generated_models(
         elif draw(st.integers(0, 7)) == 7:  # an intermediate that is also a graph output
             outputs.append(t)
     if last.name in inputs:  # no block applied: return the input through a node
-        (y,) = b.node("Relu", [last.name])
-        outputs = [b.add(y, last.shape)]
+        (relu,) = b.node("Relu", [last.name])
+        outputs = [b.add(relu, last.shape)]
     out_vis = [
         helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.shape)) for t in outputs
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -29,6 +31,6 @@ def make_model(
 
 
 def vi(
-    name: str, shape: list[int | str | None], dtype: int = TensorProto.FLOAT
+    name: str, shape: Sequence[int | str | None], dtype: int = TensorProto.FLOAT
 ) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, dtype, shape)
+    return helper.make_tensor_value_info(name, dtype, list(shape))

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,7 @@ def _deadline(seconds: int) -> Iterator[None]:
 
 
 def run_cli(
-    args: list[str], capsys: pytest.CaptureFixture[str], seconds: int = 60
+    args: Sequence[str | Path], capsys: pytest.CaptureFixture[str], seconds: int = 60
 ) -> tuple[int, str, str]:
     capsys.readouterr()
     with _deadline(seconds):
@@ -203,7 +203,8 @@ def test_bit_flips(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
         p.write_bytes(bytes(b))
         sha = _sha(p)
         out = tmp_path / f"out{i}" / "o.onnx"
-        for cmd in (["inspect", p, "--json"], ["optimize", p, "-o", out]):
+        cmds: list[list[str | Path]] = [["inspect", p, "--json"], ["optimize", p, "-o", out]]
+        for cmd in cmds:
             rc, _, err = run_cli(cmd, capsys)
             assert rc in (0, 2), f"flip {i}: {cmd[0]} exit {rc}: {err}"
             if rc == 2:

@@ -15,7 +15,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -141,7 +143,7 @@ def _reference(folder: Path, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def large_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def large_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("large")
     need = 3.5 * WEIGHT_BYTES  # the model, the optimized copy and the int8 copy
     if shutil.disk_usage(folder).free < need:
@@ -151,7 +153,7 @@ def large_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run_job(job: str, src: Path, out: Path) -> dict[str, object]:
+def _run_job(job: str, src: Path, out: Path) -> dict[str, Any]:
     r = subprocess.run(
         [sys.executable, "-c", JOB, job, str(src), str(out)],
         capture_output=True,
@@ -163,8 +165,8 @@ def _run_job(job: str, src: Path, out: Path) -> dict[str, object]:
     return json.loads(line[len("REPORT ") :])
 
 
-def _gb(n: object) -> str:
-    return f"{int(n) / 1e9:.2f} GB"  # type: ignore[call-overload]
+def _gb(n: float) -> str:
+    return f"{int(n) / 1e9:.2f} GB"
 
 
 def test_inspect_without_loading_weights(large_model: Path) -> None:

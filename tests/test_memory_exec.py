@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import real_or_skip
+from test_memory import capture, diamond, reshape_chain, residual
 
 from graphopt.algorithms.memory.arena import ArenaExecutor, observe_tensors, prove
 from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.fixtures import FIXTURES, fixture_path, real_model_feeds
 from graphopt.jobs.plan import plan_model as plan_memory
-from tests.conftest import real_or_skip
-from tests.test_memory import capture, diamond, reshape_chain, residual
 
 FIXTURE_CASES = [f for f in FIXTURES if f != "digits_cnn.onnx"] + ["digits_cnn.onnx"]
 

@@ -66,7 +66,7 @@ def test_rewrite_applies_and_verifies() -> None:
     res, _ = check_pass(
         _chain(),
         MulMulPass(),
-        structure=lambda m: op_counts(m) == {"Mul": 1} or pytest.fail(op_counts(m)),
+        structure=lambda m: op_counts(m) == {"Mul": 1} or pytest.fail(str(op_counts(m))),
     )
     assert res.stats == {"mul-mul": 1}
 

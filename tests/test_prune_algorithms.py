@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 from onnx import helper, numpy_helper
+from test_prune_channels import W, build, conv
 
 from graphopt.algorithms.prune import (
     HANDLERS,
@@ -24,7 +25,6 @@ from graphopt.algorithms.prune.analysis import units
 from graphopt.core.errors import GraphoptError
 from graphopt.core.shapes import infer_shapes
 from graphopt.passes import get_pass
-from tests.test_prune_channels import W, build, conv
 
 #: every op the channel analysis had a handler for before the split into handlers.py
 OPS_BEFORE = {

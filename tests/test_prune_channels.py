@@ -9,6 +9,8 @@ The l1 criterion removes exactly the zeroed channels, since their norm is 0.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import pytest
@@ -88,7 +90,7 @@ def conv(
     k: int = 3,
     group: int = 1,
     bias: bool = True,
-    **attrs: object,
+    **attrs: Any,
 ) -> onnx.NodeProto:
     inits[f"{name}_w"] = W(cout, cin // group, k, k)
     ins = [x, f"{name}_w"]
@@ -109,7 +111,7 @@ def zeroed(model: Model, ratio: float = 0.5, round_to: int | None = None) -> tup
     return work, int((~ke).sum())
 
 
-def exact(model: Model, ratio: float = 0.5, structure=None, **kw: object):  # noqa: ANN201
+def exact(model: Model, ratio: float = 0.5, structure=None, **kw: Any):  # noqa: ANN201
     z, n = zeroed(model, ratio)
     assert n > 0, "nothing to prune: the test model is wrong"
     res, _ = check_pass(
@@ -534,7 +536,7 @@ def test_api_and_scan() -> None:
 @pytest.mark.real
 @pytest.mark.parametrize("name,floor", [("det", 0.99), ("cls", 0.99), ("rec", 0.94)])
 def test_real_models_prune(name: str, floor: float) -> None:
-    from tests.conftest import real_or_skip
+    from conftest import real_or_skip
 
     path, shapes = real_or_skip(name)
     m = load(path)
@@ -557,7 +559,7 @@ def test_real_models_prune(name: str, floor: float) -> None:
 
 @pytest.mark.real
 def test_real_cls_exact_after_zeroing() -> None:
-    from tests.conftest import real_or_skip
+    from conftest import real_or_skip
 
     path, shapes = real_or_skip("cls")
     m = load(path)

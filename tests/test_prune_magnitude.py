@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from onnx import helper
+from test_prune_channels import W, build, conv
 
 from graphopt.core.const_eval import const_value
 from graphopt.core.loader import load
@@ -12,7 +13,6 @@ from graphopt.core.model import Model
 from graphopt.fixtures import fixture_path
 from graphopt.passes import get_pass
 from graphopt.testing import check_pass
-from tests.test_prune_channels import W, build, conv
 
 
 def _weights(model: Model) -> dict[str, np.ndarray]:

@@ -11,7 +11,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import real_or_skip
 from onnx import TensorProto, helper
+from test_calibration import dynamic_width_model
 
 from graphopt.algorithms.quant.graph import choose_activation_type
 from graphopt.core.loader import load
@@ -21,8 +23,6 @@ from graphopt.core.session import make_session, session_options
 from graphopt.fixtures import fixture_path
 from graphopt.jobs.quantize import quantize
 from graphopt.testing import op_counts
-from tests.conftest import real_or_skip
-from tests.test_calibration import dynamic_width_model
 
 
 def calib_feeds(model: Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -148,8 +148,10 @@ def test_min_sqnr_keeps_sensitive_layers_float() -> None:
     m = load(fixture_path("mobilenet_block.onnx"))
     feeds = calib_feeds(m, 8)
     base = quantize(m, feeds)
+    assert base.verify is not None
     target = min(o.sqnr_db for o in base.verify.outputs) + 6
     res = quantize(m, feeds, min_sqnr=target)
+    assert res.verify is not None
     mp = res.mixed_precision
     assert mp["met"] and mp["kept"], mp
     assert all(n in res.kept_float for n in mp["kept"])
@@ -201,6 +203,7 @@ def test_int8_activations_and_per_tensor() -> None:
         for n in res.model.graph.nodes
         if n.op == "DequantizeLinear" and n.inputs[0].dtype == np.int8
     )
+    assert res.verify is not None
     assert min(o.sqnr_db for o in res.verify.outputs) > 25
 
 

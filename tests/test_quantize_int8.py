@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 from onnx import TensorProto, helper
+from test_quantize import calib_feeds
 
 from graphopt.core.loader import load
 from graphopt.core.model import Model
@@ -14,7 +15,6 @@ from graphopt.fixtures import fixture_path
 from graphopt.jobs.quantize import quantize
 from graphopt.passes.quantize_int8 import QuantizeInt8Pass
 from graphopt.testing import check_pass, op_counts
-from tests.test_quantize import calib_feeds
 
 
 def test_pass_contract_positive_and_structure() -> None:

@@ -7,6 +7,8 @@ onnx.checker.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 import pytest
@@ -26,7 +28,7 @@ def _model(
     inputs: list[tuple[str, list[int]]],
     outputs: list[tuple[str, list[int]]],
     inits: dict[str, np.ndarray],
-    extra_inputs: list[str] = (),
+    extra_inputs: Sequence[str] = (),
 ) -> Model:
     vis = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs]
     vis += [
@@ -123,6 +125,7 @@ def _proof(m: Model, inplace: bool = True) -> None:
         pytest.skip("graphopt.jobs.plan or graphopt.algorithms.memory.arena has not landed")
     for strategy in ("greedy-size", "greedy-breadth", "best"):
         plan = plan_memory(m, strategy=strategy, inplace=inplace)
+        assert plan.model is not None
         report = prove(plan.model, plan, feeds=random_feeds(m, seed=0))
         assert report.ok, f"{strategy}: {report.to_json()}"
 

@@ -9,6 +9,7 @@ import networkx as nx
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
+from test_memory import capture, chain, residual
 
 from graphopt.algorithms.memory.arena import prove
 from graphopt.algorithms.memory.order import _build, _greedy, exact_order, simulate
@@ -19,7 +20,6 @@ from graphopt.core.shapes import prepare
 from graphopt.fixtures import FIXTURES, fixture_path
 from graphopt.jobs.plan import plan_model as plan_memory
 from graphopt.testing import check_pass
-from tests.test_memory import capture, chain, residual
 
 F = TensorProto.FLOAT
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def _render_check(html: Path, tmp_path: Path, min_boxes: int) -> np.ndarray:
     return img
 
 
-def _extras(model: Model) -> dict[str, object]:
+def _extras(model: Model) -> dict[str, Any]:
     from graphopt.jobs.plan import plan_memory
 
     plan = plan_memory(model).plan
@@ -96,7 +97,7 @@ def _extras(model: Model) -> dict[str, object]:
     return {"memory": plan, "quant": quant, "prune_scan": scan}
 
 
-def _report(before: Model, after: Model, path: Path, **kw: object) -> Path:
+def _report(before: Model, after: Model, path: Path, **kw: Any) -> Path:
     res_tables = {"steps": [{"step": "simplify", "nodes": after.num_nodes(), "ok": True}]}
     return write_report(path, before, after, tables=res_tables, **_extras(after), **kw)
 

@@ -9,6 +9,7 @@ from helpers_graphs import make_model, vi
 from onnx import TensorProto, helper
 
 from graphopt.core.errors import ShapeError
+from graphopt.core.model import Model
 from graphopt.core.shapes import (
     fix_input_shapes,
     infer_shapes,
@@ -62,7 +63,7 @@ def test_static_input_shapes() -> None:
     assert static_input_shapes(_relu([4, 3])) == {"x": (4, 3)}
 
 
-def _relu(shape: list[object]):
+def _relu(shape: list[int | str | None]) -> Model:
     return make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", shape)], [vi("y", shape)])
 
 

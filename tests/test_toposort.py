@@ -6,6 +6,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 from helpers_graphs import vi
 from onnx import TensorProto, helper
+from test_reorder_memory import two_branches
 
 from graphopt.core.graph import insert_nodes, local_topo_order
 from graphopt.core.loader import load
@@ -14,7 +15,6 @@ from graphopt.fixtures import fixture_path
 from graphopt.jobs.plan import plan_memory
 from graphopt.passes import get_pass
 from graphopt.testing import check_pass
-from tests.test_reorder_memory import two_branches
 
 
 def _model(nodes: list, inputs: list, outputs: list, inits: list | None = None) -> Model:

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def _real(name: str) -> tuple[Path, dict[str, tuple[int, ...]]]:
 
 
 def _assert_matches_ort(
-    model_path: Path, artifact: Path, shapes: dict[str, tuple[int, ...]], seed: int = 1
+    model_path: Path, artifact: Path, shapes: Mapping[str, tuple[int, ...]], seed: int = 1
 ) -> None:
     model = load(model_path)
     feeds = random_feeds(model, seed=seed, shapes=shapes)
