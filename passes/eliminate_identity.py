@@ -2,12 +2,9 @@
 
 Every reader of the Identity's output reads ``x`` instead. When the output is a graph output, the
 producer of ``x`` is made to write the graph output directly (so output names are kept); when ``x``
-is
-itself a graph input or another graph output, the node is kept (an ONNX graph cannot return its
-input
-under another name without one). Dropout is removed only when its mask output is unused and it is
-not
-in training mode (``training_mode`` input absent or constant false).
+is itself a graph input or another graph output, the node is kept (an ONNX graph cannot return its
+input under another name without one). Dropout is removed only when its mask output is unused and it
+is not in training mode (``training_mode`` input absent or constant false).
 """
 
 from __future__ import annotations

@@ -176,8 +176,7 @@ def verify(
 
     Args:
         feeds: one feed dict, a list of them, or None for ``samples`` seeded random inputs built
-        from
-            the original's input shapes (dynamic dims must be fixed first).
+            from the original's input shapes (dynamic dims must be fixed first).
         rtol, atol: tolerance for semantics-preserving transforms, relative to max |reference|.
         min_sqnr_db, min_cosine: for lossy transforms; when given they replace rtol/atol.
     """

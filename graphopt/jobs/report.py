@@ -7,9 +7,8 @@ Sections, each present when its data is given:
 * the graph before and after as SVG: a layered drawing (layers are networkx topological generations
   of the node DAG, nodes in a layer ordered by the mean position of their producers). Constants are
   not drawn. Nodes of a fused group (found by :func:`graphopt.algorithms.diff.structural_diff`) are
-  highlighted
-  in both drawings, pruned layers (a Conv/Gemm/MatMul whose weight lost output channels) in the
-  after drawing. Graphs over ``max_nodes`` nodes are collapsed: first chains of single-input,
+  highlighted in both drawings, pruned layers (a Conv/Gemm/MatMul whose weight lost output channels)
+  in the after drawing. Graphs over ``max_nodes`` nodes are collapsed: first chains of single-input,
   single-consumer nodes become one box, then blocks by name prefix (``/layer1/...``) or, for flat
   names, runs of consecutive nodes in topological order (which keeps the drawing acyclic);
 * per-layer quantization error bars (SQNR of each layer's output vs float32);
