@@ -6,12 +6,41 @@ package, so they are available in a source checkout or an editable install but n
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 FIXTURES_DIR: Path = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def cache_dir(*parts: str) -> Path:
+    """graphopt's cache folder for generated test data: ``$GRAPHOPT_CACHE`` (default
+    ``~/.cache/graphopt``) joined with ``parts`` (``conformance``, ``corpus``). Not created."""
+    root = os.environ.get("GRAPHOPT_CACHE") or "~/.cache/graphopt"
+    return Path(root).expanduser().joinpath(*parts)
+
+
+@contextlib.contextmanager
+def cache_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An exclusive ``flock`` on the file ``path`` (created) while a cache entry is built, so that
+    test workers started together build it once; without ``fcntl`` (not POSIX) nothing is locked
+    and the builders' atomic renames keep the cache whole."""
+    try:
+        import fcntl  # noqa: PLC0415
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
 
 #: Model files built by ``fixtures/build.py`` (data side files and ``.npz`` arrays not listed).
 FIXTURES: tuple[str, ...] = (

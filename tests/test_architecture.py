@@ -5,7 +5,8 @@ Every module of ``graphopt/`` and of ``passes/`` (installed as ``graphopt.passes
 package-dir mapping) is parsed with ``ast``; every import counts, at module top, inside functions
 and under ``if TYPE_CHECKING:``, and so does ``importlib.import_module("literal")``. Layers, lowest
 first: core, algorithms, passes, jobs, cli, and at the top the facade ``graphopt/__init__.py`` with
-the test helpers (``graphopt.testing``, ``graphopt.fixtures``). A module may import its own layer or
+the test helpers (``graphopt.testing``, ``graphopt.fixtures``) and the test corpora
+(``graphopt.conformance``, ``graphopt.corpus``). A module may import its own layer or
 a lower one; a pass module imports no other pass module.
 """
 
@@ -25,7 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 #: layer -> rank (a module may import modules of its rank or lower)
 LAYERS: dict[str, int] = {"core": 0, "algorithms": 1, "passes": 2, "jobs": 3, "cli": 4, "top": 5}
 #: modules of the top layer besides the facade
-TOP_MODULES = {"graphopt", "graphopt.testing", "graphopt.fixtures"}
+TOP_MODULES = {
+    "graphopt",
+    "graphopt.testing",
+    "graphopt.fixtures",
+    "graphopt.conformance",
+    "graphopt.corpus",
+}
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ those tensors need).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import tempfile
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 
 from graphopt.core.errors import GraphoptError, first_line
@@ -272,8 +274,69 @@ def run_model(
         raise GraphoptError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
     names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
     accepted = input_names(sess)
-    res = sess.run(names, {k: v for k, v in feeds.items() if k in accepted})
+    res = run_session(sess, names, {k: v for k, v in feeds.items() if k in accepted})
     return dict(zip(names, res))
+
+
+#: onnxruntime type strings of tensors numpy has no dtype for (ml_dtypes arrays on our side)
+_ML_TYPES = ("bfloat16", "float8", "float4", "int4", "uint4", "int2", "uint2")
+
+
+def is_ml_dtype(dtype: np.dtype) -> bool:
+    """True for the ml_dtypes types onnx uses (bfloat16, float8*, float4, int4/uint4, int2)."""
+    return getattr(np.dtype(dtype).type, "__module__", "") == "ml_dtypes"
+
+
+def to_ort_value(value: np.ndarray) -> ort.OrtValue:
+    """An array as an OrtValue; ml_dtypes arrays (bfloat16, float8, int4, ...) get the ONNX type
+    (onnxruntime's Python binding has no numpy type for them: the bytes onnx serialises, packed
+    for 4/2-bit types, are copied into a tensor onnxruntime allocates)."""
+    if not is_ml_dtype(value.dtype):
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
+    proto = onnx.numpy_helper.from_array(value)
+    raw = proto.raw_data
+    ov = ort.OrtValue.ortvalue_from_shape_and_type(list(value.shape), int(proto.data_type))
+    size = ov.tensor_size_in_bytes()
+    if size != len(raw):
+        raise GraphoptError(
+            f"{value.dtype} input: onnxruntime wants {size} bytes, onnx packs {len(raw)}"
+        )
+    if size:
+        ctypes.memmove(ov.data_ptr(), raw, size)
+    return ov
+
+
+def from_ort_value(ov: ort.OrtValue) -> Any:
+    """A tensor OrtValue as numpy (ml_dtypes arrays for the types numpy lacks)."""
+    elem = ov.element_type()
+    if not is_ml_dtype(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem))):
+        return ov.numpy()
+    size = ov.tensor_size_in_bytes()
+    raw = ctypes.string_at(ov.data_ptr(), size) if size else b""
+    proto = onnx.helper.make_tensor("out", elem, list(ov.shape()), raw, raw=True)
+    return onnx.numpy_helper.to_array(proto)
+
+
+def run_session(
+    sess: ort.InferenceSession, names: Sequence[str] | None, feeds: Mapping[str, Any]
+) -> list[Any]:
+    """``sess.run`` for every value type: tensors of the types numpy lacks (bfloat16, float8,
+    int4, ...) go in and come out as ml_dtypes arrays; sequences (lists), maps (dicts) and
+    optionals (None) pass as onnxruntime takes them."""
+    names = [o.name for o in sess.get_outputs()] if names is None else list(names)
+    types = {o.name: o.type for o in sess.get_outputs()}
+    ml_out = any(any(t in types.get(n, "") for t in _ML_TYPES) for n in names)
+    ml_in = any(isinstance(v, np.ndarray) and is_ml_dtype(v.dtype) for v in feeds.values())
+    if not ml_out and not ml_in:
+        return list(sess.run(names, dict(feeds)))
+    if ml_out and all(isinstance(v, np.ndarray) for v in feeds.values()):
+        ort_feeds = {k: to_ort_value(v) for k, v in feeds.items()}
+        return [from_ort_value(v) for v in sess.run_with_ort_values(names, ort_feeds)]
+    conv = {
+        k: to_ort_value(v) if isinstance(v, np.ndarray) and is_ml_dtype(v.dtype) else v
+        for k, v in feeds.items()
+    }
+    return list(sess.run(names, conv))
 
 
 def input_names(sess: ort.InferenceSession) -> set[str]:
