@@ -100,7 +100,7 @@ def bench_model(name: str, rounds: int, tmp: Path) -> dict[str, Any]:
     sess = ort_session(path)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     xa = tvm.runtime.tensor(x)
-    args_b = art._to_device({"x": x})
+    args_b = art.to_device({"x": x})
     ref = sess.run(None, {"x": x})[0]
     out_a = vm_a["main"](xa)
     out_a = (out_a if hasattr(out_a, "numpy") else out_a[0]).numpy()

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.core.errors import OptionError
-from graphopt.core.graph import constant_nbytes, has_subgraph, local_topo_order
+from graphopt.core.graph import constant_nbytes, local_topo_order, node_subgraphs
 from graphopt.core.model import Model, all_graph_output_ids
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 
@@ -169,7 +169,7 @@ class EliminateCsePass(Pass):
 
     @staticmethod
     def _node_key(node: gs.Node) -> tuple[Any, ...] | None:
-        if not node.outputs or node.op in NONDETERMINISTIC or has_subgraph(node):
+        if not node.outputs or node.op in NONDETERMINISTIC or node_subgraphs(node):
             return None
         if any(o.is_empty() for o in node.outputs):
             return None

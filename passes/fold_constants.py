@@ -24,12 +24,12 @@ with subgraph attributes, sequence/optional ops, ``QuantizeLinear``/``Dequantize
 them would break onnxruntime's QDQ int8 kernels), and nodes of non-default domains.
 
 Size bound: a node whose result is estimated (from its IR shape, else from ONNX shape inference of
-the node given its constant inputs) at more than ``MAX_EVAL_BYTES`` (256 MiB) is never computed.
-A folded value is kept lazy (its node stays) when it is larger than ``size_limit``
-bytes (default 1 MiB) and more than ``growth`` (default 2) times the bytes of its inputs, or when
-it is larger than ``size_limit`` and computed from such a lazy value; values computed *from* lazy
-values that are small again (a ``ReduceSum`` of an ``Expand``) are folded, and the big producer,
-now dead, is dropped.
+the node given its constant inputs) at more than ``MAX_EVAL_BYTES`` (256 MiB) is never computed. A
+folded value is kept lazy (its node stays) when it is larger than ``size_limit`` bytes (default
+1 MiB) and more than ``growth`` (default 2) times the bytes of its inputs, or when it is larger than
+``size_limit`` and computed from such a lazy value; values computed *from* lazy values that are
+small again (a ``ReduceSum`` of an ``Expand``) are folded, and the big producer, now dead, is
+dropped.
 
 Shapes: after a round that folded something, while ``Shape``/``Size`` nodes of non-static tensors
 remain, ONNX shape inference is re-run and only *refines* the IR (a non-static shape may become
@@ -68,7 +68,6 @@ from graphopt.core.const_eval import (
 )
 from graphopt.core.graph import (
     constant_nbytes,
-    has_subgraph,
     local_topo_order,
     node_subgraphs,
     unique_name,
@@ -378,7 +377,7 @@ class FoldConstantsPass(Pass):
                         return True
                 elif (
                     n.op not in NEVER_FOLD
-                    and not has_subgraph(n)
+                    and not node_subgraphs(n)
                     and all(t.is_empty() or isinstance(t, gs.Constant) for t in n.inputs)
                 ):
                     return True
@@ -560,7 +559,7 @@ class FoldConstantsPass(Pass):
                     seeds[id(node)] = node
                     stats["partial_shapes"] = stats.get("partial_shapes", 0) + 1
                     continue
-            if node.op in NEVER_FOLD or has_subgraph(node):
+            if node.op in NEVER_FOLD or node_subgraphs(node):
                 continue
             if not all(is_known(t) for t in node.inputs):
                 continue

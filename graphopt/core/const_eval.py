@@ -33,7 +33,7 @@ import onnxruntime as ort
 from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
-from graphopt.core.graph import constant_nbytes, has_subgraph
+from graphopt.core.graph import constant_nbytes, node_subgraphs
 from graphopt.core.model import PROTO_LIMIT
 from graphopt.core.session import session_options
 from graphopt.core.shapes import is_static
@@ -146,7 +146,7 @@ def not_evaluable(node: gs.Node) -> str | None:
         return f"{node.domain}.{node.op} '{node.name}' is not a default-domain op"
     if node.op in NOT_EVALUABLE:
         return f"{node.op} '{node.name}' is random or not a tensor op"
-    if has_subgraph(node):
+    if node_subgraphs(node):
         return f"{node.op} '{node.name}' has a subgraph"
     return None
 

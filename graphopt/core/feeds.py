@@ -308,7 +308,7 @@ class CalibrationReader:
 
 
 def open_calibration(
-    source: Any,
+    source: CalibSource | None,
     model: Model,
     batch_size: int = 8,
     limit: int | None = None,

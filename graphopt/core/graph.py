@@ -1,9 +1,8 @@
 """Graph helpers shared by the passes and algorithms, on onnx-graphsurgeon graphs and nodes.
 
-Walks (subgraphs of a node, what they capture), sizes (bytes of a constant), the stable
-topological sort (the given order is kept when valid; subgraph captures are dependencies), node
-bypass (remove a node whose output equals one of its inputs), and fresh names, nodes and constants
-for rewrites.
+Walks (subgraphs of a node, what they capture), sizes (bytes of a constant), the stable topological
+sort (the given order is kept when valid; subgraph captures are dependencies), node bypass (remove a
+node whose output equals one of its inputs), and fresh names, nodes and constants for rewrites.
 """
 
 from __future__ import annotations
@@ -36,16 +35,6 @@ def constant_nbytes(t: gs.Constant) -> int:
     return int(np.asarray(v).nbytes)
 
 
-def has_subgraph(node: gs.Node) -> bool:
-    """Whether the node holds a graph in its attributes (If, Loop, Scan)."""
-    for a in node.attrs.values():
-        if isinstance(a, gs.Graph):
-            return True
-        if isinstance(a, (list, tuple)) and any(isinstance(x, gs.Graph) for x in a):
-            return True
-    return False
-
-
 def captured_names(node: gs.Node) -> list[str]:
     """Names read inside ``node``'s subgraphs (recursively) that those subgraphs do not define:
     the node's captures from enclosing scopes, in first-read order."""
@@ -71,7 +60,7 @@ def _local_predecessors(nodes: Sequence[gs.Node]) -> list[set[int]]:
     preds: list[set[int]] = []
     for i, n in enumerate(nodes):
         p = {index[id(q)] for t in n.inputs for q in t.inputs if id(q) in index}
-        if has_subgraph(n):
+        if node_subgraphs(n):
             p.update(by_name[name] for name in captured_names(n) if name in by_name)
         p.discard(i)
         preds.append(p)

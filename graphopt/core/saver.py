@@ -4,11 +4,10 @@
 The model and its external data file are written into a temporary folder beside the destination and
 published by :mod:`graphopt.core.output` (data file named per write, model renamed last), so an
 interrupted run never leaves a partial output, a reader never sees a model with another write's
-data, and the input is never touched. Weights go to an external data file
-(``<name>.<12 hex>.data``) when the caller asks, when the source model
-used external data, or when the serialized proto would pass protobuf's 2 GiB limit. External
-tensors are written straight from their buffers without building a second in-memory copy of the
-model.
+data, and the input is never touched. Weights go to an external data file (``<name>.<12 hex>.data``)
+when the caller asks, when the source model used external data, or when the serialized proto would
+pass protobuf's 2 GiB limit. External tensors are written straight from their buffers without
+building a second in-memory copy of the model.
 """
 
 from __future__ import annotations
@@ -36,70 +35,6 @@ logger = logging.getLogger(__name__)
 EXTERNAL_MIN_BYTES = 1024
 #: write external data automatically when weights exceed this
 AUTO_EXTERNAL_BYTES = 1_800_000_000
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> bytes | memoryview:
-    if t.HasField("raw_data"):
-        return t.raw_data
-    return np.ascontiguousarray(onnx.numpy_helper.to_array(t)).tobytes()
-
-
-def _all_initializers(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_initializers(g)
-
-
-def write_external(
-    proto: onnx.ModelProto, folder: Path, data_name: str, min_bytes: int = EXTERNAL_MIN_BYTES
-) -> int:
-    """Move initializers of at least ``min_bytes`` into ``folder/data_name``; return bytes written.
-
-    Offsets are aligned to 64 bytes so that the file can be memory-mapped.
-    """
-    written = 0
-    with open(folder / data_name, "wb") as f:
-        for t in _all_initializers(proto.graph):
-            if external_data_helper.uses_external_data(t):
-                continue
-            if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-                continue
-            nbytes = (
-                int(np.prod(t.dims)) if len(t.dims) else 1
-            ) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            if nbytes < min_bytes:
-                continue
-            data = _tensor_bytes(t)
-            pad = (-f.tell()) % 64
-            if pad:
-                f.write(b"\0" * pad)
-            offset = f.tell()
-            f.write(data)
-            written += len(data)
-            for field in (
-                "raw_data",
-                "float_data",
-                "int32_data",
-                "int64_data",
-                "double_data",
-                "uint64_data",
-            ):
-                t.ClearField(field)
-            del t.external_data[:]
-            for k, v in (
-                ("location", data_name),
-                ("offset", str(offset)),
-                ("length", str(len(data))),
-            ):
-                entry = t.external_data.add()
-                entry.key, entry.value = k, v
-            t.data_location = onnx.TensorProto.EXTERNAL
-    return written
 
 
 def save(

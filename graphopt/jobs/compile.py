@@ -403,7 +403,7 @@ def bench_artifact(
     shapes = {i["name"]: [int(d) for d in i["shape"]] for i in art.inputs}
     feeds = random_feeds(model, seed=seed, shapes=shapes)
     sess = make_session(model, "all", threads=threads)
-    args = art._to_device(feeds)
+    args = art.to_device(feeds)
     ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
     outs = art.run(feeds)
     errs = {n: compare(n, r, outs[n], VERIFY_RTOL, VERIFY_ATOL).to_json() for n, r in ref.items()}

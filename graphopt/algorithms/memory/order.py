@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from networkx.utils import UnionFind
 
 from graphopt.algorithms.memory.planner import (
     ALIAS_OPS,
@@ -81,25 +82,20 @@ def _build(
     live = liveness(model, observed)
     idx = live.index
     n = len(sched)
-    # buffers: union tensors through alias ops (order independent)
-    parent = list(range(len(live.names)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    # buffers: union tensors through alias ops (order independent), numbered by first tensor
+    sets = UnionFind(range(len(live.names)))
     if inplace:
         for nd in sched:
             if nd.op in ALIAS_OPS and nd.inputs and nd.outputs:
                 x, y = idx.get(nd.inputs[0].name), idx.get(nd.outputs[0].name)
                 if x is not None and y is not None and live.nbytes[x] == live.nbytes[y]:
-                    parent[find(y)] = find(x)
-    roots = sorted({find(i) for i in range(len(live.names))})
-    bid = {r: k for k, r in enumerate(roots)}
-    tb = [bid[find(i)] for i in range(len(live.names))]
-    nb = len(roots)
+                    sets.union(x, y)
+    groups = sorted((sorted(members) for members in sets.to_sets()), key=lambda m: m[0])
+    tb = [0] * len(live.names)
+    for k, members in enumerate(groups):
+        for i in members:
+            tb[i] = k
+    nb = len(groups)
     size = [0] * nb
     is_out = [False] * nb
     sizes = align(live.nbytes, alignment).tolist()

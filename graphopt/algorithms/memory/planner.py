@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from networkx.utils import UnionFind
 
 from graphopt.core.errors import GraphoptError
 from graphopt.core.liveness import Liveness, live_profile, liveness
@@ -143,14 +144,9 @@ def merge_buffers(
 ) -> Buffers:
     """Group tensors into buffers: views for reshapes, in-place writes for elementwise ops."""
     n = len(live.names)
-    parent = list(range(n))
-    gend = live.end.tolist()
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    sets = UnionFind(range(n))
+    find = sets.__getitem__
+    gend = live.end.tolist()  # per set, at its current root: the last step of any member
 
     # buffers holding a graph output must never be overwritten in place (also through an alias)
     holds_output = {i for i, k in enumerate(live.kinds) if k == "output"}
@@ -158,10 +154,11 @@ def merge_buffers(
     def union(keep: int, other: int) -> None:
         a, b = find(keep), find(other)
         if a != b:
-            parent[b] = a
-            gend[a] = max(gend[a], gend[b])
-            if b in holds_output:
-                holds_output.add(a)
+            sets.union(a, b)
+            root = find(a)
+            gend[root] = max(gend[a], gend[b])
+            if a in holds_output or b in holds_output:
+                holds_output.add(root)
 
     idx = live.index
     aliased = inplaced = 0
@@ -200,7 +197,10 @@ def merge_buffers(
             inplaced += 1
             reuses[live.names[o]] = (live.names[x], "inplace")
             break
-    roots = np.fromiter((find(i) for i in range(n)), dtype=np.int64, count=n)
+    # a buffer is numbered by its first tensor (sets grow from the tensor they first alias)
+    roots = np.zeros(n, dtype=np.int64)
+    for members in sets.to_sets():
+        roots[list(members)] = min(members)
     uniq, of_tensor = np.unique(roots, return_inverse=True)
     m = len(uniq)
     bstart = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)

@@ -25,7 +25,7 @@ from graphopt.algorithms.prune.importance import (
     validate_ratio,
     weight_importance,
 )
-from graphopt.algorithms.prune.recover import recover, truncated_proto, truncated_session
+from graphopt.algorithms.prune.recover import recover
 
 __all__ = [
     "CRITERIA",
@@ -49,8 +49,6 @@ __all__ = [
     "prunable_macs",
     "recover",
     "select",
-    "truncated_proto",
-    "truncated_session",
     "unit_scores",
     "validate_ratio",
     "weight_importance",

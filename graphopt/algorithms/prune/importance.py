@@ -25,9 +25,9 @@ import numpy as np
 
 from graphopt.algorithms.prune.analysis import Analysis
 from graphopt.algorithms.prune.groups import Group
-from graphopt.algorithms.prune.recover import truncated_session
 from graphopt.core.errors import GraphoptError
 from graphopt.core.model import Model
+from graphopt.core.session import make_session
 
 #: the importance criteria, for option parsers
 CRITERIA = ("l1", "l2", "bn", "activation")
@@ -133,7 +133,7 @@ def activation_importance(model: Model, an: Analysis, calib: Sequence[Feeds]) ->
     if not calib:
         raise GraphoptError("criterion 'activation' needs calibration data (--calib DATA)")
     names = [p.out_name for p in an.producers]
-    sess = truncated_session(model, names)
+    sess = make_session(model, outputs=names, truncate=True)
     inputs = {i.name for i in sess.get_inputs()}
     acc = np.zeros(an.n_elements)
     for feeds in calib:

@@ -27,9 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
 from graphopt.algorithms.prune.handlers import constant
 from graphopt.core.model import Model
@@ -64,41 +62,6 @@ def _refittable(node: gs.Node, opset: int) -> str | None:
     return None
 
 
-def truncated_proto(model: Model | onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose outputs are ``names`` and that holds only the nodes they need."""
-    base = model.to_onnx() if isinstance(model, Model) else model
-    proto = onnx.ModelProto()
-    proto.CopyFrom(base)
-    g = proto.graph
-    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
-    types: dict[str, int] = {}
-    if isinstance(model, Model):
-        tensors = model.graph.tensors()
-        for n in names:
-            dt = tensors[n].dtype if n in tensors else None
-            types[n] = (
-                onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt))
-                if dt is not None
-                else onnx.TensorProto.FLOAT
-            )
-    need, stack = set(), [producer[n] for n in names if n in producer]
-    while stack:
-        i = stack.pop()
-        if i in need:
-            continue
-        need.add(i)
-        stack.extend(producer[x] for x in g.node[i].input if x in producer)
-    nodes = [g.node[i] for i in sorted(need)]
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.output[:]
-    for n in names:
-        g.output.append(
-            onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None)
-        )
-    return proto
-
-
 def _fit_width(node: gs.Node, kind: str, opset: int) -> int:
     w = constant(node.inputs[1], opset)
     if w is None:
@@ -108,20 +71,6 @@ def _fit_width(node: gs.Node, kind: str, opset: int) -> int:
     if kind == "gemm":
         return int(w.shape[1] if node.attrs.get("transB", 0) else w.shape[0]) + 1
     return int(w.shape[0])
-
-
-def truncated_session(
-    model: Model, names: Sequence[str], base: onnx.ModelProto | None = None
-) -> ort.InferenceSession:
-    """A session computing only ``names`` (``base``: ``model`` already exported)."""
-    proto = truncated_proto(base if base is not None else model, names)
-    if base is not None:
-        tensors = model.graph.tensors()
-        for o in proto.graph.output:
-            dt = tensors[o.name].dtype if o.name in tensors else None
-            if dt is not None:
-                o.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt))
-    return make_session(proto, "disable_all")
 
 
 def _conv_patches(
@@ -282,8 +231,8 @@ def recover(
         batch = [lay for lay in layers if lay.level == level]
         xin = sorted({lay.node.inputs[0].name for lay in batch})
         yout = sorted({lay.node.outputs[0].name for lay in batch})
-        s_pruned = truncated_session(pruned, xin)
-        s_orig = truncated_session(original, yout, orig_proto)
+        s_pruned = make_session(pruned, outputs=xin, truncate=True)
+        s_orig = make_session(orig_proto, outputs=yout, truncate=True)
         in_p = {i.name for i in s_pruned.get_inputs()}
         in_o = {i.name for i in s_orig.get_inputs()}
         for feeds in calib:

@@ -315,21 +315,6 @@ class Histogram:
         out[k] = c
         return out
 
-    def folded(self, one_sided: bool) -> np.ndarray:
-        """Counts of ``|x|`` on ``[k w, (k+1) w)``, k = 0, 1, ... (float64)."""
-        idx = np.arange(self.i0, self.i0 + self.nbins, dtype=np.int64)
-        nz = self.counts != 0
-        if not nz.any():
-            return np.zeros(1)
-        idx, c = idx[nz], self.counts[nz].astype(np.float64)
-        if one_sided:
-            keep = idx >= 0
-            idx, c = idx[keep], c[keep]
-        fold = np.where(idx >= 0, idx, -idx - 1)
-        out = np.zeros(int(fold.max()) + 1 if fold.size else 1)
-        np.add.at(out, fold, c)
-        return out
-
 
 class HistogramObserver(Observer):
     """Base of the observers that choose a clipping threshold from a histogram."""

@@ -3,8 +3,7 @@
 An artifact is ``NAME.so`` plus ``NAME.so.json`` (the manifest: inputs, outputs, target). Running it
 needs only numpy and TVM's runtime (``TVM_USE_RUNTIME_LIB=1`` is enough), not onnx or the rest of
 graphopt, so this module imports nothing from graphopt and also works as a script on a deployment
-machine or under
-qemu::
+machine or under qemu::
 
     python3 runner.py model.so --input x=x.npy --output out.npz
 
@@ -69,7 +68,13 @@ class Artifact:
         self._vm = VirtualMachine(self._lib, self.device)
         self._main = self._vm[self.manifest.get("entry", "main")]
 
-    def _to_device(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
+    def to_device(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
+        """The inputs as device tensors in the manifest's order, for :meth:`run_device`.
+
+        Raises:
+            KeyError: an input of the manifest is missing from ``feeds``.
+            ValueError: an input's shape is not the one the library was compiled for.
+        """
         args = []
         for spec in self.inputs:
             name = spec["name"]
@@ -88,12 +93,12 @@ class Artifact:
         return args
 
     def run_device(self, args: list[Any]) -> Any:
-        """Run on inputs already on the device (for timing)."""
+        """Run on inputs already on the device (:meth:`to_device`; for timing)."""
         return self._main(*args)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; returns numpy arrays keyed by output name."""
-        res = self._main(*self._to_device(feeds))
+        res = self._main(*self.to_device(feeds))
         outs = _flatten(res)
         names = [o["name"] for o in self.outputs]
         if len(outs) != len(names):
