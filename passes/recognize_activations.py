@@ -23,6 +23,10 @@ output's rank; all Mul/Add operands in either order):
 * **GELU** ``x * 0.5 * (1 + erf(x / sqrt 2))`` (PyTorch and TF orders, ``Div`` by sqrt 2 or ``Mul``
   by its inverse) -> ``Gelu(x)``; the tanh form ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``
   -> ``Gelu(x, approximate='tanh')``; both at opset >= 20, left alone below.
+
+Only ops the installed onnxruntime runs are emitted (:func:`graphopt.core.kernels.ort_runs`, its
+kernel registry read once): ``Swish`` at opset 25+ has no kernel in onnxruntime 1.32, so there
+``x * Sigmoid(x)`` is kept.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.core.graph import const, make_node, unique_name
+from graphopt.core.kernels import ort_runs
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import PassResult, register_pass
 from graphopt.core.pattern import Const, Match, Op, Refusal, RewritePass, Rule, RuleSet, scalar
@@ -78,6 +83,8 @@ class ActivationRule(Rule):
     min_opset: int = 1
     max_opset: int = 10**6
     opset: int = 13
+    #: the op the rewrite emits (checked against the installed onnxruntime's kernels)
+    emits: str | None = None
 
     def __init__(self, name: str, pattern: Op, **kw: Any) -> None:
         super().__init__(pattern, name=name)
@@ -106,6 +113,9 @@ class ActivationRule(Rule):
             np.dtype(np.float64),
         ):
             return Refusal(f"input type {xd} is not float16/32/64")
+        op = self.emitted_op()
+        if op is not None and not ort_runs(op, self.opset, dtype=xd):
+            return Refusal(f"the installed onnxruntime cannot run {op} at opset {self.opset}")
         rank = len(x.shape) if getattr(x, "shape", None) is not None else 1
         for key, t in m.tensors.items():
             if key == "x" or not isinstance(t, gs.Constant):
@@ -117,6 +127,10 @@ class ActivationRule(Rule):
 
     def extra_check(self, m: Match) -> bool:
         return True
+
+    def emitted_op(self) -> str | None:
+        """The op the rewrite emits at this opset."""
+        return self.emits
 
 
 # ---------------------------------------------------------------------------------- hardswish
@@ -183,11 +197,16 @@ def _hardswish_nodes(x: gs.Tensor, outputs: list[gs.Variable], opset: int) -> li
 
 
 class HardSwishRule(ActivationRule):
+    def emitted_op(self) -> str | None:
+        return "HardSwish" if self.opset >= 14 else "HardSigmoid"
+
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         return _hardswish_nodes(m["x"], outputs, self.opset)
 
 
 class HardSigmoidRule(ActivationRule):
+    emits = "HardSigmoid"
+
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         return [
             make_node(
@@ -203,6 +222,9 @@ class HardSigmoidRule(ActivationRule):
 class SiluUnitRule(ActivationRule):
     """``Sigmoid(x * 1) -> Sigmoid(x)`` so that ``x * Sigmoid(x)`` is one recognisable unit; at
     opset >= 24 ``x * Sigmoid(x) -> Swish(x)``."""
+
+    def emitted_op(self) -> str | None:
+        return "Swish" if self.name == "swish" else "Sigmoid"
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         if self.name == "swish":
@@ -235,6 +257,7 @@ def layernorm_patterns() -> Iterator[tuple[str, Op]]:
 
 class LayerNormRule(ActivationRule):
     min_opset = 17
+    emits = "LayerNormalization"
     form = "full"  # full (gamma and beta) | gamma | plain
     _checked: tuple[gs.Node | None, int | None] = (None, None)
 
@@ -351,6 +374,7 @@ def gelu_patterns() -> Iterator[tuple[str, Op]]:
 
 class GeluRule(ActivationRule):
     min_opset = 20
+    emits = "Gelu"
 
     def rewrite(self, m: Match, outputs: list[gs.Variable]) -> list[gs.Node]:
         attrs = {"approximate": "tanh"} if self.name == "gelu-tanh" else {}

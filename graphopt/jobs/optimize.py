@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from graphopt.core.errors import GraphoptError, VerificationError
-from graphopt.core.feeds import random_feeds
+from graphopt.core.feeds import FeedSource, feed_list, random_feeds
 from graphopt.core.latency import interleaved_latency
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
@@ -150,7 +148,7 @@ def optimize_model(
     target: str = "portable",
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     verify_output: bool = True,
-    feeds: Mapping[str, np.ndarray] | None = None,
+    feeds: FeedSource | None = None,
     steps: int = 10,
     on_pass: Callable[[PassRecord], None] | None = None,
 ) -> OptimizeResult:
@@ -161,7 +159,9 @@ def optimize_model(
         target: ``portable`` (standard ONNX) or ``ort`` (may emit onnxruntime's fused ops).
         input_shapes: fixed shapes for dynamic inputs.
         verify_output: compare the result with the input in onnxruntime.
-        feeds: inputs for shape inference's fallback and for the verification.
+        feeds: the inputs to verify on (one feed dict, an iterable of them, or a path in the
+            ``--calib`` formats; default: generated inputs, :func:`random_feeds`); the first
+            also drives shape inference's onnxruntime fallback.
         steps: at most this many sweeps over the pass list.
         on_pass: called after every pass run.
 
@@ -170,7 +170,9 @@ def optimize_model(
     """
     t0 = time.perf_counter()
     default_pipeline(target)  # validates the target
-    original = prepare(model.clone(), input_shapes, feeds)
+    feed_dicts = feed_list(feeds, model)
+    first = feed_dicts[0] if feed_dicts else None
+    original = prepare(model.clone(), input_shapes, first)
     work = original.clone()
     lowering: list[Pass] = []
     if passes is not None:
@@ -182,6 +184,9 @@ def optimize_model(
     manager = PassManager(pass_list, steps=steps, on_pass=on_pass)
     result = manager(work)
     if lowering:
+    for p in pass_list + lowering:  # passes that run the model (memory probes) use the feeds
+        if first is not None and getattr(p, "feeds", False) is None:
+            p.feeds = first  # type: ignore[attr-defined]
         low = PassManager(lowering, steps=steps, on_pass=on_pass)(result.model)
         result = ManagerResult(
             low.model,
@@ -192,16 +197,16 @@ def optimize_model(
         pass_list = pass_list + lowering
     out = result.model
     if missing_shapes(out):  # passes keep the shapes they touch; re-derive only what is missing
-        infer_shapes(out, feeds=feeds)
+        infer_shapes(out, feeds=first)
     elapsed = time.perf_counter() - t0
     report = None
     if verify_output:
         # lossy passes (pruning, quantization, fp16) change numbers by design: judge them by SQNR
         lossy = any(type(p).lossy for p in pass_list)
         if lossy:
-            report = verify(original, out, feeds=feeds, min_sqnr_db=LOSSY_MIN_SQNR_DB)
+            report = verify(original, out, feeds=feed_dicts, min_sqnr_db=LOSSY_MIN_SQNR_DB)
         else:
-            report = verify(original, out, feeds=feeds, rtol=RTOL, atol=ATOL)
+            report = verify(original, out, feeds=feed_dicts, rtol=RTOL, atol=ATOL)
         if not report.ok:
             bad = report.worst()
             assert bad is not None
@@ -239,7 +244,7 @@ def optimize(
     target: str = "portable",
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     verify_output: bool = True,
-    feeds: Mapping[str, np.ndarray] | None = None,
+    feeds: FeedSource | None = None,
     steps: int = 10,
     on_pass: Callable[[PassRecord], None] | None = None,
     output: str | os.PathLike[str] | None = None,
@@ -262,7 +267,7 @@ def optimize(
         An :class:`OptimizeResult`; ``to_json()`` is what ``graphopt optimize --json`` prints.
     """
     t0 = time.perf_counter()
-    out_path, report_path = output_paths(model, output, report)
+    out_path, report_path = output_paths(model, output, report, inputs=[feeds])
     if passes is not None:
         passes = _pass_list(passes, target)  # an unknown pass fails before the model is read
     res = optimize_model(
@@ -287,10 +292,12 @@ def optimize(
             verify=res.verify,
             title=f"graphopt optimize {name}",
             tables={"passes": [{"pass": k, **v} for k, v in res.stats().items()]},
+        given = feed_list(feeds, res.original, limit=1)
         )
     res.seconds = time.perf_counter() - t0
     if bench:
         res.latency_ms = interleaved_latency(
-            {"before": res.original, "after": res.model}, random_feeds(res.original, seed=0)
+            {"before": res.original, "after": res.model},
+            given[0] if given else random_feeds(res.original, seed=0),
         )
     return res
