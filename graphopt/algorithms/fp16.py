@@ -50,6 +50,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
+from graphopt.core.const_eval import literal_value
 from graphopt.core.errors import OptionError
 from graphopt.core.graph import unique_name
 from graphopt.core.model import Model
@@ -242,22 +243,11 @@ def _dtype(t: gs.Tensor) -> np.dtype | None:
         return None
 
 
-def _const_values(t: gs.Tensor) -> np.ndarray | None:
-    """The values of a constant input: an initializer or the output of a ``Constant`` node."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        v = t.inputs[0].attrs.get("value")
-        if isinstance(v, gs.Constant):
-            return np.asarray(v.values)
-    return None
-
-
 def _overflowing_input(node: gs.Node) -> bool:
     """True when a float constant input has finite values beyond the float16 range (e.g. a
     BatchNormalization running variance of 4.8e7, where clipping would change the result)."""
     for t in node.inputs:
-        v = _const_values(t) if t.name else None
+        v = literal_value(t) if t.name else None
         if v is not None and v.dtype == F32 and v.size:
             finite = v[np.isfinite(v)]
             if finite.size and float(np.abs(finite).max()) > FP16_MAX:

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from graphopt.core.const_eval import literal_value
 from graphopt.core.errors import GraphoptError
 from graphopt.core.graph import insert_nodes
 from graphopt.core.model import Model
@@ -142,18 +143,8 @@ class QuantPlan:
                     changed = True
 
 
-def _const_value(t: gs.Tensor) -> np.ndarray | None:
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Constant":
-        v = t.inputs[0].attrs.get("value")
-        if isinstance(v, gs.Constant):
-            return np.asarray(v.values)
-    return None
-
-
 def _is_float_act(t: gs.Tensor) -> bool:
-    if not isinstance(t, gs.Variable) or _const_value(t) is not None:
+    if not isinstance(t, gs.Variable) or literal_value(t) is not None:
         return False
     return t.dtype is not None and np.dtype(t.dtype) == np.float32
 
@@ -266,7 +257,7 @@ def plan_quantization(
             lo_ok = True
             if act.op == "Clip":
                 lo = (
-                    _const_value(act.inputs[1])
+                    literal_value(act.inputs[1])
                     if len(act.inputs) > 1 and act.inputs[1].name
                     else np.float32(act.attrs.get("min", -np.inf))
                 )
@@ -276,7 +267,7 @@ def plan_quantization(
                     and (
                         len(act.inputs) < 3
                         or not act.inputs[2].name
-                        or _const_value(act.inputs[2]) is not None
+                        or literal_value(act.inputs[2]) is not None
                     )
                 )
             if lo_ok and aout.name not in outputs:

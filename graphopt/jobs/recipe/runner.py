@@ -10,7 +10,6 @@ import importlib
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,8 +25,8 @@ from graphopt.algorithms.tvm.qemu import qemu_unavailable_reason, run_under_qemu
 from graphopt.algorithms.tvm.runner import load_artifact
 from graphopt.core.cost import model_cost
 from graphopt.core.errors import RecipeError, VerificationError
-from graphopt.core.feeds import open_calibration, random_feeds
-from graphopt.core.latency import interleaved_latency
+from graphopt.core.feeds import FeedSource, feed_list, open_calibration, random_feeds
+from graphopt.core.latency import interleaved, interleaved_latency
 from graphopt.core.model import Model
 from graphopt.core.saver import save
 from graphopt.core.session import make_session
@@ -226,7 +225,7 @@ def run_recipe(
     output: str | os.PathLike[str] | None = None,
     bench: bool = False,
     report: str | os.PathLike[str] | None = None,
-    feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+    feeds: FeedSource | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> RecipeResult:
     """Run a recipe on a model, verifying every step against its input.
@@ -240,7 +239,8 @@ def run_recipe(
             its library next to it unless it names one).
         report: write a self-contained HTML report (steps table, graphs) here.
         bench: measure onnxruntime latency (median of 20 runs, 1 thread) after every step.
-        feeds: verification inputs (default: up to 8 calibration samples, else 2 random inputs).
+        feeds: verification inputs (``--feeds``: a path in the ``--calib`` formats, a feed dict
+            or an iterable of them; default: up to 8 calibration samples, else 2 random inputs).
         on_step: called with each step's record as soon as it is verified.
 
     Returns:
@@ -261,9 +261,10 @@ def run_recipe(
     shapes.update(input_shapes or {})
     calib = calib if calib is not None else rec.calib
     original = prepare(as_model(model).clone(), shapes)
-    if feeds is None:
-        feeds = _calib_feeds(calib, original) or [random_feeds(original, seed=s) for s in (0, 1)]
-    checked = [dict(f) for f in feeds]
+    given = feed_list(feeds, original)
+    if given is None:
+        given = _calib_feeds(calib, original) or [random_feeds(original, seed=s) for s in (0, 1)]
+    checked = [dict(f) for f in given]
     ref = _run_all(original, checked)
     result = RecipeResult(
         recipe=rec, original=original, model=original, feeds=checked, input=source_path(model)
@@ -559,12 +560,10 @@ def _compile(
     how = ""
     if target == "llvm":
         art = load_artifact(cr.artifact)
-        t_runs = []
-        for f in feeds:
-            t0 = time.perf_counter()
-            runs.append(art.run(f))
-            t_runs.append((time.perf_counter() - t0) * 1e3)
-        extra["latency"] = statistics.median(t_runs)
+        runs = [art.run(f) for f in feeds]
+        args = art.to_device(feeds[0])
+        timings = interleaved({"lib": lambda: art.run_device(args)}, runs=20, warmup=1)
+        extra["latency"] = timings.median_ms("lib")
         how = "ran on this host"
     elif target == "aarch64":
         why = qemu_unavailable_reason()
