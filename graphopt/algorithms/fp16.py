@@ -52,7 +52,7 @@ import onnxruntime as ort
 
 from graphopt.core.const_eval import literal_value
 from graphopt.core.errors import OptionError
-from graphopt.core.graph import unique_name
+from graphopt.core.graph import name_scope, unique_name
 from graphopt.core.model import Model
 from graphopt.core.session import session_options
 
@@ -660,4 +660,5 @@ def convert_float16(
 ) -> Fp16Conversion:
     """Convert ``model`` (shapes inferred) to float16 in place, keeping float32 where half breaks
     numerics (see the module docstring and :class:`Fp16Converter` for the options)."""
-    return Fp16Converter(keep_fp32, keep_io_types, keep_softmax, kernels).run(model)
+    with name_scope(model.graph):
+        return Fp16Converter(keep_fp32, keep_io_types, keep_softmax, kernels).run(model)

@@ -7,9 +7,11 @@ node whose output equals one of its inputs), and fresh names, nodes and constant
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import heapq
 import itertools
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -206,12 +208,80 @@ def bypass_node(
     return True
 
 
+def graph_names(graph: gs.Graph) -> set[str]:
+    """Every node and tensor name of ``graph`` and of the graphs nested in its nodes."""
+    names: set[str] = set()
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        names.update(g.tensors())
+        for node in g.nodes:
+            names.add(node.name)
+            stack.extend(node_subgraphs(node))
+    names.discard("")
+    return names
+
+
+class _NameScope:
+    """Fresh names for the graphs of one run: ``base__goN`` with N counted from 0 in the scope,
+    skipping every name the graphs hold (computed when the first name is asked for)."""
+
+    def __init__(self) -> None:
+        self.graphs: list[gs.Graph] = []
+        self.pending: list[gs.Graph] = []
+        self.taken: set[str] = set()
+        self.next = 0
+
+    def add(self, graph: gs.Graph) -> None:
+        if not any(g is graph for g in self.graphs):
+            self.graphs.append(graph)
+            self.pending.append(graph)
+
+    def fresh(self, base: str) -> str:
+        while self.pending:
+            self.taken |= graph_names(self.pending.pop())
+        while True:
+            name = f"{base}__go{self.next}"
+            self.next += 1
+            if name not in self.taken and f"{name}_out" not in self.taken:
+                self.taken.add(name)
+                return name
+
+
+_scope: contextvars.ContextVar[_NameScope | None] = contextvars.ContextVar(
+    "graphopt_name_scope", default=None
+)
 _counter = itertools.count()
 
 
+@contextlib.contextmanager
+def name_scope(graph: gs.Graph) -> Iterator[None]:
+    """Make :func:`unique_name` deterministic for the rewrites of ``graph``: inside, names are
+    ``base__goN`` with N counted per scope and never a name the graph (subgraphs included) or a
+    graph of an enclosing scope already holds. Every pass runs in one (``Pass.__call__``), so the
+    same model through the same passes gets the same names in any process. Nested scopes share
+    the outermost one's counter."""
+    outer = _scope.get()
+    if outer is not None:
+        outer.add(graph)
+        yield
+        return
+    scope = _NameScope()
+    scope.add(graph)
+    token = _scope.set(scope)
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
 def unique_name(base: str) -> str:
-    """A name that no imported model uses (a process-wide counter with a distinctive suffix)."""
-    return f"{base}__go{next(_counter)}"
+    """A fresh name derived from ``base`` (suffix ``__goN``): unique in the graphs of the active
+    :func:`name_scope`; outside one, from a process-wide counter."""
+    scope = _scope.get()
+    if scope is None:
+        return f"{base}__go{next(_counter)}"
+    return scope.fresh(base)
 
 
 def make_node(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from graphopt.core.errors import GraphoptError, PassError
+from graphopt.core.graph import name_scope
 from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class Pass(abc.ABC):
 
     def __call__(self, model: Model) -> PassResult:
         self.requires(model)
-        result = self.call(model)
+        with name_scope(model.graph):
+            result = self.call(model)
         if not isinstance(result, PassResult):
             raise TypeError(
                 f"{type(self).__name__}.call returned {type(result).__name__}, not PassResult"
