@@ -54,7 +54,7 @@ def _reshape_model() -> Model:
             helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
             helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
         ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
         [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
     )
 
@@ -354,3 +354,42 @@ def test_ai_onnx_ml_model_json_is_json(tmp_path: Path) -> None:
     d = json.loads(out.stdout)
     assert d["nodes_after"] == 1 and d["verify"]["y"]["max_abs_err"] == 0.0
     assert load(tmp_path / "o.onnx").op_histogram() == {"ai.onnx.ml.LabelEncoder": 1}
+
+
+# ------------------------------------------------------------------ --feeds on every command
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "graphopt.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize("command", ["optimize", "fp16", "plan"])
+def test_verifying_commands_take_feeds(command: str, tmp_path: Path) -> None:
+    """A model with a shape input: without --feeds exit 2 with one line naming --feeds (never
+    an internal error); with them exit 0."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_reshape_model().to_onnx(), str(src))
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, **_feeds())
+    out = str(tmp_path / "o.onnx")
+    extra = ["--min-sqnr", "20"] if command == "fp16" else []
+    bad = _cli(command, str(src), "-o", out, *extra)
+    assert bad.returncode == 2, bad.stderr
+    assert "--feeds" in bad.stderr and "internal error" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("graphopt: error:")
+    ok = _cli(command, str(src), "-o", out, "--feeds", str(feeds), *extra)
+    assert ok.returncode == 0, ok.stderr
+    assert Path(out).is_file()
+
+
+def test_prune_judges_on_given_feeds(tmp_path: Path) -> None:
+    from graphopt.fixtures import fixture_path
+    from graphopt.jobs.prune import prune
+
+    src = fixture_path("cnn.onnx")
+    m = load(src)
+    feeds = random_feeds(m, seed=7)
+    res = prune(src, 0.25, feeds=[feeds, random_feeds(m, seed=8)], min_sqnr=0, recover=False)
+    assert res.verify is not None and res.verify.samples == 2

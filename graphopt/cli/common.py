@@ -147,3 +147,14 @@ def input_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
 def split_list(text: str | None) -> list[str]:
     """``"a, b,c"`` -> ``["a", "b", "c"]``."""
     return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def add_feeds_option(p: argparse.ArgumentParser, what: str = "verify on") -> None:
+    """``--feeds DATA``: the inputs a verifying command checks its output on (same formats as
+    ``--calib``: a ``.npz`` keyed by input name, a folder of ``.npz``/``.npy``)."""
+    p.add_argument(
+        "--feeds",
+        metavar="DATA",
+        help=f"inputs to {what} (.npz keyed by input name, or a folder, as for --calib); "
+        "default: generated inputs, which cannot stand in for size or shape inputs",
+    )

@@ -7,6 +7,7 @@ import argparse
 from rich.table import Table
 
 from graphopt.cli.common import (
+    add_feeds_option,
     before_after_table,
     console,
     emit_json,
@@ -44,8 +45,9 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         "--calib",
         metavar="DATA",
         help="calibration data for recipe steps "
-        "(.npz, .npy or a folder; overrides the recipe's calib)",
+        "(.npz, .npy or a folder; overrides the recipe's calib); doubles as --feeds",
     )
+    add_feeds_option(p)
     p.add_argument(
         "--bench",
         action="store_true",
@@ -68,6 +70,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         target=args.target,
         input_shapes=input_shapes(args),
         verify_output=not args.no_verify,
+        feeds=args.feeds or args.calib,
         output=args.output,
         report=args.report,
         bench=args.bench,

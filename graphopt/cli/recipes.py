@@ -29,6 +29,7 @@ def cmd_optimize_recipe(args: argparse.Namespace) -> int:
         args.recipe,
         input_shapes=input_shapes(args),
         calib=args.calib,
+        feeds=getattr(args, "feeds", None),
         output=args.output,
         bench=args.bench,
         report=args.report,
