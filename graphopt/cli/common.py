@@ -24,9 +24,6 @@ from graphopt.core.shapes import parse_input_shapes
 from graphopt.core.verify import VerifyReport
 from graphopt.jobs.common import ModelNumbers
 
-#: a command's implementation: parsed arguments -> exit code
-Handler = Callable[[argparse.Namespace], int]
-
 
 def console(stderr: bool = False) -> Console:
     """The terminal (stdout, or stderr for progress), without rich's automatic highlighting."""

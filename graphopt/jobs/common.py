@@ -11,6 +11,7 @@ for these commands (``input``, ``output``, ``nodes_before``, ``nodes_after``, ``
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -25,7 +26,11 @@ from graphopt.core.cost import model_cost
 from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.core.output import check_outputs
+from graphopt.core.saver import save
 from graphopt.core.verify import VerifyReport
+from graphopt.jobs.report import write_report
+
+logger = logging.getLogger(__name__)
 
 #: a Model, or the path of an ONNX file
 ModelLike = Model | str | os.PathLike[str]
@@ -188,3 +193,30 @@ class TransformResult:
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` object of the command (JSON-ready: no NaN, no numpy types)."""
         return jsonable(self.change_json())  # type: ignore[no-any-return]
+
+
+def write_outputs(
+    res: TransformResult,
+    out_path: Path | None,
+    report_path: Path | None,
+    title: str,
+    *,
+    verified: bool = True,
+    **report: Any,
+) -> None:
+    """Write what a transforming job was asked to write: the model (``res.output``) and the HTML
+    report (``res.report_path``, titled ``title`` and the input's file name).
+
+    Args:
+        verified: False when the model was not checked (a warning says it is written anyway).
+        report: further sections of the report (:func:`graphopt.jobs.report.write_report`).
+    """
+    if out_path is not None:
+        if not verified:
+            logger.warning("%s is written unverified (--no-verify)", out_path)
+        res.output = save(res.model, out_path)
+    if report_path is not None:
+        name = Path(res.input).name if res.input else "model"
+        res.report_path = write_report(
+            report_path, res.original, res.model, title=f"{title} {name}", **report
+        )

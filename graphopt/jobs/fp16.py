@@ -9,14 +9,12 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from graphopt.core.errors import VerificationError
 from graphopt.core.model import Model
-from graphopt.core.saver import save
 from graphopt.core.shapes import infer_shapes, prepare
 from graphopt.core.verify import verify
 from graphopt.jobs.common import (
@@ -26,8 +24,8 @@ from graphopt.jobs.common import (
     jsonable,
     output_paths,
     source_path,
+    write_outputs,
 )
-from graphopt.jobs.report import write_report
 from graphopt.passes import get_pass
 
 #: default floor: every output's SQNR (dB) against the float32 model
@@ -164,20 +162,16 @@ def fp16(
         feeds=feeds,
     )
     res.input = source_path(model)
-    if out_path is not None:
-        res.output = save(res.model, out_path)
-    if report_path is not None:
-        name = Path(res.input).name if res.input else "model"
-        res.report_path = write_report(
-            report_path,
-            res.original,
-            res.model,
-            verify=res.verify,
-            title=f"graphopt fp16 {name}",
-            summary={
-                "nodes kept float32": len(res.kept_fp32),
-                "Casts inserted": res.stats.get("casts_inserted", 0),
-            },
-        )
+    write_outputs(
+        res,
+        out_path,
+        report_path,
+        "graphopt fp16",
+        verify=res.verify,
+        summary={
+            "nodes kept float32": len(res.kept_fp32),
+            "Casts inserted": res.stats.get("casts_inserted", 0),
+        },
+    )
     res.seconds = time.perf_counter() - t0
     return res

@@ -27,7 +27,6 @@ from graphopt.core.errors import OptionError
 from graphopt.core.feeds import random_feeds
 from graphopt.core.model import Model
 from graphopt.core.output import atomic_path
-from graphopt.core.saver import save
 from graphopt.core.session import make_session
 from graphopt.core.shapes import fix_input_shapes
 from graphopt.core.verify import cosine, sqnr_db
@@ -40,6 +39,7 @@ from graphopt.jobs.common import (
     output_paths,
     path_or_none,
     source_path,
+    write_outputs,
 )
 from graphopt.jobs.report import write_report
 from graphopt.passes.prune_channels import PruneChannelsPass, PruneReport, materialize_calib
@@ -276,17 +276,7 @@ def prune(
             plot_path,
             title=_scan_title(res.input, criterion, recover and calib is not None),
         )
-    if out_path is not None:
-        res.output = save(res.model, out_path)
-    if report_path is not None:
-        name = Path(res.input).name if res.input else "model"
-        res.report_path = write_report(
-            report_path,
-            res.original,
-            res.model,
-            prune_scan=res.scan,
-            title=f"graphopt prune: {name}",
-        )
+    write_outputs(res, out_path, report_path, "graphopt prune:", prune_scan=res.scan)
     res.seconds = time.perf_counter() - t0
     return res
 

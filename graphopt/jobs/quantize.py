@@ -47,7 +47,6 @@ from graphopt.algorithms.quant.graph import (
 from graphopt.core.errors import PassError, VerificationError
 from graphopt.core.feeds import open_calibration
 from graphopt.core.model import Model, release_weight_pages
-from graphopt.core.saver import save
 from graphopt.core.session import make_session
 from graphopt.core.shapes import prepare
 from graphopt.core.verify import sqnr_db, verify
@@ -58,9 +57,9 @@ from graphopt.jobs.common import (
     jsonable,
     output_paths,
     source_path,
+    write_outputs,
 )
 from graphopt.jobs.optimize import optimize_model
-from graphopt.jobs.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -585,18 +584,9 @@ def quantize(
     )
     if src is not None and Path(src).is_file():
         res.file_bytes_before = Path(src).stat().st_size
-    if out_path is not None:
-        res.output = save(qmodel, out_path)
+    write_outputs(res, out_path, report_path, "graphopt quantize:", quant=res, verify=check)
+    if res.output is not None:
         res.file_bytes_after = res.output.stat().st_size
-    if report_path is not None:
-        res.report_path = write_report(
-            report_path,
-            original,
-            qmodel,
-            quant=res,
-            verify=check,
-            title=f"graphopt quantize: {Path(src).name if src else 'model'}",
-        )
     res.seconds = time.perf_counter() - t0
     return res
 

@@ -25,7 +25,7 @@ from graphopt.algorithms.tvm.qemu import qemu_unavailable_reason, run_under_qemu
 from graphopt.algorithms.tvm.runner import load_artifact
 from graphopt.core.cost import model_cost
 from graphopt.core.errors import RecipeError, VerificationError
-from graphopt.core.feeds import FeedSource, feed_list, open_calibration, random_feeds
+from graphopt.core.feeds import open_calibration, random_feeds
 from graphopt.core.latency import interleaved, interleaved_latency
 from graphopt.core.model import Model
 from graphopt.core.saver import save
@@ -225,7 +225,7 @@ def run_recipe(
     output: str | os.PathLike[str] | None = None,
     bench: bool = False,
     report: str | os.PathLike[str] | None = None,
-    feeds: FeedSource | None = None,
+    feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> RecipeResult:
     """Run a recipe on a model, verifying every step against its input.
@@ -239,8 +239,7 @@ def run_recipe(
             its library next to it unless it names one).
         report: write a self-contained HTML report (steps table, graphs) here.
         bench: measure onnxruntime latency (median of 20 runs, 1 thread) after every step.
-        feeds: verification inputs (``--feeds``: a path in the ``--calib`` formats, a feed dict
-            or an iterable of them; default: up to 8 calibration samples, else 2 random inputs).
+        feeds: verification inputs (default: up to 8 calibration samples, else 2 random inputs).
         on_step: called with each step's record as soon as it is verified.
 
     Returns:
@@ -261,20 +260,20 @@ def run_recipe(
     shapes.update(input_shapes or {})
     calib = calib if calib is not None else rec.calib
     original = prepare(as_model(model).clone(), shapes)
-    given = feed_list(feeds, original)
-    if given is None:
-        given = _calib_feeds(calib, original) or [random_feeds(original, seed=s) for s in (0, 1)]
-    checked = [dict(f) for f in given]
+    if feeds is None:
+        feeds = _calib_feeds(calib, original) or [random_feeds(original, seed=s) for s in (0, 1)]
+    checked = [dict(f) for f in feeds]
     ref = _run_all(original, checked)
     result = RecipeResult(
         recipe=rec, original=original, model=original, feeds=checked, input=source_path(model)
     )
     current = original
     prev_out = ref
+    run = _Run(shapes, calib, checked, result, out_path)
     for step in rec.steps:
         t0 = time.perf_counter()
         runner = _STEP_RUNNERS[step.kind]
-        new, check, stats, extra = runner(step, current, shapes, calib, checked, result, out_path)
+        new, check, stats, extra = runner(step, current, run)
         seconds = time.perf_counter() - t0
         out = _run_all(new, checked) if extra.get("outputs") is None else extra["outputs"]
         n = extra.get("samples")  # a compiled library may run on the first few feeds only
@@ -383,15 +382,29 @@ def _min_sqnr(db: float, what: str = "SQNR") -> Check:
 StepOutput = tuple[Model, Check, dict[str, Any], dict[str, Any]]
 
 
-def _simplify(
-    step: Step,
-    model: Model,
-    shapes: Mapping[str, Sequence[int]],
-    calib: Any,
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    res: RecipeResult,
-    output: Path | None,
-) -> StepOutput:
+@dataclass
+class _Run:
+    """What every step of one recipe run sees besides its model."""
+
+    shapes: Mapping[str, Sequence[int]]
+    calib: Any
+    feeds: Sequence[Mapping[str, np.ndarray]]
+    result: RecipeResult
+    output: Path | None
+
+
+def _scalar_stats(stats: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The counters of a job's stats that go into the step table (numbers, strings, flags)."""
+    return {k: v for k, v in (stats or {}).items() if isinstance(v, (int, float, str, bool))}
+
+
+def _floor_db(step: Step) -> float:
+    """A lossy step's SQNR floor: its ``min_sqnr``, else :data:`DEFAULT_FLOOR_DB` of its kind."""
+    given = step.options["min_sqnr"]
+    return float(given) if given is not None else DEFAULT_FLOOR_DB[step.kind]
+
+
+def _simplify(step: Step, model: Model, run: _Run) -> StepOutput:
     passes = step.options["passes"]
     r = optimize_model(
         model, passes=passes or None, target=step.options["target"], verify_output=False
@@ -399,15 +412,7 @@ def _simplify(
     return r.model, _exact(), r.stats(), {}
 
 
-def _fp16(
-    step: Step,
-    model: Model,
-    shapes: Mapping[str, Sequence[int]],
-    calib: Any,
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    res: RecipeResult,
-    output: Path | None,
-) -> StepOutput:
+def _fp16(step: Step, model: Model, run: _Run) -> StepOutput:
     o = step.options
     r = fp16_model(
         model,
@@ -421,94 +426,76 @@ def _fp16(
     return r.model, _min_sqnr(o["min_sqnr"]), stats, {}
 
 
-def _need_calib(kind: str, calib: Any) -> None:
-    if calib is None:
+def _need_calib(kind: str, run: _Run) -> None:
+    if run.calib is None:
         raise RecipeError(
             f"step '{kind}' needs calibration data: set calib = \"data.npz\" in the "
             "recipe, or pass --calib DATA (calib= in the Python API)"
         )
 
 
-def _prune(
-    step: Step,
-    model: Model,
-    shapes: Mapping[str, Sequence[int]],
-    calib: Any,
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    res: RecipeResult,
-    output: Path | None,
-) -> StepOutput:
+def _prune(step: Step, model: Model, run: _Run) -> StepOutput:
     o = step.options
     if o["recover"] or o["criterion"] == "activation":
-        _need_calib("prune", calib)
+        _need_calib("prune", run)
     out = prune(
         model,
         o["ratio"],
-        calib=calib,
+        calib=run.calib,
         criterion=o["criterion"],
         round_to=o["round_to"],
         recover=o["recover"],
-        input_shapes=shapes or None,
+        input_shapes=run.shapes or None,
         measure=False,
     )
 
-    pruned = prepare(out.model, shapes)
-    res.prune_report = out.report
-    stats = {k: v for k, v in out.stats.items() if isinstance(v, (int, float, str, bool))}
-    floor = o["min_sqnr"] if o["min_sqnr"] is not None else DEFAULT_FLOOR_DB["prune"]
-    return pruned, _min_sqnr(floor), stats, {"note": f"MACs x{out.macs_ratio:.2f}"}
+    pruned = prepare(out.model, run.shapes)
+    run.result.prune_report = out.report
+    return (
+        pruned,
+        _min_sqnr(_floor_db(step)),
+        _scalar_stats(out.stats),
+        {"note": f"MACs x{out.macs_ratio:.2f}"},
+    )
 
 
-def _quantize(
-    step: Step,
-    model: Model,
-    shapes: Mapping[str, Sequence[int]],
-    calib: Any,
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    res: RecipeResult,
-    output: Path | None,
-) -> StepOutput:
-    _need_calib("quantize", calib)
+def _quantize(step: Step, model: Model, run: _Run) -> StepOutput:
+    _need_calib("quantize", run)
     o = step.options
     first = model.graph.inputs[0].shape if model.graph.inputs else None
     batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 8
     q = quantize(
         model,
-        calib,
+        run.calib,
         method=o["method"],
         activations=o["activations"],
         per_channel=o["per_channel"],
         min_sqnr=o["min_sqnr"],
-        input_shapes=shapes or None,
+        input_shapes=run.shapes or None,
         limit=o["limit"],
         verify_output=False,
         batch_size=batch,
     )
-    res.quant = q
+    run.result.quant = q
 
-    qm = prepare(q.model, shapes)
-    stats = {k: v for k, v in (q.stats or {}).items() if isinstance(v, (int, float, str, bool))}
-    stats["kept_float"] = len(q.kept_float)
-    floor = o["min_sqnr"] if o["min_sqnr"] is not None else DEFAULT_FLOOR_DB["quantize"]
-    return qm, _min_sqnr(floor), stats, {"note": f"{q.activation_dtype} activations, {q.method}"}
+    qm = prepare(q.model, run.shapes)
+    stats = {**_scalar_stats(q.stats), "kept_float": len(q.kept_float)}
+    return (
+        qm,
+        _min_sqnr(_floor_db(step)),
+        stats,
+        {"note": f"{q.activation_dtype} activations, {q.method}"},
+    )
 
 
-def _plan(
-    step: Step,
-    model: Model,
-    shapes: Mapping[str, Sequence[int]],
-    calib: Any,
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    res: RecipeResult,
-    output: Path | None,
-) -> StepOutput:
+def _plan(step: Step, model: Model, run: _Run) -> StepOutput:
     o = step.options
-    first = feeds[0] if feeds else None
+    first = run.feeds[0] if run.feeds else None
     planned = plan_memory(
         model, strategy=o["strategy"], inplace=o["inplace"], reorder=o["reorder"], feeds=first
     )
     plan = planned.plan
-    res.plan = plan
+    run.result.plan = plan
     exact = _exact()
     note = f"{plan.arena_bytes:,} B arena, naive {plan.naive_bytes:,} B"
     proof_ok = True
@@ -530,57 +517,49 @@ def _plan(
     )
 
 
-def _compile(
-    step: Step,
-    model: Model,
-    shapes: Mapping[str, Sequence[int]],
-    calib: Any,
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    res: RecipeResult,
-    output: Path | None,
-) -> StepOutput:
+def _compile(step: Step, model: Model, run: _Run) -> StepOutput:
     o = step.options
     target = o["target"]
     if o["output"]:
         lib = Path(o["output"])
-    elif output:
-        lib = Path(output).with_suffix(f".{target.split(':')[0]}.so")
+    elif run.output:
+        lib = Path(run.output).with_suffix(f".{target.split(':')[0]}.so")
     else:
         lib = Path(tempfile.mkdtemp(prefix="graphopt-recipe-")) / f"model.{target}.so"
     # the model carries its fixed input shapes (compile reads them: static_input_shapes)
     cr = compile_model(model, target, lib)
-    res.artifact = Path(cr.artifact)
+    run.result.artifact = Path(cr.artifact)
     extra: dict[str, Any] = {"bytes": int(cr.artifact_bytes)}
     stats = {"compile_seconds": round(cr.compile_seconds, 2), "artifact": str(cr.artifact)}
     if not o["run"]:
-        extra["outputs"] = _run_all(model, feeds)
+        extra["outputs"] = _run_all(model, run.feeds)
         extra["note"] = f"{cr.artifact} (not run: run = false)"
         return model, lambda r, x: (False, "not run"), stats, extra
     runs: list[dict[str, np.ndarray]] = []
     how = ""
     if target == "llvm":
         art = load_artifact(cr.artifact)
-        runs = [art.run(f) for f in feeds]
-        args = art.to_device(feeds[0])
+        runs = [art.run(f) for f in run.feeds]
+        args = art.to_device(run.feeds[0])
         timings = interleaved({"lib": lambda: art.run_device(args)}, runs=20, warmup=1)
         extra["latency"] = timings.median_ms("lib")
         how = "ran on this host"
     elif target == "aarch64":
         why = qemu_unavailable_reason()
         if why is not None:
-            extra["outputs"] = _run_all(model, feeds)
+            extra["outputs"] = _run_all(model, run.feeds)
             extra["note"] = f"{cr.artifact}; not run: {why}"
             return model, lambda r, x: (False, "not run (no qemu)"), stats, extra
-        for f in feeds[:2]:
+        for f in run.feeds[:2]:
             runs.append(run_under_qemu(cr.artifact, f))
         how = "ran under qemu-aarch64"
     else:
-        extra["outputs"] = _run_all(model, feeds)
+        extra["outputs"] = _run_all(model, run.feeds)
         extra["note"] = f"{cr.artifact}; not run: needs a {target} device"
         return model, lambda r, x: (False, f"not run ({target})"), stats, extra
     n = len(runs)
     out = {k: np.stack([np.asarray(r[k]) for r in runs]) for k in runs[0]}
-    ref_model_out = _run_all(model, feeds[:n])
+    ref_model_out = _run_all(model, run.feeds[:n])
     extra["outputs"] = out
     extra["samples"] = n
     extra["note"] = f"{cr.artifact} ({cr.artifact_bytes:,} B), {how}"
@@ -593,7 +572,7 @@ def _compile(
     return model, check, stats, extra
 
 
-_STEP_RUNNERS: dict[str, Callable[..., StepOutput]] = {
+_STEP_RUNNERS: dict[str, Callable[[Step, Model, _Run], StepOutput]] = {
     "simplify": _simplify,
     "fp16": _fp16,
     "prune": _prune,
