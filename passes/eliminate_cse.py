@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.core.const_eval import RANDOM_OPS
 from graphopt.core.errors import OptionError
 from graphopt.core.graph import constant_nbytes, local_topo_order, node_subgraphs
 from graphopt.core.model import Model, all_graph_output_ids
@@ -34,17 +35,7 @@ from graphopt.core.pass_manager import Pass, PassResult, register_pass
 logger = logging.getLogger(__name__)
 
 #: ops whose two evaluations may differ
-NONDETERMINISTIC = frozenset(
-    {
-        "RandomNormal",
-        "RandomNormalLike",
-        "RandomUniform",
-        "RandomUniformLike",
-        "Multinomial",
-        "Bernoulli",
-        "Dropout",
-    }
-)
+NONDETERMINISTIC = RANDOM_OPS | {"Dropout"}
 COMMUTATIVE = frozenset({"Add", "Mul", "Max", "Min", "Sum", "Mean", "And", "Or", "Xor", "Equal"})
 #: variadic ops whose result does not depend on the input order even in floating point (a sum of
 #: three or more terms does: (a + b) + c may differ from (c + b) + a in the last bit)

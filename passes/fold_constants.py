@@ -567,7 +567,8 @@ class FoldConstantsPass(Pass):
                 continue
             why = guard.refusal(node, computed)
             if why is not None:
-                logger.debug("not folding %s", why)
+                logger.info("not folding %s", why)
+                stats["too_large"] = stats.get("too_large", 0) + 1
                 continue
             to_eval.append(node)
             for o in node.outputs:

@@ -60,14 +60,12 @@ from graphopt.algorithms.prune import (
 )
 from graphopt.core.cost import model_cost
 from graphopt.core.errors import GraphoptError
-from graphopt.core.feeds import open_calibration
+from graphopt.core.feeds import Feeds, open_calibration
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
 from graphopt.core.shapes import fix_input_shapes, infer_shapes, is_static
 
 logger = logging.getLogger(__name__)
-
-Feeds = dict[str, np.ndarray]
 
 
 @dataclass

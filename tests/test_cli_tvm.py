@@ -66,3 +66,59 @@ def test_bad_target_and_missing_artifact(capsys, tmp_path: Path) -> None:
     assert not (tmp_path / "a.so").exists()
     assert main(["run", str(tmp_path / "nope.so")]) == 2
     assert main(["run", str(fixture_path("cnn.onnx")), "--input", "x"]) == 2
+
+
+def test_tune_then_compile_with_the_database(capsys, tmp_path: Path) -> None:
+    """`graphopt tune` fills the database (progress bar on stderr, not in --json); `graphopt
+    compile --db` schedules from it and measures nothing more."""
+    db = tmp_path / "tuning.json"
+    model = str(fixture_path("cnn.onnx"))
+    assert main(["tune", model, "--db", str(db), "--trials", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["db"] == str(db) and res["target"] == "llvm" and res["measurements"] > 0
+    assert res["kernels"] == len(res["per_kernel"]) and db.is_file()
+    assert set(res["status"]) <= {"tuned", "skipped", "baseline", "failed"}
+    lib = tmp_path / "cnn.so"
+    assert main(["compile", model, "-o", str(lib), "--db", str(db), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tuning"]["measurements"] == 0
+    assert info["tuned_kernels"] == res["status"].get("tuned", 0)
+    assert info["verify"] and all(o["ok"] for o in info["verify"].values())
+    # tables, not JSON: the tune summary lists every kernel
+    assert main(["tune", model, "--db", str(db), "--trials", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "candidates measured" in out and "cached" in out
+
+
+def test_tune_option_errors(capsys, tmp_path: Path) -> None:
+    model = str(fixture_path("cnn.onnx"))
+    assert main(["tune", model, "--trials", "0", "--db", str(tmp_path / "d.json")]) == 2
+    assert "--trials" in capsys.readouterr().err
+    assert main(["tune", model, "--rpc", "localhost", "--key", "k"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert main(["tune", model, "--target", "cuda", "--db", str(tmp_path / "d.json")]) == 2
+    assert "cuda" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2")
+    assert main(["tune", model, "--db", str(bad)]) == 2
+    assert "tuning database" in capsys.readouterr().err
+    assert main(["tune", model, "--db", model]) == 2  # the database may not be the model
+    assert bad.read_text() == "[1, 2"
+
+
+def test_bench_per_kernel(capsys, tmp_path: Path) -> None:
+    lib = tmp_path / "cnn.so"
+    model = str(fixture_path("cnn.onnx"))
+    assert main(["compile", model, "-o", str(lib), "--no-verify", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(lib), model, "--runs", "3", "--per-kernel", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    prof = res["per_kernel"]
+    names = [k["name"] for k in prof["kernels"]]
+    assert any("conv2d" in n for n in names) and prof["runs"] == 3
+    assert abs(sum(k["share"] for k in prof["kernels"]) - 1.0) < 1e-6
+    assert all(k["ms"] >= 0 and k["calls"] >= 1 for k in prof["kernels"])
+    assert prof["kernels_ms"] > 0 and prof["total_ms"] > 0
+    assert main(["bench", str(lib), model, "--runs", "3", "--per-kernel"]) == 0
+    out = capsys.readouterr().out
+    assert "per kernel" in out and "cumulative" in out

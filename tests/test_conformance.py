@@ -229,8 +229,11 @@ def sample_cases(cache: Path) -> list[C.Case]:
 @pytest.mark.parametrize("config", C.run_configs(), ids=lambda c: c.name)
 def test_sample_through_graphopt(config: C.RunConfig, sample_cases: list[C.Case]) -> None:
     """The fixed sample through the default pipeline and every exact pass alone: no internal
-    error, failed verification, crash or wrong result; refusals under 1% (exit 2, reason)."""
-    outcomes = [C.run_case(c, config, write=False) for c in sample_cases]
+    error, failed verification, crash or wrong result; refusals under 1% (exit 2, reason). The
+    light models (real CNNs, seconds each) go through the default pipeline here and through every
+    pass in ``make conformance``."""
+    cases = [c for c in sample_cases if config.name == "default" or c.suite != "light"]
+    outcomes = [C.run_case(c, config, write=False) for c in cases]
     bad = [f"{o.case}: {o.status}: {o.detail}" for o in outcomes if o.status != "ok"]
     refused = [o for o in outcomes if o.status == "refused"]
     assert len(bad) == len(refused), "\n".join(bad)

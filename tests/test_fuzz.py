@@ -19,18 +19,23 @@ printed with a ``@reproduce_failure`` blob).
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from graphgen import Generated, generated_models
+from hostile_cases import MUTATIONS, mutate
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
+from graphopt.core.errors import GraphoptError, VerificationError
 from graphopt.core.feeds import random_feeds
 from graphopt.core.model import Model
 from graphopt.core.session import make_session, run_model
 from graphopt.core.shapes import prepare
+from graphopt.core.validate import open_model
 from graphopt.core.verify import verify
 from graphopt.jobs.optimize import ATOL, RTOL, optimize_model
 from graphopt.passes import get_pass, registered_passes
@@ -296,3 +301,26 @@ def test_pruning_zeroed_channels_first_is_exact(g: Generated, ratio: float) -> N
     params_before = sum(int(np.prod(t.shape)) for t in zeroed.initializers().values())
     params_after = sum(int(np.prod(t.shape)) for t in pruned.initializers().values())
     assert params_after < params_before, "channels were selected but no weight got smaller"
+
+
+# ---------------------------------------------------------------------- crafted defects
+
+
+@pytest.mark.parametrize("kind", sorted(MUTATIONS))
+@FUZZ
+@given(g=generated_models(max_blocks=5))
+def test_crafted_defects_are_refused_or_handled(kind: str, g: Generated) -> None:
+    """The crafted cases of issue 15 (tests/hostile_cases.py) applied to random valid graphs:
+    loading and optimizing (with verification) either works or raises a GraphoptError (exit 2);
+    nothing else escapes, and a defect that must be refused is."""
+    _describe(g)
+    with tempfile.TemporaryDirectory() as d:
+        path, applied = mutate(g.model, kind, Path(d) / "m")
+        try:
+            model = open_model(path)
+            optimize_model(model, verify_output=True)
+        except GraphoptError:
+            return
+        except VerificationError:
+            pytest.fail(f"{kind}: the optimized model does not verify")
+    assert MUTATIONS[kind] == "either" or not applied, f"{kind}: a crafted defect was accepted"

@@ -115,36 +115,38 @@ def _iv(live, name):
 def test_liveness_chain():
     live = liveness(chain())
     assert live.steps == 3
-    assert [_iv(live, n) for n in ("x", "a", "b", "y")] == [(0, 0), (0, 1), (1, 2), (2, 2)]
+    # the graph input belongs to the caller: live to the last step (issue 18)
+    assert [_iv(live, n) for n in ("x", "a", "b", "y")] == [(0, 2), (0, 1), (1, 2), (2, 2)]
     assert live.kinds[live.index["x"]] == "input" and live.kinds[live.index["y"]] == "output"
     plan = plan_memory(chain(), reorder=False, inplace=False)
-    assert plan.lower_bound_bytes == 2 * SZ
+    assert plan.lower_bound_bytes == 3 * SZ  # x, a, b at step 1
     assert plan.naive_bytes == 4 * SZ
-    assert plan.arena_bytes == 2 * SZ
-    # in place: every op overwrites its dying input, one buffer for the whole chain
+    assert plan.arena_bytes == 3 * SZ
+    # in place: every op overwrites its dying input except x (the caller's): two buffers
     ip = plan_memory(chain(), reorder=False, inplace=True)
-    assert ip.inplace_lower_bound_bytes == SZ and ip.arena_bytes == SZ
-    assert ip.lower_bound_bytes == 2 * SZ
-    assert len({t.buffer for t in ip.tensors.values()}) == 1
+    assert ip.inplace_lower_bound_bytes == 2 * SZ and ip.arena_bytes == 2 * SZ
+    assert ip.lower_bound_bytes == 3 * SZ
+    t = ip.tensors
+    assert t["a"].buffer == t["b"].buffer == t["y"].buffer != t["x"].buffer
 
 
 def test_liveness_diamond_and_no_inplace_into_live_input():
     live = liveness(diamond())
-    assert [_iv(live, n) for n in ("x", "a", "b", "y")] == [(0, 1), (0, 2), (1, 2), (2, 2)]
+    assert [_iv(live, n) for n in ("x", "a", "b", "y")] == [(0, 2), (0, 2), (1, 2), (2, 2)]
     plan = plan_memory(diamond(), reorder=False, inplace=True)
     t = plan.tensors
-    # Relu may not overwrite x (Sigmoid still reads it); Sigmoid may (x dies there)
-    assert t["a"].buffer != t["x"].buffer
-    assert t["b"].buffer == t["x"].buffer
-    assert plan.lower_bound_bytes == 3 * SZ and plan.inplace_lower_bound_bytes == 2 * SZ
+    # neither Relu nor Sigmoid may overwrite x (a graph input); the Mul overwrites a
+    assert t["a"].buffer != t["x"].buffer and t["b"].buffer != t["x"].buffer
+    assert t["y"].buffer == t["a"].buffer
+    assert plan.lower_bound_bytes == 4 * SZ and plan.inplace_lower_bound_bytes == 3 * SZ
 
 
 def test_liveness_residual():
     live = liveness(residual())
     assert _iv(live, "h") == (0, 3)  # alive across the branch until the Add
     plan = plan_memory(residual(), reorder=False, inplace=False)
-    assert plan.lower_bound_bytes == 3 * SZ  # h, s and r at the Neg step
-    assert plan.peak_step == 2  # the first step where three tensors are live
+    assert plan.lower_bound_bytes == 4 * SZ  # x (held), h, s and r at the Neg step
+    assert plan.peak_step == 2  # the first step where four tensors are live
 
 
 def test_liveness_subgraph_capture():

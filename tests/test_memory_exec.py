@@ -113,8 +113,9 @@ def test_real_ocr_models(name):
         assert plan.arena_bytes <= 1.02 * plan.bound, plan.summary()
         rep = prove(plan.model, plan, feeds=feeds)
         assert rep.ok, rep.to_json()
-    # in-place reuse and aliasing cut the arena to at most 0.70x the plain lower bound
-    assert plan.arena_bytes <= 0.70 * plan.lower_bound_bytes, plan.summary()
+    # in-place reuse and aliasing cut the arena to at most 0.75x the plain lower bound (0.70x
+    # before graph inputs were held for the whole run and kept from in-place writes, issue 18)
+    assert plan.arena_bytes <= 0.75 * plan.lower_bound_bytes, plan.summary()
 
 
 @pytest.mark.real

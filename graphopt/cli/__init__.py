@@ -7,29 +7,43 @@ a second.
 
 Exit codes: 0 success; 2 bad input (a :class:`~graphopt.core.errors.GraphoptError`: missing or
 corrupt file, unknown pass, bad shape, bad option, inputs that do not match the model), one line
-on stderr and no traceback; 1 internal error or failed verification; 130 interrupted. Outputs are
-written atomically and the input file is never written.
+on stderr and no traceback; 1 internal error or failed verification; 128 + signal when
+interrupted (130 for Ctrl-C / SIGINT, 143 for SIGTERM), with one line and no traceback, also when
+the signal arrives while the command's modules are still being imported. Outputs are written
+atomically (:mod:`graphopt.core.output`; temporaries are removed on SIGINT and SIGTERM,
+:mod:`graphopt.core.interrupt`) and the
+input file is never written. Every error message goes through
+:func:`~graphopt.core.errors.terminal_safe`, as every model name in a table does
+(:func:`graphopt.cli.common.fmt_name`) and every log line (a filter on the handler).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
-from types import FrameType
+from collections.abc import Iterator, Sequence
 
 from graphopt.core import __version__
-from graphopt.core.errors import GraphoptError
+from graphopt.core.errors import GraphoptError, terminal_safe
+from graphopt.core.interrupt import (
+    Interrupted,
+    check_interrupted,
+    forget_published,
+    on_signal,
+    published_paths,
+    reset,
+)
 
 logger = logging.getLogger("graphopt")
 
 EXIT_OK = 0
 EXIT_FAILED = 1  #: internal error, failed verification
 EXIT_USAGE = 2  #: bad input (GraphoptError)
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  #: SIGINT (Ctrl-C); SIGTERM gives 143 (128 + signal)
 
 #: command -> (module that defines it, one line of help); the module's ``add_arguments(name,
 #: parser)`` adds the command's options and sets ``func`` (an ``args -> exit code`` handler)
@@ -50,6 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "fp16": ("graphopt.cli.fp16", "convert to float16 (float32 kept where half breaks numerics)"),
     "compile": ("graphopt.cli.tvm", "compile through Apache TVM to a native library (+ manifest)"),
+    "tune": ("graphopt.cli.tvm", "measure schedules for a model's kernels into a tuning database"),
     "run": ("graphopt.cli.tvm", "run a compiled library or an ONNX model"),
     "bench": ("graphopt.cli.tvm", "latency of a compiled library against onnxruntime"),
     "diff": ("graphopt.cli.diff", "structural and numerical diff of two models"),
@@ -100,18 +115,33 @@ def _command_in(argv: Sequence[str]) -> str | None:
     return None
 
 
-def setup_logging(verbose: int) -> None:
-    """``-v``: INFO, ``-vv``: DEBUG, for graphopt and for onnx-graphsurgeon's own logger."""
+class _SafeText(logging.Filter):
+    """Make a log record's message safe for the terminal (names from models in warnings)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        safe = terminal_safe(msg)
+        if safe != msg:
+            record.msg, record.args = safe, None
+        return True
+
+
+def log_handler() -> logging.Handler:
+    """The stderr handler of the command line: rich, and every message made safe for the
+    terminal (model names in warnings)."""
     from rich.logging import RichHandler  # noqa: PLC0415 - only when a command runs
 
     from graphopt.cli.common import console  # noqa: PLC0415
 
+    handler = RichHandler(console=console(stderr=True), show_time=False)
+    handler.addFilter(_SafeText())
+    return handler
+
+
+def setup_logging(verbose: int) -> None:
+    """``-v``: INFO, ``-vv``: DEBUG, for graphopt and for onnx-graphsurgeon's own logger."""
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    logging.basicConfig(
-        level=level,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=console(stderr=True), show_time=False)],
-    )
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[log_handler()])
     from onnx_graphsurgeon.logger import G_LOGGER  # noqa: PLC0415 - only when a command runs
 
     G_LOGGER.severity = (
@@ -119,53 +149,83 @@ def setup_logging(verbose: int) -> None:
     )
 
 
+@contextlib.contextmanager
+def handle_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`~graphopt.core.interrupt.Interrupted` while the block runs
+    (held back during the renames and removals that must not be cut in two), so that every
+    temporary is removed on the way out; the previous handlers come back afterwards. Outside the
+    main thread signals are left alone."""
+    old = {}
+    reset()
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, on_signal)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        reset()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``graphopt`` command; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = _command_in(argv)
-    parser = build_parser([command] if command else [])
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_USAGE
-    verbose = int(getattr(args, "verbose", 0))
-    setup_logging(verbose)
-    # SIGTERM unwinds like Ctrl-C, so that a half-written output's temporary file is removed
-    try:
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        old_term = None
-    try:
-        return int(args.func(args) or EXIT_OK)
-    except GraphoptError as exc:
-        sys.stderr.write(f"graphopt: error: {_one_line(exc)}\n")
-        if verbose:
-            logger.debug("details", exc_info=True)
-        return int(getattr(exc, "exit_code", EXIT_USAGE))
-    except KeyboardInterrupt:
-        sys.stderr.write("graphopt: interrupted; no output written\n")
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - the one place failures are reported
-        exit_code = getattr(exc, "exit_code", None)  # VerificationError, PassError: 1
-        if exit_code is not None:
-            sys.stderr.write(f"graphopt: error: {_one_line(exc)}\n")
-        else:
-            sys.stderr.write(
-                f"graphopt: internal error: {type(exc).__name__}: {_one_line(exc)} "
-                "(re-run with -v for the traceback)\n"
-            )
-        if verbose:
-            logger.exception("traceback")
-        return int(exit_code) if isinstance(exit_code, int) else EXIT_FAILED
-    finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+    verbose = 0
+    forget_published()
+    with handle_signals():
+        try:
+            argv = list(sys.argv[1:] if argv is None else argv)
+            command = _command_in(argv)
+            parser = build_parser([command] if command else [])
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return EXIT_USAGE
+            verbose = int(getattr(args, "verbose", 0))
+            setup_logging(verbose)
+            code = int(args.func(args) or EXIT_OK)
+            check_interrupted()  # a signal whose exception some library code swallowed
+            return code
+        except GraphoptError as exc:
+            _error(f"error: {_one_line(exc)}{_written()}")
+            if verbose:
+                logger.debug("details", exc_info=True)
+            return int(getattr(exc, "exit_code", EXIT_USAGE))
+        except KeyboardInterrupt as exc:
+            code = exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+            name = f" ({signal.Signals(code - 128).name})" if code > 128 else ""
+            done = published_paths()
+            what = _written() if done else "; no output written"
+            _error(f"interrupted{name}{what}")
+            return code
+        except Exception as exc:  # noqa: BLE001 - the one place failures are reported
+            exit_code = getattr(exc, "exit_code", None)  # VerificationError, PassError: 1
+            if exit_code is not None:
+                _error(f"error: {_one_line(exc)}{_written()}")
+            else:
+                _error(
+                    f"internal error: {type(exc).__name__}: {_one_line(exc)} "
+                    f"(re-run with -v for the traceback){_written()}"
+                )
+            if verbose:
+                logger.exception("traceback")
+            return int(exit_code) if isinstance(exit_code, int) else EXIT_FAILED
+
+
+def _error(text: str) -> None:
+    """One line on stderr, safe for the terminal."""
+    sys.stderr.write(f"graphopt: {terminal_safe(text)}\n")
+    sys.stderr.flush()
+
+
+def _written() -> str:
+    """``"; already written: a, b"`` when this run published outputs before it stopped."""
+    done = published_paths()
+    return f"; already written: {', '.join(map(str, done))}" if done else ""
 
 
 def _one_line(exc: BaseException) -> str:
     """The message on one line (a multi-line message is joined)."""
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt

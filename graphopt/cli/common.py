@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from graphopt.core.errors import terminal_safe
 from graphopt.core.shapes import parse_input_shapes
 from graphopt.core.verify import VerifyReport
 from graphopt.jobs.common import ModelNumbers
@@ -37,8 +38,10 @@ def emit_json(obj: Mapping[str, Any]) -> None:
 
 def fmt_name(name: object) -> str:
     """A name from a model or the command line, safe to print in rich markup (node, tensor, op,
-    input and file names all go through here)."""
-    return escape(str(name))
+    input and file names all go through here): control characters and escape sequences are
+    written visibly (:func:`~graphopt.core.errors.terminal_safe`, the helper error messages go
+    through too), then rich markup is escaped."""
+    return escape(terminal_safe(name))
 
 
 def fmt_shape(shape: Sequence[Any] | None) -> str:

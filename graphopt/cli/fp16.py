@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from graphopt.cli.common import (
+    add_feeds_option,
     before_after_table,
     console,
     emit_json,
@@ -42,10 +43,28 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         type=float,
         default=MIN_SQNR_DB,
         metavar="DB",
-        help=f"minimum output SQNR against the float32 model (default {MIN_SQNR_DB:g} dB)",
+        help=f"minimum output SQNR against the float32 model (default {MIN_SQNR_DB:g} dB; "
+        "0: no floor)",
     )
-    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        default=None,
+        metavar="C",
+        help="minimum output cosine (default: implied by --min-sqnr)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write the model even when it fails the check (with a warning)",
+    )
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the onnxruntime comparison (the model is written unchecked)",
+    )
     p.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report")
+    add_feeds_option(p, "check the float16 model on (the data it will see)")
     p.set_defaults(func=cmd_fp16)
 
 
@@ -57,8 +76,11 @@ def cmd_fp16(args: argparse.Namespace) -> int:
         keep_softmax=args.keep_softmax,
         kernels=args.kernels,
         min_sqnr=args.min_sqnr,
+        min_cosine=args.min_cosine,
+        force=args.force,
         verify_output=not args.no_verify,
         input_shapes=input_shapes(args),
+        feeds=args.feeds,
         output=args.output,
         report=args.report,
     )

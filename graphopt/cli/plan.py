@@ -7,7 +7,6 @@ import argparse
 from rich.table import Table
 
 from graphopt.cli.common import console, emit_json, fmt_name, human_bytes, input_shapes
-from graphopt.core.feeds import read_feeds
 from graphopt.jobs.plan import plan_memory
 
 
@@ -37,30 +36,38 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-reorder", action="store_true", help="keep the given node order")
     p.add_argument("--plot", metavar="PNG", help="draw the arena over time")
-    p.add_argument(
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
         "--prove",
+        dest="prove",
         action="store_true",
+        default=None,
         help="run the model node by node inside the arena and compare with "
-        "onnxruntime (random inputs unless --feeds)",
+        "onnxruntime (random inputs unless --feeds); the default with -o",
+    )
+    g.add_argument(
+        "--no-prove",
+        dest="prove",
+        action="store_false",
+        help="with -o: write the plan without its execution proof (a warning says so)",
     )
     p.add_argument(
         "--feeds",
-        metavar="NPZ",
-        help="inputs (arrays keyed by input name) for "
+        metavar="DATA",
+        help="inputs (.npz keyed by input name, or a folder as for --calib) for "
         "--prove and for sizing data-dependent tensors",
     )
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    feeds = read_feeds(args.feeds) if args.feeds else None
     res = plan_memory(
         args.model,
         input_shapes(args),
         strategy=args.strategy,
         inplace=not args.no_inplace,
         reorder=not args.no_reorder,
-        feeds=feeds,
+        feeds=args.feeds,
         prove_plan=args.prove,
         output=args.output,
         plot=args.plot,

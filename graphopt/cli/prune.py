@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from graphopt.cli.common import (
+    add_feeds_option,
     console,
     db,
     emit_json,
@@ -18,7 +19,14 @@ from graphopt.cli.common import (
     split_list,
 )
 from graphopt.core.errors import OptionError
-from graphopt.jobs.prune import OutputFidelity, PruneResult, ScanPoint, prune, prune_scan
+from graphopt.jobs.prune import (
+    DEFAULT_MIN_SQNR_DB,
+    OutputFidelity,
+    PruneResult,
+    ScanPoint,
+    prune,
+    prune_scan,
+)
 
 
 def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
@@ -57,6 +65,7 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         help="group: the ratio in every group; global: rank all channels together",
     )
     p.add_argument("--no-recover", action="store_true", help="skip the least-squares refit")
+    add_feeds_option(p, "judge the pruned model on (default: held-out --calib samples)")
     p.add_argument(
         "--scan",
         action="store_true",
@@ -64,6 +73,26 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="ratios for --scan")
     p.add_argument("--plot", metavar="PNG", help="with --scan: plot MACs against fidelity")
+    p.add_argument(
+        "--min-sqnr",
+        type=float,
+        default=None,
+        metavar="DB",
+        help=f"the check's floor: every output's SQNR against the original (default "
+        f"{DEFAULT_MIN_SQNR_DB:g} dB; 0: no floor, with a warning)",
+    )
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        default=None,
+        metavar="C",
+        help="the check's cosine floor (default: implied by --min-sqnr)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write the pruned model even when it fails the check (e.g. to fine-tune it)",
+    )
     p.set_defaults(func=cmd_prune)
 
 
@@ -104,6 +133,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         report=args.report,
         scan=ratios,
         plot=args.plot if args.scan else None,
+        min_sqnr=args.min_sqnr,
+        min_cosine=args.min_cosine,
+        feeds=args.feeds,
+        force=args.force,
         **opts,
     )
     if args.json:

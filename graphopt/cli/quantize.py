@@ -20,7 +20,7 @@ from graphopt.cli.common import (
     split_list,
     verify_table,
 )
-from graphopt.jobs.quantize import QuantizeResult, quantize
+from graphopt.jobs.quantize import DEFAULT_MIN_SQNR_DB, QuantizeResult, quantize
 
 
 def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
@@ -66,7 +66,27 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="DB",
-        help="keep the most sensitive layers float until every output reaches DB",
+        help="the check's floor: every output's SQNR against fp32 (default "
+        f"{DEFAULT_MIN_SQNR_DB:g} dB); when given, the most sensitive layers are also kept "
+        "float until it holds; 0 writes whatever the SQNR (with a warning)",
+    )
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        default=None,
+        metavar="C",
+        help="the check's cosine floor (default: implied by --min-sqnr, 0.949 at 10 dB)",
+    )
+    p.add_argument(
+        "--feeds",
+        metavar="DATA",
+        help="judge the int8 model on these inputs (same formats as --calib; real inputs the "
+        "calibration never saw); default: the first calibration samples",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write the model even when it fails the check (with a warning)",
     )
     p.add_argument(
         "--sensitivity",
@@ -127,6 +147,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             activations=args.activations,
             per_channel=args.per_channel,
             min_sqnr=args.min_sqnr,
+            min_cosine=args.min_cosine,
+            feeds=args.feeds,
+            force=args.force,
             sensitivity=True if args.sensitivity else None,
             input_shapes=input_shapes(args),
             optimize=not args.no_optimize,
@@ -176,7 +199,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"file size {human_bytes(a)} -> {human_bytes(b)} ({(b - a) / max(a, 1) * 100:+.1f}%)"
         )
     if res.verify:
-        c.print(verify_table(res.verify, "int8 against fp32 on calibration samples (onnxruntime)"))
+        c.print(
+            verify_table(
+                res.verify, f"int8 against fp32 on {res.checked_on or 'samples'} (onnxruntime)"
+            )
+        )
+        if not res.verify.ok:
+            c.print("[red]the int8 model FAILED its check and was written anyway (--force)[/]")
     c.print(f"quantized and wrote {fmt_name(res.output)} in {res.seconds:.2f} s")
     return 0
 

@@ -22,6 +22,7 @@ optional ops, ops with subgraph attributes, and nodes of non-default domains
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +44,8 @@ logger = logging.getLogger(__name__)
 #: the default ONNX domain under its three spellings
 DEFAULT_DOMAINS = ("", "ai.onnx", None)
 
-#: ops whose value is not a function of their inputs, or that produce non-tensors
-NOT_EVALUABLE: frozenset[str] = frozenset(
+#: ops that draw random numbers: two runs differ
+RANDOM_OPS: frozenset[str] = frozenset(
     {
         "RandomNormal",
         "RandomNormalLike",
@@ -52,6 +53,12 @@ NOT_EVALUABLE: frozenset[str] = frozenset(
         "RandomUniformLike",
         "Multinomial",
         "Bernoulli",
+    }
+)
+
+#: ops whose value is not a function of their inputs, or that produce non-tensors
+NOT_EVALUABLE: frozenset[str] = RANDOM_OPS | frozenset(
+    {
         "If",
         "Loop",
         "Scan",
@@ -70,8 +77,22 @@ NOT_EVALUABLE: frozenset[str] = frozenset(
     }
 )
 
-#: default size guard: a value larger than this is never computed
-MAX_EVAL_BYTES = 256 << 20
+
+def _max_eval_bytes(default: int = 256 << 20) -> int:
+    text = os.environ.get("GRAPHOPT_MAX_FOLD_BYTES", "").strip()
+    try:
+        value = int(float(text)) if text else default
+    except ValueError:
+        logger.warning(
+            "GRAPHOPT_MAX_FOLD_BYTES=%r is not a number of bytes; using %d", text, default
+        )
+        return default
+    return value if value > 0 else default
+
+
+#: default size guard: a value larger than this is never computed (256 MiB, or
+#: ``GRAPHOPT_MAX_FOLD_BYTES`` from the environment)
+MAX_EVAL_BYTES = _max_eval_bytes()
 
 #: inputs with at most this many elements are handed to shape inference with their values
 _DATA_ELEMENTS = 1024

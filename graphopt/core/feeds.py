@@ -103,7 +103,17 @@ def _check_array(spec: InputSpec, arr: np.ndarray, where: str, batched: bool) ->
                 f"expects {spec.dtype}; convert the data (e.g. images to float32 as the model's "
                 f"preprocessing does)"
             )
+    if not_finite_only(arr):
+        raise CalibrationError(
+            f"calibration input '{spec.name}'{where} holds only NaN/inf values; nothing can be "
+            "calibrated on it"
+        )
     return arr
+
+
+def not_finite_only(arr: np.ndarray) -> bool:
+    """Whether a non-empty float array holds no finite value at all (only NaN and inf)."""
+    return arr.dtype.kind in "fc" and arr.size > 0 and not bool(np.isfinite(arr).any())
 
 
 def _fmt(dims: tuple[int | None, ...] | None) -> str:
@@ -185,19 +195,11 @@ class CalibrationReader:
 
     @staticmethod
     def _load_npy(f: Path) -> np.ndarray:
-        try:
-            return np.load(f, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise CalibrationError(f"cannot read {f}: {exc}") from None
+        return load_npy(f, CalibrationError, mmap=True)
 
     @staticmethod
     def _npz(f: Path) -> Iterator[tuple[str, Feeds]]:
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise CalibrationError(f"cannot read {f}: {exc}") from None
-        yield f" in {f.name}", data
+        yield f" in {f.name}", load_npz(f, CalibrationError)
 
     def _samples_from_chunk(
         self, where: str, feeds: Mapping[str, np.ndarray], batched: bool
@@ -295,14 +297,14 @@ class CalibrationReader:
                 return None
             try:
                 if p.suffix == ".npz":
-                    with np.load(p, allow_pickle=False) as z:
-                        name = next((k for k in self.specs if k in z.files), None)
-                        if name is None:
-                            return None
-                        n = int(z[name].shape[0])
+                    shapes = npz_shapes(p, CalibrationError)
+                    name = next((k for k in self.specs if k in shapes), None)
+                    if name is None:
+                        return None
+                    n = int(shapes[name][0])
                 else:
-                    n = int(np.load(p, mmap_mode="r").shape[0])
-            except (ValueError, OSError, IndexError, EOFError, zipfile.BadZipFile):
+                    n = int(npy_header(p, CalibrationError).shape[0])
+            except (CalibrationError, IndexError):
                 return None
         return min(n, self.limit) if self.limit is not None else n
 
@@ -345,16 +347,18 @@ def check_feeds(
     """
     specs = input_specs(model) if isinstance(model, Model) else model
     unknown = [k for k in feeds if k not in specs]
+    files = sorted(set(getattr(feeds, "sources", {}).values()))
+    origin = f" (in {', '.join(files)})" if files else ""
     if unknown:
         raise FeedError(
-            f"{what} names unknown model input(s) {', '.join(map(repr, unknown))}; "
+            f"{what}{origin} names unknown model input(s) {', '.join(map(repr, unknown))}; "
             f"the model's inputs are {', '.join(map(repr, specs)) or 'none'}"
         )
     if complete:
         missing = [k for k in specs if k not in feeds]
         if missing:
             raise FeedError(
-                f"{what} gives no array for model input(s) {', '.join(map(repr, missing))}"
+                f"{what}{origin} gives no array for model input(s) {', '.join(map(repr, missing))}"
             )
     out: Feeds = {}
     for name, value in feeds.items():
@@ -367,8 +371,8 @@ def check_feeds(
         ):
             anysize = " (N: any size)" if None in dims else ""
             raise FeedError(
-                f"{what} '{name}' has shape {list(arr.shape)}, but the model expects "
-                f"{_fmt(dims)}{anysize}"
+                f"{what} '{name}'{_source(feeds, name)} has shape {list(arr.shape)}, but the "
+                f"model expects {_fmt(dims)}{anysize}"
             )
         if arr.dtype != spec.dtype:
             same_kind = (arr.dtype.kind == "f" and spec.dtype.kind == "f") or (
@@ -376,38 +380,341 @@ def check_feeds(
             )
             if not same_kind:
                 raise FeedError(
-                    f"{what} '{name}' has dtype {arr.dtype}, but the model expects {spec.dtype}"
+                    f"{what} '{name}'{_source(feeds, name)} has dtype {arr.dtype}, but the model "
+                    f"expects {spec.dtype}"
                 )
             arr = arr.astype(spec.dtype)
+        if not_finite_only(arr):
+            raise FeedError(
+                f"{what} '{name}'{_source(feeds, name)} holds only NaN/inf values; give inputs "
+                "the model is meant to run on"
+            )
         out[name] = arr
     return out
 
 
-def read_feeds(path: str | os.PathLike[str]) -> Feeds:
-    """Arrays keyed by input name from a ``.npz`` file. Raises :class:`FeedError`."""
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise FeedError(f"cannot read feeds from {path}: {exc}") from None
-    if isinstance(z, np.ndarray):
-        raise FeedError(f"{path} holds one array; give a .npz keyed by input name")
-    try:
-        with z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise FeedError(f"cannot read feeds from {path}: {exc}") from None
+class FileFeeds(dict[str, np.ndarray]):
+    """Arrays read from files (``--feeds``, ``--input``), remembering each array's file so that
+    a mistake found later is reported with the file's name."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], sources: Mapping[str, object]) -> None:
+        super().__init__(arrays)
+        self.sources = {k: str(v) for k, v in sources.items()}
+
+
+def _source(feeds: Mapping[str, Any], name: str) -> str:
+    src = getattr(feeds, "sources", {}).get(name)
+    return f" (from {src})" if src else ""
+
+
+def read_feeds(path: str | os.PathLike[str]) -> FileFeeds:
+    """Arrays keyed by input name from a ``.npz`` file (checked as :func:`load_npz` does).
+
+    Raises:
+        FeedError: naming the file.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".npy" or _magic(p) == b"\x93NUMPY":
+        raise FeedError(f"{p} holds one array; give a .npz keyed by input name")
+    arrays = load_npz(p, FeedError)
+    return FileFeeds(arrays, {k: p for k in arrays})
 
 
 def read_array(path: str | os.PathLike[str], what: str = "input") -> np.ndarray:
-    """One array from a ``.npy`` file. Raises :class:`FeedError`."""
+    """One array from a ``.npy`` file (checked as :func:`load_npy` does).
+
+    Raises:
+        FeedError: naming the file.
+    """
+    p = Path(path)
+    if zipfile.is_zipfile(p) if p.is_file() else False:
+        raise FeedError(f"{p} is a .npz archive; give one array per {what} as a .npy file")
+    return load_npy(p, FeedError, what=what)
+
+
+# ---------------------------------------------------------------------- checked .npy / .npz reading
+
+#: zlib cannot inflate one byte into more than about 1032 bytes: a deflated member that claims a
+#: larger size than this many times its compressed size lies about it
+_DEFLATE_MAX_RATIO = 1032
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What a ``.npy`` header declares, and where the data starts."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= int(d)
+        return n * self.dtype.itemsize
+
+
+def _magic(p: Path) -> bytes:
     try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise FeedError(f"cannot read {what} from {path}: {exc}") from None
+        with open(p, "rb") as f:
+            return f.read(6)
+    except OSError:
+        return b""
+
+
+def _read_header(f: Any, where: str, error: type[Exception]) -> NpyHeader:
+    """The header of the ``.npy`` stream ``f`` (positioned at its start); refuses object arrays
+    (pickles) and headers that are not a plain array description."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"cannot read {where}: not a valid .npy array ({reason})") from None
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise error(
+            f"{where} holds Python objects (pickled data), which graphopt does not load; "
+            "save numeric arrays"
+        )
+    if any(int(d) < 0 for d in shape):
+        raise error(f"cannot read {where}: negative dimension in shape {list(shape)}")
+    return NpyHeader(tuple(int(d) for d in shape), dtype, bool(fortran), int(f.tell()))
+
+
+def npy_header(path: str | os.PathLike[str], error: type[Exception] = FeedError) -> NpyHeader:
+    """The header of a ``.npy`` file, checked against the file's real length (nothing else is
+    read).
+
+    Raises:
+        ``error``: the file is missing, empty, not a .npy file, holds objects, or is shorter than
+            its header says.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size == 0:
+            raise error(f"{p} is empty")
+        with open(p, "rb") as f:
+            head = _read_header(f, str(p), error)
+    except OSError as exc:
+        raise error(f"cannot read {p}: {exc.strerror or exc}") from None
+    have = size - head.offset
+    if head.nbytes > have:
+        raise error(
+            f"{p} declares a {head.dtype} array of shape {list(head.shape)} "
+            f"({head.nbytes:,} bytes) but holds {have:,} bytes of data (truncated or corrupt)"
+        )
+    return head
+
+
+def load_npy(
+    path: str | os.PathLike[str],
+    error: type[Exception] = FeedError,
+    *,
+    mmap: bool = False,
+    what: str = "array",
+) -> np.ndarray:
+    """One array from a ``.npy`` file, its header checked first (:func:`npy_header`): nothing is
+    allocated for a size the file does not back. ``mmap``: map it read-only instead of reading.
+
+    Raises:
+        ``error``: naming the file.
+    """
+    p = Path(path)
+    npy_header(p, error)
+    try:
+        arr = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise error(f"cannot read {what} from {p}: {exc}") from None
     if not isinstance(arr, np.ndarray):
-        arr.close()
-        raise FeedError(f"{path} is a .npz archive; give one array per {what} as a .npy file")
+        raise error(f"{p} is a .npz archive; give one array per {what} as a .npy file")
     return arr
+
+
+def _zip_members(
+    path: Path, error: type[Exception]
+) -> tuple[zipfile.ZipFile, list[zipfile.ZipInfo]]:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    if size == 0:
+        raise error(f"{path} is empty")
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise error(f"cannot read {path}: not a .npz archive ({exc})") from None
+    return z, z.infolist()
+
+
+def _check_member(
+    z: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, error: type[Exception]
+) -> NpyHeader:
+    """The header of one ``.npz`` member, checked against the member's size, which is checked
+    against its compressed size (what the archive really holds)."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.file_size != info.compress_size:
+            raise error(f"cannot read {where}: stored member sizes disagree (corrupt archive)")
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        if info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 1024:
+            raise error(
+                f"cannot read {where}: it claims {info.file_size:,} bytes from "
+                f"{info.compress_size:,} compressed bytes, more than deflate can produce "
+                "(corrupt or crafted archive)"
+            )
+    else:
+        raise error(
+            f"cannot read {where}: compression method {info.compress_type} (numpy writes stored "
+            "or deflated members)"
+        )
+    try:
+        with z.open(info) as f:
+            head = _read_header(f, where, error)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise error(f"cannot read {where}: {exc}") from None
+    have = info.file_size - head.offset
+    if head.nbytes > have:
+        raise error(
+            f"{where} declares a {head.dtype} array of shape {list(head.shape)} "
+            f"({head.nbytes:,} bytes) but holds {max(have, 0):,} bytes (truncated or corrupt)"
+        )
+    return head
+
+
+def npz_shapes(
+    path: str | os.PathLike[str], error: type[Exception] = FeedError
+) -> dict[str, tuple[int, ...]]:
+    """The arrays of a ``.npz`` file by name, with their shapes, from the headers only (checked as
+    :func:`load_npz` does)."""
+    p = Path(path)
+    z, infos = _zip_members(p, error)
+    with z:
+        return {
+            i.filename[: -len(".npy")]: _check_member(z, i, f"{p} ({i.filename})", error).shape
+            for i in infos
+            if i.filename.endswith(".npy")
+        }
+
+
+def load_npz(path: str | os.PathLike[str], error: type[Exception] = FeedError) -> Feeds:
+    """The arrays of a ``.npz`` file by name.
+
+    Every member's header is checked before anything is read: the declared array must fit in the
+    member, and the member's declared size must be one its compressed bytes can produce, so that
+    a header or archive that lies about a size never makes graphopt allocate it. Object arrays
+    (pickles) are refused; an archive without arrays is refused.
+
+    Raises:
+        ``error``: naming the file (and the member).
+    """
+    p = Path(path)
+    z, infos = _zip_members(p, error)
+    with z:
+        members = [i for i in infos if i.filename.endswith(".npy")]
+        if not members:
+            raise error(f"{p} holds no arrays")
+        for i in members:
+            _check_member(z, i, f"{p} ({i.filename})", error)
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise error(f"cannot read {p}: {exc}") from None
+
+
+#: what ``--feeds`` and the jobs' ``feeds=`` take: one feed dict, an iterable of them, or a path
+#: in the ``--calib`` formats (``.npz``, ``.npy``, a folder of them)
+FeedSource = str | os.PathLike[str] | Mapping[str, Any] | Iterable[Mapping[str, Any]]
+
+#: at most this many feed dicts are verified on (a longer source is cut)
+MAX_FEEDS = 16
+
+
+def _is_tensor_value(v: Any) -> bool:
+    return isinstance(v, (np.ndarray, np.generic, int, float, bool))
+
+
+def _check_feed(model: Model, feed: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """:func:`check_feeds` for the tensor values of one feed dict; sequence (list), map (dict)
+    and optional (None) values of non-tensor inputs pass as they are."""
+    tensors = {k: v for k, v in feed.items() if _is_tensor_value(v)}
+    others = {k: v for k, v in feed.items() if k not in tensors}
+    specs = input_specs(model)
+    defaults = getattr(model, "input_defaults", {}) or {}
+    unknown = [k for k in others if k not in specs]
+    missing = [k for k in specs if k not in feed and k not in defaults]
+    if unknown or missing:
+        check_feeds({k: v for k, v in specs.items() if k not in defaults}, feed, what)
+    return {**check_feeds(specs, tensors, what, complete=False), **others}
+
+
+def feed_list(
+    source: FeedSource | None, model: Model, what: str = "--feeds", limit: int = MAX_FEEDS
+) -> list[dict[str, Any]] | None:
+    """The feed dicts a verifying job runs on, checked against ``model``'s inputs.
+
+    Args:
+        source: None (the job generates inputs), one feed dict ``{input name: value}``, an
+            iterable of them (each exactly the model's inputs), or a path: a ``.npz`` whose arrays
+            fit the model's inputs as they are is one feed, and so is each ``.npz`` of a folder
+            of such files; otherwise a ``.npz``, ``.npy`` or folder in the ``--calib`` format
+            (samples on axis 0) gives one feed per batch.
+        model: the model the feeds are for.
+        what: how the user gave them (for messages).
+        limit: keep at most this many.
+
+    Raises:
+        FeedError: a source that cannot be read or does not fit the model's inputs.
+    """
+    if source is None:
+        return None
+    if isinstance(source, Mapping):
+        return [_check_feed(model, source, what)]
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        if not p.exists():
+            raise FeedError(f"{what} {p} does not exist")
+        files = [p] if p.is_file() and p.suffix == ".npz" else sorted(p.glob("*.npz"))
+        if files:
+            try:  # files that fit the inputs as they are: one feed each
+                return [check_feeds(model, read_feeds(f), what) for f in files[:limit]]
+            except FeedError:
+                pass  # not feeds as they are: samples on axis 0, as --calib takes them
+        try:
+            reader = open_calibration(p, model, batch_size=8)
+            out = []
+            for batch in reader:
+                out.append(dict(batch))
+                if len(out) >= limit:
+                    break
+        except CalibrationError as exc:
+            raise FeedError(f"{what}: {exc}") from None
+        return out
+    try:
+        items = iter(source)
+    except TypeError:
+        raise FeedError(
+            f"{what} must be a path, a dict of arrays or an iterable of them, not "
+            f"{type(source).__name__}"
+        ) from None
+    out = []
+    for k, feed in enumerate(items):
+        if not isinstance(feed, Mapping):
+            raise FeedError(f"{what} item {k} is a {type(feed).__name__}, not a dict of arrays")
+        out.append(_check_feed(model, feed, f"{what} item {k}"))
+        if len(out) >= limit:
+            break
+    if not out:
+        raise FeedError(f"{what} holds no feeds")
+    return out
 
 
 # ---------------------------------------------------------------------- random feeds
@@ -442,29 +749,171 @@ def _concrete_dims(
     return dims
 
 
+#: inputs of these ops that carry sizes, shapes, axes, counts or bounds (op -> input indices):
+#: random values make the model fail or take another path, so a graph input that reaches one of
+#: them needs its real values (an initializer default, or ``--feeds``)
+SHAPE_INPUTS: dict[str, frozenset[int]] = {
+    op: frozenset(idx)
+    for op, idx in {
+        "Reshape": (1,),
+        "Expand": (1,),
+        "ConstantOfShape": (0,),
+        "Tile": (1,),
+        "Resize": (1, 2, 3),
+        "Upsample": (1,),
+        "Slice": (1, 2, 3, 4),
+        "Split": (1,),
+        "SplitToSequence": (1,),
+        "OneHot": (1,),
+        "TopK": (1,),
+        "Range": (0, 1, 2),
+        "Pad": (1, 3),
+        "NonMaxSuppression": (2, 3, 4),
+        "Squeeze": (1,),
+        "Unsqueeze": (1,),
+        "CenterCropPad": (1, 2),
+        "Col2Im": (1, 2),
+        "AffineGrid": (1,),
+        "Trilu": (1,),
+        "MaxUnpool": (2,),
+        "ReverseSequence": (1,),
+        "DFT": (1, 2),
+        "STFT": (1, 3),
+        "MelWeightMatrix": (0, 1, 2, 3, 4),
+        "HannWindow": (0,),
+        "HammingWindow": (0,),
+        "BlackmanWindow": (0,),
+        "SequenceAt": (1,),
+        "SequenceErase": (1,),
+        "SequenceInsert": (2,),
+        "ReduceSum": (1,),
+        "ReduceMean": (1,),
+        "ReduceMax": (1,),
+        "ReduceMin": (1,),
+        "ReduceProd": (1,),
+        "ReduceL1": (1,),
+        "ReduceL2": (1,),
+        "ReduceLogSum": (1,),
+        "ReduceLogSumExp": (1,),
+        "ReduceSumSquare": (1,),
+    }.items()
+}
+#: inputs that must not be zero (integer division)
+NONZERO_INPUTS: dict[str, frozenset[int]] = {"Div": frozenset({1}), "Mod": frozenset({1})}
+#: inputs that must lie in [0, 1) (a probability)
+RATIO_INPUTS: dict[str, frozenset[int]] = {"Dropout": frozenset({1})}
+#: ops a value passes through unchanged in meaning (a shape cast to int64, concatenated pieces)
+_PASS_THROUGH = {"Cast", "Identity", "Concat", "Squeeze", "Unsqueeze", "Reshape", "CastLike"}
+
+
+def input_roles(model: Model) -> dict[str, tuple[str, str]]:
+    """What each graph input is used for, where random values would not do: input name ->
+    (role, where), role ``shape`` (sizes, axes, bounds: needs real values), ``nonzero`` (a
+    divisor) or ``ratio`` (a probability); ``where`` names the op and input index. Uses are
+    followed through Cast/Identity/Concat/Squeeze/Unsqueeze/Reshape and into subgraphs."""
+    readers: dict[str, list[tuple[str, int, list[str]]]] = {}
+    for _, node in model.walk_nodes():
+        for i, t in enumerate(node.inputs):
+            if t is not None and t.name:
+                readers.setdefault(t.name, []).append(
+                    (node.op, i, [o.name for o in node.outputs if o is not None])
+                )
+    rank = {"shape": 0, "ratio": 1, "nonzero": 2}
+    roles: dict[str, tuple[str, str]] = {}
+    for inp in model.graph.inputs:
+        seen: set[str] = set()
+        stack = [inp.name]
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for op, i, outs in readers.get(name, []):
+                role = None
+                if i in SHAPE_INPUTS.get(op, ()):
+                    role = "shape"
+                elif i in RATIO_INPUTS.get(op, ()):
+                    role = "ratio"
+                elif i in NONZERO_INPUTS.get(op, ()):
+                    role = "nonzero"
+                elif op in _PASS_THROUGH and (op != "Reshape" or i == 0):
+                    stack.extend(outs)
+                if role is not None:
+                    old = roles.get(inp.name)
+                    if old is None or rank[role] < rank[old[0]]:
+                        roles[inp.name] = (role, f"input {i} of {op}")
+    return roles
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    """A graphsurgeon dtype as numpy's (ONNX enums of the types numpy lacks: ml_dtypes)."""
+    if dtype is None:
+        return np.dtype(np.float32)
+    if isinstance(dtype, (int, np.integer)):
+        import onnx.helper  # noqa: PLC0415 - only for the types graphsurgeon leaves as enums
+
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(int(dtype)))
+    return np.dtype(dtype)
+
+
 def random_feeds(
     model: Model, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
 ) -> Feeds:
-    """Seeded random inputs for every graph input: floats ~ N(0,1), integers 0, bools False."""
+    """Seeded inputs for every graph input that the model can run on.
+
+    Floats ~ N(0,1), integers 0 (an index in range), bools False, strings empty; an input with a
+    default (an initializer the file also lists as an input, IR < 4) gets its default; divisors
+    are 1 and probabilities 0.5 (:func:`input_roles`).
+
+    Raises:
+        FeedError: an input carries sizes, shapes or bounds (:data:`SHAPE_INPUTS`) and has no
+            default, or is not a tensor (sequence, map, optional): random values cannot stand
+            in for it, the command needs ``--feeds``.
+        ShapeError: a dynamic dim that is not the leading one, or an input too large to build.
+    """
     rng = np.random.default_rng(seed)
+    defaults = getattr(model, "input_defaults", {}) or {}
+    value_types = getattr(model, "value_types", {}) or {}
+    roles = input_roles(model)
     feeds: Feeds = {}
     for t in model.graph.inputs:
+        if t.name in defaults:
+            import onnx.numpy_helper  # noqa: PLC0415
+
+            feeds[t.name] = onnx.numpy_helper.to_array(defaults[t.name])
+            continue
+        if t.name in value_types:
+            raise FeedError(
+                f"input '{t.name}' is not a tensor (a sequence, map or optional value): random "
+                f"test inputs cannot stand in for it; give its values with --feeds DATA (.npz)"
+            )
+        role, where = roles.get(t.name, ("", ""))
+        if role == "shape":
+            raise FeedError(
+                f"input '{t.name}' gives sizes, shapes or bounds ({where}): random test inputs "
+                f"would not run the model as it is used; give representative inputs with "
+                f"--feeds DATA (.npz keyed by input name)"
+            )
         dims = (
             list(shapes[t.name])
             if shapes and t.name in shapes
             else _concrete_dims(t.name, t.shape, {})
         )
-        dtype = np.dtype(t.dtype) if t.dtype is not None else np.dtype(np.float32)
+        dtype = _np_dtype(t.dtype)
         nbytes = int(np.prod(dims, dtype=object)) * dtype.itemsize if dims else dtype.itemsize
         if nbytes > MAX_FEED_BYTES:
             raise ShapeError(
                 f"input '{t.name}' of shape {dims} is too large to build a test input "
                 f"({nbytes / 2**30:.3g} GiB); fix smaller dims with --input-shape {t.name}:..."
             )
-        if np.issubdtype(dtype, np.floating):
+        if dtype.kind in "OSU":
+            feeds[t.name] = np.full(dims, "", dtype=object)
+        elif role == "ratio":
+            feeds[t.name] = np.full(dims, 0.5, dtype=dtype)
+        elif role == "nonzero":
+            feeds[t.name] = np.ones(dims, dtype=dtype)
+        elif dtype.kind == "f" or dtype.name.startswith(("bfloat16", "float8", "float4")):
             feeds[t.name] = rng.standard_normal(dims).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[t.name] = np.zeros(dims, dtype=dtype)
         else:
             feeds[t.name] = np.zeros(dims, dtype=dtype)
     return feeds

@@ -7,8 +7,10 @@ together, so laying them out in sequence is exact), then an *exit* step where it
 
 A tensor is live on the closed interval ``[start, end]`` of steps: ``start`` is the step of its
 producer (the exit step for the outputs of If/Loop/Scan), ``end`` the last step reading it.
-Initializers and ``Constant`` outputs are parameters, not activations; graph inputs are live from
-step 0, graph outputs to the last step; a subgraph's captures stay live until the exit step of its
+Initializers and ``Constant`` outputs are parameters, not activations. Graph inputs belong to the
+caller: they are live from step 0 to the last step (never freed, so no other tensor takes their
+bytes and nothing overwrites them, as TensorFlow Lite's planner preserves its inputs); graph
+outputs are live to the last step; a subgraph's captures stay live until the exit step of its
 node, and tensors inside Loop/Scan bodies for the whole node. Tensors whose size is unknown are
 *unplanned* unless a size observed by running the model is given.
 
@@ -205,6 +207,10 @@ def liveness(
     if not step_names:
         step_names.append("")
         step_owners.append("")
+    for t in model.graph.inputs:  # caller-owned: held to the end
+        i = index.get(t.name)
+        if i is not None:
+            end[i] = steps - 1
     for t in model.graph.outputs:
         i = index.get(t.name)
         if i is not None:

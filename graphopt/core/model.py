@@ -18,7 +18,7 @@ import contextlib
 import graphlib
 import logging
 import mmap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,10 @@ class Model:
     weights_loaded: bool = True
     #: the external data files the weights were read (memory-mapped) from; never overwritten
     external_files: list[Path] = field(default_factory=list)
+    #: declared types of graph inputs and outputs (any graph) that are not plain tensors
+    #: (optional, sequence, map, sparse tensor), by value name: graphsurgeon cannot hold them, so
+    #: the IR tensors carry no dtype and the types are written back untouched on export
+    value_types: dict[str, onnx.TypeProto] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -78,6 +82,9 @@ class Model:
         graph.opset = opsets.get("", graph.opset)
         graph.import_domains = None
         input_defaults = _keep_overridable_inputs(proto, graph)
+        value_types = non_tensor_types(proto)
+        _restore_type_attributes(proto.graph, graph)
+        _normalize_dtypes(graph, value_types)
         _name_nodes(graph)
         return cls(
             graph=graph,
@@ -93,6 +100,7 @@ class Model:
             path=path,
             external_data=external_data,
             input_defaults=input_defaults,
+            value_types=value_types,
         )
 
     # ------------------------------------------------------------------ export
@@ -107,7 +115,9 @@ class Model:
             with swapped_constants(self, weightless_stub):
                 return self.to_onnx(check=False)
         self.graph.opset = self.opset
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        with _onnx_backed_values(self):
+            proto = gs.export_onnx(self.graph, do_type_check=False)
+        _fix_float8_fnuz(self, proto)
         del proto.opset_import[:]
         opsets = dict(self.opset_imports)
         opsets[""] = self.opset
@@ -127,12 +137,19 @@ class Model:
             proto.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(v)))
         del proto.functions[:]
         proto.functions.extend(self.functions)
+        if self.value_types:
+            for g in proto_graphs(proto):
+                for vi in list(g.input) + list(g.output):
+                    if vi.name in self.value_types:
+                        vi.type.CopyFrom(self.value_types[vi.name])
         if self.input_defaults:
             inputs = {vi.name for vi in proto.graph.input}
             have = {t.name for t in proto.graph.initializer}
             for name, tp in self.input_defaults.items():
                 if name in inputs and name not in have:
                     proto.graph.initializer.append(tp)
+        if proto.ir_version < 4:
+            _list_initializers_as_inputs(proto.graph)
         if check:
             check_proto(proto)
         return proto
@@ -157,6 +174,7 @@ class Model:
             input_defaults=dict(self.input_defaults),
             weights_loaded=self.weights_loaded,
             external_files=list(self.external_files),
+            value_types=dict(self.value_types),
         )
 
     # ------------------------------------------------------------------ queries
@@ -204,6 +222,12 @@ class Model:
         """Constant tensors of the main graph by name (weights, biases, shape constants)."""
         return {n: t for n, t in self.graph.tensors().items() if isinstance(t, gs.Constant)}
 
+    def io_types(self) -> dict[str, str]:
+        """The main graph's inputs and outputs whose type is not a tensor, by name
+        (``optional(tensor(float))``, ``seq(tensor(int64))``, ``map(int64,tensor(float))``)."""
+        names = [t.name for t in list(self.graph.inputs) + list(self.graph.outputs)]
+        return {n: type_string(self.value_types[n]) for n in names if n in self.value_types}
+
     def param_bytes(self) -> int:
         return sum(int(constant_nbytes(t)) for t in self.initializers().values())
 
@@ -242,6 +266,237 @@ def _keep_overridable_inputs(
     tensors = graph.tensors()
     graph.inputs = [tensors[n] for n in order if n in tensors]
     return defaults
+
+
+#: float8 types graphsurgeon's exporter writes as their non-"fnuz" twin (its table maps
+#: ``float8_e4m3fnuz`` to FLOAT8E4M3FN)
+_FNUZ = {"float8_e4m3fnuz": "FLOAT8E4M3FNUZ", "float8_e5m2fnuz": "FLOAT8E5M2FNUZ"}
+
+
+def _fix_float8_fnuz(model: Model, proto: onnx.ModelProto) -> None:
+    """Give the value infos of ``float8_e4m3fnuz``/``float8_e5m2fnuz`` tensors their own ONNX
+    element type back (graphsurgeon exports them as the non-fnuz type, which onnxruntime then
+    refuses as a type mismatch)."""
+    fix: dict[str, int] = {}
+    for g in model.walk_graphs():
+        for name, t in g.tensors().items():
+            dt = getattr(t, "dtype", None)
+            key = getattr(dt, "name", None) if not isinstance(dt, (int, np.integer)) else None
+            if (
+                isinstance(t, gs.Variable)
+                and key in _FNUZ
+                and hasattr(onnx.TensorProto, _FNUZ[key])
+            ):
+                fix[name] = getattr(onnx.TensorProto, _FNUZ[key])
+    if not fix:
+        return
+    for g in proto_graphs(proto):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if vi.name in fix and vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.elem_type = fix[vi.name]
+
+
+def _restore_type_attributes(proto: onnx.GraphProto, graph: gs.Graph) -> None:
+    """Put back the TypeProto attributes graphsurgeon's importer skips (``Optional(type=...)``,
+    ``SequenceEmpty``-style ops): without them the model no longer says what type to make. Nodes
+    are matched in order, graph by graph (the importer keeps the order)."""
+    if len(proto.node) != len(graph.nodes):
+        return
+    for pn, node in zip(proto.node, graph.nodes):
+        for a in pn.attribute:
+            if a.type == onnx.AttributeProto.TYPE_PROTO and a.name not in node.attrs:
+                node.attrs[a.name] = a.tp
+            elif a.type == onnx.AttributeProto.TYPE_PROTOS and a.name not in node.attrs:
+                node.attrs[a.name] = list(a.type_protos)
+            elif a.type == onnx.AttributeProto.GRAPH and isinstance(
+                node.attrs.get(a.name), gs.Graph
+            ):
+                _restore_type_attributes(a.g, node.attrs[a.name])
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                subs = node.attrs.get(a.name)
+                if isinstance(subs, list):
+                    for pg, sg in zip(a.graphs, subs):
+                        if isinstance(sg, gs.Graph):
+                            _restore_type_attributes(pg, sg)
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR < 4 wants every initializer listed as a graph input too: constants a pass created
+    (folding) are appended to the inputs, with their type and shape."""
+    inputs = {vi.name for vi in graph.input}
+    for t in graph.initializer:
+        if t.name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+
+
+def proto_graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph of a ``ModelProto``, every subgraph (If/Loop/Scan bodies, nested) and the
+    subgraphs inside its functions."""
+    stack: list[onnx.GraphProto] = [proto.graph]
+    nodes: list[onnx.NodeProto] = [n for f in proto.functions for n in f.node]
+    while stack or nodes:
+        if stack:
+            g = stack.pop()
+            yield g
+            nodes.extend(g.node)
+            continue
+        for a in nodes.pop().attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                stack.append(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                stack.extend(a.graphs)
+
+
+def _type_name(elem: int) -> str:
+    try:
+        return str(onnx.TensorProto.DataType.Name(elem)).lower()
+    except ValueError:
+        return str(elem)
+
+
+def type_string(tp: onnx.TypeProto) -> str:
+    """An ONNX type as ONNX spells it: ``tensor(float)``, ``seq(tensor(int64))``,
+    ``optional(tensor(float))``, ``map(int64,tensor(float))``, ``sparse_tensor(float)``; ``?`` for
+    a missing type."""
+    kind = tp.WhichOneof("value")
+    if kind == "tensor_type":
+        return f"tensor({_type_name(tp.tensor_type.elem_type)})"
+    if kind == "sparse_tensor_type":
+        return f"sparse_tensor({_type_name(tp.sparse_tensor_type.elem_type)})"
+    if kind == "sequence_type":
+        return f"seq({type_string(tp.sequence_type.elem_type)})"
+    if kind == "optional_type":
+        return f"optional({type_string(tp.optional_type.elem_type)})"
+    if kind == "map_type":
+        return f"map({_type_name(tp.map_type.key_type)},{type_string(tp.map_type.value_type)})"
+    return "?"
+
+
+def non_tensor_types(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Inputs and outputs of every graph of ``proto`` whose declared type is not a plain tensor
+    (optional, sequence, map, sparse tensor): name -> a copy of the type."""
+    found: dict[str, onnx.TypeProto] = {}
+    for g in proto_graphs(proto):
+        for vi in list(g.input) + list(g.output):
+            kind = vi.type.WhichOneof("value")
+            if kind is not None and kind != "tensor_type":
+                tp = onnx.TypeProto()
+                tp.CopyFrom(vi.type)
+                found[vi.name] = tp
+    return found
+
+
+#: a sparse initializer is made dense on load; one that would take more than this is refused
+MAX_DENSE_BYTES = 256 << 20
+
+
+def densify(sp: onnx.SparseTensorProto, name: str | None = None) -> np.ndarray:
+    """The dense array of a sparse tensor (ONNX's two index layouts: ``[NNZ]`` linear indices or
+    ``[NNZ, rank]`` coordinates), its size and indices checked first.
+
+    Raises:
+        ModelLoadError: indices out of range or of the wrong layout, or a dense array over
+            :data:`MAX_DENSE_BYTES`.
+    """
+    label = name or sp.values.name
+    dims = [int(d) for d in sp.dims]
+    try:
+        values = onnx.numpy_helper.to_array(sp.values).reshape(-1)
+        indices = onnx.numpy_helper.to_array(sp.indices).astype(np.int64)
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"sparse initializer '{label}' cannot be read: {exc}") from None
+    count = 1
+    for d in dims:
+        count *= d
+    if count * values.dtype.itemsize > MAX_DENSE_BYTES:
+        raise ModelLoadError(
+            f"sparse initializer '{label}' of dims {dims} would take "
+            f"{count * values.dtype.itemsize:,} bytes dense (graphopt holds weights dense; "
+            f"limit {MAX_DENSE_BYTES:,})"
+        )
+    if indices.ndim == 2 and indices.shape[1] == len(dims) and len(dims) > 0:
+        if ((indices < 0) | (indices >= np.array(dims))).any():
+            raise ModelLoadError(f"sparse initializer '{label}' has indices out of its dims {dims}")
+        indices = np.ravel_multi_index(tuple(indices.T), dims) if len(indices) else indices[:, 0]
+    elif indices.ndim != 1:
+        raise ModelLoadError(f"sparse initializer '{label}' has indices of shape {indices.shape}")
+    if len(indices) != len(values) or ((indices < 0) | (indices >= count)).any():
+        raise ModelLoadError(
+            f"sparse initializer '{label}': {len(values)} values, {len(indices)} indices, some "
+            f"outside its {count} elements"
+        )
+    dense = np.zeros(count, dtype=values.dtype)
+    dense[indices] = values
+    return dense.reshape(dims)
+
+
+def _normalize_dtypes(graph: gs.Graph, value_types: Mapping[str, onnx.TypeProto]) -> None:
+    """Every IR tensor's dtype a numpy dtype or None, in every graph.
+
+    graphsurgeon leaves the ONNX enum (an int) where its own table has no numpy type (bfloat16,
+    float8), and a ``TypeProto`` for optional and map values: the first become the ``ml_dtypes``
+    types onnx maps them to, the second carry no dtype (their types live in ``value_types``).
+    Sparse initializers become dense arrays (:func:`densify`; graphsurgeon's own reader loses
+    raw data and the element type).
+    """
+    graphs = [graph]
+    for g in graphs:
+        for n in g.nodes:
+            graphs.extend(node_subgraphs(n))
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant) and isinstance(t._values, gs.ir.tensor.SparseValues):
+                t._values = densify(t._values.tensor)
+            if not isinstance(t, gs.Variable):
+                continue
+            if t.name in value_types or getattr(t, "type", "tensor_type") != "tensor_type":
+                # graphsurgeon exports only tensor and sequence types; the real type is restored
+                # from ``value_types`` on export
+                t.dtype = None
+                t.shape = None
+                t.type = "tensor_type"
+            elif isinstance(t.dtype, (int, np.integer)) and not isinstance(t.dtype, bool):
+                try:
+                    t.dtype = onnx.helper.tensor_dtype_to_np_dtype(int(t.dtype))
+                except (KeyError, ValueError, TypeError):
+                    t.dtype = None
+
+
+def _needs_onnx_encoding(v: Any) -> bool:
+    """Whether graphsurgeon would write ``v`` wrongly as raw bytes: strings (ONNX keeps them in
+    ``string_data``) and the sub-byte types ONNX packs (int4, float4, int2, float6), which numpy
+    (ml_dtypes) holds one to a byte."""
+    if not isinstance(v, np.ndarray):
+        return False
+    if v.dtype == np.object_ or v.dtype.kind in "US":
+        return True
+    return getattr(v.dtype.type, "__module__", "") == "ml_dtypes" and v.dtype.name.startswith(
+        ("int4", "uint4", "float4", "int2", "uint2", "float6")
+    )
+
+
+@contextlib.contextmanager
+def _onnx_backed_values(model: Model) -> Iterator[None]:
+    """While exporting: constants (initializers and node attributes, every graph) whose values
+    graphsurgeon cannot encode (:func:`_needs_onnx_encoding`) hold the TensorProto onnx's own
+    ``numpy_helper.from_array`` makes of them."""
+    swapped: list[tuple[gs.Constant, Any]] = []
+    try:
+        for g in model.walk_graphs():
+            consts = [t for t in g.tensors().values() if isinstance(t, gs.Constant)]
+            for n in g.nodes:
+                for a in n.attrs.values():
+                    if isinstance(a, gs.Constant):
+                        consts.append(a)
+            for t in consts:
+                v = t._values
+                if _needs_onnx_encoding(v):
+                    arr = v.astype(object) if v.dtype.kind in "US" else v
+                    swapped.append((t, v))
+                    t._values = gs.ir.tensor.LazyValues(onnx.numpy_helper.from_array(arr, t.name))
+        yield
+    finally:
+        for t, v in swapped:
+            t._values = v
 
 
 #: location written into weightless stubs (no such file is ever read)

@@ -24,6 +24,17 @@ goes through this module:
 Temporary names start with ``.graphopt-<pid>-``: a run killed by SIGKILL (which nothing can catch)
 leaves at most such a hidden entry, never a partial file under the output name, and the next write
 into that folder removes the entries of processes that no longer exist.
+
+Signals. :func:`graphopt.core.interrupt.on_signal` is the SIGINT/SIGTERM handler the command
+line installs: it raises :class:`~graphopt.core.interrupt.Interrupted` (a ``KeyboardInterrupt``
+carrying the signal number), so every ``with`` block above unwinds and removes its temporary. The
+steps that must not be cut in two (creating a temporary and registering it for removal, the
+renames that publish a result, the removal of a temporary) run as critical sections
+(:func:`~graphopt.core.interrupt.critical`): a signal that arrives inside one is held and raised as
+soon as it ends. A full disk or a missing permission, while writing or publishing, is an
+:class:`~graphopt.core.errors.OutputPathError` naming the destination and the system's reason.
+:func:`~graphopt.core.interrupt.published_paths` lists what this process has published, so
+that an interrupted or failed run can say which outputs are already complete.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from typing import IO, Any
 import onnx
 
 from graphopt.core.errors import OutputPathError
+from graphopt.core.interrupt import critical, record_published
 
 logger = logging.getLogger(__name__)
 
@@ -190,10 +202,11 @@ def clean_stale_temporaries(folder: PathLike) -> int:
         if m is None or _pid_alive(int(m.group(1))):
             continue
         try:
-            if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path, ignore_errors=True)
-            else:
-                os.unlink(e.path)
+            with critical():
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path, ignore_errors=True)
+                else:
+                    os.unlink(e.path)
             removed += 1
             logger.debug("removed %s, left by a process that no longer exists", e.path)
         except OSError:
@@ -261,6 +274,16 @@ def _unlink(p: Path) -> None:
         os.unlink(p)
 
 
+def _check_still_regular(dest: Path) -> None:
+    """Refuse, right before the rename, a destination that became a non-regular file since the
+    run's checks (a FIFO or device node created meanwhile is never replaced)."""
+    st = _stat(dest)
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise OutputPathError(
+            f"output {dest} is {_kind(st.st_mode)}; give the path of a regular file"
+        )
+
+
 @contextlib.contextmanager
 def _write_errors(dest: Path) -> Iterator[None]:
     """Turn an OSError (no permission, disk full, ...) into the user's error, naming the path."""
@@ -278,7 +301,7 @@ def _write_errors(dest: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """A temporary path in ``path``'s folder (same suffix) that replaces ``path`` when the block
-    ends without an exception; removed on any exception.
+    ends without an exception; removed on any exception (signals included).
 
     For writers that want a file name (``np.savez``, ``Figure.savefig``, ``export_library``)::
 
@@ -287,26 +310,34 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
     Raises:
         OutputPathError: ``path`` is not a regular file, or it cannot be written (no permission,
-            disk full).
+            disk full: also when the writer in the block fails so).
     """
     dest = _prepare_dest(path)
     suffix = dest.suffix if 0 < len(dest.suffix) <= 16 else ""
-    with _write_errors(dest):
-        tmp = _new_temp_file(dest.parent, suffix)
-        st = _stat(dest)
-        if st is not None:  # a replaced file keeps its permissions
-            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+    tmp: Path | None = None
     try:
-        yield tmp
         with _write_errors(dest):
-            if not tmp.is_file():
+            with critical():
+                tmp = _new_temp_file(dest.parent, suffix)
+            st = _stat(dest)
+            if st is not None:  # a replaced file keeps its permissions
+                os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        with _write_errors(dest):
+            yield tmp
+        with _write_errors(dest):
+            if not tmp.is_file() or tmp.is_symlink():
                 raise OutputPathError(f"nothing was written to {dest}")
             _fsync_path(tmp)
-            os.replace(tmp, dest)
+            with critical():
+                _check_still_regular(dest)
+                os.replace(tmp, dest)
+                tmp = None
+                record_published(dest)
             _fsync_dir(dest.parent)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    finally:
+        if tmp is not None:
+            with critical():
+                _unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -375,9 +406,16 @@ def external_locations(model_path: PathLike) -> set[str]:
     for t in _initializers(proto.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             for e in t.external_data:
-                if e.key == "location":
+                if e.key == "location" and "\0" not in e.value:  # NUL: the loader refuses it
                     out.add(e.value)
     return out
+
+
+def external_files(model_path: PathLike) -> list[Path]:
+    """The external data files a model file refers to, as paths beside it (checked as inputs of
+    a run, so that no output lands on the input's weights)."""
+    p = Path(model_path)
+    return [p.parent / loc for loc in sorted(external_locations(p))]
 
 
 def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -432,6 +470,8 @@ class ModelStaging:
     folder: Path
     data_name: str
     protect: set[Path] = field(default_factory=set)
+    #: files published with the model (final path -> staged path), see :meth:`sidecar`
+    sidecars: dict[Path, Path] = field(default_factory=dict)
 
     @property
     def model_path(self) -> Path:
@@ -443,24 +483,48 @@ class ModelStaging:
         """Where to write the external data inside the temporary folder (optional)."""
         return self.folder / self.data_name
 
+    def sidecar(self, dest: PathLike) -> Path:
+        """Where to write a file that belongs to this model (``OUT.memplan.json``) inside the
+        temporary folder; it is published together with the model, in the same critical
+        section, so that an interrupted or failed run never leaves a new model beside an old
+        sidecar (or the reverse). ``dest`` must be in the model's folder."""
+        final = Path(dest)
+        if final.resolve().parent != self.dest.resolve().parent:
+            raise ValueError(f"a sidecar of {self.dest} must sit beside it, not at {final}")
+        _check_still_regular(final)
+        staged = self.folder / f"sidecar-{len(self.sidecars)}{final.suffix}"
+        self.sidecars[final] = staged
+        return staged
+
     def publish(self) -> None:
-        """Move the staged files into place: data first, model last, old data removed after."""
+        """Move the staged files into place: sidecars and data first, model last, old data
+        removed after."""
         parent = self.dest.parent
         has_data = self.data_path.is_file()
         _fsync_path(self.model_path)
         if has_data:
             _fsync_path(self.data_path)
+        for staged in self.sidecars.values():
+            _fsync_path(staged)
         pattern = data_file_pattern(self.dest.name)
         with _folder_lock(parent):
-            st = _stat(self.dest)
-            if st is not None and not stat.S_ISREG(st.st_mode):
-                raise OutputPathError(
-                    f"output {self.dest} is {_kind(st.st_mode)}; give the path of a regular file"
-                )
+            _check_still_regular(self.dest)
+            for final in self.sidecars:
+                _check_still_regular(final)
             old = {loc for loc in external_locations(self.dest) if pattern.match(loc)}
-            if has_data:
-                os.replace(self.data_path, parent / self.data_name)
-            os.replace(self.model_path, self.dest)
+            with critical():  # every rename, or (a signal before the first) none
+                for final, staged in self.sidecars.items():
+                    os.replace(staged, final)
+                    record_published(final)
+                if has_data:
+                    os.replace(self.data_path, parent / self.data_name)
+                try:
+                    os.replace(self.model_path, self.dest)
+                except BaseException:
+                    if has_data:  # the data alone is of no use to anyone
+                        _unlink(parent / self.data_name)
+                    raise
+                record_published(self.dest)
             _fsync_dir(parent)
             # the model now refers to this write's data only: the old data, and data files of
             # writes that were killed between their two renames, go
@@ -473,12 +537,13 @@ class ModelStaging:
                 )
             stale.discard(self.data_name)
             protect = {p.resolve() for p in self.protect}
-            for name in sorted(stale):
-                p = parent / name
-                if p.resolve() in protect:
-                    continue
-                _unlink(p)
-                logger.debug("removed the replaced external data %s", p)
+            with critical():
+                for name in sorted(stale):
+                    p = parent / name
+                    if p.resolve() in protect:
+                        continue
+                    _unlink(p)
+                    logger.debug("removed the replaced external data %s", p)
 
 
 @contextlib.contextmanager
@@ -501,14 +566,18 @@ def staged_model_output(path: PathLike, protect: Iterable[PathLike] = ()) -> Ite
         OutputPathError: ``path`` is not a regular file, or it cannot be written.
     """
     dest = _prepare_dest(path)
-    with _write_errors(dest):
-        folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=dest.parent))
+    folder: Path | None = None
     try:
+        with _write_errors(dest), critical():
+            folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=dest.parent))
         staging = ModelStaging(
             dest, folder, unique_data_name(dest.name), {Path(p) for p in protect}
         )
-        yield staging
+        with _write_errors(dest):
+            yield staging
         with _write_errors(dest):
             staging.publish()
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            with critical():
+                shutil.rmtree(folder, ignore_errors=True)

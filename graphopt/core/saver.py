@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,7 +38,12 @@ AUTO_EXTERNAL_BYTES = 1_800_000_000
 
 
 def save(
-    model: Model, path: str | os.PathLike[str], *, external: bool | None = None, check: bool = True
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    external: bool | None = None,
+    check: bool = True,
+    sidecars: Mapping[str | os.PathLike[str], str | bytes] | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
 
@@ -53,6 +58,8 @@ def save(
             them (fails over 2 GiB); None (default) to decide: external if the source used
             external data or weights are large.
         check: run ``onnx.checker`` on what is written.
+        sidecars: files that belong to the model (path beside it -> text or bytes), written into
+            the same temporary folder and published with it (a memory plan's JSON).
 
     Raises:
         OutputPathError: the output cannot be written (folder missing and not creatable, no
@@ -74,6 +81,10 @@ def save(
             "data; choose another output name"
         )
     with staged_model_output(dest, protect=getattr(model, "external_files", [])) as st:
+        for side, content in (sidecars or {}).items():
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            with open(st.sidecar(side), "wb") as f:
+                f.write(data)
         if external:
             # weights stream from the live constants into the data file one at a time; the
             # exported proto only holds references (no second copy of the weights in memory)

@@ -10,17 +10,20 @@ before inference (a published CRNN declares a wrong rank-2 output), keeping only
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.core.errors import ShapeError
+from graphopt.core.errors import ShapeError, first_line
 from graphopt.core.feeds import random_feeds
+from graphopt.core.graph import node_subgraphs
 from graphopt.core.model import PROTO_LIMIT, Model
-from graphopt.core.session import run_model
+from graphopt.core.session import make_session, run_model
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +246,12 @@ def _apply(model: Model, found: Mapping[str, tuple[int, list[object] | None]]) -
     inputs = {t.name for t in model.graph.inputs}
     for g in model.walk_graphs():
         for name, t in g.tensors().items():
-            if isinstance(t, gs.Constant) or name not in found or name in inputs:
+            if (
+                isinstance(t, gs.Constant)
+                or name not in found
+                or name in inputs
+                or name in model.value_types
+            ):
                 continue
             elem, shape = found[name]
             if elem:
@@ -257,10 +265,113 @@ def _apply(model: Model, found: Mapping[str, tuple[int, list[object] | None]]) -
                 t.shape = None
 
 
+def _limit_from_env(name: str, default: int) -> int:
+    """A byte limit from the environment (``GRAPHOPT_MAX_TENSOR_BYTES=64e9``), else ``default``."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise ShapeError(f"{name}={text!r} is not a number of bytes") from None
+    if value <= 0:
+        raise ShapeError(f"{name}={text!r} must be positive")
+    return value
+
+
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def max_tensor_bytes() -> int:
+    """The largest single tensor graphopt lets onnxruntime compute: ``GRAPHOPT_MAX_TENSOR_BYTES``,
+    by default the machine's physical memory (a model that needs a larger one cannot run here)."""
+    return _limit_from_env("GRAPHOPT_MAX_TENSOR_BYTES", _physical_memory())
+
+
+def static_nbytes(dtype: object, shape: Sequence[object] | None) -> int | None:
+    """Bytes of a tensor of this dtype and static shape (exact for any size), None if either is
+    unknown."""
+    if dtype is None or not is_static(shape):
+        return None
+    try:
+        itemsize = np.dtype(dtype).itemsize  # type: ignore[call-overload]
+    except TypeError:
+        return None
+    n = 1
+    for d in shape or ():
+        n *= int(d)  # type: ignore[call-overload]
+    return n * itemsize
+
+
+def largest_tensor(model: Model) -> tuple[str, int, list[object]] | None:
+    """The largest tensor of static shape the model computes (every graph): name, bytes, shape."""
+    best: tuple[str, int, list[object]] | None = None
+    for g in model.walk_graphs():
+        for n in g.nodes:
+            for o in n.outputs:
+                size = static_nbytes(o.dtype, o.shape)
+                if size is not None and (best is None or size > best[1]):
+                    best = (o.name, size, list(o.shape or ()))
+    return best
+
+
+def size_refusal(model: Model, limit: int | None = None) -> str | None:
+    """Why ``model`` must not be run at its current input shapes (a tensor larger than ``limit``,
+    default :func:`max_tensor_bytes`), or None."""
+    limit = max_tensor_bytes() if limit is None else limit
+    big = largest_tensor(model)
+    if big is None or big[1] <= limit:
+        return None
+    name, size, shape = big
+    return (
+        f"running the model needs tensor '{name}' of shape {shape} ({fmt_bytes(size)}), more "
+        f"than the {fmt_bytes(limit)} a tensor may take (GRAPHOPT_MAX_TENSOR_BYTES)"
+    )
+
+
+def fmt_bytes(n: int) -> str:
+    """``1.5 GiB``, ``4 TiB``, ``3e+06 EiB``: a byte count for a message."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024:
+            return f"{n:.3g} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.3g} EiB"
+
+
+def check_run_size(model: Model, limit: int | None = None, infer: bool = False) -> None:
+    """Refuse to run a model whose inferred tensors include one over ``limit`` bytes.
+
+    Args:
+        model: the model, its shapes inferred (:func:`prepare`), or ``infer=True``: then ONNX
+            shape inference runs on an export first (the model is not changed).
+        limit: the largest tensor allowed (default :func:`max_tensor_bytes`).
+
+    Raises:
+        ShapeError: naming the tensor, its shape and size (a ConstantOfShape/Expand/Tile/Range
+            bomb, or input shapes too large for this machine).
+    """
+    if infer:
+        probe = model.clone()
+        _apply(probe, onnx_infer(probe))
+        model = probe
+    why = size_refusal(model, limit)
+    if why is not None:
+        raise ShapeError(f"{why}; graphopt cannot run or verify it at these input shapes")
+
+
 def missing_shapes(model: Model) -> list[str]:
-    """Names of main-graph node outputs whose shape is not static."""
+    """Names of main-graph node outputs whose shape is not static (values that are not tensors,
+    such as optionals and sequences, excluded)."""
+    skip = model.value_types
     return [
-        o.name for n in model.graph.nodes for o in n.outputs if o.name and not is_static(o.shape)
+        o.name
+        for n in model.graph.nodes
+        for o in n.outputs
+        if o.name and not is_static(o.shape) and o.name not in skip
     ]
 
 
@@ -287,6 +398,12 @@ def infer_shapes(
             t.shape = None
     _apply(model, found)
     missing = missing_shapes(model)
+    too_big = size_refusal(model) if missing and ort_fallback else None
+    if too_big is not None:
+        logger.info(
+            "not running onnxruntime to find the %d unknown shapes: %s", len(missing), too_big
+        )
+        ort_fallback = False
     if missing and ort_fallback and inputs_static(model):
         try:
             observed = observe_shapes(model, missing, feeds=feeds)
@@ -294,11 +411,23 @@ def infer_shapes(
             logger.debug("onnxruntime shape fallback failed: %s", exc)
             observed = {}
         tensors = model.graph.tensors()
+        before: dict[str, tuple[Any, Any]] = {}
         for g_name, (dtype, shape) in observed.items():
             t = tensors.get(g_name)
             if t is not None and isinstance(t, gs.Variable):
+                before[g_name] = (t.shape, t.dtype)
                 t.shape = list(shape)
                 t.dtype = dtype
+        if before and any(node_subgraphs(n) for n in model.graph.nodes):
+            # a shape seen on one run holds for the If branch taken; onnxruntime also infers the
+            # branch not taken, which such shapes can make fail: then they are given up
+            try:
+                make_session(model)
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("observed shapes dropped (%s)", first_line(exc))
+                for g_name, (old_shape, old_dtype) in before.items():
+                    tensors[g_name].shape, tensors[g_name].dtype = old_shape, old_dtype
+                observed = {}
         logger.debug("onnxruntime filled %d of %d unknown shapes", len(observed), len(missing))
     for t in model.graph.outputs:
         # ONNX wants a shape on graph outputs: where nothing could be derived keep only the rank
@@ -322,10 +451,18 @@ def prepare(
     model: Model,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     feeds: Mapping[str, np.ndarray] | None = None,
+    check_size: bool = True,
 ) -> Model:
     """Fix the given input dims and infer every shape (in place); ``feeds`` drive the onnxruntime
-    shape fallback where random inputs would take the wrong path."""
+    shape fallback where random inputs would take the wrong path.
+
+    With ``check_size`` (every job that runs the model) a model that needs a tensor larger than
+    :func:`max_tensor_bytes` at these shapes is refused (:func:`check_run_size`); ``inspect``,
+    which runs nothing, reports such a model instead.
+    """
     if input_shapes:
         fix_input_shapes(model, input_shapes)
     infer_shapes(model, feeds=feeds)
+    if check_size:
+        check_run_size(model)
     return model

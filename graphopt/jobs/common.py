@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from graphopt.core.cost import model_cost
-from graphopt.core.loader import load
+from graphopt.core.errors import VerificationError
 from graphopt.core.model import Model
-from graphopt.core.output import check_outputs
+from graphopt.core.output import check_outputs, external_files
 from graphopt.core.saver import save
+from graphopt.core.validate import check_tensor_io, open_model
 from graphopt.core.verify import VerifyReport
 from graphopt.jobs.report import write_report
 
@@ -36,10 +37,36 @@ logger = logging.getLogger(__name__)
 ModelLike = Model | str | os.PathLike[str]
 
 
-def as_model(model: ModelLike, load_weights: bool = True) -> Model:
-    """``model`` itself when it is a :class:`Model`, else the model loaded from that path
-    (``load_weights=False``: external weights are checked but not read, enough to inspect)."""
-    return model if isinstance(model, Model) else load(model, load_weights=load_weights)
+def as_model(
+    model: ModelLike,
+    load_weights: bool = True,
+    runs: bool = True,
+    tensors_only: str | None = None,
+    smoke: bool = True,
+) -> Model:
+    """``model`` itself when it is a :class:`Model`, else the model loaded from that path and
+    validated (:func:`graphopt.core.validate.open_model`: every field of the file, and
+    onnxruntime's loader when the weights are loaded).
+
+    Args:
+        model: a Model or the path of an ONNX file.
+        load_weights: ``False``: external weights are checked but not read, enough to inspect
+            (onnxruntime is not asked).
+        runs: the job runs the model (verifies, calibrates): onnxruntime must have kernels for
+            it. ``False`` (``optimize --no-verify``) lets a model onnxruntime cannot run through.
+        tensors_only: the name of a command that works on numeric tensors only: a model with an
+            optional, sequence, map or string input or output is refused (exit 2).
+        smoke: run a small model once on generated inputs first (off for ``run``, which runs
+            it on the user's inputs at once).
+    """
+    m = (
+        model
+        if isinstance(model, Model)
+        else open_model(model, load_weights=load_weights, runs=runs, smoke=smoke)
+    )
+    if tensors_only:
+        check_tensor_io(m, tensors_only)
+    return m
 
 
 def source_path(model: ModelLike) -> str | None:
@@ -54,7 +81,8 @@ def output_paths(
     source: ModelLike | None, *outputs: str | os.PathLike[str] | None, inputs: Iterable[object] = ()
 ) -> list[Path | None]:
     """Check every output of a run before any work (:func:`graphopt.core.output.check_outputs`):
-    none may be the input model (or another input file), a folder or another output of the run.
+    none may be the input model, its external data, another input file, a folder, a device node
+    or FIFO, or another output of the run.
     Returns the outputs as Paths, None where none was asked for, in the given order.
 
     Raises:
@@ -62,6 +90,10 @@ def output_paths(
     """
     src = source_path(source) if source is not None else None
     files = [str(x) for x in inputs if isinstance(x, (str, os.PathLike))]
+    if isinstance(source, Model):  # the input's external data files are inputs too
+        files += [str(f) for f in getattr(source, "external_files", [])]
+    elif src is not None:
+        files += [str(f) for f in external_files(src)]
     checked = iter(check_outputs(inputs=[src, *files], outputs=outputs))
     return [None if o is None else next(checked) for o in outputs]
 
@@ -73,6 +105,64 @@ def output_path(
 ) -> Path | None:
     """:func:`output_paths` for a run with one output."""
     return output_paths(source, output, inputs=inputs)[0]
+
+
+def lossy_floors(
+    min_sqnr: float | None, min_cosine: float | None, default_sqnr: float
+) -> tuple[float | None, float | None]:
+    """The SQNR and cosine floors of a lossy command's check.
+
+    ``min_sqnr`` (dB) defaults to the command's ``default_sqnr``; ``min_sqnr <= 0`` turns the
+    check's floors off (the output is written whatever its SQNR, with a warning; NaN or inf where
+    the original has none still fails, which only ``--force`` overrides). The cosine
+    floor defaults to the lowest cosine that noise at the SQNR floor can give,
+    ``sqrt(1 - 10^(-SQNR/10))`` (0.949 at 10 dB, 0.9995 at 30 dB), so it only bites when set
+    higher, or when the SQNR floor is lowered; ``min_cosine`` sets it.
+
+    Returns:
+        ``(min_sqnr_db, min_cosine)``: ``-inf`` and None when off.
+    """
+    sqnr = default_sqnr if min_sqnr is None else float(min_sqnr)
+    if sqnr <= 0:
+        logger.warning(
+            "no accuracy floor (--min-sqnr %g): the output is written whatever its SQNR", sqnr
+        )
+        return -math.inf, min_cosine
+    cos = math.sqrt(1.0 - 10.0 ** (-sqnr / 10.0)) if min_cosine is None else float(min_cosine)
+    return sqnr, round(cos, 4)
+
+
+def decide(
+    report: VerifyReport | None,
+    *,
+    what: str,
+    judged_on: str,
+    advice: str,
+    force: bool = False,
+    writing: bool = True,
+) -> None:
+    """Let the check decide: when ``report`` failed, raise :class:`VerificationError` (exit 1;
+    the caller writes nothing) naming the output, the figure, the floor, the data it was judged
+    on and what to do; with ``force`` (or when nothing is to be written) log a warning instead.
+
+    Args:
+        report: the check (None: not run; nothing to decide).
+        what: the result in words (``"int8 model"``).
+        judged_on: the inputs it was judged on (``"16 calibration samples"``).
+        advice: what the user can do.
+        force: write anyway (``--force``), with a warning.
+        writing: the job was asked to write something.
+    """
+    if report is None or report.ok:
+        return
+    msg = f"{what} failed its check on {judged_on}: {report.failure()}"
+    if force:
+        logger.warning("%s; written anyway (--force)", msg)
+        return
+    if not writing:
+        logger.warning("%s", msg)
+        return
+    raise VerificationError(f"{msg}; not written. {advice}")
 
 
 def jsonable(obj: Any) -> Any:

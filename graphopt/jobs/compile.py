@@ -28,12 +28,15 @@ from graphopt.algorithms.tvm.emit import (
     build_relax,
     check_cuda_with_nvcc,
     fold_shape_computations,
+    fused_module,
     import_relax,
     parse_target,
     require_tvm,
     tvm_available,
 )
 from graphopt.algorithms.tvm.fusion import recorded_groups
+from graphopt.algorithms.tvm.measure import BuildSpec, LocalTracker, Measurer, make_measurer
+from graphopt.algorithms.tvm.profile import KernelProfile, profile_kernels
 from graphopt.algorithms.tvm.qemu import qemu_unavailable_reason, run_under_qemu
 from graphopt.algorithms.tvm.runner import (
     MANIFEST_SUFFIX,
@@ -41,9 +44,17 @@ from graphopt.algorithms.tvm.runner import (
     load_artifact,
     manifest_path_for,
 )
+from graphopt.algorithms.tvm.search import (
+    KernelOutcome,
+    Progress,
+    SearchSettings,
+    extract_tasks,
+    tune_tasks,
+)
+from graphopt.algorithms.tvm.tuning_db import TuningDB, measurement_cpu, target_string
 from graphopt.core.cost import model_cost
-from graphopt.core.errors import GraphoptError, VerificationError, first_line
-from graphopt.core.feeds import random_feeds
+from graphopt.core.errors import GraphoptError, OptionError, VerificationError, first_line
+from graphopt.core.feeds import FeedSource, feed_list, random_feeds
 from graphopt.core.latency import interleaved
 from graphopt.core.model import Model
 from graphopt.core.session import make_session, run_model
@@ -113,6 +124,134 @@ def prepare_model(
     return m, info
 
 
+def schedule_spec(spec: TargetSpec, macs: int | None) -> TargetSpec:
+    """The target the schedules are made for: a small model runs faster on one thread than
+    waking the pool for every kernel, so its kernels get no parallel loops."""
+    if macs is not None and macs < SMALL_MODEL_MACS and spec.name != "cuda":
+        return replace(spec, num_cores=1)
+    return spec
+
+
+def tuning_keys(spec: TargetSpec, rpc_key: str | None) -> tuple[str, str]:
+    """(target, cpu) under which the tuning database files records for ``spec``."""
+    target = f"{target_string(spec.target)} -sched-cores={spec.num_cores}"
+    return target, measurement_cpu(spec.name, rpc_key)
+
+
+@dataclass
+class TuningSummary:
+    """What the measured schedule search did for one model (``graphopt tune``, ``compile
+    --db``)."""
+
+    db: str | None
+    target: str
+    cpu: str
+    kernels: list[KernelOutcome]
+    #: candidates timed in this run (0 when every kernel was already in the database)
+    measurements: int
+    seconds: float
+    trials: int
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for k in self.kernels:
+            out[k.status] = out.get(k.status, 0) + 1
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return jsonable(  # type: ignore[no-any-return]
+            {
+                "db": self.db,
+                "target": self.target,
+                "cpu": self.cpu,
+                "trials": self.trials,
+                "measurements": self.measurements,
+                "seconds": round(self.seconds, 2),
+                "kernels": len(self.kernels),
+                "status": self.counts(),
+                "per_kernel": [k.to_json() for k in self.kernels],
+            }
+        )
+
+
+def tune_module(
+    mod: Any,
+    spec: TargetSpec,
+    db: TuningDB,
+    *,
+    fuse_pools: bool = False,
+    trials: int = 16,
+    rpc: str | None = None,
+    key: str | None = None,
+    min_share: float = 0.01,
+    local_servers: int = 1,
+    progress: Progress | None = None,
+    retune: bool = False,
+) -> TuningSummary:
+    """Fill ``db`` for the kernels of ``mod`` (Relax as imported): a baseline for every kernel it
+    lacks, a measured search for those over ``min_share`` of the model. Measures on the RPC
+    tracker ``rpc`` (servers under ``key``), else on a local tracker it starts (this host, or
+    qemu-aarch64 servers for the aarch64 target); starts nothing when every kernel is recorded.
+
+    Raises:
+        OptionError: a CUDA target (no CPU schedules to tune), or ``--rpc`` without ``--key``.
+    """
+    if spec.name == "cuda":
+        raise OptionError("tuning covers the CPU targets (llvm, aarch64); cuda uses DLight's rules")
+    if rpc and not key:
+        raise OptionError("--rpc needs --key NAME (the device key the RPC servers registered)")
+    t0 = time.perf_counter()
+    fused = fused_module(mod, spec, fuse_pools)
+    tasks = extract_tasks(fused, spec.vector_lanes, spec.num_cores)
+    target, cpu = tuning_keys(spec, key if rpc else None)
+    build = BuildSpec(spec.target, spec.host, spec.vector_lanes, spec.num_cores, spec.cross_cc)
+    opened: list[tuple[Measurer, LocalTracker | None]] = []
+
+    def factory() -> Measurer:
+        if spec.cross_cc and shutil.which(spec.cross_cc) is None:
+            raise GraphoptError(
+                f"target {spec.name} needs the cross compiler {spec.cross_cc} "
+                "(scripts/install-tvm-deps.sh)"
+            )
+        m, local = make_measurer(
+            build,
+            rpc,
+            key,
+            local_kind="host" if spec.name == "llvm" else "qemu-aarch64",
+            local_servers=local_servers,
+        )
+        opened.append((m, local))
+        return m
+
+    try:
+        outcomes = tune_tasks(
+            tasks,
+            db,
+            target,
+            cpu,
+            factory,
+            spec.vector_lanes,
+            spec.num_cores,
+            SearchSettings(trials=trials, min_share=min_share, retune=retune),
+            progress,
+        )
+    finally:
+        for m, local in opened:
+            m.close()
+            if local is not None:
+                local.close()
+    measured = sum(m.measurements for m, _l in opened)
+    return TuningSummary(
+        str(db.path) if db.path else None,
+        target,
+        cpu,
+        outcomes,
+        measured,
+        time.perf_counter() - t0,
+        trials,
+    )
+
+
 @dataclass
 class CompileResult:
     """What :func:`compile_model` produced."""
@@ -137,6 +276,10 @@ class CompileResult:
     schedules: dict[str, int] = field(default_factory=dict)
     #: the ONNX file compiled (None for a model built in memory)
     input: str | None = None
+    #: what the tuning database did (``db=``): kernels tuned, measured, from the database
+    tuning: TuningSummary | None = None
+    #: kernels scheduled from the tuning database's records
+    tuned_kernels: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON for ``graphopt compile --json`` (keys ``target``, ``artifact``, ``verify`` as in the
@@ -156,6 +299,8 @@ class CompileResult:
                 "fusion_groups": len(self.fusion_groups),
                 "kernels": len(self.kernels),
                 "schedules": self.schedules,
+                "tuned_kernels": self.tuned_kernels,
+                "tuning": self.tuning.to_json() if self.tuning is not None else None,
             }
         )
 
@@ -185,6 +330,12 @@ def compile_model(
     schedules: bool = True,
     check_cuda_source: bool = True,
     verify: bool = True,
+    db: str | os.PathLike[str] | TuningDB | None = None,
+    trials: int = 16,
+    rpc: str | None = None,
+    key: str | None = None,
+    progress: Progress | None = None,
+    feeds: FeedSource | None = None,
 ) -> CompileResult:
     """Compile ``model`` into a native library ``output`` plus a JSON manifest beside it.
 
@@ -199,6 +350,15 @@ def compile_model(
             on PATH (the result is recorded in ``CompileResult.cuda_source_checked``).
         verify: run the library on seeded random inputs and compare with onnxruntime (on this host
             for llvm, under qemu-user for aarch64 when available; CUDA needs a GPU and is skipped).
+        db: a tuning database (file or :class:`TuningDB`): kernels it has records for are
+            scheduled as recorded; the others are measured first (``trials`` candidates each, see
+            :func:`tune_module`) and added to it, so a second compile measures nothing.
+        trials: candidates measured per kernel that is not in ``db`` (0: use the records only).
+        rpc, key: measure on the boards registered under ``key`` at the tracker ``rpc``
+            (``HOST:PORT``) instead of this host.
+        progress: ``(message, done, total)`` callback while tuning.
+        feeds: the inputs to verify on (``--feeds``: a path in the ``--calib`` formats, a feed
+            dict or an iterable of them; their first feed; default: seeded random inputs).
 
     Returns:
         A :class:`CompileResult`.
@@ -210,7 +370,7 @@ def compile_model(
         GraphoptError: bad target, or dynamic inputs without ``input_shapes``.
     """
     spec = parse_target(target)
-    out, _ = output_paths(model, output, manifest_path_for(output))
+    out, _ = output_paths(model, output, manifest_path_for(output), inputs=[feeds])
     assert out is not None
     src = source_path(model)
     model = as_model(model)  # a file that is not a model is refused before TVM is needed
@@ -227,12 +387,31 @@ def compile_model(
     stages["relax_import"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     record: dict[str, Any] = {}
-    sched_spec = spec
-    if info["macs"] is not None and info["macs"] < SMALL_MODEL_MACS and spec.name != "cuda":
-        # a small model runs faster on one thread than waking the pool for every kernel
-        sched_spec = replace(spec, num_cores=1)
+    sched_spec = schedule_spec(spec, info["macs"])
+    tuning, choose = None, None
+    if db is not None and schedules:
+        tdb = db if isinstance(db, TuningDB) else TuningDB(db)
+        if trials > 0:
+            tuning = tune_module(
+                mod,
+                sched_spec,
+                tdb,
+                fuse_pools=info["pool_groups"] > 0,
+                trials=trials,
+                rpc=rpc,
+                key=key,
+                progress=progress,
+            )
+            stages["tune"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+        choose = tdb.chooser(*tuning_keys(sched_spec, key if rpc else None))
     ex = build_relax(
-        mod, sched_spec, schedules=schedules, fuse_pools=info["pool_groups"] > 0, record=record
+        mod,
+        sched_spec,
+        schedules=schedules,
+        fuse_pools=info["pool_groups"] > 0,
+        record=record,
+        choose=choose,
     )
     stages["build"] = time.perf_counter() - t1
     t1 = time.perf_counter()
@@ -273,7 +452,10 @@ def compile_model(
         report, verified_on = None, None
         if verify:
             t1 = time.perf_counter()
-            report, verified_on = _verify_artifact(model, tmp_lib, spec, shapes)
+            given = feed_list(feeds, model, limit=1)
+            report, verified_on = _verify_artifact(
+                model, tmp_lib, spec, shapes, given[0] if given else None
+            )
             stages["verify"] = time.perf_counter() - t1
             if report is not None and not report.ok:
                 bad = report.worst()
@@ -307,15 +489,21 @@ def compile_model(
         record.get("kernels", []),
         record.get("schedules", {}),
         src,
+        tuning,
+        int(record.get("tuned", 0)),
     )
 
 
 def _verify_artifact(
-    model: Model, lib: Path, spec: TargetSpec, shapes: Mapping[str, Sequence[int]]
+    model: Model,
+    lib: Path,
+    spec: TargetSpec,
+    shapes: Mapping[str, Sequence[int]],
+    given: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[VerifyReport | None, str | None]:
-    """Run the library (here, or under qemu for AArch64) and onnxruntime on the same seeded
-    inputs."""
-    feeds = random_feeds(model, seed=0, shapes=shapes)
+    """Run the library (here, or under qemu for AArch64) and onnxruntime on the same inputs
+    (``given``, else seeded random ones)."""
+    feeds = dict(given) if given is not None else random_feeds(model, seed=0, shapes=shapes)
     if spec.name == "llvm":
         outs = load_artifact(lib).run(feeds)
         where = "host"
@@ -359,6 +547,8 @@ class BenchResult:
     ort_ms: float
     #: per output: the library's outputs against onnxruntime's
     verify: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``per_kernel=True``: each kernel's median time inside the model run
+    per_kernel: KernelProfile | None = None
 
     @property
     def ratio_tvm_vs_ort(self) -> float:
@@ -375,6 +565,7 @@ class BenchResult:
                 "ort_ms": self.ort_ms,
                 "ratio_tvm_vs_ort": self.ratio_tvm_vs_ort,
                 "verify": self.verify,
+                "per_kernel": self.per_kernel.to_json() if self.per_kernel is not None else None,
             }
         )
 
@@ -386,12 +577,17 @@ def bench_artifact(
     warmup: int = 5,
     threads: int = 2,
     seed: int = 0,
+    per_kernel: bool = False,
 ) -> BenchResult:
     """Latency of a host library against onnxruntime on the same seeded input (``graphopt bench``).
 
     The two run interleaved (:func:`graphopt.core.latency.interleaved`), ``runs`` times each
     after ``warmup`` runs; onnxruntime with ORT_ENABLE_ALL, ``threads`` intra-op threads and
     spinning off. Returns medians in ms and the library's outputs compared with onnxruntime's.
+    ``per_kernel``: also each kernel's median time inside the model run
+    (:func:`graphopt.algorithms.tvm.profile.profile_kernels`, ``runs`` instrumented runs).
+    TVM's thread pool takes its size from ``TVM_NUM_THREADS`` (set it to ``threads`` for a fair
+    comparison; the command line does).
     """
     art = open_artifact(artifact)
     if art.target != "llvm":
@@ -412,8 +608,15 @@ def bench_artifact(
         runs=runs,
         warmup=warmup,
     )
+    prof = profile_kernels(art.vm, args, runs=runs) if per_kernel else None
     return BenchResult(
-        str(artifact), runs, threads, timings.median_ms("tvm"), timings.median_ms("ort"), errs
+        str(artifact),
+        runs,
+        threads,
+        timings.median_ms("tvm"),
+        timings.median_ms("ort"),
+        errs,
+        prof,
     )
 
 

@@ -78,8 +78,8 @@ def diff(
         input_shapes: fixed shapes for dynamic inputs, applied to both models.
         feeds, per_layer, rtol, atol, seed, numeric: as :func:`diff_models`.
     """
-    ma = prepare(_copy(as_model(a), a), input_shapes)
-    mb = prepare(_copy(as_model(b), b), input_shapes)
+    ma = prepare(_copy(as_model(a, tensors_only="diff"), a), input_shapes)
+    mb = prepare(_copy(as_model(b, tensors_only="diff"), b), input_shapes)
     rep = diff_models(
         ma, mb, feeds=feeds, per_layer=per_layer, rtol=rtol, atol=atol, seed=seed, numeric=numeric
     )

@@ -91,5 +91,5 @@ def inspect(
     m = as_model(model, load_weights=False)
     if m is model:
         m = m.clone()
-    prepare(m, input_shapes)
+    prepare(m, input_shapes, check_size=False)
     return InspectResult(m, model_cost(m), source_path(model), per_node)

@@ -12,6 +12,7 @@ and for tests of the planner.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -25,11 +26,11 @@ from graphopt.algorithms.memory.arena import ProofReport, probe_unknown, prove
 from graphopt.algorithms.memory.order import reorder_for_memory
 from graphopt.algorithms.memory.planner import ALIGNMENT, MemoryPlan, plan_order
 from graphopt.core.errors import VerificationError
-from graphopt.core.feeds import check_feeds
+from graphopt.core.feeds import FeedSource, check_feeds, feed_list, random_feeds
 from graphopt.core.model import Model
-from graphopt.core.output import atomic_write_text
 from graphopt.core.saver import save
 from graphopt.core.shapes import prepare
+from graphopt.core.verify import verify
 from graphopt.jobs.common import (
     ModelLike,
     as_model,
@@ -39,6 +40,8 @@ from graphopt.jobs.common import (
     source_path,
 )
 from graphopt.jobs.report import write_report
+
+logger = logging.getLogger(__name__)
 
 #: metadata key of the compact plan in a planned model
 PLAN_METADATA_KEY = "graphopt.memory_plan"
@@ -198,10 +201,10 @@ def plan_memory(
     strategy: str = "best",
     inplace: bool = True,
     reorder: bool = True,
-    feeds: Mapping[str, np.ndarray] | None = None,
+    feeds: FeedSource | None = None,
     alignment: int = ALIGNMENT,
     prepared: bool = False,
-    prove_plan: bool = False,
+    prove_plan: bool | None = None,
     output: str | os.PathLike[str] | None = None,
     plot: str | os.PathLike[str] | None = None,
     report: str | os.PathLike[str] | None = None,
@@ -211,12 +214,15 @@ def plan_memory(
 
     Args:
         model: a Model (not changed) or the path of an ONNX file (never written).
-        input_shapes, strategy, inplace, reorder, feeds, alignment, prepared: as
-            :func:`plan_model`.
+        input_shapes, strategy, inplace, reorder, alignment, prepared: as :func:`plan_model`.
+        feeds: as :func:`plan_model`, or a path in the ``--calib`` formats (its first feed).
         prove_plan: run the model node by node inside the arena and compare with onnxruntime
-            (on ``feeds``, else seeded random inputs).
+            (on ``feeds``, else seeded random inputs); also checks that the graph inputs are
+            left unchanged. Default (None): when ``output`` is given (a plan is written only
+            once it passed its proof); False writes an unproven plan (with a warning).
         output: write the model in the planned order here, the compact plan in its metadata and
-            the full plan beside it as ``OUTPUT.memplan.json`` (atomically).
+            the full plan beside it as ``OUTPUT.memplan.json`` (atomically; only when the
+            reordered model matches the input at fp32 tolerance and the plan passed its proof).
         plot: draw the arena over time into this PNG (needs matplotlib).
         report: write a self-contained HTML report here.
 
@@ -224,13 +230,16 @@ def plan_memory(
         A :class:`PlanResult`; ``to_json()`` is what ``graphopt plan --json`` prints.
 
     Raises:
-        VerificationError: the plan failed its execution proof (nothing is written).
+        VerificationError: the plan failed its execution proof, or the reordered model differs
+            from the input (nothing is written).
     """
     plan_file = None if output is None else Path(str(output) + PLAN_FILE_SUFFIX)
     out_path, plan_path, plot_path, report_path = output_paths(
-        model, output, plan_file, plot, report
+        model, output, plan_file, plot, report, inputs=[feeds]
     )
     source = as_model(model)
+    given = feed_list(feeds, source, limit=1)  # --feeds: a .npz, a folder, a feed dict
+    feeds = given[0] if given else None
     t0 = time.perf_counter()
     plan = plan_model(
         source,
@@ -243,12 +252,31 @@ def plan_memory(
         prepared=prepared,
     )
     res = PlanResult(plan, source, input=source_path(model), seconds=time.perf_counter() - t0)
+    if prove_plan is None:
+        prove_plan = out_path is not None
+    elif not prove_plan and out_path is not None:
+        logger.warning("the plan for %s is written without its execution proof", out_path)
     if prove_plan:
         assert plan.model is not None
         res.proof = prove(plan.model, plan, feeds=feeds)
         if not res.proof.ok:
+            bad = next((o for o in res.proof.outputs if not o.ok), None)
+            why = res.proof.error or (
+                f"output '{bad.name}': {bad.reason()}" if bad is not None else "outputs differ"
+            )
             raise VerificationError(
-                f"the plan failed its execution proof ({res.proof.error or 'outputs differ'})"
+                f"the plan failed its execution proof ({why}); not written. Re-run with "
+                "--no-inplace, and report the model"
+            )
+    planned = res.planned_model() if out_path is not None else None
+    if planned is not None and planned.num_nodes() and res.plan.order_changed:
+        # the written model runs its nodes in the planned order: exact against the input
+        probe = feeds if feeds is not None else random_feeds(plan.model or planned, seed=0)
+        check = verify(source, planned, feeds=probe)
+        if not check.ok:
+            raise VerificationError(
+                f"the model in the planned order differs from the input on {check.failure()}; "
+                "not written. Re-run with --no-reorder, and report the model"
             )
     name = Path(res.input).name if res.input else "model"
     if plot_path is not None:
@@ -262,11 +290,11 @@ def plan_memory(
             f"{', in-place' if plan.inplace else ''}",
         )
         res.plot = plot_path
-    if out_path is not None and plan_path is not None:
-        res.output = save(res.planned_model(), out_path)
-        res.plan_file = atomic_write_text(
-            plan_path, json.dumps(jsonable(plan.to_json()), indent=1) + "\n"
-        )
+    if planned is not None and out_path is not None and plan_path is not None:
+        # the model and its plan are published together: never a new model beside an old plan
+        text = json.dumps(jsonable(plan.to_json()), indent=1) + "\n"
+        res.output = save(planned, out_path, sidecars={plan_path: text})
+        res.plan_file = plan_path
     if report_path is not None:
         res.report_path = write_report(
             report_path, plan.model or source, None, memory=plan, title=f"graphopt plan: {name}"

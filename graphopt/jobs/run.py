@@ -16,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.core.feeds import InputSpec, check_feeds, random_feeds, read_array
+from graphopt.core.errors import GraphoptError
+from graphopt.core.feeds import FileFeeds, InputSpec, check_feeds, random_feeds, read_array
 from graphopt.core.model import Model
 from graphopt.core.output import atomic_output
 from graphopt.core.session import run_model
+from graphopt.core.shapes import check_run_size
+from graphopt.core.validate import ort_reason
 from graphopt.jobs.common import (
     ModelLike,
     as_model,
@@ -72,11 +75,15 @@ class RunResult:
         )
 
 
-def _arrays(inputs: Mapping[str, InputValue]) -> dict[str, np.ndarray]:
-    return {
-        k: v if isinstance(v, np.ndarray) else read_array(v, f"input '{k}'")
-        for k, v in inputs.items()
-    }
+def _arrays(inputs: Mapping[str, InputValue]) -> FileFeeds:
+    """The inputs as arrays (``.npy`` files read and checked), each remembering its file."""
+    return FileFeeds(
+        {
+            k: v if isinstance(v, np.ndarray) else read_array(v, f"input '{k}'")
+            for k, v in inputs.items()
+        },
+        {k: v for k, v in inputs.items() if not isinstance(v, np.ndarray)},
+    )
 
 
 def run(
@@ -103,9 +110,18 @@ def run(
     out_path = output_path(output, artifact, inputs=(inputs or {}).values())
     feeds = _arrays(inputs or {})
     if isinstance(src, Model) or src.suffix.lower() == ".onnx":
-        model = as_model(artifact)
+        model = as_model(artifact, smoke=False)
+        check_run_size(model, infer=True)
         feeds = check_feeds(model, feeds, "--input") if feeds else random_feeds(model, seed=seed)
-        outs = run_model(model, feeds)
+        try:
+            outs = run_model(model, feeds)
+        except GraphoptError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's refusal of the user's model
+            raise GraphoptError(
+                f"onnxruntime cannot run {source_path(artifact) or 'the model'} on "
+                f"{'these inputs' if inputs else 'random inputs'}: {ort_reason(exc)}"
+            ) from None
     else:
         art = open_artifact(src)
         specs = {

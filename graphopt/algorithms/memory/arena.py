@@ -351,4 +351,16 @@ def prove(
     report.nodes_reference = ex.ran_reference
     report.outputs = [compare(name, ref[name], got[name], rtol, atol) for name in ref]
     report.ok = all(o.ok for o in report.outputs)
+    # graph inputs belong to the caller: the run must leave them as they were given
+    for t in model.graph.inputs:
+        if t.name in feeds:
+            after = np.asarray(ex.get(t.name))
+            given = np.asarray(feeds[t.name])
+            same = after.shape == given.shape and np.array_equal(
+                after, given, equal_nan=after.dtype.kind in "fc"
+            )
+            if not same:
+                report.ok = False
+                report.error = f"graph input '{t.name}' was overwritten inside the arena"
+                break
     return report

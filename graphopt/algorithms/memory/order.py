@@ -161,8 +161,15 @@ def simulate(pb: _Problem, order: list[int]) -> int:
     return int(max(pb.mem0, int(_profile(pb, order).max()) if order else pb.mem0))
 
 
-def _greedy(pb: _Problem, mode: str) -> list[int]:
-    """List scheduling; ``mode`` picks the tie-break and lookahead."""
+#: candidate evaluations the list-scheduling starts of one search may spend together (each
+#: costs a scan of a node's buffers); past it the remaining steps keep the given order. A count,
+#: not a time, so that the result does not depend on the machine's load.
+GREEDY_WORK = 150_000
+
+
+def _greedy(pb: _Problem, mode: str, work: list[int] | None = None) -> list[int]:
+    """List scheduling; ``mode`` picks the tie-break and lookahead. ``work`` is a one-element
+    budget of candidate evaluations shared by the starts of a search (spent here)."""
     n = pb.n
     npred = [bin(p).count("1") for p in pb.preds]
     remaining = list(pb.ncons)
@@ -172,19 +179,29 @@ def _greedy(pb: _Problem, mode: str) -> list[int]:
     last = -1
 
     def step_cost(v: int) -> tuple[int, int]:
-        alloc = sum(pb.size[b] for b in pb.out_bufs[v])
-        credit = 0
-        for b in pb.inplace_cands[v]:
-            if remaining[b] == 1 and not pb.is_out[b]:
-                credit = pb.size[b]
-                break
+        alloc, reused = _step_alloc(pb, v, remaining)
         freed = sum(pb.size[b] for b in pb.in_bufs[v] if remaining[b] == 1 and not pb.is_out[b])
         freed += sum(pb.size[b] for b in pb.out_bufs[v] if pb.ncons[b] == 0 and not pb.is_out[b])
-        return mem + alloc - min(credit, alloc), alloc - freed
+        return mem + alloc - reused, alloc - freed
 
     while ready:
         best_key: tuple[Any, ...] | None = None
         best_v = ready[0]
+        if work is not None:
+            if work[0] <= 0:  # out of budget: the rest in the given order
+                best_v = min(ready, key=lambda u: pb.pos[u])
+                ready.remove(best_v)
+                order.append(best_v)
+                last = best_v
+                mem = _after_step(
+                    pb, best_v, remaining, mem + sum(pb.size[b] for b in pb.out_bufs[best_v])
+                )
+                for s in pb.succs[best_v]:
+                    npred[s] -= 1
+                    if npred[s] == 0:
+                        ready.append(s)
+                continue
+            work[0] -= len(ready)
         for v in ready:
             peak, net = step_cost(v)
             look = 0
@@ -259,6 +276,16 @@ def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int =
     return order
 
 
+def _step_alloc(pb: _Problem, v: int, remaining: list[int]) -> tuple[int, int]:
+    """(bytes step ``v`` allocates for its outputs, bytes of them an input read for the last time
+    lends in place): the step's peak is the live bytes plus the first minus the second."""
+    alloc = sum(pb.size[b] for b in pb.out_bufs[v])
+    for b in pb.inplace_cands[v]:
+        if remaining[b] == 1 and not pb.is_out[b]:
+            return alloc, min(pb.size[b], alloc)
+    return alloc, 0
+
+
 def _after_step(pb: _Problem, v: int, remaining: list[int], mem: int) -> int:
     """Bytes live after step ``v`` (its outputs already counted in ``mem``): inputs read for the
     last time and outputs nobody reads are freed; ``remaining`` consumer counts are updated."""
@@ -279,13 +306,8 @@ def _profile(pb: _Problem, order: list[int]) -> np.ndarray:
     mem = pb.mem0
     out = np.zeros(len(order), dtype=np.int64)
     for k, v in enumerate(order):
-        alloc = sum(pb.size[b] for b in pb.out_bufs[v])
-        credit = 0
-        for b in pb.inplace_cands[v]:
-            if remaining[b] == 1 and not pb.is_out[b]:
-                credit = pb.size[b]
-                break
-        out[k] = mem + alloc - min(credit, alloc)
+        alloc, reused = _step_alloc(pb, v, remaining)
+        out[k] = mem + alloc - reused
         mem = _after_step(pb, v, remaining, mem + alloc)
     return out
 
@@ -412,8 +434,11 @@ def reorder_for_memory(
     pb = _build(model, sched, inplace, alignment, observed)
     identity = list(range(pb.n))
     cands: dict[str, list[int]] = {"given": identity}
+    work = [GREEDY_WORK]
     for mode in ("net", "peak", "lookahead", "dfs", "lookahead-dfs", "reverse"):
-        cands[mode] = _greedy(pb, mode)
+        if work[0] <= 0:
+            break
+        cands[mode] = _greedy(pb, mode, work)
     peaks = {k: simulate(pb, o) for k, o in cands.items()}
     start = min(peaks, key=lambda k: (peaks[k], k != "given"))
     cands["improved"] = improve(pb, cands[start])

@@ -12,10 +12,15 @@ of steps: ``start`` is the step of its producer (the exit step for the outputs o
 ``end`` the last step reading it.
 
 - Initializers and ``Constant`` outputs are parameters: they are not in the arena.
-- Graph inputs ARE in the arena (the caller copies the feeds in): live from step 0 to their last
-  use. The arena is then the whole activation footprint, and an elementwise op may overwrite a
-  dead input, as in TFLite.
+- Graph inputs ARE in the arena (the caller copies the feeds in) and belong to the caller: they
+  are live from step 0 to the last step, so that no other tensor ever takes their bytes and the
+  caller finds them unchanged after the run (TensorFlow Lite's planner preserves its inputs the
+  same way; onnxruntime never reuses a graph input's buffer). The arena is then the whole
+  activation footprint.
 - Graph outputs are in the arena and live to the last step (the caller reads them out at the end).
+- No buffer that holds a graph input or a graph output (also through a view: a Reshape of an
+  input) is ever written in place; a graph input that is also a graph output is one buffer that
+  nothing writes.
 - A tensor that a subgraph reads from an enclosing scope (a capture) stays live until the exit
   step of the If/Loop node in that scope; a branch's outputs stay live until that exit step (they
   are copied into the If's outputs there). Tensors inside Loop/Scan bodies are kept live for the
@@ -148,8 +153,9 @@ def merge_buffers(
     find = sets.__getitem__
     gend = live.end.tolist()  # per set, at its current root: the last step of any member
 
-    # buffers holding a graph output must never be overwritten in place (also through an alias)
-    holds_output = {i for i, k in enumerate(live.kinds) if k == "output"}
+    # buffers holding a graph input (the caller's) or a graph output must never be overwritten in
+    # place (also through an alias); a graph input that is also an output keeps kind "input"
+    holds_output = {i for i, k in enumerate(live.kinds) if k in ("input", "output")}
 
     def union(keep: int, other: int) -> None:
         a, b = find(keep), find(other)

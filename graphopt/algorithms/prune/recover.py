@@ -35,8 +35,6 @@ from graphopt.core.session import make_session
 
 logger = logging.getLogger(__name__)
 
-Feeds = dict[str, np.ndarray]
-
 
 @dataclass
 class _Layer:

@@ -218,16 +218,55 @@ def _default_opset(proto: onnx.ModelProto) -> int | None:
     return None
 
 
+def fusion_passes(fuse_pools: bool = False) -> list[Any]:
+    """The first half of graphopt's Relax pipeline: legalize, fold, fuse (the kernels the
+    schedules and the tuning see)."""
+    require_tvm()
+    from tvm import relax  # noqa: PLC0415
+
+    return [
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.FoldConstant(),
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        *([_FusePoolIntoProducer()] if fuse_pools else []),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def fused_module(mod: Any, spec: TargetSpec, fuse_pools: bool = False) -> Any:
+    """``mod`` (as imported) after :func:`fusion_passes`: the fused PrimFuncs, not scheduled."""
+    tvm = require_tvm()
+    from tvm import relax  # noqa: PLC0415
+
+    mod, _params = relax.frontend.detach_params(mod)
+    try:
+        with spec.tvm_target():
+            return tvm.transform.Sequential(fusion_passes(fuse_pools))(mod)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise TVMCompileError(f"TVM's fusion failed: {type(exc).__name__}: {msg}") from exc
+
+
 def relax_pipeline(
     spec: TargetSpec,
     schedules: bool = True,
     fuse_pools: bool = False,
     record: dict[str, Any] | None = None,
+    choose: Any = None,
 ) -> Any:
     """graphopt's Relax pipeline for ``spec``: legalize, fold, fuse, schedule, lower.
 
     ``fuse_pools``: graphopt recorded Conv+activation+pool groups; compile each as one kernel.
-    ``record``: filled with ``kernels`` (fused kernel names) and ``schedules`` (rule -> count)."""
+    ``record``: filled with ``kernels`` (fused kernel names), ``schedules`` (template -> count)
+    and ``tuned`` (kernels scheduled from the tuning database).
+    ``choose``: ``func -> (template, params) | None``, the tuning database's pick per kernel."""
     tvm = require_tvm()
     from tvm import relax  # noqa: PLC0415
 
@@ -236,21 +275,7 @@ def relax_pipeline(
     @tvm.transform.module_pass(opt_level=0, name="GraphoptRelaxPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
-            passes = [
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.CanonicalizeBindings(),
-                relax.transform.FoldConstant(),
-                relax.backend.DispatchSampling(),
-                relax.backend.DispatchSortScan(),
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                *([_FusePoolIntoProducer()] if fuse_pools else []),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-                relax.transform.DeadCodeElimination(),
-            ]
-            mod = tvm.transform.Sequential(passes)(mod)
+            mod = tvm.transform.Sequential(fusion_passes(fuse_pools))(mod)
             if record is not None:
                 record["kernels"] = sorted(
                     gv.name_hint
@@ -270,10 +295,13 @@ def relax_pipeline(
             elif schedules:
                 from graphopt.algorithms.tvm.schedules import ApplyCPUSchedules  # noqa: PLC0415
 
-                sched = ApplyCPUSchedules(lanes=spec.vector_lanes, cores=spec.num_cores)
+                sched = ApplyCPUSchedules(
+                    lanes=spec.vector_lanes, cores=spec.num_cores, choose=choose
+                )
                 mod = sched(mod)  # type: ignore[operator]  # a TVM module pass
                 if record is not None:
                     record["schedules"] = dict(sched.stats)
+                    record["tuned"] = sched.tuned
             lower = [
                 relax.transform.RewriteDataflowReshape(),
                 relax.transform.ToNonDataflow(),
@@ -325,8 +353,10 @@ def build_relax(
     schedules: bool = True,
     fuse_pools: bool = False,
     record: dict[str, Any] | None = None,
+    choose: Any = None,
 ) -> Any:
-    """Build a Relax module; ``pipeline`` is ``graphopt`` or ``tvm-default`` (``tvm.compile``)."""
+    """Build a Relax module; ``pipeline`` is ``graphopt`` or ``tvm-default`` (``tvm.compile``);
+    ``choose`` is the tuning database's pick per kernel (see :func:`relax_pipeline`)."""
     tvm = require_tvm()
     from tvm import relax  # noqa: PLC0415
 
@@ -336,7 +366,9 @@ def build_relax(
         if pipeline == "tvm-default":
             return tvm.compile(mod, target=target)
         return tvm.compile(
-            mod, target=target, relax_pipeline=relax_pipeline(spec, schedules, fuse_pools, record)
+            mod,
+            target=target,
+            relax_pipeline=relax_pipeline(spec, schedules, fuse_pools, record, choose),
         )
     except Exception as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

@@ -68,6 +68,16 @@ class Artifact:
         self._vm = VirtualMachine(self._lib, self.device)
         self._main = self._vm[self.manifest.get("entry", "main")]
 
+    @property
+    def vm(self) -> Any:
+        """The Relax virtual machine running the library."""
+        return self._vm
+
+    @property
+    def lib(self) -> Any:
+        """The loaded library module."""
+        return self._lib
+
     def to_device(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
         """The inputs as device tensors in the manifest's order, for :meth:`run_device`.
 

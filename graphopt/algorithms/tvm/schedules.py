@@ -1,41 +1,53 @@
-"""graphopt's CPU schedules for the TIR kernels that come out of Relax's fusion.
+"""graphopt's CPU schedule templates for the TIR kernels that come out of Relax's fusion.
 
 TVM's default CPU build leaves every kernel as the naive loop nest LegalizeOps wrote: no parallel
-loop, no vector loop, the accumulator in memory. MetaSchedule (TVM's tuner) crashes in the 0.27
-wheels and DLight's CPU rules cover reductions and GEMV only, so graphopt chooses the loop
-transforms itself, from the shapes:
+loop, no vector loop, the accumulator in memory. graphopt chooses the loop transforms itself. Each
+template takes its knobs as a parameter dict; the *hand rules* (:func:`hand_params`) pick the
+knobs from the shapes, and the measured search (:mod:`graphopt.algorithms.tvm.search`) tries other
+values of the same knobs and keeps the fastest (:mod:`graphopt.algorithms.tvm.tuning_db`).
 
-* convolution, depthwise convolution, transposed convolution and pooling (any block with spatial
-  axes ``n, c, h, w`` and reduction axes): a register tile of ``fi`` output channels x ``xi`` output
-  columns accumulated in a local buffer (registers after LLVM's SROA), ``xi`` the largest power of
-  two up to 8 lanes dividing ``W`` (odd widths make LLVM scalarize), vectorized, ``fi`` unrolled and
-  as large as the register file allows (24 accumulators with 32 vector registers, 12 with 16);
-  reductions outside the tile; the fused epilogue (bias, activation, residual add)
-  computed from the registers right after the tile; the outer ``n, co, h`` loops fused and parallel
-  above a work threshold (waking the thread pool costs more than small kernels take). Narrow maps
-  (``W`` = 10, 5, 1) vectorize over output channels instead, with the weights packed
-  ``[co/fi, ci, kh, kw, fi]``. Zero padding stays a separate vectorized stage (computing it inside
-  the tile loop, or storing it de-interleaved for stride 2, measured slower). A pooling fused
-  behind the convolution (graphopt's Conv+activation+pool groups) stays a parallel stage of the
-  same kernel.
-* matmul: the same register tile over ``i`` (unrolled) x ``j`` (vectorized), ``k`` outside, batch
-  and row tiles parallel; when ``N`` has no power-of-two factor (a 6625-class CTC head) the rows are
-  vectorized instead, reading ``A`` through a transposed copy.
-* reductions whose reduced axes are innermost (mean, softmax, layer norm): DLight's CPU reduction
-  rule, else parallel outer spatial loops.
-* injective kernels (element-wise chains, transposes, resize, concat): producers inlined, outer
-  loops fused and parallel, innermost loop vectorized.
+Templates and their knobs:
 
-Every rule runs on a fresh schedule and falls back to the next one if a primitive refuses (a kernel
-is never left half-scheduled); the last resort is to leave TVM's loops as they are.
-``ApplyCPUSchedules`` counts what it did per rule (``stats``).
+* ``conv`` -- convolution, depthwise convolution, transposed convolution and pooling (any block
+  with spatial axes ``n, c, h, w`` and reduction axes): a register tile of ``fi`` output channels x
+  ``yi`` output rows x ``xi`` output columns accumulated in a local buffer (registers after LLVM's
+  SROA), the reductions outside the tile, the fused epilogue (bias, activation, residual add)
+  computed from the registers right after the tile, the outer ``n, co, h`` loops fused and parallel
+  (``par``). ``vec="x"`` vectorizes along the output width (``xi`` lanes, ``fi`` and ``yi``
+  unrolled); ``vec="f"`` (narrow maps, ``W`` = 10, 5, 1) vectorizes along output channels with the
+  weights packed ``[co/fi, ci, kh, kw, fi]`` and ``xi`` columns unrolled. ``pack`` (``vec="x"``)
+  copies the weights a tile needs into ``[c, kh, kw, fi]`` order (1: per outer iteration, 2: all at
+  once). ``pad``: zero padding as a separate vectorized stage (``stage``), computed per outer
+  iteration (``at``) or inlined into the tile's loads (``inline``).
+  Hand rule: ``xi`` the largest power of two up to 8 lanes dividing ``W`` (odd widths make LLVM
+  scalarize), ``fi`` as large as the register file allows (24 accumulators with 32 vector
+  registers, 12 with 16), ``yi = 1``, padding a stage, parallel above a work threshold (waking the
+  thread pool costs more than small kernels take).
+* ``matmul`` -- ``[..., i, j] += A[..., i, k] * B[..., k, j]``: a register tile of ``ii`` rows
+  (unrolled) x ``ji`` columns (vectorized, 1-4 vectors), ``k`` outside, batch and row tiles
+  parallel; ``pack_b`` copies B into ``[N/ji, K, ji]`` panels; ``order`` puts rows (``ij``) or
+  column panels (``ji``) outer. ``vec="i"``: when ``N`` has no power-of-two factor (a 6625-class
+  CTC head) the rows are vectorized, reading ``A`` through a transposed copy.
+* ``dot`` -- a multiply-accumulate reduction whose innermost reduction axis is contiguous (1-D
+  convolutions such as an STFT written as Conv1D with a 512-tap kernel, GEMV): the reduction is
+  split by ``kv`` lanes and factored out (``rfactor``), so ``kv`` partial sums are vectorized,
+  with a tile of ``ti`` x ``tj`` outputs sharing each load; a final horizontal sum.
+* ``dlight-reduction`` / ``reduction`` -- reductions whose reduced axes are innermost (mean,
+  softmax, layer norm): DLight's CPU reduction rule, else parallel outer spatial loops.
+* ``injective`` -- element-wise chains, transposes, resize, concat: producers inlined, outer loops
+  fused and parallel (``par``), innermost loop vectorized (``vec`` lanes).
+
+Every template runs on a fresh schedule; if a primitive refuses, the hand rules fall back to the
+next template (a kernel is never left half-scheduled), the last resort being TVM's loops as they
+are. ``ApplyCPUSchedules`` counts what it did per template (``stats``) and takes an optional
+``choose(func) -> (template, params) | None`` (the tuning database) that overrides the hand rules.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import tvm
@@ -45,17 +57,21 @@ logger = logging.getLogger(__name__)
 
 Schedule = Any
 BlockRV = Any
+Params = Mapping[str, Any]
+#: a tuning database's answer for a kernel: (template name, parameters), or None (hand rules)
+Choice = tuple[str, dict[str, Any]]
 
 #: below this many multiply-adds (or elements) a kernel runs on one thread: waking TVM's thread pool
 #: costs more than the work
 PARALLEL_MIN_WORK = 1 << 21
 PARALLEL_MIN_ELEMS = 1 << 15
 
-#: overrides for experiments (``{"xi": 8, "fi": 4}``)
-_TUNE: dict[str, int] = {}
-
 _SPATIAL = tirx.IterVar.DataPar
 _REDUCE = tirx.IterVar.CommReduce
+
+
+class NotApplicable(Exception):
+    """A template's parameters do not fit the kernel (a split that does not divide, say)."""
 
 
 def _iter_types(sch: Schedule, block: BlockRV) -> list[int]:
@@ -87,7 +103,7 @@ def _is_padding(block: Any) -> bool:
     return rs != ws
 
 
-def _vec_factor(n: int, lanes: int, max_vectors: int = 1) -> int:
+def vec_factor(n: int, lanes: int, max_vectors: int = 1) -> int:
     """The vector length for an axis of extent ``n``: the largest power of two of at most
     ``max_vectors`` vectors that divides ``n`` (at least 4); 1 when none does. (Odd lengths make
     LLVM scalarize; two-vector tiles spill.)"""
@@ -99,11 +115,18 @@ def _vec_factor(n: int, lanes: int, max_vectors: int = 1) -> int:
     return 1
 
 
-def _divisor(n: int, candidates: list[int]) -> int:
+def divisor(n: int, candidates: list[int] | tuple[int, ...]) -> int:
+    """The first of ``candidates`` that divides ``n`` (1 when none does)."""
     for c in candidates:
         if c >= 1 and n % c == 0:
             return c
     return 1
+
+
+def acc_budget(lanes: int) -> int:
+    """Vector registers a register tile may use for accumulators: 32-register files (AVX-512,
+    NEON) keep 24, AVX2's 16 keep 12."""
+    return 24 if lanes >= 16 or lanes == 4 else 12
 
 
 def _inline_injective(sch: Schedule, keep: set[str]) -> None:
@@ -125,8 +148,11 @@ def _inline_injective(sch: Schedule, keep: set[str]) -> None:
                 continue
 
 
-def _schedule_injective_block(sch: Schedule, block: BlockRV, lanes: int, cores: int) -> None:
+def _schedule_injective_block(
+    sch: Schedule, block: BlockRV, lanes: int, cores: int, p: Params | None = None
+) -> None:
     """Outer loops fused and parallel (when large), innermost loop vectorized (when it divides)."""
+    p = p or {}
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -142,7 +168,11 @@ def _schedule_injective_block(sch: Schedule, block: BlockRV, lanes: int, cores: 
         fused = sch.fuse(*loops)
         loops, ext = [fused], [total]
         inner = total
-    vec = _divisor(inner, [lanes * 2, lanes, lanes // 2, 4]) if inner >= 4 else 1
+    want = int(p.get("vec", 0))
+    if want:
+        vec = want if inner % want == 0 else 1
+    else:
+        vec = divisor(inner, [lanes * 2, lanes, lanes // 2, 4]) if inner >= 4 else 1
     if len(loops) == 1:
         if vec > 1:
             outer, vi = sch.split(loops[0], [None, vec])
@@ -154,7 +184,9 @@ def _schedule_injective_block(sch: Schedule, block: BlockRV, lanes: int, cores: 
         if vec > 1:
             _o, vi = sch.split(loops[-1], [None, vec])
             _vectorize(sch, vi)
-    if cores > 1 and total >= PARALLEL_MIN_ELEMS and total // max(vec, 1) > 1:
+    par = p.get("par")
+    big = total >= PARALLEL_MIN_ELEMS if par is None else bool(par)
+    if cores > 1 and big and total // max(vec, 1) > 1:
         sch.parallel(outer)
 
 
@@ -165,48 +197,89 @@ def _vectorize(sch: Schedule, loop: Any) -> None:
         logger.debug("vectorize refused: %s", str(exc).splitlines()[-1:])
 
 
-# ---------------------------------------------------------------------- rules
+def _parallel_ok(p: Params, work: int, min_work: int) -> bool:
+    par = p.get("par")
+    return work >= min_work if par is None else bool(par)
 
 
-def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
-    """Register-tiled schedule for the single 4-D spatial + reduction block of a kernel."""
-    blocks = _blocks(sch)
-    reds = [b for b in blocks if _is_reduction(sch, b)]
+# ---------------------------------------------------------------------- conv
+
+
+def _conv_block(sch: Schedule) -> tuple[BlockRV, list[int]] | None:
+    """The convolution-like block of a kernel and its loop extents, or None."""
+    reds = [b for b in _blocks(sch) if _is_reduction(sch, b)]
     if len(reds) == 2:
         # a Conv+activation+pool group fused into one kernel: tile the convolution, the pooling
         # stays a (parallel) stage of the same kernel
         reds = [b for b in reds if not any(_is_reduction(sch, p) for p in _ancestors(sch, b))]
     if len(reds) != 1:
-        return False
+        return None
     conv = reds[0]
     types = _iter_types(sch, conv)
     nsp = sum(1 for t in types if t == _SPATIAL)
     if nsp != 4 or types[:4] != [_SPATIAL] * 4:
-        return False
+        return None
     loops = sch.get_loops(conv)
     if len(loops) != len(types):
-        return False
+        return None
     ext = _extents(sch, loops)
     if any(e < 0 for e in ext):
+        return None
+    return conv, ext
+
+
+def conv_hand_params(ext: list[int], lanes: int) -> dict[str, Any]:
+    """The hand rule's knobs for a conv-like block with loop extents ``ext``
+    (``n, f, y, x, *reductions``)."""
+    _n, f_e, _y, x_e = ext[:4]
+    # 256-bit tiles with many accumulators beat 512-bit tiles with few (AMD runs a 512-bit FMA as
+    # two 256-bit halves; more independent accumulators hide the FMA latency)
+    tile_lanes = min(lanes, 8)
+    xi = vec_factor(x_e, tile_lanes, max_vectors=1)
+    vec_regs = max(1, -(-xi // tile_lanes))
+    budget = acc_budget(lanes)
+    fi = divisor(f_e, [c for c in (24, 16, 12, 8, 6, 4, 3, 2) if c * vec_regs <= budget])
+    vec = "x"
+    if xi == 1 and vec_factor(f_e, lanes) > 1:
+        # narrow maps (W = 10, 5, 1): vectorize across output channels (weights packed so the
+        # vector is contiguous) and unroll a few output columns, each a broadcast input value
+        vec = "f"
+        fi = vec_factor(f_e, lanes)
+        xi = divisor(x_e, [8, 7, 6, 5, 4, 3, 2])
+    elif xi == 1:
+        fi = 1
+    return {"vec": vec, "xi": xi, "fi": fi, "yi": 1, "pack": 0, "pad": "stage", "par": None}
+
+
+def schedule_conv_like(sch: Schedule, lanes: int, cores: int, p: Params | None = None) -> bool:
+    """Register-tiled schedule for the single 4-D spatial + reduction block of a kernel."""
+    found = _conv_block(sch)
+    if found is None:
         return False
+    conv, ext = found
+    q = {**conv_hand_params(ext, lanes), **(p or {})}
     n_e, f_e, y_e, x_e = ext[:4]
+    narrow = q["vec"] == "f"
+    xi, fi, yi = int(q["xi"]), int(q["fi"]), int(q["yi"])
+    if narrow:
+        yi = 1
+    if f_e % fi or x_e % xi or y_e % yi:
+        raise NotApplicable(f"conv tile {fi}x{yi}x{xi} does not divide {ext[:4]}")
     conv_name = sch.get(conv).name_hint
-    if _TUNE.get("dw_skip", 0) and len(ext) == 7 and ext[4] == 1 and f_e > 1:
-        return False
     # padding / dilation stages feeding the reduction: keep them (vectorized) unless they are
     # plain copies, which are inlined
     producers = list(sch.get_producers(conv))
-    for p in producers:
-        if _is_reduction(sch, p):
+    for prod in producers:
+        if _is_reduction(sch, prod):
             return False
-    pads = {sch.get(p).name_hint for p in producers if _is_padding(sch.get(p))}
-    if _TUNE.get("inline_pad", 0):
+    pads = {sch.get(b).name_hint for b in producers if _is_padding(sch.get(b))}
+    if q["pad"] == "inline":
         pads = set()
-    for p in producers:
-        if sch.get(p).name_hint in pads:
+    for prod in producers:
+        if sch.get(prod).name_hint in pads:
             continue  # a real padding stage: a conditional in the inner loop would cost more
         try:
-            sch.compute_inline(p)
+            sch.compute_inline(prod)
         except Exception:  # noqa: BLE001
             pass
     # inline the element-wise epilogue into one final block
@@ -215,45 +288,17 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
         keep={conv_name}
         | pads
         | {
-            sch.get(p).name_hint
-            for p in _blocks(sch)
-            if sch.get(p).name_hint != conv_name and not sch.get_consumers(p)
+            sch.get(b).name_hint
+            for b in _blocks(sch)
+            if sch.get(b).name_hint != conv_name and not sch.get_consumers(b)
         },
     )
-    # the register tile
-    # 256-bit tiles with many accumulators beat 512-bit tiles with few (AMD runs a 512-bit FMA as
-    # two 256-bit halves; more independent accumulators hide the FMA latency)
-    tile_lanes = min(lanes, 8)
-    xi = _vec_factor(x_e, tile_lanes, max_vectors=1)
-    xi = _TUNE.get("xi", xi)
-    # vector registers for accumulators: 32-register files (AVX-512, NEON) keep 24, AVX2 12
-    acc_budget = 24 if lanes >= 16 or lanes == 4 else 12
-    vec_regs = max(1, -(-xi // tile_lanes))
-    fi = _divisor(f_e, [c for c in (24, 16, 12, 8, 6, 4, 3, 2) if c * vec_regs <= acc_budget])
-    narrow = xi == 1 and _vec_factor(f_e, lanes) > 1
-    if narrow:
-        # narrow maps (W = 10, 5, 1): vectorize across output channels (weights packed so the
-        # vector is contiguous) and unroll a few output columns, each a broadcast input value
-        fi = _vec_factor(f_e, lanes)
-        xi = _divisor(x_e, [8, 7, 6, 5, 4, 3, 2])
-    elif xi == 1:
-        fi = 1
-    if len(ext) == 7 and ext[4] == 1 and f_e > 1 and _TUNE.get("dw_fi"):
-        fi = _TUNE["dw_fi"]
-    fi = _TUNE.get("fi", fi)
     red_work = 1
     for e in ext[4:]:
         red_work *= e
     work = n_e * f_e * y_e * x_e * red_work
     logger.debug(
-        "conv-like %s: out %s red %s fi=%d xi=%d narrow=%s work=%d",
-        conv_name,
-        ext[:4],
-        ext[4:],
-        fi,
-        xi,
-        narrow,
-        work,
+        "conv-like %s: out %s red %s params %s work=%d", conv_name, ext[:4], ext[4:], q, work
     )
     local = sch.cache_write(conv, 0, "local")
     n, f, y, x, *rs = sch.get_loops(conv)
@@ -261,6 +306,9 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
     xo, xi_l = sch.split(x, [None, xi])
     if narrow:
         sch.reorder(n, fo, y, xo, *rs, xi_l, fi_l)
+    elif yi > 1:
+        y, yi_l = sch.split(y, [None, yi])
+        sch.reorder(n, fo, y, xo, *rs, yi_l, fi_l, xi_l)
     else:
         sch.reorder(n, fo, y, xo, *rs, fi_l, xi_l)
     sch.reverse_compute_at(local, xo, preserve_unit_loops=True)
@@ -287,6 +335,8 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
             if xi > 1 or narrow:
                 sch.vectorize(lps[-1]) if (fi > 1 or not narrow) else sch.unroll(lps[-1])
                 sch.unroll(lps[-2])
+                if yi > 1:
+                    sch.unroll(lps[-3])
             else:
                 sch.vectorize(lps[-1])
         except Exception as exc:  # noqa: BLE001 - leave scalar
@@ -295,7 +345,7 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
     _tile_loops(conv)
     _tile_loops(local)
     outer = sch.fuse(n, fo, y)
-    if _TUNE.get("pad_at", 0):
+    if q["pad"] == "at":
         # pad the rows a tile reads right before it (in cache), inside the parallel loop
         for b in _blocks(sch):
             if sch.get(b).name_hint in pads:
@@ -304,13 +354,13 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
                     pads.discard(sch.get(b).name_hint)
                 except Exception as exc:  # noqa: BLE001
                     logger.debug("pad compute_at refused: %s", str(exc).splitlines()[-1:])
-    if fi > 1 and xi > 1 and not narrow and _TUNE.get("pack", 0):
-        _pack_weights(sch, conv, f_e, fi, outer if _TUNE.get("packat", 1) else None)
+    pack = int(q.get("pack", 0))
+    if fi > 1 and xi > 1 and not narrow and pack:
+        _pack_weights(sch, conv, f_e, fi, outer if pack == 1 else None)
     if (
-        n_e * (f_e // fi) * y_e > 1
+        n_e * (f_e // fi) * (y_e // yi) > 1
         and cores > 1
-        and work >= PARALLEL_MIN_WORK
-        and not _TUNE.get("serial", 0)
+        and _parallel_ok(q, work, PARALLEL_MIN_WORK)
     ):
         sch.parallel(outer)
     init = sch.decompose_reduction(conv, rs[0])
@@ -328,7 +378,7 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int) -> bool:
         if sch.get(lps[0]).same_as(sch.get(outer)):
             # a padding stage computed inside the tile loop: vectorize its rows
             ext_b = _extents(sch, lps)
-            v = _vec_factor(ext_b[-1], lanes) if ext_b[-1] > 0 else 1
+            v = vec_factor(ext_b[-1], lanes) if ext_b[-1] > 0 else 1
             if v > 1:
                 _o, vi = sch.split(lps[-1], [None, v])
                 _vectorize(sch, vi)
@@ -395,41 +445,65 @@ def _pack_weights(sch: Schedule, conv: BlockRV, f_e: int, fi: int, at: Any) -> N
         logger.debug("weight packing refused: %s", str(exc).splitlines()[-1:])
 
 
-def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
-    """Register tile for a (batched) matmul: ``[..., i, j] += A[..., i, k] * B[..., k, j]``."""
-    blocks = _blocks(sch)
-    reds = [b for b in blocks if _is_reduction(sch, b)]
+# ---------------------------------------------------------------------- matmul
+
+
+def _matmul_block(sch: Schedule) -> tuple[BlockRV, list[int]] | None:
+    reds = [b for b in _blocks(sch) if _is_reduction(sch, b)]
     if len(reds) != 1:
-        return False
+        return None
     mm = reds[0]
     types = _iter_types(sch, mm)
     if types[-1] != _REDUCE or sum(1 for t in types if t == _REDUCE) != 1 or len(types) < 3:
-        return False
+        return None
     name = sch.get(mm).name_hint
     if "matmul" not in name.lower() and "dense" not in name.lower():
-        return False
+        return None
     loops = sch.get_loops(mm)
     ext = _extents(sch, loops)
     if any(e < 0 for e in ext):
+        return None
+    return mm, ext
+
+
+def matmul_hand_params(ext: list[int], lanes: int) -> dict[str, Any]:
+    """The hand rule's knobs for a matmul block with loop extents ``ext`` (``..., i, j, k``)."""
+    i_e, j_e = ext[-3], ext[-2]
+    ji = vec_factor(j_e, lanes)
+    ii = divisor(i_e, [c for c in (8, 6, 4, 3, 2) if c * max(1, -(-ji // lanes)) <= 16])
+    vec = "j"
+    if ji == 1 and vec_factor(i_e, lanes) > 1:
+        vec = "i"
+        ii = vec_factor(i_e, lanes)
+        ji = divisor(j_e, [8, 7, 6, 5, 4, 3, 2])
+    return {"vec": vec, "ii": ii, "ji": ji, "pack_b": 0, "order": "ij", "par": None}
+
+
+def schedule_matmul(sch: Schedule, lanes: int, cores: int, p: Params | None = None) -> bool:
+    """Register tile for a (batched) matmul: ``[..., i, j] += A[..., i, k] * B[..., k, j]``."""
+    found = _matmul_block(sch)
+    if found is None:
         return False
-    for p in list(sch.get_producers(mm)):
+    mm, ext = found
+    q = {**matmul_hand_params(ext, lanes), **(p or {})}
+    i_e, j_e, k_e = ext[-3], ext[-2], ext[-1]
+    ii, ji = int(q["ii"]), int(q["ji"])
+    vec_i = q["vec"] == "i"
+    if i_e % ii or j_e % ji:
+        raise NotApplicable(f"matmul tile {ii}x{ji} does not divide {i_e}x{j_e}")
+    name = sch.get(mm).name_hint
+    for prod in list(sch.get_producers(mm)):
         try:
-            sch.compute_inline(p)
+            sch.compute_inline(prod)
         except Exception:  # noqa: BLE001
             pass
     _inline_injective(
-        sch, keep={name} | {sch.get(p).name_hint for p in _blocks(sch) if not sch.get_consumers(p)}
+        sch, keep={name} | {sch.get(b).name_hint for b in _blocks(sch) if not sch.get_consumers(b)}
     )
-    *batch, i, j, k = sch.get_loops(mm)
-    i_e, j_e = ext[-3], ext[-2]
-    ji = _vec_factor(j_e, lanes)
-    ii = _divisor(i_e, [c for c in (8, 6, 4, 3, 2) if c * max(1, -(-ji // lanes)) <= 16])
-    vec_i = ji == 1 and _vec_factor(i_e, lanes) > 1
+    nb = len(ext) - 3
     if vec_i:
         # N has no power-of-two factor (e.g. a 6625-class CTC head): vectorize over rows instead,
         # reading A through a transposed copy (A is the small operand) so rows are contiguous
-        ii = _vec_factor(i_e, lanes)
-        ji = _divisor(j_e, [8, 7, 6, 5, 4, 3, 2])
         reads = sch.get(mm).reads
         a_idx = next(
             (
@@ -442,18 +516,37 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
         if a_idx is not None:
             try:
                 ac = sch.cache_read(mm, a_idx, "global")
-                nb = len(ext) - 3
                 sch.transform_layout(ac, ("write", 0), lambda *ax: (*ax[:nb], ax[nb + 1], ax[nb]))
             except Exception as exc:  # noqa: BLE001
                 logger.debug("matmul A transpose refused: %s", str(exc).splitlines()[-1:])
+    elif q.get("pack_b"):
+        reads = sch.get(mm).reads
+        b_idx = next(
+            (
+                n
+                for n, r in enumerate(reads)
+                if [int(d) for d in r.source.shape][-2:] == [k_e, j_e]
+                and r.source.scope() == "global"
+            ),
+            None,
+        )
+        if b_idx is None:
+            raise NotApplicable("matmul: no [K, N] operand to pack")
+        bc = sch.cache_read(mm, b_idx, "global")
+        sch.transform_layout(
+            bc, ("write", 0), lambda *ax: (*ax[:-2], ax[-1] // ji, ax[-2], ax[-1] % ji)
+        )
     local = sch.cache_write(mm, 0, "local")
+    *batch, i, j, k = sch.get_loops(mm)
     io, ii_l = sch.split(i, [None, ii])
     jo, ji_l = sch.split(j, [None, ji])
+    col_outer = q.get("order", "ij") == "ji" and not vec_i
+    first, second = (jo, io) if col_outer else (io, jo)
     if vec_i:
         sch.reorder(*batch, io, jo, k, ji_l, ii_l)
     else:
-        sch.reorder(*batch, io, jo, k, ii_l, ji_l)
-    sch.reverse_compute_at(local, jo, preserve_unit_loops=True)
+        sch.reorder(*batch, first, second, k, ii_l, ji_l)
+    sch.reverse_compute_at(local, second, preserve_unit_loops=True)
     while True:
         cons = list(sch.get_consumers(local))
         if len(cons) != 1:
@@ -476,11 +569,11 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
 
     _tile(mm, True)
     _tile(local, not vec_i)
-    outer = sch.fuse(*batch, io) if batch else io
+    outer = sch.fuse(*batch, first) if batch else first
     work = 1
     for e in ext:
         work *= e
-    if cores > 1 and work >= PARALLEL_MIN_WORK:
+    if cores > 1 and _parallel_ok(q, work, PARALLEL_MIN_WORK):
         sch.parallel(outer)
     init = sch.decompose_reduction(mm, k)
     _tile(init, True)
@@ -495,7 +588,137 @@ def schedule_matmul(sch: Schedule, lanes: int, cores: int) -> bool:
     return True
 
 
-def schedule_dlight_reduction(sch: Schedule, lanes: int, cores: int) -> Schedule | bool:
+# ---------------------------------------------------------------------- dot (rfactor)
+
+
+def _dot_block(sch: Schedule) -> tuple[BlockRV, list[int], int] | None:
+    """The multiply-accumulate block of a kernel whose innermost reduction axis is the last index
+    of every buffer it reads (so ``kv`` consecutive values are one vector load), with its loop
+    extents and number of spatial axes; or None."""
+    reds = [b for b in _blocks(sch) if _is_reduction(sch, b)]
+    if len(reds) != 1:
+        return None
+    blk = reds[0]
+    types = _iter_types(sch, blk)
+    nsp = 0
+    for t in types:
+        if t != _SPATIAL:
+            break
+        nsp += 1
+    if nsp == 0 or nsp == len(types) or any(t != _REDUCE for t in types[nsp:]):
+        return None
+    loops = sch.get_loops(blk)
+    if len(loops) != len(types):
+        return None
+    ext = _extents(sch, loops)
+    if any(e < 0 for e in ext):
+        return None
+    block = sch.get(blk)
+    rvar = block.iter_vars[-1].var
+    reads = [r for r in block.reads if r.source.scope() == "global"]
+    if len(reads) < 2:
+        return None  # a plain sum/max: the reduction templates
+    for r in reads:
+        last = r.region[-1].min
+        if not _uses_var_last(last, rvar):
+            return None
+    return blk, ext, nsp
+
+
+def _uses_var_last(expr: Any, var: Any) -> bool:
+    """Whether ``expr`` is ``var`` plus terms not containing it (stride 1 in ``var``)."""
+    if isinstance(expr, tirx.Var):
+        return bool(expr.same_as(var))
+    if isinstance(expr, tirx.Add):
+        a, b = expr.a, expr.b
+        return (_uses_var_last(a, var) and not _mentions(b, var)) or (
+            _uses_var_last(b, var) and not _mentions(a, var)
+        )
+    return False
+
+
+def _mentions(expr: Any, var: Any) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
+def dot_hand_params(ext: list[int], nsp: int, lanes: int) -> dict[str, Any]:
+    """The hand rule's knobs for a ``dot`` block: ``kv`` lanes, a tile of the last spatial axis."""
+    k_e = ext[-1]
+    kv = vec_factor(k_e, lanes)
+    last = ext[nsp - 1]
+    ti = divisor(last, [8, 4, 2])
+    return {"kv": kv, "ti": ti, "tj": 1, "par": None}
+
+
+def schedule_dot(sch: Schedule, lanes: int, cores: int, p: Params | None = None) -> bool:
+    """Vectorized partial sums along the contiguous reduction axis (``rfactor``), a register tile
+    of ``ti`` (last spatial axis) x ``tj`` (the one before) outputs, then a horizontal sum."""
+    found = _dot_block(sch)
+    if found is None:
+        return False
+    blk, ext, nsp = found
+    q = {**dot_hand_params(ext, nsp, lanes), **(p or {})}
+    kv, ti, tj = int(q["kv"]), int(q["ti"]), int(q["tj"])
+    k_e = ext[-1]
+    if kv < 4 or k_e % kv or ext[nsp - 1] % ti or (tj > 1 and (nsp < 2 or ext[nsp - 2] % tj)):
+        raise NotApplicable(f"dot tile kv={kv} ti={ti} tj={tj} does not divide {ext}")
+    name = sch.get(blk).name_hint
+    for prod in list(sch.get_producers(blk)):
+        try:
+            sch.compute_inline(prod)
+        except Exception:  # noqa: BLE001 - a real padding stage stays
+            pass
+    _inline_injective(
+        sch, keep={name} | {sch.get(b).name_hint for b in _blocks(sch) if not sch.get_consumers(b)}
+    )
+    loops = sch.get_loops(blk)
+    ko, kil = sch.split(loops[-1], [None, kv])
+    rf = sch.rfactor(kil, 0)
+    # rf block: spatial..., reductions..., kil (now spatial)
+    lps = sch.get_loops(rf)
+    sp, reds, kv_l = lps[:nsp], lps[nsp:-1], lps[-1]
+    last_o, last_i = sch.split(sp[-1], [None, ti])
+    outer_sp = list(sp[:-1])
+    tile = [last_i]
+    if tj > 1:
+        prev_o, prev_i = sch.split(sp[-2], [None, tj])
+        outer_sp = [*sp[:-2], prev_o]
+        tile = [prev_i, last_i]
+    sch.reorder(*outer_sp, last_o, *reds, *tile, kv_l)
+    local = sch.cache_write(rf, 0, "local")
+    sch.reverse_compute_at(local, last_o, preserve_unit_loops=True)
+    sch.vectorize(kv_l)
+    for t in tile:
+        sch.unroll(t)
+    lw = sch.get_loops(local)
+    _vectorize(sch, lw[-1])
+    sch.reverse_compute_at(blk, last_o, preserve_unit_loops=True)
+    # the epilogue (bias, activation) after the horizontal sum
+    while True:
+        cons = list(sch.get_consumers(blk))
+        if len(cons) != 1:
+            break
+        try:
+            sch.reverse_compute_inline(cons[0])
+        except Exception:  # noqa: BLE001
+            break
+    par_loop = sch.fuse(*outer_sp, last_o) if outer_sp else last_o
+    work = 1
+    for e in ext:
+        work *= e
+    if cores > 1 and _parallel_ok(q, work, PARALLEL_MIN_WORK):
+        sch.parallel(par_loop)
+    init = sch.decompose_reduction(rf, reds[0])
+    _vectorize(sch, sch.get_loops(init)[-1])
+    return True
+
+
+# ---------------------------------------------------------------------- reductions, injective
+
+
+def schedule_dlight_reduction(
+    sch: Schedule, lanes: int, cores: int, p: Params | None = None
+) -> Schedule | bool:
     """DLight's CPU rule for row reductions (softmax, layer norm): parallel rows, vector chunks."""
     from tvm.s_tir import dlight as dl  # noqa: PLC0415
 
@@ -509,8 +732,9 @@ def schedule_dlight_reduction(sch: Schedule, lanes: int, cores: int) -> Schedule
     return res[0] if isinstance(res, list) else res
 
 
-def schedule_reduction(sch: Schedule, lanes: int, cores: int) -> bool:
+def schedule_reduction(sch: Schedule, lanes: int, cores: int, p: Params | None = None) -> bool:
     """Parallel outer spatial loops of every block (mean, softmax, layer norm, global pooling)."""
+    q = p or {}
     blocks = _blocks(sch)
     if not any(_is_reduction(sch, b) for b in blocks):
         return False
@@ -540,62 +764,108 @@ def schedule_reduction(sch: Schedule, lanes: int, cores: int) -> bool:
             red = 1
             for e in _extents(sch, loops[nsp:]):
                 red *= max(e, 1)
-            if total > 1 and cores > 1 and total * red >= PARALLEL_MIN_ELEMS:
+            if total > 1 and cores > 1 and _parallel_ok(q, total * red, PARALLEL_MIN_ELEMS):
                 fused = sch.fuse(*loops[:nsp]) if nsp > 1 else loops[0]
                 sch.parallel(fused)
         else:
             try:
-                _schedule_injective_block(sch, b, lanes, cores)
+                _schedule_injective_block(sch, b, lanes, cores, q)
             except Exception:  # noqa: BLE001
                 pass
     return True
 
 
-def schedule_injective(sch: Schedule, lanes: int, cores: int) -> bool:
+def schedule_injective(sch: Schedule, lanes: int, cores: int, p: Params | None = None) -> bool:
     blocks = _blocks(sch)
     if any(_is_reduction(sch, b) for b in blocks):
         return False
     _inline_injective(sch, keep={sch.get(b).name_hint for b in blocks if not sch.get_consumers(b)})
     for b in _blocks(sch):
-        _schedule_injective_block(sch, b, lanes, cores)
+        _schedule_injective_block(sch, b, lanes, cores, p)
     return True
 
 
-RULES: list[tuple[str, Callable[[Schedule, int, int], Schedule | bool]]] = [
-    ("conv", schedule_conv_like),
-    ("matmul", schedule_matmul),
-    ("dlight-reduction", schedule_dlight_reduction),
-    ("reduction", schedule_reduction),
-    ("injective", schedule_injective),
-]
+Rule = Callable[[Schedule, int, int, Params | None], Schedule | bool]
+
+#: template name -> template, in the order the hand rules try them
+TEMPLATES: dict[str, Rule] = {
+    "conv": schedule_conv_like,
+    "matmul": schedule_matmul,
+    "dot": schedule_dot,
+    "dlight-reduction": schedule_dlight_reduction,
+    "reduction": schedule_reduction,
+    "injective": schedule_injective,
+}
 
 
-def schedule_func(func: tirx.PrimFunc, lanes: int, cores: int) -> tuple[tirx.PrimFunc | None, str]:
-    """Schedule one PrimFunc with the first rule that applies; (None, reason) when none does."""
-    for name, rule in RULES:
-        sch = s_tir.Schedule(func)
+def apply_template(
+    func: tirx.PrimFunc, template: str, params: Params | None, lanes: int, cores: int
+) -> tirx.PrimFunc | None:
+    """``func`` scheduled by one template with ``params`` (None: its hand rule); None when the
+    template does not apply. Raises whatever a primitive raises (the caller decides)."""
+    sch = s_tir.Schedule(func)
+    res = TEMPLATES[template](sch, lanes, cores, params)
+    if isinstance(res, s_tir.Schedule):
+        return res.mod["main"]
+    if res:
+        return sch.mod["main"]
+    return None
+
+
+def schedule_func(
+    func: tirx.PrimFunc, lanes: int, cores: int, choice: Choice | None = None
+) -> tuple[tirx.PrimFunc | None, str]:
+    """Schedule one PrimFunc: with ``choice`` (template, params) when given and it applies, else
+    with the first hand rule that applies; (None, "none") when none does."""
+    if choice is not None:
+        template, params = choice
         try:
-            res = rule(sch, lanes, cores)
-            if isinstance(res, s_tir.Schedule):
-                return res.mod["main"], name
-            if res:
-                return sch.mod["main"], name
-        except Exception as exc:  # noqa: BLE001 - a primitive refused; next rule
-            lines = [ln for ln in str(exc).splitlines() if "rror" in ln][-2:]
-            logger.debug(
-                "schedule rule %s failed: %s: %s", name, type(exc).__name__, lines or str(exc)[:300]
+            new = apply_template(func, template, params, lanes, cores)
+            if new is not None:
+                return new, template
+        except Exception as exc:  # noqa: BLE001 - a stale record: fall back to the hand rules
+            logger.warning(
+                "tuned schedule %s%s no longer applies (%s); using the hand rules",
+                template,
+                params,
+                first_error_line(exc),
             )
+    for name in TEMPLATES:
+        try:
+            new = apply_template(func, name, None, lanes, cores)
+            if new is not None:
+                return new, name
+        except Exception as exc:  # noqa: BLE001 - a primitive refused; next rule
+            logger.debug("schedule rule %s failed: %s", name, first_error_line(exc))
     return None, "none"
+
+
+def hand_template(func: tirx.PrimFunc, lanes: int, cores: int) -> str:
+    """The template the hand rules pick for ``func`` ("none" when none applies)."""
+    return schedule_func(func, lanes, cores)[1]
+
+
+def first_error_line(exc: BaseException) -> str:
+    """The most telling line of a TVM error (TVM's messages carry whole backtraces)."""
+    lines = [ln for ln in str(exc).splitlines() if "rror" in ln]
+    return (lines[-1] if lines else (str(exc).splitlines() or [type(exc).__name__])[-1])[:300]
+
+
+#: ``choose(func) -> (template, params) | None``: the tuning database's pick for a kernel
+Chooser = Callable[[tirx.PrimFunc], "Choice | None"]
 
 
 @tvm.transform.module_pass(opt_level=0, name="GraphoptCPUSchedules")
 class ApplyCPUSchedules:
-    """Apply graphopt's CPU schedules to every unscheduled PrimFunc of an IRModule."""
+    """Apply graphopt's CPU schedules to every unscheduled PrimFunc of an IRModule: the tuned
+    choice from ``choose`` where it has one, the hand rules elsewhere."""
 
-    def __init__(self, lanes: int = 8, cores: int = 1) -> None:
+    def __init__(self, lanes: int = 8, cores: int = 1, choose: Chooser | None = None) -> None:
         self.lanes = int(lanes)
         self.cores = int(cores)
+        self.choose = choose
         self.stats: Counter[str] = Counter()
+        self.tuned = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: Any) -> tvm.IRModule:
         updates = {}
@@ -604,12 +874,15 @@ class ApplyCPUSchedules:
                 continue
             if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
                 continue
-            new, rule = schedule_func(func, self.lanes, self.cores)
+            choice = self.choose(func) if self.choose is not None else None
+            new, rule = schedule_func(func, self.lanes, self.cores, choice)
+            if choice is not None and rule == choice[0]:
+                self.tuned += 1
             self.stats[rule] += 1
             logger.debug("%s: %s", gv.name_hint, rule)
             if new is not None:
                 updates[gv] = new.with_attr("tirx.is_scheduled", True)
         for gv, f in updates.items():
             mod[gv] = f
-        logger.info("graphopt CPU schedules: %s", dict(self.stats))
+        logger.info("graphopt CPU schedules: %s (%d tuned)", dict(self.stats), self.tuned)
         return mod

@@ -25,27 +25,31 @@ from graphopt.algorithms.tvm.qemu import qemu_unavailable_reason, run_under_qemu
 from graphopt.algorithms.tvm.runner import load_artifact
 from graphopt.core.cost import model_cost
 from graphopt.core.errors import RecipeError, VerificationError
-from graphopt.core.feeds import open_calibration, random_feeds
+from graphopt.core.feeds import FeedSource, feed_list, open_calibration, random_feeds
 from graphopt.core.latency import interleaved, interleaved_latency
 from graphopt.core.model import Model
 from graphopt.core.saver import save
 from graphopt.core.session import make_session
 from graphopt.core.shapes import prepare
-from graphopt.core.verify import sqnr_db
+from graphopt.core.verify import compare, sqnr_db
 from graphopt.jobs.common import (
     ModelLike,
     TransformResult,
     as_model,
     jsonable,
+    lossy_floors,
     output_paths,
     path_or_none,
     source_path,
 )
 from graphopt.jobs.compile import compile_model
+from graphopt.jobs.fp16 import MIN_SQNR_DB as FP16_MIN_SQNR_DB
 from graphopt.jobs.fp16 import fp16_model
-from graphopt.jobs.optimize import ATOL, RTOL, optimize_model
+from graphopt.jobs.optimize import RTOL, optimize_model
 from graphopt.jobs.plan import plan_memory, plan_model
+from graphopt.jobs.prune import DEFAULT_MIN_SQNR_DB as PRUNE_MIN_SQNR_DB
 from graphopt.jobs.prune import prune
+from graphopt.jobs.quantize import DEFAULT_MIN_SQNR_DB as QUANTIZE_MIN_SQNR_DB
 from graphopt.jobs.quantize import QuantizeResult, quantize
 from graphopt.jobs.recipe.parser import load_recipe
 from graphopt.jobs.recipe.schema import STEP_MODULES, Recipe, Step
@@ -225,7 +229,7 @@ def run_recipe(
     output: str | os.PathLike[str] | None = None,
     bench: bool = False,
     report: str | os.PathLike[str] | None = None,
-    feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+    feeds: FeedSource | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
 ) -> RecipeResult:
     """Run a recipe on a model, verifying every step against its input.
@@ -239,7 +243,8 @@ def run_recipe(
             its library next to it unless it names one).
         report: write a self-contained HTML report (steps table, graphs) here.
         bench: measure onnxruntime latency (median of 20 runs, 1 thread) after every step.
-        feeds: verification inputs (default: up to 8 calibration samples, else 2 random inputs).
+        feeds: verification inputs (``--feeds``: a path in the ``--calib`` formats, a feed dict
+            or an iterable of them; default: up to 8 calibration samples, else 2 random inputs).
         on_step: called with each step's record as soon as it is verified.
 
     Returns:
@@ -260,9 +265,10 @@ def run_recipe(
     shapes.update(input_shapes or {})
     calib = calib if calib is not None else rec.calib
     original = prepare(as_model(model).clone(), shapes)
-    if feeds is None:
-        feeds = _calib_feeds(calib, original) or [random_feeds(original, seed=s) for s in (0, 1)]
-    checked = [dict(f) for f in feeds]
+    given = feed_list(feeds, original)
+    if given is None:
+        given = _calib_feeds(calib, original) or [random_feeds(original, seed=s) for s in (0, 1)]
+    checked = [dict(f) for f in given]
     ref = _run_all(original, checked)
     result = RecipeResult(
         recipe=rec, original=original, model=original, feeds=checked, input=source_path(model)
@@ -344,35 +350,47 @@ Check = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray]], tuple[boo
 
 
 def _exact() -> Check:
+    """Every output of the step's input, at the exact check's tolerance (dtype-aware; NaN and
+    inf must match exactly: :func:`graphopt.core.verify.compare`)."""
+
     def check(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> tuple[bool, str]:
         for k, v in ref.items():
             if k not in out or np.shape(out[k]) != np.shape(v):
                 return False, "exact (output missing or reshaped)"
-            a, b = np.asarray(v, np.float64), np.asarray(out[k], np.float64)
-            if a.size and np.max(np.abs(a - b)) > ATOL + RTOL * np.max(np.abs(a)):
-                return False, f"exact (rtol {RTOL:g})"
+            d = compare(k, np.asarray(v), np.asarray(out[k]))
+            if not d.ok:
+                return False, f"exact: output '{k}': {d.reason()}"
         return True, f"exact (rtol {RTOL:g})"
 
     return check
 
 
-#: SQNR floor (dB, every output vs the step's input) for lossy steps whose min_sqnr is not set
-DEFAULT_FLOOR_DB: dict[str, float] = {"quantize": 20.0, "prune": 10.0, "fp16": 30.0}
+#: SQNR floor (dB, every output vs the step's input) for lossy steps whose min_sqnr is not set:
+#: the defaults of the commands (``graphopt quantize``, ``prune``, ``fp16``)
+DEFAULT_FLOOR_DB: dict[str, float] = {
+    "quantize": QUANTIZE_MIN_SQNR_DB,
+    "prune": PRUNE_MIN_SQNR_DB,
+    "fp16": FP16_MIN_SQNR_DB,
+}
 
 
 def _min_sqnr(db: float, what: str = "SQNR") -> Check:
+    """Every output reaches the SQNR floor ``db`` and the cosine it implies, NaN and inf match
+    exactly (:func:`graphopt.jobs.common.lossy_floors`; ``db <= 0``: no floor)."""
+    floor, cos = lossy_floors(db, None, db)
+
     def check(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray]) -> tuple[bool, str]:
-        s = _sqnrs(ref, out)
         missing = [k for k in ref if k not in out]
         if missing:
             return False, f"outputs missing: {missing}"
-        worst = min(s.values()) if s else math.inf
-        nan = any(
-            np.isnan(np.asarray(v, np.float64)).any()
-            for v in out.values()
-            if np.asarray(v).dtype.kind == "f"
-        )
-        return (not nan and worst >= db), f"{what} >= {db:g} dB"
+        for k, v in ref.items():
+            a, b = np.asarray(v), np.asarray(out[k])
+            if a.dtype.kind not in "fc" or a.shape != b.shape:
+                continue
+            d = compare(k, a, b, min_sqnr_db=floor, min_cosine=cos)
+            if not d.ok:
+                return False, f"{what} >= {db:g} dB: output '{k}': {d.reason(floor, cos)}"
+        return True, f"{what} >= {db:g} dB"
 
     return check
 

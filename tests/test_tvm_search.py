@@ -1,0 +1,423 @@
+"""Schedule templates with parameters, the search space and cost model, the tuning database, the
+builder and the RPC runner (graphopt.algorithms.tvm.schedules / search / tuning_db / measure).
+
+Every scheduled kernel is compared with numpy; nothing here asserts a timing (bench/tvm.py does).
+Measurement counts are asserted: a second compile with the database measures nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt.core.errors import GraphoptError
+from graphopt.fixtures import fixture_path
+
+tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'graphopt[tvm]')")
+
+from tvm import te, topi  # noqa: E402
+
+from graphopt.algorithms.tvm import measure as M  # noqa: E402
+from graphopt.algorithms.tvm import schedules as S  # noqa: E402
+from graphopt.algorithms.tvm import search as SR  # noqa: E402
+from graphopt.algorithms.tvm.tuning_db import (  # noqa: E402
+    TuningDB,
+    TuningDBError,
+    TuningRecord,
+    kernel_signature,
+)
+from graphopt.jobs import compile as gcompile  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+RNG = np.random.default_rng(0)
+
+
+def _func(tensors: list[te.Tensor]) -> tvm.tirx.PrimFunc:
+    return te.create_prim_func(tensors)
+
+
+def conv_kernel(c=8, f=16, h=12, w=16, k=3, stride=1, pad=1):
+    x = te.placeholder((1, c, h, w), name="x")
+    wt = te.placeholder((f, c, k, k), name="w")
+    b = te.placeholder((1, f, 1, 1), name="b")
+    y = topi.nn.relu(topi.add(topi.nn.conv2d_nchw(x, wt, stride, pad, 1), b))
+    return _func([x, wt, b, y])
+
+
+def matmul_kernel(m=16, k=32, n=48):
+    a = te.placeholder((m, k), name="a")
+    bm = te.placeholder((k, n), name="b")
+    return _func([a, bm, topi.nn.matmul(a, bm)])
+
+
+def conv1d_kernel(taps=64, f=12, hop=16, frames=6):
+    """An STFT written as a 1-D convolution (openWakeWord's melspectrogram has 512 taps)."""
+    n = hop * (frames - 1) + taps
+    x = te.placeholder((1, 1, n), name="x")
+    wt = te.placeholder((f, 1, taps), name="w")
+    rc = te.reduce_axis((0, 1), name="rc")
+    rk = te.reduce_axis((0, taps), name="rk")
+    y = te.compute(
+        (1, f, frames),
+        lambda b, o, t: te.sum(x[b, rc, t * hop + rk] * wt[o, rc, rk], axis=[rc, rk]),
+        name="conv1d_ncw",
+    )
+    return _func([x, wt, y])
+
+
+def _run(func: tvm.tirx.PrimFunc, seed: int = 0) -> list[np.ndarray]:
+    args = M.kernel_args(func).arrays(seed)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)
+    lib = getattr(lib, "mod", lib)
+    ts = [tvm.runtime.tensor(a) for a in args]
+    lib["main"](*ts)
+    return [t.numpy() for t in ts]
+
+
+def _check_same(ref: tvm.tirx.PrimFunc, new: tvm.tirx.PrimFunc) -> None:
+    for r, g in zip(_run(ref), _run(new)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- templates
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        None,
+        {"vec": "x", "xi": 8, "fi": 4, "yi": 2, "pack": 1, "pad": "stage", "par": 1},
+        {"vec": "x", "xi": 16, "fi": 2, "yi": 3, "pack": 2, "pad": "at", "par": 0},
+        {"vec": "x", "xi": 4, "fi": 8, "yi": 1, "pack": 0, "pad": "inline", "par": 1},
+        {"vec": "f", "xi": 4, "fi": 8, "yi": 1, "pack": 0, "pad": "stage", "par": 1},
+    ],
+)
+def test_conv_template_matches_unscheduled(params) -> None:
+    func = conv_kernel()
+    with TARGET:
+        new = S.apply_template(func, "conv", params, 8, 2)
+    assert new is not None
+    _check_same(func, new)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        None,
+        {"vec": "j", "ii": 4, "ji": 16, "pack_b": 1, "order": "ij", "par": 1},
+        {"vec": "j", "ii": 2, "ji": 24, "pack_b": 0, "order": "ji", "par": 1},
+        {"vec": "j", "ii": 8, "ji": 8, "pack_b": 1, "order": "ji", "par": 0},
+        {"vec": "i", "ii": 8, "ji": 3, "pack_b": 0, "order": "ij", "par": 1},
+    ],
+)
+def test_matmul_template_matches_unscheduled(params) -> None:
+    func = matmul_kernel()
+    with TARGET:
+        new = S.apply_template(func, "matmul", params, 8, 2)
+    assert new is not None
+    _check_same(func, new)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [None, {"kv": 8, "ti": 2, "tj": 2, "par": 1}, {"kv": 16, "ti": 1, "tj": 4, "par": 0}],
+)
+def test_dot_template_matches_unscheduled(params) -> None:
+    func = conv1d_kernel()
+    with TARGET:
+        new = S.apply_template(func, "dot", params, 8, 2)
+    assert new is not None
+    _check_same(func, new)
+
+
+def test_conv1d_stft_gets_the_dot_rule_by_hand() -> None:
+    """A Conv1D with a long contiguous reduction (the melspectrogram's STFT) was left to the
+    generic reduction rule (serial, scalar); the hand rules now pick the dot template."""
+    with TARGET:
+        assert S.hand_template(conv1d_kernel(), 8, 2) == "dot"
+        # a 2-D convolution and a matmul keep their templates
+        assert S.hand_template(conv_kernel(), 8, 2) == "conv"
+        assert S.hand_template(matmul_kernel(), 8, 2) == "matmul"
+
+
+def test_hand_rule_is_the_template_with_its_hand_params() -> None:
+    func = conv_kernel()
+    ext = [1, 16, 12, 16, 8, 3, 3]
+    with TARGET:
+        a = S.apply_template(func, "conv", None, 8, 2)
+        b = S.apply_template(func, "conv", S.conv_hand_params(ext, 8), 8, 2)
+    tvm.ir.assert_structural_equal(a, b)
+
+
+def test_parameters_that_do_not_divide_are_refused() -> None:
+    with TARGET, pytest.raises(S.NotApplicable):
+        S.apply_template(conv_kernel(), "conv", {"vec": "x", "xi": 8, "fi": 5}, 8, 2)
+    with TARGET, pytest.raises(S.NotApplicable):
+        S.apply_template(matmul_kernel(), "matmul", {"ii": 5, "ji": 16}, 8, 2)
+    # a template that does not match the kernel: None
+    with TARGET:
+        assert S.apply_template(matmul_kernel(), "conv", None, 8, 2) is None
+
+
+def test_stale_database_choice_falls_back_to_the_hand_rules() -> None:
+    with TARGET:
+        new, rule = S.schedule_func(conv_kernel(), 8, 2, ("conv", {"fi": 7}))
+    assert new is not None and rule == "conv"
+
+
+# ---------------------------------------------------------------------- signatures, space
+
+
+def test_signature_ignores_names_and_sees_shapes() -> None:
+    a = conv_kernel()
+    x = te.placeholder((1, 8, 12, 16), name="other_input")
+    wt = te.placeholder((16, 8, 3, 3), name="W2")
+    b = te.placeholder((1, 16, 1, 1), name="bias2")
+    y = topi.nn.relu(topi.add(topi.nn.conv2d_nchw(x, wt, 1, 1, 1), b))
+    same = _func([x, wt, b, y]).with_attr("global_symbol", "fused_conv2d7_add3_relu3")
+    assert kernel_signature(a) == kernel_signature(same)
+    assert kernel_signature(a) != kernel_signature(conv_kernel(h=14))
+
+
+def _task(func: tvm.tirx.PrimFunc, name: str = "k") -> SR.KernelTask:
+    t = SR.KernelTask(name, func, kernel_signature(func), 1, name)
+    with TARGET:
+        SR.analyze(t, 8, 2)
+    return t
+
+
+def test_space_is_ranked_deduplicated_and_divides() -> None:
+    t = _task(conv_kernel())
+    assert t.hand_template == "conv" and "conv" in t.templates
+    space = SR.search_space(t, 8)
+    ranked = SR.rank(t, space, 8, 2)
+    assert ranked[0].template == "conv" and ranked[0].params is None
+    seen = set()
+    hand = SR.effective_params(t, SR.Candidate("conv", None), 8, 2)
+    for c in ranked[1:]:
+        key = (c.template, json.dumps(c.params, sort_keys=True))
+        assert key not in seen
+        seen.add(key)
+        if c.template == "conv":
+            assert c.params != hand
+            assert 16 % c.params["fi"] == 0 and 16 % c.params["xi"] == 0
+            assert 12 % c.params["yi"] == 0
+    assert len(ranked) < len(space)  # par=None/0/1 collapse where they build the same kernel
+    # one core: no parallel variants at all
+    one = SR.rank(t, space, 8, 1)
+    assert all(c.params is None or not c.params.get("par") for c in one)
+
+
+def test_cost_model_prefers_register_tiles_that_fit() -> None:
+    t = _task(conv_kernel(c=32, f=32, h=16, w=32))
+    fits = SR.Candidate("conv", {"vec": "x", "xi": 8, "fi": 8, "yi": 1, "pack": 0, "pad": "stage"})
+    spills = SR.Candidate(
+        "conv", {"vec": "x", "xi": 32, "fi": 8, "yi": 4, "pack": 0, "pad": "stage"}
+    )
+    scalar = SR.Candidate(
+        "conv", {"vec": "x", "xi": 8, "fi": 1, "yi": 1, "pack": 0, "pad": "stage"}
+    )
+    c_fit, c_spill, c_scalar = (SR.predicted_cost(t, c, 8, 1) for c in (fits, spills, scalar))
+    assert c_fit < c_spill and c_fit < c_scalar
+
+
+# ---------------------------------------------------------------------- database
+
+
+def _rec(sig: str, kind: str = "tuned", ms: float = 1.0) -> TuningRecord:
+    return TuningRecord(
+        sig, "llvm -num-cores=2", "x86_64:avx2", "conv", {"fi": 4}, ms, 2.0, 8, kind
+    )
+
+
+def test_database_round_trip_merge_and_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "db.json"
+    a, b = TuningDB(path), TuningDB(path)
+    a.put(_rec("aaaa"))
+    a.save()
+    b.put(_rec("bbbb"))
+    b.put(_rec("aaaa", kind="baseline"))  # a baseline never replaces a tuned record
+    b.save()
+    again = TuningDB(path)
+    assert len(again) == 2
+    got = again.get("aaaa", "llvm -num-cores=2", "x86_64:avx2")
+    assert got is not None and got.kind == "tuned" and got.params == {"fi": 4}
+    assert again.get("aaaa", "llvm -num-cores=2", "x86_64:avx512") is None  # other CPU
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db.json"]  # no temporary left
+    choose = again.chooser("llvm -num-cores=2", "x86_64:avx2")
+    assert choose(conv_kernel()) is None  # not in the database: hand rules
+
+
+def test_corrupt_database_is_a_user_error(tmp_path: Path) -> None:
+    bad = tmp_path / "db.json"
+    bad.write_text("{not json")
+    with pytest.raises(TuningDBError) as exc:
+        TuningDB(bad)
+    assert isinstance(exc.value, GraphoptError) and exc.value.exit_code == 2
+    bad.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(TuningDBError, match="not a graphopt tuning database"):
+        TuningDB(bad)
+
+
+# ---------------------------------------------------------------------- builder, runner
+
+
+def _build_spec(cores: int = 2) -> M.BuildSpec:
+    return M.BuildSpec({"kind": "llvm", "num-cores": cores}, None, 8, cores)
+
+
+def test_builder_survives_a_dead_worker_and_a_timeout(tmp_path: Path) -> None:
+    b = M.Builder(_build_spec(), timeout=120.0, workdir=tmp_path)
+    script = matmul_kernel().script()
+    try:
+        ok = b.build(script, M.Candidate("matmul", None))
+        assert ok["status"] == "built" and Path(ok["path"]).is_file()
+        bad = b.build(script, M.Candidate("matmul", {"ii": 5, "ji": 16}))
+        assert bad["status"] == "not-applicable"
+        assert b._proc is not None
+        b._proc.kill()  # a candidate that crashed the worker
+        b._proc.wait()
+        again = b.build(script, M.Candidate("matmul", {"ii": 4, "ji": 16}))
+        assert again["status"] == "built"
+        b.timeout = 0.01
+        late = b.build(script, M.Candidate("matmul", {"ii": 2, "ji": 16}))
+        assert late["status"] == "timeout"
+        b.timeout = 120.0
+        assert b.build(script, M.Candidate("matmul", {"ii": 2, "ji": 8}))["status"] == "built"
+    finally:
+        b.close()
+
+
+def crashing_kernel() -> tvm.tirx.PrimFunc:
+    """Writes far outside its output (the offset comes from an input, so nothing can prove it
+    out of bounds at build time): segfaults when run."""
+    idx = te.placeholder((1,), "int64", name="idx")
+    src = te.placeholder((1 << 20,), "float32", name="src")
+    out = te.compute((4,), lambda i: src[idx[0] + (i + (1 << 40)).astype("int64")], name="out")
+    return te.create_prim_func([idx, src, out])
+
+
+@pytest.fixture(scope="module")
+def local_tracker():
+    tracker = M.LocalTracker(key="graphopt-test", servers=1)
+    yield tracker
+    tracker.close()
+
+
+def test_rpc_runner_checks_outputs_and_survives_a_crashing_kernel(
+    local_tracker, tmp_path: Path
+) -> None:
+    runner = M.RPCRunner(
+        local_tracker.address, local_tracker.key, wait_s=local_tracker.start_timeout
+    )
+    b = M.Builder(_build_spec(), workdir=tmp_path)
+    try:
+        func = matmul_kernel()
+        script, args = func.script(), M.kernel_args(func)
+        lib = b.build(script, M.Candidate("matmul", None))["path"]
+        status, ms, ref, _ = runner.run_one(lib, args, None)
+        assert status == "ok" and ms is not None and ms > 0 and ref is not None
+        np.testing.assert_allclose(ref[2], ref[0] @ ref[1], rtol=1e-5)
+        wrong = [r.copy() for r in ref]
+        wrong[2] += 1.0
+        assert runner.run_one(lib, args, wrong)[0] == "wrong"
+        crash = b.build(crashing_kernel().script(), M.Candidate("none", None))
+        assert crash["status"] == "built"
+        c_args = M.kernel_args(crashing_kernel())
+        status, *_ = runner.run_one(crash["path"], c_args, None)
+        assert status in ("crashed", "run-error")
+        # the server is still there for the next candidate
+        status, ms, _o, _e = runner.run_one(lib, args, ref)
+        assert status == "ok"
+    finally:
+        runner.close()
+        b.close()
+
+
+def test_measurer_needs_a_server_under_the_key(local_tracker) -> None:
+    with pytest.raises(M.MeasureError, match="no RPC server is registered under key 'nobody'"):
+        M.RPCRunner(local_tracker.address, "nobody", wait_s=1.0)
+
+
+def test_bad_rpc_address_is_a_user_error() -> None:
+    with pytest.raises(GraphoptError, match="HOST:PORT"):
+        M.parse_address("localhost")
+
+
+# ---------------------------------------------------------------------- compile --db
+
+
+def test_second_compile_with_the_database_measures_nothing(local_tracker, tmp_path: Path) -> None:
+    db = tmp_path / "tuning.json"
+    rpc = f"{local_tracker.address[0]}:{local_tracker.address[1]}"
+    path = fixture_path("cnn.onnx")
+    first = gcompile.compile_model(
+        path, output=tmp_path / "a.so", db=db, trials=3, rpc=rpc, key=local_tracker.key
+    )
+    assert first.verify is not None and first.verify.ok
+    assert first.tuning is not None and first.tuning.measurements > 0
+    assert db.is_file()
+    records = json.loads(db.read_text())["records"]
+    kinds = {r["kind"] for r in records}
+    assert len(records) == len(first.tuning.kernels) and "tuned" in kinds
+    assert first.tuned_kernels == sum(1 for r in records if r["kind"] == "tuned")
+    # the same model again, and the same model from another file: nothing measured
+    second = gcompile.compile_model(
+        path, output=tmp_path / "b.so", db=db, trials=3, rpc=rpc, key=local_tracker.key
+    )
+    assert second.tuning is not None and second.tuning.measurements == 0
+    assert {k.status for k in second.tuning.kernels} == {"cached"}
+    assert second.tuned_kernels == first.tuned_kernels
+    assert second.verify is not None and second.verify.ok
+    copy = tmp_path / "copy.onnx"
+    onnx.save(onnx.load(str(path)), str(copy))
+    third = gcompile.compile_model(
+        copy, output=tmp_path / "c.so", db=db, trials=0, rpc=rpc, key=local_tracker.key
+    )
+    assert third.tuning is None and third.tuned_kernels == first.tuned_kernels
+
+
+def _melspec_like(path: Path) -> Path:
+    """Conv1D STFT (512 taps, hop 160, 257 bins) + power + mel MatMul + log: the shape of
+    openWakeWord's melspectrogram model."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((257, 1, 512)) * 0.05).astype(np.float32)
+    mel = np.abs(rng.standard_normal((257, 32))).astype(np.float32)
+    nodes = [
+        helper.make_node("Unsqueeze", ["x", "ax"], ["x3"]),
+        helper.make_node("Conv", ["x3", "w"], ["re"], strides=[160]),
+        helper.make_node("Mul", ["re", "re"], ["pw"]),
+        helper.make_node("Transpose", ["pw"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "mel"], ["m"]),
+        helper.make_node("Add", ["m", "eps"], ["m1"]),
+        helper.make_node("Log", ["m1"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "melspec",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1760])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 32])],
+        [
+            numpy_helper.from_array(np.array([1], np.int64), "ax"),
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(mel, "mel"),
+            numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+        ],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(m, str(path))
+    return path
+
+
+def test_stft_conv1d_model_compiles_with_the_dot_rule(tmp_path: Path) -> None:
+    path = _melspec_like(tmp_path / "mel.onnx")
+    res = gcompile.compile_model(path, output=tmp_path / "mel.so")
+    assert res.verify is not None and res.verify.ok
+    assert res.schedules.get("dot", 0) >= 1, res.schedules
