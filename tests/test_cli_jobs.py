@@ -227,6 +227,7 @@ def _argv_for(command: str, model: str, tmp_path: Path) -> list[str]:
         "plan": ["plan", model],
         "fp16": ["fp16", model, "-o", out],
         "compile": ["compile", model, "-o", str(tmp_path / "out.so")],
+        "tune": ["tune", model, "--db", str(tmp_path / "tuning.json"), "--trials", "2"],
         "run": ["run", model],
         "bench": ["bench", str(tmp_path / "missing.so"), model],
         "diff": ["diff", str(CNN), model],
@@ -251,6 +252,7 @@ def test_non_model_file_exit_2(
     rc = main(_argv_for(command, str(bad), tmp_path))
     _assert_user_error(rc, capsys.readouterr().err)
     assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.so").exists()
+    assert not (tmp_path / "tuning.json").exists()
 
 
 def _corrupt_npz(tmp_path: Path) -> Path:
@@ -296,7 +298,7 @@ def _mistakes(tmp_path: Path) -> dict[str, list[str]]:
         "prune-scan-bad-ratio": ["prune", str(DIGITS), "--scan", "--ratios", "0.2,2"],
         "prune-no-output": ["prune", str(DIGITS), "--ratio", "0.2"],
         "plan-feeds-wrong-input": ["plan", str(CNN), "--feeds", str(feeds)],
-        "plan-feeds-not-npz": ["plan", str(CNN), "--feeds", str(x)],
+        "plan-feeds-unreadable": ["plan", str(CNN), "--feeds", str(junk)],
         "optimize-unknown-pass": ["optimize", str(CNN), "-o", out, "--passes", "fuse-everything"],
         "optimize-bad-shape": ["optimize", str(CNN), "-o", out, "--input-shape", "x:1x3"],
         "inspect-unknown-input": ["inspect", str(CNN), "--input-shape", "nope:1x3x32x32"],
@@ -329,7 +331,7 @@ MISTAKES = [
     "prune-scan-bad-ratio",
     "prune-no-output",
     "plan-feeds-wrong-input",
-    "plan-feeds-not-npz",
+    "plan-feeds-unreadable",
     "optimize-unknown-pass",
     "optimize-bad-shape",
     "inspect-unknown-input",

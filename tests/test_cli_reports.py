@@ -53,6 +53,8 @@ def test_prune_report(tmp_path: Path, capsys) -> None:
                 str(tmp_path / "p.onnx"),
                 "--ratio",
                 "0.2",
+                "--calib",
+                CALIB,
                 "--input-shape",
                 "x:1x1x8x8",
                 "--report",

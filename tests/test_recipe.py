@@ -220,7 +220,7 @@ def test_edge_int8_recipe_digits() -> None:
     )
     assert res.ok and [s.kind for s in res.steps] == ["simplify", "quantize", "plan-memory"]
     q, plan = res.steps[1], res.steps[2]
-    assert q.check == "SQNR >= 20 dB" and min(q.fidelity.values()) >= 20
+    assert q.check == "SQNR >= 10 dB" and min(q.fidelity.values()) >= 20
     assert res.plan is not None
     assert plan.arena_bytes == res.plan.arena_bytes and "arena execution" in plan.check
     assert all(math.isinf(v) or v > 80 for v in plan.step_sqnr.values())
