@@ -663,10 +663,11 @@ def feed_list(
 
     Args:
         source: None (the job generates inputs), one feed dict ``{input name: value}``, an
-            iterable of them (each exactly the model's inputs), or a path: a ``.npz`` whose arrays
-            fit the model's inputs as they are is one feed, and so is each ``.npz`` of a folder
-            of such files; otherwise a ``.npz``, ``.npy`` or folder in the ``--calib`` format
-            (samples on axis 0) gives one feed per batch.
+            iterable of them (each exactly the model's inputs), or a path in the ``--calib``
+            format (a ``.npz``, ``.npy`` or folder, samples on axis 0: one feed per batch of 8);
+            a ``.npz`` whose arrays have no common sample axis but fit the model's inputs as they
+            are (scalars, fixed state tensors) is one feed, and so is each ``.npz`` of a folder
+            of such files.
         model: the model the feeds are for.
         what: how the user gave them (for messages).
         limit: keep at most this many.
@@ -682,12 +683,11 @@ def feed_list(
         p = Path(source)
         if not p.exists():
             raise FeedError(f"{what} {p} does not exist")
-        files = [p] if p.is_file() and p.suffix == ".npz" else sorted(p.glob("*.npz"))
-        if files:
-            try:  # files that fit the inputs as they are: one feed each
-                return [check_feeds(model, read_feeds(f), what) for f in files[:limit]]
-            except FeedError:
-                pass  # not feeds as they are: samples on axis 0, as --calib takes them
+        # the --calib format first (samples on axis 0, one feed per batch), as README says of
+        # --feeds: a (20, 6) array for an [N, 6] input is 20 samples, in batches of 8. Arrays
+        # that have no common sample axis (a scalar input, a fixed [2, N, 128] state beside an
+        # [N, 512] input) are one feed as they are.
+        calib_error: CalibrationError | None = None
         try:
             reader = open_calibration(p, model, batch_size=8)
             out = []
@@ -695,9 +695,21 @@ def feed_list(
                 out.append(dict(batch))
                 if len(out) >= limit:
                     break
+            return out
         except CalibrationError as exc:
-            raise FeedError(f"{what}: {exc}") from None
-        return out
+            calib_error = exc
+        except IndexError:  # a rank-0 array: no sample axis
+            pass
+        files = [p] if p.is_file() and p.suffix == ".npz" else sorted(p.glob("*.npz"))
+        if files:
+            try:  # files that fit the inputs as they are: one feed each
+                return [check_feeds(model, read_feeds(f), what) for f in files[:limit]]
+            except FeedError:
+                if calib_error is None:
+                    raise
+        if calib_error is None:
+            raise FeedError(f"{what} {p}: a rank-0 array has no sample axis; give a .npz")
+        raise FeedError(f"{what}: {calib_error}") from None
     try:
         items = iter(source)
     except TypeError:

@@ -264,7 +264,9 @@ def optimize(
     if passes is not None:
         passes = _pass_list(passes, target)  # an unknown pass fails before the model is read
     res = optimize_model(
-        as_model(model, runs=verify_output or bench),
+        # given feeds: the model is run on them (a failure there is the user's FeedError), not
+        # smoke-run on generated inputs it may not accept (sizes, indices, grids)
+        as_model(model, runs=verify_output or bench, smoke=feeds is None),
         passes=passes,
         target=target,
         input_shapes=input_shapes,
