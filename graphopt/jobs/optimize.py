@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +18,10 @@ from typing import Any
 
 from graphopt.core.errors import GraphoptError, VerificationError
 from graphopt.core.feeds import FeedSource, feed_list, random_feeds
-from graphopt.core.latency import interleaved_latency
+from graphopt.core.latency import interleaved
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
+from graphopt.core.session import input_names, make_session
 from graphopt.core.shapes import infer_shapes, missing_shapes, prepare
 from graphopt.core.verify import ATOL as VERIFY_ATOL
 from graphopt.core.verify import RTOL as VERIFY_RTOL
@@ -69,6 +72,15 @@ ATOL = VERIFY_ATOL
 #: pipelines containing a lossy pass (quantize, prune, fp16) pass when every output reaches this
 LOSSY_MIN_SQNR_DB = 20.0
 
+#: ``optimize --bench``: the onnxruntime levels measured (``ORT_DISABLE_ALL``, ``ORT_ENABLE_ALL``)
+BENCH_LEVELS = ("disable_all", "all")
+LEVEL_NAMES = {"disable_all": "ORT_DISABLE_ALL", "all": "ORT_ENABLE_ALL"}
+#: ``optimize --bench``: the optimized model is slower than the input when its latency over the
+#: input's (the median of the per-round ratios) exceeds ``1 + max(BENCH_MIN_NOISE, 2 standard
+#: errors of that median)`` at some level, in two measurements in a row; the input's graph is then
+#: written instead, with a warning
+BENCH_MIN_NOISE = 0.03
+
 
 def default_pipeline(target: str = "portable") -> list[str]:
     """The default pass names for a target, restricted to passes that are registered."""
@@ -117,6 +129,12 @@ class OptimizeResult(TransformResult):
         target: ``portable`` or ``ort``.
         pass_seconds: time spent in the passes (``seconds`` is the whole job).
         latency_ms: with ``bench``: ``{"before"|"after": {"disable_all"|"all": ms}}``.
+        latency_ratio: with ``bench``: per level, the optimized model's latency over the input's
+            (median of the per-round ratios; above 1: slower).
+        kept_input: with ``bench``: the optimized model was slower than the input beyond noise,
+            so the input's graph was written (``model`` is the input's; ``optimized`` the
+            rejected one).
+        optimized: the pipeline's result when ``kept_input`` (else None).
     """
 
     manager: ManagerResult
@@ -124,6 +142,9 @@ class OptimizeResult(TransformResult):
     target: str = "portable"
     pass_seconds: float = 0.0
     latency_ms: dict[str, dict[str, float]] | None = None
+    latency_ratio: dict[str, float] | None = None
+    kept_input: bool = False
+    optimized: Model | None = None
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Counters summed over the sweeps, per pass name."""
@@ -139,8 +160,68 @@ class OptimizeResult(TransformResult):
                 **self.change_json(),
                 "target": self.target,  # type: ignore[no-any-return]
                 "latency_ms": self.latency_ms,
+                "latency_ratio": self.latency_ratio,
+                "kept_input": self.kept_input,
             }
         )
+
+
+@dataclass
+class BenchResult:
+    """One interleaved measurement of the input against the optimized model.
+
+    Attributes:
+        latency_ms: ``{"before"|"after": {level: median ms}}``.
+        ratio: per level, the median of the per-round ratios after/before.
+        noise: per level, the relative margin a ratio must exceed to count as slower.
+    """
+
+    latency_ms: dict[str, dict[str, float]]
+    ratio: dict[str, float]
+    noise: dict[str, float]
+
+    def slower(self) -> list[str]:
+        """The levels where the optimized model is slower than the input beyond noise."""
+        return [lv for lv, r in self.ratio.items() if r > 1.0 + self.noise[lv]]
+
+
+def bench_models(
+    before: Model,
+    after: Model,
+    feeds: Mapping[str, Any],
+    levels: Sequence[str] = BENCH_LEVELS,
+    runs: int = 30,
+) -> BenchResult:
+    """Time ``before`` and ``after`` interleaved at every onnxruntime level (1 thread, spinning
+    off) on one feed dict.
+
+    The noise margin of a level is two standard errors of the median per-round ratio
+    (``1.2533 * sigma / sqrt(n)``, sigma estimated robustly as IQR / 1.349), at least
+    :data:`BENCH_MIN_NOISE`.
+    """
+    runners = {}
+    for name, model in (("before", before), ("after", after)):
+        for level in levels:
+            sess = make_session(model, level, 1)
+            f = {k: v for k, v in feeds.items() if k in input_names(sess)}
+            runners[f"{name}@{level}"] = _runner(sess, f)
+    t = interleaved(runners, runs=runs, warmup=3)
+    latency = {
+        name: {lv: t.median_ms(f"{name}@{lv}") for lv in levels} for name in ("before", "after")
+    }
+    ratio, noise = {}, {}
+    for lv in levels:
+        a, b = f"after@{lv}", f"before@{lv}"
+        ratio[lv] = t.ratio(a, b, paired=True)
+        per_round = [x / y for x, y in zip(t.times[a], t.times[b], strict=False) if y > 0]
+        q = statistics.quantiles(per_round, n=4) if len(per_round) >= 4 else [1.0, 1.0, 1.0]
+        se = 1.2533 * ((q[2] - q[0]) / 1.349) / math.sqrt(max(len(per_round), 1))
+        noise[lv] = max(BENCH_MIN_NOISE, 2.0 * se / max(ratio[lv], 1e-12))
+    return BenchResult(latency, ratio, noise)
+
+
+def _runner(sess: Any, feeds: Mapping[str, Any]) -> Callable[[], object]:
+    return lambda: sess.run(None, feeds)
 
 
 def optimize_model(
@@ -276,6 +357,8 @@ def optimize(
         on_pass=on_pass,
     )
     res.input = source_path(model)
+    if bench:
+        _bench_or_keep_input(res, feeds)
     write_outputs(
         res,
         out_path,
@@ -286,10 +369,32 @@ def optimize(
         tables={"passes": [{"pass": k, **v} for k, v in res.stats().items()]},
     )
     res.seconds = time.perf_counter() - t0
-    if bench:
-        given = feed_list(feeds, res.original, limit=1)
-        res.latency_ms = interleaved_latency(
-            {"before": res.original, "after": res.model},
-            given[0] if given else random_feeds(res.original, seed=0),
-        )
     return res
+
+
+def _bench_or_keep_input(res: OptimizeResult, feeds: FeedSource | None) -> None:
+    """``optimize --bench``: measure the input against the optimized model and, when the
+    optimized one is slower beyond noise at some level in two measurements in a row, hand back
+    the input's graph instead (``kept_input``) with a warning that says so."""
+    given = feed_list(feeds, res.original, limit=1)
+    feed = given[0] if given else random_feeds(res.original, seed=0)
+    b = bench_models(res.original, res.model, feed)
+    if b.slower():  # confirm: one noisy measurement must not throw the optimization away
+        again = bench_models(res.original, res.model, feed)
+        if set(again.slower()) & set(b.slower()):
+            b = again
+        else:
+            b = BenchResult(
+                b.latency_ms, {lv: min(b.ratio[lv], again.ratio[lv]) for lv in b.ratio}, b.noise
+            )
+    res.latency_ms = b.latency_ms
+    res.latency_ratio = {lv: round(r, 4) for lv, r in b.ratio.items()}
+    slower = b.slower()
+    if slower:
+        res.optimized, res.model, res.kept_input = res.model, res.original, True
+        res.__dict__.pop("after", None)  # the cached figures were of the optimized model
+        logger.warning(
+            "the optimized model is slower than the input (%s); the input's graph is written "
+            "instead",
+            ", ".join(f"{b.ratio[lv]:.2f}x the input's at {LEVEL_NAMES[lv]}" for lv in slower),
+        )

@@ -1,0 +1,111 @@
+"""The never-worse contract of issue 14: a command that claims speed or changes numbers never hands
+back something worse than its input without saying so.
+
+- ``optimize --bench``: an optimized model slower than the input beyond noise is not written; the
+  input's graph is, with a warning (timings are never asserted: the measurement is replaced by a
+  fixed one where the decision is tested).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt.core.loader import load
+from graphopt.core.model import Model
+from graphopt.jobs import optimize as opt_job
+from graphopt.jobs.optimize import BenchResult, bench_models, optimize
+
+
+def _identity_model() -> Model:
+    """y = Relu(Identity(Identity(x))): the default pipeline removes both Identity nodes."""
+    g = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["a"]),
+            helper.make_node("Identity", ["a"], ["b"]),
+            helper.make_node("Relu", ["b"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return Model.from_onnx(proto)
+
+
+def _fixed(ratios: list[float]) -> object:
+    """A stand-in for :func:`bench_models` whose k-th call measures ``ratios[k]`` (after/before)
+    at both levels, 3 % noise."""
+    calls = iter(ratios)
+
+    def bench(before: Model, after: Model, feeds: object, **kw: object) -> BenchResult:
+        r = next(calls)
+        lat = {"before": {"disable_all": 1.0, "all": 1.0}, "after": {"disable_all": r, "all": r}}
+        return BenchResult(lat, {"disable_all": r, "all": r}, {"disable_all": 0.03, "all": 0.03})
+
+    return bench
+
+
+def test_bench_keeps_the_input_when_the_optimized_model_is_slower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(opt_job, "bench_models", _fixed([1.5, 1.4]))
+    out = tmp_path / "o.onnx"
+    with caplog.at_level(logging.WARNING, logger="graphopt"):
+        res = optimize(_identity_model(), output=out, bench=True)
+    assert res.kept_input and res.optimized is not None
+    assert res.optimized.op_histogram() == {"Relu": 1}  # what the pipeline made, not written
+    assert load(out).op_histogram() == {"Identity": 2, "Relu": 1}  # the input's graph
+    d = res.to_json()
+    assert d["kept_input"] is True and d["nodes_after"] == d["nodes_before"] == 3
+    assert d["latency_ratio"] == {"disable_all": 1.4, "all": 1.4}
+    assert "slower than the input" in caplog.text and "input's graph is written" in caplog.text
+
+
+def test_bench_writes_the_optimized_model_when_not_slower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for ratios in ([0.8], [1.02], [1.5, 1.01]):  # faster, within noise, one noisy measurement
+        monkeypatch.setattr(opt_job, "bench_models", _fixed(ratios))
+        out = tmp_path / "o.onnx"
+        with caplog.at_level(logging.WARNING, logger="graphopt"):
+            res = optimize(_identity_model(), output=out, bench=True)
+        assert not res.kept_input and res.optimized is None, ratios
+        assert load(out).op_histogram() == {"Relu": 1}, ratios
+        assert "slower than the input" not in caplog.text
+
+
+def test_bench_models_measures_both_levels() -> None:
+    """The real measurement: its shape, never its figures."""
+    m = _identity_model()
+    b = bench_models(m, m, {"x": np.ones((4, 8), np.float32)}, runs=5)
+    assert set(b.latency_ms) == {"before", "after"}
+    assert set(b.ratio) == set(b.noise) == {"disable_all", "all"}
+    assert all(r > 0 for r in b.ratio.values())
+    assert all(n >= opt_job.BENCH_MIN_NOISE for n in b.noise.values())
+
+
+def test_cli_bench_json_has_the_verdict(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(_identity_model().to_onnx(), str(src))
+    out = subprocess.run(
+        [sys.executable, "-m", "graphopt.cli", "optimize", str(src), "-o", str(tmp_path / "o")]
+        + ["--bench", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert isinstance(d["kept_input"], bool)
+    assert set(d["latency_ratio"]) == {"disable_all", "all"}
+    written = load(tmp_path / "o").op_histogram()
+    assert written == ({"Identity": 2, "Relu": 1} if d["kept_input"] else {"Relu": 1})
