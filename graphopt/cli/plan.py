@@ -109,6 +109,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         t.add_row(*row)
     c = console()
     c.print(t)
+    if res.shapes_from in ("drawn", "feeds") and res.input_shapes:
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in res.input_shapes.items())
+        why = "the --feeds" if res.shapes_from == "feeds" else "drawn from its dynamic dims"
+        c.print(
+            f"planned for input shapes {fmt_name(shapes)} ({why}; the offsets hold at these "
+            "shapes only: give --input-shape for yours)"
+        )
     c.print(f"peak at step {plan.peak_step} of {plan.steps}: node '{fmt_name(plan.peak_node)}'")
     c.print(
         f"buffers {s['buffers']} for {s['tensors']} tensors: {plan.aliased} aliased views, "

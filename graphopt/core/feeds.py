@@ -2,7 +2,7 @@
 streamed in batches.
 
 Random feeds (:func:`random_feeds`): floats ~ N(0, 1), integers 0, bools False, for every graph
-input; a dynamic leading dim is taken as a batch of 1, other dynamic dims must be fixed.
+input; dynamic dims take the values of a draw of :data:`DIM_DRAWS` (batch 1 or 3, others 7 or 64).
 
 Calibration data (:func:`open_calibration`).
 
@@ -737,27 +737,74 @@ def feed_list(
 MAX_FEED_BYTES = 2**31
 
 
+#: the concrete values a graph input's dynamic dims take in generated inputs, one pair per draw:
+#: (value of a dynamic leading dim, such as a batch, value of any other dynamic dim, such as a
+#: sequence length). Verifying commands run the model once per draw, so that a rewrite that holds
+#: at one size only is caught; a dim name shared by several inputs takes one value per draw.
+DIM_DRAWS: tuple[tuple[int, int], ...] = ((1, 7), (3, 64))
+
+
+def _is_fixed(d: object) -> bool:
+    return bool(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0)
+
+
+def dynamic_dims(model: Model) -> dict[str, bool]:
+    """The dynamic dims of the model's graph inputs (initializer-backed inputs excluded): dim
+    name -> whether it is a leading dim (where it first appears). Unnamed dynamic dims are
+    keyed ``""`` (leading) and ``"?"`` (other)."""
+    defaults = getattr(model, "input_defaults", {}) or {}
+    out: dict[str, bool] = {}
+    for t in model.graph.inputs:
+        if t.name in defaults or t.shape is None:
+            continue
+        for i, d in enumerate(t.shape):
+            if not _is_fixed(d):
+                out.setdefault(_dim_key(d, i), i == 0)
+    return out
+
+
+def _dim_key(d: object, axis: int) -> str:
+    if isinstance(d, str) and d:
+        return d
+    return "" if axis == 0 else "?"
+
+
+def dim_draws(model: Model) -> list[dict[str, int]]:
+    """The values of the model's dynamic input dims in each draw (:data:`DIM_DRAWS`): a list of
+    ``{dim name: value}``, one entry (empty) when every input dim is fixed."""
+    dims = dynamic_dims(model)
+    if not dims:
+        return [{}]
+    return [
+        {k: lead if leading else other for k, leading in dims.items()} for lead, other in DIM_DRAWS
+    ]
+
+
+def drawn_shapes(model: Model, draw: int = 0) -> dict[str, list[int]]:
+    """The concrete shape of every graph input in draw ``draw`` (inputs of unknown rank left
+    out)."""
+    values = dim_draws(model)[draw % len(dim_draws(model))]
+    return {
+        t.name: _concrete_dims(t.name, t.shape, values)
+        for t in model.graph.inputs
+        if t.shape is not None
+    }
+
+
 def _concrete_dims(
-    name: str, shape: Sequence[object] | None, fallback: Mapping[str, int]
+    name: str, shape: Sequence[object] | None, values: Mapping[str, int]
 ) -> list[int]:
     if shape is None:
         raise ShapeError(
             f"input '{name}' has no declared shape; give --input-shape {name}:D1xD2x..."
         )
+    lead, other = DIM_DRAWS[0]
     dims = []
     for i, d in enumerate(shape):
-        if isinstance(d, (int, np.integer)) and d >= 0:
-            dims.append(int(d))
-        elif isinstance(d, str) and d in fallback:
-            dims.append(fallback[d])
-        elif i == 0:
-            dims.append(1)  # a dynamic leading dim is a batch dim: use 1
+        if _is_fixed(d):
+            dims.append(int(d))  # type: ignore[call-overload]
         else:
-            raise ShapeError(
-                f"input '{name}' has dynamic dims {list(shape)}; fix them with "
-                f"--input-shape {name}:"
-                + "x".join(str(x) if isinstance(x, int) and x > 0 else "N" for x in shape)
-            )
+            dims.append(values.get(_dim_key(d, i), lead if i == 0 else other))
     return dims
 
 
@@ -869,9 +916,12 @@ def _np_dtype(dtype: Any) -> np.dtype:
 
 
 def random_feeds(
-    model: Model, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None
+    model: Model, seed: int = 0, shapes: Mapping[str, Sequence[int]] | None = None, draw: int = 0
 ) -> Feeds:
     """Seeded inputs for every graph input that the model can run on.
+
+    Dynamic dims take the values of draw ``draw`` of :func:`dim_draws` (by default a leading
+    dynamic dim is 1 and any other 7), unless ``shapes`` gives the input's shape.
 
     Floats ~ N(0,1), integers 0 (an index in range), bools False, strings empty; an input with a
     default (an initializer the file also lists as an input, IR < 4) gets its default; divisors
@@ -881,13 +931,15 @@ def random_feeds(
         FeedError: an input carries sizes, shapes or bounds (:data:`SHAPE_INPUTS`) and has no
             default, or is not a tensor (sequence, map, optional): random values cannot stand
             in for it, the command needs ``--feeds``.
-        ShapeError: a dynamic dim that is not the leading one, or an input too large to build.
+        ShapeError: an input of unknown rank, or an input too large to build.
     """
     rng = np.random.default_rng(seed)
     defaults = getattr(model, "input_defaults", {}) or {}
     value_types = getattr(model, "value_types", {}) or {}
     roles = input_roles(model)
     feeds: Feeds = {}
+    draws = dim_draws(model)
+    values = draws[draw % len(draws)]
     for t in model.graph.inputs:
         if t.name in defaults:
             import onnx.numpy_helper  # noqa: PLC0415
@@ -909,7 +961,7 @@ def random_feeds(
         dims = (
             list(shapes[t.name])
             if shapes and t.name in shapes
-            else _concrete_dims(t.name, t.shape, {})
+            else _concrete_dims(t.name, t.shape, values)
         )
         dtype = _np_dtype(t.dtype)
         nbytes = int(np.prod(dims, dtype=object)) * dtype.itemsize if dims else dtype.itemsize

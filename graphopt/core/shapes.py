@@ -109,18 +109,36 @@ def static_input_shapes(
     if unknown:
         raise ShapeError(f"--input-shape names unknown inputs {unknown}; inputs are {names}")
     shapes: dict[str, Shape] = {}
+    dynamic: list[tuple[str, list[object]]] = []
     for t in model.graph.inputs:
         if t.name in given:
             shapes[t.name] = given[t.name]
             continue
         dims = list(t.shape or [])
         if not dims or not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
-            raise ShapeError(
-                f"input '{t.name}' has dynamic shape {dims}; a fixed shape is needed: pass "
-                f"--input-shape {t.name}:1x3x640x640 (input_shapes={{'{t.name}': (...)}})"
-            )
+            dynamic.append((t.name, dims))
+            continue
         shapes[t.name] = tuple(int(d) for d in dims)
+    if dynamic:
+        name, dims = dynamic[0]
+        options = " ".join(f"--input-shape {n}:{_example(d)}" for n, d in dynamic)
+        raise ShapeError(
+            f"input '{name}' has dynamic shape {_fmt(dims)}"
+            + (f" ({len(dynamic) - 1} more inputs too)" if len(dynamic) > 1 else "")
+            + f"; a fixed shape is needed here: give the sizes to compile for, e.g. {options} "
+            f"(input_shapes={{'{name}': (...)}})"
+        )
     return shapes
+
+
+def _example(dims: Sequence[object]) -> str:
+    """``1x128``: an ``--input-shape`` example for dims (a dynamic leading dim 1, others 128)."""
+    if not dims:
+        return "1x3x640x640"
+    return "x".join(
+        str(d) if isinstance(d, (int, np.integer)) and d > 0 else ("128" if i else "1")
+        for i, d in enumerate(dims)
+    )
 
 
 def is_static(shape: Sequence[object] | None) -> bool:
@@ -223,6 +241,108 @@ def onnx_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
     found: dict[str, tuple[int, list[object] | None]] = {}
     _collect(inferred.graph, found)
     return found
+
+
+_SYMBOLIC: list[Any] = []
+
+
+def _symbolic_module() -> Any:
+    """onnxruntime's symbolic shape inference module, or None without sympy.
+
+    Loaded from its file: importing ``onnxruntime.tools`` imports torch when it is installed
+    (seconds), which shape inference does not need."""
+    if not _SYMBOLIC:
+        mod = None
+        try:
+            import importlib.util  # noqa: PLC0415
+
+            import sympy  # noqa: F401, PLC0415 - the module needs it; fail fast without
+
+            spec = importlib.util.find_spec("onnxruntime")
+            origin = spec.origin if spec is not None else None
+            path = os.path.join(os.path.dirname(origin or ""), "tools", "symbolic_shape_infer.py")
+            file_spec = importlib.util.spec_from_file_location("graphopt._ort_symbolic", path)
+            if origin and os.path.exists(path) and file_spec and file_spec.loader:
+                mod = importlib.util.module_from_spec(file_spec)
+                file_spec.loader.exec_module(mod)
+                logging.getLogger(mod.__name__).setLevel(logging.ERROR)
+        except Exception as exc:  # noqa: BLE001 - optional: ONNX inference alone then
+            logger.debug("symbolic shape inference unavailable: %s", first_line(exc))
+            mod = None
+        _SYMBOLIC.append(mod)
+    return _SYMBOLIC[0]
+
+
+def symbolic_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
+    """onnxruntime's symbolic shape inference (sympy) on an export of ``model`` with its declared
+    shapes dropped: tensor name -> (element type, dims), dims symbolic where they depend on
+    dynamic input dims (``batch``, ``seq``, ``2*seq``). Empty when it is unavailable or fails;
+    the model is not changed.
+
+    Where ONNX's own inference loses a dim (a ``Reshape`` to a shape computed from ``Shape``), this
+    one follows the arithmetic. Dims that broadcasting requires equal are merged (any run that
+    succeeds has them equal).
+    """
+    mod = _symbolic_module()
+    if mod is None:
+        return {}
+    proto = model.to_onnx(weights=model.param_bytes() < WEIGHTLESS_BYTES)
+    _strip_declared_shapes(proto)
+    if proto.ByteSize() >= PROTO_LIMIT:
+        proto = _weightless(proto)
+    try:
+        # the loop of SymbolicShapeInference.infer_shapes, which writes a file into the current
+        # folder when inference is incomplete: here an incomplete result is used as it is
+        ssi = mod.SymbolicShapeInference(2**31 - 1, True, False, 0)
+        ssi._preprocess(proto)
+        while ssi.run_:
+            ssi._infer_impl()
+        ssi._update_output_from_vi()
+        inferred = ssi.out_mp_
+    except Exception as exc:  # noqa: BLE001 - exotic graphs: ONNX inference alone
+        logger.debug("symbolic shape inference failed: %s", first_line(exc))
+        return {}
+    found: dict[str, tuple[int, list[object] | None]] = {}
+    _collect(inferred.graph, found)
+    return found
+
+
+def _merge_symbolic(
+    found: dict[str, tuple[int, list[object] | None]],
+    symbolic: Mapping[str, tuple[int, list[object] | None]],
+) -> int:
+    """Complete ONNX's shapes with symbolic ones (in place): a dim ONNX left unknown or named
+    ``unk__N`` takes the symbolic inference's dim; a rank conflict keeps ONNX's. Returns how
+    many tensors gained information."""
+    gained = 0
+    for name, (elem, sym) in symbolic.items():
+        if sym is None:
+            continue
+        have = found.get(name)
+        if have is None or have[1] is None:
+            found[name] = (have[0] if have and have[0] else elem, list(sym))
+            gained += 1
+            continue
+        old = have[1]
+        if len(old) != len(sym):
+            logger.debug("shape of %s: ONNX %s, symbolic %s; ONNX kept", name, old, sym)
+            continue
+        new = [o if _known(o) else s for o, s in zip(old, sym)]
+        if new != old:
+            found[name] = (have[0], new)
+            gained += 1
+    return gained
+
+
+def _known(d: object) -> bool:
+    """A dim that says something: an int, or a name that is not a fresh ``unk__N``."""
+    if isinstance(d, (int, np.integer)):
+        return True
+    return isinstance(d, str) and bool(d) and not d.startswith("unk__")
+
+
+def _fresh_unknowns(shape: Sequence[object] | None) -> bool:
+    return shape is None or not all(_known(d) for d in shape)
 
 
 def _weightless(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -390,6 +510,11 @@ def infer_shapes(
     if not getattr(model, "weights_loaded", True):
         ort_fallback = False  # its external weights were not read: onnxruntime cannot run it
     found = onnx_infer(model)
+    if not inputs_static(model) and any(
+        _fresh_unknowns(shape) for _, shape in found.values()
+    ):  # dynamic input dims: follow them symbolically where ONNX's inference loses them
+        n = _merge_symbolic(found, symbolic_infer(model))
+        logger.debug("symbolic shape inference completed %d shapes", n)
     inputs = {t.name for t in model.graph.inputs}
     declared_rank = {t.name: len(t.shape) for t in model.graph.outputs if t.shape is not None}
     # nothing declared survives unless re-derived: clear main-graph variables that inference missed

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from graphopt.core.errors import FeedError, GraphoptError, VerificationError, first_line
-from graphopt.core.feeds import random_feeds
+from graphopt.core.feeds import dim_draws, random_feeds
 from graphopt.core.loader import load
 from graphopt.core.model import Model, release_weight_pages
 from graphopt.core.session import (
@@ -384,7 +384,8 @@ def verify(
 
     Args:
         feeds: one feed dict, a list of them, or None for ``samples`` seeded random inputs built
-            from the original's input shapes (dynamic dims must be fixed first).
+            from the original's input shapes at each draw of its dynamic dims
+            (:func:`graphopt.core.feeds.dim_draws`).
         rtol, atol: tolerance for semantics-preserving transforms, relative to max |reference|
             (for float32 outputs; widened per output dtype, :func:`dtype_tolerance`).
         min_sqnr_db, min_cosine: for lossy transforms; when given they replace rtol/atol. Over
@@ -396,7 +397,12 @@ def verify(
     ref_model = original if not isinstance(original, (str, os.PathLike)) else load(original)
     if feeds is None:
         base = ref_model if isinstance(ref_model, Model) else Model.from_onnx(ref_model)
-        feed_list = [random_feeds(base, seed=seed + i) for i in range(samples)]
+        # one set of samples per draw of the dynamic dims (batch 1 and 3, sequence 7 and 64)
+        feed_list = [
+            random_feeds(base, seed=seed + i, draw=k)
+            for k in range(len(dim_draws(base)))
+            for i in range(samples)
+        ]
     elif isinstance(feeds, Mapping):
         feed_list = [dict(feeds)]
     else:

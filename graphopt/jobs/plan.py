@@ -26,10 +26,17 @@ from graphopt.algorithms.memory.arena import ProofReport, probe_unknown, prove
 from graphopt.algorithms.memory.order import reorder_for_memory
 from graphopt.algorithms.memory.planner import ALIGNMENT, MemoryPlan, plan_order
 from graphopt.core.errors import VerificationError
-from graphopt.core.feeds import FeedSource, check_feeds, feed_list, random_feeds
+from graphopt.core.feeds import (
+    FeedSource,
+    check_feeds,
+    drawn_shapes,
+    dynamic_dims,
+    feed_list,
+    random_feeds,
+)
 from graphopt.core.model import Model
 from graphopt.core.saver import save
-from graphopt.core.shapes import prepare
+from graphopt.core.shapes import is_static, prepare
 from graphopt.core.verify import verify
 from graphopt.jobs.common import (
     ModelLike,
@@ -49,6 +56,38 @@ PLAN_METADATA_KEY = "graphopt.memory_plan"
 PLAN_FILE_SUFFIX = ".memplan.json"
 
 
+#: the draw of the dynamic dims (:data:`graphopt.core.feeds.DIM_DRAWS`) a model is planned at
+#: when neither ``input_shapes`` nor feeds give its dims: the larger one (batch 3, others 64)
+PLAN_DRAW = -1
+
+
+def plan_shapes(
+    model: Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> tuple[dict[str, list[int]] | None, str]:
+    """The concrete input shapes a plan is made for, and where they come from.
+
+    An arena plan holds for one set of input shapes: a model with dynamic dims is planned at
+    ``input_shapes`` where given (``"input_shapes"``), else at the shapes of ``feeds``
+    (``"feeds"``), else at shapes drawn from its dynamic dims (``"drawn"``, batch 3, other dims
+    64). A model whose inputs are all fixed is planned as it is (``"model"``).
+
+    Returns:
+        (shapes to fix, or None to fix nothing; the source)
+    """
+    if input_shapes:
+        return {k: list(v) for k, v in input_shapes.items()}, "input_shapes"
+    if not dynamic_dims(model):
+        return None, "model"
+    names = {t.name for t in model.graph.inputs}
+    if feeds is not None:
+        return {
+            k: list(np.shape(v)) for k, v in feeds.items() if k in names and hasattr(v, "shape")
+        }, "feeds"
+    return drawn_shapes(model, draw=PLAN_DRAW), "drawn"
+
+
 def plan_model(
     model: ModelLike,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -65,7 +104,9 @@ def plan_model(
     Args:
         model: the model (or its path); it is not changed (a prepared copy is planned, see
             ``plan.model``).
-        input_shapes: fixed shapes for dynamic inputs (``{"x": (1, 3, 640, 640)}``).
+        input_shapes: fixed shapes for dynamic inputs (``{"x": (1, 3, 640, 640)}``); without
+            them a model with dynamic dims is planned at the shapes of ``feeds``, else at drawn
+            shapes (:func:`plan_shapes`; ``plan.model``'s inputs say which).
         strategy: ``greedy-size``, ``greedy-breadth`` or ``best`` (try all, keep the smallest).
         inplace: let elementwise ops overwrite a dying input and reshapes alias their input.
         reorder: search a node order with a lower peak first (never accepting a worse one).
@@ -81,7 +122,8 @@ def plan_model(
     if prepared:
         work = model.clone() if reorder else model
     else:
-        work = prepare(model.clone(), input_shapes)
+        shapes, _ = plan_shapes(model, input_shapes, feeds)
+        work = prepare(model.clone(), shapes)
     if feeds is not None:
         feeds = check_feeds(work, feeds, "--feeds")
     positions = {id(n): i for i, n in enumerate(work.graph.nodes)}
@@ -143,6 +185,10 @@ class PlanResult:
             beside it.
         plot, report_path: the picture and the HTML report written (None when not asked for).
         seconds: time spent planning (proof, plot and writing excluded).
+        input_shapes: the concrete input shapes planned for (a plan holds for one set).
+        shapes_from: where they come from: ``model`` (its inputs are fixed), ``input_shapes``,
+            ``feeds`` or ``drawn`` (from the dynamic dims: batch 3, other dims 64); the written
+            model keeps its dynamic dims, its arena offsets hold at these shapes.
     """
 
     plan: MemoryPlan
@@ -154,6 +200,8 @@ class PlanResult:
     plot: Path | None = None
     report_path: Path | None = None
     seconds: float = 0.0
+    input_shapes: dict[str, list[int]] | None = None
+    shapes_from: str = "model"
 
     @property
     def arena_bytes(self) -> int:
@@ -184,6 +232,8 @@ class PlanResult:
             {  # type: ignore[no-any-return]
                 "model": self.input,
                 **self.plan.summary(),
+                "input_shapes": self.input_shapes,
+                "shapes_from": self.shapes_from,
                 "report": path_or_none(self.report_path),
                 "output": path_or_none(self.output),
                 "plan_file": path_or_none(self.plan_file),
@@ -252,6 +302,16 @@ def plan_memory(
         prepared=prepared,
     )
     res = PlanResult(plan, source, input=source_path(model), seconds=time.perf_counter() - t0)
+    if prepared:
+        res.shapes_from = "model"
+    else:
+        res.input_shapes, res.shapes_from = plan_shapes(source, input_shapes, feeds)
+    if res.input_shapes is None and plan.model is not None:
+        res.input_shapes = {
+            t.name: [int(d) for d in t.shape]  # type: ignore[union-attr]
+            for t in plan.model.graph.inputs
+            if is_static(t.shape)
+        }
     if prove_plan is None:
         prove_plan = out_path is not None
     elif not prove_plan and out_path is not None:

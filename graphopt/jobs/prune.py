@@ -207,7 +207,7 @@ def _eval_feeds(
     probe = model.clone()
     if input_shapes:
         fix_input_shapes(probe, input_shapes)
-    return [random_feeds(probe, seed=s) for s in range(n)]
+    return [random_feeds(probe, seed=s, draw=s) for s in range(n)]  # both draws of dynamic dims
 
 
 def prune(
