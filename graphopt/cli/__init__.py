@@ -126,14 +126,37 @@ class _SafeText(logging.Filter):
         return True
 
 
-def log_handler() -> logging.Handler:
-    """The stderr handler of the command line: rich, and every message made safe for the
-    terminal (model names in warnings)."""
-    from rich.logging import RichHandler  # noqa: PLC0415 - only when a command runs
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever ``sys.stderr`` is when a record arrives (so that a test's
+    captured stderr, or a stream replaced after start-up, gets the line)."""
 
-    from graphopt.cli.common import console  # noqa: PLC0415
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
 
-    handler = RichHandler(console=console(stderr=True), show_time=False)
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+class _LevelFormatter(logging.Formatter):
+    """``%(levelname)s`` in lower case (``warning``, ``error``), as in the error lines; the
+    record itself is left as it is for other handlers."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        lowered = logging.makeLogRecord(record.__dict__)
+        lowered.levelname = record.levelname.lower()
+        return super().formatMessage(lowered)
+
+
+def log_handler(verbose: int = 0) -> logging.Handler:
+    """The stderr handler of the command line: one line per message, ``graphopt: warning: ...``
+    as the error lines are ``graphopt: error: ...``, never wrapped or split into columns (a
+    script or a log file reads one record per line); with ``-vv`` the logger's name follows the
+    level. Every message is made safe for the terminal first (model names in warnings; a newline
+    in a message is written as ``\\n``), only a ``-v`` traceback spans lines."""
+    name = "%(name)s: " if verbose >= 2 else ""
+    handler = _StderrHandler()
+    handler.setFormatter(_LevelFormatter(f"graphopt: %(levelname)s: {name}%(message)s"))
     handler.addFilter(_SafeText())
     return handler
 
@@ -141,7 +164,7 @@ def log_handler() -> logging.Handler:
 def setup_logging(verbose: int) -> None:
     """``-v``: INFO, ``-vv``: DEBUG, for graphopt and for onnx-graphsurgeon's own logger."""
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[log_handler()])
+    logging.basicConfig(level=level, handlers=[log_handler(verbose)])
     from onnx_graphsurgeon.logger import G_LOGGER  # noqa: PLC0415 - only when a command runs
 
     G_LOGGER.severity = (
