@@ -20,6 +20,7 @@ from graphopt.fixtures import fixture_path
 
 tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'graphopt[tvm]')")
 
+import tvm_ffi  # noqa: E402
 from tvm import te, topi  # noqa: E402
 
 from graphopt.algorithms.tvm import measure as M  # noqa: E402
@@ -421,3 +422,98 @@ def test_stft_conv1d_model_compiles_with_the_dot_rule(tmp_path: Path) -> None:
     res = gcompile.compile_model(path, output=tmp_path / "mel.so")
     assert res.verify is not None and res.verify.ok
     assert res.schedules.get("dot", 0) >= 1, res.schedules
+
+
+def _model_tasks(path: Path) -> tuple[object, list[SR.KernelTask]]:
+    """The schedule target and the distinct kernels of a model, as ``graphopt compile`` sees
+    them."""
+    from graphopt.algorithms.tvm.emit import fused_module, import_relax, parse_target
+    from graphopt.core.loader import load
+
+    prepared, info = gcompile.prepare_model(load(path), None)
+    mod = import_relax(prepared.to_onnx(), info["input_shapes"])
+    spec = gcompile.schedule_spec(parse_target("llvm"), info["macs"])
+    fused = fused_module(mod, spec, info["pool_groups"] > 0)
+    with spec.tvm_target():
+        tasks = SR.extract_tasks(fused, spec.vector_lanes, spec.num_cores)
+    return spec, tasks
+
+
+def test_database_records_change_the_compiled_schedules(tmp_path: Path) -> None:
+    """A record for a kernel (a non-hand candidate of its search space) is what the library is
+    built with: the scheduled kernel differs from the hand rule's, every recorded kernel is
+    counted, and the library still matches onnxruntime. Records under another CPU key change
+    nothing."""
+    path = fixture_path("cnn.onnx")
+    spec, tasks = _model_tasks(path)
+    lanes, cores = spec.vector_lanes, spec.num_cores
+    target, cpu = gcompile.tuning_keys(spec, None)
+    db, other = TuningDB(tmp_path / "db.json"), TuningDB(tmp_path / "other.json")
+    changed = 0
+    with spec.tvm_target():
+        for t in tasks:
+            hand, hand_rule = S.schedule_func(t.func, lanes, cores)
+            for cand in SR.rank(t, SR.search_space(t, lanes), lanes, cores):
+                if cand.params is None or cand.template != t.hand_template:
+                    continue
+                try:
+                    new = S.apply_template(t.func, cand.template, cand.params, lanes, cores)
+                except Exception:  # noqa: BLE001 - a candidate the template refuses
+                    continue
+                if new is None or tvm_ffi.structural_equal(new, hand):
+                    continue
+                rec = TuningRecord(
+                    t.signature, target, cpu, cand.template, cand.params, 1.0, 2.0, 2, "tuned"
+                )
+                db.put(rec)
+                other.put(TuningRecord(**{**rec.to_json(), "cpu": "x86_64:other"}))
+                # what the chooser gives is what the schedule is built from
+                assert db.chooser(target, cpu)(t.func) == (cand.template, cand.params)
+                got, rule = S.schedule_func(t.func, lanes, cores, (cand.template, cand.params))
+                assert rule == hand_rule and got is not None
+                assert not tvm_ffi.structural_equal(got, hand)
+                changed += 1
+                break
+    assert changed >= 2, [t.desc for t in tasks]
+    db.save()
+    other.save()
+    res = gcompile.compile_model(path, output=tmp_path / "tuned.so", db=db.path, trials=0)
+    assert res.tuning is None  # trials=0: nothing measured
+    assert res.tuned_kernels == changed
+    assert res.verify is not None and res.verify.ok
+    # the records of another CPU are not used
+    res2 = gcompile.compile_model(path, output=tmp_path / "other.so", db=other.path, trials=0)
+    assert res2.tuned_kernels == 0 and res2.verify is not None and res2.verify.ok
+
+
+@pytest.mark.slow
+def test_aarch64_candidates_are_measured_on_qemu_rpc_servers() -> None:
+    """The AArch64 path of ``graphopt tune``: candidates cross-compiled here, uploaded to a TVM RPC
+    server registered under qemu-aarch64 (arm64 Python and TVM), run and checked there against
+    the hand rule's outputs. Emulated timings mean nothing; the mechanics are what is tested."""
+    from graphopt.algorithms.tvm.emit import parse_target
+    from graphopt.algorithms.tvm.qemu import qemu_unavailable_reason
+
+    why = qemu_unavailable_reason()
+    if why:
+        pytest.skip(why)
+    spec = parse_target("aarch64")
+    build = M.BuildSpec(spec.target, spec.host, spec.vector_lanes, spec.num_cores, spec.cross_cc)
+    func = matmul_kernel()
+    m, local = M.make_measurer(build, local_kind="qemu-aarch64")
+    try:
+        assert local is not None and m.runner.servers >= 1
+        tile = {"vec": "j", "ii": 2, "ji": 8, "pack_b": 1, "order": "ij", "par": 0}
+        res, ref = m.measure(
+            func.script(),
+            M.kernel_args(func),
+            [M.Candidate("matmul", None), M.Candidate("matmul", tile), M.Candidate("conv", None)],
+        )
+    finally:
+        m.close()
+        if local is not None:
+            local.close()
+    assert [r.status for r in res] == ["ok", "ok", "not-applicable"], res
+    assert ref is not None
+    np.testing.assert_allclose(ref[2], ref[0] @ ref[1], rtol=1e-5)  # computed on the arm64 side
+    assert m.measurements == 2
