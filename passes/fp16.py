@@ -6,12 +6,14 @@ clipped to +-65504) are :mod:`graphopt.algorithms.fp16`; this pass only carries 
     y = Op(x, W)              ->   y16 = Op(Cast(x, to=FLOAT16), W16)      W16 = clip(W, +-65504)
     z = KeptOp(y)             ->   z   = KeptOp(Cast(y16, to=FLOAT))
 
-Stats: ``nodes_fp16``, ``casts_inserted``, ``weights_fp16``, ``values_clipped``, ``kept_fp32``.
+Stats: ``nodes_fp16``, ``casts_inserted``, ``weights_fp16``, ``values_clipped``, ``kept_fp32``,
+``kept_fp32_range`` (nodes kept because a range observed on ``feeds`` over- or underflows half).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from graphopt.algorithms.fp16 import Fp16Converter
 from graphopt.core.model import Model
@@ -31,10 +33,15 @@ class Fp16Pass(Pass):
         keep_io_types: bool = True,
         keep_softmax: bool = False,
         kernels: str = "any",
+        feeds: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
-        """Args: see :class:`graphopt.algorithms.fp16.Fp16Converter` (raises OptionError)."""
+        """Args: see :class:`graphopt.algorithms.fp16.Fp16Converter` (raises OptionError);
+        ``feeds`` (set by the optimize job from its own when None): the data whose observed
+        ranges keep over- and underflowing nodes in float32."""
         self.converter = Fp16Converter(keep_fp32, keep_io_types, keep_softmax, kernels)
+        self.feeds = feeds
 
     def call(self, model: Model) -> PassResult:
+        self.converter.feeds = self.feeds
         res = self.converter.run(model)
         return PassResult(model, res.modified, res.stats)

@@ -109,3 +109,86 @@ def test_cli_bench_json_has_the_verdict(tmp_path: Path) -> None:
     assert set(d["latency_ratio"]) == {"disable_all", "all"}
     written = load(tmp_path / "o").op_histogram()
     assert written == ({"Identity": 2, "Relu": 1} if d["kept_input"] else {"Relu": 1})
+
+
+# ------------------------------------------------------------------ fp16: observed ranges
+
+
+def _power_model() -> Model:
+    """y = max(x * x, 1) * 1e-5 + 1: a power spectrum of int16-scaled audio reaches 1e9 (inf in
+    half) before its scaling brings it back to 1e4. ``Max`` has a float16 kernel in onnxruntime's
+    CPU provider, so the half tensor is really made (ops it runs through its own Casts would hide
+    the overflow in float32 on x86)."""
+    g = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "x"], ["p"], name="power"),
+            helper.make_node("Max", ["p", "one"], ["c"], name="floor"),
+            helper.make_node("Mul", ["c", "k"], ["s"], name="scale"),
+            helper.make_node("Add", ["s", "one"], ["y"], name="shift"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+        [
+            helper.make_tensor("k", TensorProto.FLOAT, [], [1e-5]),
+            helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]),
+        ],
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return Model.from_onnx(proto)
+
+
+def _audio(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": (rng.uniform(-1, 1, (1, 256)) * 32767).astype(np.float32)}
+
+
+def test_fp16_keeps_float32_where_the_feeds_overflow_half(tmp_path: Path) -> None:
+    from graphopt.jobs.fp16 import fp16
+
+    out = tmp_path / "h.onnx"
+    res = fp16(_power_model(), feeds=[_audio(0), _audio(1)], output=out)
+    assert {"power", "floor", "scale"} <= set(res.kept_fp32)  # 1e9 in and out: inf in half
+    assert "shift" not in res.kept_fp32  # 1e4: half is fine there
+    assert res.stats["kept_fp32_range"] >= 2
+    assert res.verify is not None and res.verify.ok
+    from graphopt.core.session import run_model
+
+    got = run_model(out, _audio(2), outputs=["c", "y"])  # data the check never saw, as loud
+    assert np.isfinite(got["c"]).all() and np.isfinite(got["y"]).all()
+
+
+def test_fp16_without_observation_overflows_on_loud_data() -> None:
+    """The negative: the same conversion judged on constants only makes inf on loud data (what
+    the issue saw: verified on N(0, 1), NaN on real audio); on N(0, 1) nothing is kept."""
+    from graphopt.algorithms.fp16 import convert_float16
+    from graphopt.core.session import run_model
+    from graphopt.core.shapes import infer_shapes
+    from graphopt.jobs.fp16 import fp16
+
+    m = _power_model()
+    infer_shapes(m)
+    conv = convert_float16(m)
+    assert conv.stats["kept_fp32_range"] == 0 and "power" not in conv.kept_fp32
+    c = run_model(m, _audio(0), outputs=["c"])["c"]
+    assert c.dtype == np.float16 and np.isinf(c).any()  # the half tensor overflows
+    quiet = fp16(_power_model())  # generated N(0, 1) inputs: nothing overflows, nothing kept
+    assert quiet.stats["kept_fp32_range"] == 0 and quiet.kept_fp32 == []
+    assert quiet.verify is not None and quiet.verify.ok
+
+
+def test_fp16_keeps_float32_where_the_feeds_underflow_half() -> None:
+    from graphopt.algorithms.fp16 import convert_float16
+    from graphopt.core.shapes import infer_shapes
+
+    tiny = {"x": np.full((1, 256), 1e-3, np.float32)}  # squares to 1e-6: subnormal in half
+    m = _power_model()
+    infer_shapes(m)
+    conv = convert_float16(m, feeds=tiny)
+    assert "power" in conv.kept_fp32
+
+
+def test_optimize_gives_its_feeds_to_the_fp16_pass() -> None:
+    res = optimize(_power_model(), ["fp16"], feeds=_audio(0))
+    assert res.stats()["fp16"]["kept_fp32_range"] >= 2
+    assert res.verify is not None and res.verify.ok

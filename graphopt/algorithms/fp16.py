@@ -28,7 +28,15 @@ Kept in float32:
 * ``Sigmoid``/``Softmax`` nodes that produce a float32 graph output (probabilities near 0 are
   subnormal in half; the output is cast to float32 anyway);
 * ``Softmax`` inputs with ``keep_softmax=True``; and any op type or node name given in
-  ``keep_fp32``.
+  ``keep_fp32``;
+* with ``feeds`` (the data the model will see, like calibration data): every node that reads or
+  writes a float32 tensor whose observed range (:func:`observe_ranges`, the float32 model run in
+  onnxruntime on the feeds) overflows float16 -- largest finite ``|x|`` above
+  ``FP16_MAX / FP16_HEADROOM`` (16376: room for data a little louder than the feeds and for the
+  op's own intermediate sums) -- or underflows it -- nonzero, but every ``|x|`` below the smallest
+  normal float16 (6.1e-5), where half keeps a few significant bits at best. Audio scaled to int16
+  (the openWakeWord melspectrogram) squares to 1e9 in a power spectrum: in half that is ``inf``,
+  and every output NaN.
 
 ``ORT_CPU_FP16`` was measured by building a one-node float16 model per op type, loading it in
 onnxruntime 1.32's CPU provider with an optimized-model dump, and looking whether onnxruntime ran
@@ -41,7 +49,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,16 +59,20 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
 from graphopt.core.const_eval import literal_value
-from graphopt.core.errors import OptionError
+from graphopt.core.errors import GraphoptError, OptionError
 from graphopt.core.graph import name_scope, unique_name
 from graphopt.core.model import Model
-from graphopt.core.session import session_options
+from graphopt.core.session import run_model, session_options
 
 logger = logging.getLogger(__name__)
 
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)
 FP16_MAX = float(np.finfo(np.float16).max)
+#: a tensor observed above ``FP16_MAX / FP16_HEADROOM`` is kept float32 (see the module docstring)
+FP16_HEADROOM = 4.0
+#: the smallest normal float16 (2^-14): a nonzero tensor observed entirely below it underflows
+FP16_TINY = float(np.finfo(np.float16).tiny)
 
 # Measured with onnxruntime 1.32 (CPUExecutionProvider, x86-64), one fp16 node per op type:
 # native = runs with fp16 kernel; cast = ORT inserts Casts around it (runs in fp32); none = refused.
@@ -353,6 +365,64 @@ def ort_fp16_support(node: gs.Node, opset: int = 17) -> str:
 # ------------------------------------------------------------------ the conversion
 
 
+# ------------------------------------------------------------------ observed ranges
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """What one float32 tensor held over the feeds.
+
+    Attributes:
+        max_abs: the largest finite ``|x|`` (0.0 when none).
+        nonzero: whether any finite value was nonzero.
+    """
+
+    max_abs: float
+    nonzero: bool
+
+    def overflows(self) -> bool:
+        """Above the float16 range less its headroom (:data:`FP16_HEADROOM`)."""
+        return self.max_abs > FP16_MAX / FP16_HEADROOM
+
+    def underflows(self) -> bool:
+        """Nonzero, but entirely below the smallest normal float16."""
+        return self.nonzero and self.max_abs < FP16_TINY
+
+
+def observe_ranges(
+    model: Model, feeds: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+) -> dict[str, TensorRange]:
+    """The range of every float32 tensor of the main graph (graph inputs, intermediate tensors,
+    outputs) when the model runs on ``feeds`` in onnxruntime (``ORT_DISABLE_ALL``), over all feed
+    dicts. Tensors inside subgraphs are not observed.
+
+    Raises:
+        GraphoptError: onnxruntime cannot run the model on the feeds.
+    """
+    items = [feeds] if isinstance(feeds, Mapping) else list(feeds)
+    g = model.graph
+    consts = {n for n, t in g.tensors().items() if isinstance(t, gs.Constant)}
+    names = [
+        name for name, t in g.tensors().items() if name and name not in consts and _dtype(t) == F32
+    ]
+    if not names or not items:
+        return {}
+    out: dict[str, TensorRange] = {}
+    for f in items:
+        values = run_model(model, f, outputs=names)
+        for name, v in values.items():
+            if not isinstance(v, np.ndarray) or v.dtype.kind != "f" or not v.size:
+                continue
+            finite = np.abs(v[np.isfinite(v)])
+            m = float(finite.max()) if finite.size else 0.0
+            nz = bool(finite.size and m > 0)
+            prev = out.get(name)
+            if prev is not None:
+                m, nz = max(m, prev.max_abs), nz or prev.nonzero
+            out[name] = TensorRange(m, nz)
+    return out
+
+
 @dataclass
 class Fp16Conversion:
     """What :func:`convert_float16` did.
@@ -381,6 +451,7 @@ class Fp16Converter:
         keep_io_types: bool = True,
         keep_softmax: bool = False,
         kernels: str = "any",
+        feeds: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         """Args:
             keep_fp32: op types or node names to keep in float32 (list or comma-separated).
@@ -388,6 +459,9 @@ class Fp16Converter:
             keep_softmax: keep Softmax (and its input) in float32.
             kernels: ``any`` keeps only ops onnxruntime CPU refuses in half; ``native`` also keeps
                 ops that onnxruntime CPU would only run through its own Casts.
+            feeds: one feed dict or a list of them: the model is run on them first and every
+                node touching a tensor whose range over- or underflows float16 stays float32
+                (:func:`observe_ranges`). None: no observation.
 
         Raises:
             OptionError: ``kernels`` is neither ``any`` nor ``native``.
@@ -400,6 +474,8 @@ class Fp16Converter:
         if kernels not in ("any", "native"):
             raise OptionError(f"fp16: kernels must be 'any' or 'native', not {kernels!r}")
         self.kernels = kernels
+        self.feeds = feeds
+        self.ranges: dict[str, TensorRange] = {}
 
     # -------------------------------------------------------------- decisions
     def _float_inputs(self, node: gs.Node, orig: dict[int, np.dtype | None]) -> list[int]:
@@ -424,6 +500,12 @@ class Fp16Converter:
             return "custom domain"
         if node.op not in SATURATION_SAFE and _overflowing_input(node):
             return "a constant input exceeds the float16 range"
+        for t in list(node.inputs) + list(node.outputs):
+            r = self.ranges.get(t.name) if t.name else None
+            if r is not None and r.overflows():
+                return f"'{t.name}' reaches {r.max_abs:.3g} on the feeds (float16 overflow)"
+            if r is not None and r.underflows():
+                return f"'{t.name}' stays below {r.max_abs:.3g} on the feeds (float16 underflow)"
         support = ort_fp16_support(node, opset)
         if support == "none" or (self.kernels == "native" and support != "native"):
             return f"onnxruntime CPU fp16 support: {support}"
@@ -446,6 +528,13 @@ class Fp16Converter:
                     consumers.setdefault(id(t), []).append((n, i))
         if not any(d == F32 for d in orig.values()):
             return Fp16Conversion(False, {"nodes_fp16": 0})
+        self.ranges = {}
+        if self.feeds is not None:
+            try:
+                self.ranges = observe_ranges(model, self.feeds)
+            except GraphoptError as exc:
+                logger.warning("fp16: ranges not observed (%s); judged on constants only", exc)
+        kept_for_range = 0
 
         # 1. precision of every compute node
         half: dict[int, bool] = {}
@@ -460,6 +549,8 @@ class Fp16Converter:
                     continue
                 # float outputs made from non-float inputs take their type from an attribute
                 reason = self._reason_fp32(n, model.opset) if float_in else "float from attribute"
+                if reason and "on the feeds" in reason:
+                    kept_for_range += 1
                 if reason:
                     kept.append(n.name)
                     logger.debug("fp16: keep %s (%s) in float32: %s", n.name, n.op, reason)
@@ -530,6 +621,7 @@ class Fp16Converter:
             or stats["casts_inserted"]
             or (not self.keep_io_types and any(orig.get(id(t)) == F32 for t in main.inputs))
         )
+        stats["kept_fp32_range"] = kept_for_range
         stats["kept_fp32"] = sorted(set(kept))
         return Fp16Conversion(changed, stats)
 
@@ -657,8 +749,9 @@ def convert_float16(
     keep_io_types: bool = True,
     keep_softmax: bool = False,
     kernels: str = "any",
+    feeds: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> Fp16Conversion:
     """Convert ``model`` (shapes inferred) to float16 in place, keeping float32 where half breaks
     numerics (see the module docstring and :class:`Fp16Converter` for the options)."""
     with name_scope(model.graph):
-        return Fp16Converter(keep_fp32, keep_io_types, keep_softmax, kernels).run(model)
+        return Fp16Converter(keep_fp32, keep_io_types, keep_softmax, kernels, feeds).run(model)

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from graphopt.core.feeds import FeedSource, feed_list
+from graphopt.core.errors import GraphoptError
+from graphopt.core.feeds import FeedSource, feed_list, random_feeds
 from graphopt.core.model import Model
 from graphopt.core.shapes import infer_shapes, prepare
 from graphopt.core.verify import verify
@@ -98,15 +99,16 @@ def fp16_model(
             where the float32 model has none), unless ``force``.
     """
     t0 = time.perf_counter()
+    given = feed_list(feeds, model)
+    original = prepare(model.clone(), input_shapes, given[0] if given else None)
     p = get_pass(
         "fp16",
         keep_fp32=keep_fp32,
         keep_io_types=keep_io_types,
         keep_softmax=keep_softmax,
         kernels=kernels,
+        feeds=given if given else _generated(original),  # observed ranges: what overflows half
     )
-    given = feed_list(feeds, model)
-    original = prepare(model.clone(), input_shapes, given[0] if given else None)
     res = p(original.clone())
     infer_shapes(res.model)
     report = None
@@ -133,6 +135,14 @@ def fp16_model(
         kept_fp32=kept,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _generated(model: Model) -> dict[str, Any] | None:
+    """The seeded inputs the check runs on without feeds (None: none can be generated)."""
+    try:
+        return random_feeds(model, seed=0)
+    except GraphoptError:
+        return None
 
 
 def fp16(
