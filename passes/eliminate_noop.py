@@ -469,7 +469,23 @@ class EliminateNoopPass(Pass):
             s = _shape(x)
             if s is not None and _broadcast(s, v.shape) == s:
                 return x
+            if s is None and _keeps_shape(x.shape, v.shape):
+                return x
         return None
+
+
+def _keeps_shape(shape: Sequence[object] | None, other: Sequence[int]) -> bool:
+    """Broadcasting ``other`` against a tensor of ``shape`` (symbolic dims allowed: ``batch``,
+    ``seq``) leaves ``shape`` as it is, whatever values its symbolic dims take: ``other`` has no
+    higher rank, and each of its dims is 1 or equals the fixed dim it lines up with."""
+    if shape is None or len(other) > len(shape):
+        return False
+    for d, o in zip(list(shape)[len(shape) - len(other) :], other):
+        if int(o) == 1:
+            continue
+        if not (isinstance(d, (int, np.integer)) and int(d) == int(o)):
+            return False
+    return True
 
 
 def _unsqueeze(shape: Sequence[int], axes: Sequence[int]) -> list[int]:

@@ -88,7 +88,15 @@ NEVER_FOLD: frozenset[str] = NOT_EVALUABLE | {
 }
 
 #: counters that mean the model changed
-_CHANGES = ("constants_lifted", "nodes_folded", "shapes_folded", "ifs_inlined", "lazy_dropped")
+_CHANGES = (
+    "constants_lifted",
+    "nodes_folded",
+    "shapes_folded",
+    "ifs_inlined",
+    "lazy_dropped",
+    "symbolic_reshapes",
+    "symbolic_merged",
+)
 
 
 #: ops whose output shape depends on input values whatever their inputs are
@@ -184,6 +192,207 @@ def _shape_is_data_dependent(
     return False
 
 
+# ---------------------------------------------------------------------- symbolic shapes
+
+#: a shape value as far as it is known: per element an int or a dim name (``"seq"``); rank 0/1
+SymValue = tuple[int, tuple[Any, ...]]
+#: the most elements a symbolic shape value may have (shape vectors are short)
+_MAX_SYM = 16
+_INT_TYPES = (np.int64, np.int32)
+
+
+class _Unknown:
+    """A dim nothing is known about: equal to nothing but itself."""
+
+    __slots__ = ()
+
+
+def _sym_dim(d: object) -> object:
+    if isinstance(d, (int, np.integer)) and d >= 0:
+        return int(d)
+    if isinstance(d, str) and d:
+        return d
+    return _Unknown()
+
+
+def _int_dtype(t: gs.Tensor) -> bool:
+    try:
+        return t.dtype is not None and np.dtype(t.dtype) in _INT_TYPES
+    except TypeError:
+        return False
+
+
+def _sym_value(t: gs.Tensor, cache: dict[int, SymValue | None]) -> SymValue | None:
+    """The value of an int64/int32 shape tensor with symbolic elements: ``Shape`` of a tensor
+    whose IR shape has names for its dynamic dims, through ``Gather``/``Slice``/``Unsqueeze``/
+    ``Squeeze``/``Concat``/``Cast``/``Identity``; constants as they are. None where unknown."""
+    key = id(t)
+    if key in cache:
+        return cache[key]
+    cache[key] = None  # cycles and failures
+    out: SymValue | None = None
+    try:
+        out = _sym_eval(t, cache)
+    except (IndexError, ValueError, TypeError):
+        out = None
+    if out is not None and len(out[1]) > _MAX_SYM:
+        out = None
+    cache[key] = out
+    return out
+
+
+def _const_ints(t: gs.Tensor) -> np.ndarray | None:
+    if not isinstance(t, gs.Constant):
+        return None
+    v = np.asarray(t.values)
+    if v.dtype not in _INT_TYPES or v.ndim > 1 or v.size > _MAX_SYM:
+        return None
+    return v.astype(np.int64)
+
+
+def _sym_eval(t: gs.Tensor, cache: dict[int, SymValue | None]) -> SymValue | None:
+    c = _const_ints(t)
+    if c is not None:
+        return c.ndim, tuple(int(x) for x in c.reshape(-1))
+    if isinstance(t, gs.Constant) or len(t.inputs) != 1:
+        return None
+    node = t.inputs[0]
+    if node.domain not in DEFAULT_DOMAINS or not node.inputs or node.outputs[0] is not t:
+        return None
+    op, x = node.op, node.inputs[0]
+    if op == "Shape":
+        if x.shape is None:
+            return None
+        rank = len(x.shape)
+        start = int(node.attrs.get("start", 0))
+        end = node.attrs.get("end")
+        start = min(max(start + rank if start < 0 else start, 0), rank)
+        stop = rank if end is None else int(end)
+        stop = min(max(stop + rank if stop < 0 else stop, 0), rank)
+        return 1, tuple(_sym_dim(d) for d in list(x.shape)[start:stop])
+    if op in ("Cast", "Identity"):
+        if op == "Cast" and int(node.attrs.get("to", 0)) not in (6, 7):  # int32, int64
+            return None
+        return _sym_value(x, cache)
+    src = _sym_value(x, cache)
+    if src is None:
+        return None
+    rank, vals = src
+    if op == "Gather":
+        idx = _const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+        if idx is None or rank != 1 or int(node.attrs.get("axis", 0)) not in (0, -1):
+            return None
+        picked = [vals[int(i)] for i in idx.reshape(-1)]
+        return idx.ndim, tuple(picked)
+    if op == "Unsqueeze":
+        axes = _const_ints(node.inputs[1]) if len(node.inputs) > 1 else None
+        if rank != 0 or axes is None or axes.reshape(-1).tolist() not in ([0], [-1]):
+            return None
+        return 1, vals
+    if op == "Squeeze":
+        if rank != 1 or len(vals) != 1:
+            return None
+        return 0, vals
+    if op == "Slice":
+        if rank != 1 or len(node.inputs) < 3:
+            return None
+        ints = [_const_ints(i) for i in node.inputs[1:]]
+        if any(v is None for v in ints[:2]):
+            return None
+        axes = ints[2] if len(ints) > 2 else np.array([0])
+        steps = ints[3] if len(ints) > 3 else np.array([1])
+        if axes is None or steps is None or axes.reshape(-1).tolist() not in ([0], [-1]):
+            return None
+        st, en, sp = (int(v.reshape(-1)[0]) for v in (ints[0], ints[1], steps))  # type: ignore[union-attr]
+        return 1, tuple(vals[slice(st, en, sp)])
+    if op == "Concat":
+        if int(node.attrs.get("axis", 0)) not in (0, -1):
+            return None
+        parts: list[Any] = []
+        for i in node.inputs:
+            v = _sym_value(i, cache)
+            if v is None or v[0] != 1:
+                return None
+            parts.extend(v[1])
+        return 1, tuple(parts)
+    return None
+
+
+def _symbolic_reshapes(graph: gs.Graph, escaping: set[int], stats: dict[str, int]) -> None:
+    """Rewrites that hold for every value of the symbolic dims (the shapes ``infer_shapes``
+    derived for dynamic inputs, ``batch``, ``seq``):
+
+    * ``Reshape(x, s)`` whose shape ``s`` is computed from ``Shape`` (``Concat(Unsqueeze(Gather(
+      Shape(y), 0)), Unsqueeze(Gather(Shape(y), 1)), [-1], [16])``) gets a constant shape: an
+      element that is the same named dim as ``x``'s dim at that position becomes 0 (copy the
+      dim; ``allowzero`` must be 0), a single other symbolic element becomes -1 (inferred from
+      the element count, which a valid reshape leaves one value for). The shape subgraph dies.
+    * Shape scalars and vectors with the same symbolic value (``Gather(Shape(a), 1)`` and
+      ``Gather(Shape(b), 1)`` both ``seq``) are read from the first one, so that eliminate-cse
+      merges what is computed from them (``Range(0, seq)`` twice).
+
+    Skipped, with the reason at DEBUG: a Reshape with ``allowzero``, a shape with an element
+    that is neither known nor a dim of ``x`` at its position beside another such or a -1.
+    """
+    cache: dict[int, SymValue | None] = {}
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if node.op != "Reshape" or node.domain not in DEFAULT_DOMAINS or len(node.inputs) < 2:
+            continue
+        x, s = node.inputs[0], node.inputs[1]
+        if isinstance(s, gs.Constant) or x.shape is None:
+            continue
+        val = _sym_value(s, cache)
+        if val is None or val[0] != 1:
+            continue
+        if int(node.attrs.get("allowzero", 0)):
+            logger.debug("symbolic reshape %s: allowzero, skipped", node.name)
+            continue
+        target: list[int] = []
+        for i, d in enumerate(val[1]):
+            if isinstance(d, int):
+                target.append(d)
+            elif i < len(x.shape) and isinstance(d, str) and d == _sym_dim(x.shape[i]):
+                target.append(0)
+            else:
+                target.append(-1)
+        if target.count(-1) > 1:
+            logger.debug("symbolic reshape %s: %s has two unknown elements", node.name, val[1])
+            continue
+        node.inputs[1] = gs.Constant(
+            unique_name(f"{node.name or 'reshape'}_shape"), np.array(target, dtype=np.int64)
+        )
+        stats["symbolic_reshapes"] = stats.get("symbolic_reshapes", 0) + 1
+    # one reader for equal symbolic shape values
+    first: dict[tuple[Any, ...], gs.Tensor] = {}
+    for node in graph.nodes:
+        if node.op not in ("Shape", "Gather", "Slice", "Unsqueeze", "Squeeze", "Concat", "Cast"):
+            continue
+        if node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
+            continue
+        t = node.outputs[0]
+        if id(t) in escaping or not _int_dtype(t):
+            continue
+        val = _sym_value(t, cache)
+        if val is None or not any(isinstance(d, str) for d in val[1]):
+            continue
+        if any(isinstance(d, _Unknown) for d in val[1]):
+            continue
+        key = (val, np.dtype(t.dtype).str)
+        canon = first.setdefault(key, t)
+        if canon is t:
+            continue
+        producer = canon.inputs[0]
+        readers = list(t.outputs)
+        if not readers or any(order.get(id(r), -1) <= order[id(producer)] for r in readers):
+            continue
+        for r in readers:
+            for i, inp in enumerate(r.inputs):
+                if inp is t:
+                    r.inputs[i] = canon
+        stats["symbolic_merged"] = stats.get("symbolic_merged", 0) + 1
+
+
 def _walk(root: gs.Graph, skip: Callable[[gs.Graph], bool] | None = None) -> Iterator[gs.Graph]:
     """``root`` and every subgraph nested in it, outermost first (lazily, like walk_graphs);
     subgraphs for which ``skip`` is true are left out with everything nested in them."""
@@ -277,9 +486,14 @@ class FoldConstantsPass(Pass):
         self._dd: set[int] = set()
         #: id -> node count of subgraphs whose folding onnxruntime refused (see ``call``)
         self._rejected: dict[int, int] = {}
+        #: the model has dynamic input dims: its IR shapes were all derived by shape inference
+        #: (onnxruntime never observed one), so a Reshape/Slice/... with non-constant shape
+        #: inputs does not make the static dims of its output unsound to fold
+        self._symbolic = False
 
     def call(self, model: Model) -> PassResult:
         ev = ConstantEvaluator(model.opset, model.ir_version)
+        self._symbolic = not inputs_static(model)
         has_subgraphs = model.num_subgraphs() > 0
         if has_subgraphs and not self._has_work(model):
             return PassResult(model, False, {"sessions": 0})  # spare the snapshot below
@@ -344,6 +558,9 @@ class FoldConstantsPass(Pass):
             for i, k in rejected:
                 sub = model.graph.nodes[i].attrs[k]
                 self._rejected[id(sub)] = len(sub.nodes)
+        if self.fold_shapes and not self._lift_only and not inputs_static(model):
+            # dynamic input dims: what holds for every value of them
+            _symbolic_reshapes(model.graph, self._escaping, stats)
         if self._modified(stats) and inputs_static(model) and missing_shapes(model):
             # keep the IR's shapes as complete as folding made them derivable, for later passes
             stats["shapes_refined"] = refine_shapes(model)
@@ -516,12 +733,15 @@ class FoldConstantsPass(Pass):
         def is_known(t: gs.Tensor) -> bool:
             return t.is_empty() or isinstance(t, gs.Constant) or id(t) in known
 
+        def proven(t: gs.Tensor) -> bool:
+            return True
+
         dd = self._dd
         if graph is not self._all_graphs[0]:
             dd.update(id(t) for t in graph.inputs)  # Loop/Scan carried values may change shape
 
         for node in order:
-            if _shape_is_data_dependent(node, is_known, dd):
+            if _shape_is_data_dependent(node, proven if self._symbolic else is_known, dd):
                 dd.update(id(o) for o in node.outputs)
             if node.domain not in DEFAULT_DOMAINS or not node.outputs:
                 continue

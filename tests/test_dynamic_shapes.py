@@ -210,3 +210,135 @@ def test_compile_asks_for_input_shape(capsys: pytest.CaptureFixture[str], tmp_pa
     assert rc == 2
     assert "--input-shape input_ids:1x128" in err and "Traceback" not in err
     assert not (tmp_path / "b.so").exists()
+
+
+# ---------------------------------------------------------------- passes on symbolic shapes
+
+
+def _graph_model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], inits=()) -> Model:
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    g = helper.make_graph(nodes, "g", inputs, [y], initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return prepare(Model.from_onnx(m))
+
+
+def _draw_feeds(m: Model) -> list[dict[str, np.ndarray]]:
+    return [random_feeds(m, seed=k, draw=k) for k in range(len(DIM_DRAWS))]
+
+
+def _reshape_model(order: tuple[int, ...], tail: list[int], allowzero: int = 0) -> Model:
+    """y = Reshape(x, Concat(Unsqueeze(Gather(Shape(x), i)) for i in order, tail))."""
+    from onnx import numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 64])
+    nodes = [helper.make_node("Shape", ["x"], ["s"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "ax0")]
+    parts = []
+    for i in order:
+        inits.append(numpy_helper.from_array(np.array(i, np.int64), f"i{i}"))
+        nodes += [
+            helper.make_node("Gather", ["s", f"i{i}"], [f"g{i}"]),
+            helper.make_node("Unsqueeze", [f"g{i}", "ax0"], [f"u{i}"]),
+        ]
+        parts.append(f"u{i}")
+    inits.append(numpy_helper.from_array(np.array(tail, np.int64), "tail"))
+    nodes += [
+        helper.make_node("Concat", [*parts, "tail"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["y"], allowzero=allowzero),
+    ]
+    return _graph_model(nodes, [x], inits)
+
+
+def test_fold_constants_reshape_target_from_symbolic_shape() -> None:
+    from graphopt.testing import check_pass
+
+    m = _reshape_model((0, 1), [4, 16])
+
+    def structure(out: Model) -> None:
+        r = next(n for n in out.graph.nodes if n.op == "Reshape")
+        assert r.inputs[1].values.tolist() == [0, 0, 4, 16]
+
+    res, _ = check_pass(m, "fold-constants", feeds=_draw_feeds(m), structure=structure)
+    assert res.stats["symbolic_reshapes"] == 1
+    # a dim that is not x's own at that position becomes -1 (one only)
+    m2 = _reshape_model((0,), [-1])  # [batch, -1]: already all known, folds to [0, -1]
+    res2, _ = check_pass(m2, "fold-constants", feeds=_draw_feeds(m2))
+    r = next(n for n in res2.model.graph.nodes if n.op == "Reshape")
+    assert r.inputs[1].values.tolist() == [0, -1]
+
+
+@pytest.mark.parametrize(
+    "order, tail, allowzero",
+    [
+        ((1, 0), [64], 0),  # [seq, batch, 64]: two dims not in place, -1 can stand for one only
+        ((0, 1), [4, 16], 1),  # allowzero: 0 would not copy a dim
+    ],
+)
+def test_fold_constants_symbolic_reshape_negative(
+    order: tuple[int, ...], tail: list[int], allowzero: int
+) -> None:
+    from graphopt.testing import check_pass
+
+    m = _reshape_model(order, tail, allowzero)
+    check_pass(m, "fold-constants", feeds=_draw_feeds(m), expect_modified=False)
+
+
+def test_fold_constants_merges_equal_symbolic_dims() -> None:
+    """``Gather(Shape(a), 1)`` and ``Gather(Shape(b), 1)`` are both ``seq``: one is read."""
+    from onnx import numpy_helper
+
+    from graphopt.testing import check_pass
+
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", "seq"])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", "seq"])
+    inits = [
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+    ]
+    nodes = [
+        helper.make_node("Shape", ["a"], ["sa"]),
+        helper.make_node("Shape", ["b"], ["sb"]),
+        helper.make_node("Gather", ["sa", "one"], ["na"]),
+        helper.make_node("Gather", ["sb", "one"], ["nb"]),
+        helper.make_node("Range", ["zero", "na", "one"], ["ra"]),
+        helper.make_node("Range", ["zero", "nb", "one"], ["rb"]),
+        helper.make_node("Add", ["ra", "rb"], ["r"]),
+        helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["a", "rf"], ["ab"]),
+        helper.make_node("Add", ["ab", "b"], ["y"]),
+    ]
+    m = _graph_model(nodes, [a, b], inits)
+    res, _ = check_pass(m, "fold-constants", feeds=_draw_feeds(m))
+    assert res.stats["symbolic_merged"] == 2  # Shape(b) reads as Shape(a), Gather(.., 1) too
+    from graphopt.core.pass_manager import PassManager
+    from graphopt.passes import resolve_passes
+
+    out = PassManager(resolve_passes(["eliminate-cse", "eliminate-dead"]))(res.model).model
+    hist = out.op_histogram()
+    assert hist.get("Range") == 1 and hist.get("Shape") == 1 and hist.get("Gather") == 1
+    assert verify(m, out, feeds=_draw_feeds(m)).ok
+
+
+@pytest.mark.parametrize("bias_shape, removed", [([4], True), ([1], True), ([3, 1], False)])
+def test_eliminate_noop_neutral_add_on_symbolic_shape(bias_shape: list[int], removed: bool) -> None:
+    """``x + 0`` with x ``[batch, seq, 4]``: removed when broadcasting cannot change x's shape
+    whatever batch and seq are; kept when the zero tensor's dims would (``[3, 1]``)."""
+    from onnx import numpy_helper
+
+    from graphopt.testing import check_pass
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
+    zero = numpy_helper.from_array(np.zeros(bias_shape, np.float32), "zero")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Add", ["r", "zero"], ["a"]),
+        helper.make_node("Relu", ["a"], ["y"]),
+    ]
+    m = _graph_model(nodes, [x], [zero])
+    if not removed:  # [batch, seq, 4] + [3, 1] only runs at seq 3: feeds at seq 3
+        feeds = [random_feeds(m, shapes={"x": (b, 3, 4)}) for b in (1, 3)]
+    else:
+        feeds = _draw_feeds(m)
+    res, _ = check_pass(m, "eliminate-noop", feeds=feeds, expect_modified=removed)
+    assert ("Add" in res.model.op_histogram()) is not removed
