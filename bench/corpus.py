@@ -9,6 +9,8 @@ feed; calibration uses other samples than the feeds), ``--input-shape`` fixing e
 to the feeds' shapes, and ``--json``. One table row per (model, command):
 
 - exit: the command's exit status (0 ok, 2 refused with a reason, 1 failed), or ``timeout``;
+- nodes: the node count of the input and of the written model (the command's ``nodes_before``
+  and ``nodes_after``);
 - verified: the command's own check (every output of its ``verify`` block ok);
 - fidelity: the model's task metric (:func:`graphopt.corpus.compare`: detection F1, CTC sequence
   agreement, top-1 agreement, VAD decisions, cosine, SQNR...) of the written model against the
@@ -60,6 +62,7 @@ class Row:
     command: str
     exit: str = ""
     verified: str = "-"
+    nodes: str = "-"
     fidelity: str = "-"
     speedup: str = "-"
     reason: str = ""
@@ -192,6 +195,10 @@ def run_one(
         if p.returncode == 0:
             row.reason = "stdout is not JSON"
     row.verified = _verified(d)
+    if isinstance(d.get("nodes_before"), int) and isinstance(d.get("nodes_after"), int):
+        row.nodes = f"{d['nodes_before']} -> {d['nodes_after']}"
+    elif isinstance(d.get("nodes"), int):
+        row.nodes = str(d["nodes"])
     if p.returncode == 0 and out.is_file():
         fs = corpus.feeds(name, args.feeds, seed=0)
         try:
@@ -227,14 +234,14 @@ def markdown(rows: list[Row], skipped: dict[str, str], seconds: float) -> str:
         "Feeds: the corpus's representative inputs (graphopt/corpus.py); fidelity: the model's "
         "task metric of the written model against the original on them.",
         "",
-        "| model | command | exit | verified | fidelity | speed-up | s | reason |",
-        "|---|---|---|---|---|---|---:|---|",
+        "| model | command | exit | nodes | verified | fidelity | speed-up | s | reason |",
+        "|---|---|---|---|---|---|---|---:|---|",
     ]
     for r in rows:
         reason = r.reason.replace("|", "\\|")
         lines.append(
-            f"| {r.model} | {r.command} | {r.exit} | {r.verified} | {r.fidelity} | {r.speedup} "
-            f"| {r.seconds:.0f} | {reason} |"
+            f"| {r.model} | {r.command} | {r.exit} | {r.nodes} | {r.verified} | {r.fidelity} "
+            f"| {r.speedup} | {r.seconds:.0f} | {reason} |"
         )
     if skipped:
         lines += ["", "Not available here:", ""]
@@ -272,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_one(name, command, model, work, feeds_dir, calib_dir, args)
                 rows.append(row)
                 print(
-                    f"{row.model:22} {row.command:13} exit {row.exit:7} {row.verified:28} "
+                    f"{row.model:22} {row.command:13} exit {row.exit:7} {row.nodes:12} "
+                    f"{row.verified:28} "
                     f"{row.fidelity:40} {row.speedup:8} {row.seconds:6.0f}s {row.reason[:120]}",
                     flush=True,
                 )

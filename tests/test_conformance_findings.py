@@ -161,6 +161,30 @@ def test_optimize_verifies_on_given_feeds_in_every_form(tmp_path: Path) -> None:
         optimize(m, feeds={**feeds, "nope": feeds["x"]})
 
 
+def test_feed_files_are_never_batched_together(tmp_path: Path) -> None:
+    """bench/corpus.py's layout (one .npz per feed, each exactly the model's inputs) with
+    --input-shape fixing the batch to 1: every file is its own feed (found on ppocrv4-det,
+    where four images were batched into one (4, 3, H, W) feed for a [1, 3, H, W] model)."""
+    relu = _model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+    )
+    folder = tmp_path / "feeds"
+    folder.mkdir()
+    for i in range(4):
+        np.savez(folder / f"{i:03d}.npz", x=np.full((1, 6), i, np.float32))
+    got = feed_list(folder, relu)
+    assert got is not None and [float(f["x"][0, 0]) for f in got] == [0, 1, 2, 3]
+    res = optimize(relu, feeds=folder, input_shapes={"x": [1, 6]})
+    assert res.verify is not None and res.verify.samples == 4
+    big = tmp_path / "big.npz"  # 20 samples, batch fixed to 1: one sample per feed
+    np.savez(big, x=np.ones((20, 6), np.float32))
+    one = feed_list(big, relu, input_shapes={"x": [1, 6]})
+    assert one is not None and {f["x"].shape for f in one} == {(1, 6)}
+    assert optimize(relu, feeds=big, input_shapes={"x": [1, 6]}).verify.ok  # type: ignore[union-attr]
+
+
 def test_input_model_failing_on_the_feeds_is_a_feed_error() -> None:
     """onnxruntime rejecting the original on the inputs is the user's to fix: exit 2, not 1."""
     m = _reshape_model()

@@ -656,21 +656,43 @@ def _check_feed(model: Model, feed: Mapping[str, Any], what: str) -> dict[str, A
     return {**check_feeds(specs, tensors, what, complete=False), **others}
 
 
+def _calib_batches(
+    source: Path, specs: Mapping[str, InputSpec], limit: int
+) -> list[dict[str, Any]]:
+    """The batches (of 8 samples at most) of one ``--calib``-format source; CalibrationError or
+    IndexError (a rank-0 array: no sample axis) when it is not in that format."""
+    out: list[dict[str, Any]] = []
+    for batch in CalibrationReader(source, specs, batch_size=8):
+        out.append(dict(batch))
+        if len(out) >= limit:
+            break
+    return out
+
+
 def feed_list(
-    source: FeedSource | None, model: Model, what: str = "--feeds", limit: int = MAX_FEEDS
+    source: FeedSource | None,
+    model: Model,
+    what: str = "--feeds",
+    limit: int = MAX_FEEDS,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, Any]] | None:
     """The feed dicts a verifying job runs on, checked against ``model``'s inputs.
 
     Args:
         source: None (the job generates inputs), one feed dict ``{input name: value}``, an
             iterable of them (each exactly the model's inputs), or a path in the ``--calib``
-            format (a ``.npz``, ``.npy`` or folder, samples on axis 0: one feed per batch of 8);
-            a ``.npz`` whose arrays have no common sample axis but fit the model's inputs as they
-            are (scalars, fixed state tensors) is one feed, and so is each ``.npz`` of a folder
-            of such files.
+            formats, samples on axis 0: a ``.npz``, a folder of them, a folder of ``.npy`` files
+            named after the inputs, or one ``.npy``. Each file gives one feed per batch of at
+            most 8 of its samples (a (20, 6) array for an [N, 6] input: (8, 6), (8, 6), (4, 6);
+            one feed of one sample per file of one sample); files are never batched together.
+            A ``.npz`` whose arrays have no common sample axis but fit the model's inputs as
+            they are (a scalar input, a fixed [2, N, 128] state beside an [N, 512] input) is
+            one feed.
         model: the model the feeds are for.
         what: how the user gave them (for messages).
         limit: keep at most this many.
+        input_shapes: the ``--input-shape`` dims the job fixes: a fixed leading dim limits the
+            batch (1: one sample per feed).
 
     Raises:
         FeedError: a source that cannot be read or does not fit the model's inputs.
@@ -683,33 +705,35 @@ def feed_list(
         p = Path(source)
         if not p.exists():
             raise FeedError(f"{what} {p} does not exist")
-        # the --calib format first (samples on axis 0, one feed per batch), as README says of
-        # --feeds: a (20, 6) array for an [N, 6] input is 20 samples, in batches of 8. Arrays
-        # that have no common sample axis (a scalar input, a fixed [2, N, 128] state beside an
-        # [N, 512] input) are one feed as they are.
-        calib_error: CalibrationError | None = None
-        try:
-            reader = open_calibration(p, model, batch_size=8)
-            out = []
-            for batch in reader:
-                out.append(dict(batch))
-                if len(out) >= limit:
-                    break
-            return out
-        except CalibrationError as exc:
-            calib_error = exc
-        except IndexError:  # a rank-0 array: no sample axis
-            pass
+        specs = input_specs(model)
+        for name, dims in (input_shapes or {}).items():
+            if name in specs:
+                spec = specs[name]
+                specs[name] = InputSpec(name, tuple(int(d) for d in dims), spec.dtype)
         files = [p] if p.is_file() and p.suffix == ".npz" else sorted(p.glob("*.npz"))
-        if files:
-            try:  # files that fit the inputs as they are: one feed each
-                return [check_feeds(model, read_feeds(f), what) for f in files[:limit]]
-            except FeedError:
-                if calib_error is None:
+        if not files:  # .npy file or folder
+            try:
+                return _calib_batches(p, specs, limit)
+            except CalibrationError as exc:
+                raise FeedError(f"{what}: {exc}") from None
+            except IndexError:
+                raise FeedError(
+                    f"{what} {p}: a rank-0 array has no sample axis; give a .npz"
+                ) from None
+        out: list[dict[str, Any]] = []
+        for f in files:
+            try:
+                out += _calib_batches(f, specs, limit - len(out))
+            except (CalibrationError, IndexError) as exc:
+                try:  # no common sample axis: the file is one feed as it is
+                    out.append(check_feeds(model, read_feeds(f), what))
+                except FeedError:
+                    if isinstance(exc, CalibrationError):
+                        raise FeedError(f"{what}: {exc}") from None
                     raise
-        if calib_error is None:
-            raise FeedError(f"{what} {p}: a rank-0 array has no sample axis; give a .npz")
-        raise FeedError(f"{what}: {calib_error}") from None
+            if len(out) >= limit:
+                break
+        return out[:limit]
     try:
         items = iter(source)
     except TypeError:

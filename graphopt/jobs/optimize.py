@@ -252,7 +252,7 @@ def optimize_model(
     """
     t0 = time.perf_counter()
     default_pipeline(target)  # validates the target
-    feed_dicts = feed_list(feeds, model)
+    feed_dicts = feed_list(feeds, model, input_shapes=input_shapes)
     first = feed_dicts[0] if feed_dicts else None
     original = prepare(model.clone(), input_shapes, first)
     work = original.clone()
