@@ -1,11 +1,15 @@
 """``graphopt prune MODEL -o OUT --ratio R``: structured channel pruning with least-squares
-recovery; ``--scan`` measures MACs against fidelity at several ratios."""
+recovery (``--recover distill`` fine-tunes against the original with torch); ``--scan`` measures
+MACs against fidelity at several ratios."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from graphopt.cli.common import (
@@ -65,6 +69,37 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         help="group: the ratio in every group; global: rank all channels together",
     )
     p.add_argument("--no-recover", action="store_true", help="skip the least-squares refit")
+    p.add_argument(
+        "--recover",
+        choices=["none", "least-squares", "distill"],
+        default=None,
+        help="least-squares (default with --calib): refit the layers after pruned ones; distill: "
+        "then fine-tune the whole model against the original on --calib (unlabeled; needs "
+        "torch: pip install graphopt[train])",
+    )
+    p.add_argument(
+        "--steps", type=int, default=300, metavar="N", help="--recover distill: training steps"
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="S",
+        help="--recover distill: stop training after S seconds",
+    )
+    p.add_argument(
+        "--target-sqnr",
+        type=float,
+        default=None,
+        metavar="DB",
+        help="--recover distill: stop once every output's held-out SQNR reaches DB",
+    )
+    p.add_argument("--threads", type=int, default=None, help="--recover distill: torch threads")
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="show the training progress bar even when stderr is not a terminal",
+    )
     add_feeds_option(p, "judge the pruned model on (default: held-out --calib samples)")
     p.add_argument(
         "--scan",
@@ -108,11 +143,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise OptionError("give -o OUT (or --scan to only measure several ratios)")
     if args.ratio is None and not args.scan:
         raise OptionError("give --ratio R (fraction of channels to remove, e.g. 0.3)")
+    if args.no_recover and args.recover not in (None, "none"):
+        raise OptionError(f"--no-recover contradicts --recover {args.recover}")
+    recover = "none" if args.no_recover else (args.recover or "least-squares")
     opts = dict(
         calib=args.calib,
         criterion=args.criterion,
         round_to=args.round_to,
-        recover=not args.no_recover,
+        recover=recover != "none",
         input_shapes=input_shapes(args) or None,
         min_channels=args.min_channels,
         min_fraction=args.min_fraction,
@@ -126,19 +164,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
         else:
             console().print(_scan_table(scan.points))
         return 0
-    res = prune(
-        args.model,
-        args.ratio,
-        output=args.output,
-        report=args.report,
-        scan=ratios,
-        plot=args.plot if args.scan else None,
-        min_sqnr=args.min_sqnr,
-        min_cosine=args.min_cosine,
-        feeds=args.feeds,
-        force=args.force,
-        **opts,
-    )
+    opts["recover"] = recover
+    with _training_bar(
+        recover == "distill" and ((not args.json and sys.stderr.isatty()) or args.progress)
+    ) as bar:
+        res = prune(
+            args.model,
+            args.ratio,
+            output=args.output,
+            report=args.report,
+            scan=ratios,
+            plot=args.plot if args.scan else None,
+            min_sqnr=args.min_sqnr,
+            min_cosine=args.min_cosine,
+            feeds=args.feeds,
+            force=args.force,
+            steps=args.steps,
+            time_budget=args.time_budget,
+            target_sqnr=args.target_sqnr,
+            threads=args.threads,
+            train_progress=bar,
+            **opts,
+        )
     if args.json:
         emit_json(res.to_json())
         return 0
@@ -157,6 +204,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
     c.print(_fidelity_table(res.fidelity, f"fidelity against the original {what}"))
     c.print(f"wrote {fmt_name(res.output)} in {res.seconds:.2f} s")
     return 0
+
+
+@contextmanager
+def _training_bar(show: bool) -> Iterator[Callable[[int, int, float, float | None], None] | None]:
+    """A progress bar for training (on stderr): step, loss, held-out SQNR; ``None`` if not shown."""
+    if not show:
+        yield None
+        return
+    bar = Progress(
+        "distilling",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task("distilling", total=None, info="")
+    held: list[float] = []
+
+    def update(step: int, steps: int, loss: float, sqnr: float | None) -> None:
+        if sqnr is not None:
+            held.append(sqnr)
+        info = f"loss {loss:.3g}" + (f", held-out SQNR {held[-1]:.1f} dB" if held else "")
+        bar.update(task, completed=step, total=steps, info=info)
+
+    bar.start()
+    try:
+        yield update
+    finally:
+        bar.stop()
 
 
 def _scan_table(points: Sequence[ScanPoint]) -> Table:
@@ -213,6 +291,13 @@ def _summary_table(res: PruneResult, model: str) -> Table:
         if st.get("layers_refit")
         else "none (no --calib or --no-recover)",
     )
+    tr = res.training
+    if tr is not None:
+        t.add_row(
+            "distillation",
+            f"{tr.steps} steps in {tr.seconds:.1f} s ({tr.stopped}) on {tr.train_samples} "
+            f"samples; held-out SQNR {db(tr.initial_sqnr_db)} -> {db(tr.final_sqnr_db)} dB",
+        )
     return t
 
 

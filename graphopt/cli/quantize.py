@@ -7,7 +7,13 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from graphopt.cli.common import (
@@ -116,6 +122,18 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show the calibration progress bar even when stderr is not a terminal",
     )
+    p.add_argument(
+        "--qat",
+        action="store_true",
+        help="quantization-aware training after calibration: weights and scales (LSQ) "
+        "fine-tuned against the float model on --calib, written as the same QDQ graph "
+        "(needs torch: pip install graphopt[train])",
+    )
+    p.add_argument("--steps", type=int, default=300, metavar="N", help="--qat: training steps")
+    p.add_argument(
+        "--time-budget", type=float, default=None, metavar="S", help="--qat: stop after S seconds"
+    )
+    p.add_argument("--threads", type=int, default=None, help="--qat: torch threads")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -124,7 +142,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     bar = None
     if (not args.json and sys.stderr.isatty()) or args.progress:
         bar = Progress(
-            "calibrating",
+            TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -136,6 +154,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         def progress_cb(done: int, total: int | None) -> None:
             bar.update(task, completed=done, total=total)
+
+    train_cb: Callable[[int, int, float, float | None], None] | None = None
+    if bar is not None and args.qat:
+        qat_task = bar.add_task("QAT", total=args.steps)
+
+        def train_cb(step: int, steps: int, loss: float, sqnr: float | None) -> None:
+            bar.update(qat_task, completed=step, total=steps)
 
     try:
         res = quantize(
@@ -158,6 +183,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             limit=args.limit,
             bias_correct=args.bias_correction,
             progress=progress_cb,
+            qat=args.qat,
+            steps=args.steps,
+            time_budget=args.time_budget,
+            threads=args.threads,
+            train_progress=train_cb,
         )
     finally:
         if bar is not None:
@@ -197,6 +227,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         a, b = res.file_bytes_before, res.file_bytes_after
         c.print(
             f"file size {human_bytes(a)} -> {human_bytes(b)} ({(b - a) / max(a, 1) * 100:+.1f}%)"
+        )
+    if res.training is not None:
+        tr = res.training
+        c.print(
+            f"QAT: {tr.steps} steps in {tr.seconds:.1f} s ({tr.stopped}) on {tr.train_samples} "
+            f"samples; held-out SQNR against fp32 {db(tr.initial_sqnr_db)} -> "
+            f"{db(tr.final_sqnr_db)} dB"
         )
     if res.verify:
         c.print(

@@ -1,6 +1,11 @@
 """The prune jobs (``graphopt prune``): structured channel pruning with least-squares recovery
 (:func:`prune`), and a scan of several ratios measuring MACs against fidelity (:func:`prune_scan`).
 
+Recovery: ``recover=True`` (``"least-squares"``) refits the consumer layers by least squares on the
+calibration data; ``recover="distill"`` then fine-tunes the whole pruned model against the original
+on the same unlabeled data (knowledge distillation with torch, :mod:`graphopt.algorithms.train`,
+the ``graphopt[train]`` extra) within ``steps`` / ``time_budget``, watching the held-out fidelity.
+
     import graphopt
     out = graphopt.prune("model.onnx", 0.3, calib="calib.npz", round_to=8, output="pruned.onnx")
     print(out.macs_ratio, out.to_json()["verify"])
@@ -91,6 +96,7 @@ class PruneResult(TransformResult):
     held_out: bool = False
     scan: list[ScanPoint] | None = None
     plot: Path | None = None
+    training: Any = None  # recover="distill": graphopt.algorithms.train.recover.TrainReport
 
     @property
     def macs_ratio(self) -> float:
@@ -110,6 +116,13 @@ class PruneResult(TransformResult):
     def pass_stats(self) -> dict[str, dict[str, Any]]:
         return {"prune-channels": self.stats}
 
+    @property
+    def recovery(self) -> str:
+        """``none``, ``least-squares`` or ``distill`` (what was done, not what was asked)."""
+        if self.training is not None:
+            return "distill"
+        return "least-squares" if self.stats.get("layers_refit") else "none"
+
     def verify_json(self) -> dict[str, Any]:
         return {
             f.name: {"max_abs_err": f.max_abs_err, "cosine": f.cosine, "sqnr_db": f.sqnr_db}
@@ -124,6 +137,8 @@ class PruneResult(TransformResult):
             "prunable_macs_fraction": rep.prunable_fraction,
             "fidelity": fidelity_json(self.fidelity),
             "held_out": self.held_out,
+            "recovery": self.recovery,
+            "training": None if self.training is None else self.training.to_json(),
             "groups": [
                 {
                     "name": g.name,
@@ -199,6 +214,20 @@ def fidelity_check(
     return res, report
 
 
+RECOVER_MODES = ("none", "least-squares", "distill")
+
+
+def recover_mode(recover: bool | str | None) -> str:
+    """``none``, ``least-squares`` or ``distill`` from the ``recover`` argument."""
+    if recover is True or recover in ("least-squares", "lsq"):
+        return "least-squares"
+    if recover is False or recover in ("none", None):
+        return "none"
+    if recover == "distill":
+        return "distill"
+    raise OptionError(f"bad recovery '{recover}': one of {', '.join(RECOVER_MODES)}")
+
+
 def _eval_feeds(
     model: Model, calib: list[Feeds], input_shapes: Mapping[str, Sequence[int]] | None, n: int = 8
 ) -> list[Feeds]:
@@ -216,7 +245,7 @@ def prune(
     calib: Any = None,
     criterion: str = "l1",
     round_to: int | None = None,
-    recover: bool = True,
+    recover: bool | str = True,
     *,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     min_channels: int = 1,
@@ -224,6 +253,11 @@ def prune(
     calib_limit: int = 128,
     measure: bool = True,
     holdout: float = 0.25,
+    steps: int = 300,
+    time_budget: float | None = None,
+    target_sqnr: float | None = None,
+    train_progress: Any = None,
+    threads: int | None = None,
     output: str | os.PathLike[str] | None = None,
     report: str | os.PathLike[str] | None = None,
     scan: Sequence[float] | None = None,
@@ -245,7 +279,9 @@ def prune(
             ``activation`` criterion; without it recovery is skipped.
         criterion: ``l1``, ``l2``, ``bn`` or ``activation``.
         round_to: keep widths multiples of this (e.g. 8 for CPU kernels).
-        recover: refit consumer layers by least squares on ``calib``.
+        recover: ``True`` / ``"least-squares"``: refit consumer layers by least squares on
+            ``calib``; ``"distill"``: then fine-tune the pruned model against the original on
+            ``calib`` (needs torch: ``graphopt[train]``); ``False`` / ``"none"``: no recovery.
         input_shapes: fix dynamic input dims (``{"x": (1, 3, 320, 320)}``).
         min_channels: never keep fewer channels in a group.
         min_fraction: never keep less than this fraction of a group.
@@ -254,7 +290,12 @@ def prune(
         holdout: with ``measure`` and at least 4 calibration batches, this last fraction of them
             is kept out of recovery and used to measure fidelity (else: seeded random inputs, or
             the calibration data itself when there is too little of it).
-
+        steps: with ``recover="distill"``: Adam steps (16 samples each).
+        time_budget: with ``recover="distill"``: stop training after this many seconds.
+        target_sqnr: with ``recover="distill"``: stop once every output's held-out SQNR
+            against the original reaches this (dB).
+        train_progress: ``train_progress(step, steps, loss, held_out_sqnr_db_or_None)``.
+        threads: torch threads while training (default: torch's).
         output: write the pruned model here (atomically).
         report: write a self-contained HTML report here (with the scan when ``scan`` is given).
         scan: also prune at these ratios first and measure MACs against fidelity (``scan``).
@@ -273,6 +314,27 @@ def prune(
             ``plot`` was given (nothing is written), unless ``force``.
     """
     t0 = time.perf_counter()
+    mode = recover_mode(recover)
+    training: dict[str, Any] | None = None
+    if mode == "distill":
+        from graphopt.algorithms.train import require
+
+        require("--recover distill")
+        if calib is None:
+            raise OptionError(
+                "--recover distill trains on unlabeled inputs: give --calib DATA (the more "
+                "samples, the better)"
+            )
+        if steps < 1 or (time_budget is not None and time_budget <= 0):
+            raise OptionError("--steps and --time-budget must be positive")
+        training = dict(
+            steps=steps,
+            time_budget=time_budget,
+            target_sqnr=target_sqnr,
+            progress=train_progress,
+            threads=threads,
+        )
+    recover = mode != "none"
     out_path, report_path, plot_path = output_paths(
         model, output, report, plot if scan is not None else None, inputs=[calib, feeds]
     )
@@ -307,7 +369,7 @@ def prune(
         if scan is None
         else [_point(r, _prune_once(source, r, measure=True, **opts)) for r in scan]
     )
-    res = _prune_once(source, ratio, measure=measure, floors=floors, **opts)
+    res = _prune_once(source, ratio, measure=measure, floors=floors, training=training, **opts)
     res.input = source_path(model)
     decide(
         res.verify,
@@ -357,6 +419,7 @@ def _prune_once(
     holdout: float,
     floors: tuple[float | None, float | None] = (None, None),
     eval_feeds: Any = None,
+    training: dict[str, Any] | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune a copy of ``model`` once and measure its fidelity (checked against ``floors``)."""
@@ -385,12 +448,16 @@ def _prune_once(
     out = PruneResult(
         model=result.model, original=original, report=p.report, stats=dict(result.stats)
     )
+    if training is not None and feeds:
+        from graphopt.algorithms.train.recover import distill_model
+
+        out.model, out.training = distill_model(result.model, original, feeds, held, **training)
     if measure:
         given = feed_list(eval_feeds, original)
         out.held_out = bool(held) and not given
         out.fidelity, out.verify = fidelity_check(
             original,
-            result.model,
+            out.model,
             given or held or _eval_feeds(original, feeds, input_shapes),
             *floors,
         )

@@ -145,6 +145,8 @@ class QuantizeResult(TransformResult):
     stats: dict[str, Any] = field(default_factory=dict)
     file_bytes_before: int | None = None
     file_bytes_after: int | None = None
+    #: ``qat=True``: what training did (graphopt.algorithms.train.recover.TrainReport)
+    training: Any = None
     #: what the check ran on (``"16 calibration samples"``, ``"64 samples of --feeds"``)
     checked_on: str = ""
 
@@ -166,6 +168,7 @@ class QuantizeResult(TransformResult):
             "mixed_precision": self.mixed_precision,
             "verify_ok": self.verify.ok if self.verify is not None else None,
             "checked_on": self.checked_on,
+            "training": None if self.training is None else self.training.to_json(),
         }
 
     def pass_stats(self) -> dict[str, dict[str, Any]]:
@@ -389,6 +392,11 @@ def quantize(
     eval_samples: int = 16,
     calib_defaults: Mapping[str, np.ndarray] | None = None,
     bias_correct: bool = False,
+    qat: bool = False,
+    steps: int = 300,
+    time_budget: float | None = None,
+    train_progress: Any = None,
+    threads: int | None = None,
     progress: Progress | None = None,
     verify_output: bool = True,
     feeds: Any = None,
@@ -423,6 +431,13 @@ def quantize(
         eval_samples: calibration samples kept for the SQNR checks.
         calib_defaults: constant feeds for inputs the calibration data does not give.
         bias_correct: empirical bias correction of Conv/Gemm biases on the kept samples.
+        qat: quantization-aware training after the static quantization (needs torch, the
+            ``graphopt[train]`` extra): weights and LSQ scales fine-tuned against the float
+            model on the calibration data (its last quarter held out), written into the same
+            QDQ graph (:func:`graphopt.algorithms.train.recover.qat_model`).
+        steps, time_budget: with ``qat``: Adam steps (batches of 16) and a wall-clock limit (s).
+        train_progress: with ``qat``: ``train_progress(step, steps, loss, held_out_sqnr_db)``.
+        threads: with ``qat``: torch threads (default: 1 for small models).
         progress: ``progress(samples_done, total_or_None)`` during calibration.
         verify_output: compare the int8 model with fp32 (on ``feeds``, else on the kept
             calibration samples) and write only when the check passes.
@@ -447,6 +462,12 @@ def quantize(
             "before it is written (or give feeds)"
         )
     floor_sqnr, floor_cos = lossy_floors(min_sqnr, min_cosine, DEFAULT_MIN_SQNR_DB)
+    if qat:
+        from graphopt.algorithms.train import require
+
+        require("--qat")
+        if steps < 1 or (time_budget is not None and time_budget <= 0):
+            raise OptionError("--steps and --time-budget must be positive")
     target = min_sqnr if min_sqnr is not None and min_sqnr > 0 else None
     src = source_path(model)
     model = as_model(model)
@@ -542,6 +563,33 @@ def quantize(
                 f"kept float to meet the target"
             )
     corrected = bias_correction(work, qmodel, eval_batches) if bias_correct and eval_batches else 0
+    training = None
+    if qat:
+        from graphopt.algorithms.train.recover import qat_model
+
+        samples = [
+            dict(b)
+            for b in open_calibration(
+                calib, original, batch_size=batch_size, limit=limit, defaults=calib_defaults
+            )
+        ]
+        if not samples:
+            raise OptionError(
+                "--qat reads the calibration data a second time: give a path or a list of feed "
+                "dicts, not a one-shot iterator"
+            )
+        k = len(samples) // 4 if len(samples) >= 4 else 0
+        train, held = samples[: len(samples) - k], samples[len(samples) - k :]
+        qmodel, training = qat_model(
+            qmodel,
+            work,
+            train,
+            held,
+            steps=steps,
+            time_budget=time_budget,
+            progress=train_progress,
+            threads=threads,
+        )
     # per-layer report
     out_names = [q.output for q in plan.nodes.values() if q.output and q.name in emit.layers]
     cum = _layer_sqnr(work, qmodel, out_names, eval_batches[:4]) if eval_batches else {}
@@ -653,6 +701,7 @@ def quantize(
         stats=stats,
         input=src,
         checked_on=checked_on,
+        training=training,
     )
     if src is not None and Path(src).is_file():
         res.file_bytes_before = Path(src).stat().st_size

@@ -1,0 +1,274 @@
+"""Recovery drivers on graphopt models: distill a pruned model from its original, and train a
+static QDQ model with QAT, each written back into the same graph and checked in onnxruntime.
+
+These are what the jobs call (``graphopt prune --recover distill``, ``graphopt quantize --qat``);
+they take and return :class:`~graphopt.core.model.Model` objects and plain feed dicts, and keep
+the torch side (:class:`~.module.OnnxModule`, :func:`~.distill.distill`, :mod:`.qat`) inside.
+
+Fidelity during training is the held-out SQNR (dB, the worst output) of the student against the
+teacher, the same measure the jobs' checks use; training stops early once it reaches
+``target_sqnr``. The student with the lowest held-out distillation loss is kept (see
+:mod:`.distill`), written back by tensor name (:func:`~.export.write_back`), and the written
+graph is run in onnxruntime (ORT_DISABLE_ALL) against the module on held-out feeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from graphopt.core.model import Model
+from graphopt.core.verify import sqnr_db
+
+from .distill import DistillConfig, DistillResult, distill
+from .export import same_structure, verify_export, write_back
+from .module import OnnxModule
+
+logger = logging.getLogger(__name__)
+
+Feeds = Mapping[str, np.ndarray]
+#: ``progress(step, total_steps, loss, held_out_sqnr_db_or_None)``
+TrainProgress = Callable[[int, int, float, "float | None"], None]
+
+#: default Adam learning rates (digits CNN and PP-OCR cls, see the prototype report in the README)
+DISTILL_LR = 1e-3
+QAT_LR = 1e-4
+
+
+@dataclass
+class TrainReport:
+    """What a recovery run did (``to_json`` goes into the job's JSON under ``training``)."""
+
+    method: str  # "distill" or "qat"
+    steps: int
+    seconds: float
+    stopped: str  # "steps", "time" or "target"
+    train_samples: int
+    held_out_samples: int
+    initial_sqnr_db: float | None
+    final_sqnr_db: float | None
+    initial_loss: float | None
+    final_loss: float | None
+    export_rel_err: float
+    history: list[tuple[int, float, float | None]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "history"}
+        d["history"] = [[s, loss, m] for s, loss, m in self.history]
+        return d
+
+
+def sqnr_metric(s: Mapping[str, torch.Tensor], t: Mapping[str, torch.Tensor]) -> float:
+    """The worst output's SQNR (dB) of the student ``s`` against the teacher ``t``."""
+    return min(sqnr_db(t[n].numpy(), s[n].numpy()) for n in t)
+
+
+def mixup(batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Input augmentation for distillation on few unlabeled samples: every float input becomes
+    ``(1 - l) x + l x[perm]`` with ``l ~ U(0, 0.4)`` per sample (Zhang et al. 2018, "mixup");
+    the teacher labels the mixed input, so no label is invented."""
+    n = next(iter(batch.values())).shape[0]
+    if n < 2:
+        return batch
+    lam = torch.rand(n, generator=gen) * 0.4
+    perm = torch.randperm(n, generator=gen)
+    out = {}
+    for k, x in batch.items():
+        if x.is_floating_point() and x.dim() >= 1 and x.shape[0] == n:
+            w = lam.reshape(n, *([1] * (x.dim() - 1)))
+            out[k] = (1 - w) * x + w * x[perm]
+        else:
+            out[k] = x
+    return out
+
+
+def _config(
+    steps: int,
+    lr: float,
+    time_budget: float | None,
+    target_sqnr: float | None,
+    batch_size: int,
+    eval_every: int | None,
+    augment: bool,
+    progress: TrainProgress | None,
+) -> DistillConfig:
+    cb = None
+    if progress is not None:
+        prog = progress
+
+        def cb(step: int, loss: float, metric: float | None) -> None:
+            prog(step, steps, loss, metric)
+
+    return DistillConfig(
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        time_budget_s=time_budget,
+        eval_every=eval_every or max(5, min(50, steps // 10)),
+        target=target_sqnr,
+        augment=mixup if augment else None,
+        progress=cb,
+    )
+
+
+def _report(
+    method: str,
+    res: DistillResult,
+    train: Sequence[Feeds],
+    held: Sequence[Feeds],
+    err: float,
+) -> TrainReport:
+    return TrainReport(
+        method=method,
+        steps=res.steps,
+        seconds=res.seconds,
+        stopped=res.stopped,
+        train_samples=_count(train),
+        held_out_samples=_count(held),
+        initial_sqnr_db=res.initial_metric,
+        final_sqnr_db=res.best_metric,
+        initial_loss=res.initial_loss,
+        final_loss=res.best_loss,
+        export_rel_err=err,
+        history=list(res.history),
+    )
+
+
+def _count(feeds: Sequence[Feeds]) -> int:
+    return sum(
+        min((np.asarray(v).shape[0] if np.ndim(v) else 1) for v in f.values()) for f in feeds
+    )
+
+
+#: models with fewer weight bytes train on one torch thread unless told otherwise: their kernels
+#: are too small to split, and OpenMP threads that contend with other processes cost more than
+#: they give (digits CNN, 2 loaded cores: 100 steps in 65 s on 2 threads, 6 s on 1)
+SMALL_MODEL_BYTES = 4 << 20
+
+
+def _threads(threads: int | None, model: Model) -> int:
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    elif model.param_bytes() < SMALL_MODEL_BYTES:
+        torch.set_num_threads(1)
+    return old
+
+
+def distill_model(
+    student: Model,
+    teacher: Model,
+    train: Sequence[Feeds],
+    held_out: Sequence[Feeds],
+    *,
+    steps: int = 300,
+    lr: float = DISTILL_LR,
+    time_budget: float | None = None,
+    target_sqnr: float | None = None,
+    batch_size: int = 16,
+    eval_every: int | None = None,
+    augment: bool = True,
+    threads: int | None = None,
+    progress: TrainProgress | None = None,
+) -> tuple[Model, TrainReport]:
+    """Fine-tune ``student`` to reproduce ``teacher`` on unlabeled ``train`` feeds.
+
+    Args:
+        student: the compressed model (e.g. pruned); not changed.
+        teacher: the original model (same inputs and outputs).
+        train: unlabeled inputs (feed dicts, samples on axis 0).
+        held_out: inputs for the running fidelity and the choice of the kept student.
+        steps: Adam steps (each on ``batch_size`` samples).
+        lr: Adam learning rate (cosine decay to 0 over ``steps``).
+        time_budget: stop after this many seconds.
+        target_sqnr: stop once the held-out SQNR of every output reaches this (dB).
+        augment: mix pairs of inputs (:func:`mixup`); the teacher labels the mixes.
+        threads: torch threads while training (default: 1 for models under
+            :data:`SMALL_MODEL_BYTES` of weights, else torch's).
+        progress: ``progress(step, steps, loss, held_out_sqnr)`` after every step.
+
+    Returns:
+        The trained student (same graph, new weights) and the :class:`TrainReport`.
+    """
+    old = _threads(threads, teacher)
+    try:
+        t0 = time.perf_counter()
+        s_proto, t_proto = student.to_onnx(), teacher.to_onnx()
+        s_mod, t_mod = OnnxModule(s_proto), OnnxModule(t_proto)
+        cfg = _config(
+            steps, lr, time_budget, target_sqnr, batch_size, eval_every, augment, progress
+        )
+        res = distill(s_mod, t_mod, train, held_out, cfg, metric=sqnr_metric)
+        out = write_back(s_mod, s_proto)
+        diffs = same_structure(s_proto, out)
+        if diffs:
+            raise AssertionError(f"distillation changed the graph: {diffs}")
+        err = max(verify_export(s_mod, out, list(held_out[:2]) or list(train[:1])).values())
+        logger.info(
+            "distill: %d steps in %.1f s (%s)", res.steps, time.perf_counter() - t0, res.stopped
+        )
+        return Model.from_onnx(out), _report("distill", res, train, held_out, err)
+    finally:
+        torch.set_num_threads(old)
+
+
+def qat_model(
+    qdq: Model,
+    float_model: Model,
+    train: Sequence[Feeds],
+    held_out: Sequence[Feeds],
+    *,
+    steps: int = 300,
+    lr: float = QAT_LR,
+    time_budget: float | None = None,
+    target_sqnr: float | None = None,
+    batch_size: int = 16,
+    eval_every: int | None = None,
+    threads: int | None = None,
+    progress: TrainProgress | None = None,
+) -> tuple[Model, TrainReport]:
+    """Quantization-aware training of the static path's QDQ model, distilled from ``float_model``
+    (LSQ scales at ``lr / 100``, latent float weights at ``lr``), exported as the same QDQ graph.
+
+    Args:
+        qdq: the static int8 QDQ model (``quantize(...).model``); not changed.
+        float_model: the float model it was quantized from (``quantize(...).float_model``).
+        train, held_out, steps, lr, time_budget, target_sqnr, batch_size, eval_every, threads,
+            progress: as :func:`distill_model`.
+
+    Returns:
+        The trained QDQ model (same nodes, initializer names, shapes and dtypes) and the report.
+    """
+    from .qat import QatModule, export_qdq
+
+    old = _threads(threads, float_model)
+    try:
+        q_proto, f_proto = qdq.to_onnx(), float_model.to_onnx()
+        student = QatModule(q_proto, f_proto)
+        teacher = OnnxModule(f_proto)
+        cfg = _config(steps, lr, time_budget, target_sqnr, batch_size, eval_every, False, progress)
+        res = distill(
+            student,
+            teacher,
+            train,
+            held_out,
+            cfg,
+            metric=sqnr_metric,
+            params=student.param_groups(lr),
+        )
+        out = export_qdq(student)
+        diffs = same_structure(q_proto, out)
+        if diffs:
+            raise AssertionError(f"QAT changed the graph: {diffs}")
+        err = max(
+            verify_export(student, out, list(held_out[:2]) or list(train[:1]), rtol=1e-3).values()
+        )
+        return Model.from_onnx(out), _report("qat", res, train, held_out, err)
+    finally:
+        torch.set_num_threads(old)

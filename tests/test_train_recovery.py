@@ -1,0 +1,88 @@
+"""The jobs' training options on the digits fixture: ``prune(recover="distill")`` beats
+least squares on the fixture labels, ``quantize(qat=True)`` writes the static path's QDQ graph
+with better fidelity; the written files are standard ONNX that onnxruntime runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)  # the machine is shared; OpenMP threads contend under load
+
+from graphopt.algorithms.train.export import ort_run  # noqa: E402
+from graphopt.core.verify import sqnr_db  # noqa: E402
+from graphopt.fixtures import fixture_path  # noqa: E402
+from graphopt.jobs.prune import prune  # noqa: E402
+from graphopt.jobs.quantize import quantize  # noqa: E402
+
+MODEL = str(fixture_path("digits_cnn.onnx"))
+CALIB = str(fixture_path("digits_calib.npz"))
+
+
+def accuracy(path: Path) -> float:
+    ev = np.load(fixture_path("digits_eval.npz"))
+    logits = ort_run(onnx.load(str(path)), {"x": ev["x"]}, level="all")[0]
+    return float((logits.argmax(1) == ev["y"]).mean())
+
+
+def ops(path: Path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_distill_beats_least_squares_after_pruning(tmp_path: Path) -> None:
+    """40% of the channels pruned (0.26x MACs): least squares 0.93 on the labels, 150 steps of
+    distillation on the 96 unlabeled calibration samples 0.95-0.97 (fp32: 0.994)."""
+    ls, dist = tmp_path / "ls.onnx", tmp_path / "distill.onnx"
+    common = dict(calib=CALIB, round_to=8, min_sqnr=0)
+    r_ls = prune(MODEL, 0.4, recover="least-squares", output=ls, **common)
+    r_d = prune(MODEL, 0.4, recover="distill", steps=150, output=dist, **common)
+    assert r_ls.recovery == "least-squares" and r_d.recovery == "distill"
+    assert r_d.training is not None and r_d.training.steps == 150
+    assert r_d.training.train_samples == 96 and r_d.training.held_out_samples == 32
+    assert r_d.training.export_rel_err < 1e-5
+    acc_ls, acc_d = accuracy(ls), accuracy(dist)
+    assert acc_d >= acc_ls + 0.01, (acc_ls, acc_d)
+    # the same pruned graph, other weights; standard ONNX
+    onnx.checker.check_model(onnx.load(str(dist)), full_check=True)
+    assert ops(dist) == ops(ls)
+    assert r_d.macs_ratio == r_ls.macs_ratio
+    held = r_d.fidelity[0]
+    assert held.sqnr_db > r_ls.fidelity[0].sqnr_db  # judged by the job on the held-out quarter
+    assert (
+        r_d.to_json()["training"]["final_sqnr_db"] >= r_d.to_json()["training"]["initial_sqnr_db"]
+    )
+
+
+def test_distill_stops_at_the_time_budget() -> None:
+    r = prune(MODEL, 0.3, calib=CALIB, recover="distill", steps=100_000, time_budget=0.5)
+    assert r.training is not None and r.training.stopped == "time"
+    assert r.training.steps < 100_000
+
+
+def test_distill_stops_at_the_target() -> None:
+    """A target the least-squares start already meets stops at the first evaluation."""
+    r = prune(MODEL, 0.3, calib=CALIB, recover="distill", steps=500, target_sqnr=-100.0)
+    assert r.training is not None and r.training.stopped == "target"
+    assert r.training.steps == 50
+
+
+def test_qat_writes_the_static_graph_with_better_fidelity(tmp_path: Path) -> None:
+    static, qat = tmp_path / "static.onnx", tmp_path / "qat.onnx"
+    quantize(MODEL, CALIB, output=static)
+    r_q = quantize(MODEL, CALIB, output=qat, qat=True, steps=60)
+    assert r_q.training is not None and r_q.training.method == "qat"
+    a, b = onnx.load(str(static)), onnx.load(str(qat))
+    assert ops(static) == ops(qat)
+    sa = {t.name: (t.data_type, tuple(t.dims)) for t in a.graph.initializer}
+    sb = {t.name: (t.data_type, tuple(t.dims)) for t in b.graph.initializer}
+    assert sa == sb  # same initializers: names, types (int8 weights, int32 biases), shapes
+    onnx.checker.check_model(b, full_check=True)
+    ev = np.load(fixture_path("digits_eval.npz"))["x"][:200]
+    ref = ort_run(onnx.load(MODEL), {"x": ev})[0]
+    s_static = sqnr_db(ref, ort_run(a, {"x": ev}, level="all")[0])
+    s_qat = sqnr_db(ref, ort_run(b, {"x": ev}, level="all")[0])
+    assert s_qat > s_static + 1.0, (s_static, s_qat)
