@@ -127,6 +127,19 @@ def test_symbolic_inference_keeps_batch_and_seq() -> None:
     assert ["batch", "seq", 4, 16] in [list(s) for s in reshaped if s is not None]
 
 
+def test_without_sympy_onnx_inference_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Symbolic inference is optional: without it the lost dims stay unknown, nothing fails."""
+    import graphopt.core.shapes as shapes
+
+    monkeypatch.setattr(shapes, "_SYMBOLIC", [None])
+    assert shapes.symbolic_infer(load(BERT)) == {}
+    m = prepare(load(BERT))
+    out = list(m.graph.outputs[0].shape)
+    assert len(out) == 3 and out[2] == 64 and out[:2] != ["batch", "seq"]
+    res = optimize_model(load(BERT))
+    assert res.verify is not None and res.verify.ok
+
+
 # ---------------------------------------------------------------- every command
 
 
