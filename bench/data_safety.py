@@ -159,6 +159,10 @@ class Stats:
     #: tries that left a temporary (after a SIGKILL) / a data file without its model
     left_temp: int = 0
     left_data: int = 0
+    #: interrupted runs that said "already written: OUT" (the signal came after the publication)
+    said_written: int = 0
+    #: interrupted runs that said "no output written" although OUT holds their model
+    false_reports: int = 0
     save_s: float = 0.0
     wall_s: float = 0.0
 
@@ -277,6 +281,12 @@ class Bench:
             stats.outcomes[{0.0: "old", 1.0: "new A", 2.0: "new B"}[tag]] += 1
             if tag == 0.0 and 0 in [p.returncode for p in procs]:
                 stats.failures.append(f"try {i}: a run exited 0 but the old output is there")
+            for k, err in enumerate(errs):  # "no output written" must be true
+                if "no output written" in err and tag == float(k + 1):
+                    stats.failures.append(f"try {i}: run {k} said 'no output written': {err}")
+                    stats.false_reports += 1
+                elif "already written" in err:
+                    stats.said_written += 1
         temps = _temps(self.out_dir)
         if temps and "SIGKILL" not in sent:
             stats.failures.append(f"try {i}: temporaries left without SIGKILL: {temps}")
@@ -349,6 +359,8 @@ def markdown(stats: Stats, size: int, seed: int, exec_runs: bool = False) -> str
         lines.append(f"| output afterwards: {k} complete output | {stats.outcomes.get(k, 0)} |")
     for k, n in sorted(stats.exits.items()):
         lines.append(f"| runs exiting {k} | {n} |")
+    lines.append(f"| SIGTERM runs saying 'already written' | {stats.said_written} |")
+    lines.append(f"| SIGTERM runs saying 'no output written' wrongly | {stats.false_reports} |")
     lines.append(f"| tries leaving a temporary (SIGKILL) | {stats.left_temp} |")
     lines.append(f"| tries leaving a data file without its model (SIGKILL) | {stats.left_data} |")
     lines.append("")

@@ -195,46 +195,60 @@ def handle_signals() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``graphopt`` command; returns the exit code."""
-    verbose = 0
     forget_published()
-    with handle_signals():
-        try:
-            argv = list(sys.argv[1:] if argv is None else argv)
-            command = _command_in(argv)
-            parser = build_parser([command] if command else [])
-            args = parser.parse_args(argv)
-            if not getattr(args, "func", None):
-                parser.print_help()
-                return EXIT_USAGE
-            verbose = int(getattr(args, "verbose", 0))
-            setup_logging(verbose)
-            code = int(args.func(args) or EXIT_OK)
-            check_interrupted()  # a signal whose exception some library code swallowed
-            return code
-        except GraphoptError as exc:
+    try:
+        with handle_signals():
+            return _main(argv)
+    except KeyboardInterrupt as exc:
+        # a signal in the last instants, while the handlers were being put back (or while an
+        # error line was written): the run is over, say so on one line as for any interruption
+        return _interrupted(exc)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """One line for an interrupted run (which outputs are complete); its exit status."""
+    code = exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+    name = f" ({signal.Signals(code - 128).name})" if code > 128 else ""
+    what = _written() if published_paths() else "; no output written"
+    _error(f"interrupted{name}{what}")
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """:func:`main` inside the signal handlers: parse, run, report."""
+    verbose = 0
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command = _command_in(argv)
+        parser = build_parser([command] if command else [])
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EXIT_USAGE
+        verbose = int(getattr(args, "verbose", 0))
+        setup_logging(verbose)
+        code = int(args.func(args) or EXIT_OK)
+        check_interrupted()  # a signal whose exception some library code swallowed
+        return code
+    except GraphoptError as exc:
+        _error(f"error: {_one_line(exc)}{_written()}")
+        if verbose:
+            logger.debug("details", exc_info=True)
+        return int(getattr(exc, "exit_code", EXIT_USAGE))
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    except Exception as exc:  # noqa: BLE001 - the one place failures are reported
+        exit_code = getattr(exc, "exit_code", None)  # VerificationError, PassError: 1
+        if exit_code is not None:
             _error(f"error: {_one_line(exc)}{_written()}")
-            if verbose:
-                logger.debug("details", exc_info=True)
-            return int(getattr(exc, "exit_code", EXIT_USAGE))
-        except KeyboardInterrupt as exc:
-            code = exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
-            name = f" ({signal.Signals(code - 128).name})" if code > 128 else ""
-            done = published_paths()
-            what = _written() if done else "; no output written"
-            _error(f"interrupted{name}{what}")
-            return code
-        except Exception as exc:  # noqa: BLE001 - the one place failures are reported
-            exit_code = getattr(exc, "exit_code", None)  # VerificationError, PassError: 1
-            if exit_code is not None:
-                _error(f"error: {_one_line(exc)}{_written()}")
-            else:
-                _error(
-                    f"internal error: {type(exc).__name__}: {_one_line(exc)} "
-                    f"(re-run with -v for the traceback){_written()}"
-                )
-            if verbose:
-                logger.exception("traceback")
-            return int(exit_code) if isinstance(exit_code, int) else EXIT_FAILED
+        else:
+            _error(
+                f"internal error: {type(exc).__name__}: {_one_line(exc)} "
+                f"(re-run with -v for the traceback){_written()}"
+            )
+        if verbose:
+            logger.exception("traceback")
+        return int(exit_code) if isinstance(exit_code, int) else EXIT_FAILED
 
 
 def _error(text: str) -> None:
