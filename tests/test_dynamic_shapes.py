@@ -355,3 +355,18 @@ def test_eliminate_noop_neutral_add_on_symbolic_shape(bias_shape: list[int], rem
         feeds = _draw_feeds(m)
     res, _ = check_pass(m, "eliminate-noop", feeds=feeds, expect_modified=removed)
     assert ("Add" in res.model.op_histogram()) is not removed
+
+
+def test_drawn_shapes_the_model_refuses_name_the_way_out() -> None:
+    """A dim the model needs large (a 9-tap conv on a length-7 draw): exit 2 naming the drawn
+    shapes, --input-shape and --feeds; with --input-shape it runs."""
+    from onnx import numpy_helper
+
+    from graphopt.core.errors import FeedError
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "len"])
+    w = numpy_helper.from_array(np.ones((2, 1, 9), np.float32), "w")
+    m = _graph_model([helper.make_node("Conv", ["x", "w"], ["y"])], [x], [w])
+    with pytest.raises(FeedError, match=r"drawn input shapes x 1x1x7 .*--input-shape.*--feeds"):
+        optimize_model(m)
+    assert optimize_model(m, input_shapes={"x": (2, 1, 32)}).verify.ok  # type: ignore[union-attr]

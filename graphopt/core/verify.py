@@ -433,8 +433,17 @@ def verify(
             ra = run_session(sa, names, {k: v for k, v in f.items() if k in a_inputs})
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             given = "given" if feeds is not None else "generated test"
+            shapes = ", ".join(
+                f"{k} {'x'.join(map(str, np.shape(v))) or 'scalar'}" for k, v in f.items()
+            )
+            drawn = (
+                f" at drawn input shapes {shapes} (dynamic dims take the values of "
+                "graphopt.core.feeds.DIM_DRAWS; --input-shape fixes them)"
+                if feeds is None and len(dim_draws(base)) > 1
+                else ""
+            )
             raise FeedError(
-                f"the input model does not run on the {given} inputs in onnxruntime "
+                f"the input model does not run on the {given} inputs in onnxruntime{drawn} "
                 f"({first_line(exc)}); give inputs it runs on with --feeds DATA"
             ) from None
         for n, v in zip(names, ra):
