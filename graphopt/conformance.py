@@ -1357,6 +1357,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     every = cases(args.cache, args.suite)
     chosen = sample(args.sample, 0, args.cache) if args.sample else every
+    chosen = [c for c in chosen if not args.suite or c.suite in args.suite]
     chosen = [c for c in chosen if not args.case or any(k in c.id for k in args.case)]
     verdicts = check_all(chosen, jobs=args.jobs)
     todo = [c for c in chosen if verdicts[c.id] is True]

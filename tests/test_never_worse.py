@@ -192,3 +192,74 @@ def test_optimize_gives_its_feeds_to_the_fp16_pass() -> None:
     res = optimize(_power_model(), ["fp16"], feeds=_audio(0))
     assert res.stats()["fp16"]["kept_fp32_range"] >= 2
     assert res.verify is not None and res.verify.ok
+
+
+# ------------------------------------------------------------------ quantize: floor and speed
+
+
+def _calib(model: Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    from graphopt.core.feeds import random_feeds
+
+    return [random_feeds(model, seed=seed + i) for i in range(n)]
+
+
+def test_quantize_falls_back_to_float_to_meet_the_default_floor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No --min-sqnr: when the fully quantized model misses the default floor, the most sensitive
+    layers are kept float until it holds (with a warning), instead of refusing at once."""
+    from graphopt.fixtures import fixture_path
+    from graphopt.jobs import quantize as q_job
+
+    m = load(fixture_path("mobilenet_block.onnx"))
+    feeds = _calib(m, 8)
+    base = q_job.quantize(m, feeds, measure_speed=False)
+    assert base.verify is not None and base.mixed_precision == {}  # floor met: no search
+    floor = min(o.sqnr_db for o in base.verify.outputs) + 6
+    monkeypatch.setattr(q_job, "DEFAULT_MIN_SQNR_DB", floor)
+    out = tmp_path / "q.onnx"
+    with caplog.at_level(logging.WARNING, logger="graphopt"):
+        res = q_job.quantize(m, feeds, output=out, measure_speed=False)
+    mp = res.mixed_precision
+    assert mp["met"] and mp["kept"] and mp["target_sqnr_db"] == floor, mp
+    assert res.verify is not None and res.verify.ok and out.is_file()
+    assert all(o.sqnr_db >= floor for o in res.verify.outputs)
+    assert "below the" in caplog.text and "keeping the most sensitive layers float" in caplog.text
+
+
+def test_quantize_below_the_floor_even_all_float_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graphopt.core.errors import VerificationError
+    from graphopt.fixtures import fixture_path
+    from graphopt.jobs import quantize as q_job
+
+    m = load(fixture_path("cnn.onnx"))
+    monkeypatch.setattr(q_job, "DEFAULT_MIN_SQNR_DB", 500.0)  # no int8 layer can meet it
+    out = tmp_path / "q.onnx"
+    with pytest.raises(VerificationError, match="not written"):
+        q_job.quantize(m, _calib(m, 4), output=out, measure_speed=False)
+    assert not out.exists()
+
+
+def test_quantize_reports_the_speedup_and_warns_when_int8_is_slower(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from graphopt.fixtures import fixture_path
+    from graphopt.jobs import quantize as q_job
+
+    m = load(fixture_path("cnn.onnx"))
+    feeds = _calib(m, 4)
+    res = q_job.quantize(m, feeds)  # the real measurement: its shape, never its figures
+    assert res.speed is not None and set(res.speed) == {"fp32", "int8", "speedup", "noise"}
+    assert res.to_json()["latency_ms"]["speedup"] > 0
+
+    def slower(before: Model, after: Model, feed: object, **kw: object) -> BenchResult:
+        lat = {"before": {"all": 1.0}, "after": {"all": 1.25}}
+        return BenchResult(lat, {"all": 1.25}, {"all": 0.03})
+
+    monkeypatch.setattr(q_job, "bench_models", slower)
+    with caplog.at_level(logging.WARNING, logger="graphopt"):
+        res = q_job.quantize(m, feeds)
+    assert res.speed is not None and res.speed["speedup"] == 0.8
+    assert "int8 model is slower than float32 on this CPU" in caplog.text

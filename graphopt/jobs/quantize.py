@@ -68,7 +68,7 @@ from graphopt.jobs.common import (
     source_path,
     write_outputs,
 )
-from graphopt.jobs.optimize import optimize_model
+from graphopt.jobs.optimize import bench_models, optimize_model
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +87,13 @@ QUANT_LEVEL = "extended"
 #: 27-36 dB); broken ones (calibration data of the wrong range, overflow) 3 dB or less. The
 #: cosine floor follows from it (0.949, :func:`~graphopt.jobs.common.lossy_floors`).
 DEFAULT_MIN_SQNR_DB = 10.0
+#: with the default floor, at most this share of the quantizable layers falls back to float to
+#: meet it; a model that needs more is refused (the calibration data is the likelier culprit)
+MAX_FALLBACK_SHARE = 0.5
+#: with the default floor, a fully quantized model below this SQNR (dB: the quantization noise
+#: as loud as the output) is not rescued by falling back: its ranges are wrong everywhere
+#: (calibration data of the wrong scale), not in a few sensitive layers; it is refused
+MIN_FALLBACK_SQNR_DB = 0.0
 #: at most this many ``feeds`` samples are used for the check
 MAX_FEED_SAMPLES = 64
 
@@ -149,6 +156,9 @@ class QuantizeResult(TransformResult):
     training: Any = None
     #: what the check ran on (``"16 calibration samples"``, ``"64 samples of --feeds"``)
     checked_on: str = ""
+    #: measured on this CPU (``latency_ms`` in the JSON): ``{"fp32", "int8"}`` median ms,
+    #: ``speedup`` (fp32 / int8) and ``noise`` (None: not measured)
+    speed: dict[str, float] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -168,6 +178,7 @@ class QuantizeResult(TransformResult):
             "mixed_precision": self.mixed_precision,
             "verify_ok": self.verify.ok if self.verify is not None else None,
             "checked_on": self.checked_on,
+            "latency_ms": self.speed,
             "training": None if self.training is None else self.training.to_json(),
         }
 
@@ -402,6 +413,7 @@ def quantize(
     feeds: Any = None,
     min_cosine: float | None = None,
     force: bool = False,
+    measure_speed: bool = True,
 ) -> QuantizeResult:
     """The quantize job (``graphopt quantize``): quantize a float ONNX model to int8 QDQ with
     calibration data, verify against fp32, write the result.
@@ -415,10 +427,11 @@ def quantize(
         activations: auto (from the CPU), uint8 or int8.
         per_channel: per-output-channel weight scales (raises the opset to 13 if needed).
         reduce_range: 7-bit weights; None decides from the CPU (no VNNI -> True for uint8).
-        min_sqnr: the check's SQNR floor (dB; default :data:`DEFAULT_MIN_SQNR_DB`); when given,
-            the most sensitive layers are also kept float until every output's SQNR against fp32
-            on the calibration samples reaches it. ``0`` turns the floor off (written whatever
-            it computes, with a warning).
+        min_sqnr: the check's SQNR floor (dB; default :data:`DEFAULT_MIN_SQNR_DB`); the most
+            sensitive layers are kept float until every output's SQNR against fp32 on the
+            calibration samples reaches it (with the default floor only when the fully quantized
+            model misses it, with a warning, and for at most :data:`MAX_FALLBACK_SHARE` of the
+            layers). ``0`` turns the floor off (written whatever it computes, with a warning).
         metric: ``metric(quantized_model) -> bool`` (acceptable?) or ``-> float`` compared with
             ``metric_target`` (higher is better); used like ``min_sqnr``.
         sensitivity: measure each layer's isolated sensitivity (default: when a target is given).
@@ -446,6 +459,8 @@ def quantize(
             inputs the calibration never saw. Default: the first calibration samples.
         min_cosine: the check's cosine floor (default: implied by the SQNR floor).
         force: write the model even when it fails the check (a warning says so).
+        measure_speed: time the int8 model against fp32 on this CPU (``speed``; a warning
+            when int8 is slower beyond noise, :func:`graphopt.jobs.optimize.bench_models`).
 
     Raises:
         VerificationError: the int8 model failed its check and ``output`` or ``report`` was
@@ -548,14 +563,40 @@ def quantize(
     sens: dict[str, float] = {}
     mp: dict[str, Any] = {}
     want_target = target is not None or metric is not None
+    fallback = False
+    if not want_target and evaluator is not None and floor_sqnr and not force:
+        # the default floor: when the fully quantized model misses it on the kept samples,
+        # layers fall back to float (most sensitive first) until it holds
+        all_int8 = evaluator.min_sqnr(qmodel)
+        if MIN_FALLBACK_SQNR_DB <= all_int8 < floor_sqnr:
+            logger.warning(
+                "quantize: the int8 model reaches %.1f dB on the calibration samples, below the "
+                "%.1f dB floor; keeping the most sensitive layers float until it holds",
+                all_int8,
+                floor_sqnr,
+            )
+            target, want_target, fallback = floor_sqnr, True, True
     if (sensitivity or (sensitivity is None and want_target)) and evaluator is not None:
         for layer in plan.layers():
             m, _ = build([n for n in plan.nodes if n != layer])
             sens[layer] = evaluator.min_sqnr(m)
     if want_target and evaluator is not None:
+        all_int8_model, all_int8_emit = qmodel, emit
         qmodel, emit, mp = _mixed_precision(
             build, evaluator, plan, sens, target, metric, metric_target, qmodel, emit
         )
+        allowed = max(1, int(MAX_FALLBACK_SHARE * len(plan.layers())))
+        if fallback and (not mp.get("met") or len(mp.get("kept", [])) > allowed):
+            logger.warning(
+                "quantize: the floor needs %d of %d layers float (at most %d may fall back); "
+                "judging the fully quantized model",
+                len(mp.get("kept", [])),
+                len(plan.layers()),
+                allowed,
+            )
+            mp = {**mp, "met": False, "refused": "too many layers would stay float"}
+            qmodel, emit = all_int8_model, all_int8_emit
+            mp["kept"] = []
         qmodel.metadata.pop("graphopt.fusion_groups", None)
         for n in mp.get("kept", []):
             kept_float[n] = (
@@ -636,6 +677,7 @@ def quantize(
             layers.append(LayerReport(n, node_op, "float", reason))
     check = None
     checked_on = ""
+    check_feeds: list[dict[str, np.ndarray]] = []
     if verify_output:
         if feeds is not None:
             check_feeds = [
@@ -669,6 +711,10 @@ def quantize(
                 force=force,
                 writing=writing,
             )
+    speed: dict[str, float] | None = None
+    if measure_speed and verify_output:
+        bench_feed = (check_feeds or _first_samples(eval_batches) or [first_sample])[0]
+        speed = _measure_speed(original, qmodel, bench_feed)
     stats = {
         "nodes_quantized": emit.nodes,
         "tensors_quantized": emit.tensors,
@@ -701,6 +747,7 @@ def quantize(
         stats=stats,
         input=src,
         checked_on=checked_on,
+        speed=speed,
         training=training,
     )
     if src is not None and Path(src).is_file():
@@ -710,6 +757,35 @@ def quantize(
         res.file_bytes_after = res.output.stat().st_size
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _measure_speed(
+    float_model: Model, qmodel: Model, feed: Mapping[str, np.ndarray]
+) -> dict[str, float] | None:
+    """fp32 against int8 latency on this CPU (ORT_ENABLE_ALL, one thread, interleaved) on one
+    feed; a warning when int8 is slower beyond noise. None when it cannot be measured."""
+    try:
+        b = bench_models(float_model, qmodel, feed, levels=("all",))
+    except Exception as exc:  # noqa: BLE001 - a measurement, never a reason to fail the job
+        logger.warning("quantize: speed not measured (%s)", exc)
+        return None
+    ratio = b.ratio["all"]
+    speed = {
+        "fp32": round(b.latency_ms["before"]["all"], 4),
+        "int8": round(b.latency_ms["after"]["all"], 4),
+        "speedup": round(1.0 / ratio, 3) if ratio > 0 else 0.0,
+        "noise": round(b.noise["all"], 3),
+    }
+    if b.slower():
+        logger.warning(
+            "quantize: the int8 model is slower than float32 on this CPU (%.2fx the latency: "
+            "%.3f ms against %.3f ms); onnxruntime may lack fast integer kernels here (VNNI), "
+            "or the model is too small for int8 to pay off",
+            ratio,
+            speed["int8"],
+            speed["fp32"],
+        )
+    return speed
 
 
 def _advice(ranges: Mapping[str, tuple[float, float]], model: Model, check: Any) -> str:
