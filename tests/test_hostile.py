@@ -536,15 +536,19 @@ def test_zero_dim_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_huge_dims(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Dims over 2^31: inspect reports them; optimize refuses to allocate a test input."""
+    """Dims over 2^31: inspect reports them; optimize and plan refuse to run the model (nothing
+    allocated), naming the tensor, its size and the limit it passes."""
     p = save(_relu_model([1, 3, 2**33, 2**31 + 5]), tmp_path / "huge.onnx")
     rc, out, err = run_cli(["inspect", p, "--json"], capsys)
     assert rc in (0, 2), err
     if rc == 2:
         assert_refused(rc, err, p, _sha(p))
     o = tmp_path / "o.onnx"
+    words = ("tensor 'y'", "192 EiB", "GRAPHOPT_MAX_TENSOR_BYTES")
     rc, _, err = run_cli(["optimize", p, "-o", o], capsys, seconds=60)
-    assert_refused(rc, err, p, _sha(p), o, words=("too large",))
+    assert_refused(rc, err, p, _sha(p), o, words=words)
+    rc, _, err = run_cli(["plan", p, "-o", o], capsys, seconds=60)
+    assert_refused(rc, err, p, _sha(p), o, words=words)
 
 
 def test_negative_dims(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

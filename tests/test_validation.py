@@ -17,7 +17,13 @@ import pytest
 from hostile_cases import BOMBS, CASES_BY_NAME, DATA_FILES, EXOTIC, external_case
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.core.errors import CalibrationError, FeedError, ModelLoadError, ShapeError
+from graphopt.core.errors import (
+    CalibrationError,
+    FeedError,
+    GraphoptError,
+    ModelLoadError,
+    ShapeError,
+)
 from graphopt.core.feeds import (
     FileFeeds,
     check_feeds,
@@ -419,3 +425,100 @@ def test_valid_npz_and_npy_read_back(tmp_path: Path) -> None:
     assert npy_header(tmp_path / "x.npy").shape == (3, 4)
     with zipfile.ZipFile(tmp_path / "c.npz") as z:
         assert z.namelist() == ["x.npy"]
+
+
+# ---------------------------------------------------------------------- plan and compile
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float8e4m3fn", "int4", "int2"])
+def test_plan_sizes_low_precision_tensors_and_proves(name: str, tmp_path: Path) -> None:
+    """A tensor numpy holds only as ml_dtypes (bfloat16, float8, int4, int2) is sized from its
+    inferred shape and the dtype's itemsize, without a run, and lives in the arena: the proof
+    runs the Cast nodes through onnxruntime's typed values and copies them into their slices."""
+    from graphopt.algorithms.memory.arena import prove
+    from graphopt.core.session import is_ml_dtype
+    from graphopt.jobs.plan import plan_model
+
+    if name not in EXOTIC:
+        pytest.skip(f"onnx has no {name}")
+    path = CASES_BY_NAME[f"{name}-cast"].build(tmp_path)
+    plan = plan_model(load(path))
+    lo = plan.tensors["lo"]
+    assert is_ml_dtype(np.dtype(lo.dtype)) and lo.nbytes == 8 * np.dtype(lo.dtype).itemsize
+    assert not plan.unplanned
+    rep = prove(plan.model, plan)
+    assert rep.ok and rep.nodes_in_arena == 4 and rep.nodes_reference == 0, rep.to_json()
+
+
+@pytest.mark.parametrize("name", ["optional-output", "sequence-output", "map-output", "string-io"])
+def test_plan_proves_models_with_non_tensor_values(name: str, tmp_path: Path) -> None:
+    """Optional, sequence, map and string values stay outside the arena; the proof compares them
+    by structure and value (a map's float values within tolerance)."""
+    from graphopt.algorithms.memory.arena import prove
+    from graphopt.jobs.plan import plan_model
+
+    plan = plan_model(load(CASES_BY_NAME[name].build(tmp_path)))
+    rep = prove(plan.model, plan)
+    assert rep.ok, rep.to_json()
+
+
+def test_arena_nodes_of_one_signature_share_a_session() -> None:
+    """A chain of 60 MatMul/Add/Relu blocks opens one session per signature (3), not 180, and
+    matches onnxruntime on the whole model; a plan that overwrites a live tensor still fails."""
+    from graphopt.algorithms.memory.arena import ArenaExecutor, prove
+    from graphopt.jobs.plan import plan_model
+
+    rng = np.random.default_rng(0)
+    nodes, inits, h = [], [], "x"
+    for i in range(60):
+        inits += [
+            numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{i}"),
+            numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), f"b{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+            helper.make_node("Relu", [f"a{i}"], [f"r{i}"]),
+        ]
+        h = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info(h, TensorProto.FLOAT, [1, 8])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    plan = plan_model(Model.from_onnx(m), inplace=False)
+    assert plan.model is not None
+    ex = ArenaExecutor(plan.model, plan)
+    ex.run({"x": rng.standard_normal((1, 8)).astype(np.float32)})
+    assert len({id(s.sess) for s in ex._sessions.values()}) == 3  # noqa: SLF001
+    assert prove(plan.model, plan).ok
+    # a0 put on the graph input x, which is live to the end: overwritten, the proof fails
+    bad = plan.with_offsets({"a5": plan.tensors["x"].offset})
+    assert not prove(plan.model, bad).ok
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("bfloat16-cast", "bfloat16"),
+        ("int4-initializer", "int4"),
+        ("sequence-output", "sequence value"),
+        ("optional-input", "optional value"),
+        ("string-io", "string"),
+    ],
+)
+def test_compile_refuses_what_tvm_cannot_hold(name: str, words: str, tmp_path: Path) -> None:
+    """Before TVM is imported: exit 2 naming the value and its type."""
+    from graphopt.algorithms.tvm.emit import check_importable
+
+    if name.split("-")[0] in ("bfloat16", "int4") and name.split("-")[0] not in EXOTIC:
+        pytest.skip("onnx lacks the type")
+    proto = onnx.load(str(CASES_BY_NAME[name].build(tmp_path)))
+    with pytest.raises(GraphoptError) as info:
+        check_importable(proto)
+    assert info.value.exit_code == 2 and words in str(info.value)
+    check_importable(onnx.load(str(CASES_BY_NAME["conv-group-0"].build(tmp_path / "ok"))))

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.core.graph import captured_names, node_subgraphs
 from graphopt.core.model import Model
+from graphopt.core.session import is_ml_dtype
 from graphopt.core.shapes import is_static
 
 _LOOPS = ("Loop", "Scan")
@@ -56,7 +57,14 @@ def _dtype(t: gs.Tensor) -> np.dtype | None:
         d = np.dtype(t.dtype) if t.dtype is not None else None
     except TypeError:
         return None
-    if d is None or d.kind in "OUSV":
+    return _sized(d)
+
+
+def _sized(d: np.dtype | None) -> np.dtype | None:
+    """``d`` when its elements have a fixed size, else None."""
+    if d is None or (d.kind in "OUSV" and not is_ml_dtype(d)):
+        # strings and objects have no fixed size; bfloat16, float8, int4 ... (ml_dtypes, kind
+        # "V") hold one element per itemsize bytes in numpy, as the arena executor stores them
         return None
     return d
 
@@ -139,7 +147,7 @@ def liveness(
             return
         shape, dt = t.shape, _dtype(t)
         if not (is_static(shape) and dt is not None) and name in observed:
-            shape, dt = observed[name]
+            shape, dt = observed[name][0], _sized(observed[name][1])
         if not is_static(shape) or dt is None:
             if name not in unplanned:
                 unplanned.append(name)

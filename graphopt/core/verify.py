@@ -187,6 +187,8 @@ def _flatten_value(value: Any, path: str = "") -> list[tuple[str, Any]]:
         for k in sorted(value, key=str):
             out += _flatten_value(value[k], f"{path}[{k!r}]")
         return out
+    if isinstance(value, float):  # a map's float values come out of onnxruntime as Python floats
+        return [(path, np.asarray(value))]
     if value is None or not isinstance(value, np.ndarray):
         return [(path, value)]
     if not _is_numeric(value):
@@ -195,10 +197,17 @@ def _flatten_value(value: Any, path: str = "") -> list[tuple[str, Any]]:
 
 
 def compare_values(
-    name: str, refs: Sequence[Any], outs: Sequence[Any], rtol: float, atol: float
+    name: str,
+    refs: Sequence[Any],
+    outs: Sequence[Any],
+    rtol: float,
+    atol: float,
+    min_sqnr_db: float | None = None,
+    min_cosine: float | None = None,
 ) -> OutputDiff:
     """Compare an output that is not one numeric tensor per sample (strings, sequences, maps,
-    optionals): structure, strings and None exactly, numeric leaves with :func:`compare`."""
+    optionals): structure, strings and None exactly, numeric leaves (tensors and Python floats)
+    with :func:`compare`, lossy (``min_sqnr_db``/``min_cosine``) where they are given."""
     worst = OutputDiff(name, 0.0, 1.0, math.inf, 0.0, [], True)
     for r, o in zip(refs, outs):
         fr, fo = _flatten_value(r), _flatten_value(o)
@@ -206,7 +215,9 @@ def compare_values(
             return OutputDiff(name, math.inf, 0.0, -math.inf, 0.0, [], False, "structure differs")
         for (path, a), (_, b) in zip(fr, fo):
             if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-                d = compare(name, a, b, *dtype_tolerance(a.dtype, rtol, atol))
+                d = compare(
+                    name, a, b, *dtype_tolerance(a.dtype, rtol, atol), min_sqnr_db, min_cosine
+                )
                 if not d.ok:
                     d.note = f"{d.note} at {path}".strip()
                     return d
@@ -478,7 +489,9 @@ def verify(
             )
             continue
         if not all(_is_numeric(v) for v in refs[n] + outs[n]):
-            report.outputs.append(compare_values(n, refs[n], outs[n], rtol, atol))
+            report.outputs.append(
+                compare_values(n, refs[n], outs[n], rtol, atol, min_sqnr_db, min_cosine)
+            )
             continue
         report.outputs.append(
             compare_samples(n, refs[n], outs[n], rtol, atol, min_sqnr_db, min_cosine)

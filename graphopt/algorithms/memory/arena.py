@@ -5,8 +5,14 @@
 tensor is a view ``arena[offset:offset + nbytes]`` with its dtype and shape. Each node runs in its
 own cached single-node onnxruntime session whose inputs and outputs are bound with IOBinding *to
 the arena's memory itself* (no copies), so an in-place write really overwrites its input and an
-alias really is the same bytes. Nodes onnxruntime cannot run alone fall back to onnx's
-ReferenceEvaluator (outputs copied into their slices). If nodes are executed branch by branch,
+alias really is the same bytes. Nodes of one signature (op, attributes, input types and shapes;
+default domain, no subgraphs) share one session fed every input, weights included, so that a
+model of 200,000 nodes opens a handful of sessions; a node whose kernel refuses that gets its own
+with its weights as initializers. Nodes with a value IOBinding cannot bind (a tensor type numpy
+lacks: bfloat16, float8, int4 ..., held as ml_dtypes arrays; optional, sequence and map values)
+run through :func:`~graphopt.core.session.run_session` with their outputs copied into their
+slices, and nodes onnxruntime cannot run alone fall back to onnx's ReferenceEvaluator (outputs
+copied too). If nodes are executed branch by branch,
 their branch's nodes running in the arena too; Loop/Scan nodes run whole (captured outer tensors
 become inputs of their session). Initializers and Constant outputs are parameters and live outside
 the arena.
@@ -35,8 +41,8 @@ from graphopt.core.feeds import random_feeds
 from graphopt.core.graph import captured_names, node_subgraphs
 from graphopt.core.liveness import constant_names, needs_probe
 from graphopt.core.model import Model
-from graphopt.core.session import run_model, session_options
-from graphopt.core.verify import OutputDiff, compare
+from graphopt.core.session import is_ml_dtype, run_model, run_session, session_options
+from graphopt.core.verify import OutputDiff, compare, compare_values
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +65,52 @@ def _constant_value(node: gs.Node) -> np.ndarray:
     return np.asarray(outs[0])
 
 
+#: onnxruntime tensor types IOBinding binds to numpy memory (the others: run_session, copied)
+_BINDABLE = frozenset(
+    f"tensor({t})"
+    for t in (
+        "float",
+        "double",
+        "float16",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+    )
+)
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a value that owes nothing to the arena (tensors, sequences, maps, None)."""
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return np.array(value, copy=True) if isinstance(value, np.ndarray) else value
+
+
 @dataclass
 class _Session:
     sess: Any  # ort.InferenceSession or ReferenceEvaluator
     inputs: list[str]  # names fed (activations)
     outputs: list[str]
     reference: bool = False
+    #: every input and output a numpy tensor IOBinding can bind (else values are copied)
+    bindable: bool = True
+    #: the session's names for ``inputs`` and ``outputs`` (positional ``i0``/``o0`` in a session
+    #: shared by nodes of one signature; the tensors' own names otherwise)
+    feed_as: list[str] = field(default_factory=list)
+    out_as: list[str] = field(default_factory=list)
+    shared: bool = False
+
+    def __post_init__(self) -> None:
+        self.feed_as = self.feed_as or list(self.inputs)
+        self.out_as = self.out_as or list(self.outputs)
 
 
 class ArenaExecutor:
@@ -91,8 +137,11 @@ class ArenaExecutor:
         }
         self._const_names = constant_names(model)
         self._sessions: dict[int, _Session] = {}
+        #: sessions shared by the nodes of one signature (op, attributes, input types)
+        self._shared: dict[tuple[Any, ...], Any] = {}
         self.arena: np.ndarray | None = None
-        self.values: dict[str, np.ndarray] = {}  # tensors outside the arena
+        #: values outside the arena: tensors, and optional (None), sequence and map values
+        self.values: dict[str, Any] = {}
         self.observed: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.ran_in_arena = 0
         self.ran_reference = 0
@@ -112,7 +161,7 @@ class ArenaExecutor:
         raw = self.arena[tp.offset : tp.offset + tp.nbytes]
         return raw.view(np.dtype(tp.dtype)).reshape(tp.shape)
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str) -> Any:
         if name in self._const_names:
             if name not in self.consts:
                 self.consts[name] = _constant_value(self._const_nodes[name])
@@ -122,10 +171,15 @@ class ArenaExecutor:
             return slot
         return self.values[name]
 
-    def put(self, name: str, value: np.ndarray) -> None:
+    def put(self, name: str, value: Any) -> None:
+        slot = self._slot(name)
+        if value is None or isinstance(value, (list, dict)):  # optional, sequence, map values
+            if slot is not None:
+                raise RuntimeError(f"tensor '{name}' is not a tensor but the plan holds it")
+            self.values[name] = value
+            return
         value = np.asarray(value)
         self.observed[name] = (tuple(int(d) for d in value.shape), value.dtype)
-        slot = self._slot(name)
         if slot is None:
             self.values[name] = np.array(value, copy=True)
             return
@@ -137,11 +191,80 @@ class ArenaExecutor:
         np.copyto(slot, value)
 
     # ------------------------------------------------------------------ sessions
-    def _session(self, node: gs.Node, extra: list[str]) -> _Session:
+    def _model_of(self, graph: onnx.GraphProto, domain: str | None) -> onnx.ModelProto:
+        opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
+        if domain and domain not in self.model.opset_imports:
+            opsets.append(onnx.helper.make_opsetid(domain, 1))
+        mp = onnx.helper.make_model(graph, opset_imports=opsets)
+        mp.ir_version = min(self.model.ir_version or onnx.IR_VERSION, onnx.IR_VERSION)
+        return mp
+
+    def _shared_session(self, node: gs.Node) -> _Session | None:
+        """A session shared by every node of this one's signature: the node's op and attributes
+        with positional tensor names, every input (weights included) fed, keyed by the inputs'
+        element types and shapes. A chain of 200,000 nodes then opens a handful of sessions, not
+        200,000. None for what is not shared (other domains, whose kernels may want constant
+        inputs; non-tensor inputs), or when onnxruntime cannot open it."""
+        if node.domain not in (None, "", "ai.onnx"):
+            return None
+        ins = [t.name for t in node.inputs]
+        outs = [t.name for t in node.outputs]
+        types = []
+        for name in ins:
+            if not name:
+                continue
+            v = self.get(name)
+            if not isinstance(v, np.ndarray):
+                return None
+            types.append((onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape))
+        proto = OnnxExporter.export_node(node)
+        proto.name = ""
+        proto.input[:] = [f"i{i}" if n else "" for i, n in enumerate(ins)]
+        proto.output[:] = [f"o{i}" if n else "" for i, n in enumerate(outs)]
+        key = (proto.SerializeToString(), tuple(types))
+        known = key in self._shared
+        sess = self._shared.get(key)
+        feed_as = [f"i{i}" for i, n in enumerate(ins) if n]
+        out_as = [f"o{i}" for i, n in enumerate(outs) if n]
+        if not known:
+            g_inputs = [
+                onnx.helper.make_tensor_value_info(a, elem, list(shape))
+                for a, (elem, shape) in zip(feed_as, types)
+            ]
+            g_outputs = [onnx.helper.make_value_info(a, onnx.TypeProto()) for a in out_as]
+            graph = onnx.helper.make_graph([proto], f"node_{node.op}", g_inputs, g_outputs)
+            try:
+                sess = ort.InferenceSession(
+                    self._model_of(graph, node.domain).SerializeToString(),
+                    session_options("disable_all", self.threads),
+                    providers=["CPUExecutionProvider"],
+                )
+            except Exception:  # noqa: BLE001 - not shareable: a session of its own
+                sess = None
+            self._shared[key] = sess
+        if sess is None:
+            return None
+        bindable = all(v.type in _BINDABLE for v in (*sess.get_inputs(), *sess.get_outputs()))
+        return _Session(
+            sess,
+            [n for n in ins if n],
+            [n for n in outs if n],
+            bindable=bindable,
+            feed_as=feed_as,
+            out_as=out_as,
+            shared=True,
+        )
+
+    def _session(self, node: gs.Node, extra: list[str], share: bool = True) -> _Session:
         key = id(node)
         s = self._sessions.get(key)
-        if s is not None:
+        if s is not None and (share or not s.shared):
             return s
+        if share and not extra and not node_subgraphs(node):
+            shared = self._shared_session(node)
+            if shared is not None:
+                self._sessions[key] = shared
+                return shared
         proto = OnnxExporter.export_node(node)
         fed = [t.name for t in node.inputs if t.name and t.name not in self._const_names]
         fed += [n for n in extra if n not in self._const_names and n not in fed]
@@ -150,6 +273,9 @@ class ArenaExecutor:
         g_inputs = []
         for name in fed:
             v = self.get(name)
+            if not isinstance(v, np.ndarray):  # a sequence, map or optional value: untyped
+                g_inputs.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+                continue
             g_inputs.append(
                 onnx.helper.make_tensor_value_info(
                     name, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)
@@ -164,18 +290,15 @@ class ArenaExecutor:
         graph = onnx.helper.make_graph(
             [proto], f"node_{node.name}", g_inputs, g_outputs, initializer=initializers
         )
-        opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
-        if node.domain and node.domain not in self.model.opset_imports:
-            opsets.append(onnx.helper.make_opsetid(node.domain, 1))
-        mp = onnx.helper.make_model(graph, opset_imports=opsets)
-        mp.ir_version = min(self.model.ir_version or onnx.IR_VERSION, onnx.IR_VERSION)
+        mp = self._model_of(graph, node.domain)
         outs = [t.name for t in node.outputs if t.name]
         try:
             so = session_options("disable_all", self.threads)
             sess: Any = ort.InferenceSession(
                 mp.SerializeToString(), so, providers=["CPUExecutionProvider"]
             )
-            s = _Session(sess, fed, outs)
+            types = [v.type for v in (*sess.get_inputs(), *sess.get_outputs())]
+            s = _Session(sess, fed, outs, bindable=all(t in _BINDABLE for t in types))
         except Exception as exc:  # noqa: BLE001 - ops ORT cannot run alone
             logger.debug(
                 "node %s (%s) runs in the reference evaluator: %s",
@@ -206,26 +329,43 @@ class ArenaExecutor:
             return
         extra = captured_names(node) if node_subgraphs(node) else []
         s = self._session(node, extra)
+        try:
+            self._execute(s)
+        except Exception as exc:
+            if not s.shared:
+                raise
+            # a kernel that wants some input constant: the node gets a session of its own
+            logger.debug("node %s runs in a session of its own: %s", node.name, first_line(exc))
+            self._execute(self._session(node, extra, share=False))
+
+    def _execute(self, s: _Session) -> None:
         if s.reference:
             res = s.sess.run(None, {n: np.array(self.get(n)) for n in s.inputs})
             for name, v in zip(s.outputs, res):
                 self.put(name, v)
             self.ran_reference += 1
             return
+        if not s.bindable:
+            feeds = {a: self.get(n) for n, a in zip(s.inputs, s.feed_as)}
+            res = run_session(s.sess, s.out_as, feeds)
+            for name, v in zip(s.outputs, res):
+                self.put(name, v)
+            self.ran_in_arena += 1
+            return
         io = s.sess.io_binding()
-        for name in s.inputs:
+        for name, a in zip(s.inputs, s.feed_as):
             v = self.get(name)
             if v.size and self._slot(name) is not None:
-                io.bind_input(name, "cpu", 0, v.dtype, list(v.shape), v.ctypes.data)
+                io.bind_input(a, "cpu", 0, v.dtype, list(v.shape), v.ctypes.data)
             else:
-                io.bind_cpu_input(name, np.ascontiguousarray(v))
+                io.bind_cpu_input(a, np.require(v, requirements="C"))  # 0-d stays 0-d
         late = []
-        for name in s.outputs:
+        for name, a in zip(s.outputs, s.out_as):
             slot = self._slot(name)
             if slot is not None:
-                io.bind_output(name, "cpu", 0, slot.dtype, list(slot.shape), slot.ctypes.data)
+                io.bind_output(a, "cpu", 0, slot.dtype, list(slot.shape), slot.ctypes.data)
             else:
-                io.bind_output(name, "cpu")
+                io.bind_output(a, "cpu")
                 late.append(name)
         s.sess.run_with_iobinding(io)
         if late:
@@ -254,7 +394,7 @@ class ArenaExecutor:
             if t.name in feeds:
                 self.put(t.name, np.asarray(feeds[t.name]))
         self._run_graph(self.model.graph)
-        return {t.name: np.array(self.get(t.name), copy=True) for t in self.model.graph.outputs}
+        return {t.name: _copy(self.get(t.name)) for t in self.model.graph.outputs}
 
 
 def observe_tensors(
@@ -324,6 +464,19 @@ class ProofReport:
         }
 
 
+def _compare(name: str, ref: Any, got: Any, rtol: float, atol: float) -> OutputDiff:
+    """One output of the arena run against onnxruntime: numeric tensors with the proof's
+    tolerances, anything else (strings, sequences, maps, optionals) by its structure, strings
+    and None exactly."""
+    numeric = all(
+        isinstance(v, np.ndarray) and (v.dtype.kind in "biufc" or is_ml_dtype(v.dtype))
+        for v in (ref, got)
+    )
+    if numeric:
+        return compare(name, ref, got, rtol, atol)
+    return compare_values(name, [ref], [got], rtol, atol)
+
+
 def prove(
     model: Model,
     plan: MemoryPlan,
@@ -349,7 +502,7 @@ def prove(
         return report
     report.nodes_in_arena = ex.ran_in_arena
     report.nodes_reference = ex.ran_reference
-    report.outputs = [compare(name, ref[name], got[name], rtol, atol) for name in ref]
+    report.outputs = [_compare(name, ref[name], got[name], rtol, atol) for name in ref]
     report.ok = all(o.ok for o in report.outputs)
     # graph inputs belong to the caller: the run must leave them as they were given
     for t in model.graph.inputs:

@@ -190,8 +190,68 @@ def _ort_dtype(t: str) -> Any:
 # ---------------------------------------------------------------------- Relax
 
 
+#: ONNX element types graphopt compiles through TVM (Relax's importer has no exact lowering of
+#: bfloat16, float8, 4/2-bit, complex or string tensors)
+_TVM_ELEM_TYPES = frozenset(
+    getattr(onnx.TensorProto, t)
+    for t in (
+        "FLOAT",
+        "DOUBLE",
+        "FLOAT16",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "BOOL",
+    )
+)
+
+
+def check_importable(proto: onnx.ModelProto) -> None:
+    """Refuse, before TVM sees it, a model whose values TVM cannot hold: a graph input or output
+    that is not a tensor (sequence, map, optional), or a tensor of an element type outside
+    :data:`_TVM_ELEM_TYPES` (declared, stored as a weight or produced by a Cast).
+
+    Raises:
+        GraphoptError: (exit 2) naming the value and its type.
+    """
+    g = proto.graph
+    found: list[tuple[str, int]] = []
+    for v in (*g.input, *g.output):
+        kind = (v.type.WhichOneof("value") or "untyped").removesuffix("_type")
+        if kind != "tensor":
+            raise GraphoptError(
+                f"TVM cannot compile this model: '{v.name}' is a {kind} value "
+                "(graphopt compiles models whose inputs and outputs are tensors)"
+            )
+    for v in (*g.input, *g.output, *g.value_info):
+        if v.type.WhichOneof("value") == "tensor_type":
+            found.append((v.name, v.type.tensor_type.elem_type))
+    found += [(t.name, t.data_type) for t in g.initializer]
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to":
+                found.append((n.output[0] if n.output else n.name, a.i))
+            elif n.op_type == "Constant" and a.name == "value":
+                found.append((n.output[0] if n.output else n.name, a.t.data_type))
+    for name, elem in found:
+        if elem not in _TVM_ELEM_TYPES:
+            type_name = onnx.TensorProto.DataType.Name(elem) if elem else "UNDEFINED"
+            raise GraphoptError(
+                f"TVM cannot compile this model: tensor '{name}' is {type_name.lower()} (graphopt "
+                "compiles float, integer and bool tensors); use 'graphopt optimize' for onnxruntime"
+            )
+
+
 def import_relax(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> Any:
-    """Relax's ONNX importer with fixed shapes; errors become :class:`TVMCompileError`."""
+    """Relax's ONNX importer with fixed shapes; errors become :class:`TVMCompileError`, except
+    what TVM cannot hold at all (:func:`check_importable`) and operators its importer lacks
+    (``OpNotImplemented``): the model's, exit 2."""
+    check_importable(proto)
     require_tvm()
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
 
@@ -207,6 +267,8 @@ def import_relax(proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) ->
         )
     except Exception as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        if type(exc).__name__ == "OpNotImplemented":
+            raise GraphoptError(f"TVM cannot compile this model: {msg}") from None
         raise TVMCompileError(f"TVM's ONNX importer failed: {type(exc).__name__}: {msg}") from exc
     return mod
 
