@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from graphopt import corpus  # noqa: E402
 from graphopt.algorithms.tvm import runner as grunner  # noqa: E402
+from graphopt.algorithms.tvm.tuning_db import TuningDB  # noqa: E402
 from graphopt.core.latency import interleaved  # noqa: E402
 from graphopt.core.output import atomic_write_text  # noqa: E402
 from graphopt.core.session import make_session  # noqa: E402
@@ -84,14 +85,21 @@ def feeds_for(name: str, sess: Any, shapes: dict[str, tuple[int, ...]]) -> dict[
 
 
 def bench_model(
-    name: str, trials: int, rounds: int, tmp: Path, db: Path | None, min_share: float
+    name: str,
+    trials: int,
+    rounds: int,
+    tmp: Path,
+    db: Path | None,
+    min_share: float,
+    db_dir: Path | None = None,
 ) -> dict[str, Any]:
     path, shapes = locate(name)
     row: dict[str, Any] = {"model": name, "trials": trials}
     row["shape"] = ", ".join("x".join(map(str, s)) for s in shapes.values()) or "as declared"
     kw: dict[str, Any] = {"input_shapes": shapes or None}
     hand = gcompile.compile_model(path, output=tmp / f"{name}.hand.so", **kw)
-    dbp = db if db is not None else tmp / f"{name}.tuning.json"
+    dbp = db if db is not None else (db_dir or tmp) / f"{name}.tuning.json"
+    row["db_records_before"] = len(TuningDB(dbp)) if dbp.exists() else 0
     t0 = time.perf_counter()
     tr = tune(path, "llvm", db=dbp, trials=trials, min_share=min_share, **kw)
     row["tune_s"] = time.perf_counter() - t0
@@ -99,6 +107,7 @@ def bench_model(
     row["measured"] = s.measurements
     row["kernels"] = len(s.kernels)
     row["status"] = s.counts()
+    row["won"] = sum(1 for k in s.kernels if k.status == "tuned" and k.params is not None)
     gains = [k.speedup for k in s.kernels if k.status == "tuned" and k.speedup]
     row["best_kernel_gain"] = max(gains) if gains else None
     tuned = gcompile.compile_model(path, output=tmp / f"{name}.tuned.so", db=dbp, trials=0, **kw)
@@ -150,29 +159,37 @@ def render(rows: list[dict[str, Any]], rounds: int, load: str) -> str:
         f"{platform.machine()}, {os.cpu_count()} cores ({cpu}); load average {load} while "
         f"measured. apache-tvm {tvm.__version__}, onnxruntime {ort.__version__}. 2 threads for "
         "every runner (TVM_NUM_THREADS=2; onnxruntime intra-op 2, spinning off, ORT_ENABLE_ALL). "
-        f"Latency: median of {rounds} interleaved runs; ratios: median of the per-round ratios. "
-        "Tuning from an empty database unless noted.",
+        f"Latency: median of {rounds} interleaved runs; ratios: median of the per-round ratios "
+        "(in parentheses: ratio of the medians; when the two disagree, the load changed during "
+        "the run and neither is precise). "
+        "Tuning from an empty database unless the records column says otherwise.",
         "",
         "| model | input | ORT ms | TVM hand ms | TVM tuned ms | hand / ORT | tuned / ORT | "
-        "tuned / hand | trials | kernels (tuned) | measured | tune s | max abs err tuned |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        "tuned / hand | trials | kernels (searched, won) | records before | measured | tune s | "
+        "max abs err tuned |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | | failed: {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['model']} | | failed: {r['error']} |" + " |" * 11)
             continue
         lines.append(
             f"| {r['model']} | {r['shape']} | {r['ort_ms']:.2f} | {r['hand_ms']:.2f} | "
-            f"{r['tuned_ms']:.2f} | {r['hand_vs_ort']:.2f}x | {r['tuned_vs_ort']:.2f}x | "
-            f"{r['tuned_vs_hand']:.2f}x | {r['trials']} | {r['kernels']} "
-            f"({r['tuned_kernels']}) | {r['measured']} | {r['tune_s']:.0f} | "
+            f"{r['tuned_ms']:.2f} | {r['hand_vs_ort']:.2f}x ({r['hand_ms'] / r['ort_ms']:.2f}x) | "
+            f"{r['tuned_vs_ort']:.2f}x ({r['tuned_ms'] / r['ort_ms']:.2f}x) | "
+            f"{r['tuned_vs_hand']:.2f}x ({r['tuned_ms'] / r['hand_ms']:.2f}x) | "
+            f"{r['trials']} | {r['kernels']} "
+            f"({r['status'].get('tuned', 0)}, {r.get('won', '?')}) | "
+            f"{r.get('db_records_before', 0)} | {r['measured']} | {r['tune_s']:.0f} | "
             f"{r['err_tuned']:.1e} |"
         )
     lines += [
         "",
-        "kernels (tuned): distinct kernels of the model (those built from a searched record that "
-        "beat the hand rule by at least 3 % in the confirmation rounds). measured: candidates "
-        "timed. A second compile with the database measured nothing in every row.",
+        "kernels (searched, won): distinct kernels of the model (those over 1 % of it that were "
+        "searched; those where a candidate beat the hand rule by at least 3 % in the confirmation "
+        "rounds, the others keep the hand rule). measured: candidates timed. records before: "
+        "records in the database when tuning started. The compile with the database measures "
+        "nothing (trials=0).",
         "",
     ]
     return "\n".join(lines)
@@ -184,7 +201,15 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--min-share", type=float, default=0.01)
-    ap.add_argument("--db", type=Path, help="reuse this database (default: empty per model)")
+    ap.add_argument(
+        "--db", type=Path, help="one database for every model (default: empty per model)"
+    )
+    ap.add_argument(
+        "--db-dir",
+        type=Path,
+        help="keep each model's database here as MODEL.tuning.json (a rerun reuses them: "
+        "remeasures latency without tuning again)",
+    )
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ns = ap.parse_args()
     rows: list[dict[str, Any]] = []
@@ -192,7 +217,11 @@ def main() -> int:
         for name in ns.models.split(","):
             t0 = time.perf_counter()
             try:
-                rows.append(bench_model(name, ns.trials, ns.rounds, Path(td), ns.db, ns.min_share))
+                rows.append(
+                    bench_model(
+                        name, ns.trials, ns.rounds, Path(td), ns.db, ns.min_share, ns.db_dir
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - reported in the table
                 rows.append({"model": name, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
             print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
