@@ -86,3 +86,17 @@ def test_qat_writes_the_static_graph_with_better_fidelity(tmp_path: Path) -> Non
     s_static = sqnr_db(ref, ort_run(a, {"x": ev}, level="all")[0])
     s_qat = sqnr_db(ref, ort_run(b, {"x": ev}, level="all")[0])
     assert s_qat > s_static + 1.0, (s_static, s_qat)
+
+
+def test_recipe_prune_step_distills() -> None:
+    """A recipe's prune step takes recover = "distill" (and steps); a bad value is refused."""
+    from graphopt.core.errors import RecipeError
+    from graphopt.core.loader import load
+    from graphopt.jobs.recipe import run_recipe
+
+    step = {"kind": "prune", "ratio": 0.3, "round_to": 8, "min_sqnr": 10}
+    model = load(fixture_path("digits_cnn.onnx"))
+    res = run_recipe(model, {"step": [{**step, "recover": "distill", "steps": 30}]}, calib=CALIB)
+    assert res.ok
+    with pytest.raises(RecipeError, match="distill"):
+        run_recipe(model, {"step": [{**step, "recover": "distil"}]}, calib=CALIB)

@@ -454,7 +454,7 @@ def _need_calib(kind: str, run: _Run) -> None:
 
 def _prune(step: Step, model: Model, run: _Run) -> StepOutput:
     o = step.options
-    if o["recover"] or o["criterion"] == "activation":
+    if o["recover"] not in (False, "none") or o["criterion"] == "activation":
         _need_calib("prune", run)
     out = prune(
         model,
@@ -465,6 +465,8 @@ def _prune(step: Step, model: Model, run: _Run) -> StepOutput:
         recover=o["recover"],
         input_shapes=run.shapes or None,
         measure=False,
+        steps=o["steps"],
+        time_budget=o["time_budget"],
     )
 
     pruned = prepare(out.model, run.shapes)

@@ -43,6 +43,12 @@ def _target(v: Any) -> str | None:
     return None if ok else "must be llvm, aarch64, cuda or cuda:sm_XX"
 
 
+def _recover(v: Any) -> str | None:
+    if isinstance(v, bool) or v in ("none", "least-squares", "distill"):
+        return None
+    return f"'{v}' is not one of true, false, none, least-squares, distill"
+
+
 _STR_LIST = (str, list)
 #: step kind -> option name -> Option (``kind`` itself is not an option)
 STEP_OPTIONS: dict[str, dict[str, Option]] = {
@@ -59,10 +65,17 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
     },
     "prune": {
         "ratio": Option((int, float), MISSING, _ratio),
-        "recover": Option((bool,), True),
+        "recover": Option(
+            (bool, str),
+            True,
+            _recover,
+            doc="true/false, or least-squares, distill (needs torch: graphopt[train]), none",
+        ),
         "criterion": Option((str,), "l1", _in("l1", "l2", "bn", "activation")),
         "round_to": Option((int,), None),
         "min_sqnr": Option((int, float), None),
+        "steps": Option((int,), 300, doc='recover = "distill": training steps'),
+        "time_budget": Option((int, float), None, doc='recover = "distill": seconds'),
     },
     "quantize": {
         "method": Option((str,), "entropy", _in("minmax", "percentile", "entropy", "mse")),
