@@ -18,7 +18,7 @@ to the feeds' shapes, and ``--json``. One table row per (model, command):
 - speed-up: original / written model latency in onnxruntime (ORT_ENABLE_ALL, one thread,
   interleaved runs, median of the per-round ratios, :func:`graphopt.core.latency.interleaved`);
   provisional on a shared machine;
-- reason: the one line the command printed when it did not exit 0.
+- reason: the one line the command printed when it did not exit 0, else its warnings.
 
 Writes bench/results/corpus.md (after every model, so a long run leaves what it measured).
 Usage: python bench/corpus.py [--models a,b] [--commands optimize,fp16] [--feeds 8] [--timeout S]
@@ -188,6 +188,13 @@ def run_one(
     row.exit = str(p.returncode)
     if p.returncode != 0:
         row.reason = _reason(p.stderr)
+    else:  # what the command warned about (a slower model kept, int8 slower, dims refused...)
+        warned = [
+            ln.strip().removeprefix("graphopt: ")
+            for ln in p.stderr.splitlines()
+            if ln.strip().startswith("graphopt: warning:")
+        ]
+        row.reason = "; ".join(w[:200] for w in warned[:2])
     try:
         d = json.loads(p.stdout) if p.stdout.strip() else {}
     except json.JSONDecodeError:

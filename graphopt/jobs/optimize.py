@@ -23,6 +23,7 @@ from graphopt.core.model import Model
 from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
 from graphopt.core.session import input_names, make_session
 from graphopt.core.shapes import infer_shapes, missing_shapes, prepare
+from graphopt.core.validate import ort_reason
 from graphopt.core.verify import ATOL as VERIFY_ATOL
 from graphopt.core.verify import RTOL as VERIFY_RTOL
 from graphopt.core.verify import verify
@@ -299,6 +300,8 @@ def optimize_model(
                     else "Re-run with -v and --passes to find the pass, and report it"
                 )
             )
+    if verify_output:
+        check_loads(original, out, input_shapes)
     return OptimizeResult(
         model=out,
         original=original,
@@ -308,6 +311,50 @@ def optimize_model(
         target=target,
         pass_seconds=elapsed,
         seconds=time.perf_counter() - t0,
+    )
+
+
+def _load_error(model: Model, level: str) -> str | None:
+    """onnxruntime's reason for refusing ``model`` at ``level`` (None: it loads)."""
+    try:
+        make_session(model, level)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        return ort_reason(exc)
+    return None
+
+
+def check_loads(
+    original: Model, out: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+) -> None:
+    """The written model must load in onnxruntime at ``ORT_ENABLE_ALL`` too, the level users run
+    it at (verification runs at ``ORT_DISABLE_ALL``, where onnxruntime skips the graph-level
+    inference that may reject a subgraph). When the input model with the ``--input-shape`` dims
+    does not load there either (onnxruntime 1.32 refuses silero-vad with ``input`` fixed to 1x512
+    at ORT_ENABLE_ALL: its If-subgraph inference fails, while the dynamic model loads), the
+    output is no worse than what was asked for: a warning says so.
+
+    Raises:
+        VerificationError: only the optimized model does not load (a graphopt bug; not written).
+    """
+    why = _load_error(out, "all")
+    if why is None:
+        return
+    if _load_error(original, "all") is not None:
+        fixed = " ".join(
+            f"--input-shape {k}:{'x'.join(str(d) for d in v)}"
+            for k, v in (input_shapes or {}).items()
+        )
+        logger.warning(
+            "onnxruntime cannot load the model%s at ORT_ENABLE_ALL (%s), the input no more than "
+            "the output; it loads at ORT_DISABLE_ALL, where it was verified%s",
+            f" with {fixed}" if fixed else "",
+            why,
+            "; leaving those dims dynamic may help" if fixed else "",
+        )
+        return
+    raise VerificationError(
+        f"the optimized model does not load in onnxruntime at ORT_ENABLE_ALL ({why}); not "
+        "written. Re-run with -v and --passes to find the pass, and report it"
     )
 
 

@@ -1,0 +1,73 @@
+"""Regression tests for what bench/corpus.py found running graphopt on the real-model corpus
+(issue 14), one per finding. The feed-form finding (files batched together) is in
+test_conformance_findings.py with the other feed tests.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from graphopt.core.errors import VerificationError
+from graphopt.core.model import Model
+from graphopt.core.session import make_session
+from graphopt.jobs import optimize as opt_job
+from graphopt.jobs.optimize import optimize
+
+
+def _relu() -> Model:
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return Model.from_onnx(proto)
+
+
+def test_optimized_model_that_loads_only_without_optimizations_is_not_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Verification runs at ORT_DISABLE_ALL; the output must also load at ORT_ENABLE_ALL."""
+    real = opt_job._load_error
+
+    def only_the_output_fails(model: Model, level: str) -> str | None:
+        if model.op_histogram() == {"Relu": 1}:  # the optimized graph
+            return "Node (If_0) Op (If) [TypeInferenceError] ..."
+        return real(model, level)
+
+    monkeypatch.setattr(opt_job, "_load_error", only_the_output_fails)
+    with pytest.raises(VerificationError, match="does not load in onnxruntime at ORT_ENABLE_ALL"):
+        optimize(_relu())
+    monkeypatch.setattr(opt_job, "_load_error", real)
+    assert optimize(_relu()).model.op_histogram() == {"Relu": 1}  # the negative: it loads
+
+
+@pytest.mark.real
+def test_silero_vad_with_fixed_dims_onnxruntime_refuses_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """silero-vad with --input-shape input:1x576 (16 kHz: 512 samples + 64 of context) is
+    verified at ORT_DISABLE_ALL, but onnxruntime 1.32 refuses it at ORT_ENABLE_ALL (the If
+    subgraph's LSTM inference), the input with those dims as much as the output: a warning says
+    so; with the dims left dynamic, the output loads and runs at ORT_ENABLE_ALL."""
+    import logging
+
+    from graphopt import corpus
+
+    why = corpus.why_unavailable("silero-vad")
+    if why:
+        pytest.skip(why)
+    feeds = corpus.feeds("silero-vad", 2, seed=0)
+    fixed = {"input": [1, 576], "state": [2, 1, 128]}
+    with caplog.at_level(logging.WARNING, logger="graphopt"):
+        res = optimize(corpus.get("silero-vad"), feeds=feeds, input_shapes=fixed)
+    assert res.verify is not None and res.verify.ok
+    if opt_job._load_error(res.model, "all") is not None:  # onnxruntime as of 1.32
+        assert "--input-shape input:1x576" in caplog.text and "ORT_ENABLE_ALL" in caplog.text
+    res = optimize(corpus.get("silero-vad"), feeds=feeds)  # dims left dynamic: fine
+    assert res.verify is not None and res.verify.ok
+    out = make_session(res.model, "all").run(None, feeds[0])
+    assert all(np.isfinite(o).all() for o in out)
