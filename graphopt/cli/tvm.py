@@ -191,13 +191,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def _tuning_table(title: str, summary: TuningSummary) -> Table:
     t = Table(title=title, title_justify="left")
-    for col in ("kernel", "calls", "status", "hand ms", "best ms", "speed-up", "schedule"):
-        t.add_column(col, justify="left" if col in ("kernel", "status", "schedule") else "right")
+    t.add_column("kernel", overflow="fold", ratio=3)
+    for col in ("calls", "status", "hand ms", "best ms", "gain"):
+        t.add_column(col, justify="left" if col == "status" else "right")
+    t.add_column("schedule", overflow="fold", ratio=2)
     for k in sorted(summary.kernels, key=lambda k: -((k.hand_ms or 0.0) * k.calls)):
         sched = (
             k.template
             if k.params is None
-            else f"{k.template} " + " ".join(f"{a}={b}" for a, b in sorted(k.params.items()))
+            else f"{k.template} " + ",".join(f"{a}={b}" for a, b in sorted(k.params.items()))
         )
         t.add_row(
             fmt_name(k.name)[:48],
