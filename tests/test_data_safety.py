@@ -875,6 +875,50 @@ def test_7_signal_while_the_handlers_are_put_back(capsys, monkeypatch, tmp_path:
     onnx.checker.check_model(str(out))  # complete
 
 
+def test_7_signal_during_the_imports_waits_for_them(capsys, monkeypatch) -> None:
+    """A signal while the command's modules import (numpy, onnx, onnxruntime initialize C code)
+    is held until the imports end, then stops the run: 130 and one line, the import whole (cut
+    in two it was 'internal error: ImportError: initialization failed', exit 1, 1 in 40 tries)."""
+    import importlib
+
+    import graphopt.cli as cli
+    from graphopt.core.interrupt import on_signal
+
+    real_import = importlib.import_module
+    finished = []
+
+    def import_with_a_signal(name: str, package: str | None = None):  # type: ignore[no-untyped-def]
+        on_signal(signal.SIGINT, None)  # arrives mid-import: held, not raised here
+        module = real_import(name, package)
+        finished.append(name)
+        return module
+
+    monkeypatch.setattr(cli.importlib, "import_module", import_with_a_signal)
+    rc, _, err = _run(capsys, "optimize", fixture_path("cnn.onnx"), "-o", "/nonexistent/o.onnx")
+    assert rc == 130, err
+    assert "interrupted (SIGINT); no output written" in _one_error_line(err)
+    assert finished == ["graphopt.cli.optimize"]
+
+
+def test_7_error_caused_by_a_signal_is_an_interruption(capsys, monkeypatch) -> None:
+    """Library code that turns the interruption into another exception (a C extension's
+    ImportError) still ends as an interruption: 130, one line, not 'internal error'."""
+    import graphopt.cli as cli
+    from graphopt.core.interrupt import Interrupted, on_signal
+
+    def setup_logging_cut(verbose: int) -> None:
+        try:
+            on_signal(signal.SIGINT, None)
+        except Interrupted:
+            raise ImportError("initialization failed") from None
+
+    monkeypatch.setattr(cli, "setup_logging", setup_logging_cut)
+    rc, _, err = _run(capsys, "inspect", fixture_path("cnn.onnx"))
+    assert rc == 130, err
+    line = _one_error_line(err)
+    assert "interrupted (SIGINT)" in line and "internal error" not in line
+
+
 class _FullDisk:
     """Writes under ``folder`` fail with ENOSPC once ``limit`` bytes were written there."""
 

@@ -32,7 +32,9 @@ from graphopt.core.errors import GraphoptError, terminal_safe
 from graphopt.core.interrupt import (
     Interrupted,
     check_interrupted,
+    critical,
     forget_published,
+    interrupted,
     on_signal,
     published_paths,
     reset,
@@ -220,7 +222,11 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         command = _command_in(argv)
-        parser = build_parser([command] if command else [])
+        # the command's modules import numpy, onnx, onnxruntime: a signal that cut one of their
+        # C initializations in two would leave a half-made module (an ImportError, or a crash at
+        # exit); it waits until the imports are done (a second or two) and stops the run then
+        with critical():
+            parser = build_parser([command] if command else [])
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
@@ -238,6 +244,9 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt as exc:
         return _interrupted(exc)
     except Exception as exc:  # noqa: BLE001 - the one place failures are reported
+        received = interrupted()
+        if received is not None:  # library code turned the interruption into another error
+            return _interrupted(Interrupted(received))
         exit_code = getattr(exc, "exit_code", None)  # VerificationError, PassError: 1
         if exit_code is not None:
             _error(f"error: {_one_line(exc)}{_written()}")
