@@ -4,9 +4,10 @@ quantization, and what it costs in time, on the digits fixture and PP-OCR det/re
 Pruning (``--ratio``, round_to 8, l1) through the prune job, then per method:
 none, least squares (the default), distillation at each ``--budgets`` step count (Adam on the
 unlabeled calibration data, its last quarter held out for the running fidelity; starts from the
-least-squares model). int8 through the quantize job: static (mse calibration) and QAT at the
-largest budget. Task metrics as bench/prune.py measures them (same helpers): digits accuracy on
-digits_eval.npz (labels), cls top-1 agreement with fp32, det map IoU@0.3, rec character accuracy.
+least-squares model). int8 through the quantize job: static (mse calibration), learned rounding
+(AdaRound, ``--adaround-iters`` per layer) and QAT at the largest budget. Task metrics as
+bench/prune.py measures them (same helpers): digits accuracy on digits_eval.npz (labels), cls
+top-1 agreement with fp32, det map IoU@0.3, rec character accuracy.
 Every written model is the job's output (standard ONNX, run in onnxruntime).
 
 Timings are wall seconds of the job on this machine with the 1-minute load average beside them:
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="OCR calibration samples (rendered)")
     ap.add_argument("--eval", type=int, default=64, help="OCR evaluation samples (rendered)")
     ap.add_argument("--no-int8", action="store_true")
+    ap.add_argument("--adaround-iters", type=int, default=1000, help="AdaRound steps per layer")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "recovery.md"))
     args = ap.parse_args()
     budgets = [int(b) for b in args.budgets.split(",") if b]
@@ -99,9 +101,14 @@ def main() -> None:
             row(kind, f"prune {args.ratio:g} + {label}", metric, value, ref, extra, s)
         if args.no_int8:
             continue
-        for label, qat in (("int8 static", False), (f"int8 QAT {budgets[-1]} steps", True)):
+        int8: list[tuple[str, dict[str, Any]]] = [
+            ("int8 static", {}),
+            ("int8 AdaRound", {"rounding": "adaround", "rounding_iters": args.adaround_iters}),
+            (f"int8 QAT {budgets[-1]} steps", {"qat": True, "steps": budgets[-1]}),
+        ]
+        for label, opts in int8:
             t0 = time.perf_counter()
-            q = quantize(original, calib, qat=qat, steps=budgets[-1], min_sqnr=0)
+            q = quantize(original, calib, min_sqnr=0, **opts)
             s = time.perf_counter() - t0
             metric, value, ref = fidelity(kind, original, q.model, ev)
             sq = q.verify.outputs[0].sqnr_db if q.verify is not None else float("nan")

@@ -100,3 +100,35 @@ def test_recipe_prune_step_distills() -> None:
     assert res.ok
     with pytest.raises(RecipeError, match="distill"):
         run_recipe(model, {"step": [{**step, "recover": "distil"}]}, calib=CALIB)
+
+
+def test_adaround_keeps_the_grid_and_lowers_layer_error(tmp_path: Path) -> None:
+    """Learned rounding changes only weight integers, each at most one step from nearest, and
+    every layer's held-out reconstruction error is at most nearest's (a layer where learned
+    rounding does worse keeps nearest; short run: 80 steps)."""
+    static, ada = tmp_path / "static.onnx", tmp_path / "ada.onnx"
+    quantize(MODEL, CALIB, output=static)
+    r = quantize(MODEL, CALIB, output=ada, rounding="adaround", rounding_iters=80)
+    assert r.rounding is not None and r.rounding.layers == 4
+    assert all(b <= a for _, a, b, _ in r.rounding.per_layer), r.rounding.per_layer
+    assert any(b < a for _, a, b, _ in r.rounding.per_layer), r.rounding.per_layer
+    a, b = onnx.load(str(static)), onnx.load(str(ada))
+    assert ops(static) == ops(ada)
+    changed = 0
+    for x, y in zip(a.graph.initializer, b.graph.initializer):
+        u, v = onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y)
+        assert x.name == y.name and u.dtype == v.dtype and u.shape == v.shape
+        if u.dtype == np.int8:
+            assert np.abs(u.astype(int) - v.astype(int)).max() <= 1
+            changed += int((u != v).sum())
+        elif u.dtype == np.float32:
+            np.testing.assert_array_equal(u, v)  # scales stay the static path's
+    assert changed > 0
+    onnx.checker.check_model(b, full_check=True)
+
+
+def test_qat_and_adaround_are_exclusive() -> None:
+    from graphopt.core.errors import OptionError
+
+    with pytest.raises(OptionError, match="not both"):
+        quantize(MODEL, CALIB, qat=True, rounding="adaround")

@@ -129,6 +129,20 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         "fine-tuned against the float model on --calib, written as the same QDQ graph "
         "(needs torch: pip install graphopt[train])",
     )
+    p.add_argument(
+        "--rounding",
+        choices=["nearest", "adaround"],
+        default="nearest",
+        help="weight rounding: nearest (default) or adaround: learned per layer on --calib "
+        "(AdaRound; needs torch: pip install graphopt[train])",
+    )
+    p.add_argument(
+        "--rounding-iters",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="--rounding adaround: steps per layer",
+    )
     p.add_argument("--steps", type=int, default=300, metavar="N", help="--qat: training steps")
     p.add_argument(
         "--time-budget", type=float, default=None, metavar="S", help="--qat: stop after S seconds"
@@ -156,8 +170,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             bar.update(task, completed=done, total=total)
 
     train_cb: Callable[[int, int, float, float | None], None] | None = None
-    if bar is not None and args.qat:
-        qat_task = bar.add_task("QAT", total=args.steps)
+    if bar is not None and (args.qat or args.rounding != "nearest"):
+        qat_task = bar.add_task("QAT" if args.qat else "rounding layers", total=None)
 
         def train_cb(step: int, steps: int, loss: float, sqnr: float | None) -> None:
             bar.update(qat_task, completed=step, total=steps)
@@ -184,6 +198,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             bias_correct=args.bias_correction,
             progress=progress_cb,
             qat=args.qat,
+            rounding=args.rounding,
+            rounding_iters=args.rounding_iters,
             steps=args.steps,
             time_budget=args.time_budget,
             threads=args.threads,
@@ -234,6 +250,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"QAT: {tr.steps} steps in {tr.seconds:.1f} s ({tr.stopped}) on {tr.train_samples} "
             f"samples; held-out SQNR against fp32 {db(tr.initial_sqnr_db)} -> "
             f"{db(tr.final_sqnr_db)} dB"
+        )
+    if res.rounding is not None:
+        rr = res.rounding
+        gains = [a / b for _, a, b, _ in rr.per_layer if b > 0]
+        c.print(
+            f"learned rounding: {rr.layers} layers in {rr.seconds:.1f} s on {rr.samples} "
+            f"samples; held-out layer error {min(gains, default=1):.2f}x to "
+            f"{max(gains, default=1):.2f}x lower than nearest"
         )
     if res.verify:
         c.print(

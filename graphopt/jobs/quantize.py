@@ -154,6 +154,8 @@ class QuantizeResult(TransformResult):
     file_bytes_after: int | None = None
     #: ``qat=True``: what training did (graphopt.algorithms.train.recover.TrainReport)
     training: Any = None
+    #: ``rounding="adaround"``: per layer (graphopt.algorithms.train.recover.RoundingReport)
+    rounding: Any = None
     #: what the check ran on (``"16 calibration samples"``, ``"64 samples of --feeds"``)
     checked_on: str = ""
     #: measured on this CPU (``latency_ms`` in the JSON): ``{"fp32", "int8"}`` median ms,
@@ -180,6 +182,7 @@ class QuantizeResult(TransformResult):
             "checked_on": self.checked_on,
             "latency_ms": self.speed,
             "training": None if self.training is None else self.training.to_json(),
+            "rounding": None if self.rounding is None else self.rounding.to_json(),
         }
 
     def pass_stats(self) -> dict[str, dict[str, Any]]:
@@ -404,6 +407,8 @@ def quantize(
     calib_defaults: Mapping[str, np.ndarray] | None = None,
     bias_correct: bool = False,
     qat: bool = False,
+    rounding: str = "nearest",
+    rounding_iters: int = 1000,
     steps: int = 300,
     time_budget: float | None = None,
     train_progress: Any = None,
@@ -448,6 +453,10 @@ def quantize(
             ``graphopt[train]`` extra): weights and LSQ scales fine-tuned against the float
             model on the calibration data (its last quarter held out), written into the same
             QDQ graph (:func:`graphopt.algorithms.train.recover.qat_model`).
+        rounding: ``nearest`` (the static path) or ``adaround``: learned rounding of every int8
+            Conv/Gemm weight, layer by layer on the calibration data (AdaRound; needs torch),
+            same grid and graph (:func:`graphopt.algorithms.train.recover.adaround_model`).
+        rounding_iters: with ``adaround``: optimization steps per layer.
         steps, time_budget: with ``qat``: Adam steps (batches of 16) and a wall-clock limit (s).
         train_progress: with ``qat``: ``train_progress(step, steps, loss, held_out_sqnr_db)``.
         threads: with ``qat``: torch threads (default: 1 for small models).
@@ -477,10 +486,17 @@ def quantize(
             "before it is written (or give feeds)"
         )
     floor_sqnr, floor_cos = lossy_floors(min_sqnr, min_cosine, DEFAULT_MIN_SQNR_DB)
-    if qat:
+    if rounding not in ("nearest", "adaround"):
+        raise OptionError(f"bad rounding '{rounding}': nearest or adaround")
+    if qat and rounding != "nearest":
+        raise OptionError(
+            "--qat trains the weights itself (from the float model): use it or --rounding "
+            "adaround, not both"
+        )
+    if qat or rounding != "nearest":
         from graphopt.algorithms.train import require
 
-        require("--qat")
+        require("--qat" if qat else f"--rounding {rounding}")
         if steps < 1 or (time_budget is not None and time_budget <= 0):
             raise OptionError("--steps and --time-budget must be positive")
     target = min_sqnr if min_sqnr is not None and min_sqnr > 0 else None
@@ -604,10 +620,8 @@ def quantize(
                 f"kept float to meet the target"
             )
     corrected = bias_correction(work, qmodel, eval_batches) if bias_correct and eval_batches else 0
-    training = None
-    if qat:
-        from graphopt.algorithms.train.recover import qat_model
-
+    training = rounded = None
+    if qat or rounding != "nearest":
         samples = [
             dict(b)
             for b in open_calibration(
@@ -619,6 +633,15 @@ def quantize(
                 "--qat reads the calibration data a second time: give a path or a list of feed "
                 "dicts, not a one-shot iterator"
             )
+    if rounding == "adaround":
+        from graphopt.algorithms.train.recover import adaround_model
+
+        qmodel, rounded = adaround_model(
+            qmodel, work, samples, iters=rounding_iters, threads=threads, progress=train_progress
+        )
+    if qat:
+        from graphopt.algorithms.train.recover import qat_model
+
         k = len(samples) // 4 if len(samples) >= 4 else 0
         train, held = samples[: len(samples) - k], samples[len(samples) - k :]
         qmodel, training = qat_model(
@@ -749,6 +772,7 @@ def quantize(
         checked_on=checked_on,
         speed=speed,
         training=training,
+        rounding=rounded,
     )
     if src is not None and Path(src).is_file():
         res.file_bytes_before = Path(src).stat().st_size
