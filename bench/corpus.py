@@ -149,7 +149,8 @@ def _verified(d: dict[str, Any]) -> str:
     oks = [o.get("ok") for o in v.values() if isinstance(o, dict)]
     worst = [o.get("sqnr_db") for o in v.values() if isinstance(o, dict)]
     finite = [float(x) for x in worst if isinstance(x, (int, float))]
-    sqnr = f", min SQNR {min(finite):.1f} dB" if finite else ""
+    exact = any(x == "inf" for x in worst)  # JSON writes an infinite SQNR (no error) as "inf"
+    sqnr = f", min SQNR {min(finite):.1f} dB" if finite else (", exact" if exact else "")
     return ("ok" if all(oks) else "FAILED") + sqnr
 
 
