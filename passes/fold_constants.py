@@ -40,6 +40,19 @@ Unique, Compress, NonMaxSuppression, Loop/Scan/If outputs, or of Reshape/Expand/
 Resize/... whose shape-like inputs are not constant): its IR shape may have been observed by
 onnxruntime on one dummy input.
 
+Symbolic dims (a model whose inputs keep dynamic dims such as ``batch``, ``seq``; their IR shapes
+were all derived by shape inference, symbolic where onnxruntime's symbolic inference followed them):
+
+* ``Reshape(x, s)`` with ``s`` computed from ``Shape`` (``Concat(Unsqueeze(Gather(Shape(y), 0)),
+  ..., [-1], [64])``) -> ``Reshape(x, const)``: an element known as an int stays, an element that is
+  the same named dim as ``x``'s at its position becomes 0 (copy; ``allowzero`` must be 0), and a
+  single other element becomes -1 (the one value the element count leaves; an empty tensor, a
+  dynamic dim of 0, is not supported there). Two such elements: skipped (reason at DEBUG).
+* shape values with the same symbolic value (``Gather(Shape(a), 1)`` and ``Gather(Shape(b), 1)``,
+  both ``seq``) are read from the first, so that eliminate-cse merges what is computed from them.
+* ``Shape`` dims that are fixed fold even below a ``Reshape``/``Slice``/... with non-constant
+  shape inputs (no shape was observed on one run, so none can be specific to it).
+
 Dead branches: folding inside a branch that is never taken at the fixed input shapes can make
 onnxruntime's load-time inference see a contradiction in it (silero-vad's 8 kHz branch run on a
 16 kHz frame: a statically rank-4 LSTM input). When a model with subgraphs no longer loads after
