@@ -74,7 +74,7 @@ def write_feeds(folder: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
     """One ``.npz`` per feed (each exactly the model's inputs), the layout ``--feeds`` reads."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(feeds):
-        np.savez(folder / f"{i:03d}.npz", **f)
+        np.savez(folder / f"{i:03d}.npz", **f)  # type: ignore[arg-type]
     return folder
 
 

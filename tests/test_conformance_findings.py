@@ -144,7 +144,7 @@ def test_optimize_verifies_on_given_feeds_in_every_form(tmp_path: Path) -> None:
         assert res.verify is not None and res.verify.ok
         assert res.verify.samples == (1 if isinstance(given, dict) else 2)
     path = tmp_path / "feeds.npz"
-    np.savez(path, **feeds)
+    np.savez(path, **feeds)  # type: ignore[arg-type]
     assert optimize(m, feeds=path).verify.ok  # type: ignore[union-attr]
     relu = _model(
         [helper.make_node("Relu", ["x"], ["y"])],
@@ -396,7 +396,7 @@ def test_verifying_commands_take_feeds(command: str, tmp_path: Path) -> None:
     src = tmp_path / "m.onnx"
     onnx.save(_reshape_model().to_onnx(), str(src))
     feeds = tmp_path / "feeds.npz"
-    np.savez(feeds, **_feeds())
+    np.savez(feeds, **_feeds())  # type: ignore[arg-type]
     out = str(tmp_path / "o.onnx")
     extra = ["--min-sqnr", "20"] if command == "fp16" else []
     bad = _cli(command, str(src), "-o", out, *extra)
