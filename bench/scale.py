@@ -196,7 +196,12 @@ def command_argv(command: str, model: Path, work: Path) -> list[str]:
 
 
 def measure(
-    shapes: list[str], sizes: list[int], commands: list[str], work: Path, log: Callable[[str], None]
+    shapes: list[str],
+    sizes: list[int],
+    commands: list[str],
+    work: Path,
+    log: Callable[[str], None],
+    timeout: float = TIMEOUT_S,
 ) -> list[Run]:
     runs: list[Run] = []
     for shape in shapes:
@@ -207,7 +212,7 @@ def measure(
             for command in commands:
                 if command in ("quantize", "fp16") and size > LOSSY_MAX_NODES:
                     continue
-                dt, cpu, peak, rc, err = run_command(command_argv(command, path, work))
+                dt, cpu, peak, rc, err = run_command(command_argv(command, path, work), timeout)
                 runs.append(Run(shape, n, command, dt, cpu, peak, rc, "" if rc == 0 else err))
                 log(
                     f"{shape:9s} {n:>7,} {command:9s} {dt:8.1f} s {cpu:8.1f} s CPU"
@@ -251,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=",".join(SHAPES), help="chain,residual")
     ap.add_argument("--commands", default=",".join(COMMANDS), help=",".join(COMMANDS))
     ap.add_argument("--output", type=Path, default=RESULTS, help="markdown file to write")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=TIMEOUT_S,
+        help="wall seconds after which a command is stopped (raise it on a shared machine)",
+    )
     args = ap.parse_args(argv)
     sizes = (
         [int(s) for s in args.sizes.split(",")]
@@ -266,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         if c not in COMMANDS:
             ap.error(f"unknown command {c}")
     with tempfile.TemporaryDirectory(prefix="graphopt-scale-") as tmp:
-        runs = measure(shapes, sizes, commands, Path(tmp), lambda s: print(s, flush=True))
+        runs = measure(
+            shapes, sizes, commands, Path(tmp), lambda s: print(s, flush=True), args.timeout
+        )
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (
         "# Scaling: time and peak memory against graph size\n\n"

@@ -823,7 +823,10 @@ MUTATIONS: dict[str, str] = {
     "bfloat16-round-trip": "either",
     "float8-round-trip": "either",
     "int4-initializer": "either",
-    **{f"bomb-{k}": "refuse" for k in ("constantofshape", "expand", "tile", "range", "pad")},
+    **{
+        f"bomb-{k}": "refuse"
+        for k in ("constantofshape", "expand", "tile", "range", "pad", "resize")
+    },
     "external-negative-offset": "refuse",
     "external-text-length": "refuse",
     "external-nul-location": "refuse",

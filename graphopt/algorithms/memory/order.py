@@ -70,6 +70,13 @@ class _Problem:
     ncons: list[int]
     mem0: int
     pos: list[int] = field(default_factory=list)  # original position (tie-break)
+    npreds: list[int] = field(default_factory=list)  # number of distinct predecessors
+
+
+#: the exact search (:func:`exact_order`) and the bitmasks it needs (``preds``, ``cons``: n bits
+#: per node and per buffer, so n^2 bits in all) are only built up to this many nodes; past it
+#: the DP could not finish within its state budget anyway (one state per level at least)
+EXACT_MAX_NODES = 10_000
 
 
 def _build(
@@ -108,12 +115,15 @@ def _build(
         for t in nd.outputs:
             if t.name:
                 producer[t.name] = v
-    preds = [0] * n
+    exact = n <= EXACT_MAX_NODES
+    preds = [0] * n if exact else []
+    npreds = [0] * n
     succs: list[list[int]] = [[] for _ in range(n)]
     in_bufs: list[list[int]] = [[] for _ in range(n)]
     out_bufs: list[list[int]] = [[] for _ in range(n)]
     cands: list[list[int]] = [[] for _ in range(n)]
-    cons = [0] * nb
+    cons = [0] * nb if exact else []
+    ncons = [0] * nb
     created: set[int] = set()
     mem0 = 0
     for t in model.graph.inputs:  # graph inputs are live from the start
@@ -126,16 +136,22 @@ def _build(
         if node_subgraphs(nd):
             reads += captured_names(nd)
         seen: set[int] = set()
+        before: set[int] = set()
         for name in reads:
             p = producer.get(name)
-            if p is not None and p != v and not preds[v] >> p & 1:
-                preds[v] |= 1 << p
+            if p is not None and p != v and p not in before:
+                before.add(p)
+                npreds[v] += 1
+                if exact:
+                    preds[v] |= 1 << p
                 succs[p].append(v)
             bi = idx.get(name)
             if bi is not None and tb[bi] not in seen:
                 seen.add(tb[bi])
                 in_bufs[v].append(tb[bi])
-                cons[tb[bi]] |= 1 << v
+                ncons[tb[bi]] += 1
+                if exact:
+                    cons[tb[bi]] |= 1 << v
         for t in nd.outputs:  # an alias output's buffer already exists (its input's)
             bi = idx.get(t.name)
             if bi is not None and tb[bi] not in created:
@@ -150,9 +166,20 @@ def _build(
                     x = idx[nd.inputs[k].name]
                     if live.shapes[x] == live.shapes[o] and live.dtypes[x] == live.dtypes[o]:
                         cands[v].append(tb[x])
-    ncons = [bin(c).count("1") for c in cons]
     return _Problem(
-        n, preds, succs, out_bufs, in_bufs, cands, size, is_out, cons, ncons, mem0, list(range(n))
+        n,
+        preds,
+        succs,
+        out_bufs,
+        in_bufs,
+        cands,
+        size,
+        is_out,
+        cons,
+        ncons,
+        mem0,
+        list(range(n)),
+        npreds,
     )
 
 
@@ -171,7 +198,7 @@ def _greedy(pb: _Problem, mode: str, work: list[int] | None = None) -> list[int]
     """List scheduling; ``mode`` picks the tie-break and lookahead. ``work`` is a one-element
     budget of candidate evaluations shared by the starts of a search (spent here)."""
     n = pb.n
-    npred = [bin(p).count("1") for p in pb.preds]
+    npred = list(pb.npreds)
     remaining = list(pb.ncons)
     ready = [v for v in range(n) if npred[v] == 0]
     mem = pb.mem0
@@ -321,7 +348,11 @@ def exact_order(
 ) -> list[int] | None:
     """Minimal-peak order by DP over down-sets, or None when it would need too many states or
     when no order beats ``upper`` (``status['result']`` says which: ``optimal``,
-    ``no-better-order`` or ``too-many-states``)."""
+    ``no-better-order`` or ``too-many-states``, also past :data:`EXACT_MAX_NODES`)."""
+    if pb.n > EXACT_MAX_NODES:
+        if status is not None:
+            status["result"] = "too-many-states"
+        return None
     full = (1 << pb.n) - 1
     # level: S -> (peak, mem)
     level: dict[int, tuple[int, int]] = {0: (pb.mem0, pb.mem0)}
