@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+import torch  # noqa: E402
+
 torch.set_num_threads(1)  # the machine is shared; OpenMP threads contend under load
 
 import torch.nn.functional as F  # noqa: E402

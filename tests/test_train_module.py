@@ -9,7 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+import torch  # noqa: E402
+
 torch.set_num_threads(1)  # the machine is shared; OpenMP threads contend under load
 
 from graphopt.algorithms.train import OnnxModule  # noqa: E402

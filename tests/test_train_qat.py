@@ -6,7 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+import torch  # noqa: E402
+
 torch.set_num_threads(1)  # the machine is shared; OpenMP threads contend under load
 
 from graphopt.algorithms.train import OnnxModule, same_structure, verify_export  # noqa: E402

@@ -10,7 +10,9 @@ import numpy as np
 import onnx
 import pytest
 
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
+import torch  # noqa: E402
+
 torch.set_num_threads(1)  # the machine is shared; OpenMP threads contend under load
 
 from graphopt.algorithms.train.export import ort_run  # noqa: E402
@@ -37,9 +39,10 @@ def test_distill_beats_least_squares_after_pruning(tmp_path: Path) -> None:
     """40% of the channels pruned (0.26x MACs): least squares 0.93 on the labels, 150 steps of
     distillation on the 96 unlabeled calibration samples 0.95-0.97 (fp32: 0.994)."""
     ls, dist = tmp_path / "ls.onnx", tmp_path / "distill.onnx"
-    common = dict(calib=CALIB, round_to=8, min_sqnr=0)
-    r_ls = prune(MODEL, 0.4, recover="least-squares", output=ls, **common)
-    r_d = prune(MODEL, 0.4, recover="distill", steps=150, output=dist, **common)
+    r_ls = prune(MODEL, 0.4, CALIB, round_to=8, recover="least-squares", output=ls, min_sqnr=0)
+    r_d = prune(
+        MODEL, 0.4, CALIB, round_to=8, recover="distill", steps=150, output=dist, min_sqnr=0
+    )
     assert r_ls.recovery == "least-squares" and r_d.recovery == "distill"
     assert r_d.training is not None and r_d.training.steps == 150
     assert r_d.training.train_samples == 96 and r_d.training.held_out_samples == 32
