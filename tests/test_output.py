@@ -221,6 +221,10 @@ def test_concurrent_writers_never_leave_a_mixed_model(tmp_path: Path) -> None:
             proto = onnx.load(str(out))  # model, then its data
         except (FileNotFoundError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError):
             continue  # the data was replaced between the two reads: an error, never a mix
+        except RuntimeError as exc:  # onnx's C++ side: "filesystem error: ... No such file"
+            if "No such file" not in str(exc):
+                raise
+            continue
         tag = float({p.key: p.value for p in proto.metadata_props}["tag"])
         w = numpy_helper.to_array(proto.graph.initializer[0])
         assert np.all(w == tag), f"model tagged {tag} holds weights {np.unique(w)}"
