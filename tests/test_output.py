@@ -24,6 +24,7 @@ from graphopt.core.output import (
     check_outputs,
     clean_stale_temporaries,
     data_file_pattern,
+    staged_files,
 )
 from graphopt.core.saver import save
 from graphopt.fixtures import fixture_path
@@ -252,3 +253,44 @@ def test_new_files_get_default_permissions_and_replaced_files_keep_theirs(tmp_pa
         )
     finally:
         os.umask(old)
+
+
+def test_staged_files_publish_together_or_not_at_all(tmp_path: Path) -> None:
+    lib, man = tmp_path / "m.so", tmp_path / "m.so.json"
+    lib.write_bytes(b"old lib")
+    man.write_text("old manifest")
+    with pytest.raises(RuntimeError):
+        with staged_files(lib, man) as (t_lib, t_man):
+            assert t_lib.parent == t_man.parent and t_lib.parent.name.startswith(
+                f".graphopt-{os.getpid()}-"
+            )
+            assert t_lib.name == lib.name and t_man.name == man.name
+            t_lib.write_bytes(b"new lib")
+            raise RuntimeError("verification failed")
+    assert lib.read_bytes() == b"old lib" and man.read_text() == "old manifest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.so", "m.so.json"]
+    with staged_files(lib, man) as (t_lib, t_man):
+        t_lib.write_bytes(b"new lib")
+        t_man.write_text("new manifest")
+    assert lib.read_bytes() == b"new lib" and man.read_text() == "new manifest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.so", "m.so.json"]
+
+
+def test_staged_files_refuse_a_missing_file_and_a_split_folder(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(OutputPathError, match="beside"):
+        with staged_files(tmp_path / "a.so", tmp_path / "sub" / "a.so.json"):
+            pass
+    with pytest.raises(OutputPathError, match="nothing was written"):
+        with staged_files(tmp_path / "a.so", tmp_path / "a.so.json") as (t_lib, _):
+            t_lib.write_bytes(b"lib only")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+def test_staged_files_clean_a_killed_runs_folder(tmp_path: Path) -> None:
+    dead = tmp_path / ".graphopt-999999999-leftover"  # no such pid
+    dead.mkdir()
+    (dead / "m.so").write_bytes(b"partial")
+    with staged_files(tmp_path / "m.so") as (t,):
+        t.write_bytes(b"lib")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.so"]

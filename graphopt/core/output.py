@@ -341,6 +341,54 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def staged_files(*paths: PathLike) -> Iterator[list[Path]]:
+    """Temporary paths, one per destination, in one temporary folder beside the first; when the
+    block ends without an exception every destination is replaced in one critical section under
+    the folder's lock, the first destination last (a compiled library and its manifest:
+    ``with staged_files(lib, manifest) as (tmp_lib, tmp_manifest): ...``). The folder is removed
+    in every case and carries the process id, so a killed run's folder is cleaned by the next
+    write (:func:`clean_stale_temporaries`).
+
+    Raises:
+        OutputPathError: a destination is not a regular file, is not in the first one's folder,
+            or cannot be written.
+    """
+    dests = [_prepare_dest(p) for p in paths]
+    parent = dests[0].parent
+    if len({d.name for d in dests}) != len(dests):
+        raise OutputPathError(f"two outputs of one write share the name {dests[0].name}")
+    for d in dests[1:]:
+        if d.resolve().parent != parent.resolve():
+            raise OutputPathError(f"{d} must sit beside {dests[0]}")
+    clean_stale_temporaries(parent)
+    folder: Path | None = None
+    try:
+        with _write_errors(dests[0]):
+            with critical():
+                folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=parent))
+        staged = [folder / d.name for d in dests]  # same names: a library finds its manifest
+        with _write_errors(dests[0]):
+            yield staged
+        with _write_errors(dests[0]):
+            for d, t in zip(dests, staged, strict=True):
+                if not t.is_file() or t.is_symlink():
+                    raise OutputPathError(f"nothing was written to {d}")
+                _fsync_path(t)
+            with _folder_lock(parent):
+                for d in dests:
+                    _check_still_regular(d)
+                with critical():  # every rename, or (a signal before the first) none
+                    for d, t in list(zip(dests, staged, strict=True))[::-1]:
+                        os.replace(t, d)
+                        record_published(d)
+            _fsync_dir(parent)
+    finally:
+        if folder is not None:
+            with critical():
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_output(
     path: PathLike, mode: str = "wb", encoding: str | None = None
 ) -> Iterator[IO[Any]]:

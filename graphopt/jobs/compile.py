@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,7 +38,6 @@ from graphopt.algorithms.tvm.measure import BuildSpec, LocalTracker, Measurer, m
 from graphopt.algorithms.tvm.profile import KernelProfile, profile_kernels
 from graphopt.algorithms.tvm.qemu import qemu_unavailable_reason, run_under_qemu
 from graphopt.algorithms.tvm.runner import (
-    MANIFEST_SUFFIX,
     Artifact,
     load_artifact,
     manifest_path_for,
@@ -57,6 +55,7 @@ from graphopt.core.errors import GraphoptError, OptionError, VerificationError, 
 from graphopt.core.feeds import FeedSource, feed_list, random_feeds
 from graphopt.core.latency import interleaved
 from graphopt.core.model import Model
+from graphopt.core.output import staged_files
 from graphopt.core.session import make_session, run_model
 from graphopt.core.shapes import static_input_shapes
 from graphopt.core.verify import VerifyReport, compare
@@ -415,9 +414,10 @@ def compile_model(
     )
     stages["build"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    tmpdir = Path(tempfile.mkdtemp(prefix=".graphopt-tvm-", dir=out.parent))
-    try:
-        tmp_lib = tmpdir / out.name
+    man = manifest_path_for(out)
+    # library and manifest in one temporary folder, published together (the library last)
+    with staged_files(out, man) as (tmp_lib, tmp_man):
+        tmpdir = tmp_lib.parent
         if spec.cross_cc:
             if shutil.which(spec.cross_cc) is None:
                 raise GraphoptError(
@@ -446,7 +446,6 @@ def compile_model(
             "source_sha256": hashlib.sha256(model.to_onnx().SerializeToString()).hexdigest(),
             "library": out.name,
         }
-        tmp_man = tmpdir / (out.name + MANIFEST_SUFFIX)
         tmp_man.write_text(json.dumps(manifest, indent=2))
         stages["export"] = time.perf_counter() - t1
         report, verified_on = None, None
@@ -465,11 +464,6 @@ def compile_model(
                     f"(max abs err {bad.max_abs_err:.3g}, cosine {bad.cosine:.6f}); not written. "
                     "Re-run with --no-schedules to tell a schedule bug from an importer bug"
                 )
-        os.replace(tmp_lib, out)
-        man = manifest_path_for(out)
-        os.replace(tmp_man, man)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     total = time.perf_counter() - t0
     logger.info(
         "compiled for %s in %.1fs -> %s (%d bytes)", spec.name, total, out, out.stat().st_size
