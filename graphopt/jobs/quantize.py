@@ -94,6 +94,10 @@ MAX_FALLBACK_SHARE = 0.5
 #: as loud as the output) is not rescued by falling back: its ranges are wrong everywhere
 #: (calibration data of the wrong scale), not in a few sensitive layers; it is refused
 MIN_FALLBACK_SQNR_DB = 0.0
+#: the default-floor pre-check and the speed measurement run one more onnxruntime session of the
+#: int8 model (and time both models): skipped above this much weight, where the memory bound of a
+#: multi-GB model matters more (tests/test_large.py)
+EXTRA_RUN_MAX_BYTES = 256 << 20
 #: at most this many ``feeds`` samples are used for the check
 MAX_FEED_SAMPLES = 64
 
@@ -469,7 +473,8 @@ def quantize(
         min_cosine: the check's cosine floor (default: implied by the SQNR floor).
         force: write the model even when it fails the check (a warning says so).
         measure_speed: time the int8 model against fp32 on this CPU (``speed``; a warning
-            when int8 is slower beyond noise, :func:`graphopt.jobs.optimize.bench_models`).
+            when int8 is slower beyond noise, :func:`graphopt.jobs.optimize.bench_models`);
+            models over :data:`EXTRA_RUN_MAX_BYTES` of weights are not timed.
 
     Raises:
         VerificationError: the int8 model failed its check and ``output`` or ``report`` was
@@ -580,7 +585,8 @@ def quantize(
     mp: dict[str, Any] = {}
     want_target = target is not None or metric is not None
     fallback = False
-    if not want_target and evaluator is not None and floor_sqnr and not force:
+    small = work.param_bytes() <= EXTRA_RUN_MAX_BYTES
+    if not want_target and evaluator is not None and floor_sqnr and not force and small:
         # the default floor: when the fully quantized model misses it on the kept samples,
         # layers fall back to float (most sensitive first) until it holds
         all_int8 = evaluator.min_sqnr(qmodel)
@@ -735,7 +741,7 @@ def quantize(
                 writing=writing,
             )
     speed: dict[str, float] | None = None
-    if measure_speed and verify_output:
+    if measure_speed and verify_output and small:
         bench_feed = (check_feeds or _first_samples(eval_batches) or [first_sample])[0]
         speed = _measure_speed(original, qmodel, bench_feed)
     stats = {
