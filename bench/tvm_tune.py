@@ -54,7 +54,10 @@ from graphopt.jobs.tune import tune  # noqa: E402
 THREADS = 2
 RESULTS = ROOT / "bench" / "results" / "tvm_tune.md"
 #: input shapes for the benchmark (det smaller than deployed, so that tuning stays short)
-SHAPES = {"det": {"x": (1, 3, 320, 320)}, "rec": {"x": (1, 3, 48, 320)}}
+SHAPES: dict[str, dict[str, tuple[int, ...]]] = {
+    "det": {"x": (1, 3, 320, 320)},
+    "rec": {"x": (1, 3, 48, 320)},
+}
 
 
 def locate(name: str) -> tuple[Path, dict[str, tuple[int, ...]]]:

@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -49,7 +49,7 @@ def check_pass(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     min_sqnr_db: float | None = None,
-    feeds: Mapping[str, np.ndarray] | list[Mapping[str, np.ndarray]] | None = None,
+    feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
     seed: int = 0,
     structure: Callable[[Model], Any] | None = None,
     checker: bool = True,

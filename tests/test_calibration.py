@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -112,8 +113,9 @@ def test_missing_and_empty_sources(tmp_path: Path) -> None:
         open_calibration(tmp_path / "nope.npz", m)
     with pytest.raises(CalibrationError, match="no .npz or .npy"):
         open_calibration(tmp_path, m)
+    not_dicts: list[Any] = [np.zeros(3)]  # a list of arrays where feed dicts belong
     with pytest.raises(CalibrationError, match="not a dict"):
-        list(open_calibration([np.zeros(3)], m))
+        list(open_calibration(not_dicts, m))
     with pytest.raises(CalibrationError, match="no samples"):
         list(open_calibration([], m))
 

@@ -467,6 +467,7 @@ def test_6_plan_never_writes_over_an_input_that_is_an_output(capsys, tmp_path: P
 
     m = Model.from_onnx(_input_is_output_model())
     plan = plan_model(m, inplace=True)
+    assert plan.model is not None
     _assert_caller_tensors_untouched(plan, plan.model)
     rep = prove(plan.model, plan)
     assert rep.ok, rep.to_json()
@@ -498,6 +499,7 @@ def test_6_plan_never_reuses_a_graph_input() -> None:
     )
     m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     plan = plan_model(m, inplace=True)
+    assert plan.model is not None
     _assert_caller_tensors_untouched(plan, plan.model)
     assert plan.inplace_reused >= 1  # a -> b -> c -> y still reuse each other
     assert prove(plan.model, plan).ok
@@ -517,6 +519,7 @@ def test_6_proof_fails_when_a_plan_overwrites_a_graph_input() -> None:
     )
     m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     plan = plan_model(m, inplace=False)
+    assert plan.model is not None
     bad = plan.with_offsets({"y": plan.tensors["x"].offset})  # y on top of the dead input
     rep = prove(plan.model, bad)
     assert not rep.ok and "input" in (rep.error or "")

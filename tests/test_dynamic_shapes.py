@@ -9,6 +9,7 @@ are what published transformer exports look like.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def check_at_shapes(out: Model | str | Path, min_sqnr_db: float | None = None) -
 # ---------------------------------------------------------------- feeds and shape inference
 
 
-def _two_inputs(dims_a: list[object], dims_b: list[object]) -> Model:
+def _two_inputs(dims_a: Sequence[str | int | None], dims_b: Sequence[str | int | None]) -> Model:
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, dims_a)
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, dims_b)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
@@ -207,9 +208,11 @@ def test_plan_says_which_shapes(tmp_path: Path) -> None:
     assert in_dims(tmp_path / "m.onnx") == [["batch", "seq"]] * 3
     check_at_shapes(tmp_path / "m.onnx")
     given = graphopt.plan_memory(str(BERT), {n: (2, 16) for n in INPUTS})
-    assert given.shapes_from == "input_shapes" and given.input_shapes["input_ids"] == [2, 16]
+    assert given.shapes_from == "input_shapes" and given.input_shapes is not None
+    assert given.input_shapes["input_ids"] == [2, 16]
     fed = graphopt.plan_memory(str(BERT), feeds=bert_feeds(1, 5))
-    assert fed.shapes_from == "feeds" and fed.input_shapes["input_ids"] == [1, 5]
+    assert fed.shapes_from == "feeds" and fed.input_shapes is not None
+    assert fed.input_shapes["input_ids"] == [1, 5]
     assert fed.arena_bytes < res.arena_bytes
 
 

@@ -22,10 +22,12 @@ tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip instal
 
 import tvm_ffi  # noqa: E402
 from tvm import te, topi  # noqa: E402
+from tvm.tirx import PrimFunc  # noqa: E402
 
 from graphopt.algorithms.tvm import measure as M  # noqa: E402
 from graphopt.algorithms.tvm import schedules as S  # noqa: E402
 from graphopt.algorithms.tvm import search as SR  # noqa: E402
+from graphopt.algorithms.tvm.emit import TargetSpec  # noqa: E402
 from graphopt.algorithms.tvm.tuning_db import (  # noqa: E402
     TuningDB,
     TuningDBError,
@@ -40,7 +42,7 @@ TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
 RNG = np.random.default_rng(0)
 
 
-def _func(tensors: list[te.Tensor]) -> tvm.tirx.PrimFunc:
+def _func(tensors: list[te.Tensor]) -> PrimFunc:
     return te.create_prim_func(tensors)
 
 
@@ -73,7 +75,7 @@ def conv1d_kernel(taps=64, f=12, hop=16, frames=6):
     return _func([x, wt, y])
 
 
-def _run(func: tvm.tirx.PrimFunc, seed: int = 0) -> list[np.ndarray]:
+def _run(func: PrimFunc, seed: int = 0) -> list[np.ndarray]:
     args = M.kernel_args(func).arrays(seed)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)
     lib = getattr(lib, "mod", lib)
@@ -82,7 +84,7 @@ def _run(func: tvm.tirx.PrimFunc, seed: int = 0) -> list[np.ndarray]:
     return [t.numpy() for t in ts]
 
 
-def _check_same(ref: tvm.tirx.PrimFunc, new: tvm.tirx.PrimFunc) -> None:
+def _check_same(ref: PrimFunc, new: PrimFunc) -> None:
     for r, g in zip(_run(ref), _run(new)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
@@ -187,7 +189,7 @@ def test_signature_ignores_names_and_sees_shapes() -> None:
     assert kernel_signature(a) != kernel_signature(conv_kernel(h=14))
 
 
-def _task(func: tvm.tirx.PrimFunc, name: str = "k") -> SR.KernelTask:
+def _task(func: PrimFunc, name: str = "k") -> SR.KernelTask:
     t = SR.KernelTask(name, func, kernel_signature(func), 1, name)
     with TARGET:
         SR.analyze(t, 8, 2)
@@ -207,7 +209,7 @@ def test_space_is_ranked_deduplicated_and_divides() -> None:
         assert key not in seen
         seen.add(key)
         if c.template == "conv":
-            assert c.params != hand
+            assert c.params is not None and c.params != hand
             assert 16 % c.params["fi"] == 0 and 16 % c.params["xi"] == 0
             assert 12 % c.params["yi"] == 0
     assert len(ranked) < len(space)  # par=None/0/1 collapse where they build the same kernel
@@ -296,7 +298,7 @@ def test_builder_survives_a_dead_worker_and_a_timeout(tmp_path: Path) -> None:
         b.close()
 
 
-def crashing_kernel() -> tvm.tirx.PrimFunc:
+def crashing_kernel() -> PrimFunc:
     """Writes far outside its output (the offset comes from an input, so nothing can prove it
     out of bounds at build time): segfaults when run."""
     idx = te.placeholder((1,), "int64", name="idx")
@@ -424,7 +426,7 @@ def test_stft_conv1d_model_compiles_with_the_dot_rule(tmp_path: Path) -> None:
     assert res.schedules.get("dot", 0) >= 1, res.schedules
 
 
-def _model_tasks(path: Path) -> tuple[object, list[SR.KernelTask]]:
+def _model_tasks(path: Path) -> tuple[TargetSpec, list[SR.KernelTask]]:
     """The schedule target and the distinct kernels of a model, as ``graphopt compile`` sees
     them."""
     from graphopt.algorithms.tvm.emit import fused_module, import_relax, parse_target

@@ -108,11 +108,11 @@ def run(
     """
     src = artifact if isinstance(artifact, Model) else Path(artifact)
     out_path = output_path(output, artifact, inputs=(inputs or {}).values())
-    feeds = _arrays(inputs or {})
+    given = _arrays(inputs or {})
     if isinstance(src, Model) or src.suffix.lower() == ".onnx":
         model = as_model(artifact, smoke=False)
         check_run_size(model, infer=True)
-        feeds = check_feeds(model, feeds, "--input") if feeds else random_feeds(model, seed=seed)
+        feeds = check_feeds(model, given, "--input") if given else random_feeds(model, seed=seed)
         try:
             outs = run_model(model, feeds)
         except GraphoptError:
@@ -128,7 +128,7 @@ def run(
             i["name"]: InputSpec(i["name"], tuple(int(d) for d in i["shape"]), np.dtype(i["dtype"]))
             for i in art.inputs
         }
-        outs = art.run(check_feeds(specs, feeds, "--input"))
+        outs = art.run(check_feeds(specs, given, "--input"))
     res = RunResult(source_path(artifact), {k: np.asarray(v) for k, v in outs.items()})
     if out_path is not None:
         with atomic_output(out_path) as f:
