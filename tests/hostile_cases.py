@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -75,6 +76,11 @@ def _f(name: str, shape: list[int | str] | None) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
+def _strings(name: str, vals: Sequence[bytes]) -> onnx.TensorProto:
+    """A 1-D STRING tensor (onnx's stub for ``make_tensor`` leaves out string values)."""
+    return helper.make_tensor(name, TensorProto.STRING, [len(vals)], vals)  # type: ignore[arg-type]
+
+
 def _save(m: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / name
@@ -90,17 +96,21 @@ def _rand(*shape: int) -> np.ndarray:
 def write_inputs(folder: Path, arrays: dict[str, np.ndarray]) -> None:
     """Calibration data (``calib.npz``, 4 samples per input) and one ``.npy`` per input."""
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "calib.npz", **{k: np.concatenate([v] * 4) for k, v in arrays.items()})
+    calib = {k: np.concatenate([v] * 4) for k, v in arrays.items()}
+    np.savez(folder / "calib.npz", **calib)  # type: ignore[arg-type]  # numpy's stub: **kwds: bool
     for k, v in arrays.items():
         np.save(folder / f"{k}.npy", v)
 
 
-def _conv_relu(folder: Path, **edit: object) -> Path:
-    """x[1,3,8,8] -> Conv(w[4,3,3,3]) -> Relu -> y: the valid base the invalid-node cases edit."""
+def _conv_relu(
+    folder: Path, w_shape: tuple[int, ...] = (4, 3, 3, 3), **edit: int | list[int]
+) -> Path:
+    """x[1,3,8,8] -> Conv(w[4,3,3,3]) -> Relu -> y: the valid base the invalid-node cases edit
+    (``w_shape`` and Conv attributes)."""
     rng = np.random.default_rng(0)
-    w = rng.standard_normal(edit.pop("w_shape", (4, 3, 3, 3))).astype(np.float32)  # type: ignore[arg-type]
-    attrs = {"kernel_shape": list(w.shape[2:]), "pads": [1, 1, 1, 1]}
-    attrs.update(edit)  # type: ignore[arg-type]
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    attrs: dict[str, Any] = {"kernel_shape": list(w.shape[2:]), "pads": [1, 1, 1, 1]}
+    attrs.update(edit)
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", **attrs),
         helper.make_node("Relu", ["c"], ["y"], name="relu"),
@@ -196,7 +206,7 @@ def _string_io(folder: Path) -> Path:
 
 def _string_beside_float(folder: Path) -> Path:
     """A string constant output next to float math (plan crashed on it with SIGSEGV)."""
-    c = helper.make_tensor("labels", TensorProto.STRING, [2], [b"cat", b"dog"])
+    c = _strings("labels", [b"cat", b"dog"])
     nodes = [
         helper.make_node("Constant", [], ["names"], value=c),
         helper.make_node("Relu", ["x"], ["r"]),
@@ -209,7 +219,7 @@ def _string_beside_float(folder: Path) -> Path:
 
 def _string_cast_float(folder: Path) -> Path:
     """A string initializer parsed into floats by Cast and added to the input."""
-    s = helper.make_tensor("s", TensorProto.STRING, [4], [b"1.5", b"2", b"-3", b"4e-1"])
+    s = _strings("s", [b"1.5", b"2", b"-3", b"4e-1"])
     nodes = [
         helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT),
         helper.make_node("Add", ["x", "sf"], ["y"]),
@@ -219,7 +229,7 @@ def _string_cast_float(folder: Path) -> Path:
 
 
 def _non_utf8_string_constant(folder: Path) -> Path:
-    c = helper.make_tensor("bad", TensorProto.STRING, [2], [b"\xff\xfe\xfa", b"ok"])
+    c = _strings("bad", [b"\xff\xfe\xfa", b"ok"])
     nodes = [
         helper.make_node("Constant", [], ["names"], value=c),
         helper.make_node("Relu", ["x"], ["y"]),
@@ -230,7 +240,7 @@ def _non_utf8_string_constant(folder: Path) -> Path:
 
 
 def _non_utf8_string_initializer(folder: Path) -> Path:
-    s = helper.make_tensor("s", TensorProto.STRING, [2], [b"\xc3\x28", b"\x80"])
+    s = _strings("s", [b"\xc3\x28", b"\x80"])
     nodes = [
         helper.make_node("Identity", ["s"], ["names"]),
         helper.make_node("Relu", ["x"], ["y"]),
@@ -746,7 +756,7 @@ def _mutate(m: onnx.ModelProto, kind: str, folder: Path) -> bool:
         )
     elif kind in ("string-beside", "non-utf8-string"):
         data = [b"\xff\xfe"] if kind == "non-utf8-string" else [b"label"]
-        c = helper.make_tensor("names_value", TensorProto.STRING, [1], data)
+        c = _strings("names_value", data)
         m.graph.node.append(helper.make_node("Constant", [], ["names"], value=c))
         m.graph.output.append(helper.make_tensor_value_info("names", TensorProto.STRING, [1]))
     elif kind in ("bfloat16-round-trip", "float8-round-trip"):
