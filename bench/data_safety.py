@@ -37,11 +37,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.core.model import Model
 from graphopt.core.output import TEMP_PREFIX, data_file_pattern
 from graphopt.core.saver import save
+from graphopt.testing import read_tag, tagged_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "data_safety.md"
@@ -53,31 +53,6 @@ FATES = ("SIGTERM", "SIGKILL", "none")
 
 def _cmd() -> list[str]:
     return [str(GRAPHOPT)] if GRAPHOPT.is_file() else [sys.executable, "-m", "graphopt.cli"]
-
-
-def tagged_model(value: float, n: int) -> onnx.ModelProto:
-    """``y = x @ W`` with every weight equal to ``value``, the value also in the metadata."""
-    w = numpy_helper.from_array(np.full((n, n), value, np.float32), "w")
-    g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-        [w],
-    )
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    helper.set_model_props(proto, {"tag": str(value)})
-    return proto
-
-
-def read_tag(path: Path) -> float:
-    """The tag of a complete model; raises AssertionError for a model holding another's data."""
-    proto = onnx.load(str(path))
-    tag = float({p.key: p.value for p in proto.metadata_props}["tag"])
-    w = numpy_helper.to_array(proto.graph.initializer[0])
-    if not np.all(w == tag):
-        raise AssertionError(f"model tagged {tag} holds weights {np.unique(w)[:4]}")
-    return tag
 
 
 def _sha(p: Path) -> str:

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.core.feeds import random_feeds
 from graphopt.core.model import Model
@@ -82,3 +84,30 @@ def check_pass(
     if structure is not None:
         structure(result.model)
     return result, report
+
+
+def tagged_model(value: float, n: int = 256) -> onnx.ModelProto:
+    """``y = x @ W`` with every weight equal to ``value``, the value also in the metadata: saved
+    with external data, a model paired with another write's data is caught by :func:`read_tag`."""
+    w = numpy_helper.from_array(np.full((n, n), value, np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [w],
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    helper.set_model_props(proto, {"tag": str(value)})
+    return proto
+
+
+def read_tag(path: str | Path) -> float:
+    """The tag of a complete :func:`tagged_model`; raises AssertionError for a model holding
+    another write's data."""
+    proto = onnx.load(str(path))
+    tag = float({p.key: p.value for p in proto.metadata_props}["tag"])
+    w = numpy_helper.to_array(proto.graph.initializer[0])
+    if not np.all(w == tag):
+        raise AssertionError(f"model tagged {tag} holds weights {np.unique(w)[:4]}")
+    return tag
