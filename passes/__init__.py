@@ -43,6 +43,9 @@ PASS_INDEX: dict[str, str] = {
     "prune-channels": "prune_channels",
     "prune-magnitude": "prune_magnitude",
     "quantize-int8": "quantize_int8",
+    "fuse-layernorm": "fuse_layernorm",
+    "fuse-gelu": "fuse_gelu",
+    "fuse-skip-layernorm": "fuse_skip_layernorm",
 }
 
 PASS_MODULES: list[str] = list(dict.fromkeys(PASS_INDEX.values()))

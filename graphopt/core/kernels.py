@@ -99,3 +99,41 @@ def ort_runs(op: str, opset: int, domain: str = "", dtype: np.dtype | None = Non
             return True
     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype or np.float32))
     return _probe(op, opset, domain, elem)
+
+
+def ort_contrib_runs(op: str, domain: str = "com.microsoft", dtype: np.dtype | None = None) -> bool:
+    """Whether the installed onnxruntime (CPU) registers a kernel for one of its own ops: a
+    ``com.microsoft`` op, or one it registers in the ONNX domain although ONNX has no such op
+    (``SimplifiedLayerNormalization``). Such ops are version 1 of their domain.
+
+    Args:
+        op: the op type.
+        domain: ``com.microsoft`` or ``""``.
+        dtype: the element type it would run on (float32 when None), checked against the
+            type constraint ``T`` of the registered kernels (any type when it lists none).
+    """
+    domain = "" if domain == "ai.onnx" else domain
+    if not any(lo <= 1 <= hi for lo, hi in kernel_registry().get((domain, op), ())):
+        return False
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype or np.float32))
+    types = _contrib_types(domain, op)
+    short = onnx.helper.tensor_dtype_to_string(elem).removeprefix("TensorProto.").lower()
+    return f"tensor({short})" in types if types else True
+
+
+@functools.cache
+def _contrib_types(domain: str, op: str) -> frozenset[str]:
+    """Types (``tensor(float)`` ...) of the ``T`` constraint of the version-1 CPU kernels of an
+    onnxruntime op; empty when the registry does not say."""
+    try:
+        from onnxruntime.capi import _pybind_state  # noqa: PLC0415
+
+        defs = _pybind_state.get_all_opkernel_def()
+    except Exception:  # noqa: BLE001 - a build without the introspection call
+        return frozenset()
+    out: set[str] = set()
+    for k in defs:
+        kd = "" if k.domain in ("", "ai.onnx") else k.domain
+        if k.provider == _CPU and kd == domain and k.op_name == op and k.version_range[0] <= 1:
+            out.update(getattr(k, "type_constraints", {}).get("T", ()))
+    return frozenset(out)

@@ -644,6 +644,8 @@ def check_graph(graph: gs.Graph, outer: set[str] | None = None) -> None:
     producers: dict[str, int] = {}
     for i, n in enumerate(graph.nodes):
         for o in n.outputs:
+            if not o.name:  # optional output left empty
+                continue
             if o.name in producers:
                 raise RuntimeError(f"tensor '{o.name}' is produced by two nodes")
             producers[o.name] = i

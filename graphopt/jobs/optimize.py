@@ -51,6 +51,7 @@ DEFAULT_PIPELINE: list[str] = [
     "fuse-matmul-add",
     "fuse-slices",
     "recognize-activations",
+    "fuse-layernorm",
     "eliminate-cse",
     "eliminate-dead",
     "toposort",
@@ -60,11 +61,18 @@ DEFAULT_PIPELINE: list[str] = [
 #: named here is constructed with ``target=...`` when it takes that option)
 TARGET_PIPELINES: dict[str, list[str]] = {
     "portable": [],  # standard ONNX, no back-end metadata (TVM's groups: compile's own analysis)
-    "ort": ["fuse-conv-activation", "eliminate-dead", "toposort"],
+    "ort": [
+        "fuse-conv-activation",
+        "fuse-layernorm",
+        "fuse-gelu",
+        "fuse-skip-layernorm",
+        "eliminate-dead",
+        "toposort",
+    ],
 }
 
 #: passes of TARGET_PIPELINES that take a ``target`` option
-TARGETED_PASSES = {"fuse-conv-activation"}
+TARGETED_PASSES = {"fuse-conv-activation", "fuse-layernorm", "fuse-gelu", "fuse-skip-layernorm"}
 
 #: fp32 tolerance for semantics-preserving pipelines (relative to max |reference|; widened for
 #: float16/bfloat16 outputs by :func:`graphopt.core.verify.dtype_tolerance`)
