@@ -15,7 +15,14 @@ Importance of a channel (summed over the coupled producers, each normalized by i
 * ``bn``: ``|gamma_c|`` of the BatchNormalization that scales the channel (network slimming); groups
   with no BN fall back to ``l1``;
 * ``activation``: ``mean |y_c|`` of the producer's output on calibration data (onnxruntime with the
-  producers' outputs exposed).
+  producers' outputs exposed);
+* ``output``: a unit's energy in the outputs of the MatMul/Gemm layers that read it on calibration
+  data, ``E||x_u W_u||^2`` (attention heads: context columns times output-projection rows; FFN
+  neurons: ``E[a^2] ||W2[i]||^2``); the criterion for transformers.
+
+Transformers (:mod:`graphopt.algorithms.prune.heads`): attention heads (Q/K/V columns, biases and
+output-projection rows, coupled through the head Reshape/Transpose; the head count in the Reshape
+target rewritten) and FFN intermediate neurons are units; the residual stream stays blocked.
 
 Removing channel ``c`` slices ``W[c]`` (and bias, BN parameters, per-channel constants) of its
 producers and ``W[:, c]`` of its consumers, and rewrites hard-coded widths (Reshape targets, Split
@@ -42,6 +49,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.algorithms.prune import (
+    CALIB_CRITERIA,
     CRITERIA,
     Analysis,
     Group,
@@ -203,7 +211,7 @@ class PruneChannelsPass(Pass):
         grps = groups(an)
         calib = (
             materialize_calib(self.calib, model, self.calib_limit)
-            if (self.criterion == "activation" or self.recover)
+            if (self.criterion in CALIB_CRITERIA or self.recover)
             else []
         )
         scores = unit_scores(an, importance(model, an, self.criterion, calib))

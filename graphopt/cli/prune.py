@@ -46,13 +46,14 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         "--calib",
         metavar="DATA",
         help=".npz keyed by input name (batch on axis 0) or a folder of .npz/.npy; "
-        "used for recovery and the activation criterion",
+        "used for recovery and the activation/output criteria",
     )
     p.add_argument(
         "--criterion",
-        choices=["l1", "l2", "bn", "activation"],
+        choices=["l1", "l2", "bn", "activation", "output"],
         default="l1",
-        help="channel importance (default l1)",
+        help="channel importance (default l1); output: what a unit adds to its consumers' "
+        "outputs on --calib after their refit (attention heads, FFN neurons)",
     )
     p.add_argument("--round-to", type=int, metavar="N", help="keep widths multiples of N")
     p.add_argument("--min-channels", type=int, default=1, help="never keep fewer channels")

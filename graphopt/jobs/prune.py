@@ -277,7 +277,7 @@ def prune(
             ``{producer node name: ratio, "*": default}`` per layer.
         calib: calibration data (path, iterable of feed dicts) for recovery and the
             ``activation`` criterion; without it recovery is skipped.
-        criterion: ``l1``, ``l2``, ``bn`` or ``activation``.
+        criterion: ``l1``, ``l2``, ``bn``, ``activation`` or ``output`` (needs ``calib``).
         round_to: keep widths multiples of this (e.g. 8 for CPU kernels).
         recover: ``True`` / ``"least-squares"``: refit consumer layers by least squares on
             ``calib``; ``"distill"``: then fine-tune the pruned model against the original on

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from graphopt.algorithms.prune.heads import RESIDUAL_REASON, batched_matmul, split_heads
 from graphopt.core.const_eval import const_value
 from graphopt.core.model import Model
 
@@ -87,6 +88,13 @@ def static_shape(t: gs.Tensor) -> tuple[int, ...] | None:
 def rank(t: gs.Tensor) -> int | None:
     """The rank of ``t``, None when unknown."""
     return len(t.shape) if t.shape is not None else None
+
+
+def _shape_of(t: gs.Tensor) -> tuple[object, ...] | None:
+    """The shape of a variable or constant (dims may be symbolic), None when unknown."""
+    if isinstance(t, gs.Constant):
+        return tuple(np.shape(t.values))
+    return tuple(t.shape) if t.shape is not None else None
 
 
 @dataclass
@@ -367,10 +375,11 @@ class Elementwise(OpHandler):
                 else "other"
             )
             if not ctx.slice_const(node, i, ax, labels, role):
-                ctx.block(
-                    labels,
-                    f"{node.op} '{node.name}' ties channels to the unprunable tensor '{t.name}'",
-                )
+                why = f"{node.op} '{node.name}' ties channels to the unprunable tensor '{t.name}'"
+                src = t.inputs[0] if isinstance(t, gs.Variable) and t.inputs else None
+                if src is not None and src.op in LayerNorm.ops:  # a post-LN residual Add
+                    why += f" ({RESIDUAL_REASON})"
+                ctx.block(labels, why)
                 return
         ctx.set(out, axis, labels)
 
@@ -423,7 +432,10 @@ class LayerNorm(OpHandler):
         else:
             axes = {int(x) % r for x in node.attrs.get("axes", [0, 2, 3])}
         if axis in axes:
-            ctx.block(labels, f"{node.op} '{node.name}' normalizes over the channel axis")
+            ctx.block(
+                labels,
+                f"{node.op} '{node.name}' normalizes over the channel axis ({RESIDUAL_REASON})",
+            )
             return
         if any(ctx.get(i) is not None for i in node.inputs[1:]):
             ctx.block(labels, f"{node.op} '{node.name}' takes channels in a parameter")
@@ -649,7 +661,8 @@ class Reshape(OpHandler):
     """Flatten/Reshape that merge the channel axis with the following dims repeat each label over
     the block (``np.tile(np.repeat(labels, inner), outer)``); a Reshape target that hard-codes
     the merged width (a constant, or a constant piece of a ``Concat``-built shape vector) is
-    rewritten, one that splits the channel axis blocks."""
+    rewritten; one that splits the channel axis into attention heads makes each head a unit
+    (:meth:`split`), any other split blocks."""
 
     ops = ("Reshape", "Flatten")
 
@@ -673,9 +686,7 @@ class Reshape(OpHandler):
             return
         got = merge_labels(in_shape, axis, labels, out_shape)
         if got is None:
-            ctx.block(
-                labels, f"Reshape '{node.name}' splits the channel axis {in_shape}->{out_shape}"
-            )
+            self.split(ctx, node, in_shape, axis, labels, out_shape)
             return
         b, out_labels = got
         # the target shape must be rewritable at position b
@@ -686,6 +697,37 @@ class Reshape(OpHandler):
         if plan != "keep":
             ctx.fixes.append(ShapeFix(self, node, {"pos": b, "labels": out_labels, "plan": plan}))
         ctx.set(node.outputs[0], b, out_labels)
+
+    def split(
+        self,
+        ctx: Context,
+        node: gs.Node,
+        in_shape: tuple[int, ...],
+        axis: int,
+        labels: Labels,
+        out_shape: tuple[int, ...],
+    ) -> None:
+        """A Reshape that splits the channel axis into attention heads ``(H, Dh)``
+        (:func:`heads.split_heads`): the elements of each head become one unit, the head axis
+        carries one label per head and a hard-coded head count is rewritten; other splits
+        block."""
+        sp = split_heads(in_shape, axis, labels, out_shape)
+        if sp is None:
+            ctx.block(
+                labels, f"Reshape '{node.name}' splits the channel axis {in_shape}->{out_shape}"
+            )
+            return
+        plan = _shape_vector_plan(ctx, node.inputs[1], sp.axis, sp.head_labels)
+        if plan is None:
+            ctx.block(
+                labels, f"Reshape '{node.name}': its head count cannot be rewritten (computed)"
+            )
+            return
+        ctx.tie(*sp.ties)
+        if plan != "keep":
+            info = {"pos": sp.axis, "labels": sp.head_labels, "plan": plan}
+            ctx.fixes.append(ShapeFix(self, node, info))
+        ctx.set(node.outputs[0], sp.axis, sp.head_labels)
 
     def apply(self, model: Model, fix: ShapeFix, keep_elem: np.ndarray) -> None:
         node, info = fix.node, fix.info
@@ -1062,7 +1104,9 @@ class Gemm(OpHandler):
 @register
 class MatMul(OpHandler):
     """MatMul with a constant 2-D weight: a producer of its columns and a consumer of the labels
-    on A's last axis; labels on another axis of A pass through as batch dims (blocked)."""
+    on A's last axis; labels on another axis of A pass through as batch dims (blocked). A MatMul
+    of two activations passes labels on a shared batch axis (attention heads,
+    :func:`heads.batched_matmul`) and blocks others."""
 
     ops = ("MatMul",)
 
@@ -1071,6 +1115,19 @@ class MatMul(OpHandler):
         la, lb = ctx.get(a), ctx.get(b)
         w = ctx.value(b)
         ra = rank(a)
+        if w is None:
+            if la is None and lb is None:
+                return
+            # two activations: attention's q @ k^T and probs @ v carry heads on a batch axis
+            got = batched_matmul(la, lb, _shape_of(a), _shape_of(b))
+            if isinstance(got, str):
+                ctx.block_inputs(node, f"MatMul '{node.name}' multiplies two activations: {got}")
+                return
+            if got.tie is not None:
+                ctx.tie(*got.tie)
+            ctx.touch(node, got.labels)
+            ctx.set(node.outputs[0], got.axis, got.labels)
+            return
         if w is None or w.ndim != 2 or lb is not None or ra is None:
             ctx.block_inputs(node, f"MatMul '{node.name}' multiplies two activations")
             return

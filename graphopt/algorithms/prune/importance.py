@@ -7,7 +7,14 @@ elements of different layers are comparable when summed into units:
 * ``bn``: ``|gamma_c|`` of the BatchNormalization that scales the channel (network slimming);
   producers with no BN fall back to ``l1``;
 * ``activation``: ``mean |y_c|`` of the producer's output on calibration data (onnxruntime with the
-  producers' outputs exposed).
+  producers' outputs exposed);
+* ``output``: the energy a unit adds to the outputs of the weight layers that read it,
+  ``E || x[:, P_u] W[P_u, :] ||^2`` over calibration data, summed over its MatMul/Gemm consumers
+  (``P_u``: the input positions of unit ``u``; for an attention head its ``Dh`` context columns
+  and the output projection's rows, for an FFN neuron ``E[a_i^2] ||W2[i]||^2``). It ranks units
+  by what removing them changes downstream, where ``activation`` and the weight norms see only
+  the producer side (Q/K/V columns say little about a head's output). Groups that a MatMul/Gemm
+  does not read fall back to ``activation``.
 
 A unit's score is the sum over its elements. :func:`select` removes the least important free units
 of every group (or of the whole model, ``scope="global"``) for a ratio checked by
@@ -24,13 +31,17 @@ from typing import Literal, overload
 import numpy as np
 
 from graphopt.algorithms.prune.analysis import Analysis
-from graphopt.algorithms.prune.groups import Group
+from graphopt.algorithms.prune.groups import Group, groups
+from graphopt.algorithms.prune.handlers import constant
 from graphopt.core.errors import GraphoptError
 from graphopt.core.model import Model
 from graphopt.core.session import make_session
 
 #: the importance criteria, for option parsers
-CRITERIA = ("l1", "l2", "bn", "activation")
+CRITERIA = ("l1", "l2", "bn", "activation", "output")
+
+#: the criteria that read calibration data
+CALIB_CRITERIA = ("activation", "output")
 
 Feeds = Mapping[str, np.ndarray]
 
@@ -148,8 +159,89 @@ def activation_importance(model: Model, an: Analysis, calib: Sequence[Feeds]) ->
     return acc
 
 
+def _unit_costs(
+    xtx: np.ndarray, w: np.ndarray, units_: np.ndarray, damp: float = 1e-2
+) -> tuple[np.ndarray, np.ndarray]:
+    """(unit ids, the output error each unit's removal leaves once the consumer is refit) for a
+    consumer with Gram matrix ``xtx`` [K+1, K+1] (inputs plus a ones column), weight ``w`` [K, M]
+    and the unit of every input position ``units_`` [K] (-1: none).
+
+    Optimal Brain Surgeon for a linear layer (Hassibi & Stork 1993; the structured form of
+    Kurtic et al. 2022, oBERT, and Frantar & Alistarh 2022, OBC): removing the rows ``P`` of ``W``
+    and refitting the rest by least squares raises ``sum ||X W - X' W'||^2`` by
+    ``tr(W_P^T ([H^-1]_PP)^-1 W_P)`` with ``H = X^T X`` (damped by ``damp`` times its mean
+    diagonal)."""
+    ids = np.unique(units_[units_ >= 0])
+    k = len(units_)
+    h = xtx + np.eye(len(xtx)) * (damp * float(np.mean(np.diag(xtx))) + 1e-12)
+    hinv = np.linalg.inv(h)[:k, :k]
+    out = np.zeros(len(ids))
+    for j, u in enumerate(ids.tolist()):
+        pos = np.nonzero(units_ == u)[0]
+        wp = w[pos]
+        block = hinv[np.ix_(pos, pos)]
+        out[j] = float(np.trace(wp.T @ np.linalg.solve(block, wp)))
+    return ids, out
+
+
+def output_importance(model: Model, an: Analysis, calib: Sequence[Feeds]) -> np.ndarray:
+    """Per-element ``output`` importance (see the module docstring): each unit's energy in its
+    MatMul/Gemm consumers' outputs over ``calib``, put on the unit's largest element; the groups
+    that no such consumer reads get :func:`activation_importance`."""
+    if not calib:
+        raise GraphoptError("criterion 'output' needs calibration data (--calib DATA)")
+    fixed_unit = an.unit[an.fixed]
+    consumers = [
+        s
+        for s in an.slices
+        if s.role == "consumer" and s.node.op in ("MatMul", "Gemm") and s.index == 1
+    ]
+    names = sorted({s.node.inputs[0].name for s in consumers})
+    energy = np.zeros(an.n_elements + 1)
+    seen = np.zeros(an.n_elements + 1, dtype=bool)
+    if names:
+        sess = make_session(model, outputs=names, truncate=True)
+        inputs = {i.name for i in sess.get_inputs()}
+        weights = []
+        for s in consumers:
+            w = constant(s.node.inputs[1], model.opset)
+            assert w is not None  # the analysis sliced it
+            w = np.moveaxis(w.astype(np.float64), s.axis, 0).reshape(len(s.labels), -1)
+            lab_units = np.where(s.labels >= 0, an.unit[np.maximum(s.labels, 0)], -1)
+            lab_units[lab_units == fixed_unit] = -1
+            weights.append((s.node.inputs[0].name, w, lab_units))
+        grams = {name: np.zeros((w.shape[0] + 1, w.shape[0] + 1)) for name, w, _ in weights}
+        for feeds in calib:
+            outs = dict(
+                zip(names, sess.run(names, {k: v for k, v in feeds.items() if k in inputs}))
+            )
+            for name, x in outs.items():
+                if name not in grams:
+                    continue
+                x = x.astype(np.float64).reshape(-1, x.shape[-1])
+                x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+                grams[name] += x.T @ x
+        for name, w, lab_units in weights:
+            ids, e = _unit_costs(grams[name], w, lab_units)
+            np.add.at(energy, ids, e)
+            seen[ids] = True
+    act = activation_importance(model, an, calib)
+    out = np.zeros(an.n_elements, dtype=np.float64)
+    for grp in groups(an):
+        if grp.blocked:
+            continue
+        if seen[grp.free].all():
+            out[grp.free] = energy[grp.free] / (energy[grp.free].mean() + 1e-12)
+        else:
+            for p in grp.producers:
+                out[p.start : p.start + p.size] = act[p.start : p.start + p.size]
+    return out
+
+
 def importance(model: Model, an: Analysis, criterion: str, calib: Sequence[Feeds]) -> np.ndarray:
     """Per-element importance for ``criterion`` (one of ``CRITERIA``)."""
+    if criterion == "output":
+        return output_importance(model, an, calib)
     if criterion == "l1":
         return weight_importance(an, 1)
     if criterion == "l2":

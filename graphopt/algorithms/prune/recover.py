@@ -10,7 +10,10 @@ pruning for accelerating very deep neural networks"; Luo et al. 2017, ThiNet):
 
 where ``x_p`` is an im2col patch of the pruned input at output position ``p`` (a row of the input
 for Gemm/MatMul) and ``y_p`` the original layer output there (before BN or activation, so a
-BatchNormalization that follows stays consistent). ``X^T X`` and ``X^T Y`` are accumulated in
+BatchNormalization that follows stays consistent). A MatMul whose only reader is an ``Add`` of a
+constant bias vector (a Linear layer as exporters write it: transformer projections and FFNs) is
+fit with the ones column too, and the intercept is added to that bias: the mean that removed
+heads or neurons contributed is restored. ``X^T X`` and ``X^T Y`` are accumulated in
 float64 batch by batch; for convolutions only ``positions`` randomly sampled output positions per
 sample are taken, so memory is bounded by the layer's patch width, not by the image size. ``lam``
 is relative: ``ridge * mean(diag(X^T X))``.
@@ -56,8 +59,29 @@ def _refittable(node: gs.Node, opset: int) -> str | None:
         return "gemm" if constant(node.inputs[1], opset) is not None else None
     if node.op == "MatMul":
         w = constant(node.inputs[1], opset)
-        return "matmul" if w is not None and w.ndim == 2 else None
+        if w is None or w.ndim != 2:
+            return None
+        return "matmul+bias" if _bias_add(node, opset) is not None else "matmul"
     return None
+
+
+def _bias_add(node: gs.Node, opset: int) -> tuple[gs.Node, int] | None:
+    """The ``Add`` that adds a constant bias vector to a MatMul's output (what exporters write
+    for a Linear layer on a rank > 2 input) and the index of its bias input, or None."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1:
+        return None
+    add = out.outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    k = 1 if add.inputs[0] is out else 0
+    if add.inputs[1 - k] is not out:
+        return None
+    b = constant(add.inputs[k], opset)
+    w = constant(node.inputs[1], opset)
+    if b is None or w is None or b.ndim != 1 or b.shape[0] != w.shape[1]:
+        return None
+    return add, k
 
 
 def _fit_width(node: gs.Node, kind: str, opset: int) -> int:
@@ -68,7 +92,7 @@ def _fit_width(node: gs.Node, kind: str, opset: int) -> int:
         return int(np.prod(w.shape[1:])) + 1
     if kind == "gemm":
         return int(w.shape[1] if node.attrs.get("transB", 0) else w.shape[0]) + 1
-    return int(w.shape[0])
+    return int(w.shape[0]) + (kind == "matmul+bias")
 
 
 def _conv_patches(
@@ -129,7 +153,7 @@ def _rows(
     return xm.astype(np.float64), ym.astype(np.float64)
 
 
-def _write(layer: _Layer, sol: np.ndarray) -> None:
+def _write(layer: _Layer, sol: np.ndarray, opset: int) -> None:
     node = layer.node
     w = layer.weight
     assert w is not None
@@ -155,6 +179,18 @@ def _write(layer: _Layer, sol: np.ndarray) -> None:
             node.inputs.append(c)
         node.attrs["alpha"] = 1.0
         node.attrs["beta"] = 1.0
+    elif layer.kind == "matmul+bias":
+        # y = x W + c fitted to the MatMul's output: W replaces the weight, c joins the bias
+        found = _bias_add(node, opset)
+        assert found is not None  # checked when the layer was chosen
+        add, k = found
+        node.inputs[1] = gs.Constant(
+            f"{node.name}_W_recovered", np.ascontiguousarray(sol[:-1].astype(dtype))
+        )
+        bias = constant(add.inputs[k], opset)
+        assert bias is not None
+        new_b = (bias.astype(np.float64) + sol[-1]).astype(bias.dtype)
+        add.inputs[k] = gs.Constant(f"{add.name}_B_recovered", np.ascontiguousarray(new_b))
     else:
         node.inputs[1] = gs.Constant(
             f"{node.name}_W_recovered", np.ascontiguousarray(sol.astype(dtype))
@@ -258,7 +294,7 @@ def recover(
             except np.linalg.LinAlgError:
                 logger.debug("recovery: singular system for %s, skipped", lay.node.name)
                 continue
-            _write(lay, sol)
+            _write(lay, sol, pruned.opset)
             total_rows += lay.rows
             lay.xtx = lay.xty = None
         logger.debug("recovery level %d: %d layers", level, len(batch))

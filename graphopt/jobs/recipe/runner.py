@@ -454,7 +454,7 @@ def _need_calib(kind: str, run: _Run) -> None:
 
 def _prune(step: Step, model: Model, run: _Run) -> StepOutput:
     o = step.options
-    if o["recover"] not in (False, "none") or o["criterion"] == "activation":
+    if o["recover"] not in (False, "none") or o["criterion"] in ("activation", "output"):
         _need_calib("prune", run)
     out = prune(
         model,

@@ -71,7 +71,7 @@ STEP_OPTIONS: dict[str, dict[str, Option]] = {
             _recover,
             doc="true/false, or least-squares, distill (needs torch: graphopt[train]), none",
         ),
-        "criterion": Option((str,), "l1", _in("l1", "l2", "bn", "activation")),
+        "criterion": Option((str,), "l1", _in("l1", "l2", "bn", "activation", "output")),
         "round_to": Option((int,), None),
         "min_sqnr": Option((int, float), None),
         "steps": Option((int,), 300, doc='recover = "distill": training steps'),
