@@ -340,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     sub = tmp / section
                     sub.mkdir()
-                    res, text = mod.section(cases, quick=args.quick, workdir=sub)
+                    try:
+                        res, text = mod.section(cases, quick=args.quick, workdir=sub)
+                    except Exception as exc:  # noqa: BLE001 - one section failing keeps the rest
+                        logger.exception("section %s failed", section)
+                        res, text = {"error": repr(exc)}, f"failed: {exc!r}"
             results["sections"][section] = res
             md += [f"## {section}", "", text, ""]
     results["seconds"] = round(time.perf_counter() - t0, 1)

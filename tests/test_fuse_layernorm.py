@@ -216,3 +216,44 @@ def test_rmsnorm_gamma_not_constant_stays_outside() -> None:
 def test_bad_target() -> None:
     with pytest.raises(OptionError):
         get_pass(P, target="tvm")
+
+
+def test_llama_rmsnorm_export_ort_target(tmp_path) -> None:
+    """A real export: transformers' LlamaRMSNorm (Pow, ReduceMean, Add, Sqrt, Div(1, .), Mul, Mul)
+    in a residual block at opset 17 -> SimplifiedLayerNormalization, then, with the residual Add,
+    SkipSimplifiedLayerNormalization (the sum, read again, as its 4th output)."""
+    torch = pytest.importorskip("torch")
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from graphopt.jobs.optimize import optimize
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = llama.LlamaRMSNorm(16, eps=1e-6)
+            self.proj = torch.nn.Linear(16, 16)
+            with torch.no_grad():
+                self.norm.weight.uniform_(0.5, 1.5)
+
+        def forward(self, a, b):  # noqa: ANN001, ANN202
+            h = a + b
+            return self.proj(self.norm(h)) + h
+
+    torch.manual_seed(0)
+    path = tmp_path / "rms.onnx"
+    args = (torch.randn(2, 5, 16), torch.randn(2, 5, 16))
+    torch.onnx.export(
+        Block().eval(),
+        args,
+        str(path),
+        opset_version=17,
+        dynamo=False,
+        input_names=["a", "b"],
+        dynamic_axes={"a": {0: "B", 1: "S"}, "b": {0: "B", 1: "S"}},
+    )
+    portable = optimize(str(path))
+    assert "ReduceMean" in op_counts(portable.model)  # no RMSNormalization before opset 23
+    res = optimize(str(path), target="ort", output=tmp_path / "out.onnx")
+    assert res.verify is not None and res.verify.ok
+    c = op_counts(res.model)
+    assert c.get("com.microsoft.SkipSimplifiedLayerNormalization") == 1, c
+    assert "ReduceMean" not in c and "Sqrt" not in c
