@@ -1,5 +1,6 @@
-"""``graphopt quantize MODEL -o OUT --calib DATA``: calibrated static int8 (QDQ), verified against
-fp32, with a per-layer report."""
+"""``graphopt quantize MODEL -o OUT [--calib DATA] [--mode auto|static|dynamic|weight-only]``:
+calibrated static int8 (QDQ) with a per-layer report, dynamic int8, or weight-only int4/int8;
+verified against fp32. ``auto`` picks the mode from the model and the data (and says why)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,15 @@ from graphopt.cli.common import (
     split_list,
     verify_table,
 )
+from graphopt.core.errors import OptionError
 from graphopt.jobs.quantize import DEFAULT_MIN_SQNR_DB, QuantizeResult, quantize
+from graphopt.jobs.quantize_modes import (
+    MODES,
+    ModeResult,
+    quantize_dynamic,
+    quantize_weight_only_job,
+    resolve_mode,
+)
 
 
 def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
@@ -39,10 +48,33 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True)
     p.add_argument(
         "--calib",
-        required=True,
+        default=None,
         metavar="DATA",
         help=".npz keyed by input name (samples on axis 0), or a folder of .npz files "
-        "or of .npy files named after the inputs",
+        "or of .npy files named after the inputs (static: required; weight-only: GPTQ's data)",
+    )
+    p.add_argument(
+        "--mode",
+        default="auto",
+        choices=list(MODES),
+        help="static (calibrated QDQ int8), dynamic (int8 MatMul/Gemm, activation scales at run "
+        "time), weight-only (int4/int8 weights, float activations); auto (default): static with "
+        "--calib, else dynamic for MatMul-dominated models (transformers)",
+    )
+    p.add_argument("--bits", type=int, default=None, help="--mode weight-only: 4 (default) or 8")
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="--mode weight-only: inputs per scale, a power of two >= 16 (default 32)",
+    )
+    p.add_argument(
+        "--target",
+        default=None,
+        choices=["portable", "ort"],
+        help="dynamic/weight-only: portable standard ONNX (default) or onnxruntime's "
+        "com.microsoft kernels (DynamicQuantizeMatMul, MatMulNBits)",
     )
     p.add_argument(
         "--method",
@@ -131,10 +163,11 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rounding",
-        choices=["nearest", "adaround"],
+        choices=["nearest", "adaround", "gptq"],
         default="nearest",
-        help="weight rounding: nearest (default) or adaround: learned per layer on --calib "
-        "(AdaRound; needs torch: pip install graphopt[train])",
+        help="weight rounding: nearest (default); adaround (static): learned per layer on "
+        "--calib (AdaRound; needs torch: pip install graphopt[train]); gptq (weight-only): "
+        "second-order error compensation on --calib (GPTQ)",
     )
     p.add_argument(
         "--rounding-iters",
@@ -151,7 +184,41 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_quantize)
 
 
+def _check_combos(args: argparse.Namespace, mode: str) -> None:
+    """Exit 2 for options that do not apply to ``mode``."""
+    if mode != "weight-only":
+        for opt, val in (("--bits", args.bits), ("--block-size", args.block_size)):
+            if val is not None:
+                raise OptionError(f"{opt} applies to --mode weight-only, not {mode}")
+        if args.rounding == "gptq":
+            raise OptionError(f"--rounding gptq applies to --mode weight-only, not {mode}")
+    else:
+        if args.rounding == "adaround":
+            raise OptionError("--rounding adaround applies to --mode static, not weight-only")
+    if mode != "static":
+        for opt, on in (
+            ("--qat", args.qat),
+            ("--bias-correction", args.bias_correction),
+            ("--sensitivity", args.sensitivity),
+        ):
+            if on:
+                raise OptionError(f"{opt} applies to --mode static, not {mode}")
+    if mode == "static":
+        if args.target is not None:
+            raise OptionError("--target applies to --mode dynamic and weight-only, not static")
+        if args.calib is None:
+            raise OptionError("static int8 needs calibration data: --calib DATA")
+    if mode == "dynamic" and args.calib is not None and args.mode == "dynamic":
+        raise OptionError("--mode dynamic computes activation scales at run time: drop --calib")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
+    if args.mode != "auto":
+        _check_combos(args, args.mode)
+    model, mode, why = resolve_mode(args.model, args.mode, args.calib is not None)
+    _check_combos(args, mode)
+    if mode != "static":
+        return _cmd_mode(args, model, mode, why)
     progress_cb: Callable[[int, int | None], None] | None = None
     bar = None
     if (not args.json and sys.stderr.isatty()) or args.progress:
@@ -178,7 +245,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     try:
         res = quantize(
-            args.model,
+            model,
             args.calib,
             output=args.output,
             report=args.report,
@@ -208,10 +275,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.stop()
+    res.mode_reason = why
     if args.json:
         emit_json(res.to_json())
         return 0
     c = console()
+    c.print(f"mode: static ({fmt_name(why)})")
     c.print(
         f"[bold]{fmt_name(args.model)}[/] -> {fmt_name(res.output)}: {res.method} "
         f"calibration on {res.calib_samples} samples in {res.calib_seconds:.1f} s; "
@@ -268,6 +337,90 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not res.verify.ok:
             c.print("[red]the int8 model FAILED its check and was written anyway (--force)[/]")
     c.print(f"quantized and wrote {fmt_name(res.output)} in {res.seconds:.2f} s")
+    return 0
+
+
+def _cmd_mode(args: argparse.Namespace, model: object, mode: str, why: str) -> int:
+    """Dynamic and weight-only modes."""
+    common = dict(
+        output=args.output,
+        report=args.report,
+        target=args.target or "portable",
+        keep_float=split_list(args.keep_float),
+        input_shapes=input_shapes(args),
+        optimize=not args.no_optimize,
+        feeds=args.feeds,
+        min_sqnr=args.min_sqnr,
+        min_cosine=args.min_cosine,
+        force=args.force,
+        mode_reason=why,
+    )
+    res: ModeResult
+    if mode == "dynamic":
+        res = quantize_dynamic(model, per_channel=args.per_channel, **common)  # type: ignore[arg-type]
+    else:
+        res = quantize_weight_only_job(
+            model,  # type: ignore[arg-type]
+            args.calib,
+            bits=4 if args.bits is None else args.bits,
+            block_size=32 if args.block_size is None else args.block_size,
+            rounding="gptq" if args.rounding == "gptq" else "rtn",
+            batch_size=args.batch_size,
+            limit=args.limit,
+            **common,  # type: ignore[arg-type]
+        )
+    if args.json:
+        emit_json(res.to_json())
+        return 0
+    c = console()
+    c.print(f"mode: {mode} ({fmt_name(why)})")
+    s = res.settings
+    what = (
+        f"weights {s.get('weights')}, activations {s.get('activations')}"
+        if mode == "dynamic"
+        else f"weights int{s.get('bits')} in blocks of {s.get('block_size')} "
+        f"({s.get('rounding')}), activations float"
+    )
+    c.print(
+        f"[bold]{fmt_name(args.model)}[/] -> {fmt_name(res.output)}: {what}; "
+        f"{fmt_name(s.get('emit'))} ({s.get('target')}); opset {res.opset_before} -> "
+        f"{res.opset_after}"
+    )
+    if res.note:
+        c.print(f"[yellow]{fmt_name(res.note)}[/]")
+    st = res.stats
+    if st.get("weight_bytes_before"):
+        c.print(
+            f"{st.get('matmuls_quantized', 0)} MatMul/Gemm"
+            + (
+                f" and {st['embeddings_quantized']} embedding tables"
+                if st.get("embeddings_quantized")
+                else ""
+            )
+            + f" quantized: weights {human_bytes(st['weight_bytes_before'])} -> "
+            f"{human_bytes(st['weight_bytes_after'])}"
+        )
+    if res.skipped:
+        kt = Table(title="kept in float", title_justify="left")
+        kt.add_column("node")
+        kt.add_column("why")
+        for n, reason in list(res.skipped.items())[:50]:
+            kt.add_row(fmt_name(n), fmt_name(reason))
+        c.print(kt)
+    if res.speed:
+        c.print(
+            f"latency (onnxruntime, 1 thread): fp32 {res.speed['fp32']:.3f} ms, quantized "
+            f"{res.speed['quantized']:.3f} ms ({res.speed['speedup']:.2f}x)"
+        )
+    if res.verify:
+        c.print(
+            verify_table(
+                res.verify, f"{mode} against fp32 on {res.checked_on or 'samples'} (onnxruntime)"
+            )
+        )
+        if not res.verify.ok:
+            c.print("[red]the model FAILED its check and was written anyway (--force)[/]")
+    c.print(f"wrote {fmt_name(res.output)} in {res.seconds:.2f} s")
     return 0
 
 

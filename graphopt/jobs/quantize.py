@@ -165,9 +165,13 @@ class QuantizeResult(TransformResult):
     #: measured on this CPU (``latency_ms`` in the JSON): ``{"fp32", "int8"}`` median ms,
     #: ``speedup`` (fp32 / int8) and ``noise`` (None: not measured)
     speed: dict[str, float] | None = None
+    #: why the static mode was run (``graphopt quantize --mode``: requested or auto's reason)
+    mode_reason: str = "requested"
 
     def summary(self) -> dict[str, Any]:
         return {
+            "mode": "static",
+            "mode_reason": self.mode_reason,
             "method": self.method,
             "activations": self.activation_dtype,
             "reduce_range": self.reduce_range,
