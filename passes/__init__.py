@@ -38,6 +38,7 @@ PASS_INDEX: dict[str, str] = {
     "fuse-pad": "fuse_pad",
     "fuse-matmul-add": "fuse_matmul_add",
     "fuse-conv-activation": "fuse_conv_activation",
+    "fuse-attention": "fuse_attention",
     "annotate-fusion-groups": "annotate_fusion_groups",
     "fuse-slices": "fuse_slices",
     "prune-channels": "prune_channels",

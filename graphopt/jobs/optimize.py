@@ -60,9 +60,11 @@ DEFAULT_PIPELINE: list[str] = [
 #: target lowering, run to its own fixed point after the default pipeline has converged (a pass
 #: named here is constructed with ``target=...`` when it takes that option)
 TARGET_PIPELINES: dict[str, list[str]] = {
-    "portable": [],  # standard ONNX, no back-end metadata (TVM's groups: compile's own analysis)
+    # standard ONNX, no back-end metadata (TVM's groups: compile's own analysis)
+    "portable": ["fuse-attention"],
     "ort": [
         "fuse-conv-activation",
+        "fuse-attention",
         "fuse-layernorm",
         "fuse-gelu",
         "fuse-skip-layernorm",
@@ -72,7 +74,13 @@ TARGET_PIPELINES: dict[str, list[str]] = {
 }
 
 #: passes of TARGET_PIPELINES that take a ``target`` option
-TARGETED_PASSES = {"fuse-conv-activation", "fuse-layernorm", "fuse-gelu", "fuse-skip-layernorm"}
+TARGETED_PASSES = {
+    "fuse-conv-activation",
+    "fuse-attention",
+    "fuse-layernorm",
+    "fuse-gelu",
+    "fuse-skip-layernorm",
+}
 
 #: fp32 tolerance for semantics-preserving pipelines (relative to max |reference|; widened for
 #: float16/bfloat16 outputs by :func:`graphopt.core.verify.dtype_tolerance`)
