@@ -41,6 +41,7 @@ PASS_INDEX: dict[str, str] = {
     "fuse-attention": "fuse_attention",
     "annotate-fusion-groups": "annotate_fusion_groups",
     "fuse-slices": "fuse_slices",
+    "simplify-symbolic-shapes": "simplify_symbolic_shapes",
     "prune-channels": "prune_channels",
     "prune-magnitude": "prune_magnitude",
     "quantize-int8": "quantize_int8",

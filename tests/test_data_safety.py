@@ -793,10 +793,10 @@ def test_7_signal_during_a_run_cleans_up(tmp_path: Path, sig: int) -> None:
         p.send_signal(sig)
         rc, _, err = _wait(p)
         codes.append(rc)
-        assert rc in (0, 128 + sig), err
+        assert rc in (0, 128 + sig), f"exit {rc}: {err}"
         if rc:
             line = _one_error_line(err)
-            assert "interrupted" in line
+            assert "interrupted" in line, f"exit {rc}: {err}"
         assert _leftovers(tmp_path) == []
         if out.exists():
             read_tag(out)

@@ -373,3 +373,45 @@ def test_drawn_shapes_the_model_refuses_name_the_way_out() -> None:
     with pytest.raises(FeedError, match=r"drawn input shapes x 1x1x7 .*--input-shape.*--feeds"):
         optimize_model(m)
     assert optimize_model(m, input_shapes={"x": (2, 1, 32)}).verify.ok  # type: ignore[union-attr]
+
+
+def _past_model() -> Model:
+    """A decoder's cache step: ``present = Concat(past, cur)`` (declared ``[batch, 2, total,
+    4]``), ``y = mask @ present``: it runs only when the mask's ``total`` is ``past + seq``."""
+    past = helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 2, "past", 4])
+    cur = helper.make_tensor_value_info("cur", TensorProto.FLOAT, ["batch", 2, "seq", 4])
+    mask = helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "total"])
+    present = helper.make_tensor_value_info("present", TensorProto.FLOAT, ["batch", 2, "total", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, 1, 4])
+    from onnx import numpy_helper
+
+    nodes = [
+        helper.make_node("Concat", ["past", "cur"], ["present"], axis=2),
+        helper.make_node("Unsqueeze", ["mask", "ax"], ["m"]),
+        helper.make_node("MatMul", ["m", "present"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [past, cur, mask],
+        [present, y],
+        [numpy_helper.from_array(np.array([1, 2]), "ax")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return Model.from_onnx(m)
+
+
+def test_dims_tied_by_the_model_are_drawn_together() -> None:
+    """A past/present model runs only when the mask's ``total`` is ``past + seq``: symbolic
+    inference finds the relation from the declared output, and every draw obeys it; a model
+    without such a tie draws its dims independently."""
+    m = prepare(_past_model())
+    assert m.dim_relations == {"total": "past + seq"}
+    for k, values in enumerate(dim_draws(m)):
+        assert values["total"] == values["past"] + values["seq"]
+        f = random_feeds(m, seed=0, draw=k)
+        assert f["mask"].shape[1] == f["past"].shape[2] + f["cur"].shape[2]
+    res = optimize_model(m)  # verification runs the model at every draw
+    assert res.verify is not None and res.verify.ok
+    assert prepare(load(BERT)).dim_relations == {}

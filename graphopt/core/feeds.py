@@ -795,13 +795,31 @@ def _dim_key(d: object, axis: int) -> str:
 
 def dim_draws(model: Model) -> list[dict[str, int]]:
     """The values of the model's dynamic input dims in each draw (:data:`DIM_DRAWS`): a list of
-    ``{dim name: value}``, one entry (empty) when every input dim is fixed."""
+    ``{dim name: value}``, one entry (empty) when every input dim is fixed. A dim that the model
+    ties to others (:attr:`Model.dim_relations`, e.g. ``total_sequence = past_sequence +
+    sequence``) takes the value of its expression."""
     dims = dynamic_dims(model)
     if not dims:
         return [{}]
-    return [
+    draws = [
         {k: lead if leading else other for k, leading in dims.items()} for lead, other in DIM_DRAWS
     ]
+    relations = {k: v for k, v in getattr(model, "dim_relations", {}).items() if k in dims}
+    if relations:
+        import sympy
+
+        for values in draws:
+            for name, text in relations.items():
+                try:
+                    syms = {k: sympy.Symbol(k) for k in values}
+                    v = sympy.sympify(text, locals=syms).subs(
+                        {syms[k]: x for k, x in values.items()}
+                    )
+                    if v.is_Integer and int(v) > 0:
+                        values[name] = int(v)
+                except Exception:  # noqa: BLE001 - keep the plain draw
+                    continue
+    return draws
 
 
 def drawn_shapes(model: Model, draw: int = 0) -> dict[str, list[int]]:

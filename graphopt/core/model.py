@@ -66,6 +66,10 @@ class Model:
     #: (optional, sequence, map, sparse tensor), by value name: graphsurgeon cannot hold them, so
     #: the IR tensors carry no dtype and the types are written back untouched on export
     value_types: dict[str, onnx.TypeProto] = field(default_factory=dict)
+    #: dynamic input dims that are functions of other input dims (dim name -> expression over
+    #: other dim names, e.g. ``total_sequence -> past_sequence + sequence``), found by symbolic
+    #: shape inference (:func:`graphopt.core.shapes.infer_shapes`); generated inputs obey them
+    dim_relations: dict[str, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -175,6 +179,7 @@ class Model:
             weights_loaded=self.weights_loaded,
             external_files=list(self.external_files),
             value_types=dict(self.value_types),
+            dim_relations=dict(self.dim_relations),
         )
 
     # ------------------------------------------------------------------ queries

@@ -273,7 +273,9 @@ def _symbolic_module() -> Any:
     return _SYMBOLIC[0]
 
 
-def symbolic_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
+def symbolic_infer(
+    model: Model, merges: dict[str, str] | None = None
+) -> dict[str, tuple[int, list[object] | None]]:
     """onnxruntime's symbolic shape inference (sympy) on an export of ``model`` with its declared
     shapes dropped: tensor name -> (element type, dims), dims symbolic where they depend on
     dynamic input dims (``batch``, ``seq``, ``2*seq``). Empty when it is unavailable or fails;
@@ -281,7 +283,8 @@ def symbolic_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
 
     Where ONNX's own inference loses a dim (a ``Reshape`` to a shape computed from ``Shape``), this
     one follows the arithmetic. Dims that broadcasting requires equal are merged (any run that
-    succeeds has them equal).
+    succeeds has them equal); ``merges``, when given, receives those merges (dim text -> the
+    dim text it was replaced by).
     """
     mod = _symbolic_module()
     if mod is None:
@@ -299,6 +302,8 @@ def symbolic_infer(model: Model) -> dict[str, tuple[int, list[object] | None]]:
             ssi._infer_impl()
         ssi._update_output_from_vi()
         inferred = ssi.out_mp_
+        if merges is not None:
+            merges.update({str(k): str(v) for k, v in ssi.suggested_merge_.items()})
     except Exception as exc:  # noqa: BLE001 - exotic graphs: ONNX inference alone
         logger.debug("symbolic shape inference failed: %s", first_line(exc))
         return {}
@@ -332,6 +337,49 @@ def _merge_symbolic(
             found[name] = (have[0], new)
             gained += 1
     return gained
+
+
+def dim_relations(
+    model: Model,
+    symbolic: Mapping[str, tuple[int, list[object] | None]],
+    merges: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Input dims that the model ties to other input dims, from symbolic inference: a graph
+    output that declares dim ``total_sequence`` where inference finds ``past_sequence +
+    sequence``, or a merge inference made because a run needs the two equal (a Concat of past
+    and current keys multiplied by the mask). The model runs only when the first equals the
+    second. Returns dim name -> expression over other input dims; a dim with two different
+    expressions is left out."""
+    names = {
+        d for t in model.graph.inputs if t.shape is not None for d in t.shape if isinstance(d, str)
+    }
+    pairs: list[tuple[object, object]] = list((merges or {}).items())
+    pairs += [(b, a) for a, b in pairs]
+    for t in model.graph.outputs:
+        got = symbolic.get(t.name)
+        if t.shape is not None and got is not None and got[1] is not None:
+            if len(got[1]) == len(t.shape):
+                pairs += list(zip(t.shape, got[1]))
+    found: dict[str, str] = {}
+    clash: set[str] = set()
+    for declared, inferred in pairs:
+        if not isinstance(declared, str) or declared not in names:
+            continue
+        if not isinstance(inferred, str) or inferred == declared:
+            continue
+        try:
+            import sympy
+
+            expr = sympy.sympify(inferred, locals={k: sympy.Symbol(k) for k in names})
+        except Exception:  # noqa: BLE001 - a dim text sympy cannot read: no relation
+            continue
+        free = {str(s) for s in expr.free_symbols}
+        if expr.is_Symbol or not free or not free <= names or declared in free:
+            continue
+        if found.get(declared, inferred) != inferred:
+            clash.add(declared)
+        found[declared] = inferred
+    return {k: v for k, v in found.items() if k not in clash}
 
 
 def _known(d: object) -> bool:
@@ -513,8 +561,11 @@ def infer_shapes(
     if not inputs_static(model) and any(
         _fresh_unknowns(shape) for _, shape in found.values()
     ):  # dynamic input dims: follow them symbolically where ONNX's inference loses them
-        n = _merge_symbolic(found, symbolic_infer(model))
+        merges: dict[str, str] = {}
+        symbolic = symbolic_infer(model, merges)
+        n = _merge_symbolic(found, symbolic)
         logger.debug("symbolic shape inference completed %d shapes", n)
+        model.dim_relations.update(dim_relations(model, symbolic, merges))
     inputs = {t.name for t in model.graph.inputs}
     declared_rank = {t.name: len(t.shape) for t in model.graph.outputs if t.shape is not None}
     # nothing declared survives unless re-derived: clear main-graph variables that inference missed

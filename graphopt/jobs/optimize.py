@@ -50,6 +50,7 @@ DEFAULT_PIPELINE: list[str] = [
     "fuse-pad",
     "fuse-matmul-add",
     "fuse-slices",
+    "simplify-symbolic-shapes",
     "recognize-activations",
     "fuse-layernorm",
     "eliminate-cse",
