@@ -21,12 +21,38 @@ import onnx_graphsurgeon as gs
 def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
     """The graphs held in a node's attributes (If branches, Loop/Scan bodies)."""
     subs: list[gs.Graph] = []
-    for attr in node.attrs.values():
+    attrs = node.attrs
+    if not attrs:  # most nodes: called for every node of every walk, so kept cheap
+        return subs
+    for attr in attrs.values():
         if isinstance(attr, gs.Graph):
             subs.append(attr)
         elif isinstance(attr, (list, tuple)):
             subs.extend(a for a in attr if isinstance(a, gs.Graph))
     return subs
+
+
+def tensor_map(graph: gs.Graph) -> dict[str, gs.Tensor]:
+    """The tensors ``graph`` uses, by name: what graphsurgeon's ``Graph.tensors()`` returns (graph
+    inputs, then every node's inputs and outputs in node order, then graph outputs; empty names
+    left out; a later tensor of the same name wins), built several times faster (``tensors()``
+    concatenates synchronized lists and checks duplicates for every tensor, which dominates
+    whole-graph walks of large models). It does not log graphsurgeon's duplicate-name warning."""
+    found: dict[str, gs.Tensor] = {}
+    for t in graph.inputs:
+        if t.name != "":
+            found[t.name] = t
+    for n in graph.nodes:
+        for t in n.inputs:
+            if t.name != "":
+                found[t.name] = t
+        for t in n.outputs:
+            if t.name != "":
+                found[t.name] = t
+    for t in graph.outputs:
+        if t.name != "":
+            found[t.name] = t
+    return found
 
 
 def constant_nbytes(t: gs.Constant) -> int:
@@ -69,6 +95,24 @@ def _local_predecessors(nodes: Sequence[gs.Node]) -> list[set[int]]:
     return preds
 
 
+def _plainly_in_order(nodes: Sequence[gs.Node]) -> bool:
+    """True when no node holds a subgraph and every node's inputs are produced by nodes before
+    it (or outside the list): the order is then valid as it is. False means "not shown"
+    (:func:`local_topo_order` then decides on the full dependencies). One cheap pass, since the
+    order is usually valid already."""
+    listed = {id(n) for n in nodes}
+    placed: set[int] = set()
+    for n in nodes:
+        if n.attrs and node_subgraphs(n):
+            return False
+        for t in n.inputs:
+            for q in t.inputs:
+                if id(q) in listed and id(q) not in placed:
+                    return False
+        placed.add(id(n))
+    return True
+
+
 def local_topo_order(graph: gs.Graph, new: Collection[gs.Node] = ()) -> list[gs.Node]:
     """The graph's nodes in a stable topological order (this graph only, not its subgraphs).
 
@@ -86,6 +130,8 @@ def local_topo_order(graph: gs.Graph, new: Collection[gs.Node] = ()) -> list[gs.
             (directly or through other new nodes), so the other nodes keep their order.
     """
     nodes = list(graph.nodes)
+    if _plainly_in_order(nodes):
+        return nodes
     preds = _local_predecessors(nodes)
     if all(j < i for i, p in enumerate(preds) for j in p):
         return nodes
@@ -214,7 +260,7 @@ def graph_names(graph: gs.Graph) -> set[str]:
     stack = [graph]
     while stack:
         g = stack.pop()
-        names.update(g.tensors())
+        names.update(tensor_map(g))
         for node in g.nodes:
             names.add(node.name)
             stack.extend(node_subgraphs(node))

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from graphopt.core.errors import ModelLoadError, in_file
+from graphopt.core.graph import tensor_map
 from graphopt.core.model import Model, check_proto, proto_graphs
 
 
@@ -448,7 +449,7 @@ def map_external_weights(model: Model, base_dir: Path) -> int:
     mapped = 0
     seen: set[int] = set()
     for g in model.walk_graphs():
-        for t in g.tensors().values():
+        for t in tensor_map(g).values():
             if not isinstance(t, gs.Constant) or id(t) in seen:
                 continue
             seen.add(id(t))

@@ -28,7 +28,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.core.errors import ModelLoadError, in_file
-from graphopt.core.graph import constant_nbytes, node_subgraphs
+from graphopt.core.graph import constant_nbytes, node_subgraphs, tensor_map
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,8 @@ class Model:
             g = stack.pop()
             yield g
             for node in g.nodes:
-                stack.extend(node_subgraphs(node))
+                if node.attrs:  # most nodes hold no attribute, let alone a subgraph
+                    stack.extend(node_subgraphs(node))
 
     def walk_nodes(self) -> Iterator[tuple[gs.Graph, gs.Node]]:
         for g in self.walk_graphs():
@@ -225,7 +226,7 @@ class Model:
 
     def initializers(self) -> dict[str, gs.Constant]:
         """Constant tensors of the main graph by name (weights, biases, shape constants)."""
-        return {n: t for n, t in self.graph.tensors().items() if isinstance(t, gs.Constant)}
+        return {n: t for n, t in tensor_map(self.graph).items() if isinstance(t, gs.Constant)}
 
     def io_types(self) -> dict[str, str]:
         """The main graph's inputs and outputs whose type is not a tensor, by name
@@ -258,7 +259,7 @@ def _keep_overridable_inputs(
     if not overridable:
         return {}
     defaults = {t.name: t for t in proto.graph.initializer if t.name in set(overridable)}
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     order = [vi.name for vi in proto.graph.input]
     for name in overridable:
         t = tensors.get(name)
@@ -268,7 +269,7 @@ def _keep_overridable_inputs(
             t.to_variable(dtype=dtype, shape=shape)
             if not hasattr(t, "type"):  # Variable.__init__ sets it; to_variable does not
                 t.type = "tensor_type"
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     graph.inputs = [tensors[n] for n in order if n in tensors]
     return defaults
 
@@ -284,7 +285,7 @@ def _fix_float8_fnuz(model: Model, proto: onnx.ModelProto) -> None:
     refuses as a type mismatch)."""
     fix: dict[str, int] = {}
     for g in model.walk_graphs():
-        for name, t in g.tensors().items():
+        for name, t in tensor_map(g).items():
             dt = getattr(t, "dtype", None)
             key = getattr(dt, "name", None) if not isinstance(dt, (int, np.integer)) else None
             if (
@@ -448,7 +449,7 @@ def _normalize_dtypes(graph: gs.Graph, value_types: Mapping[str, onnx.TypeProto]
     for g in graphs:
         for n in g.nodes:
             graphs.extend(node_subgraphs(n))
-        for t in g.tensors().values():
+        for t in tensor_map(g).values():
             if isinstance(t, gs.Constant) and isinstance(t._values, gs.ir.tensor.SparseValues):
                 t._values = densify(t._values.tensor)
             if not isinstance(t, gs.Variable):
@@ -487,7 +488,7 @@ def _onnx_backed_values(model: Model) -> Iterator[None]:
     swapped: list[tuple[gs.Constant, Any]] = []
     try:
         for g in model.walk_graphs():
-            consts = [t for t in g.tensors().values() if isinstance(t, gs.Constant)]
+            consts = [t for t in tensor_map(g).values() if isinstance(t, gs.Constant)]
             for n in g.nodes:
                 for a in n.attrs.values():
                     if isinstance(a, gs.Constant):
@@ -551,7 +552,7 @@ def swapped_constants(model: Model, stub_for: Any) -> Iterator[int]:
     seen: set[int] = set()
     try:
         for g in model.walk_graphs():
-            for t in g.tensors().values():
+            for t in tensor_map(g).values():
                 if not isinstance(t, gs.Constant) or id(t) in seen:
                     continue
                 seen.add(id(t))
@@ -605,7 +606,7 @@ def release_weight_pages(model: Model) -> int:
         return 0
     seen: set[int] = set()
     for g in model.walk_graphs():
-        for t in g.tensors().values():
+        for t in tensor_map(g).values():
             v = getattr(t, "_values", None) if isinstance(t, gs.Constant) else None
             mm = getattr(v, "_mmap", None) if isinstance(v, np.memmap) else None
             if mm is None or id(mm) in seen:
@@ -631,19 +632,20 @@ def _outer_names(model: Model, graph: gs.Graph) -> set[str]:
     names: set[str] = set()
     for g in model.walk_graphs():
         if g is not graph:
-            names.update(g.tensors().keys())
+            names.update(tensor_map(g).keys())
     return names
 
 
 def check_graph(graph: gs.Graph, outer: set[str] | None = None) -> None:
     """Check that ``graph`` is a DAG whose node inputs are all defined.
 
-    Runs after every modifying pass, so it uses the standard library's ``graphlib`` (cheap)
-    rather than networkx.
+    Runs after every modifying pass, so it is linear and cheap: a node order in which every
+    producer comes before its readers has no cycle; only otherwise does the standard library's
+    ``graphlib`` look for one.
     """
     outer = outer or set()
     defined = {t.name for t in graph.inputs} | outer
-    for name, t in graph.tensors().items():
+    for name, t in tensor_map(graph).items():
         if isinstance(t, gs.Constant):
             defined.add(name)
     producers: dict[str, int] = {}
@@ -655,13 +657,18 @@ def check_graph(graph: gs.Graph, outer: set[str] | None = None) -> None:
                 raise RuntimeError(f"tensor '{o.name}' is produced by two nodes")
             producers[o.name] = i
     deps: dict[int, set[int]] = {}
+    # every edge from an earlier node to a later one: the order is topological, so no cycle
+    # (the usual case; graphlib's cycle search is only run when some edge points backwards)
+    in_order = True
     for i, n in enumerate(graph.nodes):
         preds = deps.setdefault(i, set())
         for t in n.inputs:
             if not t.name:  # optional input left empty
                 continue
-            if t.name in producers:
-                preds.add(producers[t.name])
+            j = producers.get(t.name)
+            if j is not None:
+                preds.add(j)
+                in_order = in_order and j < i
             elif t.name not in defined and not isinstance(t, gs.Constant):
                 raise RuntimeError(
                     f"node '{n.name}' ({n.op}) reads '{t.name}', which nothing produces"
@@ -669,6 +676,8 @@ def check_graph(graph: gs.Graph, outer: set[str] | None = None) -> None:
     for t in graph.outputs:
         if t.name not in producers and t.name not in defined:
             raise RuntimeError(f"graph output '{t.name}' is not produced")
+    if in_order:
+        return
     try:
         graphlib.TopologicalSorter(deps).prepare()
     except graphlib.CycleError as exc:

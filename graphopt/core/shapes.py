@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.core.errors import ShapeError, first_line
 from graphopt.core.feeds import random_feeds
-from graphopt.core.graph import node_subgraphs
+from graphopt.core.graph import node_subgraphs, tensor_map
 from graphopt.core.model import PROTO_LIMIT, Model
 from graphopt.core.session import make_session, run_model
 
@@ -410,10 +410,13 @@ def _weightless(proto: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def _apply(model: Model, found: Mapping[str, tuple[int, list[object] | None]]) -> None:
+def _applied(
+    model: Model, found: Mapping[str, tuple[int, list[object] | None]]
+) -> Iterator[tuple[gs.Variable, Any, list[object] | None]]:
+    """What :func:`_apply` sets: every tensor it changes, with its new dtype and shape."""
     inputs = {t.name for t in model.graph.inputs}
     for g in model.walk_graphs():
-        for name, t in g.tensors().items():
+        for name, t in tensor_map(g).items():
             if (
                 isinstance(t, gs.Constant)
                 or name not in found
@@ -422,15 +425,19 @@ def _apply(model: Model, found: Mapping[str, tuple[int, list[object] | None]]) -
             ):
                 continue
             elem, shape = found[name]
+            dtype = t.dtype
             if elem:
                 try:
-                    t.dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+                    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
                 except Exception:  # noqa: BLE001 - exotic element types keep their onnx enum
-                    t.dtype = elem
-            if shape is not None:
-                t.shape = shape
-            else:
-                t.shape = None
+                    dtype = elem
+            yield t, dtype, shape
+
+
+def _apply(model: Model, found: Mapping[str, tuple[int, list[object] | None]]) -> None:
+    for t, dtype, shape in list(_applied(model, found)):
+        t.dtype = dtype
+        t.shape = shape
 
 
 def _limit_from_env(name: str, default: int) -> int:
@@ -475,23 +482,35 @@ def static_nbytes(dtype: object, shape: Sequence[object] | None) -> int | None:
     return n * itemsize
 
 
-def largest_tensor(model: Model) -> tuple[str, int, list[object]] | None:
-    """The largest tensor of static shape the model computes (every graph): name, bytes, shape."""
+def largest_tensor(
+    model: Model, found: Mapping[str, tuple[int, list[object] | None]] | None = None
+) -> tuple[str, int, list[object]] | None:
+    """The largest tensor of static shape the model computes (every graph): name, bytes, shape.
+
+    With ``found`` (:func:`onnx_infer`'s result): the largest once those shapes were applied
+    (:func:`_apply`), the model itself left unchanged (no copy of it is made)."""
+    new = {id(t): (dtype, shape) for t, dtype, shape in _applied(model, found)} if found else {}
     best: tuple[str, int, list[object]] | None = None
     for g in model.walk_graphs():
         for n in g.nodes:
             for o in n.outputs:
-                size = static_nbytes(o.dtype, o.shape)
+                dtype, shape = new.get(id(o), (o.dtype, o.shape))
+                size = static_nbytes(dtype, shape)
                 if size is not None and (best is None or size > best[1]):
-                    best = (o.name, size, list(o.shape or ()))
+                    best = (o.name, size, list(shape or ()))
     return best
 
 
-def size_refusal(model: Model, limit: int | None = None) -> str | None:
+def size_refusal(
+    model: Model,
+    limit: int | None = None,
+    found: Mapping[str, tuple[int, list[object] | None]] | None = None,
+) -> str | None:
     """Why ``model`` must not be run at its current input shapes (a tensor larger than ``limit``,
-    default :func:`max_tensor_bytes`), or None."""
+    default :func:`max_tensor_bytes`), or None; ``found``: with these inferred shapes applied
+    (see :func:`largest_tensor`)."""
     limit = max_tensor_bytes() if limit is None else limit
-    big = largest_tensor(model)
+    big = largest_tensor(model, found)
     if big is None or big[1] <= limit:
         return None
     name, size, shape = big
@@ -522,11 +541,7 @@ def check_run_size(model: Model, limit: int | None = None, infer: bool = False) 
         ShapeError: naming the tensor, its shape and size (a ConstantOfShape/Expand/Tile/Range
             bomb, or input shapes too large for this machine).
     """
-    if infer:
-        probe = model.clone()
-        _apply(probe, onnx_infer(probe))
-        model = probe
-    why = size_refusal(model, limit)
+    why = size_refusal(model, limit, onnx_infer(model) if infer else None)
     if why is not None:
         raise ShapeError(f"{why}; graphopt cannot run or verify it at these input shapes")
 
@@ -569,7 +584,7 @@ def infer_shapes(
     inputs = {t.name for t in model.graph.inputs}
     declared_rank = {t.name: len(t.shape) for t in model.graph.outputs if t.shape is not None}
     # nothing declared survives unless re-derived: clear main-graph variables that inference missed
-    for name, t in model.graph.tensors().items():
+    for name, t in tensor_map(model.graph).items():
         if isinstance(t, gs.Variable) and name not in inputs and name not in found:
             t.shape = None
     _apply(model, found)
@@ -586,7 +601,7 @@ def infer_shapes(
         except Exception as exc:  # noqa: BLE001 - a failed fallback leaves shapes unknown
             logger.debug("onnxruntime shape fallback failed: %s", exc)
             observed = {}
-        tensors = model.graph.tensors()
+        tensors = tensor_map(model.graph)
         before: dict[str, tuple[Any, Any]] = {}
         for g_name, (dtype, shape) in observed.items():
             t = tensors.get(g_name)
