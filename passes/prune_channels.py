@@ -16,9 +16,10 @@ Importance of a channel (summed over the coupled producers, each normalized by i
   with no BN fall back to ``l1``;
 * ``activation``: ``mean |y_c|`` of the producer's output on calibration data (onnxruntime with the
   producers' outputs exposed);
-* ``output``: a unit's energy in the outputs of the MatMul/Gemm layers that read it on calibration
-  data, ``E||x_u W_u||^2`` (attention heads: context columns times output-projection rows; FFN
-  neurons: ``E[a^2] ||W2[i]||^2``); the criterion for transformers.
+* ``output``: the error a unit's removal leaves in the outputs of the MatMul/Gemm layers that read
+  it once they are refit (Optimal Brain Surgeon cost on calibration data; attention heads: context
+  columns and output-projection rows; FFN neurons: rows of the second MatMul); the criterion for
+  transformers.
 
 Transformers (:mod:`graphopt.algorithms.prune.heads`): attention heads (Q/K/V columns, biases and
 output-projection rows, coupled through the head Reshape/Transpose; the head count in the Reshape

@@ -8,13 +8,14 @@ elements of different layers are comparable when summed into units:
   producers with no BN fall back to ``l1``;
 * ``activation``: ``mean |y_c|`` of the producer's output on calibration data (onnxruntime with the
   producers' outputs exposed);
-* ``output``: the energy a unit adds to the outputs of the weight layers that read it,
-  ``E || x[:, P_u] W[P_u, :] ||^2`` over calibration data, summed over its MatMul/Gemm consumers
-  (``P_u``: the input positions of unit ``u``; for an attention head its ``Dh`` context columns
-  and the output projection's rows, for an FFN neuron ``E[a_i^2] ||W2[i]||^2``). It ranks units
-  by what removing them changes downstream, where ``activation`` and the weight norms see only
-  the producer side (Q/K/V columns say little about a head's output). Groups that a MatMul/Gemm
-  does not read fall back to ``activation``.
+* ``output``: the error a unit's removal leaves in the outputs of the MatMul/Gemm layers that read
+  it once they are refit by least squares (what recovery does), on calibration data: the Optimal
+  Brain Surgeon cost ``tr(W_P^T ([H^-1]_PP)^-1 W_P)`` with ``H = X^T X`` of the consumer's input
+  (plus a ones column) and ``P`` the unit's input positions (an attention head: its ``Dh`` context
+  columns and output-projection rows; an FFN neuron: one row of the second MatMul), summed over
+  consumers (:func:`_unit_costs`). It ranks units by what removing them changes downstream, where
+  ``activation`` and the weight norms see only the producer side (Q/K/V columns say little about
+  a head's output). Groups that no MatMul/Gemm reads fall back to ``activation``.
 
 A unit's score is the sum over its elements. :func:`select` removes the least important free units
 of every group (or of the whole model, ``scope="global"``) for a ratio checked by
@@ -184,17 +185,23 @@ def _unit_costs(
     return ids, out
 
 
-def output_importance(model: Model, an: Analysis, calib: Sequence[Feeds]) -> np.ndarray:
-    """Per-element ``output`` importance (see the module docstring): each unit's energy in its
-    MatMul/Gemm consumers' outputs over ``calib``, put on the unit's largest element; the groups
-    that no such consumer reads get :func:`activation_importance`."""
+def output_importance(
+    model: Model, an: Analysis, calib: Sequence[Feeds], max_width: int = 8192
+) -> np.ndarray:
+    """Per-element ``output`` importance (see the module docstring): each unit's Optimal Brain
+    Surgeon cost in its MatMul/Gemm consumers' outputs over ``calib``, put on the unit's largest
+    element; the groups that no such consumer reads (or only one wider than ``max_width`` inputs,
+    whose Gram matrix would not fit) get :func:`activation_importance`."""
     if not calib:
         raise GraphoptError("criterion 'output' needs calibration data (--calib DATA)")
     fixed_unit = an.unit[an.fixed]
     consumers = [
         s
         for s in an.slices
-        if s.role == "consumer" and s.node.op in ("MatMul", "Gemm") and s.index == 1
+        if s.role == "consumer"
+        and s.node.op in ("MatMul", "Gemm")
+        and s.index == 1
+        and len(s.labels) <= max_width
     ]
     names = sorted({s.node.inputs[0].name for s in consumers})
     energy = np.zeros(an.n_elements + 1)
