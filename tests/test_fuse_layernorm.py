@@ -222,8 +222,10 @@ def test_llama_rmsnorm_export_ort_target(tmp_path) -> None:
     """A real export: transformers' LlamaRMSNorm (Pow, ReduceMean, Add, Sqrt, Div(1, .), Mul, Mul)
     in a residual block at opset 17 -> SimplifiedLayerNormalization, then, with the residual Add,
     SkipSimplifiedLayerNormalization (the sum, read again, as its 4th output)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    import torch
+
     from graphopt.jobs.optimize import optimize
 
     class Block(torch.nn.Module):
@@ -257,3 +259,22 @@ def test_llama_rmsnorm_export_ort_target(tmp_path) -> None:
     c = op_counts(res.model)
     assert c.get("com.microsoft.SkipSimplifiedLayerNormalization") == 1, c
     assert "ReduceMean" not in c and "Sqrt" not in c
+
+
+def test_rms_without_kernel_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An onnxruntime without RMSNormalization: the portable output keeps the nodes; the ort
+    target emits SimplifiedLayerNormalization even at opset 23."""
+    import graphopt.algorithms.transformer_patterns as tp
+
+    real = tp.ort_runs
+    monkeypatch.setattr(
+        tp, "ort_runs", lambda op, *a, **k: op != "RMSNormalization" and real(op, *a, **k)
+    )
+    check_pass(rms_model(), P, expect_modified=False)
+    check_pass(
+        rms_model(),
+        P,
+        target="ort",
+        checker=False,
+        structure=counts({"SimplifiedLayerNormalization": 1}),
+    )

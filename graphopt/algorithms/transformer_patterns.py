@@ -298,13 +298,14 @@ def is_centered(x: gs.Tensor) -> bool:
 
 class RmsNormRule(NormRule):
     """Written-out RMSNorm -> ``RMSNormalization`` (opset >= 23), or for ``target='ort'`` below
-    opset 23 onnxruntime's ``SimplifiedLayerNormalization`` (ONNX domain, onnxruntime-only)."""
+    opset 23 (or where onnxruntime has no RMSNormalization kernel) onnxruntime's
+    ``SimplifiedLayerNormalization`` (ONNX domain, onnxruntime-only)."""
 
     grows = {"plain": "Mul"}
     target = "portable"
 
     def emitted_op(self) -> str | None:
-        if self.opset >= 23:
+        if self.opset >= 23 and (self.target != "ort" or ort_runs("RMSNormalization", self.opset)):
             return "RMSNormalization"
         return "SimplifiedLayerNormalization" if self.target == "ort" else None
 
