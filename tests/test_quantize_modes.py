@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 
 from graphopt.algorithms.quant.dynamic import DynamicConfig, quantize_dynamic_matmuls, weight_int8
 from graphopt.algorithms.quant.gptq import output_error, quantize_gptq, quantize_rtn
+from graphopt.algorithms.quant.smoothquant import smooth_model
 from graphopt.algorithms.quant.weight_only import (
     WeightOnlyConfig,
     collect_hessians,
@@ -165,6 +166,32 @@ def test_dynamic_nothing_to_quantize_leaves_model_unchanged(caplog) -> None:
     assert not st.quantized
 
 
+def test_dynamic_job_quantizes_embedding_tables() -> None:
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((2000, K)).astype(np.float32)
+    w = (rng.standard_normal((K, N)) * 0.2).astype(np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"], name="emb"),
+            helper.make_node("MatMul", ["e", "w"], ["y"], name="mm"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7, N])],
+        [onnx.numpy_helper.from_array(table, "table"), onnx.numpy_helper.from_array(w, "w")],
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    m = Model.from_onnx(proto)
+    ids = {"ids": rng.integers(0, 2000, (2, 7))}
+    res = quantize_dynamic(m, feeds=ids, measure_speed=False)
+    assert res.stats["embeddings_quantized"] == 1 and res.stats["matmuls_quantized"] == 1
+    assert res.to_json()["weights_ratio"] < 0.27
+    assert res.verify is not None and res.verify.outputs[0].sqnr_db > 30
+    plain = quantize_dynamic(m, feeds=ids, measure_speed=False, embeddings=False)
+    assert "embeddings_quantized" not in plain.stats
+
+
 def test_dynamic_shared_weight_and_keep_float() -> None:
     m = _mlp()
     q = m.clone()
@@ -272,6 +299,65 @@ def test_weight_only_embedding_table() -> None:
     np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-6)
 
 
+# ---------------------------------------------------------------------- SmoothQuant
+
+
+def test_smoothquant_folds_into_layernorm_and_keeps_function() -> None:
+    from graphopt.core.loader import load
+
+    m = load(fixture_path("transformer_block.onnx"))
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 16, 64)).astype(np.float32)} for _ in range(4)]
+    before = [_run(m, f) for f in feeds]
+    s = m.clone()
+    st = smooth_model(s, feeds, alpha=0.5)
+    assert st.folded_into_layernorm and st.matmuls >= 3
+    after = [_run(s, f) for f in feeds]
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+    assert op_counts(s) == op_counts(m)  # folded: no new op
+
+
+def test_smoothquant_inserts_mul_only_for_outliers() -> None:
+    m = _mlp()
+    x = _x()
+    calm = m.clone()
+    assert not smooth_model(calm, [{"x": x}]).mul_inserted  # no LayerNorm, no outlier
+    assert op_counts(calm) == op_counts(m)
+    xo = x.copy()
+    xo[:, 3] *= 50.0  # one outlier channel
+    s = m.clone()
+    st = smooth_model(s, [{"x": xo}], alpha=0.5)
+    assert (
+        st.mul_inserted
+        and st.outlier_ratio_after[st.mul_inserted[0]]
+        < 0.5 * (st.outlier_ratio_before[st.mul_inserted[0]])
+    )
+    np.testing.assert_allclose(_run(s, {"x": xo}), _run(m, {"x": xo}), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError):
+        smooth_model(m.clone(), [{"x": x}], alpha=1.5)
+
+
+def test_digits_transformer_int8_accuracy_drop_at_most_half_a_point() -> None:
+    from graphopt.jobs.quantize import quantize
+
+    ev = np.load(fixture_path("digits_eval.npz"))
+    m = str(fixture_path("digits_transformer.onnx"))
+    fp32 = _run_model_path(m, {"x": ev["x"]})
+    acc32 = float((fp32.argmax(-1) == ev["y"]).mean())
+    res = quantize(m, str(fixture_path("digits_calib.npz")), measure_speed=False)
+    assert res.stats.get("smoothquant", {}).get("alpha") == 0.5  # auto: a transformer
+    q = np.asarray(make_session(res.model, "extended").run(None, {"x": ev["x"]})[0])
+    assert float((q.argmax(-1) == ev["y"]).mean()) >= acc32 - 0.005
+    dyn = quantize_dynamic(m, measure_speed=False)
+    qd = np.asarray(make_session(dyn.model, "extended").run(None, {"x": ev["x"]})[0])
+    assert float((qd.argmax(-1) == ev["y"]).mean()) >= acc32 - 0.005
+
+
+def _run_model_path(path: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(make_session(path).run(None, feeds)[0])
+
+
 # ---------------------------------------------------------------------- mode choice and CLI
 
 
@@ -300,6 +386,8 @@ def test_auto_mode_choice() -> None:
         ["--mode", "dynamic", "--qat"],
         ["--mode", "static"],  # no --calib
         ["--mode", "static", "--calib", "CALIB", "--target", "ort"],
+        ["--mode", "dynamic", "--smooth", "0.5"],
+        ["--mode", "static", "--calib", "CALIB", "--smooth", "2"],
         ["--mode", "fast"],
     ],
 )

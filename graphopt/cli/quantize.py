@@ -61,6 +61,15 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         "time), weight-only (int4/int8 weights, float activations); auto (default): static with "
         "--calib, else dynamic for MatMul-dominated models (transformers)",
     )
+    p.add_argument(
+        "--smooth",
+        type=float,
+        default=None,
+        metavar="ALPHA",
+        help="--mode static: SmoothQuant migration strength in [0, 1] (activation outliers moved "
+        "into the MatMul weights before calibration); default 0.5 for MatMul-dominated models, "
+        "off for convolutional ones; 0 turns it off",
+    )
     p.add_argument("--bits", type=int, default=None, help="--mode weight-only: 4 (default) or 8")
     p.add_argument(
         "--block-size",
@@ -200,6 +209,7 @@ def _check_combos(args: argparse.Namespace, mode: str) -> None:
             ("--qat", args.qat),
             ("--bias-correction", args.bias_correction),
             ("--sensitivity", args.sensitivity),
+            ("--smooth", args.smooth is not None),
         ):
             if on:
                 raise OptionError(f"{opt} applies to --mode static, not {mode}")
@@ -271,6 +281,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             time_budget=args.time_budget,
             threads=args.threads,
             train_progress=train_cb,
+            smooth=args.smooth,
         )
     finally:
         if bar is not None:
@@ -291,6 +302,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     if res.optimize_note:
         c.print(f"[yellow]{fmt_name(res.optimize_note)}[/]")
+    sq = res.stats.get("smoothquant")
+    if sq:
+        c.print(
+            f"SmoothQuant (alpha {sq['alpha']:g}): {sq['matmuls_smoothed']} MatMul/Gemm behind "
+            f"{sq['activations_smoothed']} activations ({sq['folded_into_layernorm']} folded into "
+            f"LayerNorm, {sq['mul_inserted']} Mul inserted)"
+        )
     c.print(_layer_table(res))
     if res.kept_float:
         kt = Table(title="kept in float", title_justify="left")

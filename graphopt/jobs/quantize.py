@@ -51,6 +51,8 @@ from graphopt.algorithms.quant.graph import (
     plan_quantization,
     upgrade_opset,
 )
+from graphopt.algorithms.quant.sites import matmul_macs_share
+from graphopt.algorithms.quant.smoothquant import DEFAULT_ALPHA, smooth_model
 from graphopt.core.errors import OptionError, PassError, VerificationError
 from graphopt.core.feeds import open_calibration
 from graphopt.core.model import Model, release_weight_pages
@@ -427,6 +429,7 @@ def quantize(
     min_cosine: float | None = None,
     force: bool = False,
     measure_speed: bool = True,
+    smooth: float | None = None,
 ) -> QuantizeResult:
     """The quantize job (``graphopt quantize``): quantize a float ONNX model to int8 QDQ with
     calibration data, verify against fp32, write the result.
@@ -479,6 +482,10 @@ def quantize(
         measure_speed: time the int8 model against fp32 on this CPU (``speed``; a warning
             when int8 is slower beyond noise, :func:`graphopt.jobs.optimize.bench_models`);
             models over :data:`EXTRA_RUN_MAX_BYTES` of weights are not timed.
+        smooth: SmoothQuant's migration strength alpha in [0, 1] before calibration
+            (:mod:`graphopt.algorithms.quant.smoothquant`); 0 turns it off; None (default):
+            ``DEFAULT_ALPHA`` (0.5, the paper's default) when most of the weights are MatMul/Gemm
+            matrices (transformers), off otherwise (convolutions have no such outliers).
 
     Raises:
         VerificationError: the int8 model failed its check and ``output`` or ``report`` was
@@ -550,6 +557,19 @@ def quantize(
         for n in work.graph.nodes
         if n.name and re.sub(r"(__go\d+)+$", "", n.name) in keep_float
     }
+    if smooth is not None and not 0.0 <= smooth <= 1.0:
+        raise OptionError(f"--smooth must be in [0, 1], not {smooth}")
+    alpha = (
+        (DEFAULT_ALPHA if matmul_macs_share(work)[0] >= 0.5 else 0.0) if smooth is None else smooth
+    )
+    smooth_stats: dict[str, Any] = {}
+    if alpha > 0:
+        kept_batches = list(batches)
+        smooth_stats = {
+            "alpha": alpha,
+            **smooth_model(work, kept_batches, alpha, keep_float).to_json(),
+        }
+        batches = itertools.chain(kept_batches)
     plan = plan_quantization(work, keep_float=keep_float, op_types=op_types)
     levels = 256
     cal = collect_ranges(
@@ -756,6 +776,7 @@ def quantize(
         "activations_absorbed": emit.absorbed,
         "kept_float": len(kept_float),
         "biases_corrected": corrected,
+        **({"smoothquant": smooth_stats} if smooth_stats else {}),
     }
     res = QuantizeResult(
         model=qmodel,

@@ -34,6 +34,7 @@ from graphopt.algorithms.quant.weight_only import (
     MS_DOMAIN,
     WeightOnlyConfig,
     collect_hessians,
+    quantize_embeddings,
     quantize_weight_only,
 )
 from graphopt.core.errors import GraphoptError, OptionError, PassError, VerificationError
@@ -300,6 +301,7 @@ def quantize_dynamic(
     verify_output: bool = True,
     measure_speed: bool = True,
     mode_reason: str = "requested",
+    embeddings: bool = True,
 ) -> ModeResult:
     """Dynamic int8 of every MatMul/Gemm with a constant weight (``graphopt quantize --mode
     dynamic``), checked against fp32 and written.
@@ -316,6 +318,8 @@ def quantize_dynamic(
         feeds: inputs to judge the result on (default: generated inputs).
         min_sqnr, min_cosine, force: the check's floors and override (as the static path).
         measure_speed: time it against fp32 (ORT_ENABLE_ALL, one thread, interleaved).
+        embeddings: also store large Gather tables (embeddings) int8 per row, dequantized
+            after the gather (:func:`graphopt.algorithms.quant.weight_only.quantize_embeddings`).
     """
     t0 = time.perf_counter()
     out_path, report_path = output_paths(model, output, report, inputs=[feeds])
@@ -338,6 +342,12 @@ def quantize_dynamic(
     )
     q = work.clone()
     st = quantize_dynamic_matmuls(q, cfg, keep_float)
+    stats = st.to_json()
+    if st.quantized and embeddings:
+        emb = quantize_embeddings(q, keep_float)
+        stats["embeddings_quantized"] = len(emb.embeddings)
+        stats["weight_bytes_before"] += emb.weight_bytes_before
+        stats["weight_bytes_after"] += emb.weight_bytes_after
     if not st.quantized:
         note = _nothing_note(st.skipped)
         logger.warning("quantize: %s", note)
@@ -357,7 +367,7 @@ def quantize_dynamic(
             else ("int8 (pair-bounded: no VNNI)" if pair else "int8"),
             "activations": "uint8, per tensor, at run time",
         },
-        stats=st.to_json(),
+        stats=stats,
         skipped=st.skipped,
         note=note,
         checked_on=checked_on,

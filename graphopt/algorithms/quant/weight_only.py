@@ -59,6 +59,7 @@ class WeightOnlyConfig:
         embeddings: also store large Gather tables int8 per row.
         accuracy_level: MatMulNBits' ``accuracy_level`` (``ort``; 0: float compute).
         damp: GPTQ damping.
+        site_bits: node name -> bits for that MatMul/Gemm (e.g. an 8-bit output head).
     """
 
     bits: int = 4
@@ -68,6 +69,7 @@ class WeightOnlyConfig:
     embeddings: bool = True
     accuracy_level: int = 0
     damp: float = 0.01
+    site_bits: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -165,15 +167,16 @@ def quantize_weight_only(
     with name_scope(g):
         for i, site in enumerate(sites):
             h = (hessians or {}).get(site.name) if cfg.rounding == "gptq" else None
+            bits = int(cfg.site_bits.get(site.name, cfg.bits))
             if h is not None:
-                bq = quantize_gptq(site.weight, h, cfg.bits, cfg.block_size, damp=cfg.damp)
-                rtn = quantize_rtn(site.weight, cfg.bits, cfg.block_size)
+                bq = quantize_gptq(site.weight, h, bits, cfg.block_size, damp=cfg.damp)
+                rtn = quantize_rtn(site.weight, bits, cfg.block_size)
                 stats.errors[site.name] = (
                     output_error(site.weight, rtn.dequantize(), h),
                     output_error(site.weight, bq.dequantize(), h),
                 )
             else:
-                bq = quantize_rtn(site.weight, cfg.bits, cfg.block_size)
+                bq = quantize_rtn(site.weight, bits, cfg.block_size)
             if id(site.weight_tensor) not in seen:
                 seen.add(id(site.weight_tensor))
                 stats.weight_bytes_before += site.weight.nbytes
@@ -244,15 +247,15 @@ def _emit_site(
         attrs = {
             "K": site.k,
             "N": site.n,
-            "bits": cfg.bits,
+            "bits": bq.bits,
             "block_size": cfg.block_size,
             "accuracy_level": cfg.accuracy_level,
         }
         return [make_node("MatMulNBits", ins, [out], attrs=attrs, name=base, domain=MS_DOMAIN)]
-    q = _as_storage(bq.q, cfg.bits)
-    z = _as_storage(bq.zero_points, cfg.bits)
+    q = _as_storage(bq.q, bq.bits)
+    z = _as_storage(bq.zero_points, bq.bits)
     stats.weight_bytes_after += (
-        bq.q.size * cfg.bits // 8 + bq.scales.nbytes + bq.zero_points.size * cfg.bits // 8
+        bq.q.size * bq.bits // 8 + bq.scales.nbytes + bq.zero_points.size * bq.bits // 8
     )
     dq = make_node(
         "DequantizeLinear",
@@ -272,6 +275,19 @@ def _emit_site(
     if site.bias is not None:
         nodes.append(make_node("Add", [y, const(f"{base}_bias", site.bias)], [out], name=base))
     return nodes
+
+
+def quantize_embeddings(model: Model, keep_float: Iterable[str] = ()) -> WeightOnlyStats:
+    """Only the embedding tables (int8 per row; see the module docstring), in place."""
+    stats = WeightOnlyStats()
+    g = model.graph
+    with name_scope(g):
+        new = _quantize_tables(g, keep_float, stats)
+        if new:
+            g.nodes = [n for n in g.nodes if n.outputs or n.inputs]
+            insert_nodes(g, new)
+            g.cleanup(remove_unused_graph_inputs=False)
+    return stats
 
 
 def _quantize_tables(
