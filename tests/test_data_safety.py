@@ -785,7 +785,9 @@ def test_7_signal_during_a_run_cleans_up(tmp_path: Path, sig: int) -> None:
     codes = []
     for _ in range(4):
         out = tmp_path / "o" / "out.onnx"
-        p = _cli("optimize", src, "-o", out)
+        # a crash of the child (it once died of SIGSEGV here) prints its Python stack to stderr,
+        # which the assertions below show
+        p = _cli("optimize", src, "-o", out, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         # before its handlers are installed the interpreter dies of the signal itself (exit -15
         # on a loaded machine where starting Python takes longer than the delay)
         _wait_for_handlers(p.pid)

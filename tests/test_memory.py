@@ -130,6 +130,25 @@ def test_liveness_chain():
     assert t["a"].buffer == t["b"].buffer == t["y"].buffer != t["x"].buffer
 
 
+def test_reuse_inputs_frees_and_overwrites_the_input():
+    """``plan --reuse-inputs``: the caller gives its input to the run, which may then die at its
+    last reader and be overwritten in place: one buffer for the whole chain instead of two, and
+    the proof (which then does not check the input) still matches onnxruntime."""
+    from graphopt.algorithms.memory.arena import prove
+
+    live = liveness(chain(), reuse_inputs=True)
+    assert _iv(live, "x") == (0, 0)
+    ip = plan_memory(chain(), reorder=False, inplace=True, reuse_inputs=True)
+    assert ip.reuse_inputs and ip.summary()["reuse_inputs"] is True
+    t = ip.tensors
+    assert t["x"].buffer == t["a"].buffer == t["b"].buffer == t["y"].buffer
+    assert ip.arena_bytes == SZ
+    assert ip.model is not None
+    assert prove(ip.model, ip).ok
+    # the default keeps the input: two buffers (test_liveness_chain)
+    assert plan_memory(chain(), reorder=False, inplace=True).arena_bytes == 2 * SZ
+
+
 def test_liveness_diamond_and_no_inplace_into_live_input():
     live = liveness(diamond())
     assert [_iv(live, n) for n in ("x", "a", "b", "y")] == [(0, 2), (0, 2), (1, 2), (2, 2)]

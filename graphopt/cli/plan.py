@@ -35,6 +35,12 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         help="no in-place writes and no reshape aliasing: one buffer per tensor",
     )
     p.add_argument("--no-reorder", action="store_true", help="keep the given node order")
+    p.add_argument(
+        "--reuse-inputs",
+        action="store_true",
+        help="the run may overwrite its inputs: their bytes are reused after their last reader "
+        "and elementwise ops may write into them (default: inputs are the caller's, untouched)",
+    )
     p.add_argument("--plot", metavar="PNG", help="draw the arena over time")
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -67,6 +73,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         inplace=not args.no_inplace,
         reorder=not args.no_reorder,
+        reuse_inputs=args.reuse_inputs,
         feeds=args.feeds,
         prove_plan=args.prove,
         output=args.output,

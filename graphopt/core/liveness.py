@@ -117,7 +117,9 @@ def live_profile(start: np.ndarray, end: np.ndarray, sizes: np.ndarray, steps: i
 
 
 def liveness(
-    model: Model, observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None
+    model: Model,
+    observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+    reuse_inputs: bool = False,
 ) -> Liveness:
     """Liveness of every activation of ``model`` (shapes inferred) in its current node order.
 
@@ -125,6 +127,9 @@ def liveness(
         model: the model with shapes filled in (:func:`graphopt.core.shapes.infer_shapes`).
         observed: name -> (shape, dtype) seen by running the model, for tensors whose shape
             inference left unknown.
+        reuse_inputs: the caller gives its inputs to the run (opt-in, ``plan --reuse-inputs``):
+            a graph input dies at its last reader like any activation, so its bytes may be
+            reused (default: held to the last step, never overwritten).
     """
     consts = constant_names(model)
     observed = observed or {}
@@ -217,7 +222,7 @@ def liveness(
         step_owners.append("")
     for t in model.graph.inputs:  # caller-owned: held to the end
         i = index.get(t.name)
-        if i is not None:
+        if i is not None and not reuse_inputs:
             end[i] = steps - 1
     for t in model.graph.outputs:
         i = index.get(t.name)

@@ -98,6 +98,7 @@ def plan_model(
     feeds: Mapping[str, np.ndarray] | None = None,
     alignment: int = ALIGNMENT,
     prepared: bool = False,
+    reuse_inputs: bool = False,
 ) -> MemoryPlan:
     """Plan the activation memory of a model into one arena (no I/O).
 
@@ -114,6 +115,9 @@ def plan_model(
             (data-dependent branches); random inputs when None.
         prepared: ``model`` already has its shapes inferred: plan it as it is (no copy unless
             ``reorder``, which works on a copy).
+        reuse_inputs: the caller gives its inputs to the run: their bytes may be reused after
+            their last reader and elementwise ops may write into them (default: inputs are the
+            caller's, never overwritten).
 
     Returns:
         The :class:`MemoryPlan`; ``plan.model`` is the model it refers to (planned node order).
@@ -129,7 +133,12 @@ def plan_model(
     positions = {id(n): i for i, n in enumerate(work.graph.nodes)}
     observed = probe_unknown(work, feeds)
     before = plan_order(
-        work, inplace=inplace, strategy=strategy, alignment=alignment, observed=observed
+        work,
+        inplace=inplace,
+        strategy=strategy,
+        alignment=alignment,
+        observed=observed,
+        reuse_inputs=reuse_inputs,
     )
     before.order_index = list(range(len(work.graph.nodes)))
     if not reorder:
@@ -141,11 +150,17 @@ def plan_model(
         alignment=alignment,
         observed=observed,
         baseline=before,
+        reuse_inputs=reuse_inputs,
     )
     if not changed:
         return before
     after = plan_order(
-        work, inplace=inplace, strategy=strategy, alignment=alignment, observed=observed
+        work,
+        inplace=inplace,
+        strategy=strategy,
+        alignment=alignment,
+        observed=observed,
+        reuse_inputs=reuse_inputs,
     )
     after.order_changed = True
     after.order_before_lower_bound = before.bound
@@ -258,13 +273,15 @@ def plan_memory(
     output: str | os.PathLike[str] | None = None,
     plot: str | os.PathLike[str] | None = None,
     report: str | os.PathLike[str] | None = None,
+    reuse_inputs: bool = False,
 ) -> PlanResult:
     """The plan job: plan the activation memory of a model into one arena, and optionally prove,
     draw and write it.
 
     Args:
         model: a Model (not changed) or the path of an ONNX file (never written).
-        input_shapes, strategy, inplace, reorder, alignment, prepared: as :func:`plan_model`.
+        input_shapes, strategy, inplace, reorder, alignment, prepared, reuse_inputs: as
+            :func:`plan_model`.
         feeds: as :func:`plan_model`, or a path in the ``--calib`` formats (its first feed).
         prove_plan: run the model node by node inside the arena and compare with onnxruntime
             (on ``feeds``, else seeded random inputs); also checks that the graph inputs are
@@ -300,6 +317,7 @@ def plan_memory(
         feeds=feeds,
         alignment=alignment,
         prepared=prepared,
+        reuse_inputs=reuse_inputs,
     )
     res = PlanResult(plan, source, input=source_path(model), seconds=time.perf_counter() - t0)
     if prepared:

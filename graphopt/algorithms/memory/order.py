@@ -454,6 +454,7 @@ def reorder_for_memory(
     baseline: MemoryPlan | None = None,
     max_states: int = 50_000,
     info: dict[str, Any] | None = None,
+    reuse_inputs: bool = False,
 ) -> bool:
     """Reorder ``model.graph.nodes`` (shapes inferred) in place when that lowers the planned arena.
 
@@ -492,7 +493,12 @@ def reorder_for_memory(
         )
     if baseline is None:
         baseline = plan_order(
-            model, inplace=inplace, strategy=strategy, alignment=alignment, observed=observed
+            model,
+            inplace=inplace,
+            strategy=strategy,
+            alignment=alignment,
+            observed=observed,
+            reuse_inputs=reuse_inputs,
         )
     original = list(model.graph.nodes)
     best_key = (baseline.arena_bytes, baseline.bound)
@@ -506,7 +512,12 @@ def reorder_for_memory(
         tried.add(tuple(order))
         model.graph.nodes = _emit(model, sched, order)
         plan = plan_order(
-            model, inplace=inplace, strategy=strategy, alignment=alignment, observed=observed
+            model,
+            inplace=inplace,
+            strategy=strategy,
+            alignment=alignment,
+            observed=observed,
+            reuse_inputs=reuse_inputs,
         )
         key = (plan.arena_bytes, plan.bound)
         if key < best_key:

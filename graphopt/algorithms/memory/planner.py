@@ -145,9 +145,14 @@ class Buffers:
 
 
 def merge_buffers(
-    live: Liveness, inplace: bool = True, alias: bool = True, alignment: int = ALIGNMENT
+    live: Liveness,
+    inplace: bool = True,
+    alias: bool = True,
+    alignment: int = ALIGNMENT,
+    reuse_inputs: bool = False,
 ) -> Buffers:
-    """Group tensors into buffers: views for reshapes, in-place writes for elementwise ops."""
+    """Group tensors into buffers: views for reshapes, in-place writes for elementwise ops
+    (into a graph input's buffer only with ``reuse_inputs``)."""
     n = len(live.names)
     sets = UnionFind(range(n))
     find = sets.__getitem__
@@ -155,7 +160,8 @@ def merge_buffers(
 
     # buffers holding a graph input (the caller's) or a graph output must never be overwritten in
     # place (also through an alias); a graph input that is also an output keeps kind "input"
-    holds_output = {i for i, k in enumerate(live.kinds) if k in ("input", "output")}
+    kept = ("output",) if reuse_inputs else ("input", "output")
+    holds_output = {i for i, k in enumerate(live.kinds) if k in kept}
 
     def union(keep: int, other: int) -> None:
         a, b = find(keep), find(other)
@@ -414,6 +420,9 @@ class MemoryPlan:
     order_ops: list[str] = field(default_factory=list)
     #: for each node of the planned order, its position in the model given to plan_memory
     order_index: list[int] = field(default_factory=list)
+    #: graph inputs' bytes reused after their last reader (``plan --reuse-inputs``): the run
+    #: overwrites its inputs
+    reuse_inputs: bool = False
     #: the model the plan is for (prepared shapes, planned order); not serialized
     model: Model | None = None
 
@@ -434,6 +443,7 @@ class MemoryPlan:
             "inplace_lower_bound_bytes": self.inplace_lower_bound_bytes,
             "naive_bytes": self.naive_bytes,
             "inplace": self.inplace,
+            "reuse_inputs": self.reuse_inputs,
             "order_changed": self.order_changed,
             "arena_over_bound": round(self.ratio, 4),
             "arena_over_lower_bound": round(self.arena_bytes / lb, 4) if lb else 1.0,
@@ -540,12 +550,17 @@ def plan_order(
     strategy: str = "best",
     alignment: int = ALIGNMENT,
     observed: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+    reuse_inputs: bool = False,
 ) -> MemoryPlan:
-    """Plan ``model`` (shapes already inferred) in its current node order."""
-    live = liveness(model, observed)
+    """Plan ``model`` (shapes already inferred) in its current node order; ``reuse_inputs``:
+    graph inputs' bytes may be reused after their last reader (see
+    :func:`graphopt.core.liveness.liveness`)."""
+    live = liveness(model, observed, reuse_inputs=reuse_inputs)
     aligned = align(live.nbytes, alignment)
     lb_plain = live.peak(alignment)[0]  # the cost model's activation peak at alignment 1
-    buf = merge_buffers(live, inplace=inplace, alias=inplace, alignment=alignment)
+    buf = merge_buffers(
+        live, inplace=inplace, alias=inplace, alignment=alignment, reuse_inputs=reuse_inputs
+    )
     if len(buf.size):
         prof = live_profile(buf.start, buf.end, buf.size, live.steps)
         lb_inplace = int(prof.max())
@@ -589,5 +604,6 @@ def plan_order(
         inplace_reused=buf.inplace,
         unplanned=list(live.unplanned),
         reuses=buf.reuses,
+        reuse_inputs=reuse_inputs,
         model=model,
     )
