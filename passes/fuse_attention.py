@@ -46,6 +46,7 @@ sequence dims; a match with an unknown dim is left alone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -335,6 +336,12 @@ class Found:
     causal: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def extra_inputs(self) -> list[gs.Tensor]:
+        """Tensors besides Q, K, V that the fused node may read (mask, causal triangle)."""
+        out = [self.mask] if self.mask is not None else []
+        cond = self.extra.get("causal_cond")
+        return [*out, cond] if cond is not None else out
+
 
 def parse(sm: gs.Node, opset: int) -> Found | Refusal:
     """Parse the attention block around Softmax ``sm``."""
@@ -547,13 +554,15 @@ def _packed_qkv(
 MAX_SIDE_NODES = 64
 
 
-def with_dead_side(nodes: list[gs.Node], graph: gs.Graph) -> list[gs.Node]:
+def with_dead_side(
+    nodes: list[gs.Node], graph: gs.Graph, keep: Sequence[gs.Tensor] = ()
+) -> list[gs.Node]:
     """``nodes`` plus the side nodes that only feed them: the Shape/Gather/Concat chains that
     exporters compute reshape targets with read inner tensors, and die with the match (a node
     is added when every reader of each of its outputs is in the set and none is a graph
-    output)."""
+    output). Nothing that computes a tensor of ``keep`` (what the fused node reads) is added."""
     inside = {id(n) for n in nodes}
-    outs = {id(t) for t in graph.outputs}
+    outs = {id(t) for t in graph.outputs} | {id(t) for t in keep}
     frontier = [c for n in nodes for o in n.outputs for c in o.outputs if id(c) not in inside]
     side: list[gs.Node] = []
     seen: set[int] = set()
@@ -640,7 +649,11 @@ def plan(f: Found, graph: gs.Graph, target: str, opset: int) -> Plan | Refusal:
                     why = Refusal("causal with S != T: ONNX Attention aligns it to the upper left")
                     continue
             scale = f.scale * q.scale * k.scale
-            nodes = with_dead_side([*f.core, *q.nodes, *k.nodes, *v.nodes], graph)
+            reads = [q.tensor, k.tensor, v.tensor, *f.extra_inputs()]
+            nodes = with_dead_side([*f.core, *q.nodes, *k.nodes, *v.nodes], graph, reads)
+            if _reads_own_output(nodes, reads):
+                why = Refusal("the mask or an operand is computed inside the block")
+                continue
             m = Match(root=f.root, nodes=nodes)
             esc = escape_reason(m, graph)
             if esc is not None:
@@ -656,11 +669,14 @@ def plan(f: Found, graph: gs.Graph, target: str, opset: int) -> Plan | Refusal:
             packed = _packed_qkv(q, k, v) if (kvh == n and k.rank == 3) else None
             if packed is not None:
                 x, ws, bs, pnodes = packed
-                pnodes = with_dead_side([*nodes, *pnodes], graph)[len(nodes) :]
-                m2 = Match(root=f.root, nodes=[*nodes, *pnodes])
+                preads = [x, *f.extra_inputs()]
+                pnodes = with_dead_side([*nodes, *pnodes], graph, preads)[len(nodes) :]
+                m2 = Match(root=f.root, nodes=[*nodes, *pnodes, *([f.root] if keep else [])])
                 m2.tensors = {f"w{i}": w for i, w in enumerate(ws)}
-                if escape_reason(m2, graph, modifies=("w0", "w1", "w2")) is None and ort_runs(
-                    "Attention", 1, MS
+                if (
+                    not _reads_own_output([*nodes, *pnodes], preads)
+                    and escape_reason(m2, graph, modifies=("w0", "w1", "w2")) is None
+                    and ort_runs("Attention", 1, MS)
                 ):
                     all_nodes = [*nodes, *pnodes]
                     return Plan(
@@ -670,6 +686,12 @@ def plan(f: Found, graph: gs.Graph, target: str, opset: int) -> Plan | Refusal:
                 return Refusal("onnxruntime has no MultiHeadAttention kernel")
             return Plan("MultiHeadAttention", q, k, v, nodes, n, h, kvh, scale, keep_reshape=keep)
     return why
+
+
+def _reads_own_output(nodes: Sequence[gs.Node], reads: Sequence[gs.Tensor]) -> bool:
+    """Whether a tensor the fused node reads is computed by a node it replaces."""
+    produced = {id(o) for n in nodes for o in n.outputs}
+    return any(id(t) in produced for t in reads)
 
 
 # ---------------------------------------------------------------------------------- emission

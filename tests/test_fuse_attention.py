@@ -77,6 +77,7 @@ def attention_model(
     scale_input: bool = False,
     scores_output: bool = False,
     padding_mask: bool = False,
+    query_bias: bool = False,
 ) -> Model:
     """One attention block ``y = attention(x) @ Wo`` in the form ``variant`` exports it."""
     nodes: list[onnx.NodeProto] = []
@@ -178,6 +179,13 @@ def attention_model(
         inits["one"] = np.array([1], np.int64)
         inits["two"] = np.array([2], np.int64)
         scores = "masked"
+    if query_bias:  # a bias computed from the block's own query heads (relative-position style)
+        nodes += [
+            node("Transpose", ["qh"], "qh_t", perm=[0, 1, 3, 2]),
+            node("MatMul", ["qh", "qh_t"], "qbias"),
+            node("Add", [scores, "qbias"], "scores_qb"),
+        ]
+        scores = "scores_qb"
     if mask:
         total = "total" if variant == "past" else "seq"
         inputs["mask"] = ("batch", 1, 1 if padding_mask else "seq", total)
@@ -343,8 +351,9 @@ def test_padding_mask_expanded_once() -> None:
         {"softmax_axis": 2},  # Softmax over the query axis: not attention
         {"scale_input": True},  # the scale is a graph input, not a constant
         {"scores_output": True},  # an inner tensor is a graph output
+        {"query_bias": True, "mask": False},  # the bias reads the query heads inside the block
     ],
-    ids=["softmax-axis", "scale-not-constant", "shared-intermediate"],
+    ids=["softmax-axis", "scale-not-constant", "shared-intermediate", "bias-from-query"],
 )
 def test_nothing_changes(kwargs: dict[str, Any]) -> None:
     m = attention_model("bert", **kwargs)
@@ -377,7 +386,7 @@ def test_portable_below_opset_23_keeps_the_graph() -> None:
 
 
 @pytest.mark.skipif(not ort_runs("Attention", 23), reason="onnxruntime has no Attention(23)")
-@pytest.mark.parametrize("variant", ["bert", "whisper"])
+@pytest.mark.parametrize("variant", ["bert", "whisper", "causal"])
 def test_portable_onnx_attention(variant: str) -> None:
     m = attention_model(variant, opset=23, mask=variant == "bert")
     res, _ = check_pass(
@@ -391,6 +400,7 @@ def test_portable_onnx_attention(variant: str) -> None:
     )
     att = next(n for n in res.model.graph.nodes if n.op == "Attention")
     assert (att.domain or "") == "" and att.attrs["q_num_heads"] == N
+    assert att.attrs.get("is_causal", 0) == int(variant == "causal")
 
 
 def test_bad_target() -> None:
