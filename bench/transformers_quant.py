@@ -140,6 +140,16 @@ def _candidates(name: str, calib: list[Feed], quick: bool) -> dict[str, Callable
                 "graphopt int4 b32 gptq (portable)": lambda s, d: _go(
                     quantize_weight_only_job, s, d, calib=calib, rounding="gptq"
                 ),
+                "graphopt int4 b16 gptq head int8 (ort)": lambda s, d: _go(
+                    quantize_weight_only_job,
+                    s,
+                    d,
+                    calib=calib,
+                    rounding="gptq",
+                    target="ort",
+                    block_size=16,
+                    head_bits=8,
+                ),
                 "graphopt int8 b32 rtn (ort)": lambda s, d: _go(
                     quantize_weight_only_job, s, d, bits=8, target="ort"
                 ),

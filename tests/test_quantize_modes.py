@@ -276,6 +276,15 @@ def test_gptq_job_with_calibration(tmp_path: Path) -> None:
     assert res.verify.outputs[0].sqnr_db > rtn.verify.outputs[0].sqnr_db
 
 
+def test_weight_only_head_bits() -> None:
+    res = quantize_weight_only_job(
+        _mlp(), bits=4, block_size=16, target="ort", head_bits=8, measure_speed=False
+    )
+    bits = {n.name: n.attrs["bits"] for n in res.model.graph.nodes if n.op == "MatMulNBits"}
+    assert sorted(bits.values()) == [4, 8]  # mm2 (produces the graph output y) is the head
+    assert res.settings["head_bits"] == 8
+
+
 def test_weight_only_embedding_table() -> None:
     rng = np.random.default_rng(2)
     table = rng.standard_normal((1000, 80)).astype(np.float32)
@@ -387,6 +396,7 @@ def test_auto_mode_choice() -> None:
         ["--mode", "static"],  # no --calib
         ["--mode", "static", "--calib", "CALIB", "--target", "ort"],
         ["--mode", "dynamic", "--smooth", "0.5"],
+        ["--mode", "dynamic", "--head-bits", "8"],
         ["--mode", "static", "--calib", "CALIB", "--smooth", "2"],
         ["--mode", "fast"],
     ],

@@ -72,6 +72,14 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--bits", type=int, default=None, help="--mode weight-only: 4 (default) or 8")
     p.add_argument(
+        "--head-bits",
+        type=int,
+        default=None,
+        choices=[4, 8],
+        help="--mode weight-only: bits of the output heads (a MatMul/Gemm whose product is a "
+        "graph output, e.g. a language model's vocabulary projection); default --bits",
+    )
+    p.add_argument(
         "--block-size",
         type=int,
         default=None,
@@ -196,7 +204,11 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
 def _check_combos(args: argparse.Namespace, mode: str) -> None:
     """Exit 2 for options that do not apply to ``mode``."""
     if mode != "weight-only":
-        for opt, val in (("--bits", args.bits), ("--block-size", args.block_size)):
+        for opt, val in (
+            ("--bits", args.bits),
+            ("--block-size", args.block_size),
+            ("--head-bits", args.head_bits),
+        ):
             if val is not None:
                 raise OptionError(f"{opt} applies to --mode weight-only, not {mode}")
         if args.rounding == "gptq":
@@ -383,6 +395,7 @@ def _cmd_mode(args: argparse.Namespace, model: object, mode: str, why: str) -> i
             bits=4 if args.bits is None else args.bits,
             block_size=32 if args.block_size is None else args.block_size,
             rounding="gptq" if args.rounding == "gptq" else "rtn",
+            head_bits=args.head_bits,
             batch_size=args.batch_size,
             limit=args.limit,
             **common,  # type: ignore[arg-type]

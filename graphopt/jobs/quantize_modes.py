@@ -28,7 +28,7 @@ import numpy as np
 
 from graphopt.algorithms.quant.dynamic import DynamicConfig, quantize_dynamic_matmuls
 from graphopt.algorithms.quant.graph import cpu_flags, upgrade_opset
-from graphopt.algorithms.quant.sites import matmul_macs_share
+from graphopt.algorithms.quant.sites import find_sites, matmul_macs_share
 from graphopt.algorithms.quant.weight_only import (
     BLOCKED_DQ_OPSET,
     MS_DOMAIN,
@@ -404,6 +404,7 @@ def quantize_weight_only_job(
     target: str = "portable",
     accuracy_level: int = 0,
     embeddings: bool = True,
+    head_bits: int | None = None,
     keep_float: Iterable[str] = (),
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     optimize: bool = True,
@@ -429,6 +430,10 @@ def quantize_weight_only_job(
             (``com.microsoft.MatMulNBits``).
         accuracy_level: MatMulNBits' compute type (``ort``): 0 float, 4 int8 activations.
         embeddings: also store large Gather tables int8 per row.
+        head_bits: bits of the output heads (MatMul/Gemm whose product is a graph output, such
+            as a language model's vocabulary projection), which decide the argmax: 8 keeps
+            them int8 while the rest is int4 (as llama.cpp keeps its output matrix at higher
+            precision); None: ``bits``.
 
     Raises:
         OptionError: bad bits/block size/rounding, GPTQ without data, or an opset that cannot
@@ -472,7 +477,20 @@ def quantize_weight_only_job(
                 f"be converted ({exc}); use --target ort (com.microsoft.MatMulNBits)"
             ) from None
     hessians = collect_hessians(work, batches, keep_float) if rounding == "gptq" else None
+    if head_bits is not None and head_bits not in (4, 8):
+        raise OptionError(f"--head-bits must be 4 or 8, not {head_bits}")
+    outs = {id(t) for t in q.graph.outputs}
+    heads = (
+        {
+            s.name: head_bits
+            for s in find_sites(q, keep_float)[0]
+            if id(s.output) in outs or id(s.node.outputs[0]) in outs
+        }
+        if head_bits is not None
+        else {}
+    )
     cfg = WeightOnlyConfig(
+        site_bits=heads,
         bits=bits,
         block_size=block_size,
         rounding=rounding,
@@ -495,6 +513,7 @@ def quantize_weight_only_job(
             "target": target,
             "emit": "MatMulNBits" if target == "ort" else "DequantizeLinear(block_size)",
             "bits": bits,
+            "head_bits": head_bits if heads else None,
             "block_size": block_size,
             "rounding": rounding,
             "activations": "float",
