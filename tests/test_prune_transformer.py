@@ -390,3 +390,59 @@ def test_digits_transformer_recovery_keeps_accuracy() -> None:
     assert res.stats["layers_refit"] >= 4
     assert acc(res.model) >= base - 0.01  # the done-when bound: at most 1 point
     assert res.model.graph.inputs[0].shape[0] == "N"  # the dynamic batch is given back
+
+
+@pytest.mark.parametrize("kind", ["gather", "squeeze_slice", "slice"])
+def test_width_read_at_run_time_follows_the_pruned_tensor(kind: str) -> None:
+    """``x.view(-1, x.size(-1))`` before a MatMul (GPT-2's Conv1D, dynamo's SDPA): the width is
+    read from the pruned tensor's Shape (Gather(-1), Squeeze(Slice(-1:)) or Slice(-1, INT64_MAX)),
+    so nothing needs rewriting and the FFN neurons stay prunable."""
+    rng = np.random.default_rng(1)
+    big = np.iinfo(np.int64).max
+    inits = {
+        "w1": _w(rng, D, F),
+        "w2": _w(rng, F, D),
+        "minus1": np.array([-1], np.int64),
+        "last": np.array(-1, np.int64),
+        "s": np.array([-1], np.int64),
+        "e": np.array([big], np.int64),
+        "ax0": np.array([0], np.int64),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+        helper.make_node("Relu", ["a"], ["r"], name="relu"),
+        helper.make_node("Shape", ["r"], ["shp"], name="shape"),
+    ]
+    if kind == "gather":
+        nodes += [
+            helper.make_node("Gather", ["shp", "last"], ["g"], name="gather", axis=0),
+            helper.make_node("Unsqueeze", ["g", "ax0"], ["width"], name="unsq"),
+        ]
+    elif kind == "squeeze_slice":
+        nodes += [
+            helper.make_node("Slice", ["shp", "s", "e"], ["sl"], name="slice"),
+            helper.make_node("Squeeze", ["sl", "ax0"], ["sq"], name="squeeze"),
+            helper.make_node("Unsqueeze", ["sq", "ax0"], ["width"], name="unsq"),
+        ]
+    else:
+        nodes.append(helper.make_node("Slice", ["shp", "s", "e"], ["width"], name="slice"))
+    nodes += [
+        helper.make_node("Concat", ["minus1", "width"], ["target"], name="cat", axis=0),
+        helper.make_node("Reshape", ["r", "target"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "w2"], ["y"], name="fc2"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "ffn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, T, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B * T, D])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    model = Model.from_onnx(m)
+    assert not _groups(model)["fc1"].blocked
+    z, n = _zeroed_l1(model, 0.5)
+    assert n == F // 2
+    res, _ = check_pass(z, "prune-channels", ratio=0.5, recover=False, rtol=1e-4, atol=1e-5)
+    assert _weight(res.model, "fc2").shape == (F // 2, D)

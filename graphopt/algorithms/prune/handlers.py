@@ -596,10 +596,24 @@ def merge_labels(
 
 def _runtime_dim(ctx: Context, piece: gs.Tensor, k: int, labels: Labels) -> bool:
     """True when entry ``k`` of ``piece`` is read at run time from a dim that carries ``labels``
-    (``Shape(t)`` or ``Slice(Shape(t), a, b)``): it follows the pruned width by itself."""
+    (``Shape(t)``, ``Slice(Shape(t), a, b)`` with negative or clamped bounds, or
+    ``Unsqueeze(Gather(Shape(t), i))`` / ``Unsqueeze(Squeeze(Slice(Shape(t), -1)))`` as
+    ``x.size(-1)`` exports): it follows the pruned width by itself."""
     node = piece.inputs[0] if piece.inputs else None
-    start = 0
-    if node is not None and node.op == "Slice" and len(node.inputs) >= 3:
+    window: tuple[int, int] | None = None
+    # one entry: Unsqueeze/Squeeze of a scalar or 1-element piece pass it through
+    while node is not None and node.op in ("Unsqueeze", "Squeeze") and k == 0:
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if node is not None and node.op == "Gather" and k == 0:
+        if int(node.attrs.get("axis", 0)) != 0:
+            return False
+        idx = ctx.value(node.inputs[1])
+        if idx is None or idx.size != 1:
+            return False
+        i = int(np.ravel(idx)[0])
+        window = (i, i + 1 if i != -1 else (1 << 62))  # one entry; -1 -> the last
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    elif node is not None and node.op == "Slice" and len(node.inputs) >= 3:
         st, en = ctx.value(node.inputs[1]), ctx.value(node.inputs[2])
         n_in = len(node.inputs)
         axes = ctx.value(node.inputs[3]) if n_in > 3 and node.inputs[3].name else None
@@ -611,13 +625,19 @@ def _runtime_dim(ctx: Context, piece: gs.Tensor, k: int, labels: Labels) -> bool
             or (steps is not None and int(np.ravel(steps)[0]) != 1)
         ):
             return False
-        start = int(np.ravel(st)[0])
+        window = (int(np.ravel(st)[0]), int(np.ravel(en)[0]))
         node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
     if node is None or node.op != "Shape":
         return False
-    start += int(node.attrs.get("start", 0))
     src = ctx.get(node.inputs[0])
-    return src is not None and src[0] == start + k and np.array_equal(src[1], labels)
+    r = rank(node.inputs[0])
+    if src is None or r is None:
+        return False
+    end = node.attrs.get("end")
+    dims = list(range(r))[int(node.attrs.get("start", 0)) : None if end is None else int(end)]
+    if window is not None:  # Python slicing clamps as ONNX Slice does (INT64_MIN/MAX included)
+        dims = dims[window[0] : window[1]]
+    return k < len(dims) and src[0] == dims[k] and np.array_equal(src[1], labels)
 
 
 def _shape_vector_plan(ctx: Context, t: gs.Tensor, pos: int, labels: Labels) -> Any:
