@@ -75,6 +75,13 @@ def _vector(t: gs.Tensor | None, h: int) -> np.ndarray | None:
     return v.reshape(-1)
 
 
+def _vector_tensor(t: gs.Tensor, name: str, dtype: np.dtype | None) -> gs.Tensor:
+    """``t`` itself when it is already 1-D (shared constants stay shared), else a 1-D copy."""
+    v = np.asarray(t.values) if isinstance(t, gs.Constant) else None
+    assert v is not None
+    return t if v.ndim == 1 else const(name, v.reshape(-1), dtype)
+
+
 class Fusion:
     """One LayerNorm and its residual Add, checked; :meth:`apply` rewrites them."""
 
@@ -158,12 +165,17 @@ class Fusion:
         """Replace the Add(s) and the norm by the fused node (in the norm's place)."""
         norm, dt = self.norm, _dtype(self.sum)
         assert self.gamma is not None
-        inputs: list[gs.Tensor] = [self.input, self.skip, const("skln_gamma", self.gamma, dt)]
+        gamma_t = norm.inputs[1]
+        inputs: list[gs.Tensor] = [self.input, self.skip, _vector_tensor(gamma_t, "skln_gamma", dt)]
         if self.fused == "SkipLayerNormalization":
-            beta = self.beta if self.beta is not None else np.zeros_like(self.gamma)
-            inputs.append(const("skln_beta", beta, dt))
+            if self.beta is not None:
+                inputs.append(_vector_tensor(norm.inputs[2], "skln_beta", dt))
+            else:
+                inputs.append(const("skln_beta", np.zeros_like(self.gamma), dt))
         if self.bias is not None:
-            inputs.append(const("skln_bias", self.bias, dt))
+            assert self.bias_add is not None
+            bias_t = next(t for t in self.bias_add.inputs if isinstance(t, gs.Constant))
+            inputs.append(_vector_tensor(bias_t, "skln_bias", dt))
         outputs = [norm.outputs[0]]
         keep_sum = self._escapes(self.sum)
         if keep_sum:

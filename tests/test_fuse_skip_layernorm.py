@@ -75,6 +75,7 @@ def test_post_ln_residual() -> None:
     assert len(n.outputs) == 1 and abs(n.attrs["epsilon"] - 1e-5) < 1e-12
     np.testing.assert_array_equal(n.inputs[2].values, GAMMA)
     np.testing.assert_array_equal(n.inputs[3].values, BETA)
+    assert n.inputs[2].name == "g" and n.inputs[3].name == "beta"  # 1-D weights reused, not copied
 
 
 def test_bias_folded() -> None:
