@@ -16,12 +16,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import onnx
+
 from graphopt.core.errors import GraphoptError, VerificationError
 from graphopt.core.feeds import FeedSource, feed_list, random_feeds
 from graphopt.core.latency import interleaved
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
-from graphopt.core.session import input_names, make_session
+from graphopt.core.session import ZERO_COPY_BYTES, input_names, make_session
 from graphopt.core.shapes import infer_shapes, missing_shapes, prepare
 from graphopt.core.validate import ort_reason
 from graphopt.core.verify import ATOL as VERIFY_ATOL
@@ -251,6 +253,7 @@ def optimize_model(
     feeds: FeedSource | None = None,
     steps: int = 10,
     on_pass: Callable[[PassRecord], None] | None = None,
+    copy: bool = True,
 ) -> OptimizeResult:
     """Optimize a model in memory (a transformed copy is returned; ``model`` is not changed).
 
@@ -264,6 +267,9 @@ def optimize_model(
             also drives shape inference's onnxruntime fallback.
         steps: at most this many sweeps over the pass list.
         on_pass: called after every pass run.
+        copy: False: ``model`` is the caller's to give away (a model :func:`optimize` loaded
+            itself): it becomes the result's ``original`` (input shapes fixed, shapes inferred)
+            instead of a copy of it.
 
     Raises:
         VerificationError: when the optimized model's outputs differ beyond fp32 tolerance.
@@ -272,7 +278,7 @@ def optimize_model(
     default_pipeline(target)  # validates the target
     feed_dicts = feed_list(feeds, model, input_shapes=input_shapes)
     first = feed_dicts[0] if feed_dicts else None
-    original = prepare(model.clone(), input_shapes, first)
+    original = prepare(model.clone() if copy else model, input_shapes, first)
     work = original.clone()
     lowering: list[Pass] = []
     if passes is not None:
@@ -301,12 +307,17 @@ def optimize_model(
     elapsed = time.perf_counter() - t0
     report = None
     if verify_output:
+        # one export of the result serves both onnxruntime sessions (verification, and the
+        # ORT_ENABLE_ALL load check); large weights go the zero-copy way of make_session
+        exported: Model | onnx.ModelProto = (
+            out.to_onnx() if out.param_bytes() < ZERO_COPY_BYTES else out
+        )
         # lossy passes (pruning, quantization, fp16) change numbers by design: judge them by SQNR
         lossy = any(type(p).lossy for p in pass_list)
         if lossy:
-            report = verify(original, out, feeds=feed_dicts, min_sqnr_db=LOSSY_MIN_SQNR_DB)
+            report = verify(original, exported, feeds=feed_dicts, min_sqnr_db=LOSSY_MIN_SQNR_DB)
         else:
-            report = verify(original, out, feeds=feed_dicts, rtol=RTOL, atol=ATOL)
+            report = verify(original, exported, feeds=feed_dicts, rtol=RTOL, atol=ATOL)
         if not report.ok:
             raise VerificationError(
                 f"optimized model differs from the input on {report.failure()}; not written. "
@@ -318,7 +329,7 @@ def optimize_model(
                 )
             )
     if verify_output:
-        check_loads(original, out, input_shapes)
+        check_loads(original, exported, input_shapes)
     return OptimizeResult(
         model=out,
         original=original,
@@ -331,7 +342,7 @@ def optimize_model(
     )
 
 
-def _load_error(model: Model, level: str) -> str | None:
+def _load_error(model: Model | onnx.ModelProto, level: str) -> str | None:
     """onnxruntime's reason for refusing ``model`` at ``level`` (None: it loads)."""
     try:
         make_session(model, level)
@@ -341,7 +352,9 @@ def _load_error(model: Model, level: str) -> str | None:
 
 
 def check_loads(
-    original: Model, out: Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+    original: Model,
+    out: Model | onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
     """The written model must load in onnxruntime at ``ORT_ENABLE_ALL`` too, the level users run
     it at (verification runs at ``ORT_DISABLE_ALL``, where onnxruntime skips the graph-level
@@ -412,6 +425,7 @@ def optimize(
         # given feeds: the model is run on them (a failure there is the user's FeedError), not
         # smoke-run on generated inputs it may not accept (sizes, indices, grids)
         as_model(model, runs=verify_output or bench, smoke=feeds is None),
+        copy=isinstance(model, Model),  # a model loaded here is this job's own: no copy
         passes=passes,
         target=target,
         input_shapes=input_shapes,
