@@ -337,10 +337,12 @@ class Found:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def extra_inputs(self) -> list[gs.Tensor]:
-        """Tensors besides Q, K, V that the fused node may read (mask, causal triangle)."""
-        out = [self.mask] if self.mask is not None else []
+        """Tensors besides Q, K, V that the fused node reads: the mask, and with a mask the
+        causal triangle (folded into the bias; without a mask the triangle is an attribute)."""
+        if self.mask is None:
+            return []
         cond = self.extra.get("causal_cond")
-        return [*out, cond] if cond is not None else out
+        return [self.mask, cond] if cond is not None else [self.mask]
 
 
 def parse(sm: gs.Node, opset: int) -> Found | Refusal:
@@ -643,10 +645,12 @@ def plan(f: Found, graph: gs.Graph, target: str, opset: int) -> Plan | Refusal:
             if kvh != n and (target == "ort" or k.rank == 4 or n % kvh):
                 why = Refusal(f"{kvh} K/V heads for {n} query heads (grouped query not lowered)")
                 continue
-            if f.causal and target == "portable":
+            if f.causal and f.mask is None:  # with a mask the triangle goes into the bias
                 sd = _dims(f.scores)
                 if sd is None or not _same(sd[2], sd[3]):
-                    why = Refusal("causal with S != T: ONNX Attention aligns it to the upper left")
+                    # ONNX Attention's is_causal is upper-left aligned, and onnxruntime's
+                    # unidirectional counts only the past it is given as past_key
+                    why = Refusal("causal with S != T and no mask to carry the triangle")
                     continue
             scale = f.scale * q.scale * k.scale
             reads = [q.tensor, k.tensor, v.tensor, *f.extra_inputs()]

@@ -78,6 +78,7 @@ def attention_model(
     scores_output: bool = False,
     padding_mask: bool = False,
     query_bias: bool = False,
+    causal: bool = False,
 ) -> Model:
     """One attention block ``y = attention(x) @ Wo`` in the form ``variant`` exports it."""
     nodes: list[onnx.NodeProto] = []
@@ -162,22 +163,27 @@ def attention_model(
         nodes.append(node("MatMul", ["qh", "kt"], scores))
     else:
         raise ValueError(variant)
-    if variant == "causal":  # GPT-2: Where(bias[:, :, T-S:T, :T], scores, -1e4)
+    if variant == "causal" or causal:  # GPT-2: Where(bias[:, :, T-S:T, :T], scores, -1e4)
         m = 16
         inits["tril"] = np.tril(np.ones((1, 1, m, m), np.bool_))
         inits["zero"] = np.array([0], np.int64)
         inits["axis2"] = np.array([2], np.int64)
         inits["axis3"] = np.array([3], np.int64)
         inits["fill"] = np.float32(-1e4)
+        inits["one"] = np.array([1], np.int64)
+        inits["two"] = np.array([2], np.int64)
+        inits["three"] = np.array([3], np.int64)
         nodes += [
             node("Shape", ["x"], "xs"),
             node("Slice", ["xs", "one", "two"], "seq_len"),
-            node("Slice", ["tril", "zero", "seq_len", "axis2"], "tri_r"),
-            node("Slice", ["tri_r", "zero", "seq_len", "axis3"], "tri"),
+            # key.size(-2) of the (B, N, T, H) key, as GPT-2 reads it
+            node("Shape", ["present_k" if variant == "past" else "kh"], "kts"),
+            node("Slice", ["kts", "two", "three"], "key_len"),
+            node("Sub", ["key_len", "seq_len"], "past_len"),
+            node("Slice", ["tril", "past_len", "key_len", "axis2"], "tri_r"),
+            node("Slice", ["tri_r", "zero", "key_len", "axis3"], "tri"),
             node("Where", ["tri", scores, "fill"], "masked"),
         ]
-        inits["one"] = np.array([1], np.int64)
-        inits["two"] = np.array([2], np.int64)
         scores = "masked"
     if query_bias:  # a bias computed from the block's own query heads (relative-position style)
         nodes += [
@@ -292,10 +298,12 @@ def test_causal_triangle(mask: bool) -> None:
         feeds=feeds(m),
         rtol=RTOL,
         atol=ATOL,
-        structure=_ops(com__microsoft__Attention=1, Softmax=0, Where=int(mask)),
+        structure=_ops(Softmax=0, Where=int(mask)),
     )
-    att = next(n for n in res.model.graph.nodes if n.op == "Attention")
-    # with a mask the triangle goes into the bias (onnxruntime ignores unidirectional then)
+    # with a mask the triangle goes into the bias (onnxruntime ignores unidirectional then);
+    # that bias reads key.size(-2) of the 4-D key, so K and V stay 4-D for MultiHeadAttention
+    op = "MultiHeadAttention" if mask else "Attention"
+    att = next(n for n in res.model.graph.nodes if n.op == op)
     assert att.attrs.get("unidirectional", 0) == int(not mask)
 
 
@@ -309,6 +317,24 @@ def test_grouped_query_after_repeat() -> None:
         rtol=RTOL,
         atol=ATOL,
         structure=_ops(com__microsoft__MultiHeadAttention=1, Softmax=0, Tile=2),
+    )
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_causal_with_past(mask: bool) -> None:
+    """Causal decoding with a past: the triangle is bottom-right aligned (query i sees keys up to
+    past + i); with a mask it goes into the bias, without one the block is kept (onnxruntime's
+    unidirectional and ONNX's is_causal would align it differently when K/V carry the past)."""
+    m = attention_model("past", mask=mask, causal=True)
+    check_pass(
+        m,
+        P,
+        target="ort",
+        feeds=feeds(m),
+        rtol=RTOL,
+        atol=ATOL,
+        expect_modified=mask,
+        structure=_ops(com__microsoft__MultiHeadAttention=int(mask)),
     )
 
 
