@@ -103,11 +103,13 @@ class OrtGeluRule(ActivationRule):
             op = self.emitted_op()
             assert op is not None
             return [make_node(op, [m["x"]], outputs, name=op.lower(), domain=MS)]
-        y, b = add.inputs[1 - i], np.asarray(add.inputs[i].values).reshape(-1)
+        y, bias = add.inputs[1 - i], add.inputs[i]
+        b = np.asarray(bias.values)
+        if b.ndim != 1:  # a 1-D bias is reused as it is (shared constants stay shared)
+            bias = const("gelu_bias", np.ascontiguousarray(b.reshape(-1)), np.float32)
         add.inputs.clear()  # the Add is folded in: detached, removed by the engine's cleanup
         add.outputs.clear()
         op = "FastGelu" if self.tanh else "BiasGelu"
-        bias = const("gelu_bias", np.ascontiguousarray(b), np.float32)
         return [make_node(op, [y, bias], outputs, name=op.lower(), domain=MS)]
 
 

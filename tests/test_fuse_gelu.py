@@ -95,6 +95,18 @@ def test_bias_folded(form: str, op: str, opset: int) -> None:
     )
     g = next(n for n in res.model.graph.nodes if n.op == op)
     np.testing.assert_array_equal(g.inputs[1].values, BIAS)
+    assert g.inputs[1].name == "bias"  # the 1-D constant itself
+
+
+def test_bias_with_leading_ones_is_folded_as_1d() -> None:
+    pre = [node("MatMul", ["x", "w"], "mm"), node("Add", ["mm", "bias"], "h")]
+    nodes, inits = gelu_nodes("pytorch", "h")
+    m = build(pre + nodes, X, ["y"], {**inits, "w": W, "bias": BIAS.reshape(1, 1, 16)})
+    res, _ = check_pass(
+        m, P, target="ort", structure=counts({"MatMul": 1, "com.microsoft.BiasGelu": 1})
+    )
+    g = next(n for n in res.model.graph.nodes if n.op == "BiasGelu")
+    assert g.inputs[1].values.shape == (16,)
 
 
 def test_bias_read_elsewhere_is_not_folded() -> None:
