@@ -22,6 +22,7 @@ sizes), the order search and the cost model's activation peak (:mod:`graphopt.co
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -52,12 +53,33 @@ def constant_names(model: Model) -> set[str]:
     return names
 
 
+#: :func:`_dtype` by ``(type(dtype), dtype)``: asked for every tensor of every liveness walk,
+#: from a handful of dtypes
+_DTYPES: dict[tuple[type, object], np.dtype | None] = {}
+
+
 def _dtype(t: gs.Tensor) -> np.dtype | None:
+    raw = t.dtype
     try:
-        d = np.dtype(t.dtype) if t.dtype is not None else None
+        return _DTYPES[(type(raw), raw)]
+    except (KeyError, TypeError):  # not seen yet, or unhashable
+        pass
+    try:
+        d = _sized(np.dtype(raw) if raw is not None else None)
     except TypeError:
-        return None
-    return _sized(d)
+        d = None
+    try:
+        _DTYPES[(type(raw), raw)] = d
+    except TypeError:
+        pass
+    return d
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    """``np.prod(shape, dtype=np.int64)`` as an int (the same wrapped value past int64), without
+    numpy's per-call cost."""
+    n = math.prod(shape)
+    return n if n < 2**63 else int(np.prod(shape, dtype=np.int64))
 
 
 def _sized(d: np.dtype | None) -> np.dtype | None:
@@ -160,7 +182,7 @@ def liveness(
         shape = tuple(int(d) for d in shape)
         index[name] = len(names)
         names.append(name)
-        nbytes.append(int(np.prod(shape, dtype=np.int64)) * dt.itemsize)
+        nbytes.append(_numel(shape) * dt.itemsize)
         start.append(step)
         end.append(step)
         shapes.append(shape)
