@@ -852,6 +852,7 @@ class FuseAttentionPass(Pass):
         graph = model.graph  # subgraphs: their shapes are rarely known; the main graph only
         done = 0
         cache: dict[int, tuple[gs.Tensor, list[gs.Node]]] = {}
+        added: list[gs.Node] = []
         # last block first: a shape computation that CSE shared between blocks reads the first
         # block's tensors and dies with it only once the later blocks no longer read it
         for sm in reversed([n for n in graph.nodes if n.op == "Softmax"]):
@@ -872,6 +873,7 @@ class FuseAttentionPass(Pass):
             if chosen.keep_reshape:
                 found.root.inputs[0] = new[-1].outputs[0]
             graph.nodes.extend(new)
+            added += new
             key = {
                 "Attention": "attention_packed",
                 "MultiHeadAttention": "multihead_attention",
@@ -882,5 +884,5 @@ class FuseAttentionPass(Pass):
         if done:
             graph.nodes = [n for n in graph.nodes if n.outputs]
             graph.cleanup(remove_unused_graph_inputs=False, recurse_subgraphs=False)
-            graph.nodes = local_topo_order(graph)
+            graph.nodes = local_topo_order(graph, new=added)  # each right before its reader
         return PassResult(model, done > 0, stats)
