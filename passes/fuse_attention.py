@@ -16,22 +16,32 @@ the ONNX ``Attention`` op (opset 23) compute in one kernel. Scale factors found 
 ``q`` and on ``k`` multiply into ``c``. Variants recognized:
 
 * mask: none, or an additive float mask of shape ``(B|1, N|1, S, T)`` (the BERT/GPT-2 mask built
-  from ``attention_mask``; it becomes ``attention_bias``); ``Where(IsNaN(p), 0, p)`` after the
-  Softmax (transformers' SDPA export) is absorbed (it only differs on a fully masked query row,
-  where onnxruntime averages V instead of returning 0);
+  from ``attention_mask``; it becomes ``attention_bias``); a ``(B|1, 1, 1, T)`` padding mask of
+  self-attention is expanded to ``(B|1, 1, T, T)`` once per mask (``attention_bias`` does not
+  broadcast over the queries); ``Where(IsNaN(p), 0, p)`` after the Softmax (transformers' SDPA
+  export) is absorbed;
 * causal: ``Where(Slice(tril), scores, fill)`` of a constant lower-triangular matrix (GPT-2's
-  older exports) -> ``unidirectional=1`` (``Attention(portable)``: ``is_causal``, only when
-  ``S == T``, as ONNX aligns the triangle to the upper left);
+  older exports). Without a mask: ``unidirectional=1`` (portable: ``is_causal``) only when
+  ``S == T``, since ONNX aligns the triangle to the upper left and onnxruntime counts only a past
+  given as ``past_key``. With a mask the triangle goes into the bias, exactly:
+  ``Where(tri, s, fill) + mask == s + Where(tri, mask, fill + mask)`` up to the ``s`` on
+  masked entries, which the softmax gives weight ``exp(fill)`` either way (onnxruntime ignores
+  ``unidirectional`` when an ``attention_bias`` is given);
 * past key/values and multi-/grouped-query attention: when K or V is not a head reshape of a 3-D
   tensor (``Concat(past, k)`` whose result is a graph output ``present``, or a repeat_kv
-  ``Expand``/``Reshape``), the 4-D ``(B, N, T, H)`` tensor is the fused node's key/value input and
-  the Concat or repeat stays in the graph, so the ``present`` outputs are kept as they were.
+  ``Expand``/``Reshape``/``Tile``), the 4-D ``(B, N, T, H)`` tensor is the fused node's key/value
+  input and the Concat or repeat stays in the graph, so the ``present`` outputs are kept as they
+  were.
 
-Emission, ``target='ort'`` (onnxruntime 1.32 CPU, measured on the corpus BERT): when Q, K and V are
-``MatMul``s (``+ bias``) of one input with constant weights, ``com.microsoft.Attention`` with the
-three weights packed into one ``(D, 3D)`` matrix (one GEMM instead of three; faster than
-``MultiHeadAttention`` after three MatMuls); otherwise ``com.microsoft.MultiHeadAttention`` on the
-projected Q, K, V. ``GroupQueryAttention`` is not emitted: its CPU kernel needs ``seqlens_k`` and
+Exact up to float rounding everywhere except on a query row whose every key is masked (there the
+kernels' softmax weighs the masked keys by their scores, the SDPA graph returns 0).
+
+Emission, ``target='ort'`` (onnxruntime 1.32 CPU): when Q, K and V are ``MatMul``s (``+ bias``)
+of one input with constant weights, ``com.microsoft.Attention`` with the three weights packed into
+one ``(D, 3D)`` matrix (one GEMM instead of three; on the corpus BERT, 4x64 tokens, one thread,
+0.98x the latency of MultiHeadAttention after three MatMuls, within the noise of a shared
+machine); otherwise ``com.microsoft.MultiHeadAttention`` on the projected Q, K, V.
+``GroupQueryAttention`` is not emitted: its CPU kernel needs ``seqlens_k`` and
 ``total_sequence_length`` inputs and its own KV-cache layout, which the exported graphs do not
 have; grouped K/V go to MultiHeadAttention after the model's own repeat. Float32 only.
 
@@ -635,6 +645,9 @@ def plan(f: Found, graph: gs.Graph, target: str, opset: int) -> Plan | Refusal:
         if not ok:
             return ok if isinstance(ok, Refusal) else Refusal("mask")
         for k, v in kv3 + kv4:
+            if not (_f32(q.tensor) and _f32(k.tensor) and _f32(v.tensor)):
+                why = Refusal("Q/K/V are not float32 (the fused kernels' CPU type)")
+                continue
             if k.heads is None or v.heads is None or k.heads[1] != h or v.heads[1] != h:
                 why = Refusal("K/V head size unknown or not Q's")
                 continue
