@@ -15,12 +15,15 @@ Models:
     quarter of the *calibration* images (never the evaluation set) is kept.
 - ``bert-mini`` (graphopt.corpus, 6 layers x 12 heads, FFN 1536, random weights): MACs at the
   corpus feed shape (batch 1, 64 tokens) and SQNR of ``last_hidden_state`` on held-out corpus feeds
-  (seed 1; calibration seed 0: 64 sequences, 16 with --quick), uniform ratio.
+  (seed 1; calibration seed 0: 64 sequences, 16 with --quick), uniform ratio. Any other corpus
+  name works the same way (``bert-mini-dynamo``, ``whisper-tiny-encoder``; ``gpt2-small-past``
+  prunes FFN neurons only: its heads are tied to the key/value cache inputs).
 
 Criterion ``output`` throughout (a unit's Optimal Brain Surgeon cost in the outputs of the layers
-that read it). The attention+FFN MAC fraction counts the nodes of the encoder layers (Q/K/V/O
-projections, ``q @ k^T``, ``probs @ v``, both FFN MatMuls). Latency: original and pruned sessions
-(ORT_ENABLE_ALL, one intra-op thread, spinning off) interleaved by
+that read it). The attention+FFN MAC fraction counts the nodes whose work depends on a prunable
+unit (Q/K/V/O projections, ``q @ k^T``, ``probs @ v``, both FFN MatMuls); ``heads`` and ``ffn``
+list the units kept per group (groups of several producers are Q/K/V, so heads). Latency:
+original and pruned sessions (ORT_ENABLE_ALL, one intra-op thread, spinning off) interleaved by
 :func:`graphopt.core.latency.interleaved`; ``latency_ratio`` = pruned / original median (< 1 is
 faster), at batch 1 and batch 64 for the digits model.
 
@@ -47,6 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from graphopt.algorithms.prune import analyze, groups  # noqa: E402
 from graphopt.core.cost import model_cost  # noqa: E402
 from graphopt.core.latency import interleaved  # noqa: E402
 from graphopt.core.loader import load  # noqa: E402
@@ -78,11 +82,42 @@ def node_macs(model: Model, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, 
     return {n.name: n.macs for n in model_cost(m).nodes}
 
 
-def layer_fraction(before: Mapping[str, int], after: Mapping[str, int], marker: str) -> float:
-    """Fraction of the MACs of the nodes whose name contains ``marker`` that pruning removed."""
-    names = [k for k, v in before.items() if marker in k and v > 0]
-    total = sum(before[k] for k in names)
+def analysis_of(model: Model, shapes: Mapping[str, tuple[int, ...]]) -> tuple[set[str], dict]:
+    """(the compute nodes whose work depends on a prunable unit, units per prunable group).
+
+    For a transformer the nodes are the Q/K/V/O projections, ``q @ k^T``, ``probs @ v`` and both
+    FFN MatMuls; a group's units are its heads or FFN neurons."""
+    m = model.clone()
+    fix_input_shapes(m, dict(shapes))
+    infer_shapes(m)
+    an = analyze(m)
+    fixed = an.unit[an.fixed]
+    names = {
+        name
+        for name, labs in an.touched.items()
+        if any(((lab >= 0) & (an.unit[np.maximum(lab, 0)] != fixed)).any() for lab in labs)
+    }
+    return names, {g.name: (len(g.free), len(g.producers)) for g in groups(an) if not g.blocked}
+
+
+def fraction_removed(before: Mapping[str, int], after: Mapping[str, int], names: set[str]) -> float:
+    """Fraction of the MACs of ``names`` that pruning removed."""
+    total = sum(before.get(k, 0) for k in names)
     return 1.0 - sum(after.get(k, 0) for k in names) / total if total else 0.0
+
+
+def units_kept(p: PruneChannelsPass, units: Mapping[str, tuple[int, int]]) -> dict[str, list[int]]:
+    """Units kept per prunable group, in graph order: ``heads`` (groups of several producers:
+    Q, K, V) and ``ffn`` (one producer: the first FFN MatMul)."""
+    assert p.report is not None
+    out: dict[str, list[int]] = {"heads": [], "ffn": []}
+    for g in p.report.groups:
+        if g.name not in units:
+            continue
+        n, producers = units[g.name]
+        kept = int(round(n * g.width_after / g.width_before))
+        out["heads" if producers > 1 else "ffn"].append(kept)
+    return out
 
 
 def latency_ratio(a: Model, b: Model, feeds: Feeds, runs: int) -> float:
@@ -103,12 +138,6 @@ def prune(
     assert isinstance(p, PruneChannelsPass)
     res = p(model.clone())
     return res.model, p
-
-
-def heads_left(p: PruneChannelsPass, dh: int) -> list[int]:
-    """Heads kept per attention group (width / head size), in graph order."""
-    assert p.report is not None
-    return [g.width_after // dh for g in p.report.groups if "query" in g.name]
 
 
 # ------------------------------------------------------------------------------ digits
@@ -134,23 +163,19 @@ def digits_allocation(
     (see the module docstring); returns them and the candidates tried."""
     shapes = {"x": (1, 1, 8, 8)}
     before = node_macs(base, shapes)
-    probe = get_pass("prune-channels", ratio=0.0, criterion="l1")
-    assert isinstance(probe, PruneChannelsPass)
-    probe(base.clone())
-    assert probe.report is not None
-    head_groups = [g.name for g in probe.report.groups if "query" in g.name and not g.blocked]
-    ffn_groups = [g.name for g in probe.report.groups if "fc1" in g.name and not g.blocked]
-    widths = {g.name: g.width_before for g in probe.report.groups}
+    names, units = analysis_of(base, shapes)
+    head_groups = [g for g, (_, producers) in units.items() if producers > 1]
+    ffn_groups = [g for g, (_, producers) in units.items() if producers == 1]
     ref = _logits(base, held)
     tried: list[dict[str, Any]] = []
     best: tuple[float, dict[str, float]] | None = None
     for k in range(min(1, len(head_groups)), len(head_groups) + 1):
         for chosen in itertools.combinations(head_groups, k):
-            ratios = {g: 1.0 / (widths[g] // 8) for g in chosen}  # one head of Dh = 8
+            ratios = {g: 1.0 / units[g][0] for g in chosen}  # one head
             for r_ffn in np.arange(0.05, 0.80, 0.05):
                 ratios.update({g: float(round(r_ffn, 2)) for g in ffn_groups})
                 pm, _ = prune(base, ratios, calib, recover=False)
-                if layer_fraction(before, node_macs(pm, shapes), "/layers.") >= target:
+                if fraction_removed(before, node_macs(pm, shapes), names) >= target:
                     break
             else:
                 continue
@@ -172,6 +197,7 @@ def bench_digits(quick: bool) -> list[dict[str, Any]]:
     calib = [{"x": cal[i : i + 16]} for i in range(0, len(cal), 16)]
     shapes = {"x": (1, 1, 8, 8)}
     before = node_macs(base, shapes)
+    names, units = analysis_of(base, shapes)
     acc0 = _accuracy(base, x, y)
     runs = 30 if quick else 200
     rows = []
@@ -190,11 +216,11 @@ def bench_digits(quick: bool) -> list[dict[str, Any]]:
             "setting": setting,
             "criterion": CRITERION,
             "ratio": ratio,
-            "heads_kept": heads_left(p, 8),
+            **units_kept(p, units),
             "macs_before": sum(before.values()),
             "macs_after": sum(after.values()),
             "macs_ratio": sum(after.values()) / sum(before.values()),
-            "attn_ffn_macs_removed": layer_fraction(before, after, "/layers."),
+            "attn_ffn_macs_removed": fraction_removed(before, after, names),
             "acc_before": acc0,
             "acc_pruned": _accuracy(bare, x, y),
             "acc_recovered": _accuracy(rec, x, y),
@@ -220,6 +246,7 @@ def bench_corpus(name: str, quick: bool) -> list[dict[str, Any]]:
     one = {k: v[:1] for k, v in held[0].items()}
     shapes = {k: tuple(v.shape) for k, v in one.items()}
     before = node_macs(base, shapes)
+    names, units = analysis_of(base, shapes)
     out = {}
     t0 = time.perf_counter()
     for rec in (False, True):
@@ -233,20 +260,19 @@ def bench_corpus(name: str, quick: bool) -> list[dict[str, Any]]:
     pm, p, _ = out[True]
     after = node_macs(pm, shapes)
     assert p.report is not None
-    dh = 32 if name.startswith("bert") else 64
     return [
         {
             "model": name,
             "setting": "uniform",
             "criterion": CRITERION,
             "ratio": BERT_RATIO,
-            "heads_kept": heads_left(p, dh),
+            **units_kept(p, units),
             "groups_blocked": sum(g.blocked for g in p.report.groups),
             "groups": len(p.report.groups),
             "macs_before": sum(before.values()),
             "macs_after": sum(after.values()),
             "macs_ratio": sum(after.values()) / sum(before.values()),
-            "attn_ffn_macs_removed": layer_fraction(before, after, "/encoder/layer"),
+            "attn_ffn_macs_removed": fraction_removed(before, after, names),
             "sqnr_db_pruned": out[False][2],
             "sqnr_db_recovered": out[True][2],
             "latency_ratio_b1": latency_ratio(base, pm, one, 10 if quick else 50),
@@ -273,9 +299,10 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [
-        "| model | setting | heads kept | MACs after/before | attn+FFN MACs removed "
-        "| fidelity before / pruned / recovered | latency pruned/orig (b1, b64) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | setting | heads kept | FFN neurons kept | MACs after/before "
+        "| attn+FFN MACs removed | fidelity before / pruned / recovered "
+        "| latency pruned/orig (b1, b64) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if "acc_before" in r:
@@ -288,7 +315,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
             + (_f(r.get("latency_ratio_b64"), ".2f") or "-")
         )
         lines.append(
-            f"| {r['model']} | {r['setting']} | {r['heads_kept']} | {r['macs_ratio']:.3f} "
+            f"| {r['model']} | {r['setting']} | {r['heads']} | {r['ffn']} | {r['macs_ratio']:.3f} "
             f"| {r['attn_ffn_macs_removed']:.1%} | {fid} | {lat} |"
         )
     return "\n".join(lines)
