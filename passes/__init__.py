@@ -41,6 +41,8 @@ PASS_INDEX: dict[str, str] = {
     "fuse-attention": "fuse_attention",
     "annotate-fusion-groups": "annotate_fusion_groups",
     "fuse-slices": "fuse_slices",
+    "merge-slices": "merge_slices",
+    "fuse-space-to-depth": "fuse_space_to_depth",
     "simplify-symbolic-shapes": "simplify_symbolic_shapes",
     "prune-channels": "prune_channels",
     "prune-magnitude": "prune_magnitude",

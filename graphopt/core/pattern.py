@@ -420,3 +420,38 @@ class RewritePass(Pass):
                 if not n:
                     break
         return PassResult(model, total > 0, stats)
+
+
+def const_int_vector(node: gs.Node, i: int) -> np.ndarray | None:
+    """Input ``i`` of ``node`` as int64 (None when it is not a constant integer vector)."""
+    if i >= len(node.inputs) or node.inputs[i].is_empty():
+        return None
+    t = node.inputs[i]
+    if not isinstance(t, gs.Constant):
+        return None
+    v = np.asarray(t.values)
+    if v.dtype.kind not in "iu" or v.ndim != 1:
+        return None
+    return v.astype(np.int64)
+
+
+def slice_parts(node: gs.Node, rank: int) -> tuple[np.ndarray, ...] | None:
+    """(starts, ends, axes normalized, steps) of a Slice (opset >= 10) with constant parameters,
+    all int64 vectors of one length; None otherwise."""
+    if node.op != "Slice" or node.domain not in ("", "ai.onnx", None) or len(node.inputs) < 3:
+        return None
+    starts, ends = const_int_vector(node, 1), const_int_vector(node, 2)
+    if starts is None or ends is None or len(starts) != len(ends):
+        return None
+    has_axes = len(node.inputs) > 3 and not node.inputs[3].is_empty()
+    axes = const_int_vector(node, 3) if has_axes else np.arange(len(starts), dtype=np.int64)
+    has_steps = len(node.inputs) > 4 and not node.inputs[4].is_empty()
+    steps = const_int_vector(node, 4) if has_steps else np.ones(len(starts), np.int64)
+    if axes is None or steps is None or not len(axes) == len(steps) == len(starts):
+        return None
+    axes = np.where(axes < 0, axes + rank, axes)
+    if np.any(axes < 0) or np.any(axes >= rank) or len(set(axes.tolist())) != len(axes):
+        return None
+    if np.any(steps == 0):
+        return None
+    return starts, ends, axes, steps

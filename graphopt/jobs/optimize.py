@@ -52,6 +52,8 @@ DEFAULT_PIPELINE: list[str] = [
     "fuse-pad",
     "fuse-matmul-add",
     "fuse-slices",
+    "merge-slices",
+    "fuse-space-to-depth",
     "simplify-symbolic-shapes",
     "recognize-activations",
     "fuse-layernorm",
