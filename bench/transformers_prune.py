@@ -27,7 +27,8 @@ original and pruned sessions (ORT_ENABLE_ALL, one intra-op thread, spinning off)
 :func:`graphopt.core.latency.interleaved`; ``latency_ratio`` = pruned / original median (< 1 is
 faster), at batch 1 and batch 64 for the digits model.
 
-``run(models, quick)`` returns one dict per model and setting (bench/transformers.py imports it);
+``run(models, quick)`` returns one dict per model and setting; ``section(models, quick=,
+workdir=)`` is the entry bench/transformers.py calls (its cases' names, the rows and a table);
 ``python bench/transformers_prune.py [--quick] [--models a,b]`` prints a markdown table and writes
 bench/results/transformers_prune.md.
 """
@@ -290,6 +291,17 @@ def run(models: Sequence[str] | None = None, quick: bool = False) -> list[dict[s
         else:
             rows += bench_corpus(name, quick)
     return rows
+
+
+def section(
+    models: Sequence[tuple[str, Any, Any]], *, quick: bool, workdir: Path
+) -> tuple[dict[str, Any], str]:
+    """The ``prune`` section of bench/transformers.py: ``models`` are its ``(name, path, feeds)``
+    cases (only the names are used: each model is pruned with its own calibration and held-out
+    data, see the module docstring); returns the rows and their markdown table."""
+    del workdir  # nothing is written
+    rows = run([name for name, _path, _feeds in models], quick)
+    return {"rows": rows}, table(rows)
 
 
 # ------------------------------------------------------------------------------ report
