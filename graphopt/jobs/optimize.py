@@ -20,6 +20,7 @@ import onnx
 
 from graphopt.core.errors import GraphoptError, VerificationError
 from graphopt.core.feeds import FeedSource, feed_list, random_feeds
+from graphopt.core.gcpolicy import with_job_gc
 from graphopt.core.latency import interleaved
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
@@ -390,6 +391,7 @@ def check_loads(
     )
 
 
+@with_job_gc
 def optimize(
     model: ModelLike,
     passes: str | Sequence[str | Pass] | None = None,

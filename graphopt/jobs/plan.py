@@ -34,6 +34,7 @@ from graphopt.core.feeds import (
     feed_list,
     random_feeds,
 )
+from graphopt.core.gcpolicy import with_job_gc
 from graphopt.core.model import Model
 from graphopt.core.saver import save
 from graphopt.core.shapes import is_static, prepare
@@ -259,6 +260,7 @@ class PlanResult:
         )
 
 
+@with_job_gc
 def plan_memory(
     model: ModelLike,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
