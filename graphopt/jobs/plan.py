@@ -348,7 +348,13 @@ def plan_memory(
                 f"the plan failed its execution proof ({why}); not written. Re-run with "
                 "--no-inplace, and report the model"
             )
-    planned = res.planned_model() if out_path is not None else None
+    planned = None
+    if out_path is not None:
+        if isinstance(model, Model) or res.plan.order_changed:
+            planned = res.planned_model()
+        else:  # a model loaded here, written in the order it came in: no copy of it is needed
+            planned = apply_order(source, plan)
+            planned.metadata[PLAN_METADATA_KEY] = plan.compact_json()
     if planned is not None and planned.num_nodes() and res.plan.order_changed:
         # the written model runs its nodes in the planned order: exact against the input
         probe = feeds if feeds is not None else random_feeds(plan.model or planned, seed=0)
