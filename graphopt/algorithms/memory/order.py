@@ -345,30 +345,51 @@ def exact_order(
     max_states: int = 50_000,
     max_level: int = 5_000,
     status: dict[str, str] | None = None,
+    max_work: int = 2_000_000,
 ) -> list[int] | None:
     """Minimal-peak order by DP over down-sets, or None when it would need too many states or
     when no order beats ``upper`` (``status['result']`` says which: ``optimal``,
-    ``no-better-order`` or ``too-many-states``, also past :data:`EXACT_MAX_NODES`)."""
+    ``no-better-order`` or ``too-many-states``, also past :data:`EXACT_MAX_NODES` or past
+    ``max_work`` moves tried: a graph with many nodes ready at once)."""
     if pb.n > EXACT_MAX_NODES:
         if status is not None:
             status["result"] = "too-many-states"
         return None
     full = (1 << pb.n) - 1
-    # level: S -> (peak, mem)
-    level: dict[int, tuple[int, int]] = {0: (pb.mem0, pb.mem0)}
-    parents: list[dict[int, tuple[int, int]]] = []
+    width = (pb.n + 7) // 8
+
+    def key(x: int) -> bytes:
+        # a down-set's bytes, not the int: Python hashes an int modulo 2**61 - 1, so sets that
+        # differ by nodes 61 apart collide, and the dicts below degrade to linear scans on
+        # graphs of a few thousand nodes (a bytes hash mixes every bit)
+        return x.to_bytes(width, "little")
+
+    # level: key(S) -> (peak, mem, S, mask of the nodes ready after S); the nodes tried from a
+    # state are the ready ones, lowest first (the order a scan of every node would meet them)
+    succ_mask = [0] * pb.n
+    for v in range(pb.n):
+        for w in pb.succs[v]:
+            succ_mask[v] |= 1 << w
+    sources = 0
+    for v in range(pb.n):
+        if not pb.preds[v]:
+            sources |= 1 << v
+    level: dict[bytes, tuple[int, int, int, int]] = {key(0): (pb.mem0, pb.mem0, 0, sources)}
+    parents: list[dict[bytes, tuple[bytes, int]]] = []
     total = 0
+    work = 0  # moves tried: a wide graph (many nodes ready at once) gives up early
     for _ in range(pb.n):
-        nxt: dict[int, tuple[int, int]] = {}
-        back: dict[int, tuple[int, int]] = {}
-        for s, (pk, mem) in level.items():
-            avail = full & ~s
+        nxt: dict[bytes, tuple[int, int, int, int]] = {}
+        back: dict[bytes, tuple[bytes, int]] = {}
+        for ks, (pk, mem, s, ready) in level.items():
+            if work > max_work:
+                break
+            avail = ready
             while avail:
                 low = avail & -avail
                 v = low.bit_length() - 1
                 avail ^= low
-                if pb.preds[v] & ~s:
-                    continue
+                work += 1
                 done = s | low
                 alloc = 0
                 for b in pb.out_bufs[v]:
@@ -386,10 +407,25 @@ def exact_order(
                 p = max(pk, mem + alloc - min(credit, alloc))
                 if p >= upper:
                     continue
-                old = nxt.get(done)
+                kd = key(done)
+                old = nxt.get(kd)
                 if old is None or p < old[0]:
-                    nxt[done] = (p, mem + alloc - freed)
-                    back[done] = (s, v)
+                    if old is None:  # the ready set depends on the down-set only
+                        nready = ready ^ low
+                        more = succ_mask[v]
+                        while more:
+                            wl = more & -more
+                            more ^= wl
+                            if not (pb.preds[wl.bit_length() - 1] & ~done):
+                                nready |= wl
+                    else:
+                        nready = old[3]
+                    nxt[kd] = (p, mem + alloc - freed, done, nready)
+                    back[kd] = (ks, v)
+        if work > max_work:
+            if status is not None:
+                status["result"] = "too-many-states"
+            return None
         total += len(nxt)
         if not nxt:  # no order beats ``upper``: the search proved the upper bound optimal
             if status is not None:
@@ -401,16 +437,16 @@ def exact_order(
             return None
         parents.append(back)
         level = nxt
-    if full not in level:
+    if key(full) not in level:
         return None
     if status is not None:
         status["result"] = "optimal"
     order: list[int] = []
-    s = full
+    k = key(full)
     for back in reversed(parents):
-        prev, v = back[s]
+        prev, v = back[k]
         order.append(v)
-        s = prev
+        k = prev
     return order[::-1]
 
 
