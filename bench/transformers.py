@@ -28,8 +28,9 @@ into the cache on first use; skipped with the reason when torch/transformers are
 their corpus feeds, and ``fixtures/digits_transformer.onnx`` when present, fed with held-out
 digits (``fixtures/digits_eval.npz``).
 
-Writes ``bench/results/transformers.json`` and ``bench/results/transformers.md``. Timings on a
-shared machine are rough; rerun on a quiet one for the README.
+Writes ``bench/results/transformers.json`` and ``bench/results/transformers.md`` (``--quick``:
+``transformers_quick.json``/``.md``, so that a quick check never replaces a full run). Timings on
+a shared machine are rough; rerun on a quiet one for the README.
 
 Usage: ``python bench/transformers.py [--quick] [--models a,b] [--sections optimize,quant,prune]
 [--rounds N]``. ``--quick`` (under 3 minutes): bert-mini and the digits transformer, 5 rounds.
@@ -65,6 +66,9 @@ logger = logging.getLogger("bench.transformers")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_JSON = ROOT / "bench" / "results" / "transformers.json"
 RESULTS_MD = ROOT / "bench" / "results" / "transformers.md"
+#: ``--quick`` writes here, so that a quick check never replaces a full run's results
+QUICK_JSON = ROOT / "bench" / "results" / "transformers_quick.json"
+QUICK_MD = ROOT / "bench" / "results" / "transformers_quick.md"
 DIGITS = ROOT / "fixtures" / "digits_transformer.onnx"
 DIGITS_EVAL = ROOT / "fixtures" / "digits_eval.npz"
 
@@ -349,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             md += [f"## {section}", "", text, ""]
     results["seconds"] = round(time.perf_counter() - t0, 1)
     md.append(f"Total {results['seconds']:.0f} s.")
-    atomic_write_text(RESULTS_JSON, json.dumps(results, indent=1, default=str) + "\n")
-    atomic_write_text(RESULTS_MD, "\n".join(md) + "\n")
+    out_json, out_md = (QUICK_JSON, QUICK_MD) if args.quick else (RESULTS_JSON, RESULTS_MD)
+    atomic_write_text(out_json, json.dumps(results, indent=1, default=str) + "\n")
+    atomic_write_text(out_md, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 
