@@ -42,14 +42,114 @@ from graphopt.core.session import make_session  # noqa: E402
 from graphopt.core.verify import sqnr_db  # noqa: E402
 from graphopt.fixtures import fixture_path  # noqa: E402
 
-DEFAULT_MODELS = ("bert-mini", "whisper-tiny-encoder", "gpt2-small-past", "digits-transformer")
+DEFAULT_MODELS = (
+    "bert-mini",
+    "whisper-tiny-encoder",
+    "gpt2-small-past",
+    "gpt2-trained-bytes",
+    "digits-transformer",
+)
 DECODER = "gpt2-small-past"
+TRAINED = "gpt2-trained-bytes"
 DIGITS = "digits-transformer"
+#: the trained decoder: GPT-2 on bytes (vocabulary 256), 2 layers, 128 wide, 4 heads
+TRAINED_CFG = dict(vocab_size=256, n_positions=128, n_embd=128, n_layer=2, n_head=4)
+TRAINED_STEPS = 200
+TRAINED_SEQ = 64
 
 Feed = dict[str, np.ndarray]
 
 
 # ---------------------------------------------------------------------- data
+
+
+def _stdlib_text(modules: Sequence[str]) -> bytes:
+    import importlib
+    import inspect
+
+    return b"\n".join(inspect.getsource(importlib.import_module(m)).encode() for m in modules)
+
+
+#: training text (Python's own sources: on every machine, deterministic per Python version)
+TRAIN_MODULES = ("argparse", "json.decoder", "json.encoder", "dataclasses", "textwrap", "shlex")
+#: held-out text (other modules)
+HELD_MODULES = ("statistics", "fractions", "string", "calendar")
+
+
+def trained_decoder() -> Path:
+    """A GPT-2 trained for :data:`TRAINED_STEPS` steps on bytes of Python's sources (seeded,
+    CPU), exported ``input_ids [1, S] -> logits [1, S, 256]`` (TorchScript, opset 17) into the
+    graphopt cache on first use: a decoder whose next-token predictions mean something, unlike
+    the random-weight corpus export, whose flat logits flip under any weight noise."""
+    import hashlib
+
+    from graphopt.fixtures import cache_dir
+
+    key = hashlib.sha256(
+        json.dumps(
+            [TRAINED_CFG, TRAINED_STEPS, TRAINED_SEQ, TRAIN_MODULES, sys.version_info[:2]]
+        ).encode()
+    ).hexdigest()[:10]
+    dest = cache_dir("bench") / f"gpt2-trained-bytes-{key}.onnx"
+    if dest.is_file():
+        return dest
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel  # type: ignore[attr-defined]
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(**TRAINED_CFG, bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    lm = GPT2LMHeadModel(cfg)
+    data = torch.tensor(list(_stdlib_text(TRAIN_MODULES)), dtype=torch.long)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    lm.train()
+    for step in range(TRAINED_STEPS):
+        idx = torch.randint(0, len(data) - TRAINED_SEQ - 1, (16,), generator=g)
+        batch = torch.stack([data[i : i + TRAINED_SEQ + 1] for i in idx.tolist()])
+        loss = lm(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * (1 - step / TRAINED_STEPS)
+    lm.eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):  # noqa: ANN001, ANN202
+            b, n = input_ids.shape
+            pos = torch.arange(n, dtype=torch.long).unsqueeze(0).expand(b, n)
+            mask = torch.ones_like(input_ids)
+            return self.lm(
+                input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False
+            ).logits
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp.onnx")
+    with torch.no_grad():
+        torch.onnx.export(
+            Logits(),
+            (batch[:1, :-1],),
+            str(tmp),
+            opset_version=17,
+            dynamo=False,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}},
+        )
+    tmp.replace(dest)
+    print(f"trained decoder: final loss {float(loss):.3f} -> {dest}", file=sys.stderr)
+    return dest
+
+
+def _byte_feeds(modules: Sequence[str], n: int, seed: int) -> list[Feed]:
+    text = np.frombuffer(_stdlib_text(modules), np.uint8).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(text) - TRAINED_SEQ, n)
+    return [{"input_ids": text[s : s + TRAINED_SEQ][None]} for s in starts]
 
 
 def _prefill(n: int, seq: int, seed: int) -> list[Feed]:
@@ -81,6 +181,14 @@ def _data(name: str, quick: bool) -> tuple[Path, list[Feed], list[Feed], dict[st
         held = [{"x": ev["x"][:n]}]
         calib = [{"x": cal["x"][i : i + 32]} for i in range(0, len(cal["x"]), 32)]
         return fixture_path("digits_transformer.onnx"), calib, held, {"labels": ev["y"][:n]}
+    if name == TRAINED:
+        n = 8 if quick else 32
+        return (
+            trained_decoder(),
+            _byte_feeds(TRAIN_MODULES, n, seed=2),
+            _byte_feeds(HELD_MODULES, n, seed=1),
+            {},
+        )
     path = corpus.get(name)
     if name == DECODER:
         held = corpus.feeds(name, n=24 if quick else 64, seed=1)
@@ -112,21 +220,22 @@ def _go(fn: Callable[..., Any], src: Path, dst: Path, **kw: Any) -> None:
     fn(str(src), output=dst, verify_output=False, measure_speed=False, **kw)
 
 
-def _candidates(name: str, calib: list[Feed], quick: bool) -> dict[str, Callable[..., None]]:
+def _candidates(name: str, calib: list[Feed], quick: bool) -> dict[str, Callable[..., object]]:
     from graphopt.jobs.quantize import quantize
     from graphopt.jobs.quantize_modes import quantize_dynamic, quantize_weight_only_job
 
-    c: dict[str, Callable[..., None]] = {
+    c: dict[str, Callable[..., object]] = {
         "ort quantize_dynamic per-tensor": lambda s, d: _ort_dynamic(s, d, False),
         "ort quantize_dynamic per-channel": lambda s, d: _ort_dynamic(s, d, True),
         "graphopt dynamic": lambda s, d: _go(quantize_dynamic, s, d),
         "graphopt dynamic --target ort": lambda s, d: _go(quantize_dynamic, s, d, target="ort"),
     }
-    if name != DECODER and not (quick and name.startswith("whisper")):
+    decoder = name in (DECODER, TRAINED)
+    if not decoder and not (quick and name.startswith("whisper")):
         c["graphopt static"] = lambda s, d: quantize(
             str(s), calib, output=d, verify_output=False, measure_speed=False, min_sqnr=0
         )
-    if name == DECODER:
+    if decoder:
         c.update(
             {
                 "ort MatMulNBits 4-bit b128": lambda s, d: _ort_4bit(s, d, 128),
@@ -206,9 +315,13 @@ def measure(name: str, quick: bool = False, workdir: Path | None = None) -> list
             "size_ratio": round(paths[k].stat().st_size / fp32_size, 3),
             "build_s": round(build_s.get(k, 0.0), 1),
         }
-        if name == DECODER:
+        if name == DECODER:  # decode steps: the next token after the cache
             a = np.concatenate([x[:, -1].argmax(-1) for x in refs])
             b = np.concatenate([x[:, -1].argmax(-1) for x in outs])
+            r["top1_agreement"] = round(float((a == b).mean()), 3)
+        if name == TRAINED:  # every position of held-out text
+            a = np.concatenate([x.argmax(-1).ravel() for x in refs])
+            b = np.concatenate([x.argmax(-1).ravel() for x in outs])
             r["top1_agreement"] = round(float((a == b).mean()), 3)
         if name == DIGITS:
             r["accuracy"] = round(float((outs[0].argmax(-1) == extra["labels"]).mean()), 4)
