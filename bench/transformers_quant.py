@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
+# run as a script, bench/ is first on the path and its transformers.py would shadow the package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
 from graphopt import corpus  # noqa: E402
