@@ -263,3 +263,44 @@ def test_compile_step_runs_library_on_host(tmp_path: Path) -> None:
     assert comp.check.startswith("ran on this host") and min(comp.fidelity.values()) > 60
     assert comp.model_bytes == res.artifact.stat().st_size and comp.latency_ms
     assert res.model is not None and res.model.num_nodes() == res.steps[0].nodes
+
+
+@pytest.mark.parametrize("recipe, keeps", [("simplify", True), ("fast-fp16", False)])
+def test_bench_says_when_the_recipe_made_it_slower(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, recipe: str, keeps: bool
+) -> None:
+    """``--bench`` compares the final model with the input as ``optimize --bench`` does: slower
+    beyond noise twice in a row is said; an exact recipe then hands back the input's graph, a
+    lossy one keeps its result (its steps may be wanted for size)."""
+    import graphopt.jobs.recipe.runner as runner
+    from graphopt.jobs.optimize import BenchResult
+
+    calls = []
+
+    def slower(before, after, feed, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        calls.append(1)
+        return BenchResult(
+            {"before": {"all": 1.0}, "after": {"all": 1.5}}, {"all": 1.5}, {"all": 0.03}
+        )
+
+    monkeypatch.setattr(runner, "bench_models", slower)
+    model = load(fixture_path("transformer_block.onnx"))
+    res = runner.run_recipe(model, recipe, bench=True)
+    assert len(calls) == 2  # confirmed once
+    assert res.slower_than_input == ["all"] and res.latency_ratio == {"all": 1.5}
+    assert res.kept_input is keeps
+    assert (res.model is res.original) is keeps
+    assert "slower than the input" in caplog.text
+    assert res.to_json()["slower_than_input"] == ["all"]
+    # the negative: not slower -> nothing said, the result kept
+    monkeypatch.setattr(
+        runner,
+        "bench_models",
+        lambda *a, **k: BenchResult(
+            {"before": {"all": 1.0}, "after": {"all": 0.9}}, {"all": 0.9}, {"all": 0.03}
+        ),
+    )
+    caplog.clear()
+    res2 = runner.run_recipe(model, recipe, bench=True)
+    assert not res2.slower_than_input and not res2.kept_input and res2.model is not res2.original
+    assert "slower" not in caplog.text

@@ -45,14 +45,14 @@ from graphopt.jobs.common import (
 from graphopt.jobs.compile import compile_model
 from graphopt.jobs.fp16 import MIN_SQNR_DB as FP16_MIN_SQNR_DB
 from graphopt.jobs.fp16 import fp16_model
-from graphopt.jobs.optimize import RTOL, optimize_model
+from graphopt.jobs.optimize import LEVEL_NAMES, RTOL, BenchResult, bench_models, optimize_model
 from graphopt.jobs.plan import plan_memory, plan_model
 from graphopt.jobs.prune import DEFAULT_MIN_SQNR_DB as PRUNE_MIN_SQNR_DB
 from graphopt.jobs.prune import prune
 from graphopt.jobs.quantize import DEFAULT_MIN_SQNR_DB as QUANTIZE_MIN_SQNR_DB
 from graphopt.jobs.quantize import QuantizeResult, quantize
 from graphopt.jobs.recipe.parser import load_recipe
-from graphopt.jobs.recipe.schema import STEP_MODULES, Recipe, Step
+from graphopt.jobs.recipe.schema import LOSSY, STEP_MODULES, Recipe, Step
 from graphopt.jobs.report import write_report
 from graphopt.passes.prune_channels import PruneReport
 
@@ -137,6 +137,13 @@ class RecipeResult(TransformResult):
     quant: QuantizeResult | None = None
     prune_report: PruneReport | None = None
     feeds: list[dict[str, np.ndarray]] = field(default_factory=list)
+    #: with ``bench``: the final model's onnxruntime latency over the original's per level
+    #: (median of the per-round ratios, interleaved, 1 thread), and the levels where it is slower
+    #: beyond noise in two measurements in a row
+    latency_ratio: dict[str, float] = field(default_factory=dict)
+    slower_than_input: list[str] = field(default_factory=list)
+    #: every step was exact and the result was slower: the original's graph was handed back
+    kept_input: bool = False
 
     @property
     def ok(self) -> bool:
@@ -162,8 +169,41 @@ class RecipeResult(TransformResult):
                 "steps": self.table(),
                 "ok": self.ok,
                 "artifact": path_or_none(self.artifact),
+                "latency_ratio": self.latency_ratio or None,
+                "slower_than_input": self.slower_than_input,
+                "kept_input": self.kept_input,
             }
         )
+
+
+def _compare_with_input(
+    result: RecipeResult, original: Model, final: Model, feed: Mapping[str, np.ndarray], rec: Recipe
+) -> None:
+    """``--bench``: the final model against the original, as ``optimize --bench`` does; slower
+    beyond noise at some level in two measurements in a row is said in a warning, and when every
+    step was exact the original's graph is handed back (a lossy recipe keeps its result: its
+    steps may be wanted for size)."""
+    b = bench_models(original, final, feed)
+    if b.slower():  # confirm: one noisy measurement must not decide
+        again = bench_models(original, final, feed)
+        if not set(again.slower()) & set(b.slower()):
+            b = BenchResult(
+                b.latency_ms, {lv: min(b.ratio[lv], again.ratio[lv]) for lv in b.ratio}, b.noise
+            )
+    result.latency_ratio = {lv: round(r, 4) for lv, r in b.ratio.items()}
+    result.slower_than_input = b.slower()
+    if not result.slower_than_input:
+        return
+    text = ", ".join(
+        f"{b.ratio[lv]:.2f}x the input's at {LEVEL_NAMES[lv]}" for lv in result.slower_than_input
+    )
+    if not any(s.kind in LOSSY for s in rec.steps):
+        result.model, result.kept_input = original, True
+        logger.warning(
+            "the recipe's model is slower than the input (%s); the input's graph is written", text
+        )
+    else:
+        logger.warning("the recipe's model is slower than the input (%s)", text)
 
 
 def sqnr_text(d: Mapping[str, float]) -> str:
@@ -318,6 +358,9 @@ def run_recipe(
         if step.kind != "compile":
             current, prev_out = new, out
     result.model = current
+    if bench and current is not original:
+        _compare_with_input(result, original, current, checked[0], rec)
+        current = result.model
     if out_path is not None:
         result.output = save(current, out_path)
     if report_path is not None:
