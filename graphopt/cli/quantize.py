@@ -298,7 +298,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.stop()
-    res.mode_reason = why
+    if args.mode == "static":
+        res.mode_reason = why  # "requested"; auto's reason is the job's own default
     if args.json:
         emit_json(res.to_json())
         return 0

@@ -167,8 +167,8 @@ class QuantizeResult(TransformResult):
     #: measured on this CPU (``latency_ms`` in the JSON): ``{"fp32", "int8"}`` median ms,
     #: ``speedup`` (fp32 / int8) and ``noise`` (None: not measured)
     speed: dict[str, float] | None = None
-    #: why the static mode was run (``graphopt quantize --mode``: requested or auto's reason)
-    mode_reason: str = "requested"
+    #: why the static mode was run (``graphopt quantize --mode``: requested, or auto's reason)
+    mode_reason: str = "calibration data given: static int8 with calibrated activation ranges"
 
     def summary(self) -> dict[str, Any]:
         return {

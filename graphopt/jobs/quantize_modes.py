@@ -59,6 +59,9 @@ from graphopt.jobs.optimize import bench_models, optimize_model
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "static", "dynamic", "weight-only")
+#: auto's reason for static (also what a direct static :func:`graphopt.jobs.quantize.quantize`
+#: call reports: it is given calibration data)
+STATIC_REASON = "calibration data given: static int8 with calibrated activation ranges"
 TARGETS = ("portable", "ort")
 #: share of the weights in MatMul/Gemm matrices above which ``auto`` picks dynamic without data
 DYNAMIC_SHARE = 0.5
@@ -85,7 +88,7 @@ def choose_mode(model: Model, mode: str, calib_given: bool) -> tuple[str, str]:
         return mode, "requested"
     share, products, convs = matmul_macs_share(model)
     if calib_given:
-        return "static", "calibration data given: static int8 with calibrated activation ranges"
+        return "static", STATIC_REASON
     if products and share >= DYNAMIC_SHARE:
         return "dynamic", (
             f"no calibration data and {share:.0%} of the weights are in {products} MatMul/Gemm "
