@@ -376,7 +376,9 @@ def test_auto_mode_choice() -> None:
     tb = load(fixture_path("transformer_block.onnx"))
     cnn = load(fixture_path("cnn.onnx"))
     assert choose_mode(tb, "auto", False)[0] == "dynamic"
-    assert choose_mode(tb, "auto", True)[0] == "static"
+    mode, why = choose_mode(tb, "auto", True)  # calibration data does not make it static
+    assert mode == "dynamic" and "--mode static" in why
+    assert choose_mode(cnn, "auto", True)[0] == "static"
     assert choose_mode(cnn, "auto", False)[0] == "static"
     assert choose_mode(cnn, "weight-only", False) == ("weight-only", "requested")
 
@@ -447,7 +449,7 @@ def test_cli_auto_dynamic_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
         "emit",
     ):
         assert key in d, key
-    assert d["mode"] == "dynamic" and "no calibration data" in d["mode_reason"]
+    assert d["mode"] == "dynamic" and "MatMul/Gemm" in d["mode_reason"]
     assert d["passes"]["quantize-dynamic"]["matmuls_quantized"] >= 4
 
 
