@@ -99,7 +99,14 @@ def trained_decoder() -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel  # type: ignore[attr-defined]
 
     torch.manual_seed(0)
-    cfg = GPT2Config(**TRAINED_CFG, bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    # config keywords in one untyped dict (transformers' stubs type each keyword differently)
+    settings: dict[str, Any] = {
+        **TRAINED_CFG,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "attn_implementation": "eager",
+    }
+    cfg = GPT2Config(**settings)
     lm = GPT2LMHeadModel(cfg)
     data = torch.tensor(list(_stdlib_text(TRAIN_MODULES)), dtype=torch.long)
     opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
