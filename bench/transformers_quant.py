@@ -365,6 +365,18 @@ def run(models: Sequence[str] = DEFAULT_MODELS, quick: bool = False) -> list[dic
     return rows
 
 
+def section(
+    models: Sequence[tuple[str, Path, Any]], *, quick: bool, workdir: Path
+) -> tuple[dict[str, Any], str]:
+    """The ``quant`` section of ``bench/transformers.py``: :func:`run` on the models it benches
+    that this module knows (by name; ``workdir`` unused: each measurement has its own folder),
+    as (JSON, markdown)."""
+    names = [m[0] for m in models]
+    chosen = [n for n in DEFAULT_MODELS if n in names or n == "gpt2-trained-bytes"]
+    rows = run(chosen, quick)
+    return {"rows": rows}, report(rows, "")
+
+
 def report(rows: Sequence[dict[str, Any]], header: str) -> str:
     cols = [
         "model",
