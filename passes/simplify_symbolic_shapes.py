@@ -382,10 +382,10 @@ class _Sweep:
     ) -> bool:
         if id(node.outputs[0]) in self.escaping:
             return False
-        for t, shape in updates:
-            t.shape = list(shape)
         if not bypass_node(self.graph, node, src):
             return False
+        for t, shape in updates:  # only once the rewrite is made
+            t.shape = list(shape)
         self.dead.add(id(node))
         return True
 
@@ -586,7 +586,11 @@ class _Sweep:
                 return None
             out = reader.outputs[0]
             if reader.op == "Expand" and reader.inputs[0] is t:
-                continue  # it broadcasts to its own (known) shape anyway
+                # it still broadcasts to its own shape when its target shape is that shape
+                target = self._shape_value(reader.inputs[1])
+                if target is None or broadcast([shape, target]) != known_shape(out):
+                    return None
+                continue
             if reader.op in UNARY:
                 more = self._slack(out, shape, depth + 1)
             elif reader.op in ELEMENTWISE:
@@ -606,6 +610,31 @@ class _Sweep:
                 return None
             updates += more
         return updates
+
+    def _shape_value(self, t: gs.Tensor) -> list[Dim] | None:
+        """The value of a 1-D shape tensor as known dims: a constant, ``Shape(x)`` of a known
+        shape, or a Concat of such parts and one-element dims; None otherwise."""
+        v = _const(t)
+        if v is not None:
+            return [int(x) for x in v.reshape(-1)] if v.dtype.kind in INT_KINDS else None
+        n = _producer(t)
+        if n is None:
+            return None
+        if n.op == "Shape" and not n.attrs.get("start") and "end" not in n.attrs:
+            return known_shape(n.inputs[0])
+        if n.op != "Concat" or int(n.attrs.get("axis", 0)) not in (0, -1):
+            return None
+        out: list[Dim] = []
+        for part in n.inputs:
+            pv = _const(part)
+            if pv is not None:
+                out += [int(x) for x in pv.reshape(-1)]
+                continue
+            e = self.an.scalar(part)
+            if e is None or not (e.is_Integer or e.is_Symbol):
+                return None
+            out.append(int(e) if e.is_Integer else str(e))
+        return out
 
     def _reshape(self, node: gs.Node) -> None:
         out = node.outputs[0]

@@ -39,7 +39,7 @@ def _ops(m: Model) -> dict[str, int]:
     return m.op_histogram()
 
 
-def _mask_model(stride_extra: int = 0, out_expand: bool = False) -> Model:
+def _mask_model(stride_extra: int = 0, out_expand: bool = False, ones: bool = False) -> Model:
     """The attention mask as ``transformers`` builds it: ``flatten(mask)[b * seq + s]`` over Range
     grids, And with an all-true ``kv >= 0`` grid, Expand to ``[B,1,S,S]``, additive -1e9."""
     mask = helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])
@@ -77,8 +77,9 @@ def _mask_model(stride_extra: int = 0, out_expand: bool = False) -> Model:
         helper.make_node("Unsqueeze", ["b", "ax0"], ["b1"]),
         helper.make_node("Unsqueeze", ["q", "ax0"], ["q1"]),
         helper.make_node("Concat", ["b1", "c1", "q1", "q1"], ["eshape"], axis=0),
-        helper.make_node("Expand", ["a", "eshape"], ["e"]),
+        helper.make_node("Expand", ["a", "ones" if ones else "eshape"], ["e"]),
     ]
+    inits.append(_i64("ones", [1, 1, 1, 1]))
     if out_expand:
         y = helper.make_tensor_value_info("e", TensorProto.BOOL, None)
     else:
@@ -116,6 +117,17 @@ def test_broadcast_a_graph_output_shows_is_kept() -> None:
     res = get_pass(PASS)(m.clone())
     assert "expand_unneeded" not in res.stats
     assert "Expand" in res.model.op_histogram()
+
+
+@pytest.mark.parametrize("ones", [False, True])
+def test_and_before_an_expanded_output(ones: bool) -> None:
+    """``And(all-true [1,1,S,1], m [B,1,1,S])`` read by an Expand that is a graph output: the And
+    may go only when the Expand's target is the full ``[B,1,S,S]`` (then the Expand still gives
+    it); with a target of ones the broadcast the And did is the output's shape, and it stays."""
+    m = _mask_model(out_expand=True, ones=ones)
+    res, _ = check_pass(m, PASS, feeds=_draws(m))
+    assert ("and_all_true" in res.stats) is not ones
+    assert ("And" in _ops(res.model)) is ones
 
 
 def test_reshape_to_unit_dims_of_a_shape_becomes_unsqueeze() -> None:
