@@ -453,6 +453,8 @@ def quantize_weight_only_job(
         raise OptionError(f"--block-size must be a power of two of at least 16, not {block_size}")
     if rounding not in ("rtn", "gptq"):
         raise OptionError(f"weight-only rounding must be nearest or gptq, not '{rounding}'")
+    if head_bits is not None and head_bits not in (4, 8):
+        raise OptionError(f"--head-bits must be 4 or 8, not {head_bits}")
     if rounding == "gptq" and calib is None:
         raise OptionError("--rounding gptq needs --calib DATA (its Hessians come from the data)")
     out_path, report_path = output_paths(model, output, report, inputs=[calib, feeds])
@@ -484,8 +486,6 @@ def quantize_weight_only_job(
                 f"be converted ({exc}); use --target ort (com.microsoft.MatMulNBits)"
             ) from None
     hessians = collect_hessians(work, batches, keep_float) if rounding == "gptq" else None
-    if head_bits is not None and head_bits not in (4, 8):
-        raise OptionError(f"--head-bits must be 4 or 8, not {head_bits}")
     outs = {id(t) for t in q.graph.outputs}
     heads = (
         {
