@@ -20,7 +20,9 @@ to the feeds' shapes, and ``--json``. One table row per (model, command):
   provisional on a shared machine;
 - reason: the one line the command printed when it did not exit 0, else its warnings.
 
-Writes bench/results/corpus.md (after every model, so a long run leaves what it measured).
+Writes bench/results/corpus.md after every row, so a long run leaves what it measured; rows are
+merged by (model, command) into the table already there (``--replace`` starts a new one), so runs
+of a few commands each build up one table. The table ends with exit counts per command.
 Usage: python bench/corpus.py [--models a,b] [--commands optimize,fp16] [--feeds 8] [--timeout S]
 """
 
@@ -31,6 +33,8 @@ import functools
 import importlib.util
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -232,15 +236,75 @@ def speedup(before: Path, after: Path, feed: dict[str, np.ndarray], runs: int) -
     return interleaved(runners, runs=runs, warmup=3).ratio("before", "after", paired=True)
 
 
-def markdown(rows: list[Row], skipped: dict[str, str], seconds: float) -> str:
+def parse_rows(text: str) -> tuple[list[Row], list[str]]:
+    """The rows and run notes of a table :func:`markdown` wrote (to merge a chunk into it)."""
+    rows: list[Row] = []
+    runs: list[str] = []
+    in_runs = False
+    for line in text.splitlines():
+        if line.startswith("Runs merged into this table"):
+            in_runs = True
+            continue
+        if in_runs and line.startswith("- "):
+            runs.append(line[2:])
+            continue
+        if in_runs and line.strip() and not line.startswith("- "):
+            in_runs = False
+        if not line.startswith("| ") or line.startswith("| model |"):
+            continue
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if len(cells) != 9:
+            continue
+        model, command, exit_, nodes, verified, fidelity, speed, secs, reason = cells
+        try:
+            seconds = float(secs)
+        except ValueError:
+            seconds = 0.0
+        rows.append(
+            Row(
+                model,
+                command,
+                exit_,
+                verified,
+                nodes,
+                fidelity,
+                speed,
+                reason.replace("\\|", "|"),
+                seconds,
+            )
+        )
+    return rows, runs
+
+
+def merge_rows(old: list[Row], new: list[Row]) -> list[Row]:
+    """``old`` with every (model, command) that ``new`` ran replaced, in corpus then command
+    order (rows of models or commands not known here keep their place at the end)."""
+    by_key = {(r.model, r.command): r for r in old}
+    by_key.update({(r.model, r.command): r for r in new})
+    models = [e.name for e in corpus.list_models()]
+
+    def key(r: Row) -> tuple[int, int]:
+        m = models.index(r.model) if r.model in models else len(models)
+        c = COMMANDS.index(r.command) if r.command in COMMANDS else len(COMMANDS)
+        return (m, c)
+
+    return sorted(by_key.values(), key=key)
+
+
+def markdown(rows: list[Row], skipped: dict[str, str], runs: list[str]) -> str:
     lines = [
         "# Every command on every corpus model",
         "",
-        f"`python bench/corpus.py`, {time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min on a "
-        "shared 2-core machine: **timings are provisional** (speed-up = original / written model, "
-        "onnxruntime ORT_ENABLE_ALL, one thread, interleaved, median per-round ratio). "
-        "Feeds: the corpus's representative inputs (graphopt/corpus.py); fidelity: the model's "
-        "task metric of the written model against the original on them.",
+        "`python bench/corpus.py` on a shared 2-core machine: **timings are provisional** "
+        "(speed-up = original / written model, onnxruntime ORT_ENABLE_ALL, one thread, "
+        "interleaved, median per-round ratio). Feeds: the corpus's representative inputs "
+        "(graphopt/corpus.py); fidelity: the model's task metric of the written model against "
+        "the original on them. Each run replaces the rows of the (model, command) pairs it ran "
+        "and keeps the others.",
+        "",
+        "Runs merged into this table:",
+        "",
+        *[f"- {r}" for r in runs],
         "",
         "| model | command | exit | nodes | verified | fidelity | speed-up | s | reason |",
         "|---|---|---|---|---|---|---|---:|---|",
@@ -251,10 +315,24 @@ def markdown(rows: list[Row], skipped: dict[str, str], seconds: float) -> str:
             f"| {r.model} | {r.command} | {r.exit} | {r.nodes} | {r.verified} | {r.fidelity} "
             f"| {r.speedup} | {r.seconds:.0f} | {reason} |"
         )
+    counts = exit_counts(rows)
+    if counts:
+        lines += ["", "| command | exit 0 | exit 2 | exit 1 | other |", "|---|---:|---:|---:|---:|"]
+        for cmd, c in counts.items():
+            lines.append(f"| {cmd} | {c['0']} | {c['2']} | {c['1']} | {c['other']} |")
     if skipped:
         lines += ["", "Not available here:", ""]
         lines += [f"- {k}: {v}" for k, v in skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def exit_counts(rows: list[Row]) -> dict[str, dict[str, int]]:
+    """Command -> counts of exit 0 / 2 / 1 / anything else (timeout, not available)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        c = out.setdefault(r.command, {"0": 0, "2": 0, "1": 0, "other": 0})
+        c[r.exit if r.exit in ("0", "2", "1") else "other"] += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,12 +345,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20, help="timed runs per model for the speed-up")
     ap.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
     ap.add_argument("--output", default=str(RESULTS), help="markdown table (%(default)s)")
+    ap.add_argument(
+        "--replace", action="store_true", help="start a new table (default: merge into it)"
+    )
     args = ap.parse_args(argv)
     names = args.models.split(",") if args.models else [e.name for e in corpus.list_models()]
     commands = args.commands.split(",")
+    unknown = [c for c in commands if c not in COMMANDS]
+    if unknown:
+        ap.error(f"unknown command(s) {','.join(unknown)}; choose from {','.join(COMMANDS)}")
+    old_rows: list[Row] = []
+    runs: list[str] = []
+    out_path = Path(args.output)
+    if out_path.is_file() and not args.replace:
+        old_rows, runs = parse_rows(out_path.read_text())
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     rows: list[Row] = []
     skipped: dict[str, str] = {}
     t0 = time.perf_counter()
+
+    def run_note() -> str:
+        return (
+            f"{started}-{time.strftime('%H:%M', time.gmtime())} UTC, "
+            f"`--commands {','.join(commands)} --feeds {args.feeds}`"
+            + (f" `--models {args.models}`" if args.models else "")
+            + f", {(time.perf_counter() - t0) / 60:.0f} min, load average at start "
+            f"{load_avg:.1f}, {len(rows)} rows"
+        )
+
+    def write() -> None:
+        text = markdown(merge_rows(old_rows, rows), skipped, [*runs, run_note()])
+        atomic_write_text(args.output, text)
+
     with tempfile.TemporaryDirectory(prefix="graphopt-corpus-") as tmp:
         for name in names:
             why = corpus.why_unavailable(name)
@@ -292,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row.fidelity:40} {row.speedup:8} {row.seconds:6.0f}s {row.reason[:120]}",
                     flush=True,
                 )
-            atomic_write_text(args.output, markdown(rows, skipped, time.perf_counter() - t0))
-    atomic_write_text(args.output, markdown(rows, skipped, time.perf_counter() - t0))
+                write()
+    write()
     bad = [r for r in rows if r.exit not in ("0", "2", "-")]
     return 1 if bad else 0
 
