@@ -35,6 +35,7 @@ import onnx_graphsurgeon as gs
 from graphopt.core.graph import bypass_node, local_topo_order
 from graphopt.core.model import Model, all_graph_output_ids
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
+from graphopt.core.pattern import const_value, node_axes, normalize_axes
 from graphopt.core.shapes import is_static
 
 logger = logging.getLogger(__name__)
@@ -43,12 +44,6 @@ DEFAULT_DOMAINS = ("", "ai.onnx", None)
 
 #: ops that only reinterpret the row-major data of their first input under another shape
 PURE_RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
-
-
-def _const(t: gs.Tensor | None) -> np.ndarray | None:
-    if t is None or not isinstance(t, gs.Constant):
-        return None
-    return np.asarray(t.values)
 
 
 def _shape(t: gs.Tensor) -> list[int] | None:
@@ -61,20 +56,7 @@ def _rank(t: gs.Tensor) -> int | None:
 
 def _axes(node: gs.Node, rank: int | None) -> list[int] | None:
     """Normalized (non-negative, sorted) axes of Squeeze/Unsqueeze/ReduceX; None if unknown."""
-    if "axes" in node.attrs:
-        axes = [int(a) for a in node.attrs["axes"]]
-    elif len(node.inputs) > 1 and not node.inputs[1].is_empty():
-        v = _const(node.inputs[1])
-        if v is None:
-            return None
-        axes = [int(a) for a in v.reshape(-1)]
-    else:
-        return None
-    if any(a < 0 for a in axes):
-        if rank is None:
-            return None
-        axes = [a + rank if a < 0 else a for a in axes]
-    return sorted(axes)
+    return normalize_axes(node_axes(node), rank)
 
 
 def _dtype(t: gs.Tensor) -> np.dtype | None:
@@ -186,7 +168,7 @@ class EliminateNoopPass(Pass):
             if (
                 out is not None
                 and out == _shape(x)
-                and (op != "Tile" or bool(np.all(_const(node.inputs[1]) == 1)))
+                and (op != "Tile" or bool(np.all(const_value(node.inputs[1]) == 1)))
             ):
                 kind = op.lower()
             elif out is not None and op in PURE_RESHAPES and self._undo(st, node, out, removed):
@@ -202,7 +184,7 @@ class EliminateNoopPass(Pass):
         elif op == "Slice":
             kind = "slice" if self._slice_all(node) else None
         elif op == "Pad":
-            pads = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+            pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
             if pads is None and "pads" in node.attrs:
                 pads = np.asarray(node.attrs["pads"])
             if pads is not None and not pads.any():
@@ -233,7 +215,7 @@ class EliminateNoopPass(Pass):
             return None
         op = node.op
         if op == "Reshape":
-            target = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+            target = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
             if target is None:
                 return None
             return _resolve_reshape(s, target, bool(node.attrs.get("allowzero", 0)))
@@ -256,7 +238,7 @@ class EliminateNoopPass(Pass):
             if "axes" in node.attrs or len(node.inputs) > 1:
                 raw = node.attrs.get("axes")
                 if raw is None:
-                    v = _const(node.inputs[1])
+                    v = const_value(node.inputs[1])
                     if v is None:
                         return None
                     raw = v.reshape(-1).tolist()
@@ -266,12 +248,12 @@ class EliminateNoopPass(Pass):
                 return None
             return _unsqueeze(s, axes)
         if op == "Expand":
-            shp = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+            shp = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
             if shp is None:
                 return None
             return _broadcast(s, [int(d) for d in shp.reshape(-1)])
         if op == "Tile":
-            reps = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+            reps = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
             if reps is None or reps.size != len(s):
                 return None
             return [d * int(r) for d, r in zip(s, reps.reshape(-1))]
@@ -298,7 +280,7 @@ class EliminateNoopPass(Pass):
     def _reshape_chain(self, st: _Graph, node: gs.Node, removed: set[int]) -> str | None:
         inner_out = node.inputs[0]
         inner = st.producer(inner_out)
-        target = _const(node.inputs[1]) if len(node.inputs) > 1 else None
+        target = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
         if inner is None or target is None or id(inner) in removed:
             return None
         if (
@@ -417,7 +399,7 @@ class EliminateNoopPass(Pass):
             steps = [1] * len(starts)
         else:
             vals = [
-                _const(t) if i < len(node.inputs) and not node.inputs[i].is_empty() else None
+                const_value(t) if i < len(node.inputs) and not node.inputs[i].is_empty() else None
                 for i, t in enumerate(node.inputs[1:5], start=1)
             ]
             if len(node.inputs) < 3 or vals[0] is None or vals[1] is None:
@@ -457,7 +439,7 @@ class EliminateNoopPass(Pass):
             cands.append((b, a))
         neutral = {"Mul": 1, "Div": 1, "Add": 0, "Sub": 0}[node.op]
         for x, c in cands:
-            v = _const(c)
+            v = const_value(c)
             if v is None or v.size == 0 or not np.all(v == neutral):
                 continue
             dx = _dtype(x)

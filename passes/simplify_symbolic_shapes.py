@@ -50,6 +50,7 @@ import sympy
 from graphopt.core.graph import bypass_node, insert_nodes, make_node, unique_name
 from graphopt.core.model import Model, all_graph_output_ids
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
+from graphopt.core.pattern import const_value, node_axes
 
 logger = logging.getLogger(__name__)
 
@@ -117,24 +118,11 @@ def _dim_expr(d: Dim) -> Expr:
     )
 
 
-def _const(t: gs.Tensor) -> np.ndarray | None:
-    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
-
-
 def _producer(t: gs.Tensor) -> gs.Node | None:
     if isinstance(t, gs.Constant) or len(t.inputs) != 1:
         return None
     n = t.inputs[0]
     return n if n.domain in DEFAULT_DOMAINS else None
-
-
-def _axes(node: gs.Node) -> list[int] | None:
-    if "axes" in node.attrs:
-        return [int(a) for a in node.attrs["axes"]]
-    if len(node.inputs) > 1:
-        v = _const(node.inputs[1])
-        return None if v is None else [int(a) for a in v.reshape(-1)]
-    return None
 
 
 @dataclass(frozen=True)
@@ -168,7 +156,7 @@ class _Analysis:
         return self._scalars[key]
 
     def _scalar(self, t: gs.Tensor) -> Expr | None:
-        v = _const(t)
+        v = const_value(t)
         if v is not None:
             if v.size == 1 and v.dtype.kind in INT_KINDS:
                 return sympy.Integer(int(v.reshape(-1)[0]))
@@ -178,7 +166,7 @@ class _Analysis:
             return None
         if n.op == "Gather" and len(n.inputs) == 2:
             src, idx = n.inputs
-            k = _const(idx)
+            k = const_value(idx)
             sp = _producer(src)
             if k is None or k.size != 1 or sp is None or sp.op != "Shape":
                 return None
@@ -250,7 +238,7 @@ class _Analysis:
             return Grid(1, sympy.Integer(0), ((0, limit, sympy.Integer(1)),))
         if n.op == "Unsqueeze":
             g = self.grid(n.inputs[0])
-            axes = _axes(n)
+            axes = node_axes(n)
             if g is None or axes is None:
                 return None
             rank = g.rank + len(axes)
@@ -426,14 +414,22 @@ class _Sweep:
         sl = _producer(idx)
         if self.opset < 13 or sl is None or sl.op != "Slice" or len(sl.inputs) < 3:
             return False
-        a = _const(sl.inputs[0])
+        a = const_value(sl.inputs[0])
         if a is None or a.dtype.kind not in INT_KINDS or a.ndim < 1 or a.size != a.shape[-1]:
             return False
         if not np.array_equal(a.reshape(-1), np.arange(a.size)):
             return False
-        starts = _const(sl.inputs[1])
-        axes = _const(sl.inputs[3]) if len(sl.inputs) > 3 and not sl.inputs[3].is_empty() else None
-        steps = _const(sl.inputs[4]) if len(sl.inputs) > 4 and not sl.inputs[4].is_empty() else None
+        starts = const_value(sl.inputs[1])
+        axes = (
+            const_value(sl.inputs[3])
+            if len(sl.inputs) > 3 and not sl.inputs[3].is_empty()
+            else None
+        )
+        steps = (
+            const_value(sl.inputs[4])
+            if len(sl.inputs) > 4 and not sl.inputs[4].is_empty()
+            else None
+        )
         ends = sl.inputs[2]
         rank = a.ndim
         if starts is None or starts.size != 1 or int(starts.reshape(-1)[0]) != 0:
@@ -477,7 +473,7 @@ class _Sweep:
         """``Unsqueeze(Gather(Shape(t), k), [0])`` -> ``Shape(t, start=k, end=k+1)``; an
         Unsqueeze of leading axes that every reader broadcasts anyway is dropped."""
         x = node.inputs[0]
-        axes = _axes(node)
+        axes = node_axes(node)
         if axes is None:
             return
         g = _producer(x)
@@ -491,7 +487,7 @@ class _Sweep:
             and len(x.shape) == 0
         ):
             sp = _producer(g.inputs[0])
-            k = _const(g.inputs[1])
+            k = const_value(g.inputs[1])
             if sp is not None and sp.op == "Shape" and k is not None and k.size == 1:
                 t = sp.inputs[0]
                 if t.shape is not None:
@@ -538,7 +534,7 @@ class _Sweep:
             self.all_true.add(id(node.outputs[0]))
 
     def _true(self, t: gs.Tensor) -> bool:
-        v = _const(t)
+        v = const_value(t)
         if v is not None:
             return v.dtype == np.bool_ and bool(v.all())
         return id(t) in self.all_true
@@ -614,7 +610,7 @@ class _Sweep:
     def _shape_value(self, t: gs.Tensor) -> list[Dim] | None:
         """The value of a 1-D shape tensor as known dims: a constant, ``Shape(x)`` of a known
         shape, or a Concat of such parts and one-element dims; None otherwise."""
-        v = _const(t)
+        v = const_value(t)
         if v is not None:
             return [int(x) for x in v.reshape(-1)] if v.dtype.kind in INT_KINDS else None
         n = _producer(t)
@@ -626,7 +622,7 @@ class _Sweep:
             return None
         out: list[Dim] = []
         for part in n.inputs:
-            pv = _const(part)
+            pv = const_value(part)
             if pv is not None:
                 out += [int(x) for x in pv.reshape(-1)]
                 continue

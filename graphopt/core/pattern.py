@@ -422,6 +422,34 @@ class RewritePass(Pass):
         return PassResult(model, total > 0, stats)
 
 
+def const_value(t: gs.Tensor | None) -> np.ndarray | None:
+    """The value of ``t`` when it is a constant (an initializer or a folded value), else None."""
+    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
+
+
+def node_axes(node: gs.Node) -> list[int] | None:
+    """The axes of a Squeeze/Unsqueeze/Reduce* node as written (attribute before opset 13,
+    constant second input after; negative axes kept); None when absent or not constant."""
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if len(node.inputs) > 1:
+        v = const_value(node.inputs[1])
+        return None if v is None else [int(a) for a in v.reshape(-1)]
+    return None
+
+
+def normalize_axes(axes: Sequence[int] | None, rank: int | None) -> list[int] | None:
+    """``axes`` made non-negative against ``rank`` and sorted; None when ``axes`` is None, or has
+    a negative axis and the rank is unknown."""
+    if axes is None:
+        return None
+    if any(a < 0 for a in axes):
+        if rank is None:
+            return None
+        axes = [a + rank if a < 0 else a for a in axes]
+    return sorted(int(a) for a in axes)
+
+
 def const_int_vector(node: gs.Node, i: int) -> np.ndarray | None:
     """Input ``i`` of ``node`` as int64 (None when it is not a constant integer vector)."""
     if i >= len(node.inputs) or node.inputs[i].is_empty():
