@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 
 from graphopt.algorithms.quant.dynamic import DynamicConfig, quantize_dynamic_matmuls, weight_int8
 from graphopt.algorithms.quant.gptq import output_error, quantize_gptq, quantize_rtn
+from graphopt.algorithms.quant.residual import sum_residual_adds
 from graphopt.algorithms.quant.smoothquant import smooth_model
 from graphopt.algorithms.quant.weight_only import (
     WeightOnlyConfig,
@@ -27,6 +28,7 @@ from graphopt.algorithms.quant.weight_only import (
 )
 from graphopt.core.model import Model
 from graphopt.core.session import make_session
+from graphopt.core.shapes import prepare
 from graphopt.core.verify import sqnr_db
 from graphopt.fixtures import fixture_path
 from graphopt.jobs.quantize_modes import choose_mode, quantize_dynamic, quantize_weight_only_job
@@ -209,6 +211,125 @@ def test_dynamic_job_on_transformer_block(tmp_path: Path) -> None:
     assert res.stats["matmuls_quantized"] >= 4
     assert min(o.sqnr_db for o in res.verify.outputs) > 25
     assert res.to_json()["weights_ratio"] < 0.3
+
+
+def _post_ln_block(seed: int = 0, bias: bool = False) -> Model:
+    """x [2, 8, 32] -> h = LN(x + x @ W1 (+ c)); s2 = h + relu(h @ W2), y = LN(s2);
+    z = LN(s2 + y): the sum s2 has two readers (as in a pre-norm block)."""
+    rng = np.random.default_rng(seed)
+    d = 32
+    inits = [
+        onnx.numpy_helper.from_array((rng.standard_normal((d, d)) * 0.2).astype(np.float32), n)
+        for n in ("w1", "w2")
+    ] + [
+        onnx.numpy_helper.from_array(rng.uniform(0.5, 1.5, d).astype(np.float32), "g"),
+        onnx.numpy_helper.from_array((rng.standard_normal(d) * 0.1).astype(np.float32), "b"),
+        onnx.numpy_helper.from_array(np.full(d, 0.1, np.float32), "c"),
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1")]
+    if bias:  # the fusion's bias form: Add(x, Add(m1, c)) -> LN
+        nodes.append(helper.make_node("Add", ["m1", "c"], ["m1b"], name="bias1"))
+    nodes += [
+        helper.make_node("Add", ["x", "m1b" if bias else "m1"], ["s1"], name="res1"),
+        helper.make_node("LayerNormalization", ["s1", "g", "b"], ["h"], axis=-1, name="ln1"),
+        helper.make_node("MatMul", ["h", "w2"], ["m2"], name="mm2"),
+        helper.make_node("Relu", ["m2"], ["r"], name="relu"),
+        helper.make_node("Add", ["h", "r"], ["s2"], name="res2"),
+        helper.make_node("LayerNormalization", ["s2", "g", "b"], ["y"], axis=-1, name="ln2"),
+        helper.make_node("Add", ["s2", "y"], ["s3"], name="pre_ln_res"),
+        helper.make_node("LayerNormalization", ["s3", "g", "b"], ["z"], axis=-1, name="ln3"),
+    ]
+    shape = [2, 8, d]
+    g = helper.make_graph(
+        nodes,
+        "post_ln",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, shape)],
+        inits,
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    return prepare(Model.from_onnx(proto))
+
+
+def _ort_optimized_ops(model: Model, tmp_path: Path) -> dict[str, int]:
+    """Op types of what onnxruntime ENABLE_ALL makes of ``model`` (its saved optimized graph)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    dst = tmp_path / f"opt{len(list(tmp_path.iterdir()))}.onnx"
+    so.optimized_model_filepath = str(dst)
+    ort.InferenceSession(
+        model.to_onnx().SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
+    got: dict[str, int] = {}
+    for n in onnx.load(str(dst)).graph.node:
+        got[n.op_type] = got.get(n.op_type, 0) + 1
+    return got
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_dynamic_residual_adds_as_sum_keep_ort_from_skip_layernorm(
+    tmp_path: Path, bias: bool
+) -> None:
+    m = _post_ln_block(bias=bias)
+    x = {"x": np.random.default_rng(5).standard_normal((2, 8, 32)).astype(np.float32)}
+    ref = _run(m, x)
+    q = m.clone()
+    st = quantize_dynamic_matmuls(q, DynamicConfig(pair_bound=True))
+    plain = m.clone()
+    quantize_dynamic_matmuls(plain, DynamicConfig(pair_bound=True, residual_sum=False))
+    # res2's sum has two readers: onnxruntime would not fuse it, it stays an Add
+    assert sorted(st.residual_sums) == ["pre_ln_res", "res1"]
+    assert st.to_json()["residual_adds_as_sum"] == 2 and st.biases_fused == int(bias)
+    ops = op_counts(q)
+    assert ops["Sum"] == 2 and ops["Add"] == 1 + int(bias)  # the integer emit's bias Add
+    onnx.checker.check_model(q.to_onnx(), full_check=True)
+    # Sum is Add: bit-identical to the same quantization with Adds, at both levels
+    np.testing.assert_array_equal(_run(q, x), _run(plain, x))
+    np.testing.assert_array_equal(_run(q, x, "all"), _run(q, x, "disable_all"))
+    assert sqnr_db(ref, _run(q, x)) > 30
+    # what the rewrite is for: onnxruntime forms no SkipLayerNormalization from the Sums
+    assert _ort_optimized_ops(plain, tmp_path).get("SkipLayerNormalization", 0) == 2
+    assert "SkipLayerNormalization" not in _ort_optimized_ops(q, tmp_path)
+
+
+def test_residual_sum_leaves_other_adds_alone() -> None:
+    # negative cases: a constant operand, a broadcast operand, an Add no LayerNorm reads
+    d = 16
+    rng = np.random.default_rng(1)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((8, d)).astype(np.float32), "pos"),
+        onnx.numpy_helper.from_array(np.ones(d, np.float32), "g"),
+        onnx.numpy_helper.from_array(np.zeros(d, np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Add", ["x", "pos"], ["a1"], name="const_operand"),
+        helper.make_node("LayerNormalization", ["a1", "g", "b"], ["l1"], axis=-1),
+        helper.make_node("Add", ["l1", "row"], ["a2"], name="broadcast"),
+        helper.make_node("LayerNormalization", ["a2", "g", "b"], ["l2"], axis=-1),
+        helper.make_node("Add", ["l2", "x"], ["y"], name="no_layernorm"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, d]),
+            helper.make_tensor_value_info("row", TensorProto.FLOAT, [1, 8, d]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, d])],
+        inits,
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    m = prepare(Model.from_onnx(proto))
+    before = op_counts(m)
+    assert sum_residual_adds(m) == []
+    assert op_counts(m) == before
+    # and a model with nothing to quantize is not touched at all
+    st = quantize_dynamic_matmuls(m)
+    assert not st.quantized and not st.residual_sums and op_counts(m) == before
 
 
 # ---------------------------------------------------------------------- weight-only
