@@ -7,7 +7,12 @@ Flatten/Reshape into Gemm/MatMul, ...) loses its ``round(r * width)`` least impo
 never going below ``max(min_channels, min_fraction * width)`` and, with ``round_to=N``, keeping a
 multiple of ``N`` channels (CPU kernels work in channel blocks). With ``scope="global"`` importances
 are normalized by their group's mean and the least important ``r`` of all channels of the model go,
-so groups lose different fractions.
+so groups lose different fractions. With ``scope="auto"`` the ratio is the fraction of the
+*prunable MACs* removed, split across groups by a sensitivity scan on the calibration data
+(:mod:`graphopt.algorithms.prune.allocate`: per group, the output distortion after removing a few
+counts of its units with the readers refit; then a greedy knapsack by distortion per MAC saved);
+``scope=None`` picks ``auto`` when calibration data is given, the ratio is one number and no free
+group is convolutional (transformers, MLPs), else ``group``.
 
 Importance of a channel (summed over the coupled producers, each normalized by its layer mean):
 
@@ -42,7 +47,7 @@ and restored afterwards.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,8 +72,9 @@ from graphopt.algorithms.prune import (
     unit_scores,
     validate_ratio,
 )
+from graphopt.algorithms.prune.allocate import SCAN_FEEDS, Allocation, allocate, group_kind
 from graphopt.core.cost import model_cost
-from graphopt.core.errors import GraphoptError
+from graphopt.core.errors import CalibrationError, GraphoptError, OptionError
 from graphopt.core.feeds import Feeds, open_calibration
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult, register_pass
@@ -101,6 +107,8 @@ class PruneReport:
     macs_after: int
     prunable_macs: int
     recovery: dict[str, int] = field(default_factory=dict)
+    scope: str = "group"
+    allocation: Allocation | None = None
 
     @property
     def prunable_fraction(self) -> float:
@@ -109,6 +117,7 @@ class PruneReport:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["prunable_fraction"] = self.prunable_fraction
+        d["allocation"] = None if self.allocation is None else self.allocation.to_json()
         return d
 
 
@@ -148,6 +157,11 @@ def _node_macs(model: Model) -> dict[str, int]:
     return {nc.name: nc.macs for nc in model_cost(model).nodes}
 
 
+#: ``scope`` values: the ratio per group (``group``), ranked over the whole model (``global``),
+#: split by sensitivity (``auto``), or chosen from the model (None; see the module docstring)
+SCOPES = ("group", "global", "auto", None)
+
+
 @register_pass
 class PruneChannelsPass(Pass):
     """Remove the least important output channels of every dependency group (structured)."""
@@ -167,16 +181,25 @@ class PruneChannelsPass(Pass):
         positions: int = 256,
         ridge: float = 1e-3,
         calib_limit: int = 128,
-        scope: str = "group",
+        scope: str | None = "group",
         input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        scan_feeds: int = SCAN_FEEDS,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         if criterion not in CRITERIA:
             raise GraphoptError(
                 f"unknown pruning criterion '{criterion}' (use one of {', '.join(CRITERIA)})"
             )
         ratio = validate_ratio(ratio)
-        if scope not in ("group", "global"):
-            raise GraphoptError(f"pruning scope must be 'group' or 'global', got {scope!r}")
+        if scope not in SCOPES:
+            raise OptionError(
+                f"pruning scope must be one of {', '.join(str(x) for x in SCOPES)}, got {scope!r}"
+            )
+        if scope == "auto" and isinstance(ratio, dict):
+            raise OptionError(
+                "scope 'auto' splits one ratio (a fraction of the prunable MACs) across the "
+                "groups itself: give one number, or per-group ratios with scope 'group'"
+            )
         if round_to is not None and round_to < 1:
             raise GraphoptError("--round-to must be a positive integer")
         self.ratio = ratio
@@ -191,7 +214,26 @@ class PruneChannelsPass(Pass):
         self.ridge = ridge
         self.calib_limit = calib_limit
         self.input_shapes = dict(input_shapes or {})
+        self.scan_feeds = int(scan_feeds)
+        self.progress = progress
         self.report: PruneReport | None = None
+
+    def resolve_scope(self, grps: Iterable[Group], calib: list[Feeds]) -> str:
+        """The scope used: the one asked for, or for ``None``: ``auto`` when calibration data is
+        given, the ratio is one number and no free group is convolutional, else ``group``."""
+        if self.scope is not None:
+            if self.scope == "auto" and not calib:
+                raise CalibrationError(
+                    "scope 'auto' measures each group's sensitivity on calibration data: give "
+                    "--calib DATA, or use --scope group (the same ratio in every group)"
+                )
+            return self.scope
+        if not calib or isinstance(self.ratio, dict):
+            return "group"
+        free = [g for g in grps if not g.blocked]
+        if any(group_kind(g) == "channels" for g in free):
+            return "group"
+        return "auto"
 
     def call(self, model: Model) -> PassResult:
         work = model.clone()
@@ -212,22 +254,43 @@ class PruneChannelsPass(Pass):
         grps = groups(an)
         calib = (
             materialize_calib(self.calib, model, self.calib_limit)
-            if (self.criterion in CALIB_CRITERIA or self.recover)
+            if (self.criterion in CALIB_CRITERIA or self.recover or self.scope in ("auto", None))
             else []
         )
+        scope = self.resolve_scope(grps, calib)
         scores = unit_scores(an, importance(model, an, self.criterion, calib))
+        nm = _node_macs(work)
+        alloc: Allocation | None = None
+        ratio: float | dict[str, float] = self.ratio
+        if scope == "auto":
+            assert not isinstance(self.ratio, dict)
+            alloc = allocate(
+                model,
+                work,
+                an,
+                grps,
+                scores,
+                nm,
+                calib,
+                float(self.ratio),
+                round_to=self.round_to,
+                min_channels=self.min_channels,
+                min_fraction=self.min_fraction,
+                scan_feeds=self.scan_feeds,
+                progress=self.progress,
+            )
+            ratio = alloc.ratios()
         keep_unit = select(
             an,
             grps,
             scores,
-            self.ratio,
+            ratio,
             self.round_to,
             self.min_channels,
             self.min_fraction,
-            self.scope,
+            "group" if scope == "auto" else scope,
         )
         keep_elem = keep_elements(an, keep_unit)
-        nm = _node_macs(work)
         pr, total = prunable_macs(an, nm)
         reports = group_reports(an, grps, keep_unit)
         stats: dict[str, Any] = {
@@ -238,9 +301,20 @@ class PruneChannelsPass(Pass):
             "macs_before": total,
             "prunable_macs_fraction": round(pr / total, 4) if total else 0.0,
         }
+        if alloc is not None:
+            stats["scan_points"] = alloc.points
+            stats["allocation_distortion"] = round(alloc.distortion, 6)
         if keep_elem.all():
             self.report = PruneReport(
-                self.criterion, self.ratio, self.round_to, reports, total, total, pr
+                self.criterion,
+                self.ratio,
+                self.round_to,
+                reports,
+                total,
+                total,
+                pr,
+                scope=scope,
+                allocation=alloc,
             )
             stats["macs_after"] = total
             return PassResult(model, False, stats)
@@ -278,6 +352,15 @@ class PruneChannelsPass(Pass):
         stats["macs_after"] = macs_after
         model.graph = work.graph
         self.report = PruneReport(
-            self.criterion, self.ratio, self.round_to, reports, total, macs_after, pr, recovery
+            self.criterion,
+            self.ratio,
+            self.round_to,
+            reports,
+            total,
+            macs_after,
+            pr,
+            recovery,
+            scope=scope,
+            allocation=alloc,
         )
         return PassResult(model, True, stats)

@@ -41,7 +41,12 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         help="write a self-contained HTML report (graphs, per-step figures)",
     )
     p.add_argument("-o", "--output", help="pruned model (required unless --scan)")
-    p.add_argument("--ratio", type=float, help="fraction of channels removed per group, in [0, 1)")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        help="fraction removed, in [0, 1): of the prunable MACs (--scope auto) or of every "
+        "group's channels (--scope group)",
+    )
     p.add_argument(
         "--calib",
         metavar="DATA",
@@ -65,9 +70,12 @@ def add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--scope",
-        choices=["group", "global"],
-        default="group",
-        help="group: the ratio in every group; global: rank all channels together",
+        choices=["auto", "group", "global"],
+        default=None,
+        help="auto: --ratio of the prunable MACs, split across layers, heads and FFN neurons by a "
+        "sensitivity scan on --calib; group: the same ratio in every group (uniform); global: "
+        "rank all channels together (default: auto with --calib when no prunable layer is a "
+        "convolution, else group)",
     )
     p.add_argument("--no-recover", action="store_true", help="skip the least-squares refit")
     p.add_argument(
@@ -166,9 +174,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
             console().print(_scan_table(scan.points))
         return 0
     opts["recover"] = recover
-    with _training_bar(
-        recover == "distill" and ((not args.json and sys.stderr.isatty()) or args.progress)
-    ) as bar:
+    show = (not args.json and sys.stderr.isatty()) or args.progress
+    with (
+        _training_bar(recover == "distill" and show) as bar,
+        _scan_bar(show and args.calib is not None and args.scope in (None, "auto")) as scan_bar,
+    ):
         res = prune(
             args.model,
             args.ratio,
@@ -185,6 +195,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             target_sqnr=args.target_sqnr,
             threads=args.threads,
             train_progress=bar,
+            scan_progress=scan_bar,
             **opts,
         )
     if args.json:
@@ -193,6 +204,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     c = console()
     if res.scan is not None:
         c.print(_scan_table(res.scan))
+    if res.report.allocation is not None:
+        c.print(_allocation_table(res))
     c.print(_group_table(res))
     c.print(_summary_table(res, args.model))
     what = (
@@ -205,6 +218,47 @@ def cmd_prune(args: argparse.Namespace) -> int:
     c.print(_fidelity_table(res.fidelity, f"fidelity against the original {what}"))
     c.print(f"wrote {fmt_name(res.output)} in {res.seconds:.2f} s")
     return 0
+
+
+@contextmanager
+def _scan_bar(show: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar (on stderr) for the sensitivity scan of ``--scope auto``."""
+    if not show:
+        yield None
+        return
+    bar = Progress(
+        "sensitivity scan",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console(stderr=True),
+        transient=True,
+    )
+    task = bar.add_task("scan", total=None)
+
+    def update(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total)
+
+    bar.start()
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
+def _allocation_table(res: PruneResult) -> Table:
+    a = res.report.allocation
+    assert a is not None
+    t = Table(
+        title=f"allocation: {a.achieved * 100:.1f}% of the prunable MACs removed "
+        f"(asked {a.target * 100:.1f}%; {a.points} scan points)",
+        title_justify="left",
+    )
+    for col in ("group", "kind", "removed", "est. distortion"):
+        t.add_column(col, justify="left" if col in ("group", "kind") else "right")
+    for g in a.groups:
+        t.add_row(fmt_name(g.name), g.kind, f"{g.removed} / {g.width}", f"{g.distortion:.2e}")
+    return t
 
 
 @contextmanager

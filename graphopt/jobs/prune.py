@@ -138,6 +138,8 @@ class PruneResult(TransformResult):
             "fidelity": fidelity_json(self.fidelity),
             "held_out": self.held_out,
             "recovery": self.recovery,
+            "scope": rep.scope,
+            "allocation": None if rep.allocation is None else rep.allocation.to_json(),
             "training": None if self.training is None else self.training.to_json(),
             "groups": [
                 {
@@ -266,6 +268,8 @@ def prune(
     min_cosine: float | None = None,
     force: bool = False,
     feeds: Any = None,
+    scope: str | None = None,
+    scan_progress: Any = None,
     **options: Any,
 ) -> PruneResult:
     """The prune job: structured channel pruning (pass ``prune-channels``) with least-squares
@@ -273,8 +277,10 @@ def prune(
 
     Args:
         model: a :class:`Model` (not changed) or the path of an ONNX file (never written).
-        ratio: fraction of channels removed from every dependency group, or
-            ``{producer node name: ratio, "*": default}`` per layer.
+        ratio: with ``scope="group"``: fraction of channels removed from every dependency group,
+            or ``{producer node name: ratio, "*": default}`` per layer; with ``scope="auto"``:
+            fraction of the prunable MACs removed, split across the groups by a sensitivity scan
+            on ``calib`` (:mod:`graphopt.algorithms.prune.allocate`).
         calib: calibration data (path, iterable of feed dicts) for recovery and the
             ``activation`` criterion; without it recovery is skipped.
         criterion: ``l1``, ``l2``, ``bn``, ``activation`` or ``output`` (needs ``calib``).
@@ -305,6 +311,11 @@ def prune(
         force: write the pruned model even when it fails the check (with a warning).
         feeds: judge fidelity on these inputs (``--feeds``: a path in the ``--calib`` formats,
             a feed dict or an iterable of them) instead of held-out calibration samples.
+        scope: ``group`` (the same ratio in every group), ``global`` (channels ranked over the
+            model), ``auto`` (the sensitivity allocation; needs ``calib``) or None: ``auto`` when
+            ``calib`` is given, ``ratio`` is one number and no prunable group is convolutional,
+            else ``group`` (the report's ``scope`` says which).
+        scan_progress: with ``auto``: ``scan_progress(done, total)`` after every scan point.
 
     Returns:
         A :class:`PruneResult`; ``to_json()`` is what ``graphopt prune --json`` prints.
@@ -352,6 +363,8 @@ def prune(
         calib_limit=calib_limit,
         holdout=holdout,
         eval_feeds=feeds,
+        scope=scope,
+        progress=scan_progress,
         **options,
     )
     # the pass checks its options (ratio in [0, 1), criterion, ...) before any work
@@ -361,6 +374,7 @@ def prune(
         round_to=round_to,
         min_channels=min_channels,
         min_fraction=min_fraction,
+        scope=scope,
         **options,
     )
     source = as_model(model, tensors_only="prune")
@@ -555,7 +569,7 @@ def prune_scan(
     source = as_model(model, tensors_only="prune")
     ratios = list(ratios)
     for r in ratios:  # every ratio is checked before the first one is pruned
-        PruneChannelsPass(ratio=r, criterion=criterion)
+        PruneChannelsPass(ratio=r, criterion=criterion, scope=kwargs.get("scope"))
     opts = dict(_PRUNE_DEFAULTS, criterion=criterion, **kwargs)
     measure = opts.pop("measure")
     pts = [_point(r, _prune_once(source, r, measure=measure, **opts)) for r in ratios]
@@ -588,6 +602,7 @@ _PRUNE_DEFAULTS: dict[str, Any] = {
     "calib_limit": 128,
     "measure": True,
     "holdout": 0.25,
+    "scope": None,
 }
 
 

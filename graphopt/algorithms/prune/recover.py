@@ -61,11 +61,11 @@ def _refittable(node: gs.Node, opset: int) -> str | None:
         w = constant(node.inputs[1], opset)
         if w is None or w.ndim != 2:
             return None
-        return "matmul+bias" if _bias_add(node, opset) is not None else "matmul"
+        return "matmul+bias" if bias_add(node, opset) is not None else "matmul"
     return None
 
 
-def _bias_add(node: gs.Node, opset: int) -> tuple[gs.Node, int] | None:
+def bias_add(node: gs.Node, opset: int) -> tuple[gs.Node, int] | None:
     """The ``Add`` that adds a constant bias vector to a MatMul's output (what exporters write
     for a Linear layer on a rank > 2 input) and the index of its bias input, or None."""
     out = node.outputs[0]
@@ -181,7 +181,7 @@ def _write(layer: _Layer, sol: np.ndarray, opset: int) -> None:
         node.attrs["beta"] = 1.0
     elif layer.kind == "matmul+bias":
         # y = x W + c fitted to the MatMul's output: W replaces the weight, c joins the bias
-        found = _bias_add(node, opset)
+        found = bias_add(node, opset)
         assert found is not None  # checked when the layer was chosen
         add, k = found
         node.inputs[1] = gs.Constant(
