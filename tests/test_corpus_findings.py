@@ -6,6 +6,7 @@ test_conformance_findings.py with the other feed tests.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -80,3 +81,33 @@ def test_silero_vad_with_fixed_dims_onnxruntime_refuses_is_said(
     assert res.verify is not None and res.verify.ok
     out = make_session(res.model, "all").run(None, feeds[0])
     assert all(np.isfinite(o).all() for o in out)
+
+
+def test_quantize_default_floor_falls_back_to_meet_it_on_the_feeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PP-OCRv4's detector: the int8 model met the default floor on the calibration samples, so
+    nothing fell back, and missed it on --feeds (other pages: 9.7 dB < 10 dB), so it was refused
+    (exit 1). The floor is now met on the feeds too: the fallback sees them. Here the feeds are
+    twice the calibration range (clipped); the calibration samples alone pass at ~27 dB."""
+    import logging
+
+    from graphopt.core.feeds import random_feeds
+    from graphopt.core.loader import load
+    from graphopt.fixtures import fixture_path
+    from graphopt.jobs import quantize as q_job
+
+    m = load(fixture_path("mobilenet_block.onnx"))
+    calib = [random_feeds(m, seed=i) for i in range(8)]
+    feeds = [{k: v * 2 for k, v in random_feeds(m, seed=100 + i).items()} for i in range(4)]
+    monkeypatch.setattr(q_job, "DEFAULT_MIN_SQNR_DB", 13.0)
+    out = tmp_path / "q.onnx"
+    with caplog.at_level(logging.WARNING, logger="graphopt"):
+        res = q_job.quantize(m, calib, feeds=feeds, output=out, measure_speed=False)
+    assert "on the calibration samples and --feeds, below the 13.0 dB floor" in caplog.text
+    assert res.mixed_precision["met"] and res.mixed_precision["kept"]
+    assert res.verify is not None and res.verify.ok and out.is_file()
+    assert min(o.sqnr_db for o in res.verify.outputs) >= 13.0
+    # the negative: without feeds the calibration samples meet the floor, nothing falls back
+    res = q_job.quantize(m, calib, measure_speed=False)
+    assert res.mixed_precision == {} and not res.kept_float
