@@ -890,6 +890,51 @@ def test_7_signal_during_the_imports_waits_for_them(capsys, monkeypatch) -> None
     assert finished == ["graphopt.cli.optimize"]
 
 
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs interval timers")
+def test_7_signal_during_a_lazy_import_waits_for_it(tmp_path: Path, monkeypatch) -> None:
+    """A signal that lands while a module imported in the middle of a run executes its body
+    (numpy.random, sympy, onnx.reference are imported on first use; a C extension cut in two can
+    crash the interpreter at exit) is held until the import is over, then raised: the module is
+    whole, and the run stops right after."""
+    import graphopt.cli as cli
+    from graphopt.core.interrupt import Interrupted
+
+    (tmp_path / "slow_module_for_signal_test.py").write_text(
+        "import os, signal\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "total = sum(i * i for i in range(300_000))  # the signal is handled in here\n"
+        "WHOLE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reached = []
+    with pytest.raises(Interrupted) as info, cli.handle_signals():
+        import slow_module_for_signal_test  # noqa: F401, PLC0415
+
+        reached.append("after the import")
+        t0 = time.process_time()
+        while time.process_time() - t0 < 5.0:  # the retry timer counts CPU time
+            sum(range(1000))
+        reached.append("never: the held signal was not raised")
+    assert info.value.signum == signal.SIGTERM
+    assert sys.modules["slow_module_for_signal_test"].WHOLE is True
+    assert reached == ["after the import"]
+    assert signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)  # the timer is taken down
+
+
+def test_7_signal_outside_an_import_is_raised_at_once() -> None:
+    """The negative case: a signal in ordinary code is raised where it lands (no timer)."""
+    import graphopt.cli as cli
+    from graphopt.core.interrupt import Interrupted
+
+    with pytest.raises(Interrupted), cli.handle_signals():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # a few bytecodes later at most
+            pass
+        raise AssertionError("the signal was not raised in ordinary code")
+    if hasattr(signal, "setitimer"):
+        assert signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)
+
+
 def test_7_error_caused_by_a_signal_is_an_interruption(capsys, monkeypatch) -> None:
     """Library code that turns the interruption into another exception (a C extension's
     ImportError) still ends as an interruption: 130, one line, not 'internal error'."""

@@ -25,16 +25,21 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+from typing import Any
 
 from graphopt.core import __version__
 from graphopt.core.errors import GraphoptError, terminal_safe
 from graphopt.core.interrupt import (
+    RETRY_SIGNAL,
     Interrupted,
+    cancel_retry,
     check_interrupted,
     critical,
     forget_published,
     interrupted,
+    on_retry,
     on_signal,
     published_paths,
     reset,
@@ -177,19 +182,27 @@ def setup_logging(verbose: int) -> None:
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`~graphopt.core.interrupt.Interrupted` while the block runs
-    (held back during the renames and removals that must not be cut in two), so that every
-    temporary is removed on the way out; the previous handlers come back afterwards. Outside the
-    main thread signals are left alone."""
-    old = {}
+    (held back during the renames and removals that must not be cut in two, and while a module is
+    being imported), so that every temporary is removed on the way out; the previous handlers come
+    back afterwards. Outside the main thread signals are left alone."""
+    old: dict[int, Any] = {}
     reset()
+    handlers: dict[int, Callable[[int, FrameType | None], None]] = {
+        signal.SIGINT: on_signal,
+        signal.SIGTERM: on_signal,
+    }
+    if RETRY_SIGNAL is not None:  # a signal held back by an import is raised from this timer
+        handlers[RETRY_SIGNAL] = on_retry
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, on_signal)
+        for sig, handler in handlers.items():
+            old[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread
         pass
     try:
         yield
     finally:
+        if old:
+            cancel_retry()
         for sig, handler in old.items():
             signal.signal(sig, handler)
         reset()

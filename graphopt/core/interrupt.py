@@ -5,8 +5,12 @@ The command line installs :func:`on_signal` for SIGINT and SIGTERM; it raises :c
 (a ``KeyboardInterrupt`` carrying the signal number, exit status 128 + signal), so that every
 ``with`` block of :mod:`graphopt.core.output` unwinds and removes its temporary. Inside a
 :func:`critical` block (a temporary's creation, the renames that publish a result, the removal of
-temporaries) the signal is held and raised when the block ends. This module imports nothing heavy:
-the command line installs the handler before it imports a command.
+temporaries) the signal is held and raised when the block ends. So is a signal that lands while a
+module is being imported (numpy.random, sympy, onnx.reference... are imported on first use, in the
+middle of a run): an exception raised inside a C extension's initialization leaves a half-made
+module behind, which can crash the interpreter at exit. Such a signal is raised again from a short
+CPU-time timer (SIGVTALRM) once the import is over. This module imports nothing heavy: the command
+line installs the handlers before it imports a command.
 """
 
 from __future__ import annotations
@@ -39,15 +43,58 @@ _received: int | None = None
 _published: list[Path] = []
 
 
+#: how long (CPU seconds) a signal held back by an import waits before it is tried again
+RETRY_S = 0.02
+#: the timer and signal that retry a held signal (None where the platform has no interval timers)
+RETRY_SIGNAL: int | None = getattr(signal, "SIGVTALRM", None)
+
+
+def importing(frame: FrameType | None) -> bool:
+    """Whether ``frame`` (or a caller of it) runs inside Python's import machinery: a module's
+    body, or a C extension's initialization, is being executed."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _retry_later() -> bool:
+    """Arm the one-shot CPU timer that calls :func:`on_retry`; False where there is none."""
+    if RETRY_SIGNAL is None or not hasattr(signal, "setitimer"):
+        return False
+    signal.setitimer(signal.ITIMER_VIRTUAL, RETRY_S)
+    return True
+
+
 def on_signal(signum: int, frame: FrameType | None) -> None:
     """A SIGINT/SIGTERM handler: raise :class:`Interrupted`, or hold the signal until the current
-    critical section (a rename, a temporary's creation or removal) ends."""
+    critical section (a rename, a temporary's creation or removal) ends, or until the import in
+    progress is over."""
     global _received
     if _received is None:
         _received = int(signum)
     if _critical_depth > 0:
         return
-    raise Interrupted(signum)
+    if importing(frame) and _retry_later():
+        return
+    raise Interrupted(_received)
+
+
+def on_retry(signum: int, frame: FrameType | None) -> None:
+    """The retry timer's handler: raise the held signal once no import is running (inside a
+    critical section the section's end raises it)."""
+    if _received is None or _critical_depth > 0:
+        return
+    if importing(frame) and _retry_later():
+        return
+    raise Interrupted(_received)
+
+
+def cancel_retry() -> None:
+    """Stop the retry timer (the command line calls it when its handlers are taken down)."""
+    if RETRY_SIGNAL is not None and hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
 
 
 def interrupted() -> int | None:
