@@ -9,7 +9,9 @@ model as it found it; ``scope=None`` picks ``auto`` for transformers with calibr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from graphopt.algorithms.prune.allocate import (
     allowed_counts,
     greedy_allocate,
 )
+from graphopt.cli import main
 from graphopt.core.errors import CalibrationError, OptionError
 from graphopt.core.loader import load
 from graphopt.core.model import Model
@@ -216,3 +219,22 @@ def test_auto_refuses_what_it_cannot_do(digits) -> None:  # type: ignore[no-unty
         get_pass("prune-channels", ratio={"*": 0.3}, scope="auto")
     with pytest.raises(OptionError, match="scope"):
         get_pass("prune-channels", ratio=0.3, scope="uniform")
+
+
+# ------------------------------------------------------------------------------ command line
+def test_cli_default_is_auto_for_the_digits_transformer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(fixture_path("digits_transformer.onnx"))
+    calib = str(fixture_path("digits_calib.npz"))
+    out = str(tmp_path / "p.onnx")
+    common = [model, "-o", out, "--ratio", "0.3", "--calib", calib, "--criterion", "output"]
+    assert main(["prune", *common, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["scope"] == "auto"
+    a = d["allocation"]
+    assert a["met"] and 0.3 <= a["achieved"] <= 0.302 and a["points"] == 14
+    assert {g["kind"] for g in a["groups"]} == {"heads", "neurons"}
+    assert main(["prune", *common, "--scope", "group", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["scope"] == "group" and d["allocation"] is None
