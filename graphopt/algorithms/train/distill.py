@@ -12,9 +12,12 @@ chosen from the teacher's values:
   ``logits`` instead: saturated probabilities carry almost no gradient;
 * ``map`` (anything else, e.g. a sigmoid probability map): ``MSE``;
 
-plus ``feature_weight * sum MSE(s_f, t_f) / mean(t_f^2)`` over feature pairs (tensors of the same
-name and shape in both graphs, or explicit pairs). Teacher values are computed once per training
-feed and cached (the training set is the fixed calibration set). Adam with a cosine learning rate,
+plus ``feature_weight * mean MSE(s_f, t_f) / mean(t_f^2)`` over feature pairs: tensors of the same
+name in both graphs, of the same shape (after the next unpruned layer) or pruned, compared on the
+teacher channels the student kept (found by correlation, :func:`matched_channels`), or explicit
+pairs. Teacher values are computed once per training
+feed and cached (the training set is the fixed calibration set). Adam with a short linear warmup
+and a cosine learning rate (:func:`lr_factor`),
 a step budget and an optional wall-clock budget; every ``eval_every`` steps the held-out fidelity
 (``metric(student_outputs, teacher_outputs) -> float``, higher is better, e.g. top-1 agreement)
 and the held-out distillation loss are measured; training stops early once the metric reaches
@@ -48,6 +51,8 @@ Metric = Callable[[dict[str, Tensor], dict[str, Tensor]], float]
 class DistillConfig:
     steps: int = 300
     lr: float = 1e-3
+    #: fraction of ``steps`` over which the learning rate rises linearly before the cosine decay
+    warmup: float = 0.05
     weight_decay: float = 0.0
     batch_size: int = 16
     temperature: float = 2.0
@@ -56,8 +61,12 @@ class DistillConfig:
     feature_weight: float = 0.0
     #: (teacher tensor, student tensor) pairs; empty with feature_weight > 0: shared names
     features: Sequence[tuple[str, str]] = ()
-    #: teacher feature name -> the channels (axis 1) the student kept (pruned layers' outputs)
+    #: teacher feature name -> the channels (axis 1) the student kept (pruned layers' outputs);
+    #: found by :func:`matched_channels` for the shared names when not given
     feature_channels: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    #: at most this many shared feature tensors, spread over the graph (their teacher values
+    #: are cached for every training batch)
+    max_features: int | None = 8
     time_budget_s: float | None = None
     eval_every: int = 50
     target: float | None = None
@@ -109,6 +118,19 @@ def output_loss(s: Tensor, t: Tensor, kind: str, cfg: DistillConfig) -> Tensor:
         eps = 1e-8
         return cfg.kl_weight * (t * (torch.log(t + eps) - torch.log(s + eps))).sum(-1).mean()
     return cfg.mse_weight * F.mse_loss(s, t) / (t.pow(2).mean() + 1e-12)
+
+
+def lr_factor(step: int, steps: int, warmup: float = 0.05) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps: linear warmup over the first
+    ``warmup * steps`` steps (from ``1 / w``), then cosine decay to 0 at ``steps`` (Loshchilov &
+    Hutter 2017, "SGDR"; Goyal et al. 2017 for the warmup). Adam's first steps on a model that
+    already matches its teacher closely (least-squares start) otherwise overshoot at the higher
+    rates that long runs on more data want."""
+    steps = max(steps, 1)
+    w = int(round(warmup * steps))
+    if w > 0 and step < w:
+        return (step + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * min(step - w, steps - w) / max(steps - w, 1)))
 
 
 def feature_loss(s: Tensor, t: Tensor, channels: Tensor | None = None) -> Tensor:
@@ -182,22 +204,50 @@ def softmax_logits(teacher: OnnxModule, student: OnnxModule, output: str, rank: 
     return t.inputs[0] if axis in (-1, rank - 1) else None
 
 
+def matched_channels(t: Tensor, s: Tensor, min_corr: float = 0.5) -> list[int] | None:
+    """The teacher channel (axis 1) that each channel of a pruned student tensor reproduces.
+
+    Pruning keeps a subset of a layer's output channels and least squares refits them to the
+    original's kept channels, so each student channel correlates almost perfectly with one
+    teacher channel. Channel ``j`` of ``s`` maps to the teacher channel of highest Pearson
+    correlation over the batch and positions; the map is returned only when every correlation
+    is at least ``min_corr`` and no teacher channel is taken twice (else None: the tensor is no
+    feature pair, e.g. a constant channel or a layer whose channels were mixed).
+    """
+    if t.dim() < 2 or s.dim() != t.dim() or s.shape[0] != t.shape[0]:
+        return None
+    if s.shape[2:] != t.shape[2:] or s.shape[1] > t.shape[1]:
+        return None
+
+    def unit(x: Tensor) -> Tensor:
+        f = x.detach().transpose(0, 1).reshape(x.shape[1], -1).double()
+        f = f - f.mean(1, keepdim=True)
+        return f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    corr = unit(s) @ unit(t).T  # (C_student, C_teacher)
+    val, best = corr.max(1)
+    picked = best.tolist()
+    if bool((val < min_corr).any()) or len(set(picked)) != len(picked):
+        return None
+    return [int(i) for i in picked]
+
+
+#: ops whose outputs are feature candidates (activations, residual sums, concatenations)
+FEATURE_OPS = ("Relu", "Add", "Clip", "HardSwish(fused)", "Mul", "Sigmoid", "Concat", "Resize")
+
+
 def shared_features(
     teacher: OnnxModule,
     student: OnnxModule,
-    feed: Mapping[str, Tensor],
-    ops: Sequence[str] = (
-        "Relu",
-        "Add",
-        "Clip",
-        "HardSwish(fused)",
-        "Mul",
-        "Sigmoid",
-        "Concat",
-        "Resize",
-    ),
-) -> list[str]:
-    """Names computed by both graphs with the same shape (candidate feature pairs)."""
+    feeds: Sequence[Mapping[str, Tensor]],
+    ops: Sequence[str] = FEATURE_OPS,
+    limit: int | None = None,
+) -> list[tuple[str, list[int] | None]]:
+    """Tensors computed by both graphs (same name) that can be compared: ``(name, None)`` when
+    the shapes are equal (unpruned tensors, e.g. after the next unpruned layer), ``(name,
+    channels)`` when the student's tensor is a pruned one whose channels map to the teacher's
+    (:func:`matched_channels` on ``feeds``). With ``limit``, that many spread evenly over the
+    graph (every feature's teacher values are cached for every training batch)."""
 
     def names(m: OnnxModule) -> list[str]:
         return [
@@ -212,9 +262,20 @@ def shared_features(
     if not common:
         return []
     with torch.no_grad():
-        t = teacher.run(feed, common)
-        s = student.run(feed, common)
-    return [n for n in common if t[n].shape == s[n].shape]
+        t_out = [teacher.run(f, common) for f in feeds]
+        s_out = [student.run(f, common) for f in feeds]
+    t = {n: torch.cat([o[n] for o in t_out]) for n in common}
+    s = {n: torch.cat([o[n] for o in s_out]) for n in common}
+    out: list[tuple[str, list[int] | None]] = []
+    for n in common:
+        if t[n].shape == s[n].shape:
+            out.append((n, None))
+        elif (ch := matched_channels(t[n], s[n])) is not None:
+            out.append((n, ch))
+    if limit is not None and len(out) > limit:
+        idx = np.linspace(0, len(out) - 1, limit).round().astype(int)
+        out = [out[i] for i in sorted(set(idx.tolist()))]
+    return out
 
 
 def distill(
@@ -248,10 +309,19 @@ def distill(
     train_b = batches(samples, cfg.batch_size, dynamic)
     held_b = batches(split_samples(held_out), cfg.batch_size, dynamic) if held_out else []
     feats: list[tuple[str, str]] = list(cfg.features)
+    found: dict[str, Sequence[int]] = {}
     if cfg.feature_weight > 0 and not feats:
-        feats = [(n, n) for n in shared_features(teacher, student, train_b[0])]
-        logger.info("distill: %d shared feature tensors", len(feats))
-    chan = {k: torch.as_tensor(list(v), dtype=torch.int64) for k, v in cfg.feature_channels.items()}
+        per = max(next(iter(train_b[0].values())).shape[0], 1)
+        pairs = shared_features(
+            teacher, student, train_b[: max(1, 16 // per)], limit=cfg.max_features
+        )
+        feats = [(n, n) for n, _ in pairs]
+        found = {n: ch for n, ch in pairs if ch is not None}
+        logger.info("distill: %d feature tensors (%d pruned)", len(feats), len(found))
+    chan = {
+        k: torch.as_tensor(list(v), dtype=torch.int64)
+        for k, v in {**found, **cfg.feature_channels}.items()
+    }
     with torch.no_grad():
         probe = teacher.run(train_b[0])
     # the tensors the output losses compare: the graph outputs, or the logits under a Softmax
@@ -295,9 +365,7 @@ def distill(
         list(params) if params is not None else [p for p in student.parameters() if p.requires_grad]
     )
     opt = torch.optim.Adam(plist, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / max(cfg.steps, 1)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, cfg.steps, cfg.warmup))
     best_loss, best = evaluate()
     initial_loss, initial = best_loss, best
     best_state = {k: v.detach().clone() for k, v in student.named_parameters()}
