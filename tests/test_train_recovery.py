@@ -66,6 +66,33 @@ def test_distill_stops_at_the_time_budget() -> None:
     assert r.training.steps < 100_000
 
 
+def test_distill_trains_on_every_feed_least_squares_on_the_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More unlabeled feeds than least squares needs: the least-squares start sees the first
+    DISTILL_LSQ_FEEDS, distillation all of them; without distillation least squares sees all."""
+    import graphopt.passes.prune_channels as pc
+    from graphopt.jobs.prune import DISTILL_LSQ_FEEDS
+
+    seen: list[int] = []
+    real = pc.recover
+
+    def spy(model: object, work: object, calib: list, *args: object) -> object:
+        seen.append(len(calib))
+        return real(model, work, calib, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pc, "recover", spy)
+    x = np.concatenate([np.load(CALIB)["x"], np.load(fixture_path("digits_eval.npz"))["x"][:72]])
+    feeds = [{"x": x[i : i + 1]} for i in range(len(x))]  # 200 unlabeled samples
+    r = prune(MODEL, 0.3, feeds, round_to=8, recover="distill", steps=2, calib_limit=200)
+    assert r.training is not None
+    assert r.training.train_samples == 150 and r.training.held_out_samples == 50
+    assert seen == [DISTILL_LSQ_FEEDS]
+    seen.clear()
+    prune(MODEL, 0.3, feeds, round_to=8, recover="least-squares", calib_limit=200)
+    assert seen == [150]
+
+
 def test_distill_stops_at_the_target() -> None:
     """A target the least-squares start already meets stops at the first evaluation."""
     r = prune(MODEL, 0.3, calib=CALIB, recover="distill", steps=500, target_sqnr=-100.0)

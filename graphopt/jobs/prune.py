@@ -63,6 +63,10 @@ logger = logging.getLogger(__name__)
 #: least-squares recovery on calibration data reaches it at moderate ratios (digits fixture at 0.3:
 #: 13.5 dB, top-1 agreement 1.0), pruning without recovery does not (1-3 dB)
 DEFAULT_MIN_SQNR_DB = 10.0
+#: with ``recover="distill"`` the least-squares start (and a data criterion) uses at most this many
+#: calibration feeds: a few dozen samples fit it and its cost grows with each, while the
+#: distillation after it trains on all of them (the more unlabeled inputs, the less it overfits)
+DISTILL_LSQ_FEEDS = 128
 
 
 @dataclass
@@ -454,7 +458,7 @@ def _prune_once(
         min_fraction=min_fraction,
         calib=feeds or None,
         recover=recover,
-        calib_limit=calib_limit,
+        calib_limit=calib_limit if training is None else min(calib_limit, DISTILL_LSQ_FEEDS),
         **options,
     )
     result = p(original.clone())
