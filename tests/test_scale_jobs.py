@@ -1,13 +1,28 @@
 """The jobs' shortcuts for a model they loaded themselves (issue 15: no copy of it, one export of
-the result) write exactly what they write for a Model given in memory, which they copy."""
+the result, validation's onnxruntime session reused as the reference) write exactly what they
+write for a Model given in memory, which they copy."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
 import pytest
 
+import graphopt.core.session as session_module
+from graphopt.core.errors import VerificationError
+from graphopt.core.feeds import random_feeds
+from graphopt.core.graph import tensor_map
 from graphopt.core.loader import load
+from graphopt.core.model import Model
+from graphopt.core.pass_manager import Pass, PassResult
+from graphopt.core.session import run_opened, take_session
+from graphopt.core.validate import check_runnable
 from graphopt.fixtures import fixture_path
 from graphopt.jobs.optimize import optimize
 from graphopt.jobs.plan import plan_memory
@@ -39,3 +54,90 @@ def test_plan_from_path_equals_from_model(fixture: str, tmp_path: Path) -> None:
         tmp_path / "b.onnx.memplan.json"
     ).read_text()
     assert given.to_onnx().SerializeToString() == before
+
+
+def _count_sessions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the optimization level of every onnxruntime session of a whole model (more than
+    one node: the arena executor's one-node sessions are left out) opened from now on."""
+    opened: list[str] = []
+    real = ort.InferenceSession
+
+    def counting(*args: Any, **kwargs: Any) -> ort.InferenceSession:
+        so = args[1] if len(args) > 1 else kwargs.get("sess_options")
+        src = args[0]
+        proto = (
+            onnx.load_from_string(src)
+            if isinstance(src, bytes)
+            else onnx.load(str(src), load_external_data=False)
+        )
+        if len(proto.graph.node) > 1:
+            opened.append(str(so.graph_optimization_level) if so is not None else "default")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    return opened
+
+
+def test_optimize_from_path_opens_the_input_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation's session of a model optimize loaded itself is verification's reference:
+    three sessions (validation, the result at ORT_DISABLE_ALL, the result's ENABLE_ALL load
+    check) instead of four; a Model given in memory still opens its own reference."""
+    path = fixture_path("cnn.onnx")
+    opened = _count_sessions(monkeypatch)
+    optimize(path, output=tmp_path / "a.onnx")
+    assert len(opened) == 3
+    assert sum("ENABLE_ALL" in lv for lv in opened) == 1
+    opened.clear()
+    optimize(load(path), output=tmp_path / "b.onnx")
+    assert len(opened) == 3  # no validation here: the reference, the result, the load check
+
+
+def test_plan_from_path_opens_the_input_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """plan -o proves the plan against validation's session of the model it loaded."""
+    opened = _count_sessions(monkeypatch)
+    res = plan_memory(fixture_path("cnn.onnx"), output=tmp_path / "a.onnx")
+    assert res.proof is not None and res.proof.ok
+    assert len(opened) == 1
+
+
+class _DoubleFirstWeight(Pass):
+    """A wrong rewrite: doubles the first float weight of the graph."""
+
+    name = "test-double-first-weight"
+
+    def call(self, model: Model) -> PassResult:
+        for t in tensor_map(model.graph).values():
+            if isinstance(t, gs.Constant) and np.asarray(t.values).dtype == np.float32:
+                t.values = np.asarray(t.values) * 2
+                return PassResult(model, True)
+        return PassResult(model, False)
+
+
+def test_reused_reference_still_catches_a_wrong_rewrite(tmp_path: Path) -> None:
+    """Negative case: the reference run in the kept session is the input's computation, so a
+    pass that changes the numbers fails verification, from a path as from a Model."""
+    path = fixture_path("cnn.onnx")
+    for model in (path, load(path)):
+        with pytest.raises(VerificationError):
+            optimize(model, passes=[_DoubleFirstWeight()], output=tmp_path / "o.onnx")
+        assert not (tmp_path / "o.onnx").exists()
+
+
+def test_kept_session_is_handed_over_once() -> None:
+    model = load(fixture_path("cnn.onnx"))
+    assert take_session(model) is None  # nothing is kept unless asked
+    check_runnable(model, keep=True)
+    sess = take_session(model)
+    assert sess is not None
+    assert set(run_opened(sess, random_feeds(model, seed=0))) == {
+        t.name for t in model.graph.outputs
+    }
+    assert take_session(model) is None
+    check_runnable(model, keep=True)
+    del model
+    gc.collect()
+    assert not session_module._KEPT  # dropped with its model

@@ -279,21 +279,34 @@ def _keep_overridable_inputs(
 _FNUZ = {"float8_e4m3fnuz": "FLOAT8E4M3FNUZ", "float8_e5m2fnuz": "FLOAT8E5M2FNUZ"}
 
 
+def _fnuz_elem_type(dt: Any) -> int | None:
+    """The ONNX element type of a ``float8_e4m3fnuz``/``float8_e5m2fnuz`` dtype (None for any
+    other dtype, or when the installed onnx lacks the type)."""
+    key = getattr(dt, "name", None) if not isinstance(dt, (int, np.integer)) else None
+    if key in _FNUZ and hasattr(onnx.TensorProto, _FNUZ[key]):
+        return int(getattr(onnx.TensorProto, _FNUZ[key]))
+    return None
+
+
 def _fix_float8_fnuz(model: Model, proto: onnx.ModelProto) -> None:
     """Give the value infos of ``float8_e4m3fnuz``/``float8_e5m2fnuz`` tensors their own ONNX
     element type back (graphsurgeon exports them as the non-fnuz type, which onnxruntime then
     refuses as a type mismatch)."""
     fix: dict[str, int] = {}
+    seen: dict[Any, int | None] = {}  # dtype -> ONNX type to write back (None: not fnuz)
     for g in model.walk_graphs():
         for name, t in tensor_map(g).items():
-            dt = getattr(t, "dtype", None)
-            key = getattr(dt, "name", None) if not isinstance(dt, (int, np.integer)) else None
-            if (
-                isinstance(t, gs.Variable)
-                and key in _FNUZ
-                and hasattr(onnx.TensorProto, _FNUZ[key])
-            ):
-                fix[name] = getattr(onnx.TensorProto, _FNUZ[key])
+            if not isinstance(t, gs.Variable):
+                continue
+            dt = t.dtype
+            try:
+                elem = seen[dt]
+            except KeyError:  # a few distinct dtypes per model: numpy's dtype.name is slow
+                elem = seen[dt] = _fnuz_elem_type(dt)
+            except TypeError:  # an unhashable dtype value: decide it alone
+                elem = _fnuz_elem_type(dt)
+            if elem is not None:
+                fix[name] = elem
     if not fix:
         return
     for g in proto_graphs(proto):

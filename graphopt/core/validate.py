@@ -26,7 +26,7 @@ from graphopt.core.errors import GraphoptError, ModelLoadError, first_line
 from graphopt.core.feeds import random_feeds
 from graphopt.core.loader import load
 from graphopt.core.model import Model
-from graphopt.core.session import input_names, make_session, run_session
+from graphopt.core.session import input_names, keep_session, make_session, run_session
 from graphopt.core.shapes import check_run_size, inputs_static
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ def is_unsupported(exc: BaseException) -> bool:
     return any(t in text for t in _UNSUPPORTED_TEXT)
 
 
-def check_runnable(model: Model, *, require_kernels: bool = True, smoke: bool = True) -> None:
+def check_runnable(
+    model: Model, *, require_kernels: bool = True, smoke: bool = True, keep: bool = False
+) -> None:
     """Open ``model`` in onnxruntime (``ORT_DISABLE_ALL``, weights not copied when large) and turn
     a refusal into the user's error.
 
@@ -84,6 +86,8 @@ def check_runnable(model: Model, *, require_kernels: bool = True, smoke: bool = 
         require_kernels: raise :class:`RuntimeUnavailableError` when onnxruntime lacks support for
             the model (otherwise that is only logged: the command runs nothing).
         smoke: also run a small model once (:func:`smoke_run`).
+        keep: keep the session for the job's own run of the model
+            (:func:`graphopt.core.session.keep_session`) instead of closing it.
 
     Raises:
         ModelLoadError: onnxruntime refuses the model (the model is invalid).
@@ -109,6 +113,8 @@ def check_runnable(model: Model, *, require_kernels: bool = True, smoke: bool = 
         raise ModelLoadError(f"onnxruntime refuses {name}: {reason}") from None
     if smoke:
         smoke_run(model, sess, name)
+    if keep:
+        keep_session(model, sess)
 
 
 #: the smoke run is made on models up to this many nodes and bytes of weights and of tensors
@@ -183,6 +189,7 @@ def open_model(
     load_weights: bool = True,
     runs: bool = True,
     smoke: bool = True,
+    keep_session: bool = False,
 ) -> Model:
     """Load and validate a model file: what every command does with its input.
 
@@ -196,6 +203,8 @@ def open_model(
             onnxruntime finds invalid, but lets one it merely cannot run through.
         smoke: run a small model once on generated inputs (:func:`smoke_run`); off for a
             command that runs the model on the user's inputs right away (``run``).
+        keep_session: keep onnxruntime's session of the model for the command's own run of
+            it (:func:`graphopt.core.session.take_session`).
 
     Raises:
         ModelLoadError: anything wrong with the file (see :mod:`graphopt.core.loader`), or
@@ -203,5 +212,5 @@ def open_model(
     """
     model = load(path, load_weights=load_weights)
     if load_weights:
-        check_runnable(model, require_kernels=runs, smoke=runs and smoke)
+        check_runnable(model, require_kernels=runs, smoke=runs and smoke, keep=keep_session)
     return model

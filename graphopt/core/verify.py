@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from graphopt.core.errors import FeedError, GraphoptError, VerificationError, first_line
 from graphopt.core.feeds import dim_draws, random_feeds
@@ -385,6 +386,7 @@ def verify(
     min_cosine: float | None = None,
     samples: int = 1,
     transformed_level: str = "disable_all",
+    reference: ort.InferenceSession | None = None,
 ) -> VerifyReport:
     """Run both models on the same inputs and compare every output of the original.
 
@@ -402,6 +404,9 @@ def verify(
         min_sqnr_db, min_cosine: for lossy transforms; when given they replace rtol/atol. Over
             several samples, the SQNR floor must hold for the samples pooled and for the median
             sample's own SQNR (so that a few loud samples cannot hide that the others are lost).
+        reference: an open ``disable_all`` session of ``original`` to run it in (one the
+            caller opened already, :func:`graphopt.core.session.take_session`), instead of a
+            new one.
 
     NaN and inf must match exactly (:func:`compare`).
     """
@@ -419,7 +424,7 @@ def verify(
     else:
         feed_list = [dict(f) for f in feeds]
     try:
-        sa = make_session(ref_model)
+        sa = reference if reference is not None else make_session(ref_model)
     except Exception as exc:  # noqa: BLE001 - an input onnxruntime refuses is the user's to fix
         raise GraphoptError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
     try:

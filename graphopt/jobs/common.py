@@ -43,6 +43,7 @@ def as_model(
     runs: bool = True,
     tensors_only: str | None = None,
     smoke: bool = True,
+    keep_session: bool = False,
 ) -> Model:
     """``model`` itself when it is a :class:`Model`, else the model loaded from that path and
     validated (:func:`graphopt.core.validate.open_model`: every field of the file, and
@@ -58,11 +59,15 @@ def as_model(
             optional, sequence, map or string input or output is refused (exit 2).
         smoke: run a small model once on generated inputs first (off for ``run``, which runs
             it on the user's inputs at once).
+        keep_session: a model loaded here keeps the session its validation opened, for the
+            job's own run of it (:func:`graphopt.core.session.take_session`).
     """
     m = (
         model
         if isinstance(model, Model)
-        else open_model(model, load_weights=load_weights, runs=runs, smoke=smoke)
+        else open_model(
+            model, load_weights=load_weights, runs=runs, smoke=smoke, keep_session=keep_session
+        )
     )
     if tensors_only:
         check_tensor_io(m, tensors_only)

@@ -24,7 +24,7 @@ from graphopt.core.gcpolicy import with_job_gc
 from graphopt.core.latency import interleaved
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
-from graphopt.core.session import ZERO_COPY_BYTES, input_names, make_session
+from graphopt.core.session import ZERO_COPY_BYTES, input_names, make_session, take_session
 from graphopt.core.shapes import infer_shapes, missing_shapes, prepare
 from graphopt.core.validate import ort_reason
 from graphopt.core.verify import ATOL as VERIFY_ATOL
@@ -281,6 +281,11 @@ def optimize_model(
     default_pipeline(target)  # validates the target
     feed_dicts = feed_list(feeds, model, input_shapes=input_shapes)
     first = feed_dicts[0] if feed_dicts else None
+    # the session validation opened on a model loaded by the job: verification's reference
+    # (input dims fixed and shapes inferred by prepare compute the same); one session less
+    reference = None if copy else take_session(model)
+    if not verify_output:
+        reference = None
     original = prepare(model.clone() if copy else model, input_shapes, first)
     work = original.clone()
     lowering: list[Pass] = []
@@ -318,9 +323,18 @@ def optimize_model(
         # lossy passes (pruning, quantization, fp16) change numbers by design: judge them by SQNR
         lossy = any(type(p).lossy for p in pass_list)
         if lossy:
-            report = verify(original, exported, feeds=feed_dicts, min_sqnr_db=LOSSY_MIN_SQNR_DB)
+            report = verify(
+                original,
+                exported,
+                feeds=feed_dicts,
+                min_sqnr_db=LOSSY_MIN_SQNR_DB,
+                reference=reference,
+            )
         else:
-            report = verify(original, exported, feeds=feed_dicts, rtol=RTOL, atol=ATOL)
+            report = verify(
+                original, exported, feeds=feed_dicts, rtol=RTOL, atol=ATOL, reference=reference
+            )
+        reference = None
         if not report.ok:
             raise VerificationError(
                 f"optimized model differs from the input on {report.failure()}; not written. "
@@ -428,7 +442,9 @@ def optimize(
     res = optimize_model(
         # given feeds: the model is run on them (a failure there is the user's FeedError), not
         # smoke-run on generated inputs it may not accept (sizes, indices, grids)
-        as_model(model, runs=verify_output or bench, smoke=feeds is None),
+        as_model(
+            model, runs=verify_output or bench, smoke=feeds is None, keep_session=verify_output
+        ),
         copy=isinstance(model, Model),  # a model loaded here is this job's own: no copy
         passes=passes,
         target=target,

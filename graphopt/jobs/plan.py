@@ -37,6 +37,7 @@ from graphopt.core.feeds import (
 from graphopt.core.gcpolicy import with_job_gc
 from graphopt.core.model import Model
 from graphopt.core.saver import save
+from graphopt.core.session import take_session
 from graphopt.core.shapes import is_static, prepare
 from graphopt.core.verify import verify
 from graphopt.jobs.common import (
@@ -306,7 +307,12 @@ def plan_memory(
     out_path, plan_path, plot_path, report_path = output_paths(
         model, output, plan_file, plot, report, inputs=[feeds]
     )
-    source = as_model(model)
+    source = as_model(model, keep_session=True)
+    # validation's session of a model loaded here: the execution proof's reference (the planned
+    # model computes what the input does); one session less. Not held when nothing is proved.
+    reference = take_session(source) if not isinstance(model, Model) else None
+    if prove_plan is False or (prove_plan is None and out_path is None):
+        reference = None
     given = feed_list(feeds, source, limit=1)  # --feeds: a .npz, a folder, a feed dict
     feeds = given[0] if given else None
     t0 = time.perf_counter()
@@ -338,7 +344,8 @@ def plan_memory(
         logger.warning("the plan for %s is written without its execution proof", out_path)
     if prove_plan:
         assert plan.model is not None
-        res.proof = prove(plan.model, plan, feeds=feeds)
+        res.proof = prove(plan.model, plan, feeds=feeds, reference=reference)
+        reference = None
         if not res.proof.ok:
             bad = next((o for o in res.proof.outputs if not o.ok), None)
             why = res.proof.error or (

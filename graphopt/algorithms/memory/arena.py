@@ -41,7 +41,13 @@ from graphopt.core.feeds import random_feeds
 from graphopt.core.graph import captured_names, node_subgraphs
 from graphopt.core.liveness import constant_names, needs_probe
 from graphopt.core.model import Model
-from graphopt.core.session import is_ml_dtype, run_model, run_session, session_options
+from graphopt.core.session import (
+    is_ml_dtype,
+    run_model,
+    run_opened,
+    run_session,
+    session_options,
+)
 from graphopt.core.verify import OutputDiff, compare, compare_values
 
 logger = logging.getLogger(__name__)
@@ -484,14 +490,20 @@ def prove(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     threads: int = 1,
+    reference: ort.InferenceSession | None = None,
 ) -> ProofReport:
     """Run ``model`` inside ``plan``'s arena and compare with onnxruntime on the whole model.
 
     Never raises for a wrong plan: a crash inside the arena (e.g. a clobbered shape tensor) is a
     failed proof with ``error`` set.
+
+    Args:
+        reference: an open ``disable_all`` session of the same computation (the model as it was
+            loaded, :func:`graphopt.core.session.take_session`) to compute the reference
+            outputs in, instead of a new session of ``model``.
     """
     feeds = dict(feeds) if feeds is not None else random_feeds(model, seed=0)
-    ref = run_model(model, feeds)
+    ref = run_model(model, feeds) if reference is None else run_opened(reference, feeds)
     report = ProofReport(ok=False, arena_bytes=plan.arena_bytes)
     try:
         ex = ArenaExecutor(model, plan, threads=threads)
