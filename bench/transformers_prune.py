@@ -1,44 +1,47 @@
 """Attention-head and FFN-neuron pruning benchmark (issue 13): MACs, onnxruntime latency and task
-fidelity, with and without least-squares recovery.
+fidelity, through the prune job (what ``graphopt prune`` runs), with least-squares recovery.
 
 Models:
 
 - ``digits-transformer`` (fixtures/digits_transformer.onnx, 2 layers x 4 heads, FFN 128): held-out
-  accuracy on digits_eval.npz before pruning, after pruning without recovery and with recovery,
-  calibrated on digits_calib.npz. Two settings:
-  * ``uniform``: every head and FFN group loses ``ratio`` of its units (``graphopt prune --ratio
-    0.35 --criterion output``);
-  * ``allocated``: the attention and FFN MACs drop by ``target`` (30%) with the heads removed
-    where the calibration data says it costs least: for every non-empty choice of head groups
-    losing one head (at least one head goes: this bench measures head pruning), the FFN ratio
-    that meets the MAC target is found and the choice with the best logits SQNR on a held-out
-    quarter of the *calibration* images (never the evaluation set) is kept.
+  accuracy on digits_eval.npz before pruning, pruned with recovery on digits_calib.npz as
+  ``graphopt prune --calib fixtures/digits_calib.npz --criterion output`` does it (recovery on
+  the first three quarters of the calibration images, the check on the last quarter). Settings:
+  * ``uniform``: ``--scope group``: every head and FFN group loses ``ratio`` of its units (0.30,
+    the ratio a user asks for, and 0.35, the first that removes at least 30% of the MACs);
+  * ``auto``: the default (``--scope auto`` for a transformer given ``--calib``): ``--ratio 0.3``
+    of the prunable (attention + FFN) MACs, split across layers, heads and FFN neurons by the
+    job's sensitivity scan on the calibration data (graphopt/algorithms/prune/allocate.py).
+  The accuracy without recovery is measured for the same split (``--no-recover``).
 - ``bert-mini`` (graphopt.corpus, 6 layers x 12 heads, FFN 1536, random weights): MACs at the
   corpus feed shape (batch 1, 64 tokens) and SQNR of ``last_hidden_state`` on held-out corpus feeds
-  (seed 1; calibration seed 0: 64 sequences, 16 with --quick), uniform ratio. Any other corpus
-  name works the same way (``bert-mini-dynamo``, ``whisper-tiny-encoder``; ``gpt2-small-past``
-  prunes FFN neurons only: its heads are tied to the key/value cache inputs).
+  (seed 1, the job's ``feeds``; calibration seed 0: 64 sequences, 16 with --quick, all used for
+  recovery), ``uniform`` and ``auto`` at 0.3. Any other corpus name works the same way
+  (``bert-mini-dynamo``, ``whisper-tiny-encoder``; ``gpt2-small-past`` prunes FFN neurons only:
+  its heads are tied to the key/value cache inputs).
 
 Criterion ``output`` throughout (a unit's Optimal Brain Surgeon cost in the outputs of the layers
 that read it). The attention+FFN MAC fraction counts the nodes whose work depends on a prunable
-unit (Q/K/V/O projections, ``q @ k^T``, ``probs @ v``, both FFN MatMuls); ``heads`` and ``ffn``
-list the units kept per group (groups of several producers are Q/K/V, so heads). Latency:
-original and pruned sessions (ORT_ENABLE_ALL, one intra-op thread, spinning off) interleaved by
-:func:`graphopt.core.latency.interleaved`; ``latency_ratio`` = pruned / original median (< 1 is
-faster), at batch 1 and batch 64 for the digits model.
+unit (Q/K/V/O projections, ``q @ k^T``, ``probs @ v``, both FFN MatMuls): what ``--ratio`` means
+under ``--scope auto``; ``heads`` and ``ffn`` list the units kept per group (groups of several
+producers are Q/K/V, so heads). Latency: original and pruned sessions (ORT_ENABLE_ALL, one
+intra-op thread, spinning off) interleaved by :func:`graphopt.core.latency.interleaved`;
+``latency_ratio`` = pruned / original median (< 1 is faster), at batch 1 and batch 64 for the
+digits model.
 
 ``run(models, quick)`` returns one dict per model and setting; ``section(models, quick=,
 workdir=)`` is the entry bench/transformers.py calls (its cases' names, the rows and a table);
 ``python bench/transformers_prune.py [--quick] [--models a,b]`` prints a markdown table and writes
-bench/results/transformers_prune.md.
+its section of bench/results/transformers_prune.md (the ``## job path`` section; the earlier
+sections of the file are kept).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import itertools
 import logging
+import os
 import platform
 import sys
 import time
@@ -61,16 +64,19 @@ from graphopt.core.session import make_session  # noqa: E402
 from graphopt.core.shapes import fix_input_shapes, infer_shapes  # noqa: E402
 from graphopt.core.verify import sqnr_db  # noqa: E402
 from graphopt.fixtures import fixture_path  # noqa: E402
-from graphopt.passes import get_pass  # noqa: E402
-from graphopt.passes.prune_channels import PruneChannelsPass  # noqa: E402
+from graphopt.jobs.prune import PruneResult  # noqa: E402
+from graphopt.jobs.prune import prune as prune_job  # noqa: E402
+from graphopt.passes.prune_channels import PruneReport  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 MODELS = ("digits-transformer", "bert-mini")
-DIGITS_TARGET = 0.30  # fraction of the attention and FFN MACs removed
-DIGITS_UNIFORM = 0.35
+DIGITS_RATIO = 0.30  # the fraction of the attention and FFN MACs asked for
+DIGITS_UNIFORM = (0.30, 0.35)
 BERT_RATIO = 0.30
 CRITERION = "output"
+RESULTS = ROOT / "bench" / "results" / "transformers_prune.md"
+SECTION = "## job path"
 Feeds = Mapping[str, np.ndarray]
 
 
@@ -107,12 +113,11 @@ def fraction_removed(before: Mapping[str, int], after: Mapping[str, int], names:
     return 1.0 - sum(after.get(k, 0) for k in names) / total if total else 0.0
 
 
-def units_kept(p: PruneChannelsPass, units: Mapping[str, tuple[int, int]]) -> dict[str, list[int]]:
+def units_kept(rep: PruneReport, units: Mapping[str, tuple[int, int]]) -> dict[str, list[int]]:
     """Units kept per prunable group, in graph order: ``heads`` (groups of several producers:
     Q, K, V) and ``ffn`` (one producer: the first FFN MatMul)."""
-    assert p.report is not None
     out: dict[str, list[int]] = {"heads": [], "ffn": []}
-    for g in p.report.groups:
+    for g in rep.groups:
         if g.name not in units:
             continue
         n, producers = units[g.name]
@@ -133,105 +138,84 @@ def latency_ratio(a: Model, b: Model, feeds: Feeds, runs: int) -> float:
 
 
 def prune(
-    model: Model, ratio: float | dict[str, float], calib: Sequence[Feeds], recover: bool
-) -> tuple[Model, PruneChannelsPass]:
-    p = get_pass("prune-channels", ratio=ratio, criterion=CRITERION, calib=calib, recover=recover)
-    assert isinstance(p, PruneChannelsPass)
-    res = p(model.clone())
-    return res.model, p
+    path: str | os.PathLike[str], ratio: float, calib: Any, scope: str | None, recover: bool, **kw
+) -> PruneResult:
+    """The prune job as ``graphopt prune --criterion output`` runs it (nothing written)."""
+    return prune_job(
+        str(path),
+        ratio,
+        calib=calib,
+        criterion=CRITERION,
+        scope=scope,
+        recover=recover,
+        min_sqnr=0,
+        **kw,
+    )
+
+
+def _allocation(res: PruneResult) -> dict[str, Any] | None:
+    a = res.report.allocation
+    if a is None:
+        return None
+    return {
+        "achieved": a.achieved,
+        "points": a.points,
+        "removed": {g.name: f"{g.removed}/{g.width}" for g in a.groups},
+    }
 
 
 # ------------------------------------------------------------------------------ digits
-def _digits_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ev = np.load(fixture_path("digits_eval.npz"))
-    cal = np.load(fixture_path("digits_calib.npz"))["x"]
-    return ev["x"], ev["y"], cal
-
-
 def _accuracy(model: Model, x: np.ndarray, y: np.ndarray) -> float:
     out = make_session(model, "all").run(None, {"x": x})[0]
     return float((out.argmax(1) == y).mean())
 
 
-def _logits(model: Model, x: np.ndarray) -> np.ndarray:
-    return np.asarray(make_session(model, "all").run(None, {"x": x})[0])
-
-
-def digits_allocation(
-    base: Model, calib: Sequence[Feeds], held: np.ndarray, target: float
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Per-group ratios removing ``target`` of the attention+FFN MACs, chosen on calibration data
-    (see the module docstring); returns them and the candidates tried."""
-    shapes = {"x": (1, 1, 8, 8)}
-    before = node_macs(base, shapes)
-    names, units = analysis_of(base, shapes)
-    head_groups = [g for g, (_, producers) in units.items() if producers > 1]
-    ffn_groups = [g for g, (_, producers) in units.items() if producers == 1]
-    ref = _logits(base, held)
-    tried: list[dict[str, Any]] = []
-    best: tuple[float, dict[str, float]] | None = None
-    for k in range(min(1, len(head_groups)), len(head_groups) + 1):
-        for chosen in itertools.combinations(head_groups, k):
-            ratios = {g: 1.0 / units[g][0] for g in chosen}  # one head
-            for r_ffn in np.arange(0.05, 0.80, 0.05):
-                ratios.update({g: float(round(r_ffn, 2)) for g in ffn_groups})
-                pm, _ = prune(base, ratios, calib, recover=False)
-                if fraction_removed(before, node_macs(pm, shapes), names) >= target:
-                    break
-            else:
-                continue
-            pm, _ = prune(base, ratios, calib, recover=True)
-            s = sqnr_db(ref, _logits(pm, held))
-            tried.append(
-                {"heads_pruned": list(chosen), "ffn_ratio": ratios[ffn_groups[0]], "sqnr": s}
-            )
-            if best is None or s > best[0]:
-                best = (s, dict(ratios))
-    assert best is not None
-    return best[1], tried
-
-
 def bench_digits(quick: bool) -> list[dict[str, Any]]:
     path = fixture_path("digits_transformer.onnx")
+    calib = fixture_path("digits_calib.npz")
     base = load(path)
-    x, y, cal = _digits_data()
-    calib = [{"x": cal[i : i + 16]} for i in range(0, len(cal), 16)]
+    ev = np.load(fixture_path("digits_eval.npz"))
+    x, y = ev["x"], ev["y"]
     shapes = {"x": (1, 1, 8, 8)}
     before = node_macs(base, shapes)
     names, units = analysis_of(base, shapes)
     acc0 = _accuracy(base, x, y)
     runs = 30 if quick else 200
     rows = []
-    held = cal[96:]  # the allocation is scored on the last quarter of the calibration images
-    alloc, tried = digits_allocation(
-        base, [{"x": cal[i : i + 16]} for i in range(0, 96, 16)], held, DIGITS_TARGET
-    )
-    for setting, ratio in (("uniform", DIGITS_UNIFORM), ("allocated", alloc)):
+    settings = [("uniform", r, "group") for r in DIGITS_UNIFORM] + [("auto", DIGITS_RATIO, None)]
+    for setting, ratio, scope in settings:
         t0 = time.perf_counter()
-        bare, _ = prune(base, ratio, calib, recover=False)
-        rec, p = prune(base, ratio, calib, recover=True)
+        res = prune(path, ratio, calib, scope, recover=True)
         secs = time.perf_counter() - t0
+        # the same split without recovery: per-group ratios of what the job chose
+        split: Any = ratio
+        if res.report.allocation is not None:
+            split = res.report.allocation.ratios()
+        bare = prune(path, split, calib, "group", recover=False)
+        rec = res.model
         after = node_macs(rec, shapes)
-        row: dict[str, Any] = {
-            "model": "digits-transformer",
-            "setting": setting,
-            "criterion": CRITERION,
-            "ratio": ratio,
-            **units_kept(p, units),
-            "macs_before": sum(before.values()),
-            "macs_after": sum(after.values()),
-            "macs_ratio": sum(after.values()) / sum(before.values()),
-            "attn_ffn_macs_removed": fraction_removed(before, after, names),
-            "acc_before": acc0,
-            "acc_pruned": _accuracy(bare, x, y),
-            "acc_recovered": _accuracy(rec, x, y),
-            "latency_ratio_b1": latency_ratio(base, rec, {"x": x[:1]}, runs),
-            "latency_ratio_b64": latency_ratio(base, rec, {"x": x[:64]}, runs),
-            "prune_seconds": secs,
-        }
-        if setting == "allocated":
-            row["allocation_tried"] = tried
-        rows.append(row)
+        rows.append(
+            {
+                "model": "digits-transformer",
+                "setting": f"{setting} {ratio:g}",
+                "scope": res.report.scope,
+                "criterion": CRITERION,
+                "ratio": ratio,
+                **units_kept(res.report, units),
+                "macs_before": sum(before.values()),
+                "macs_after": sum(after.values()),
+                "macs_ratio": sum(after.values()) / sum(before.values()),
+                "attn_ffn_macs_removed": fraction_removed(before, after, names),
+                "acc_before": acc0,
+                "acc_pruned": _accuracy(bare.model, x, y),
+                "acc_recovered": _accuracy(rec, x, y),
+                "held_out_sqnr_db": res.fidelity[0].sqnr_db,
+                "latency_ratio_b1": latency_ratio(base, rec, {"x": x[:1]}, runs),
+                "latency_ratio_b64": latency_ratio(base, rec, {"x": x[:64]}, runs),
+                "prune_seconds": secs,
+                "allocation": _allocation(res),
+            }
+        )
     return rows
 
 
@@ -248,38 +232,45 @@ def bench_corpus(name: str, quick: bool) -> list[dict[str, Any]]:
     shapes = {k: tuple(v.shape) for k, v in one.items()}
     before = node_macs(base, shapes)
     names, units = analysis_of(base, shapes)
-    out = {}
-    t0 = time.perf_counter()
-    for rec in (False, True):
-        pm, p = prune(base, BERT_RATIO, calib, recover=rec)
-        s_ref = make_session(base, "all")
-        s_p = make_session(pm, "all")
-        refs = np.concatenate([s_ref.run(None, dict(f))[0].ravel() for f in held])
-        outs = np.concatenate([s_p.run(None, dict(f))[0].ravel() for f in held])
-        out[rec] = (pm, p, sqnr_db(refs, outs))
-    secs = time.perf_counter() - t0
-    pm, p, _ = out[True]
-    after = node_macs(pm, shapes)
-    assert p.report is not None
-    return [
-        {
-            "model": name,
-            "setting": "uniform",
-            "criterion": CRITERION,
-            "ratio": BERT_RATIO,
-            **units_kept(p, units),
-            "groups_blocked": sum(g.blocked for g in p.report.groups),
-            "groups": len(p.report.groups),
-            "macs_before": sum(before.values()),
-            "macs_after": sum(after.values()),
-            "macs_ratio": sum(after.values()) / sum(before.values()),
-            "attn_ffn_macs_removed": fraction_removed(before, after, names),
-            "sqnr_db_pruned": out[False][2],
-            "sqnr_db_recovered": out[True][2],
-            "latency_ratio_b1": latency_ratio(base, pm, one, 10 if quick else 50),
-            "prune_seconds": secs,
-        }
-    ]
+    s_ref = make_session(base, "all")
+    refs = np.concatenate([s_ref.run(None, dict(f))[0].ravel() for f in held])
+    rows = []
+    for setting, scope in (("uniform", "group"), ("auto", None)):
+        t0 = time.perf_counter()
+        res = prune(path, BERT_RATIO, calib, scope, recover=True, feeds=held, holdout=0)
+        secs = time.perf_counter() - t0
+        split: Any = BERT_RATIO
+        if res.report.allocation is not None:
+            split = res.report.allocation.ratios()
+        bare = prune(path, split, calib, "group", recover=False, feeds=held, holdout=0)
+        out = {}
+        for rec, m in ((False, bare.model), (True, res.model)):
+            s_p = make_session(m, "all")
+            outs = np.concatenate([s_p.run(None, dict(f))[0].ravel() for f in held])
+            out[rec] = sqnr_db(refs, outs)
+        after = node_macs(res.model, shapes)
+        rows.append(
+            {
+                "model": name,
+                "setting": f"{setting} {BERT_RATIO:g}",
+                "scope": res.report.scope,
+                "criterion": CRITERION,
+                "ratio": BERT_RATIO,
+                **units_kept(res.report, units),
+                "groups_blocked": sum(g.blocked for g in res.report.groups),
+                "groups": len(res.report.groups),
+                "macs_before": sum(before.values()),
+                "macs_after": sum(after.values()),
+                "macs_ratio": sum(after.values()) / sum(before.values()),
+                "attn_ffn_macs_removed": fraction_removed(before, after, names),
+                "sqnr_db_pruned": out[False],
+                "sqnr_db_recovered": out[True],
+                "latency_ratio_b1": latency_ratio(base, res.model, one, 10 if quick else 50),
+                "prune_seconds": secs,
+                "allocation": _allocation(res),
+            }
+        )
+    return rows
 
 
 def run(models: Sequence[str] | None = None, quick: bool = False) -> list[dict[str, Any]]:
@@ -311,7 +302,7 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [
-        "| model | setting | heads kept | FFN neurons kept | MACs after/before "
+        "| model | setting (scope) | heads kept | FFN neurons kept | MACs after/before "
         "| attn+FFN MACs removed | fidelity before / pruned / recovered "
         "| latency pruned/orig (b1, b64) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -327,10 +318,21 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
             + (_f(r.get("latency_ratio_b64"), ".2f") or "-")
         )
         lines.append(
-            f"| {r['model']} | {r['setting']} | {r['heads']} | {r['ffn']} | {r['macs_ratio']:.3f} "
-            f"| {r['attn_ffn_macs_removed']:.1%} | {fid} | {lat} |"
+            f"| {r['model']} | {r['setting']} ({r['scope']}) | {r['heads']} | {r['ffn']} "
+            f"| {r['macs_ratio']:.3f} | {r['attn_ffn_macs_removed']:.1%} | {fid} | {lat} |"
         )
     return "\n".join(lines)
+
+
+def _replace_section(old: str, new: str) -> str:
+    """``old`` with its :data:`SECTION` (to the next ``## `` heading or the end) replaced by
+    ``new``, or ``new`` appended."""
+    if SECTION not in old:
+        return old.rstrip("\n") + "\n\n" + new
+    head, rest = old.split(SECTION, 1)
+    nxt = rest.find("\n## ")
+    tail = rest[nxt + 1 :] if nxt >= 0 else ""
+    return head + new + ("\n" + tail if tail else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,23 +340,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer timing runs and feeds")
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args(argv)
+    t0 = time.perf_counter()
     rows = run(args.models.split(","), args.quick)
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = (
-        f"# Head/FFN pruning ({when}, {platform.machine()}, {platform.processor() or 'cpu'}"
-        f"{', --quick' if args.quick else ''})\n\n" + table(rows) + "\n"
+        f"{SECTION} ({when}, {platform.machine()}, load {load1:.1f}"
+        f"{', --quick' if args.quick else ''}, {time.perf_counter() - t0:.0f} s)\n\n"
+        f"`python bench/transformers_prune.py{' --quick' if args.quick else ''} --models "
+        f"{args.models}`: the prune job (`graphopt prune --criterion output`), uniform "
+        f"(`--scope group`) against the default sensitivity allocation (`--scope auto`).\n\n"
+        + table(rows)
+        + "\n"
     )
     for r in rows:
-        if r.get("setting") == "allocated":
-            text += f"\nallocation ({r['model']}): ratios {r['ratio']}\n"
-            for c in r["allocation_tried"]:
-                where = ", ".join(c["heads_pruned"]) or "none"
-                text += (
-                    f"- one head pruned in: {where}; FFN ratio {c['ffn_ratio']}: "
-                    f"calibration SQNR {c['sqnr']:.1f} dB\n"
-                )
+        a = r.get("allocation")
+        if a:
+            text += (
+                f"\nallocation ({r['model']}, {r['setting']}): {a['achieved']:.1%} of the "
+                f"prunable MACs removed, {a['points']} scan points; units removed: "
+                + ", ".join(f"{k} {v}" for k, v in a["removed"].items())
+                + "\n"
+            )
     print(text)
-    atomic_write_text(ROOT / "bench" / "results" / "transformers_prune.md", text)
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    atomic_write_text(RESULTS, _replace_section(old, text))
     return 0
 
 
