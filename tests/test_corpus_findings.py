@@ -111,3 +111,26 @@ def test_quantize_default_floor_falls_back_to_meet_it_on_the_feeds(
     # the negative: without feeds the calibration samples meet the floor, nothing falls back
     res = q_job.quantize(m, calib, measure_speed=False)
     assert res.mixed_precision == {} and not res.kept_float
+
+
+def test_plan_writes_a_shape_on_an_output_value_info_lists_without_one(tmp_path: Path) -> None:
+    """ddddocr's common_old.onnx declares its output's shape and lists the output again in
+    value_info without a shape; the model as loaded had no output shape, and plan wrote it so:
+    its own file was refused as invalid (exit 2). The output now keeps its rank."""
+    from graphopt.jobs.plan import plan_memory
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])],
+        value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=6)
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    out = tmp_path / "p.onnx"
+    plan_memory(src, output=out)
+    written = onnx.load(out)
+    onnx.checker.check_model(written)
+    assert len(written.graph.output[0].type.tensor_type.shape.dim) == 2

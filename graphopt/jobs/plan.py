@@ -362,6 +362,15 @@ def plan_memory(
         else:  # a model loaded here, written in the order it came in: no copy of it is needed
             planned = apply_order(source, plan)
             planned.metadata[PLAN_METADATA_KEY] = plan.compact_json()
+    if planned is not None and plan.model is not None:
+        # ONNX wants a shape on graph outputs: one the loaded model lacks (ddddocr's common_old
+        # declares its output's shape and lists it again in value_info without one, which
+        # graphsurgeon's import keeps) gets the planned model's rank, dims left unknown (the
+        # plan's shapes hold for its input shapes only); the file was refused as invalid
+        ranks = {t.name: t.shape for t in plan.model.graph.outputs}
+        for t in planned.graph.outputs:
+            if t.shape is None and ranks.get(t.name) is not None:
+                t.shape = [None] * len(ranks[t.name])
     if planned is not None and planned.num_nodes() and res.plan.order_changed:
         # the written model runs its nodes in the planned order: exact against the input
         probe = feeds if feeds is not None else random_feeds(plan.model or planned, seed=0)
