@@ -33,7 +33,8 @@ Writes ``bench/results/transformers.json`` and ``bench/results/transformers.md``
 a shared machine are rough; rerun on a quiet one for the README.
 
 Usage: ``python bench/transformers.py [--quick] [--models a,b] [--sections optimize,quant,prune]
-[--rounds N]``. ``--quick`` (under 3 minutes): bert-mini and the digits transformer, 5 rounds.
+[--rounds N] [--out FILE.md]``. ``--quick`` (under 3 minutes): bert-mini and the digits
+transformer, 5 rounds.
 """
 
 from __future__ import annotations
@@ -314,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated model names")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="optimize,quant,prune")
     ap.add_argument("--rounds", type=int, help="latency rounds (default 5 quick, 30 full)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="markdown file to write, its JSON beside it (default: bench/results/transformers.md, "
+        "transformers_quick.md with --quick); a run of some sections or models elsewhere keeps "
+        "the full run's tables",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -354,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - t0, 1)
     md.append(f"Total {results['seconds']:.0f} s.")
     out_json, out_md = (QUICK_JSON, QUICK_MD) if args.quick else (RESULTS_JSON, RESULTS_MD)
+    if args.out:
+        out_md, out_json = args.out, args.out.with_suffix(".json")
     atomic_write_text(out_json, json.dumps(results, indent=1, default=str) + "\n")
     atomic_write_text(out_md, "\n".join(md) + "\n")
     print("\n".join(md))

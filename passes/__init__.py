@@ -50,6 +50,7 @@ PASS_INDEX: dict[str, str] = {
     "fuse-layernorm": "fuse_layernorm",
     "fuse-gelu": "fuse_gelu",
     "fuse-skip-layernorm": "fuse_skip_layernorm",
+    "sum-residual-adds": "sum_residual_adds",
 }
 
 PASS_MODULES: list[str] = list(dict.fromkeys(PASS_INDEX.values()))

@@ -66,8 +66,9 @@ DEFAULT_PIPELINE: list[str] = [
 #: target lowering, run to its own fixed point after the default pipeline has converged (a pass
 #: named here is constructed with ``target=...`` when it takes that option)
 TARGET_PIPELINES: dict[str, list[str]] = {
-    # standard ONNX, no back-end metadata (TVM's groups: compile's own analysis)
-    "portable": ["fuse-attention"],
+    # standard ONNX, no back-end metadata (TVM's groups: compile's own analysis); residual sums
+    # as Sum keep onnxruntime off its slow fused SkipLayerNormalization
+    "portable": ["fuse-attention", "sum-residual-adds"],
     "ort": [
         "fuse-conv-activation",
         "fuse-attention",

@@ -409,7 +409,7 @@ def quantize_weight_only_job(
     block_size: int = 32,
     rounding: str = "rtn",
     target: str = "portable",
-    accuracy_level: int = 0,
+    accuracy_level: int = 4,
     embeddings: bool = True,
     head_bits: int | None = None,
     keep_float: Iterable[str] = (),
@@ -435,7 +435,8 @@ def quantize_weight_only_job(
         rounding: ``rtn`` (nearest) or ``gptq`` (needs ``calib``).
         target: ``portable`` (blocked DequantizeLinear; raises the opset to 21) or ``ort``
             (``com.microsoft.MatMulNBits``).
-        accuracy_level: MatMulNBits' compute type (``ort``): 0 float, 4 int8 activations.
+        accuracy_level: MatMulNBits' compute type (``ort``): 4 int8 activations (default; see
+            :class:`graphopt.algorithms.quant.weight_only.WeightOnlyConfig`), 0 float.
         embeddings: also store large Gather tables int8 per row.
         head_bits: bits of the output heads (MatMul/Gemm whose product is a graph output, such
             as a language model's vocabulary projection), which decide the argmax: 8 keeps
