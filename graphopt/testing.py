@@ -38,6 +38,25 @@ def full_check(model: Model) -> None:
     onnx.checker.check_model(model.to_onnx(), full_check=True)
 
 
+def ort_optimized_ops(model: Model, tmp_path: str | Path) -> dict[str, int]:
+    """Op types (by ``op_type``, any domain) of the graph onnxruntime ``ORT_ENABLE_ALL`` makes of
+    ``model``: its saved optimized model, written into the folder ``tmp_path``."""
+    import onnxruntime as ort
+
+    from graphopt.core.session import session_options
+
+    so = session_options("all")
+    dst = Path(tmp_path) / f"ort_optimized_{len(list(Path(tmp_path).iterdir()))}.onnx"
+    so.optimized_model_filepath = str(dst)
+    ort.InferenceSession(
+        model.to_onnx().SerializeToString(), so, providers=["CPUExecutionProvider"]
+    )
+    got: dict[str, int] = {}
+    for n in onnx.load(str(dst)).graph.node:
+        got[n.op_type] = got.get(n.op_type, 0) + 1
+    return got
+
+
 def fingerprint(model: Model) -> bytes:
     """Bytes that change whenever the exported model changes."""
     return model.to_onnx().SerializeToString(deterministic=True)

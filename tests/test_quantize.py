@@ -4,12 +4,10 @@ kernels, digits accuracy holds, mixed-range Concat stays float, mixed precision 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from conftest import real_or_skip
 from onnx import TensorProto, helper
@@ -18,11 +16,10 @@ from test_calibration import dynamic_width_model
 from graphopt.algorithms.quant.graph import choose_activation_type
 from graphopt.core.loader import load
 from graphopt.core.model import Model
-from graphopt.core.saver import save
-from graphopt.core.session import make_session, session_options
+from graphopt.core.session import make_session
 from graphopt.fixtures import fixture_path
 from graphopt.jobs.quantize import quantize
-from graphopt.testing import op_counts
+from graphopt.testing import op_counts, ort_optimized_ops
 
 
 def calib_feeds(model: Model, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -37,15 +34,6 @@ def calib_feeds(model: Model, n: int, seed: int = 0) -> list[dict[str, np.ndarra
             f[t.name] = rng.standard_normal(shape).astype(np.float32)
         out.append(f)
     return out
-
-
-def _ort_optimized_ops(model: Model, tmp_path: Path) -> Counter:
-    src, dst = tmp_path / "q.onnx", tmp_path / "q_ort.onnx"
-    save(model, src)
-    so = session_options("all")
-    so.optimized_model_filepath = str(dst)
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(str(dst)).graph.node)
 
 
 @pytest.mark.parametrize(
@@ -74,7 +62,7 @@ def test_fixture_quantizes_loads_and_keeps_sqnr(name: str, min_db: float) -> Non
 def test_onnxruntime_runs_integer_kernels(tmp_path: Path) -> None:
     m = load(fixture_path("cnn.onnx"))
     res = quantize(m, calib_feeds(m, 8))
-    ops = _ort_optimized_ops(res.model, tmp_path)
+    ops = ort_optimized_ops(res.model, tmp_path)
     n_conv = op_counts(res.float_model)["Conv"]
     assert ops["QLinearConv"] == n_conv and ops.get("Conv", 0) == 0, ops
     assert ops["QGemm"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops

@@ -32,7 +32,7 @@ from graphopt.core.shapes import prepare
 from graphopt.core.verify import sqnr_db
 from graphopt.fixtures import fixture_path
 from graphopt.jobs.quantize_modes import choose_mode, quantize_dynamic, quantize_weight_only_job
-from graphopt.testing import op_counts
+from graphopt.testing import op_counts, ort_optimized_ops
 
 K, N, M = 64, 48, 10
 
@@ -252,23 +252,6 @@ def _post_ln_block(seed: int = 0, bias: bool = False) -> Model:
     return prepare(Model.from_onnx(proto))
 
 
-def _ort_optimized_ops(model: Model, tmp_path: Path) -> dict[str, int]:
-    """Op types of what onnxruntime ENABLE_ALL makes of ``model`` (its saved optimized graph)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    dst = tmp_path / f"opt{len(list(tmp_path.iterdir()))}.onnx"
-    so.optimized_model_filepath = str(dst)
-    ort.InferenceSession(
-        model.to_onnx().SerializeToString(), so, providers=["CPUExecutionProvider"]
-    )
-    got: dict[str, int] = {}
-    for n in onnx.load(str(dst)).graph.node:
-        got[n.op_type] = got.get(n.op_type, 0) + 1
-    return got
-
-
 @pytest.mark.parametrize("bias", [False, True])
 def test_dynamic_residual_adds_as_sum_keep_ort_from_skip_layernorm(
     tmp_path: Path, bias: bool
@@ -291,8 +274,8 @@ def test_dynamic_residual_adds_as_sum_keep_ort_from_skip_layernorm(
     np.testing.assert_array_equal(_run(q, x, "all"), _run(q, x, "disable_all"))
     assert sqnr_db(ref, _run(q, x)) > 30
     # what the rewrite is for: onnxruntime forms no SkipLayerNormalization from the Sums
-    assert _ort_optimized_ops(plain, tmp_path).get("SkipLayerNormalization", 0) == 2
-    assert "SkipLayerNormalization" not in _ort_optimized_ops(q, tmp_path)
+    assert ort_optimized_ops(plain, tmp_path).get("SkipLayerNormalization", 0) == 2
+    assert "SkipLayerNormalization" not in ort_optimized_ops(q, tmp_path)
 
 
 def test_residual_sum_leaves_other_adds_alone() -> None:

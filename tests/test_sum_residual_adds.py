@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 from fusion_graphs import build, node
 
 from graphopt.core.model import Model
 from graphopt.core.session import run_model
 from graphopt.jobs.optimize import default_pipeline, optimize
-from graphopt.testing import check_pass, op_counts
+from graphopt.testing import check_pass, op_counts, ort_optimized_ops
 
 P = "sum-residual-adds"
 H = 16
@@ -41,23 +40,6 @@ def block(*, pre_norm: bool = False, const_skip: bool = False, shape=(2, 6, H)) 
     return build(nodes, {"x": shape}, outputs, inits)
 
 
-def _ort_fused_ops(model: Model, tmp_path: Path) -> dict[str, int]:
-    """Op types of what onnxruntime ENABLE_ALL makes of ``model`` (its saved optimized graph)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    dst = tmp_path / f"opt{len(list(tmp_path.iterdir()))}.onnx"
-    so.optimized_model_filepath = str(dst)
-    ort.InferenceSession(
-        model.to_onnx().SerializeToString(), so, providers=["CPUExecutionProvider"]
-    )
-    got: dict[str, int] = {}
-    for n in onnx.load(str(dst)).graph.node:
-        got[n.op_type] = got.get(n.op_type, 0) + 1
-    return got
-
-
 def test_residual_add_becomes_sum_bit_exact(tmp_path: Path) -> None:
     m = block()
     res, _ = check_pass(m, P, rtol=0.0, atol=0.0)
@@ -68,8 +50,8 @@ def test_residual_add_becomes_sum_bit_exact(tmp_path: Path) -> None:
     after = run_model(res.model, {"x": x}, level="disable_all")
     np.testing.assert_array_equal(before["n"], after["n"])  # Sum is Add, bit for bit
     # what it is for: onnxruntime fuses the Add, not the Sum
-    assert _ort_fused_ops(m, tmp_path).get("SkipLayerNormalization") == 1
-    assert "SkipLayerNormalization" not in _ort_fused_ops(res.model, tmp_path)
+    assert ort_optimized_ops(m, tmp_path).get("SkipLayerNormalization") == 1
+    assert "SkipLayerNormalization" not in ort_optimized_ops(res.model, tmp_path)
 
 
 def test_changes_nothing_where_onnxruntime_would_not_fuse() -> None:
