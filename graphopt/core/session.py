@@ -28,6 +28,7 @@ from graphopt.core.feeds import Feeds
 from graphopt.core.graph import constant_nbytes
 from graphopt.core.loader import load
 from graphopt.core.model import PROTO_LIMIT, Model, constant_stub, swapped_constants
+from graphopt.core.segments import Segment, outer_reads, segment_model
 
 logger = logging.getLogger(__name__)
 
@@ -67,27 +68,6 @@ def _has_subgraphs(graph: onnx.GraphProto) -> bool:
     )
 
 
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Names read inside a node's subgraphs (recursively) that those subgraphs do not define."""
-    defined: set[str] = set()
-    read: set[str] = set()
-    stack = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-    stack += [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
-    while stack:
-        g = stack.pop()
-        defined.update(i.name for i in g.input)
-        defined.update(t.name for t in g.initializer)
-        for n in g.node:
-            defined.update(n.output)
-            read.update(x for x in n.input if x)
-            stack += [a.g for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
-            stack += [
-                sg for a in n.attribute if a.type == onnx.AttributeProto.GRAPHS for sg in a.graphs
-            ]
-        read.update(o.name for o in g.output)
-    return read - defined
-
-
 def _truncate(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     """``proto`` cut down to the nodes ``names`` need, with exactly ``names`` as outputs and every
     graph input kept. ``onnx.utils.Extractor`` does it for graphs without subgraphs; a graph with
@@ -106,7 +86,7 @@ def _truncate(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
             continue
         keep.add(i)
         node = g.node[i]
-        reads = set(node.input) | _subgraph_reads(node)
+        reads = set(node.input) | outer_reads(node)
         stack.extend(producer[x] for x in reads if x in producer)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
@@ -167,7 +147,8 @@ def with_outputs(
 
 def _zero_copy_session(
     model: Model,
-    so: ort.SessionOptions,
+    level: str,
+    threads: int | None,
     outputs: Sequence[str] | None,
     truncate: bool = False,
     types: Mapping[str, int] | None = None,
@@ -205,17 +186,167 @@ def _zero_copy_session(
             kept = [(n, a) for n, a in zip(names, arrays) if n in left]
             names, arrays = [n for n, _ in kept], [a for _, a in kept]
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-    for name, value in zip(names, values):
-        so.add_initializer(name, value)
-    so.add_session_config_entry("session.disable_prepacking", "1")
     with tempfile.TemporaryDirectory(prefix="graphopt-session-") as d:
         with open(Path(d) / placeholder, "wb") as f:  # sparse: takes neither disk nor memory
             f.truncate(max((a.nbytes for a in arrays), default=0))
-        path = Path(d) / "model.onnx"
-        path.write_bytes(proto.SerializeToString())
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        sess = _open_proto(proto, level, threads, dict(zip(names, values)), Path(d))
     sess._graphopt_keepalive = (arrays, values)  # type: ignore[attr-defined]
     return sess
+
+
+#: a model of more top-level nodes than this runs in onnxruntime as consecutive sessions of at
+#: most this many nodes each (:class:`SegmentedSession`): onnxruntime's session creation grows
+#: faster than the graph (:mod:`graphopt.core.segments`); at or below it nothing changes
+SEGMENT_NODES = 10_000
+
+
+class SegmentedSession(ort.InferenceSession):
+    """A model run as consecutive onnxruntime sessions, one per segment
+    (:func:`graphopt.core.segments.segment_model`), each fed the graph inputs and the tensors
+    earlier segments produced; a crossing tensor is dropped once no later segment reads it.
+
+    At ``ORT_DISABLE_ALL`` it computes exactly what one session of the whole model computes. At
+    the other levels onnxruntime optimizes each segment on its own (no fusion across a cut).
+
+    It is an :class:`onnxruntime.InferenceSession` to code typed for one and answers what graphopt
+    asks of a whole-model session: ``get_inputs``, ``get_outputs``,
+    ``get_overridable_initializers``, ``get_providers``, ``get_modelmeta``, ``run`` and
+    ``run_with_ort_values``. It has no onnxruntime session of its own (``io_binding`` and the
+    other methods are not available).
+    """
+
+    def __init__(  # noqa: D107 - super().__init__ would open the whole model
+        self,
+        sessions: Sequence[ort.InferenceSession],
+        segments: Sequence[Segment],
+        graph_inputs: Sequence[str],
+        graph_outputs: Sequence[str],
+    ) -> None:
+        self._parts = [
+            (sess, seg.inputs, seg.outputs, seg.release) for sess, seg in zip(sessions, segments)
+        ]
+        ins: dict[str, Any] = {}
+        over: dict[str, Any] = {}
+        outs: dict[str, Any] = {}
+        for sess in sessions:
+            ins.update((a.name, a) for a in sess.get_inputs())
+            over.update((a.name, a) for a in sess.get_overridable_initializers())
+            outs.update((a.name, a) for a in sess.get_outputs())
+        self._inputs_meta = [ins[n] for n in graph_inputs if n in ins]
+        self._overridable_initializers = [over[n] for n in graph_inputs if n in over]
+        self._outputs_meta = [outs[n] for n in graph_outputs]
+        self._feedable = {a.name for a in self._inputs_meta + self._overridable_initializers}
+        first = sessions[0]
+        self._sess = None
+        self._enable_fallback = False
+        self._providers = first.get_providers()
+        self._model_meta = first.get_modelmeta()
+        self._sess_options = first.get_session_options()
+
+    @property
+    def segments(self) -> int:
+        """How many sessions the model runs in."""
+        return len(self._parts)
+
+    def _chain(
+        self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], run: Any
+    ) -> list[Any]:
+        names = list(output_names) if output_names else [o.name for o in self._outputs_meta]
+        unknown = [k for k in feeds if k not in self._feedable]
+        if unknown:
+            raise ValueError(f"invalid input name(s) {unknown} (segmented session)")
+        graph_outputs = {o.name for o in self._outputs_meta}
+        bad = [n for n in names if n not in graph_outputs]
+        if bad:
+            raise ValueError(f"invalid output name(s) {bad} (segmented session)")
+        self._validate_input(list(feeds))
+        env = dict(feeds)
+        for sess, inputs, outputs, release in self._parts:
+            res = run(sess, outputs, {k: env[k] for k in inputs if k in env})
+            env.update(zip(outputs, res))
+            for k in release:
+                env.pop(k, None)
+        return [env[n] for n in names]
+
+    def run(  # type: ignore[override]
+        self,
+        output_names: Sequence[str] | None,
+        input_feed: Mapping[str, Any],
+        run_options: Any = None,
+    ) -> list[Any]:
+        """Run every segment in order; the graph outputs ``output_names`` (all: None)."""
+        return self._chain(output_names, input_feed, lambda s, o, f: s.run(o, f, run_options))
+
+    def run_with_ort_values(  # type: ignore[override]
+        self,
+        output_names: Sequence[str] | None,
+        input_dict_ort_values: Mapping[str, Any],
+        run_options: Any = None,
+    ) -> list[Any]:
+        """:meth:`run` with OrtValues in and out."""
+        return self._chain(
+            output_names,
+            input_dict_ort_values,
+            lambda s, o, f: s.run_with_ort_values(o, f, run_options),
+        )
+
+
+def _open_one(
+    proto: onnx.ModelProto,
+    level: str,
+    threads: int | None,
+    values: Mapping[str, ort.OrtValue] | None = None,
+    folder: Path | None = None,
+    index: int = 0,
+) -> ort.InferenceSession:
+    """One onnxruntime session of ``proto``. ``values``: initializers handed over without a copy
+    (those of ``proto``'s graph; prepacking off). ``folder``: written there first (where the
+    placeholder its external references point to lies), else opened from bytes, or through a
+    temporary file with external data when over protobuf's 2 GB."""
+    so = session_options(level, threads)
+    providers = ["CPUExecutionProvider"]
+    if values:
+        for t in proto.graph.initializer:
+            if t.name in values:
+                so.add_initializer(t.name, values[t.name])
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if folder is not None:
+        path = folder / f"model{index}.onnx"
+        path.write_bytes(proto.SerializeToString())
+        return ort.InferenceSession(str(path), so, providers=providers)
+    if proto.ByteSize() < PROTO_LIMIT:
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as d:
+        p = Path(d) / "model.onnx"
+        onnx.save_model(proto, str(p), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(p), so, providers=providers)
+
+
+def _open_proto(
+    proto: onnx.ModelProto,
+    level: str,
+    threads: int | None,
+    values: Mapping[str, ort.OrtValue] | None = None,
+    folder: Path | None = None,
+) -> ort.InferenceSession:
+    """A session of ``proto``: one onnxruntime session, or a :class:`SegmentedSession` when the
+    graph has more than :data:`SEGMENT_NODES` top-level nodes (and can be cut)."""
+    segments = segment_model(proto, SEGMENT_NODES)
+    if segments is None:
+        return _open_one(proto, level, threads, values, folder)
+    logger.debug(
+        "onnxruntime: %d nodes run as %d sessions of at most %d",
+        len(proto.graph.node),
+        len(segments),
+        SEGMENT_NODES,
+    )
+    graph_inputs = [i.name for i in proto.graph.input]
+    graph_outputs = [o.name for o in proto.graph.output]
+    sessions = []
+    for i, seg in enumerate(segments):
+        sessions.append(_open_one(seg.proto, level, threads, values, folder, i))
+        seg.proto = onnx.ModelProto()  # opened: its copy of the graph is not needed any more
+    return SegmentedSession(sessions, segments, graph_inputs, graph_outputs)
 
 
 def make_session(
@@ -235,24 +366,19 @@ def make_session(
 
     A Model with large weights is opened without copying them (see :func:`_zero_copy_session`).
     """
-    so = session_options(level, threads)
-    providers = ["CPUExecutionProvider"]
     if isinstance(model, (str, os.PathLike)):
         if outputs:
             model = load(model)
         else:
-            return ort.InferenceSession(str(model), so, providers=providers)
+            return ort.InferenceSession(
+                str(model), session_options(level, threads), providers=["CPUExecutionProvider"]
+            )
     if isinstance(model, Model) and model.param_bytes() >= ZERO_COPY_BYTES:
-        return _zero_copy_session(model, so, outputs, truncate, types)
+        return _zero_copy_session(model, level, threads, outputs, truncate, types)
     proto = model.to_onnx() if isinstance(model, Model) else model
     if outputs:
         proto = with_outputs(proto, outputs, truncate=truncate, types=types)
-    if proto.ByteSize() < PROTO_LIMIT:
-        return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="graphopt-verify-") as d:
-        p = Path(d) / "model.onnx"
-        onnx.save_model(proto, str(p), save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(str(p), so, providers=providers)
+    return _open_proto(proto, level, threads)
 
 
 #: sessions kept by :func:`keep_session`, by ``id`` of their Model (dropped with the Model)
