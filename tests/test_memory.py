@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from graphopt.algorithms.memory.planner import ALIGNMENT, conflicts
+from graphopt.algorithms.memory.planner import ALIGNMENT, best_fit, conflicts
 from graphopt.core.liveness import liveness
 from graphopt.core.loader import load
 from graphopt.core.model import Model
@@ -323,3 +323,42 @@ def test_cli_plan_json(capsys):
     assert np.isclose(
         d["arena_over_bound"], d["arena_bytes"] / d["inplace_lower_bound_bytes"], atol=1e-3
     )
+
+
+def _reference_best_fit(start, end, size, order, alignment=ALIGNMENT):
+    """Best fit as a direct reading of its definition: for each buffer, the placed buffers that
+    overlap it in time sorted by offset (stable), the smallest gap between them that fits."""
+    offs = np.full(len(size), -1, dtype=np.int64)
+    placed: list[int] = []
+    arena = 0
+    for b in order:
+        off = 0
+        live = [p for p in placed if start[p] <= end[b] and end[p] >= start[b]]
+        if live and size[b] > 0:
+            live.sort(key=lambda p: offs[p])
+            top, best = 0, None
+            for p in live:
+                gap = offs[p] - top
+                if gap >= size[b] and (best is None or gap < best[0]):
+                    best = (gap, top)
+                top = max(top, offs[p] + size[p])
+            off = top if best is None else best[1]
+        offs[b] = (off + alignment - 1) // alignment * alignment
+        placed.append(b)
+        arena = max(arena, int(offs[b] + size[b]))
+    return offs, arena
+
+
+def test_best_fit_matches_its_definition():
+    # the kernel keeps the placed buffers sorted by offset instead of sorting per buffer
+    # (a DenseNet-121 plan called it 90 times on 2,400 buffers: 20 s before, 1 s after)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 80))
+        s = rng.integers(0, 50, n)
+        e = s + rng.integers(0, 20, n)
+        z = rng.choice([0, 64, 128, 192, 448, 4096], n)
+        order = rng.permutation(n)
+        offs, arena = best_fit(s, e, z, order)
+        ref_offs, ref_arena = _reference_best_fit(s, e, z, order)
+        assert arena == ref_arena and (offs == ref_offs).all()

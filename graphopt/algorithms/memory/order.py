@@ -21,8 +21,13 @@ minimal peak over all orders is a shortest-path problem over the down-sets of th
   ``max_states`` (small graphs, or large graphs of small width).
 - Heuristics otherwise: list scheduling that picks, among ready nodes, the one with the lowest
   (peak, allocated - freed) with a one-step lookahead through the successors it makes ready,
-  from several starts (given order as tie-break, reversed tie-break, depth-first continuation);
-  the best by the model's peak is planned for real.
+  from several starts (given order as tie-break, reversed tie-break, depth-first continuation),
+  then hill climbing around the peak step of the best; the best by the model's peak is planned
+  for real. Both are incremental, so they run to the end on wide graphs too: the ready nodes
+  sit in a heap whose keys are recomputed only where a step changed a consumer or predecessor
+  count they read (O((n + e) log n) per start), and a hill-climbing move is simulated only
+  between its two positions, within a count of simulated steps (:data:`IMPROVE_WORK`, a count so
+  that the result does not depend on the machine's load).
 
 The given order is always a candidate, so the result is never worse. Constant nodes are not
 scheduled: each is emitted right before its first reader. If/Loop nodes are scheduled as units
@@ -31,8 +36,8 @@ scheduled: each is emitted right before its first reader. If/Loop nodes are sche
 
 from __future__ import annotations
 
+import heapq
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +76,8 @@ class _Problem:
     mem0: int
     pos: list[int] = field(default_factory=list)  # original position (tie-break)
     npreds: list[int] = field(default_factory=list)  # number of distinct predecessors
+    readers: list[list[int]] = field(default_factory=list)  # nodes reading each buffer
+    pred_list: list[list[int]] = field(default_factory=list)  # distinct predecessors per node
 
 
 #: the exact search (:func:`exact_order`) and the bitmasks it needs (``preds``, ``cons``: n bits
@@ -124,6 +131,8 @@ def _build(
     cands: list[list[int]] = [[] for _ in range(n)]
     cons = [0] * nb if exact else []
     ncons = [0] * nb
+    readers: list[list[int]] = [[] for _ in range(nb)]
+    pred_list: list[list[int]] = [[] for _ in range(n)]
     created: set[int] = set()
     mem0 = 0
     for t in model.graph.inputs:  # graph inputs are live from the start
@@ -142,6 +151,7 @@ def _build(
             if p is not None and p != v and p not in before:
                 before.add(p)
                 npreds[v] += 1
+                pred_list[v].append(p)
                 if exact:
                     preds[v] |= 1 << p
                 succs[p].append(v)
@@ -150,6 +160,7 @@ def _build(
                 seen.add(tb[bi])
                 in_bufs[v].append(tb[bi])
                 ncons[tb[bi]] += 1
+                readers[tb[bi]].append(v)
                 if exact:
                     cons[tb[bi]] |= 1 << v
         for t in nd.outputs:  # an alias output's buffer already exists (its input's)
@@ -180,6 +191,8 @@ def _build(
         mem0,
         list(range(n)),
         npreds,
+        readers,
+        pred_list,
     )
 
 
@@ -188,118 +201,203 @@ def simulate(pb: _Problem, order: list[int]) -> int:
     return int(max(pb.mem0, int(_profile(pb, order).max()) if order else pb.mem0))
 
 
-#: candidate evaluations the list-scheduling starts of one search may spend together (each
-#: costs a scan of a node's buffers); past it the remaining steps keep the given order. A count,
-#: not a time, so that the result does not depend on the machine's load.
-GREEDY_WORK = 150_000
-
-
 def _greedy(pb: _Problem, mode: str, work: list[int] | None = None) -> list[int]:
-    """List scheduling; ``mode`` picks the tie-break and lookahead. ``work`` is a one-element
-    budget of candidate evaluations shared by the starts of a search (spent here)."""
+    """List scheduling: at each step run the ready node with the lowest key, ``mode`` picking
+    the key (see below). ``work`` (optional, one element) is incremented by the node and edge
+    visits spent, for complexity checks.
+
+    Keys (``net`` = bytes the node allocates minus the bytes it frees; ``look`` = minus the
+    bytes freed by the successor it alone still blocks that frees the most; ``pos`` = given
+    position): ``net``: (net, pos); ``peak``: (allocated - in-place reuse, net, pos);
+    ``lookahead``: (net + look, pos); ``reverse``: (net, -pos); ``dfs`` and ``lookahead-dfs``: a
+    ready successor of the node just run first, then as ``net`` / ``lookahead``.
+
+    Incremental: the ready nodes sit in a heap; a key depends only on the consumer counts of the
+    buffers its node and its blocked successors read, and on those successors' unfinished
+    predecessor counts, so a step recomputes only the keys those counts touch (lazy deletion),
+    O((n + e) log n) in all instead of a scan of every ready node per step."""
     n = pb.n
+    size, is_out, in_bufs, succs = pb.size, pb.is_out, pb.in_bufs, pb.succs
+    readers, pred_list, pos = pb.readers, pb.pred_list, pb.pos
     npred = list(pb.npreds)
     remaining = list(pb.ncons)
-    ready = [v for v in range(n) if npred[v] == 0]
-    mem = pb.mem0
+    alloc = [sum(size[b] for b in pb.out_bufs[v]) for v in range(n)]
+    dead_out = [
+        sum(size[b] for b in pb.out_bufs[v] if pb.ncons[b] == 0 and not is_out[b]) for v in range(n)
+    ]
+    look_on = mode in ("lookahead", "lookahead-dfs")
+    dfs = mode.endswith("dfs")
+    done = [False] * n
+    ready = [False] * n
+    keys: list[tuple[int, ...]] = [()] * n
+    heap: list[tuple[tuple[int, ...], int]] = []
+    ops = 0
+
+    def key(v: int) -> tuple[int, ...]:
+        nonlocal ops
+        ops += 1 + len(in_bufs[v])
+        freed = dead_out[v]
+        for b in in_bufs[v]:
+            if remaining[b] == 1 and not is_out[b]:
+                freed += size[b]
+        net = alloc[v] - freed
+        if mode == "peak":
+            a, reused = _step_alloc(pb, v, remaining)
+            return (a - reused, net, pos[v])
+        if mode == "reverse":
+            return (net, -pos[v])
+        if look_on:
+            # the successor this node makes ready that frees the most at once: a node that
+            # enables an immediate big release is worth running even if it allocates
+            best = 0
+            mine = in_bufs[v]
+            for s in succs[v]:
+                ops += 1
+                if npred[s] == 1:
+                    ops += len(in_bufs[s])
+                    fs = 0
+                    for b in in_bufs[s]:
+                        if remaining[b] - (1 if b in mine else 0) == 1 and not is_out[b]:
+                            fs += size[b]
+                    best = min(best, -fs)
+            net += best
+        return (net, pos[v])
+
+    def push(v: int) -> None:
+        k = key(v)
+        if k != keys[v]:
+            keys[v] = k
+            heapq.heappush(heap, (k, v))
+
+    def blocker(s: int) -> int:
+        """The one unfinished predecessor of ``s`` (``npred[s] == 1``)."""
+        nonlocal ops
+        for p in pred_list[s]:
+            ops += 1
+            if not done[p]:
+                return p
+        return -1
+
+    for v in range(n):
+        if npred[v] == 0:
+            ready[v] = True
+            push(v)
     order: list[int] = []
     last = -1
-
-    def step_cost(v: int) -> tuple[int, int]:
-        alloc, reused = _step_alloc(pb, v, remaining)
-        freed = sum(pb.size[b] for b in pb.in_bufs[v] if remaining[b] == 1 and not pb.is_out[b])
-        freed += sum(pb.size[b] for b in pb.out_bufs[v] if pb.ncons[b] == 0 and not pb.is_out[b])
-        return mem + alloc - reused, alloc - freed
-
-    while ready:
-        best_key: tuple[Any, ...] | None = None
-        best_v = ready[0]
-        if work is not None:
-            if work[0] <= 0:  # out of budget: the rest in the given order
-                best_v = min(ready, key=lambda u: pb.pos[u])
-                ready.remove(best_v)
-                order.append(best_v)
-                last = best_v
-                mem = _after_step(
-                    pb, best_v, remaining, mem + sum(pb.size[b] for b in pb.out_bufs[best_v])
-                )
-                for s in pb.succs[best_v]:
-                    npred[s] -= 1
-                    if npred[s] == 0:
-                        ready.append(s)
-                continue
-            work[0] -= len(ready)
-        for v in ready:
-            peak, net = step_cost(v)
-            look = 0
-            if mode in ("lookahead", "lookahead-dfs"):
-                # the cheapest successor this node makes ready: a node that enables an immediate
-                # big release is worth running even if it allocates
-                best_s = 0
-                for s in pb.succs[v]:
-                    if npred[s] == 1:
-                        freed = sum(
-                            pb.size[b]
-                            for b in pb.in_bufs[s]
-                            if remaining[b] - (1 if b in pb.in_bufs[v] else 0) == 1
-                            and not pb.is_out[b]
-                        )
-                        best_s = min(best_s, -freed)
-                look = best_s
-            chain = 0 if (mode.endswith("dfs") and last >= 0 and v in pb.succs[last]) else 1
-            tie = pb.pos[v] if mode != "reverse" else -pb.pos[v]
-            if mode.endswith("dfs"):
-                key: tuple[Any, ...] = (chain, net + look, tie)
-            elif mode == "peak":
-                key = (peak, net + look, tie)
-            else:
-                key = (net + look, tie)
-            if best_key is None or key < best_key:
-                best_key, best_v = key, v
-        v = best_v
-        ready.remove(v)
+    while len(order) < n:
+        v = -1
+        if dfs and last >= 0:
+            for s in succs[last]:
+                if ready[s] and (v < 0 or keys[s] < keys[v]):
+                    v = s
+        if v < 0:
+            while True:
+                k, v = heapq.heappop(heap)
+                if ready[v] and keys[v] == k:
+                    break
+        ready[v] = False
+        done[v] = True
         order.append(v)
         last = v
-        alloc = sum(pb.size[b] for b in pb.out_bufs[v])
-        mem = _after_step(pb, v, remaining, mem + alloc)
-        for s in pb.succs[v]:
+        dirty: set[int] = set()
+        for b in in_bufs[v]:
+            remaining[b] -= 1
+            r = remaining[b]
+            if r == 1 or (look_on and r == 2):
+                for c in readers[b]:
+                    ops += 1
+                    if done[c]:
+                        continue
+                    if r == 1:
+                        dirty.add(c)  # its freed bytes (and in-place credit) change
+                    if look_on and npred[c] == 1:
+                        dirty.add(blocker(c))  # the node whose lookahead sees c
+        for s in succs[v]:
+            ops += 1
             npred[s] -= 1
             if npred[s] == 0:
-                ready.append(s)
+                ready[s] = True
+                dirty.add(s)
+            elif npred[s] == 1 and look_on:
+                dirty.add(blocker(s))
+        for u in dirty:
+            if u >= 0 and ready[u]:
+                push(u)
+    if work is not None:
+        work[0] += ops
     return order
 
 
-def improve(pb: _Problem, order: list[int], budget_s: float = 1.0, window: int = 12) -> list[int]:
+#: steps the hill climbing of one search may simulate (:func:`improve`); a count, not a time, so
+#: that the result does not depend on the machine's load
+IMPROVE_WORK = 1_000_000
+
+
+def improve(
+    pb: _Problem,
+    order: list[int],
+    window: int = 12,
+    max_work: int = IMPROVE_WORK,
+    work: list[int] | None = None,
+) -> list[int]:
     """Hill climbing: move single nodes near the peak step to another legal position while that
-    lowers the model's peak (strictly)."""
-    t0 = time.perf_counter()
+    lowers the model's peak (strictly), first improvement first.
+
+    A move changes the profile only between its two positions (the down-set before and after
+    them is the same), so a candidate is simulated from the state at ``peak - 4 * window`` to
+    its farther position and compared with the unchanged prefix and suffix maxima: O(window)
+    steps per candidate instead of O(n). Stops after ``max_work`` simulated steps; ``work``
+    (optional, one element) is incremented by the steps spent."""
     order = list(order)
-    best = simulate(pb, order)
-    pred_list: list[list[int]] = [[] for _ in range(pb.n)]
-    for u in range(pb.n):
-        for v in pb.succs[u]:
-            pred_list[v].append(u)
+    n = pb.n
+    spent = 0
     improved = True
-    while improved and time.perf_counter() - t0 < budget_s:
+    while improved and spent < max_work:
         improved = False
         prof = _profile(pb, order)
+        spent += n
+        best = max(pb.mem0, int(prof.max()))
+        pre = np.maximum.accumulate(prof).tolist()  # max of steps 0..t
+        suf = np.maximum.accumulate(prof[::-1])[::-1].tolist()  # max of steps t..n-1
         p = int(np.argmax(prof))
+        base = max(0, p - 4 * window)
+        remaining = list(pb.ncons)  # the state before step ``base``
+        mem = pb.mem0
+        for v in order[:base]:
+            alloc = sum(pb.size[b] for b in pb.out_bufs[v])
+            mem = _after_step(pb, v, remaining, mem + alloc)
+        spent += base
         where = {v: k for k, v in enumerate(order)}
-        for k in range(max(0, p - window), min(pb.n, p + window + 1)):
+        for k in range(max(0, p - window), min(n, p + window + 1)):
             v = order[k]
-            lo = max((where[u] for u in pred_list[v]), default=-1) + 1
-            hi = min((where[s] for s in pb.succs[v]), default=pb.n)
+            lo = max((where[u] for u in pb.pred_list[v]), default=-1) + 1
+            hi = min((where[s] for s in pb.succs[v]), default=n)
             for j in range(max(lo, k - 3 * window), min(hi, k + 3 * window + 1)):
                 if j == k or j == k + 1:
                     continue
-                cand = order[:k] + order[k + 1 :]
-                cand.insert(j if j < k else j - 1, v)
-                val = simulate(pb, cand)
+                # the new order differs from ``order`` on [a, b] only
+                a, b = (j, k) if j < k else (k, j - 1)
+                seg = order[a:k] + order[k + 1 : b + 1]
+                seg.insert(j - a if j < k else len(seg), v)
+                rem = list(remaining)
+                m = mem
+                val = pre[base - 1] if base > 0 else 0
+                for u in order[base:a] + seg:
+                    alloc, reused = _step_alloc(pb, u, rem)
+                    val = max(val, m + alloc - reused)
+                    m = _after_step(pb, u, rem, m + alloc)
+                spent += b + 1 - base
+                if b + 1 < n:
+                    val = max(val, suf[b + 1])
+                val = max(val, pb.mem0)
                 if val < best:
-                    best, order, improved = val, cand, True
+                    order = order[:a] + seg + order[b + 1 :]
+                    best, improved = val, True
                     break
-            if improved or time.perf_counter() - t0 > budget_s:
+            if improved or spent >= max_work:
                 break
+    if work is not None:
+        work[0] += spent
     return order
 
 
@@ -411,6 +509,13 @@ def exact_order(
                 old = nxt.get(kd)
                 if old is None or p < old[0]:
                     if old is None:  # the ready set depends on the down-set only
+                        if len(nxt) >= max_level or total + len(nxt) >= max_states:
+                            # this level alone is over a limit (the level only grows): stop
+                            # now rather than after expanding every state of it (a wide graph
+                            # has thousands of states per level, each trying every ready node)
+                            if status is not None:
+                                status["result"] = "too-many-states"
+                            return None
                         nready = ready ^ low
                         more = succ_mask[v]
                         while more:
@@ -502,11 +607,8 @@ def reorder_for_memory(
     pb = _build(model, sched, inplace, alignment, observed)
     identity = list(range(pb.n))
     cands: dict[str, list[int]] = {"given": identity}
-    work = [GREEDY_WORK]
     for mode in ("net", "peak", "lookahead", "dfs", "lookahead-dfs", "reverse"):
-        if work[0] <= 0:
-            break
-        cands[mode] = _greedy(pb, mode, work)
+        cands[mode] = _greedy(pb, mode)
     peaks = {k: simulate(pb, o) for k, o in cands.items()}
     start = min(peaks, key=lambda k: (peaks[k], k != "given"))
     cands["improved"] = improve(pb, cands[start])

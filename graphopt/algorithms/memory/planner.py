@@ -61,6 +61,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 from networkx.utils import UnionFind
 
@@ -244,38 +245,66 @@ def best_fit(
 ) -> tuple[np.ndarray, int]:
     """Place buffers in ``order``, each in the smallest gap that fits among the already placed
     buffers that overlap it in time (else on top of them). Returns (offsets, arena bytes)."""
+    offs, arena = _best_fit(
+        np.ascontiguousarray(start, dtype=np.int64),
+        np.ascontiguousarray(end, dtype=np.int64),
+        np.ascontiguousarray(size, dtype=np.int64),
+        np.ascontiguousarray(order, dtype=np.int64),
+        int(alignment),
+    )
+    return offs, int(arena)
+
+
+@numba.njit(cache=True, nogil=True)
+def _best_fit(
+    start: np.ndarray, end: np.ndarray, size: np.ndarray, order: np.ndarray, alignment: int
+) -> tuple[np.ndarray, int]:  # pragma: no cover - numba
+    """:func:`best_fit`'s loop. The placed buffers are kept sorted by (offset, placement), so
+    placing one is a scan of them that skips those not overlapping it in time plus one insertion:
+    O(n) per buffer, no sort."""
     n = len(size)
     offs = np.full(n, -1, dtype=np.int64)
-    ps = np.empty(n, dtype=np.int64)
-    pe = np.empty(n, dtype=np.int64)
+    ps = np.empty(n, dtype=np.int64)  # placed buffers by (offset, placement): start, end,
+    pe = np.empty(n, dtype=np.int64)  # offset and size
     po = np.empty(n, dtype=np.int64)
     pz = np.empty(n, dtype=np.int64)
     k = 0
     arena = 0
-    for b in order.tolist():
+    for i in range(len(order)):
+        b = order[i]
         s, e, z = start[b], end[b], size[b]
         off = 0
-        if k and z > 0:
-            m = (ps[:k] <= e) & (pe[:k] >= s)
-            if m.any():
-                o = po[:k][m]
-                srt = np.argsort(o, kind="stable")
-                o = o[srt]
-                ends = np.maximum.accumulate(o + pz[:k][m][srt])
-                prev = np.empty_like(ends)
-                prev[0] = 0
-                prev[1:] = ends[:-1]
-                gaps = o - prev
-                fit = np.flatnonzero(gaps >= z)
-                if fit.size:
-                    off = int(prev[fit[np.argmin(gaps[fit])]])
-                else:
-                    off = int(ends[-1])
-        off = int(align(off, alignment))
+        if k > 0 and z > 0:
+            top = 0  # highest end (offset + size) of the overlapping buffers below
+            best_gap = -1
+            for j in range(k):
+                if ps[j] <= e and pe[j] >= s:
+                    gap = po[j] - top
+                    if gap >= z and (best_gap < 0 or gap < best_gap):
+                        best_gap = gap
+                        off = top
+                    t = po[j] + pz[j]
+                    if t > top:
+                        top = t
+            if best_gap < 0:
+                off = top
+        off = (off + alignment - 1) // alignment * alignment
         offs[b] = off
-        ps[k], pe[k], po[k], pz[k] = s, e, off, z
+        at = k  # after every placed buffer with an offset <= off (stable)
+        while at > 0 and po[at - 1] > off:
+            at -= 1
+        for j in range(k, at, -1):
+            ps[j] = ps[j - 1]
+            pe[j] = pe[j - 1]
+            po[j] = po[j - 1]
+            pz[j] = pz[j - 1]
+        ps[at] = s
+        pe[at] = e
+        po[at] = off
+        pz[at] = z
         k += 1
-        arena = max(arena, off + int(z))
+        if off + z > arena:
+            arena = off + z
     return offs, arena
 
 
