@@ -230,3 +230,16 @@ def test_optimize_verifies_through_segmented_sessions(
     assert plain.verify is not None
     for a, b in zip(plain.verify.outputs, cut.verify.outputs):
         assert a.max_abs_err == b.max_abs_err
+
+
+def test_a_segmented_validation_session_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held through the passes a session costs ~5 KB per node; a segmented one reopens in
+    linear time, so validation does not keep it (a small model's still is)."""
+    from graphopt.core.session import take_session
+    from graphopt.core.validate import open_model
+
+    small = open_model(fixture_path("cnn.onnx"), keep_session=True)
+    assert take_session(small) is not None
+    monkeypatch.setattr(session_mod, "SEGMENT_NODES", 3)
+    large = open_model(fixture_path("cnn.onnx"), keep_session=True)
+    assert take_session(large) is None

@@ -389,12 +389,17 @@ def keep_session(model: Model, sess: ort.InferenceSession) -> None:
     """Keep ``sess``, a ``disable_all`` session opened on ``model`` as it is now, for one
     :func:`take_session`.
 
-    onnxruntime's session creation is the largest single cost on large graphs, and it grows
-    faster than the graph (a 50,000-node chain: 11 CPU s, 18x the 10,000-node chain's): a job
+    onnxruntime's session creation is the largest single cost on small graphs: a job
     that validates a model it loaded and later runs that same computation as its reference
     (optimize's verification, plan's execution proof) opens it once instead of twice. The
     session is released when taken or when ``model`` is garbage collected.
+
+    A :class:`SegmentedSession` (a model over :data:`SEGMENT_NODES` nodes) is not kept: it
+    opens in time linear in the graph, and held through a job's passes it would add ~5 KB per
+    node to the job's peak memory (a 200,000-node chain: ~1 GB).
     """
+    if isinstance(sess, SegmentedSession):
+        return
     key = id(model)
     _KEPT[key] = sess
     weakref.finalize(model, _KEPT.pop, key, None)

@@ -427,23 +427,17 @@ def verify(
         sa = reference if reference is not None else make_session(ref_model)
     except Exception as exc:  # noqa: BLE001 - an input onnxruntime refuses is the user's to fix
         raise GraphoptError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
-    try:
-        sb = make_session(transformed, transformed_level)
-    except Exception as exc:  # noqa: BLE001
-        raise GraphoptError(
-            f"onnxruntime cannot load the transformed model: {first_line(exc)}"
-        ) from None
+    reference = None
     names = [o.name for o in sa.get_outputs()]
-    b_names = {o.name for o in sb.get_outputs()}
     report = VerifyReport(
         rtol=rtol, atol=atol, min_sqnr_db=min_sqnr_db, min_cosine=min_cosine, samples=len(feed_list)
     )
     refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     a_inputs = input_names(sa)
-    b_inputs = input_names(sb)
-    # all references first: a large original's weight pages are released before the transformed
-    # model runs, so the two are never resident at once
+    # all references first, and the input model's session closed before the transformed model's
+    # opens (a session holds ~5 KB per node: the two are never open at once; a large original's
+    # weight pages are released too)
     for f in feed_list:
         try:
             ra = run_session(sa, names, {k: v for k, v in f.items() if k in a_inputs})
@@ -464,8 +458,17 @@ def verify(
             ) from None
         for n, v in zip(names, ra):
             refs[n].append(v)
+    del sa
     if isinstance(ref_model, Model) and ref_model.param_bytes() >= ZERO_COPY_BYTES:
         release_weight_pages(ref_model)
+    try:
+        sb = make_session(transformed, transformed_level)
+    except Exception as exc:  # noqa: BLE001
+        raise GraphoptError(
+            f"onnxruntime cannot load the transformed model: {first_line(exc)}"
+        ) from None
+    b_names = {o.name for o in sb.get_outputs()}
+    b_inputs = input_names(sb)
     common = [n for n in names if n in b_names]
     for f in feed_list:
         try:

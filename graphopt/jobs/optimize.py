@@ -283,10 +283,11 @@ def optimize_model(
     feed_dicts = feed_list(feeds, model, input_shapes=input_shapes)
     first = feed_dicts[0] if feed_dicts else None
     # the session validation opened on a model loaded by the job: verification's reference
-    # (input dims fixed and shapes inferred by prepare compute the same); one session less
-    reference = None if copy else take_session(model)
-    if not verify_output:
-        reference = None
+    # (input dims fixed and shapes inferred by prepare compute the same); one session less.
+    # Taken when verification starts, so that verify can close it before the next one opens.
+    reuse = not copy and verify_output
+    if not copy and not verify_output:
+        take_session(model)  # nothing runs the input again: released now
     original = prepare(model.clone() if copy else model, input_shapes, first)
     work = original.clone()
     lowering: list[Pass] = []
@@ -329,13 +330,17 @@ def optimize_model(
                 exported,
                 feeds=feed_dicts,
                 min_sqnr_db=LOSSY_MIN_SQNR_DB,
-                reference=reference,
+                reference=take_session(model) if reuse else None,
             )
         else:
             report = verify(
-                original, exported, feeds=feed_dicts, rtol=RTOL, atol=ATOL, reference=reference
+                original,
+                exported,
+                feeds=feed_dicts,
+                rtol=RTOL,
+                atol=ATOL,
+                reference=take_session(model) if reuse else None,
             )
-        reference = None
         if not report.ok:
             raise VerificationError(
                 f"optimized model differs from the input on {report.failure()}; not written. "
