@@ -78,3 +78,15 @@ def test_interleaved_budget_and_per_candidate_limit() -> None:
     assert t.count("fast") == 10 and 3 <= t.count("slow") < 10
     t2 = interleaved({"x": lambda: time.sleep(0.001)}, runs=2, warmup=0, budget_s=0.05, max_runs=20)
     assert 2 < t2.count("x") <= 20
+
+
+def test_interleaved_thread_cpu_clock_ignores_sleeping() -> None:
+    # a sleeping candidate takes wall time but no CPU time of the calling thread: the clock a
+    # loaded machine cannot inflate
+    def sleep() -> None:
+        time.sleep(0.02)
+
+    wall = interleaved({"sleep": sleep}, runs=3, warmup=0)
+    cpu = interleaved({"sleep": sleep}, runs=3, warmup=0, clock=time.thread_time)
+    assert wall.median_ms("sleep") >= 15.0
+    assert cpu.median_ms("sleep") < 5.0

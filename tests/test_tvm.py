@@ -228,3 +228,50 @@ def test_cuda_builds_and_nvcc_compiles_its_source(tmp_path: Path) -> None:
         assert res.cuda_source_checked is None
         pytest.skip("nvcc not on PATH: CUDA library built, generated source not compiled")
     assert res.cuda_source_checked is True
+
+
+@pytest.mark.real
+def test_rec_lowers_to_the_kernels_its_latency_was_measured_with() -> None:
+    """The structure behind rec's TVM latency (bench/tvm.py; bench/tvm_revisions.py times the
+    library of every revision side by side): the graph that reaches Relax has no shape
+    arithmetic, BatchNormalization or data-dependent ops left, every fused kernel gets a graphopt
+    rule with static shapes and vector loops, and rec, above the small-model threshold, keeps
+    parallel loops in its convolutions. The histogram of rules is the one of the 2026-11-22
+    library (59 kernels); a change of it on purpose is re-measured with bench/tvm_revisions.py."""
+    from collections import Counter
+
+    from graphopt.algorithms.tvm.schedules import ApplyCPUSchedules
+
+    path, _ = _real("rec")
+    shapes = {"x": (1, 3, 48, 320)}
+    prepared, info = gcompile.prepare_model(load(path), shapes)
+    ops = Counter(n.op for n in prepared.graph.nodes)
+    left = {"Shape", "Size", "BatchNormalization", "Gather", "ConstantOfShape", "Expand", "Range"}
+    assert not left & set(ops), ops
+    spec = gcompile.schedule_spec(gtvm.parse_target("llvm"), info["macs"])
+    assert spec.num_cores == gtvm.parse_target("llvm").num_cores  # not treated as a small model
+    fused = gtvm.fused_module(
+        gtvm.import_relax(prepared.to_onnx(), info["input_shapes"]),
+        spec,
+        info["pool_groups"] > 0,
+    )
+    sched = ApplyCPUSchedules(lanes=spec.vector_lanes, cores=spec.num_cores)
+    with spec.tvm_target():  # as in the compile pipeline
+        mod = sched(fused)  # type: ignore[operator]  # a TVM module pass
+    assert dict(sched.stats) == {"conv": 35, "injective": 14, "matmul": 5, "dlight-reduction": 5}
+    kernels = {
+        gv.name_hint: f.script()
+        for gv, f in mod.functions_items()
+        if isinstance(f, tvm.tirx.PrimFunc)
+    }
+    assert len(kernels) == 59
+    for name, text in kernels.items():
+        assert "T.int64()" not in text and "T.var(" not in text, f"{name} has a dynamic shape"
+    convs = {k: t for k, t in kernels.items() if "conv2d" in k}
+    assert len(convs) == 30
+    if spec.num_cores > 1:
+        # three small ones stay under the work threshold that makes waking the pool worth it
+        serial = [k for k, t in convs.items() if "T.parallel(" not in t]
+        assert len(serial) <= 3, f"convolutions without parallel loops: {serial}"
+    scalar = [k for k, t in convs.items() if "T.vectorized(" not in t]
+    assert not scalar, f"convolutions without vector loops: {scalar}"
