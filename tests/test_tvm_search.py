@@ -140,6 +140,25 @@ def test_dot_template_matches_unscheduled(params) -> None:
     _check_same(func, new)
 
 
+@pytest.mark.parametrize("kv", [8, 16])
+def test_dot_partial_sums_are_contiguous_vectors(kv: int) -> None:
+    """The ``kv`` partial sums of one output are the innermost axis of the rfactor buffers: the
+    vectorized multiply-add reads and writes kv consecutive floats. With the lanes outermost
+    (``rfactor(..., 0)``) every multiply-add gathered and scattered its accumulator at a stride
+    of the kernel's output count: the melspectrogram's STFT ran at 0.52 ms instead of 0.09."""
+    with TARGET:
+        new = S.apply_template(conv1d_kernel(), "dot", {"kv": kv, "ti": 2, "tj": 1}, 8, 2)
+    assert new is not None
+    rf = [b for b in _alloc_buffers(new) if ".rf" in b.name]
+    assert rf, "the dot template factors the reduction"
+    assert all(int(b.shape[-1]) == kv for b in rf), [(b.name, list(b.shape)) for b in rf]
+
+
+def _alloc_buffers(func: PrimFunc) -> list:
+    """The buffers a scheduled kernel allocates (its root block's)."""
+    return list(func.body.block.alloc_buffers)
+
+
 def test_conv1d_stft_gets_the_dot_rule_by_hand() -> None:
     """A Conv1D with a long contiguous reduction (the melspectrogram's STFT) was left to the
     generic reduction rule (serial, scalar); the hand rules now pick the dot template."""

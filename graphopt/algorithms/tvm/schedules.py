@@ -673,7 +673,10 @@ def schedule_dot(sch: Schedule, lanes: int, cores: int, p: Params | None = None)
     )
     loops = sch.get_loops(blk)
     ko, kil = sch.split(loops[-1], [None, kv])
-    rf = sch.rfactor(kil, 0)
+    # the kv partial sums innermost in the rfactor buffer ([..., kv], not [kv, ...]): the
+    # vectorized accumulator of one output is then kv contiguous floats, not a stride-(outputs)
+    # gather and scatter on every multiply-add
+    rf = sch.rfactor(kil, -1)
     # rf block: spatial..., reductions..., kil (now spatial)
     lps = sch.get_loops(rf)
     sp, reds, kv_l = lps[:nsp], lps[nsp:-1], lps[-1]
