@@ -6,6 +6,7 @@ The threshold is lowered to a few nodes so that small models are cut."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,43 @@ def test_a_segmented_validation_session_is_not_kept(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(session_mod, "SEGMENT_NODES", 3)
     large = open_model(fixture_path("cnn.onnx"), keep_session=True)
     assert take_session(large) is None
+
+
+def test_run_feeds_opens_one_segment_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_feeds (verification, run_model) runs every feed dict through a segment before the next
+    segment opens, and closes each: one segment's session in memory, each opened once."""
+    proto = skip_chain()
+    feed_list = [_feeds(s) for s in range(3)]
+    whole = make_session(proto)
+    ref = [whole.run(None, f) for f in feed_list]
+    alive: list[object] = []
+    opened: list[int] = []
+    real = session_mod._open_one
+
+    def spy(*a: object, **k: object) -> ort.InferenceSession:
+        alive[:] = [r for r in alive if r() is not None]  # type: ignore[operator]
+        opened.append(len(alive))
+        sess = real(*a, **k)  # type: ignore[arg-type]
+        alive.append(weakref.ref(sess))
+        return sess
+
+    monkeypatch.setattr(session_mod, "_open_one", spy)
+    monkeypatch.setattr(session_mod, "SEGMENT_NODES", 5)
+    names, rows = session_mod.run_feeds(proto, feed_list)
+    assert names == [o.name for o in whole.get_outputs()]
+    assert len(opened) == -(-len(proto.graph.node) // 5) and max(opened) == 0
+    for a, b in zip(ref, rows):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(y, x, rtol=RTOL, atol=ATOL)
+    one = run_model(proto, feed_list[1])
+    np.testing.assert_array_equal(one[names[0]], ref[1][0])
+
+
+def test_run_feeds_says_which_failure_is_an_open_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    proto = skip_chain()
+    proto.graph.node[-1].op_type = "NoSuchOp"
+    monkeypatch.setattr(session_mod, "SEGMENT_NODES", 5)
+    with pytest.raises(session_mod.SessionOpenError):
+        session_mod.run_feeds(proto, [_feeds()])
+    with pytest.raises(ValueError, match="missing"):  # a run failure is onnxruntime's own
+        session_mod.run_feeds(skip_chain(), [{}])

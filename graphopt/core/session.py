@@ -421,6 +421,85 @@ def run_opened(sess: ort.InferenceSession, feeds: Mapping[str, Any]) -> Feeds:
     return dict(zip(names, res))
 
 
+class SessionOpenError(RuntimeError):
+    """onnxruntime refused to open the model (or one of its segments) in :func:`run_feeds`;
+    ``cause`` is its exception (a failure while running is raised as onnxruntime raised it)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(first_line(cause))
+        self.cause = cause
+
+
+def run_feeds(
+    model: Model | onnx.ModelProto | str | os.PathLike[str],
+    feed_list: Sequence[Mapping[str, Any]],
+    level: str = "disable_all",
+    outputs: Sequence[str] | None = None,
+    truncate: bool = False,
+) -> tuple[list[str], list[list[Any]]]:
+    """Run a model on every feed dict of ``feed_list``, opening it just for that: the output
+    names and, per feed dict, the outputs in that order. Names a model does not take are left
+    out of its feeds.
+
+    A model over :data:`SEGMENT_NODES` top-level nodes is run segment by segment: a segment's
+    session is opened, run on every feed dict and closed before the next one opens, so that only
+    one segment's session is in memory at a time (a whole-model session holds ~5 KB per node)
+    and each segment is opened once. Others (and models with zero-copy weights) open one
+    session, as :func:`make_session`.
+
+    Args:
+        outputs: the tensors to return (graph outputs or intermediate ones,
+            :func:`with_outputs`); default: the graph outputs.
+        truncate: compute only what ``outputs`` need.
+
+    Raises:
+        SessionOpenError: onnxruntime cannot open the model or a segment of it.
+    """
+    truncate = truncate and bool(outputs)
+    segments = None
+    proto: onnx.ModelProto | None = None
+    if isinstance(model, (Model, onnx.ModelProto)) and not (
+        isinstance(model, Model) and model.param_bytes() >= ZERO_COPY_BYTES
+    ):
+        proto = model.to_onnx() if isinstance(model, Model) else model
+        if outputs:
+            proto = with_outputs(proto, outputs, truncate=truncate)
+        segments = segment_model(proto, SEGMENT_NODES)
+    if segments is None:
+        try:
+            if proto is not None:
+                sess = _open_one(proto, level, None)
+            else:
+                sess = make_session(model, level, outputs=outputs, truncate=truncate)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise SessionOpenError(exc) from exc
+        names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
+        accepted = input_names(sess)
+        results = [
+            run_session(sess, names, {k: v for k, v in f.items() if k in accepted})
+            for f in feed_list
+        ]
+        return names, results
+    assert proto is not None
+    names = [o.name for o in proto.graph.output]
+    del proto
+    logger.debug("onnxruntime: run as %d segments, one open at a time", len(segments))
+    envs = [dict(f) for f in feed_list]
+    for seg in segments:
+        try:
+            sess = _open_one(seg.proto, level, None)
+        except Exception as exc:  # noqa: BLE001
+            raise SessionOpenError(exc) from exc
+        seg.proto = onnx.ModelProto()
+        for env in envs:
+            res = run_session(sess, seg.outputs, {k: env[k] for k in seg.inputs if k in env})
+            env.update(zip(seg.outputs, res))
+            for k in seg.release:
+                env.pop(k, None)
+        del sess
+    return names, [[env[n] for n in names] for env in envs]
+
+
 def run_model(
     model: Model | onnx.ModelProto | str | os.PathLike[str],
     feeds: Mapping[str, np.ndarray],
@@ -428,7 +507,8 @@ def run_model(
     level: str = "disable_all",
     truncate: bool = False,
 ) -> Feeds:
-    """Run a model once in onnxruntime and return its outputs by name.
+    """Run a model once in onnxruntime and return its outputs by name (:func:`run_feeds`: a
+    large model runs one segment's session at a time).
 
     Args:
         outputs: the tensors to return (graph outputs or intermediate tensors, exposed by
@@ -436,13 +516,10 @@ def run_model(
         truncate: compute only what ``outputs`` need.
     """
     try:
-        sess = make_session(model, level, outputs=outputs, truncate=truncate and bool(outputs))
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-        raise GraphoptError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
-    names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
-    accepted = input_names(sess)
-    res = run_session(sess, names, {k: v for k, v in feeds.items() if k in accepted})
-    return dict(zip(names, res))
+        names, results = run_feeds(model, [feeds], level, outputs=outputs, truncate=truncate)
+    except SessionOpenError as exc:
+        raise GraphoptError(f"onnxruntime cannot load the model: {exc}") from None
+    return dict(zip(names, results[0]))
 
 
 #: onnxruntime type strings of tensors numpy has no dtype for (ml_dtypes arrays on our side)

@@ -29,9 +29,10 @@ from graphopt.core.loader import load
 from graphopt.core.model import Model, release_weight_pages
 from graphopt.core.session import (
     ZERO_COPY_BYTES,
+    SessionOpenError,
     input_names,
     is_ml_dtype,
-    make_session,
+    run_feeds,
     run_session,
 )
 
@@ -423,64 +424,68 @@ def verify(
         feed_list = [dict(feeds)]
     else:
         feed_list = [dict(f) for f in feeds]
-    try:
-        sa = reference if reference is not None else make_session(ref_model)
-    except Exception as exc:  # noqa: BLE001 - an input onnxruntime refuses is the user's to fix
-        raise GraphoptError(f"onnxruntime cannot load the input model: {first_line(exc)}") from None
-    reference = None
-    names = [o.name for o in sa.get_outputs()]
+
+    def feed_error(exc: BaseException, f: Mapping[str, Any]) -> FeedError:
+        given = "given" if feeds is not None else "generated test"
+        shapes = ", ".join(
+            f"{k} {'x'.join(map(str, np.shape(v))) or 'scalar'}" for k, v in f.items()
+        )
+        drawn = (
+            f" at drawn input shapes {shapes} (dynamic dims take the values of "
+            "graphopt.core.feeds.DIM_DRAWS; --input-shape fixes them)"
+            if feeds is None and len(dim_draws(base)) > 1
+            else ""
+        )
+        return FeedError(
+            f"the input model does not run on the {given} inputs in onnxruntime{drawn} "
+            f"({first_line(exc)}); give inputs it runs on with --feeds DATA"
+        )
+
+    # all references first, and the input model's session closed before the transformed model's
+    # opens (a session holds ~5 KB per node: the two are never open at once; a large model runs
+    # one segment's session at a time, run_feeds; a large original's weight pages are released)
+    if reference is not None:
+        names = [o.name for o in reference.get_outputs()]
+        a_inputs = input_names(reference)
+        ref_rows = []
+        for f in feed_list:
+            try:
+                ref_rows.append(
+                    run_session(reference, names, {k: v for k, v in f.items() if k in a_inputs})
+                )
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise feed_error(exc, f) from None
+        reference = None
+    else:
+        try:
+            names, ref_rows = run_feeds(ref_model, feed_list)
+        except SessionOpenError as exc:  # an input onnxruntime refuses is the user's to fix
+            raise GraphoptError(f"onnxruntime cannot load the input model: {exc}") from None
+        except Exception as exc:  # noqa: BLE001
+            raise feed_error(exc, feed_list[0]) from None
     report = VerifyReport(
         rtol=rtol, atol=atol, min_sqnr_db=min_sqnr_db, min_cosine=min_cosine, samples=len(feed_list)
     )
-    refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    a_inputs = input_names(sa)
-    # all references first, and the input model's session closed before the transformed model's
-    # opens (a session holds ~5 KB per node: the two are never open at once; a large original's
-    # weight pages are released too)
-    for f in feed_list:
-        try:
-            ra = run_session(sa, names, {k: v for k, v in f.items() if k in a_inputs})
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            given = "given" if feeds is not None else "generated test"
-            shapes = ", ".join(
-                f"{k} {'x'.join(map(str, np.shape(v))) or 'scalar'}" for k, v in f.items()
-            )
-            drawn = (
-                f" at drawn input shapes {shapes} (dynamic dims take the values of "
-                "graphopt.core.feeds.DIM_DRAWS; --input-shape fixes them)"
-                if feeds is None and len(dim_draws(base)) > 1
-                else ""
-            )
-            raise FeedError(
-                f"the input model does not run on the {given} inputs in onnxruntime{drawn} "
-                f"({first_line(exc)}); give inputs it runs on with --feeds DATA"
-            ) from None
-        for n, v in zip(names, ra):
-            refs[n].append(v)
-    del sa
+    refs: dict[str, list[np.ndarray]] = {
+        n: [row[i] for row in ref_rows] for i, n in enumerate(names)
+    }
+    del ref_rows
     if isinstance(ref_model, Model) and ref_model.param_bytes() >= ZERO_COPY_BYTES:
         release_weight_pages(ref_model)
     try:
-        sb = make_session(transformed, transformed_level)
+        b_order, b_rows = run_feeds(transformed, feed_list, transformed_level)
+    except SessionOpenError as exc:
+        raise GraphoptError(f"onnxruntime cannot load the transformed model: {exc}") from None
     except Exception as exc:  # noqa: BLE001
-        raise GraphoptError(
-            f"onnxruntime cannot load the transformed model: {first_line(exc)}"
+        raise VerificationError(
+            f"the transformed model fails in onnxruntime on inputs the input model runs "
+            f"on: {first_line(exc)}"
         ) from None
-    b_names = {o.name for o in sb.get_outputs()}
-    b_inputs = input_names(sb)
-    common = [n for n in names if n in b_names]
-    for f in feed_list:
-        try:
-            res_b = run_session(sb, common, {k: v for k, v in f.items() if k in b_inputs})
-        except Exception as exc:  # noqa: BLE001
-            raise VerificationError(
-                f"the transformed model fails in onnxruntime on inputs the input model runs "
-                f"on: {first_line(exc)}"
-            ) from None
-        rb = dict(zip(common, res_b))
-        for n in common:
-            outs[n].append(rb[n])
+    b_names = set(b_order)
+    outs: dict[str, list[np.ndarray]] = {
+        n: [row[i] for row in b_rows] for i, n in enumerate(b_order) if n in refs
+    }
+    del b_rows
     for n in names:
         if n not in b_names:
             report.outputs.append(
