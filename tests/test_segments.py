@@ -215,17 +215,19 @@ def test_optimize_verifies_through_segmented_sessions(
 
     src = fixture_path("cnn.onnx")
     plain = optimize(src, output=tmp_path / "plain.onnx")
-    opened: list[int] = []
-    real = session_mod.SegmentedSession.__init__
+    cuts: list[int] = []
+    real = session_mod.segment_model
 
-    def spy(self: SegmentedSession, sessions: list[ort.InferenceSession], *a: object) -> None:
-        opened.append(len(sessions))
-        real(self, sessions, *a)  # type: ignore[arg-type]
+    def spy(proto: onnx.ModelProto, max_nodes: int) -> object:
+        pieces = real(proto, max_nodes)
+        cuts.append(len(pieces) if pieces else 0)
+        return pieces
 
-    monkeypatch.setattr(session_mod.SegmentedSession, "__init__", spy)
+    monkeypatch.setattr(session_mod, "segment_model", spy)
     monkeypatch.setattr(session_mod, "SEGMENT_NODES", 3)
     cut = optimize(src, output=tmp_path / "cut.onnx")
-    assert opened and all(n >= 2 for n in opened)
+    # validation, the input's and the result's runs, the ENABLE_ALL load check: all cut
+    assert len(cuts) >= 4 and all(n >= 2 for n in cuts)
     assert cut.verify is not None and cut.verify.ok
     assert (tmp_path / "cut.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()
     assert plain.verify is not None
@@ -284,3 +286,15 @@ def test_run_feeds_says_which_failure_is_an_open_error(monkeypatch: pytest.Monke
         session_mod.run_feeds(proto, [_feeds()])
     with pytest.raises(ValueError, match="missing"):  # a run failure is onnxruntime's own
         session_mod.run_feeds(skip_chain(), [{}])
+
+
+def test_open_check_opens_segments_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation and the ENABLE_ALL load check only learn whether a model opens: a large one's
+    segments are opened and closed one by one, and a refusal is onnxruntime's own."""
+    proto = skip_chain()
+    assert type(session_mod.open_check(proto)) is ort.InferenceSession
+    monkeypatch.setattr(session_mod, "SEGMENT_NODES", 5)
+    assert session_mod.open_check(proto, "all") is None
+    proto.graph.node[-1].op_type = "NoSuchOp"
+    with pytest.raises(Exception, match="NoSuchOp"):
+        session_mod.open_check(proto)

@@ -421,6 +421,30 @@ def run_opened(sess: ort.InferenceSession, feeds: Mapping[str, Any]) -> Feeds:
     return dict(zip(names, res))
 
 
+def open_check(
+    model: Model | onnx.ModelProto | str | os.PathLike[str], level: str = "disable_all"
+) -> ort.InferenceSession | None:
+    """Open ``model`` in onnxruntime to learn whether it loads; raises what onnxruntime raises.
+
+    Returns the session, or None for a model over :data:`SEGMENT_NODES` top-level nodes: its
+    segments are opened one at a time and each closed at once (only one segment's session in
+    memory), since nothing is run.
+    """
+    if isinstance(model, (Model, onnx.ModelProto)) and not (
+        isinstance(model, Model) and model.param_bytes() >= ZERO_COPY_BYTES
+    ):
+        proto = model.to_onnx() if isinstance(model, Model) else model
+        segments = segment_model(proto, SEGMENT_NODES)
+        if segments is None:
+            return _open_one(proto, level, None)
+        del proto
+        for seg in segments:
+            _open_one(seg.proto, level, None)
+            seg.proto = onnx.ModelProto()
+        return None
+    return make_session(model, level)
+
+
 class SessionOpenError(RuntimeError):
     """onnxruntime refused to open the model (or one of its segments) in :func:`run_feeds`;
     ``cause`` is its exception (a failure while running is raised as onnxruntime raised it)."""

@@ -24,7 +24,13 @@ from graphopt.core.gcpolicy import with_job_gc
 from graphopt.core.latency import interleaved
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
-from graphopt.core.session import ZERO_COPY_BYTES, input_names, make_session, take_session
+from graphopt.core.session import (
+    ZERO_COPY_BYTES,
+    input_names,
+    make_session,
+    open_check,
+    take_session,
+)
 from graphopt.core.shapes import infer_shapes, missing_shapes, prepare
 from graphopt.core.validate import ort_reason
 from graphopt.core.verify import ATOL as VERIFY_ATOL
@@ -368,7 +374,7 @@ def optimize_model(
 def _load_error(model: Model | onnx.ModelProto, level: str) -> str | None:
     """onnxruntime's reason for refusing ``model`` at ``level`` (None: it loads)."""
     try:
-        make_session(model, level)
+        open_check(model, level)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         return ort_reason(exc)
     return None
