@@ -19,6 +19,9 @@ A revision's code that had no ``graphopt.passes`` package inside ``graphopt/`` (
 folder mapped by pyproject) gets a link ``graphopt/passes -> ../passes`` in its worktree, so
 that ``PYTHONPATH`` finds it.
 
+Models: PP-OCR's (cls, rec, det; random input) and corpus models by name (their feed shapes and
+representative feed).
+
 Run: ``nice python bench/tvm_revisions.py --revs 96aa603,HEAD --models rec,cls [--rounds 30]
 [--workdir DIR] [--out FILE.md]``; worktrees and libraries go to ``--workdir`` (default: a
 temporary folder, removed with its worktrees afterwards) and are reused when it is given again.
@@ -47,6 +50,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 
+from graphopt import corpus  # noqa: E402
+from graphopt.algorithms.tvm.runner import flatten_outputs  # noqa: E402
 from graphopt.core.latency import interleaved  # noqa: E402
 from graphopt.core.output import atomic_write_text  # noqa: E402
 from graphopt.core.session import make_session  # noqa: E402
@@ -54,10 +59,21 @@ from graphopt.fixtures import real_model  # noqa: E402
 
 SHAPES = {"rec": (1, 3, 48, 320), "cls": (1, 3, 48, 192), "det": (1, 3, 640, 640)}
 
+
+def locate(name: str) -> tuple[Path, dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
+    """Path, input shapes and one feed of a PP-OCR model or a corpus model."""
+    if name in SHAPES:
+        path, _ = real_model(name)
+        x = np.random.default_rng(0).standard_normal(SHAPES[name]).astype(np.float32)
+        return path, {"x": SHAPES[name]}, {"x": x}
+    e = corpus.entry(name)
+    return corpus.get(name), dict(e.feed_shapes), dict(corpus.feeds(name, n=1)[0])
+
+
 #: run in the child, with the revision's worktree first on PYTHONPATH: its own compile function
 _BUILD = """
 import importlib, json, sys, time
-wt, path, out, shape = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+wt, path, out, shapes = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 for name in ("graphopt.jobs.compile", "graphopt.emit.tvm"):
     try:
         mod = importlib.import_module(name)
@@ -66,7 +82,7 @@ for name in ("graphopt.jobs.compile", "graphopt.emit.tvm"):
         continue
 assert mod.__file__.startswith(wt), mod.__file__
 t = time.perf_counter()
-res = mod.compile_model(path, target="llvm", output=out, input_shapes={"x": shape})
+res = mod.compile_model(path, target="llvm", output=out, input_shapes=shapes)
 print("RESULT " + json.dumps({"compile_s": time.perf_counter() - t,
                               "schedules": getattr(res, "schedules", None),
                               "kernels": len(getattr(res, "kernels", []) or [])}))
@@ -93,14 +109,14 @@ def worktree(rev: str, workdir: Path) -> tuple[str, Path]:
 
 def build(model: str, sha: str, wt: Path, workdir: Path) -> dict[str, Any]:
     """Compile ``model`` with the code of worktree ``wt`` (reused when the library exists)."""
-    path, _ = real_model(model)
+    path, shapes, _ = locate(model)
     out = workdir / f"{sha}-{model}.so"
     meta = out.with_suffix(".json")
     if out.exists() and meta.exists():
         return json.loads(meta.read_text())  # type: ignore[no-any-return]
     env = dict(os.environ, PYTHONPATH=str(wt), TVM_NUM_THREADS="2")
     proc = subprocess.run(
-        [sys.executable, "-c", _BUILD, str(wt), str(path), str(out), json.dumps(SHAPES[model])],
+        [sys.executable, "-c", _BUILD, str(wt), str(path), str(out), json.dumps(shapes)],
         cwd=wt,
         env=env,
         capture_output=True,
@@ -122,20 +138,22 @@ def time_model(model: str, libs: dict[str, Path], rounds: int) -> dict[str, Any]
     import tvm  # noqa: PLC0415
     from tvm.runtime.vm import VirtualMachine  # noqa: PLC0415
 
-    path, _ = real_model(model)
-    x = np.random.default_rng(0).standard_normal(SHAPES[model]).astype(np.float32)
-    feed = {"x": x}
+    path, _, feed = locate(model)
     config = tvm.get_global_func("runtime.config_threadpool")
     ort2 = make_session(path, "all", threads=2)
     ort1 = make_session(path, "all", threads=1)
-    ref = ort2.run(None, feed)[0]
-    xa = tvm.runtime.tensor(x)
+    ref = ort2.run(None, feed)
+    # the manifest's input order (the revision's compile wrote it beside the library)
+    names = [
+        i["name"]
+        for i in json.loads(next(iter(libs.values())).with_suffix(".so.json").read_text())["inputs"]
+    ]
+    xa = [tvm.runtime.tensor(np.ascontiguousarray(feed[n])) for n in names]
     mains, errs = {}, {}
     for sha, lib in libs.items():
         vm = VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
-        out = vm["main"](xa)
-        out = out if hasattr(out, "numpy") else out[0]
-        errs[sha] = float(np.abs(out.numpy() - ref).max())
+        outs = flatten_outputs(vm["main"](*xa))
+        errs[sha] = max(float(np.abs(o.numpy() - r).max()) for o, r in zip(outs, ref))
         mains[sha] = vm["main"]
     res: dict[str, Any] = {"err": errs}
     for mode, threads, sess, clock in (
@@ -145,7 +163,7 @@ def time_model(model: str, libs: dict[str, Path], rounds: int) -> dict[str, Any]
         config(0, threads)
         runners: dict[str, Any] = {"ort": lambda s=sess: s.run(None, feed)}
         for sha, main in mains.items():
-            runners[sha] = lambda m=main: m(xa)
+            runners[sha] = lambda m=main: m(*xa)
         t = interleaved(runners, runs=rounds, warmup=2, clock=clock)
         res[mode] = {k: (t.median_ms(k), t.ratio(k, "ort", paired=True)) for k in runners}
     config(0, 2)

@@ -109,7 +109,7 @@ class Artifact:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; returns numpy arrays keyed by output name."""
         res = self._main(*self.to_device(feeds))
-        outs = _flatten(res)
+        outs = flatten_outputs(res)
         names = [o["name"] for o in self.outputs]
         if len(outs) != len(names):
             raise RuntimeError(
@@ -121,12 +121,13 @@ class Artifact:
         return f"<Artifact {self.path} target={self.target}>"
 
 
-def _flatten(res: Any) -> list[Any]:
+def flatten_outputs(res: Any) -> list[Any]:
+    """The tensors of a Relax VM result (a tensor or nested tuples of them), in order."""
     if hasattr(res, "numpy"):
         return [res]
     out: list[Any] = []
     for r in res:
-        out.extend(_flatten(r))
+        out.extend(flatten_outputs(r))
     return out
 
 
