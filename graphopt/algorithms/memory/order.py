@@ -214,8 +214,9 @@ def _greedy(pb: _Problem, mode: str, work: list[int] | None = None) -> list[int]
 
     Incremental: the ready nodes sit in a heap; a key depends only on the consumer counts of the
     buffers its node and its blocked successors read, and on those successors' unfinished
-    predecessor counts, so a step recomputes only the keys those counts touch (lazy deletion),
-    O((n + e) log n) in all instead of a scan of every ready node per step."""
+    predecessor counts, so a step recomputes only the keys those counts touch (lazy deletion):
+    O((n + e) log n) in all for bounded fan-in and fan-out (a key with the lookahead costs its
+    successors' inputs), instead of a scan of every ready node per step."""
     n = pb.n
     size, is_out, in_bufs, succs = pb.size, pb.is_out, pb.in_bufs, pb.succs
     readers, pred_list, pos = pb.readers, pb.pred_list, pb.pos
