@@ -228,6 +228,8 @@ def render(rows: list[dict[str, Any]], cross: list[dict[str, Any]], rounds: int)
         "|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            continue
         lines.append(
             f"| {r['model']} | {r['shape']} | {r['import_published']} | {r['import_graphopt']} |"
         )
@@ -242,6 +244,9 @@ def render(rows: list[dict[str, Any]], cross: list[dict[str, Any]], rounds: int)
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | failed: {r['error']} |" + " |" * 10)
+            continue
         lines.append(
             f"| {r['model']} {r['shape']} | {r['tvm_default_ms']:.1f} (n={r['tvm_default_n']}) | "
             f"{r['tvm_graphopt_ms']:.2f} (n={r['tvm_graphopt_n']}) | {r['ort_ms']:.2f} "
@@ -289,7 +294,15 @@ def main() -> int:
     names = ["cls", "rec"] if ns.quick else ns.models.split(",")
     with tempfile.TemporaryDirectory(prefix="graphopt-bench-tvm-") as td:
         tmp = Path(td)
-        rows = [bench_model(n, rounds, tmp) for n in names]
+        rows = []
+        for n in names:
+            t0 = time.perf_counter()
+            try:
+                rows.append(bench_model(n, rounds, tmp))
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                first = str(exc).strip().splitlines()[:1] or [""]
+                rows.append({"model": n, "error": f"{type(exc).__name__}: {first[0][:150]}"})
+            print(f"{n}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         cross = [] if ns.quick else bench_cross(tmp)
     text = render(rows, cross, rounds)
     out = ROOT / "bench" / "results" / "tvm.md"
