@@ -144,3 +144,52 @@ def test_cli_exit_2_on_bad_calibration(tmp_path: Path) -> None:
     )
     assert rc == 2
     assert not (tmp_path / "q.onnx").exists()
+
+
+def scalar_input_model() -> Model:
+    """y[N, 4] = x[N, 4] * Cast(sr) / 16000: ``sr`` is a scalar input, as silero-vad's sample
+    rate."""
+    nodes = [
+        helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "srf"], ["m"]),
+        helper.make_node("Div", ["m", "k"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor("k", TensorProto.FLOAT, [], [16000.0])],
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(proto)
+    return Model.from_onnx(proto)
+
+
+def test_scalar_input_goes_with_every_sample(tmp_path: Path) -> None:
+    # bench/corpus.py: quantize and prune of silero-vad (its 'sr' input is a scalar) ended in
+    # "internal error: IndexError: tuple index out of range" reading --calib
+    m = scalar_input_model()
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    np.savez(tmp_path / "a.npz", x=x[:6], sr=np.array(16000))
+    np.savez(tmp_path / "b.npz", x=x[6:], sr=np.array(8000))
+    batches = _collect(open_calibration(tmp_path, m, batch_size=4))
+    # a chunk's scalar goes with each of its batches; chunks with another value never merge
+    assert [(b["x"].shape[0], int(b["sr"])) for b in batches] == [(4, 16000), (2, 16000), (4, 8000)]
+    assert all(b["sr"].shape == () for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), x)
+    items = [{"x": x[i], "sr": np.array(16000)} for i in range(3)]  # feed dicts, one sample each
+    got = _collect(open_calibration(items, m, batch_size=8))
+    assert [(b["x"].shape, int(b["sr"])) for b in got] == [((3, 4), 16000)]
+    only = _collect(open_calibration([{"x": x[:2], "sr": np.array(8000)}], m, limit=1))
+    assert [b["x"].shape[0] for b in only] == [1]
+
+
+def test_inputs_whose_samples_disagree_say_samples_are_on_axis_0(tmp_path: Path) -> None:
+    m = scalar_input_model()
+    np.savez(tmp_path / "c.npz", x=np.zeros((3, 4), np.float32), sr=np.array([1, 2]))
+    with pytest.raises(CalibrationError, match="rank 1"):
+        _collect(open_calibration(tmp_path / "c.npz", m))

@@ -217,14 +217,18 @@ class CalibrationReader:
                     f"calibration data{where} has no array for model input '{name}' (it has: "
                     f"{have}); key the arrays by the model's input names: {', '.join(self.specs)}"
                 )
-        counts = {k: v.shape[0] for k, v in data.items()}
+        # a scalar input has no sample axis: its one value goes with every sample of the chunk
+        scalars = {k: v for k, v in data.items() if v.ndim == 0}
+        counts = {k: v.shape[0] for k, v in data.items() if v.ndim}
         if len(set(counts.values())) > 1:
             raise CalibrationError(
-                f"calibration data{where} gives different sample counts per input: {counts}"
+                f"calibration data{where} gives different sample counts per input: {counts} "
+                "(samples are on axis 0 of every input; an input whose batch dim is not its "
+                "first, like a recurrent state [2, batch, 128], cannot be calibrated this way)"
             )
-        n = next(iter(counts.values()), 0)
+        n = next(iter(counts.values()), 1 if scalars else 0)
         for i in range(0, n, self.batch_size):
-            yield {k: v[i : i + self.batch_size] for k, v in data.items()}
+            yield {k: v[i : i + self.batch_size] if v.ndim else v for k, v in data.items()}
 
     def _chunks(self) -> Iterator[Feeds]:
         if isinstance(self.source, (str, os.PathLike)):
@@ -256,8 +260,10 @@ class CalibrationReader:
         def flush() -> Feeds:
             batch = {
                 k: np.ascontiguousarray(np.concatenate([p[k] for p in pending]))
-                if len(pending) > 1
+                if len(pending) > 1 and pending[0][k].ndim
                 else np.ascontiguousarray(pending[0][k])
+                if pending[0][k].ndim
+                else pending[0][k]  # a scalar: one value for the batch (ascontiguousarray: 1-D)
                 for k in pending[0]
             }
             for k, v in self.defaults.items():
@@ -269,11 +275,16 @@ class CalibrationReader:
                 room = self.limit - seen
                 if room <= 0:
                     break
-                chunk = {k: v[:room] for k, v in chunk.items()}
-            n = next(iter(chunk.values())).shape[0] if chunk else 0
+                chunk = {k: v[:room] if v.ndim else v for k, v in chunk.items()}
+            sized = [v for v in chunk.values() if v.ndim]
+            n = sized[0].shape[0] if sized else (1 if chunk else 0)
             if n == 0:
                 continue
-            if pending and any(pending[0][k].shape[1:] != v.shape[1:] for k, v in chunk.items()):
+            if pending and any(
+                pending[0][k].shape[1:] != v.shape[1:]
+                or (v.ndim == 0 and not np.array_equal(pending[0][k], v))
+                for k, v in chunk.items()
+            ):
                 yield flush()
                 pending, pending_n = [], 0
             pending.append(chunk)
