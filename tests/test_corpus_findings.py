@@ -134,3 +134,26 @@ def test_plan_writes_a_shape_on_an_output_value_info_lists_without_one(tmp_path:
     written = onnx.load(out)
     onnx.checker.check_model(written)
     assert len(written.graph.output[0].type.tensor_type.shape.dim) == 2
+
+
+def test_loader_keeps_a_declared_output_shape_value_info_lists_without_one(
+    tmp_path: Path,
+) -> None:
+    """The same ddddocr layout through prune (bench/corpus.py: ddddocr-ocr prune exit 2, "invalid
+    ONNX model in .../prune.onnx: Field 'shape' of 'type' is required but missing"): the loader
+    itself now keeps the output's declared shape, so no command writes it without one."""
+    from graphopt.core.loader import load
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])],
+        value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=6)
+    src = tmp_path / "m.onnx"
+    onnx.save(proto, src)
+    m = load(src)
+    assert m.graph.outputs[0].shape == [1, "n"]
+    onnx.checker.check_model(m.to_onnx())

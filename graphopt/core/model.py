@@ -88,6 +88,7 @@ class Model:
         input_defaults = _keep_overridable_inputs(proto, graph)
         value_types = non_tensor_types(proto)
         _restore_type_attributes(proto.graph, graph)
+        _restore_output_shapes(proto.graph, graph)
         _normalize_dtypes(graph, value_types)
         _name_nodes(graph)
         return cls(
@@ -313,6 +314,24 @@ def _fix_float8_fnuz(model: Model, proto: onnx.ModelProto) -> None:
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             if vi.name in fix and vi.type.HasField("tensor_type"):
                 vi.type.tensor_type.elem_type = fix[vi.name]
+
+
+def _restore_output_shapes(g: onnx.GraphProto, graph: gs.Graph) -> None:
+    """Give back the declared shape of a graph output that graphsurgeon imported without one: a
+    model that lists its output again in ``value_info`` without a shape (ddddocr's
+    common_old.onnx) has that entry win, and ONNX requires a shape on graph outputs, so every
+    command that wrote such a model refused its own file as invalid (prune, plan)."""
+    declared = {o.name: o.type for o in g.output}
+    for t in graph.outputs:
+        if not isinstance(t, gs.Variable) or t.shape is not None:
+            continue
+        tp = declared.get(t.name)
+        if tp is None or not tp.HasField("tensor_type") or not tp.tensor_type.HasField("shape"):
+            continue
+        t.shape = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tp.tensor_type.shape.dim
+        ]
 
 
 def _restore_type_attributes(proto: onnx.GraphProto, graph: gs.Graph) -> None:
