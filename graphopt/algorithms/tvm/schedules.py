@@ -733,6 +733,23 @@ def schedule_dot(sch: Schedule, lanes: int, cores: int, p: Params | None = None)
 # ---------------------------------------------------------------------- reductions, injective
 
 
+def _reduces_rows(sch: Schedule) -> bool:
+    """Whether every reduction block reads along its reduced axis contiguously (the reduced
+    variable in the last index of a buffer it reads: softmax or a norm over the last axis).
+    DLight's CPU rule assumes it; a softmax over a middle axis (YOLOv8's DFL, [1, 16, 4, 2100]
+    over the 16) ran 6.7x slower under it than under the spatial-vector reduction rule."""
+    for b in _blocks(sch):
+        if not _is_reduction(sch, b):
+            continue
+        block = sch.get(b)
+        rvars = [iv.var for iv in block.iter_vars if iv.iter_type == _REDUCE]
+        if not any(
+            r.region and any(_mentions(r.region[-1].min, v) for v in rvars) for r in block.reads
+        ):
+            return False
+    return True
+
+
 def schedule_dlight_reduction(
     sch: Schedule, lanes: int, cores: int, p: Params | None = None
 ) -> Schedule | bool:
@@ -742,6 +759,8 @@ def schedule_dlight_reduction(
     target = tvm.target.Target.current(allow_none=True)
     if target is None or target.kind.name != "llvm":
         return False
+    if not _reduces_rows(sch):
+        return False  # the next rule vectorizes along the contiguous spatial axis instead
     func = sch.mod["main"]
     res = dl.cpu.Reduction().apply(func, target, False)
     if res is None:
