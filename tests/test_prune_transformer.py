@@ -446,3 +446,30 @@ def test_width_read_at_run_time_follows_the_pruned_tensor(kind: str) -> None:
     assert n == F // 2
     res, _ = check_pass(z, "prune-channels", ratio=0.5, recover=False, rtol=1e-4, atol=1e-5)
     assert _weight(res.model, "fc2").shape == (F // 2, D)
+
+
+def test_shared_concat_shape_gets_its_copy_before_the_reshape() -> None:
+    """One Concat-built shape vector read by the Q, K and V Reshapes (YOLOv8's DFL head reads one
+    the same way): each rewritten Reshape gets its own copy of the Concat, and the copy must come
+    before it. It was appended at the end of the graph, so prune wrote an unsorted model and
+    refused its own file (bench/corpus.py: nudenet-yolov8n prune, exit 2, "Nodes in a graph must
+    be topologically sorted")."""
+    m = block("concat")
+    shared = _node(m, "q.reshape").inputs[1]
+    for p in ("k", "v"):
+        _node(m, f"{p}.reshape").inputs[1] = shared
+    m.graph.cleanup()
+    z, n = _zeroed_l1(m, 0.5)
+
+    def structure(pm: Model) -> None:
+        names = [nd.name for nd in pm.graph.nodes]
+        for p in ("q", "k", "v"):
+            r = _node(pm, f"{p}.reshape")
+            cat = r.inputs[1].inputs[0]
+            assert cat.op == "Concat" and names.index(cat.name) < names.index(r.name)
+            assert int(np.ravel(const_value(cat.inputs[2]))[0]) == H // 2
+
+    res, _ = check_pass(
+        z, "prune-channels", ratio=0.5, recover=False, rtol=1e-4, atol=1e-5, structure=structure
+    )
+    assert res.stats["channels_removed"] == n

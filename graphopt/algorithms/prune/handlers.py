@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.algorithms.prune.heads import RESIDUAL_REASON, batched_matmul, split_heads
 from graphopt.core.const_eval import const_value
+from graphopt.core.graph import insert_nodes
 from graphopt.core.model import Model
 
 logger = logging.getLogger(__name__)
@@ -781,8 +782,10 @@ class Reshape(OpHandler):
                 inputs=list(cat.inputs),
                 outputs=[new_out],
             )
-            model.graph.nodes.append(new_cat)
             node.inputs[1] = new_out
+            # right before the Reshape, not at the end: the written model was not sorted
+            # (bench/corpus.py: nudenet-yolov8n prune refused its own file, exit 2)
+            insert_nodes(model.graph, [new_cat])
             cat = new_cat
         replace_input(cat, k, pv, "shape")
 
