@@ -150,7 +150,9 @@ def _verified(d: dict[str, Any]) -> str:
     v = d.get("verify")
     if not isinstance(v, dict) or not v:
         return "-"
-    oks = [o.get("ok") for o in v.values() if isinstance(o, dict)]
+    # prune reports fidelity per output without an ``ok`` of its own (its floor judges the
+    # model as a whole, and the command exits 1 when it is not met): no flag is no failure
+    oks = [o["ok"] for o in v.values() if isinstance(o, dict) and "ok" in o]
     worst = [o.get("sqnr_db") for o in v.values() if isinstance(o, dict)]
     finite = [float(x) for x in worst if isinstance(x, (int, float))]
     exact = any(x == "inf" for x in worst)  # JSON writes an infinite SQNR (no error) as "inf"

@@ -54,3 +54,14 @@ def test_chunks_merge_by_model_and_command(tmp_path: Path) -> None:
     assert b.main(["--output", str(out), "--merge", str(other)]) == 0
     rows, runs = b.parse_rows(out.read_text())
     assert runs == ["run 1", "run 2"] and len(rows) == 3
+
+
+def test_verified_column_of_a_command_without_per_output_flags() -> None:
+    # prune's verify JSON has no per-output "ok" (its floor judges the whole model): the rows of
+    # prunes that exited 0 read "FAILED, min SQNR 27.8 dB" (bert-mini) and "FAILED, exact"
+    b = _bench()
+    assert b._verified({"verify": {"y": {"sqnr_db": 27.84, "cosine": 0.99}}}) == (
+        "ok, min SQNR 27.8 dB"
+    )
+    assert b._verified({"verify": {"y": {"sqnr_db": "inf"}}}) == "ok, exact"
+    assert b._verified({"verify": {"y": {"ok": False, "sqnr_db": 3.0}}}).startswith("FAILED")
