@@ -467,7 +467,8 @@ def test_shared_concat_shape_gets_its_copy_before_the_reshape() -> None:
             r = _node(pm, f"{p}.reshape")
             cat = r.inputs[1].inputs[0]
             assert cat.op == "Concat" and names.index(cat.name) < names.index(r.name)
-            assert int(np.ravel(const_value(cat.inputs[2]))[0]) == H // 2
+            width = const_value(cat.inputs[2])
+            assert width is not None and int(np.ravel(width)[0]) == H // 2
 
     res, _ = check_pass(
         z, "prune-channels", ratio=0.5, recover=False, rtol=1e-4, atol=1e-5, structure=structure
