@@ -113,12 +113,9 @@ def test_quantize_default_floor_falls_back_to_meet_it_on_the_feeds(
     assert res.mixed_precision == {} and not res.kept_float
 
 
-def test_plan_writes_a_shape_on_an_output_value_info_lists_without_one(tmp_path: Path) -> None:
-    """ddddocr's common_old.onnx declares its output's shape and lists the output again in
-    value_info without a shape; the model as loaded had no output shape, and plan wrote it so:
-    its own file was refused as invalid (exit 2). The output now keeps its rank."""
-    from graphopt.jobs.plan import plan_memory
-
+def _output_relisted_without_shape(tmp_path: Path) -> Path:
+    """ddddocr's layout: the output ``y`` declared ``[1, n]`` and listed again in value_info
+    without a shape. Returns the saved model's path."""
     g = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])],
         "g",
@@ -129,6 +126,16 @@ def test_plan_writes_a_shape_on_an_output_value_info_lists_without_one(tmp_path:
     proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=6)
     src = tmp_path / "m.onnx"
     onnx.save(proto, src)
+    return src
+
+
+def test_plan_writes_a_shape_on_an_output_value_info_lists_without_one(tmp_path: Path) -> None:
+    """ddddocr's common_old.onnx declares its output's shape and lists the output again in
+    value_info without a shape; the model as loaded had no output shape, and plan wrote it so:
+    its own file was refused as invalid (exit 2). The output now keeps its rank."""
+    from graphopt.jobs.plan import plan_memory
+
+    src = _output_relisted_without_shape(tmp_path)
     out = tmp_path / "p.onnx"
     plan_memory(src, output=out)
     written = onnx.load(out)
@@ -144,16 +151,7 @@ def test_loader_keeps_a_declared_output_shape_value_info_lists_without_one(
     itself now keeps the output's declared shape, so no command writes it without one."""
     from graphopt.core.loader import load
 
-    g = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Sigmoid", ["a"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])],
-        value_info=[helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-    )
-    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=6)
-    src = tmp_path / "m.onnx"
-    onnx.save(proto, src)
+    src = _output_relisted_without_shape(tmp_path)
     m = load(src)
     assert m.graph.outputs[0].shape == [1, "n"]
     onnx.checker.check_model(m.to_onnx())
