@@ -63,6 +63,16 @@ def test_static_input_shapes() -> None:
     assert static_input_shapes(_relu([4, 3])) == {"x": (4, 3)}
 
 
+def test_static_input_shapes_scalar_is_fixed_and_unknown_rank_is_dynamic() -> None:
+    """silero-vad's ``sr`` input is a declared scalar: compile refused it as "dynamic shape []"
+    (bench/corpus.py, exit 2). A scalar's shape is (); an input without a shape stays dynamic."""
+    assert static_input_shapes(_relu([])) == {"x": ()}
+    unknown = _relu([4])
+    unknown.graph.inputs[0].shape = None  # no shape at all: the rank is unknown
+    with pytest.raises(ShapeError, match="dynamic shape"):
+        static_input_shapes(unknown)
+
+
 def _relu(shape: list[int | str | None]) -> Model:
     return make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", shape)], [vi("y", shape)])
 

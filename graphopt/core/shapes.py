@@ -114,8 +114,11 @@ def static_input_shapes(
         if t.name in given:
             shapes[t.name] = given[t.name]
             continue
-        dims = list(t.shape or [])
-        if not dims or not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
+        if t.shape is None:  # rank unknown (a scalar declares an empty shape: fixed, ())
+            dynamic.append((t.name, []))
+            continue
+        dims = list(t.shape)
+        if not all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
             dynamic.append((t.name, dims))
             continue
         shapes[t.name] = tuple(int(d) for d in dims)
