@@ -917,6 +917,26 @@ def test_7_signal_during_a_lazy_import_waits_for_it(tmp_path: Path, monkeypatch)
     assert signal.getitimer(signal.ITIMER_VIRTUAL) == (0.0, 0.0)  # the timer is taken down
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_7_signal_after_the_run_says_so_on_one_line(sig: int) -> None:
+    """A signal after main() put its handlers back, while the interpreter ends (a run that had
+    just finished; test_7_signal_during_a_run_cleans_up saw exit -15 with nothing said on a quiet
+    machine): the process entry's handler ends it with 128 + signal and the one line, not a death
+    by the signal or a KeyboardInterrupt traceback."""
+    code = (
+        "import os, signal, graphopt.cli as c\n"
+        f"c.main = lambda: (os.kill(os.getpid(), {int(sig)}), 0)[1]\n"
+        "c.entry()\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert p.returncode == 128 + sig, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    line = _one_error_line(p.stderr)
+    assert "interrupted" in line and "no output written" in line, line
+
+
 def test_7_signal_outside_an_import_is_raised_at_once() -> None:
     """The negative case: a signal in ordinary code is raised where it lands (no timer)."""
     import graphopt.cli as cli

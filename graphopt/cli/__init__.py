@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -218,6 +219,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a signal in the last instants, while the handlers were being put back (or while an
         # error line was written): the run is over, say so on one line as for any interruption
         return _interrupted(exc)
+
+
+def entry() -> None:
+    """The ``graphopt`` process: :func:`main`, then exit with its status.
+
+    Before :func:`main` installs its own handlers and after it has put them back, SIGINT and
+    SIGTERM end the process with the one line of an interrupted run (:func:`_late_signal`), and
+    once the run has returned they are ignored until the process ends: a signal would otherwise
+    meet the default disposition (a KeyboardInterrupt traceback, or a death by the signal with
+    nothing said) while the interpreter finalizes after a finished run."""
+    late = (signal.SIGINT, signal.SIGTERM)
+    for sig in late:
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(sig, _late_signal)
+    code = main()
+    # the run is over and its outputs complete or absent; the interpreter's finalization (which
+    # puts the default disposition back for Python handlers, then frees onnxruntime and the rest:
+    # up to a second) must not turn a late signal into a death by it. Ignored, process-wide (a
+    # blocked mask would be the main thread's only, and onnxruntime's threads would take it)
+    for sig in late:
+        with contextlib.suppress(ValueError):
+            signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
+def _late_signal(signum: int, frame: FrameType | None) -> None:
+    """A signal outside :func:`main`'s handlers: say so (what was written) and exit 128 + sig."""
+    code = _interrupted(Interrupted(signum))
+    for stream in (sys.stdout, sys.stderr):  # os._exit does not flush (a JSON report on stdout)
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:

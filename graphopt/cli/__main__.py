@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from graphopt.cli import entry
 
-from graphopt.cli import main
-
-sys.exit(main())
+entry()
