@@ -18,7 +18,6 @@ from onnx import TensorProto, helper
 
 from graphopt.algorithms.quant.dynamic import DynamicConfig, quantize_dynamic_matmuls, weight_int8
 from graphopt.algorithms.quant.gptq import output_error, quantize_gptq, quantize_rtn
-from graphopt.algorithms.quant.residual import sum_residual_adds
 from graphopt.algorithms.quant.smoothquant import smooth_model
 from graphopt.algorithms.quant.weight_only import (
     WeightOnlyConfig,
@@ -26,6 +25,7 @@ from graphopt.algorithms.quant.weight_only import (
     pack_nbits,
     quantize_weight_only,
 )
+from graphopt.algorithms.residual_sum import sum_residual_adds
 from graphopt.core.model import Model
 from graphopt.core.session import make_session
 from graphopt.core.shapes import prepare

@@ -22,7 +22,7 @@ Which runs faster is measured, not assumed (bench/transformers_quant.py); the qu
 ``ort`` for ``--target ort`` and ``integer`` otherwise.
 
 Once the products are int8, the residual ``Add`` before each ``LayerNormalization`` is written as
-``Sum`` (``residual_sum``, :mod:`graphopt.algorithms.quant.residual`): onnxruntime would fuse the
+``Sum`` (``residual_sum``, :mod:`graphopt.algorithms.residual_sum`): onnxruntime would fuse the
 pair into ``com.microsoft.SkipLayerNormalization``, whose CPU kernel is 2-10x slower than the two
 ops at transformer sizes (bert-mini, one interleaved run on a loaded machine: 1.43x -> 1.53x
 over fp32, where ``quantize_dynamic``, which leaves half of its norms unfused, gave 1.49x).
@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.algorithms.quant.residual import sum_residual_adds
 from graphopt.algorithms.quant.sites import detach, find_sites
+from graphopt.algorithms.residual_sum import sum_residual_adds
 from graphopt.core.graph import const, insert_nodes, make_node, name_scope
 from graphopt.core.model import Model
 

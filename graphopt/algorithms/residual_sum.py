@@ -17,8 +17,10 @@ shape           Add + LayerNormalization    SkipLayerNormalization
 [1, 1500, 384]  1.085 ms                    11.615 ms
 ==============  ==========================  =====================
 
-In a dynamically quantized transformer the products are int8 and the norms become a large share
-of the run (bert-mini at [4, 64]: the 12 fused norms took 13% of the int8 model's kernel time).
+Used by the ``sum-residual-adds`` pass (``optimize``'s portable lowering) and by dynamic int8
+quantization. In a dynamically quantized transformer the products are int8 and the norms become a
+large share of the run (bert-mini at [4, 64]: the 12 fused norms took 13% of the int8 model's
+kernel time).
 ``Sum(a, b)`` is the same operation as ``Add(a, b)`` (two operands, the same multidirectional
 broadcasting, the same float addition, bit for bit), and the fusion does not match it: the
 written model runs the addition and the norm as two kernels at every optimization level.
@@ -104,5 +106,5 @@ def sum_residual_adds(model: Model) -> list[str]:
             node.op = "Sum"
             done.append(str(node.name))
     if done:
-        logger.info("quantize: %d residual Add -> Sum (no SkipLayerNormalization)", len(done))
+        logger.info("%d residual Add -> Sum (no SkipLayerNormalization)", len(done))
     return done
