@@ -835,6 +835,49 @@ def test_7_early_ctrl_c_prints_no_traceback(tmp_path: Path, delay: float) -> Non
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("writer", ["model", "staged_files", "atomic_path"])
+def test_7_signal_at_the_start_of_a_clean_up_leaves_nothing(
+    monkeypatch, tmp_path: Path, writer: str
+) -> None:
+    """A signal whose exception lands between a writer's ``finally:`` and the critical section
+    that removes its temporary (CI saw it once in test_3_writers_and_kills_never_leave_a_mix: a
+    SIGTERM'd writer left ``.graphopt-<pid>-*``): the clean-up is skipped there, and the command
+    line's signal handling removes what is left when the interruption reaches it."""
+    import graphopt.core.output as output
+    from graphopt.cli import handle_signals
+    from graphopt.core.interrupt import Interrupted
+
+    real_critical = output.critical
+    armed = []
+
+    def critical_after_the_signal():  # the clean-up's section: the signal came just before it
+        if armed:
+            armed.clear()
+            raise Interrupted(signal.SIGTERM)
+        return real_critical()
+
+    monkeypatch.setattr(output, "critical", critical_after_the_signal)
+    dest = tmp_path / "out.bin"
+    with pytest.raises(Interrupted), handle_signals():
+        if writer == "model":
+            with output.staged_model_output(dest) as st:
+                st.model_path.write_bytes(b"x")
+                armed.append(1)
+                raise Interrupted(signal.SIGTERM)
+        elif writer == "staged_files":
+            with output.staged_files(dest) as (tmp,):
+                tmp.write_bytes(b"x")
+                armed.append(1)
+                raise Interrupted(signal.SIGTERM)
+        else:
+            with output.atomic_path(dest) as tmp:
+                tmp.write_bytes(b"x")
+                armed.append(1)
+                raise Interrupted(signal.SIGTERM)
+    assert not armed  # the simulated signal did land at the start of the clean-up
+    assert _leftovers(tmp_path) == [] and not dest.exists()
+
+
 def test_7_signal_while_the_handlers_are_put_back(capsys, monkeypatch, tmp_path: Path) -> None:
     """SIGTERM in the last instants of a run, while ``handle_signals`` puts the old handlers back
     (found by bench/data_safety.py: 1 run in 60): one ``interrupted`` line naming what was

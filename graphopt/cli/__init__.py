@@ -43,6 +43,7 @@ from graphopt.core.interrupt import (
     on_retry,
     on_signal,
     published_paths,
+    remove_temporaries,
     reset,
 )
 
@@ -202,6 +203,7 @@ def handle_signals() -> Iterator[None]:
     try:
         yield
     finally:
+        remove_temporaries()  # what a signal landing at the start of a clean-up left
         if old:
             cancel_retry()
         for sig, handler in old.items():

@@ -16,6 +16,8 @@ line installs the handlers before it imports a command.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +43,8 @@ _critical_depth = 0
 #: ``shutil.rmtree``); every critical section raises it again when it ends
 _received: int | None = None
 _published: list[Path] = []
+#: temporaries created and not yet removed or published (see :func:`remove_temporaries`)
+_temporaries: dict[Path, None] = {}
 
 
 #: how long (CPU seconds) a signal held back by an import waits before it is tried again
@@ -143,3 +147,38 @@ def forget_published() -> None:
 def record_published(path: Path) -> None:
     """Note that ``path`` was just renamed into place (see :func:`published_paths`)."""
     _published.append(path)
+
+
+def register_temporary(path: Path) -> None:
+    """Note a temporary file or folder just created (call it inside the :func:`critical` section
+    that creates it): it is removed by :func:`remove_temporaries` unless it is released first."""
+    _temporaries[path] = None
+
+
+def release_temporary(path: Path) -> None:
+    """Forget a temporary that was removed or renamed into place."""
+    _temporaries.pop(path, None)
+
+
+def remove_temporaries() -> int:
+    """Remove every temporary still registered; return how many were there.
+
+    Each writer removes its own temporary in a ``finally`` clause, but a signal's exception can
+    land in the instants between the clause's start and its critical section, and then the
+    clean-up is skipped. The command line's signal handling calls this on its way out, once the
+    interruption has travelled up, so that nothing is left behind in that case either."""
+    global _critical_depth
+    n = 0
+    _critical_depth += 1  # held, and not raised at the end: an interruption is already on its way
+    try:
+        for path in list(_temporaries):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            _temporaries.pop(path, None)
+            n += 1
+    finally:
+        _critical_depth -= 1
+    return n

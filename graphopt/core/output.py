@@ -31,7 +31,10 @@ carrying the signal number), so every ``with`` block above unwinds and removes i
 steps that must not be cut in two (creating a temporary and registering it for removal, the
 renames that publish a result, the removal of a temporary) run as critical sections
 (:func:`~graphopt.core.interrupt.critical`): a signal that arrives inside one is held and raised as
-soon as it ends. A full disk or a missing permission, while writing or publishing, is an
+soon as it ends. Every temporary is registered while it exists
+(:func:`~graphopt.core.interrupt.register_temporary`): a signal whose exception lands at the start
+of a ``finally`` clause, before its critical section, skips that clean-up, and the command line's
+signal handling removes what is still registered on its way out. A full disk or a missing permission, while writing or publishing, is an
 :class:`~graphopt.core.errors.OutputPathError` naming the destination and the system's reason.
 :func:`~graphopt.core.interrupt.published_paths` lists what this process has published, so
 that an interrupted or failed run can say which outputs are already complete.
@@ -56,7 +59,12 @@ from typing import IO, Any
 import onnx
 
 from graphopt.core.errors import OutputPathError
-from graphopt.core.interrupt import critical, record_published
+from graphopt.core.interrupt import (
+    critical,
+    record_published,
+    register_temporary,
+    release_temporary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -319,6 +327,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with _write_errors(dest):
             with critical():
                 tmp = _new_temp_file(dest.parent, suffix)
+                register_temporary(tmp)
             st = _stat(dest)
             if st is not None:  # a replaced file keeps its permissions
                 os.chmod(tmp, stat.S_IMODE(st.st_mode))
@@ -331,6 +340,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             with critical():
                 _check_still_regular(dest)
                 os.replace(tmp, dest)
+                release_temporary(tmp)
                 tmp = None
                 record_published(dest)
             _fsync_dir(dest.parent)
@@ -338,6 +348,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         if tmp is not None:
             with critical():
                 _unlink(tmp)
+                release_temporary(tmp)
 
 
 @contextlib.contextmanager
@@ -366,6 +377,7 @@ def staged_files(*paths: PathLike) -> Iterator[list[Path]]:
         with _write_errors(dests[0]):
             with critical():
                 folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=parent))
+                register_temporary(folder)
         staged = [folder / d.name for d in dests]  # same names: a library finds its manifest
         with _write_errors(dests[0]):
             yield staged
@@ -386,6 +398,7 @@ def staged_files(*paths: PathLike) -> Iterator[list[Path]]:
         if folder is not None:
             with critical():
                 shutil.rmtree(folder, ignore_errors=True)
+                release_temporary(folder)
 
 
 @contextlib.contextmanager
@@ -618,6 +631,7 @@ def staged_model_output(path: PathLike, protect: Iterable[PathLike] = ()) -> Ite
     try:
         with _write_errors(dest), critical():
             folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=dest.parent))
+            register_temporary(folder)
         staging = ModelStaging(
             dest, folder, unique_data_name(dest.name), {Path(p) for p in protect}
         )
@@ -629,3 +643,4 @@ def staged_model_output(path: PathLike, protect: Iterable[PathLike] = ()) -> Ite
         if folder is not None:
             with critical():
                 shutil.rmtree(folder, ignore_errors=True)
+                release_temporary(folder)
