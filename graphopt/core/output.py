@@ -34,8 +34,9 @@ renames that publish a result, the removal of a temporary) run as critical secti
 soon as it ends. Every temporary is registered while it exists
 (:func:`~graphopt.core.interrupt.register_temporary`): a signal whose exception lands at the start
 of a ``finally`` clause, before its critical section, skips that clean-up, and the command line's
-signal handling removes what is still registered on its way out. A full disk or a missing permission, while writing or publishing, is an
-:class:`~graphopt.core.errors.OutputPathError` naming the destination and the system's reason.
+signal handling removes what is still registered on its way out. A full disk or a missing
+permission, while writing or publishing, is an :class:`~graphopt.core.errors.OutputPathError`
+naming the destination and the system's reason.
 :func:`~graphopt.core.interrupt.published_paths` lists what this process has published, so
 that an interrupted or failed run can say which outputs are already complete.
 """
