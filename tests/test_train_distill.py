@@ -19,6 +19,7 @@ from graphopt.algorithms.train.distill import (  # noqa: E402
     lr_factor,
     matched_channels,
     output_kind,
+    schedule_step,
     shared_features,
 )
 from graphopt.fixtures import FIXTURES_DIR  # noqa: E402
@@ -87,6 +88,38 @@ def test_time_budget_stops_early() -> None:
     assert res.stopped == "time" and res.steps < 10_000
 
 
+def test_schedule_follows_the_time_budget() -> None:
+    """With a wall-clock budget the schedule runs on whichever budget is further along."""
+    assert schedule_step(10, 100, 5.0, None) == 10
+    assert schedule_step(10, 10_000, 5.0, 10.0) == 5_000
+    assert schedule_step(9_000, 10_000, 5.0, 10.0) == 9_000  # the steps are further along
+    assert schedule_step(10, 10_000, 12.0, 10.0) == 10_000  # never past the end
+
+
+def test_time_budget_run_decays_its_learning_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped by the clock long before its step budget ends near a zero learning rate
+    (it ended at the full rate: the cosine followed the 10,000 steps it never reached). The
+    clock is simulated (every reading 10 ms later), so the machine's load cannot change it."""
+    import types
+
+    import graphopt.algorithms.train.distill as distill_mod
+
+    clock = iter(range(10**9))
+    fake = types.SimpleNamespace(perf_counter=lambda: next(clock) * 0.01)
+    monkeypatch.setattr(distill_mod, "time", fake)
+    proto = onnx.load(str(FIXTURES_DIR / "digits_cnn.onnx"))
+    calib = np.load(FIXTURES_DIR / "digits_calib.npz")["x"]
+    res = distill(
+        OnnxModule(proto),
+        OnnxModule(proto),
+        [{"x": calib[:32]}],
+        [],
+        DistillConfig(steps=10_000, time_budget_s=0.5, warmup=0.0),
+    )
+    assert res.stopped == "time" and 5 <= res.steps < 10_000
+    assert res.final_lr_factor < 0.25
+
+
 @pytest.mark.parametrize("target", [0.5])
 def test_target_stops_early(target: float) -> None:
     """A student already at the target stops at the first evaluation."""
@@ -134,7 +167,7 @@ def test_feature_distillation_on_a_pruned_student() -> None:
         measure=False,
     )
     proto = r.model.to_onnx()
-    student, teacher = OnnxModule(proto), OnnxModule(r.original.to_onnx())
+    student, teacher = OnnxModule(proto), OnnxModule(r.kept_original().to_onnx())
     pairs = dict(shared_features(teacher, student, [{"x": torch.from_numpy(calib[:16])}]))
     assert set(pairs) == {"relu1_out", "relu2_out", "relu3_out"}
     assert [len(c or []) for c in pairs.values()] == [8, 24, 24]

@@ -162,3 +162,97 @@ def test_qat_and_adaround_are_exclusive() -> None:
 
     with pytest.raises(OptionError, match="not both"):
         quantize(MODEL, CALIB, qat=True, rounding="adaround")
+
+
+def _conv_net(dense: bool, seed: int = 0) -> onnx.ModelProto:
+    """Conv 3x3 -> Relu -> Conv 3x3 -> Sigmoid on a declared 1x3x64x64 input: a dense map of
+    the input's size (``dense``), or its global average (a vector, like a classifier)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(0, 0.3, (2, 8, 3, 3)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c2"], ["m" if dense else "s"]),
+    ]
+    out_shape = [1, 2, 64, 64]
+    if not dense:
+        nodes += [
+            helper.make_node("GlobalAveragePool", ["s"], ["g"]),
+            helper.make_node("Flatten", ["g"], ["m"]),
+        ]
+        out_shape = [1, 2]
+    g = helper.make_graph(
+        nodes,
+        "conv_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 64, 64])],
+        [helper.make_tensor_value_info("m", TensorProto.FLOAT, out_shape)],
+        [w1, w2],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_crop_size_keeps_the_strides_the_input_has() -> None:
+    from graphopt.algorithms.train.recover import crop_size
+
+    assert crop_size(320) == 160 and crop_size(64) == 32 and crop_size(96) == 32
+    assert crop_size(8) == 8  # too small to halve on its stride: no crop
+    assert crop_size(321) == 160  # odd: any size
+
+
+def test_dense_maps_train_on_crops_classifiers_do_not() -> None:
+    """Only a model whose outputs are maps that shrink with the input trains on crops; its
+    declared fixed shape does not stop it (shapes fixed with --input-shape)."""
+    from graphopt.algorithms.train import OnnxModule
+    from graphopt.algorithms.train.recover import crop_inputs, dense_on_crops
+
+    feed = {"x": np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)}
+    dense, vec = OnnxModule(_conv_net(True)), OnnxModule(_conv_net(False))
+    assert crop_inputs(dense) == ["x"]
+    assert dense_on_crops(dense, dense, ["x"], feed)
+    assert not dense_on_crops(vec, vec, ["x"], feed)
+    digits = OnnxModule(onnx.load(MODEL))  # 8x8: no smaller crop keeps its stride
+    assert not dense_on_crops(digits, digits, ["x"], {"x": np.zeros((1, 1, 8, 8), np.float32)})
+
+
+def test_distill_trains_a_dense_model_on_crops() -> None:
+    """A damaged fully convolutional student trains on random 32x32 crops (the report names
+    the cropped input), gains on the full-size held-out maps, and exports exactly."""
+    from graphopt.algorithms.train.recover import distill_model
+    from graphopt.core.model import Model
+
+    rng = np.random.default_rng(1)
+    teacher = _conv_net(True)
+    student = _conv_net(True)
+    for t in student.graph.initializer:
+        a = onnx.numpy_helper.to_array(t)
+        a = a + 0.2 * a.std() * rng.normal(size=a.shape).astype(np.float32)
+        t.CopyFrom(onnx.numpy_helper.from_array(a.astype(np.float32), t.name))
+    x = rng.normal(size=(24, 3, 64, 64)).astype(np.float32)
+    feeds = [{"x": x[i : i + 1]} for i in range(24)]
+    out, rep = distill_model(
+        Model.from_onnx(student),
+        Model.from_onnx(teacher),
+        feeds[:16],
+        feeds[16:],
+        steps=60,
+        lr=3e-3,
+        batch_size=4,
+        eval_every=20,
+    )
+    assert rep.crop_inputs == ["x"]
+    assert rep.final_sqnr_db is not None and rep.initial_sqnr_db is not None
+    assert rep.final_sqnr_db > rep.initial_sqnr_db + 3
+    assert rep.export_rel_err < 1e-5
+    _, rep_full = distill_model(
+        Model.from_onnx(student),
+        Model.from_onnx(teacher),
+        feeds[:16],
+        feeds[16:],
+        steps=2,
+        crop=False,
+    )
+    assert rep_full.crop_inputs == []

@@ -18,7 +18,8 @@ teacher channels the student kept (found by correlation, :func:`matched_channels
 pairs. Teacher values are computed once per training
 feed and cached (the training set is the fixed calibration set). Adam with a short linear warmup
 and a cosine learning rate (:func:`lr_factor`),
-a step budget and an optional wall-clock budget; every ``eval_every`` steps the held-out fidelity
+a step budget and an optional wall-clock budget (the schedule then runs on whichever budget is
+further along, :func:`schedule_step`); every ``eval_every`` steps the held-out fidelity
 (``metric(student_outputs, teacher_outputs) -> float``, higher is better, e.g. top-1 agreement)
 and the held-out distillation loss are measured; training stops early once the metric reaches
 ``target``. The student with the lowest held-out loss is kept (a coarse metric such as agreement
@@ -88,6 +89,8 @@ class DistillResult:
     initial_loss: float | None
     stopped: str  # "steps", "time", "target"
     history: list[tuple[int, float, float | None]] = field(default_factory=list)
+    #: the learning-rate multiplier of the last step (near 0 once the schedule has run out)
+    final_lr_factor: float = 1.0
 
 
 def output_kind(t: Tensor) -> str:
@@ -131,6 +134,16 @@ def lr_factor(step: int, steps: int, warmup: float = 0.05) -> float:
     if w > 0 and step < w:
         return (step + 1) / w
     return 0.5 * (1 + math.cos(math.pi * min(step - w, steps - w) / max(steps - w, 1)))
+
+
+def schedule_step(done: int, steps: int, elapsed: float, budget: float | None) -> int:
+    """The step of the learning-rate schedule after ``done`` optimizer steps: with a wall-clock
+    ``budget`` (seconds, ``elapsed`` of it spent), the schedule follows whichever of the step and
+    time budgets is further along, so a run stopped by the clock (``--time-budget`` with a large
+    ``--steps``) still warms up and decays to 0 instead of ending at the full rate."""
+    if budget is None or budget <= 0:
+        return done
+    return max(done, min(steps, int(steps * elapsed / budget)))
 
 
 def feature_loss(s: Tensor, t: Tensor, channels: Tensor | None = None) -> Tensor:
@@ -365,7 +378,14 @@ def distill(
         list(params) if params is not None else [p for p in student.parameters() if p.requires_grad]
     )
     opt = torch.optim.Adam(plist, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, cfg.steps, cfg.warmup))
+    base_lr = [g["lr"] for g in opt.param_groups]
+
+    def set_lr(k: int) -> float:
+        f = lr_factor(k, cfg.steps, cfg.warmup)
+        for g, b in zip(opt.param_groups, base_lr):
+            g["lr"] = b * f
+        return f
+
     best_loss, best = evaluate()
     initial_loss, initial = best_loss, best
     best_state = {k: v.detach().clone() for k, v in student.named_parameters()}
@@ -375,10 +395,16 @@ def distill(
     stopped = "steps"
     s_names = loss_names + [b for _, b in feats]
     step = 0
+    lr_f = 1.0
+    t_loop = time.perf_counter()
+    # the schedule's clock: what is left of the time budget once the teacher values are cached
+    left = None if cfg.time_budget_s is None else cfg.time_budget_s - (t_loop - t0)
     # a model with a fixed batch dim trains on batch_size samples by gradient accumulation
     accum = 1 if dynamic else max(cfg.batch_size, 1)
     for step in range(1, cfg.steps + 1):
         opt.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t_loop
+        lr_f = set_lr(schedule_step(step - 1, cfg.steps, elapsed, left))
         loss_v = 0.0
         for _ in range(accum):
             if not order:
@@ -401,7 +427,6 @@ def distill(
             (loss / accum).backward()
             loss_v += float(loss.detach()) / accum
         opt.step()
-        sched.step()
         m = None
         done = cfg.time_budget_s is not None and time.perf_counter() - t0 > cfg.time_budget_s
         if step % cfg.eval_every == 0 or step == cfg.steps or done:
@@ -421,5 +446,13 @@ def distill(
     if held_b:
         student.load_state_dict(best_state, strict=False)
     return DistillResult(
-        step, time.perf_counter() - t0, best, initial, best_loss, initial_loss, stopped, history
+        step,
+        time.perf_counter() - t0,
+        best,
+        initial,
+        best_loss,
+        initial_loss,
+        stopped,
+        history,
+        lr_f,
     )

@@ -15,6 +15,7 @@ graph is run in onnxruntime (ORT_DISABLE_ALL) against the module on held-out fee
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class TrainReport:
     final_loss: float | None
     export_rel_err: float
     history: list[tuple[int, float, float | None]] = field(default_factory=list)
+    #: the inputs trained on random crops (:func:`random_crop`)
+    crop_inputs: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "history"}
@@ -88,6 +91,96 @@ def mixup(batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, tor
     return out
 
 
+#: fraction of each spatial side a distillation crop keeps (a quarter of the pixels per sample)
+CROP_FRACTION = 0.5
+
+
+def crop_inputs(m: OnnxModule) -> list[str]:
+    """The image-like inputs (rank 4: batch, channels, height, width) a crop would cut; whether
+    the model is one to train on crops is :func:`dense_on_crops`'s question."""
+    return [n for n, d in m.input_dims.items() if len(d) == 4]
+
+
+def crop_size(side: int, fraction: float = CROP_FRACTION, align: int = 32) -> int:
+    """``fraction`` of ``side``, rounded down to a multiple of the largest power of two up to
+    ``align`` that divides ``side`` (the strides the full-size input already satisfies: a
+    320-pixel side crops to 160, a 96-pixel one to 32, an odd one to any size)."""
+    a = math.gcd(side, align)
+    return min(side, max(a, int(side * fraction) // a * a))
+
+
+def random_crop(
+    names: Sequence[str], fraction: float = CROP_FRACTION
+) -> Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]]:
+    """Augmentation for fully convolutional models: one random window of :func:`crop_size`
+    per batch, the same for every input in ``names`` (samples of a batch share it, so they
+    stay one tensor). A training step then costs about ``fraction**2`` of a full-size one, so
+    a time budget buys that many more steps over more varied inputs (Krizhevsky et al. 2012
+    for random crops; the teacher labels every crop, so no label is invented). Held-out
+    fidelity stays measured on the full-size inputs."""
+
+    def aug(batch: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        x = next((batch[n] for n in names if n in batch), None)
+        if x is None or x.dim() != 4:
+            return batch
+        h, w = int(x.shape[2]), int(x.shape[3])
+        ch, cw = crop_size(h, fraction), crop_size(w, fraction)
+        if (ch, cw) == (h, w):
+            return batch
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        return {
+            k: v[:, :, y0 : y0 + ch, x0 : x0 + cw]
+            if k in names and v.dim() == 4 and tuple(v.shape[2:]) == (h, w)
+            else v
+            for k, v in batch.items()
+        }
+
+    return aug
+
+
+def _augmentation(
+    mix: bool, crop: Sequence[str]
+) -> Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]] | None:
+    if not crop:
+        return mixup if mix else None
+    cropper = random_crop(crop)
+    if not mix:
+        return cropper
+    return lambda b, g: mixup(cropper(b, g), g)
+
+
+def dense_on_crops(s_mod: OnnxModule, t_mod: OnnxModule, names: list[str], feed: Feeds) -> bool:
+    """Whether a crop of ``feed`` is a training input for this pair: both graphs run on it and
+    every output is a dense map (rank 4) whose height and width shrink with the input's, exactly
+    (a text detector's probability map, a segmentation). Such a graph is fully convolutional,
+    so the teacher's map of a crop is its map of the window, and a classifier (a vector out),
+    a recognizer (a sequence out) or a detector with fixed anchor grids is never cropped: a
+    fixed-size graph (shapes fixed with ``--input-shape``) qualifies by running, whatever its
+    declared dims."""
+    batch = {k: torch.from_numpy(np.asarray(v)) for k, v in feed.items()}
+    small = random_crop(names)(batch, torch.Generator().manual_seed(0))
+    x, c = batch[names[0]], small[names[0]]
+    if tuple(c.shape) == tuple(x.shape):
+        return False
+    try:
+        with torch.no_grad():
+            full = t_mod.run(batch)
+            outs = [full] + [m.run(small) for m in (s_mod, t_mod)]
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        logger.info("distill: no random crops (%s: %s)", type(e).__name__, e)
+        return False
+    fy, fx = x.shape[2] / c.shape[2], x.shape[3] / c.shape[3]
+    for n in t_mod.output_names:
+        f, shapes = outs[0][n], [o[n].shape for o in outs[1:]]
+        if f.dim() != 4 or any(tuple(sh) != tuple(shapes[0]) for sh in shapes):
+            return False
+        h, w = shapes[0][2], shapes[0][3]
+        if h * fy != f.shape[2] or w * fx != f.shape[3]:
+            return False
+    return True
+
+
 def _config(
     steps: int,
     lr: float,
@@ -97,6 +190,7 @@ def _config(
     eval_every: int | None,
     augment: bool,
     progress: TrainProgress | None,
+    crop: Sequence[str] = (),
 ) -> DistillConfig:
     cb = None
     if progress is not None:
@@ -112,7 +206,7 @@ def _config(
         time_budget_s=time_budget,
         eval_every=eval_every or max(5, min(50, steps // 10)),
         target=target_sqnr,
-        augment=mixup if augment else None,
+        augment=_augmentation(augment, crop),
         progress=cb,
     )
 
@@ -174,6 +268,7 @@ def distill_model(
     batch_size: int = 16,
     eval_every: int | None = None,
     augment: bool = True,
+    crop: bool = True,
     threads: int | None = None,
     progress: TrainProgress | None = None,
 ) -> tuple[Model, TrainReport]:
@@ -189,6 +284,8 @@ def distill_model(
         time_budget: stop after this many seconds.
         target_sqnr: stop once the held-out SQNR of every output reaches this (dB).
         augment: mix pairs of inputs (:func:`mixup`); the teacher labels the mixes.
+        crop: train on random crops (:func:`random_crop`) of the image inputs when the model
+            maps images to dense maps of their size (:func:`dense_on_crops`).
         threads: torch threads while training (default: 1 for models under
             :data:`SMALL_MODEL_BYTES` of weights, else torch's).
         progress: ``progress(step, steps, loss, held_out_sqnr)`` after every step.
@@ -201,8 +298,11 @@ def distill_model(
         t0 = time.perf_counter()
         s_proto, t_proto = student.to_onnx(), teacher.to_onnx()
         s_mod, t_mod = OnnxModule(s_proto), OnnxModule(t_proto)
+        names = crop_inputs(t_mod) if crop and train else []
+        if names and not dense_on_crops(s_mod, t_mod, names, train[0]):
+            names = []
         cfg = _config(
-            steps, lr, time_budget, target_sqnr, batch_size, eval_every, augment, progress
+            steps, lr, time_budget, target_sqnr, batch_size, eval_every, augment, progress, names
         )
         res = distill(s_mod, t_mod, train, held_out, cfg, metric=sqnr_metric)
         out = write_back(s_mod, s_proto)
@@ -213,7 +313,9 @@ def distill_model(
         logger.info(
             "distill: %d steps in %.1f s (%s)", res.steps, time.perf_counter() - t0, res.stopped
         )
-        return Model.from_onnx(out), _report("distill", res, train, held_out, err)
+        report = _report("distill", res, train, held_out, err)
+        report.crop_inputs = names
+        return Model.from_onnx(out), report
     finally:
         torch.set_num_threads(old)
 
