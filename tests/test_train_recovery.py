@@ -256,3 +256,35 @@ def test_distill_trains_a_dense_model_on_crops() -> None:
         crop=False,
     )
     assert rep_full.crop_inputs == []
+
+
+def test_weights_in_constant_nodes_count_for_the_thread_choice() -> None:
+    """A model whose weights are Constant nodes (PP-OCR's exports) is as big as its weights:
+    over SMALL_MODEL_BYTES it keeps torch's threads (it was pinned to one: 0 bytes read)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.algorithms.train.recover import SMALL_MODEL_BYTES, _threads, weight_bytes
+    from graphopt.core.model import Model
+
+    n = SMALL_MODEL_BYTES // 4 // 64 + 1
+    w = numpy_helper.from_array(np.zeros((n, 64), np.float32), "w")
+    g = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w"], value=w),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        "const_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+    )
+    m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    assert weight_bytes(m) == n * 64 * 4 > SMALL_MODEL_BYTES
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _threads(None, m)
+        assert torch.get_num_threads() == 2
+        _threads(None, Model.from_onnx(onnx.load(MODEL)))  # the digits CNN: small, one thread
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from graphopt.core.cost import model_cost
 from graphopt.core.model import Model
 from graphopt.core.verify import sqnr_db
 
@@ -246,11 +247,19 @@ def _count(feeds: Sequence[Feeds]) -> int:
 SMALL_MODEL_BYTES = 4 << 20
 
 
+def weight_bytes(model: Model) -> int:
+    """Bytes of the constant inputs of the model's nodes (``graphopt inspect``'s
+    ``param_bytes``): weights held in Constant nodes count too (PP-OCR's exports have no
+    initializers, so :meth:`Model.param_bytes` read 0 bytes and the 4.7 MB det model trained
+    on one thread)."""
+    return int(model_cost(model).param_bytes)
+
+
 def _threads(threads: int | None, model: Model) -> int:
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    elif model.param_bytes() < SMALL_MODEL_BYTES:
+    elif weight_bytes(model) < SMALL_MODEL_BYTES:
         torch.set_num_threads(1)
     return old
 
