@@ -105,7 +105,7 @@ def _report(before: Model, after: Model, path: Path, **kw: Any) -> Path:
 def test_report_self_contained(tmp_path: Path) -> None:
     a = prepare(load(fixture_path("mobilenet_block.onnx")))
     res = optimize_model(a)
-    text = render_report(res.original, res.model, verify=res.verify, **_extras(res.model))
+    text = render_report(res.kept_original(), res.model, verify=res.verify, **_extras(res.model))
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", text)
     assert "@import" not in text and "url(http" not in text
     for section in (
@@ -149,7 +149,7 @@ def test_pruned_layers_highlighted() -> None:
 def test_report_renders_fixture(tmp_path: Path) -> None:
     a = prepare(load(fixture_path("mobilenet_block.onnx")))
     res = optimize_model(a)
-    html = _report(res.original, res.model, tmp_path / "r.html", verify=res.verify)
+    html = _report(res.kept_original(), res.model, tmp_path / "r.html", verify=res.verify)
     _render_check(html, tmp_path, min_boxes=20)
 
 

@@ -21,6 +21,7 @@ from graphopt.core.graph import tensor_map
 from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import Pass, PassResult
+from graphopt.core.saver import save
 from graphopt.core.session import run_opened, take_session
 from graphopt.core.validate import check_runnable
 from graphopt.fixtures import fixture_path
@@ -141,3 +142,54 @@ def test_kept_session_is_handed_over_once() -> None:
     del model
     gc.collect()
     assert not session_module._KEPT  # dropped with its model
+
+
+def test_optimize_from_path_transforms_the_input_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """optimize of a file keeps one IR: no copy of the graph (it was copied once for the
+    reference before), the input not kept beside the result, its figures taken before the
+    passes (the same JSON as when it is kept)."""
+    path = fixture_path("residual.onnx")
+    kept = optimize(path, output=tmp_path / "k.onnx", keep_original=True)
+    clones: list[Model] = []
+    real = Model.clone
+
+    def counting(self: Model) -> Model:
+        clones.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Model, "clone", counting)
+    res = optimize(path, output=tmp_path / "a.onnx")
+    assert not clones
+    assert res.original is None
+    with pytest.raises(ValueError, match="did not keep"):
+        res.kept_original()
+    a, b = res.to_json(), kept.to_json()
+    for key in ("nodes_before", "macs_before", "params_before", "ops_before", "verify"):
+        assert a[key] == b[key], key
+    assert a["nodes_before"] > a["nodes_after"]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "k.onnx").read_bytes()
+    # the verified export was written (no second export): the bytes a fresh export writes
+    assert (tmp_path / "a.onnx").read_bytes() == save(res.model, tmp_path / "f.onnx").read_bytes()
+
+
+def test_optimize_writes_the_verified_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The optimized model is exported once for verification, the load check and the file."""
+    exports: list[int] = []  # node count of every export with weights
+    real = Model.to_onnx
+
+    def counting(self: Model, check: bool = False, weights: bool = True) -> onnx.ModelProto:
+        if weights:
+            exports.append(len(self.graph.nodes))
+        return real(self, check=check, weights=weights)
+
+    path = fixture_path("cnn.onnx")
+    monkeypatch.setattr(Model, "to_onnx", counting)
+    res = optimize(path, output=tmp_path / "a.onnx")
+    after = res.to_json()["nodes_after"]
+    assert res.to_json()["nodes_before"] != after
+    assert exports.count(after) == 1  # the input's were before the passes
+    assert res.export is None  # dropped once written

@@ -62,7 +62,7 @@ def cmd_optimize_recipe(args: argparse.Namespace) -> int:
         str(before.nodes),
         human_count(before.params),
         human_count(before.macs),
-        human_bytes(res.original.to_onnx().ByteSize()),
+        human_bytes(res.kept_original().to_onnx().ByteSize()),
         "-",
         "-",
         "-",

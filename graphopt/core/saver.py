@@ -44,6 +44,7 @@ def save(
     external: bool | None = None,
     check: bool = True,
     sidecars: Mapping[str | os.PathLike[str], str | bytes] | None = None,
+    proto: onnx.ModelProto | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
 
@@ -60,6 +61,9 @@ def save(
         check: run ``onnx.checker`` on what is written.
         sidecars: files that belong to the model (path beside it -> text or bytes), written into
             the same temporary folder and published with it (a memory plan's JSON).
+        proto: ``model.to_onnx()`` of ``model`` as it is now, made by the caller already (a
+            job that verified that export): written as it is instead of a second export of the
+            whole graph, where the weights are embedded.
 
     Raises:
         OutputPathError: the output cannot be written (folder missing and not creatable, no
@@ -90,7 +94,7 @@ def save(
             # exported proto only holds references (no second copy of the weights in memory)
             with _external_stubs(model, st.data_path, st.data_name):
                 proto = model.to_onnx()
-        else:
+        elif proto is None:
             proto = model.to_onnx()
         if proto.ByteSize() >= PROTO_LIMIT:
             raise GraphoptError("the model exceeds 2 GiB even with its weights in external data")

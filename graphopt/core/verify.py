@@ -376,40 +376,35 @@ def _median_sample_sqnr(refs: Sequence[np.ndarray], outs: Sequence[np.ndarray]) 
     return float(np.median(vals)) if vals else math.inf
 
 
-def verify(
+@dataclass
+class Reference:
+    """The original model's outputs on the inputs verification runs: computed once, before a
+    job transforms the model in place (:func:`run_reference`), and compared with the transformed
+    model's later (:func:`verify` with ``precomputed``).
+
+    Attributes:
+        feeds: the feed dicts run (given or generated).
+        names: the original's output names.
+        rows: per feed dict, the outputs in ``names`` order.
+    """
+
+    feeds: list[dict[str, Any]]
+    names: list[str]
+    rows: list[list[Any]]
+
+
+def run_reference(
     original: Model | onnx.ModelProto | str | os.PathLike[str],
-    transformed: Model | onnx.ModelProto | str | os.PathLike[str],
     feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
     seed: int = 0,
-    rtol: float = RTOL,
-    atol: float = ATOL,
-    min_sqnr_db: float | None = None,
-    min_cosine: float | None = None,
     samples: int = 1,
-    transformed_level: str = "disable_all",
     reference: ort.InferenceSession | None = None,
-) -> VerifyReport:
-    """Run both models on the same inputs and compare every output of the original.
+) -> Reference:
+    """Run the original model on the verification inputs (arguments as :func:`verify`).
 
-    ``transformed_level`` is the onnxruntime optimization level of the transformed model's session
-    (the original always runs at ``disable_all``). Quantized QDQ models are checked at
-    ``extended``, where onnxruntime runs the integer kernels users get instead of materializing a
-    dequantized float copy of every weight.
-
-    Args:
-        feeds: one feed dict, a list of them, or None for ``samples`` seeded random inputs built
-            from the original's input shapes at each draw of its dynamic dims
-            (:func:`graphopt.core.feeds.dim_draws`).
-        rtol, atol: tolerance for semantics-preserving transforms, relative to max |reference|
-            (for float32 outputs; widened per output dtype, :func:`dtype_tolerance`).
-        min_sqnr_db, min_cosine: for lossy transforms; when given they replace rtol/atol. Over
-            several samples, the SQNR floor must hold for the samples pooled and for the median
-            sample's own SQNR (so that a few loud samples cannot hide that the others are lost).
-        reference: an open ``disable_all`` session of ``original`` to run it in (one the
-            caller opened already, :func:`graphopt.core.session.take_session`), instead of a
-            new one.
-
-    NaN and inf must match exactly (:func:`compare`).
+    Raises:
+        FeedError: the original does not run on the inputs.
+        GraphoptError: onnxruntime cannot load the original.
     """
     ref_model = original if not isinstance(original, (str, os.PathLike)) else load(original)
     if feeds is None:
@@ -441,9 +436,9 @@ def verify(
             f"({first_line(exc)}); give inputs it runs on with --feeds DATA"
         )
 
-    # all references first, and the input model's session closed before the transformed model's
-    # opens (a session holds ~5 KB per node: the two are never open at once; a large model runs
-    # one segment's session at a time, run_feeds; a large original's weight pages are released)
+    # the input model's session is closed before the transformed model's opens (a session holds
+    # ~5 KB per node: the two are never open at once; a large model runs one segment's session
+    # at a time, run_feeds; a large original's weight pages are released)
     if reference is not None:
         names = [o.name for o in reference.get_outputs()]
         a_inputs = input_names(reference)
@@ -463,6 +458,56 @@ def verify(
             raise GraphoptError(f"onnxruntime cannot load the input model: {exc}") from None
         except Exception as exc:  # noqa: BLE001
             raise feed_error(exc, feed_list[0]) from None
+    if isinstance(ref_model, Model) and ref_model.param_bytes() >= ZERO_COPY_BYTES:
+        release_weight_pages(ref_model)
+    return Reference(feed_list, names, ref_rows)
+
+
+def verify(
+    original: Model | onnx.ModelProto | str | os.PathLike[str] | None,
+    transformed: Model | onnx.ModelProto | str | os.PathLike[str],
+    feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
+    seed: int = 0,
+    rtol: float = RTOL,
+    atol: float = ATOL,
+    min_sqnr_db: float | None = None,
+    min_cosine: float | None = None,
+    samples: int = 1,
+    transformed_level: str = "disable_all",
+    reference: ort.InferenceSession | None = None,
+    precomputed: Reference | None = None,
+) -> VerifyReport:
+    """Run both models on the same inputs and compare every output of the original.
+
+    ``transformed_level`` is the onnxruntime optimization level of the transformed model's session
+    (the original always runs at ``disable_all``). Quantized QDQ models are checked at
+    ``extended``, where onnxruntime runs the integer kernels users get instead of materializing a
+    dequantized float copy of every weight.
+
+    Args:
+        feeds: one feed dict, a list of them, or None for ``samples`` seeded random inputs built
+            from the original's input shapes at each draw of its dynamic dims
+            (:func:`graphopt.core.feeds.dim_draws`).
+        rtol, atol: tolerance for semantics-preserving transforms, relative to max |reference|
+            (for float32 outputs; widened per output dtype, :func:`dtype_tolerance`).
+        min_sqnr_db, min_cosine: for lossy transforms; when given they replace rtol/atol. Over
+            several samples, the SQNR floor must hold for the samples pooled and for the median
+            sample's own SQNR (so that a few loud samples cannot hide that the others are lost).
+        reference: an open ``disable_all`` session of ``original`` to run it in (one the
+            caller opened already, :func:`graphopt.core.session.take_session`), instead of a
+            new one.
+        precomputed: the original's outputs, computed before (:func:`run_reference`; its feeds
+            are the ones run): ``original``, ``feeds``, ``seed``, ``samples`` and ``reference``
+            are then unused (``original`` may be None: a job that transformed its input in
+            place).
+
+    NaN and inf must match exactly (:func:`compare`).
+    """
+    if precomputed is None:
+        if original is None:
+            raise ValueError("verify needs the original model or its precomputed outputs")
+        precomputed = run_reference(original, feeds, seed, samples, reference)
+    feed_list, names, ref_rows = precomputed.feeds, precomputed.names, precomputed.rows
     report = VerifyReport(
         rtol=rtol, atol=atol, min_sqnr_db=min_sqnr_db, min_cosine=min_cosine, samples=len(feed_list)
     )
@@ -470,8 +515,6 @@ def verify(
         n: [row[i] for row in ref_rows] for i, n in enumerate(names)
     }
     del ref_rows
-    if isinstance(ref_model, Model) and ref_model.param_bytes() >= ZERO_COPY_BYTES:
-        release_weight_pages(ref_model)
     try:
         b_order, b_rows = run_feeds(transformed, feed_list, transformed_level)
     except SessionOpenError as exc:

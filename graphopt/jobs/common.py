@@ -15,12 +15,13 @@ import logging
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from graphopt.core.cost import model_cost
 from graphopt.core.errors import VerificationError
@@ -229,7 +230,10 @@ class TransformResult:
 
     Attributes:
         model: the transformed model.
-        original: the input model as the job saw it (input shapes fixed, shapes inferred).
+        original: the input model as the job saw it (input shapes fixed, shapes inferred);
+            None when the job did not keep it (``optimize`` of a file without a report or
+            ``bench``: the input's IR becomes the result, its figures are taken in ``before``
+            and its outputs computed before the passes).
         verify: the transformed model against the input in onnxruntime (None when skipped).
         input: the input file (None for a model built in memory).
         output: the file written (None when the job was not asked to write one).
@@ -238,22 +242,34 @@ class TransformResult:
     """
 
     model: Model
-    original: Model
+    original: Model | None
     verify: VerifyReport | None = None
     input: str | None = None
     output: Path | None = None
     report_path: Path | None = None
     seconds: float = 0.0
+    #: ``model.to_onnx()`` made while verifying, for the writer (None when there is none; reset
+    #: by whoever replaces or changes ``model``)
+    export: onnx.ModelProto | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def before(self) -> ModelNumbers:
         """Nodes, op histogram, params, MACs and activation peak of the input."""
-        return ModelNumbers.of(self.original)
+        return ModelNumbers.of(self.kept_original())
 
     @cached_property
     def after(self) -> ModelNumbers:
         """The same figures for the transformed model."""
         return ModelNumbers.of(self.model)
+
+    def kept_original(self) -> Model:
+        """``original``; raises ValueError when the job did not keep it."""
+        if self.original is None:
+            raise ValueError(
+                "the job did not keep its input model (optimize keeps it with keep_original=True, "
+                "a report or bench)"
+            )
+        return self.original
 
     def pass_stats(self) -> dict[str, dict[str, Any]]:
         """What each pass (or step) did: ``{name: {counter: value}}``."""
@@ -309,9 +325,10 @@ def write_outputs(
     if out_path is not None:
         if not verified:
             logger.warning("%s is written unverified (--no-verify)", out_path)
-        res.output = save(res.model, out_path)
+        res.output = save(res.model, out_path, proto=res.export)
+        res.export = None  # written: not needed any more
     if report_path is not None:
         name = Path(res.input).name if res.input else "model"
         res.report_path = write_report(
-            report_path, res.original, res.model, title=f"{title} {name}", **report
+            report_path, res.kept_original(), res.model, title=f"{title} {name}", **report
         )

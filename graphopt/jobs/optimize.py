@@ -22,6 +22,7 @@ from graphopt.core.errors import GraphoptError, VerificationError
 from graphopt.core.feeds import FeedSource, feed_list, random_feeds
 from graphopt.core.gcpolicy import with_job_gc
 from graphopt.core.latency import interleaved
+from graphopt.core.loader import load
 from graphopt.core.model import Model
 from graphopt.core.pass_manager import ManagerResult, Pass, PassManager, PassRecord
 from graphopt.core.session import (
@@ -35,9 +36,10 @@ from graphopt.core.shapes import infer_shapes, missing_shapes, prepare
 from graphopt.core.validate import ort_reason
 from graphopt.core.verify import ATOL as VERIFY_ATOL
 from graphopt.core.verify import RTOL as VERIFY_RTOL
-from graphopt.core.verify import verify
+from graphopt.core.verify import Reference, run_reference, verify
 from graphopt.jobs.common import (
     ModelLike,
+    ModelNumbers,
     TransformResult,
     as_model,
     jsonable,
@@ -264,6 +266,7 @@ def optimize_model(
     steps: int = 10,
     on_pass: Callable[[PassRecord], None] | None = None,
     copy: bool = True,
+    keep_original: bool = True,
 ) -> OptimizeResult:
     """Optimize a model in memory (a transformed copy is returned; ``model`` is not changed).
 
@@ -280,6 +283,11 @@ def optimize_model(
         copy: False: ``model`` is the caller's to give away (a model :func:`optimize` loaded
             itself): it becomes the result's ``original`` (input shapes fixed, shapes inferred)
             instead of a copy of it.
+        keep_original: False (with ``copy=False``, a model loaded from a file): the input is
+            not kept beside the result: its before-figures (:class:`ModelNumbers`) and its
+            outputs on the feeds are computed before the passes, which then transform it in
+            place (one IR in memory instead of two, no copy of the graph); the result's
+            ``original`` is None.
 
     Raises:
         VerificationError: when the optimized model's outputs differ beyond fp32 tolerance.
@@ -295,7 +303,19 @@ def optimize_model(
     if not copy and not verify_output:
         take_session(model)  # nothing runs the input again: released now
     original = prepare(model.clone() if copy else model, input_shapes, first)
-    work = original.clone()
+    release = not keep_original and not copy and model.path is not None
+    before: ModelNumbers | None = None
+    ref: Reference | None = None
+    if release:
+        # the input's figures and outputs now; its IR then becomes the result (no copy)
+        before = ModelNumbers.of(original)
+        if verify_output:
+            ref = run_reference(
+                original, feed_dicts, reference=take_session(model) if reuse else None
+            )
+        work = original
+    else:
+        work = original.clone()
     lowering: list[Pass] = []
     if passes is not None:
         pass_list = _pass_list(passes, target)
@@ -330,23 +350,27 @@ def optimize_model(
         )
         # lossy passes (pruning, quantization, fp16) change numbers by design: judge them by SQNR
         lossy = any(type(p).lossy for p in pass_list)
+        reference_of = None if release else original
         if lossy:
             report = verify(
-                original,
+                reference_of,
                 exported,
                 feeds=feed_dicts,
                 min_sqnr_db=LOSSY_MIN_SQNR_DB,
-                reference=take_session(model) if reuse else None,
+                reference=take_session(model) if reuse and not release else None,
+                precomputed=ref,
             )
         else:
             report = verify(
-                original,
+                reference_of,
                 exported,
                 feeds=feed_dicts,
                 rtol=RTOL,
                 atol=ATOL,
-                reference=take_session(model) if reuse else None,
+                reference=take_session(model) if reuse and not release else None,
+                precomputed=ref,
             )
+        ref = None
         if not report.ok:
             raise VerificationError(
                 f"optimized model differs from the input on {report.failure()}; not written. "
@@ -358,10 +382,15 @@ def optimize_model(
                 )
             )
     if verify_output:
-        check_loads(original, exported, input_shapes)
-    return OptimizeResult(
+        source = model.path
+        check_loads(
+            _reloader(source, input_shapes) if release and source is not None else original,
+            exported,
+            input_shapes,
+        )
+    res = OptimizeResult(
         model=out,
-        original=original,
+        original=None if release else original,
         verify=report,
         manager=result,
         pipeline=[p.name for p in pass_list],
@@ -369,6 +398,20 @@ def optimize_model(
         pass_seconds=elapsed,
         seconds=time.perf_counter() - t0,
     )
+    if before is not None:
+        res.before = before  # the cached figures, taken before the passes
+    if not copy and verify_output and isinstance(exported, onnx.ModelProto):
+        # the job's own model, about to be written: what was verified is what is written
+        res.export = exported
+    return res
+
+
+def _reloader(
+    path: str | os.PathLike[str], input_shapes: Mapping[str, Sequence[int]] | None
+) -> Callable[[], Model]:
+    """The input model again, as :func:`optimize_model` prepared it (for :func:`check_loads`'s
+    rare second question, when the input was not kept)."""
+    return lambda: prepare(load(path), input_shapes, check_size=False)
 
 
 def _load_error(model: Model | onnx.ModelProto, level: str) -> str | None:
@@ -381,7 +424,7 @@ def _load_error(model: Model | onnx.ModelProto, level: str) -> str | None:
 
 
 def check_loads(
-    original: Model,
+    original: Model | Callable[[], Model],
     out: Model | onnx.ModelProto,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
@@ -390,7 +433,8 @@ def check_loads(
     inference that may reject a subgraph). When the input model with the ``--input-shape`` dims
     does not load there either (onnxruntime 1.32 refuses silero-vad with ``input`` fixed to 1x512
     at ORT_ENABLE_ALL: its If-subgraph inference fails, while the dynamic model loads), the
-    output is no worse than what was asked for: a warning says so.
+    output is no worse than what was asked for: a warning says so. ``original`` may be a
+    function that gives the input model (loaded only for that second question).
 
     Raises:
         VerificationError: only the optimized model does not load (a graphopt bug; not written).
@@ -398,7 +442,7 @@ def check_loads(
     why = _load_error(out, "all")
     if why is None:
         return
-    if _load_error(original, "all") is not None:
+    if _load_error(original if isinstance(original, Model) else original(), "all") is not None:
         fixed = " ".join(
             f"--input-shape {k}:{'x'.join(str(d) for d in v)}"
             for k, v in (input_shapes or {}).items()
@@ -431,6 +475,7 @@ def optimize(
     output: str | os.PathLike[str] | None = None,
     report: str | os.PathLike[str] | None = None,
     bench: bool = False,
+    keep_original: bool = False,
 ) -> OptimizeResult:
     """The optimize job (``graphopt optimize``): run the default (or given) pass pipeline to a
     fixed point, verify against the input, and write the result.
@@ -443,6 +488,9 @@ def optimize(
         report: write a self-contained HTML report here.
         bench: measure onnxruntime latency before and after (interleaved medians, at
             ``ORT_DISABLE_ALL`` and ``ORT_ENABLE_ALL``) into ``latency_ms``.
+        keep_original: keep the input model beside the result as ``original`` (kept anyway
+            for a Model given, a report or ``bench``); otherwise a file's model is
+            transformed in place and ``original`` is None (:func:`optimize_model`).
 
     Returns:
         An :class:`OptimizeResult`; ``to_json()`` is what ``graphopt optimize --json`` prints.
@@ -465,6 +513,7 @@ def optimize(
         feeds=feeds,
         steps=steps,
         on_pass=on_pass,
+        keep_original=keep_original or report is not None or bench,
     )
     res.input = source_path(model)
     if bench:
@@ -486,11 +535,12 @@ def _bench_or_keep_input(res: OptimizeResult, feeds: FeedSource | None) -> None:
     """``optimize --bench``: measure the input against the optimized model and, when the
     optimized one is slower beyond noise at some level in two measurements in a row, hand back
     the input's graph instead (``kept_input``) with a warning that says so."""
-    given = feed_list(feeds, res.original, limit=1)
-    feed = given[0] if given else random_feeds(res.original, seed=0)
-    b = bench_models(res.original, res.model, feed)
+    original = res.kept_original()
+    given = feed_list(feeds, original, limit=1)
+    feed = given[0] if given else random_feeds(original, seed=0)
+    b = bench_models(original, res.model, feed)
     if b.slower():  # confirm: one noisy measurement must not throw the optimization away
-        again = bench_models(res.original, res.model, feed)
+        again = bench_models(original, res.model, feed)
         if set(again.slower()) & set(b.slower()):
             b = again
         else:
@@ -501,7 +551,8 @@ def _bench_or_keep_input(res: OptimizeResult, feeds: FeedSource | None) -> None:
     res.latency_ratio = {lv: round(r, 4) for lv, r in b.ratio.items()}
     slower = b.slower()
     if slower:
-        res.optimized, res.model, res.kept_input = res.model, res.original, True
+        res.optimized, res.model, res.kept_input = res.model, original, True
+        res.export = None  # of the optimized model
         res.__dict__.pop("after", None)  # the cached figures were of the optimized model
         logger.warning(
             "the optimized model is slower than the input (%s); the input's graph is written "

@@ -111,7 +111,7 @@ class PruneResult(TransformResult):
     # gets the caller's dynamic dims back, where a cost count would see unknown sizes)
     @cached_property
     def before(self) -> ModelNumbers:
-        return replace(ModelNumbers.of(self.original), macs=int(self.report.macs_before))
+        return replace(ModelNumbers.of(self.kept_original()), macs=int(self.report.macs_before))
 
     @cached_property
     def after(self) -> ModelNumbers:
