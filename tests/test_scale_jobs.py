@@ -41,7 +41,7 @@ def test_optimize_from_path_equals_from_model(fixture: str, tmp_path: Path) -> N
     assert given.to_onnx().SerializeToString() == before  # a Model given is not changed
 
 
-@pytest.mark.parametrize("fixture", ["cnn.onnx", "mobilenet_block.onnx"])
+@pytest.mark.parametrize("fixture", ["cnn.onnx", "mobilenet_block.onnx", "bert_tiny_dynamic.onnx"])
 def test_plan_from_path_equals_from_model(fixture: str, tmp_path: Path) -> None:
     path = fixture_path(fixture)
     given = load(path)
@@ -193,3 +193,32 @@ def test_optimize_writes_the_verified_export(
     assert res.to_json()["nodes_before"] != after
     assert exports.count(after) == 1  # the input's were before the passes
     assert res.export is None  # dropped once written
+
+
+@pytest.mark.parametrize("fixture", ["cnn.onnx", "bert_tiny_dynamic.onnx"])
+def test_plan_from_path_plans_the_loaded_model_in_place(
+    fixture: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """plan -o of a file keeps one IR: the loaded model is prepared and ordered in place (no
+    copy), then written with its declared shapes (bert_tiny_dynamic: dynamic dims planned at
+    drawn shapes, and its order changes), and planned_model() does not apply the order twice."""
+    path = fixture_path(fixture)
+    clones: list[Model] = []
+    real = Model.clone
+
+    def counting(self: Model) -> Model:
+        clones.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Model, "clone", counting)
+    res = plan_memory(path, output=tmp_path / "a.onnx")
+    assert not clones
+    assert res.proof is not None and res.proof.ok
+    monkeypatch.setattr(Model, "clone", real)
+    given = plan_memory(load(path), output=tmp_path / "b.onnx")
+    assert res.plan.order_changed == given.plan.order_changed
+    assert res.to_json()["input_shapes"] == given.to_json()["input_shapes"]
+    assert (
+        res.planned_model().to_onnx().SerializeToString()
+        == given.planned_model().to_onnx().SerializeToString()
+    )

@@ -9,10 +9,11 @@ before inference (a published CRNN declares a wrong rank-2 output), keeping only
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -660,3 +661,28 @@ def prepare(
     if check_size:
         check_run_size(model)
     return model
+
+
+def shape_snapshot(model: Model) -> Callable[[], None]:
+    """Every variable's shape and dtype (in every graph) and ``model.dim_relations`` as they are
+    now; the function returned puts them back.
+
+    A job that plans or transforms the model it loaded in place rather than a copy of it
+    (:func:`prepare` fixes input dims and fills every shape) takes one first, and gives the model
+    its declared shapes back before writing it (the written model keeps its dynamic dims and
+    writes only the shapes the input declared).
+    """
+    saved = [
+        (t, copy.copy(t.shape), t.dtype)
+        for g in model.walk_graphs()
+        for t in tensor_map(g).values()
+        if isinstance(t, gs.Variable)
+    ]
+    relations = dict(model.dim_relations)
+
+    def restore() -> None:
+        for t, shape, dtype in saved:
+            t.shape, t.dtype = shape, dtype
+        model.dim_relations = dict(relations)
+
+    return restore

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from graphopt.algorithms.memory.arena import ProofReport, probe_unknown, prove
 from graphopt.algorithms.memory.order import reorder_for_memory
@@ -38,7 +39,7 @@ from graphopt.core.gcpolicy import with_job_gc
 from graphopt.core.model import Model
 from graphopt.core.saver import save
 from graphopt.core.session import take_session
-from graphopt.core.shapes import is_static, prepare
+from graphopt.core.shapes import is_static, prepare, shape_snapshot
 from graphopt.core.verify import verify
 from graphopt.jobs.common import (
     ModelLike,
@@ -101,6 +102,7 @@ def plan_model(
     alignment: int = ALIGNMENT,
     prepared: bool = False,
     reuse_inputs: bool = False,
+    in_place: bool = False,
 ) -> MemoryPlan:
     """Plan the activation memory of a model into one arena (no I/O).
 
@@ -120,16 +122,19 @@ def plan_model(
         reuse_inputs: the caller gives its inputs to the run: their bytes may be reused after
             their last reader and elementwise ops may write into them (default: inputs are the
             caller's, never overwritten).
+        in_place: ``model`` is the caller's to give: it is prepared and put in the planned
+            order itself (no copy; ``plan.model`` is ``model``). A job that loaded the model
+            takes a :func:`~graphopt.core.shapes.shape_snapshot` first to write it as given.
 
     Returns:
         The :class:`MemoryPlan`; ``plan.model`` is the model it refers to (planned node order).
     """
     model = as_model(model)
     if prepared:
-        work = model.clone() if reorder else model
+        work = model.clone() if reorder and not in_place else model
     else:
         shapes, _ = plan_shapes(model, input_shapes, feeds)
-        work = prepare(model.clone(), shapes)
+        work = prepare(model if in_place else model.clone(), shapes)
     if feeds is not None:
         feeds = check_feeds(work, feeds, "--feeds")
     positions = {id(n): i for i, n in enumerate(work.graph.nodes)}
@@ -188,6 +193,21 @@ def planned_model(model: Model, plan: MemoryPlan) -> Model:
     return out
 
 
+def _export_in_order(model: Model, order_index: Sequence[int]) -> onnx.ModelProto:
+    """An export of ``model`` with its main-graph nodes back in the order they had before
+    ``order_index`` (planned position -> original position) was applied; ``model`` keeps its
+    order."""
+    planned = list(model.graph.nodes)
+    original: list[Any] = [None] * len(planned)
+    for pos, i in enumerate(order_index):
+        original[i] = planned[pos]
+    model.graph.nodes = original
+    try:
+        return model.to_onnx()
+    finally:
+        model.graph.nodes = planned
+
+
 @dataclass
 class PlanResult:
     """What :func:`plan_memory` did.
@@ -195,7 +215,9 @@ class PlanResult:
     Attributes:
         plan: the memory plan (offsets, lifetimes, figures); ``plan.model`` is the prepared model
             in the planned order.
-        source: the model as given (the planned order applies to it, see :meth:`planned_model`).
+        source: the model as given (the planned order applies to it, see :meth:`planned_model`);
+            with ``in_planned_order``, already in that order (a model the job loaded and wrote is
+            planned in place, then given its declared shapes back).
         input: the file planned (None for a model built in memory).
         proof: with ``prove``: the run of the model inside the arena against onnxruntime.
         output: the planned model written (None when not asked for); ``plan_file`` the full plan
@@ -219,6 +241,7 @@ class PlanResult:
     seconds: float = 0.0
     input_shapes: dict[str, list[int]] | None = None
     shapes_from: str = "model"
+    in_planned_order: bool = False
 
     @property
     def arena_bytes(self) -> int:
@@ -239,6 +262,10 @@ class PlanResult:
 
     def planned_model(self) -> Model:
         """The model as given, in the planned order, with the compact plan in its metadata."""
+        if self.in_planned_order:
+            out = self.source.clone()
+            out.metadata[PLAN_METADATA_KEY] = self.plan.compact_json()
+            return out
         return planned_model(self.source, self.plan)
 
     def to_json(self) -> dict[str, Any]:
@@ -315,6 +342,16 @@ def plan_memory(
         reference = None
     given = feed_list(feeds, source, limit=1)  # --feeds: a .npz, a folder, a feed dict
     feeds = given[0] if given else None
+    # a model loaded here is planned in place (one IR in memory, no copy of it): its declared
+    # shapes are put back before it is written (a report shows the prepared model: copied then)
+    own = (
+        not isinstance(model, Model)
+        and not prepared
+        and out_path is not None
+        and report_path is None
+    )
+    restore = shape_snapshot(source) if own else None
+    shapes_from = (None, "model") if prepared else plan_shapes(source, input_shapes, feeds)
     t0 = time.perf_counter()
     plan = plan_model(
         source,
@@ -326,12 +363,11 @@ def plan_memory(
         alignment=alignment,
         prepared=prepared,
         reuse_inputs=reuse_inputs,
+        in_place=own,
     )
     res = PlanResult(plan, source, input=source_path(model), seconds=time.perf_counter() - t0)
-    if prepared:
-        res.shapes_from = "model"
-    else:
-        res.input_shapes, res.shapes_from = plan_shapes(source, input_shapes, feeds)
+    res.input_shapes, res.shapes_from = shapes_from
+    res.in_planned_order = own
     if res.input_shapes is None and plan.model is not None:
         res.input_shapes = {
             t.name: [int(d) for d in t.shape]  # type: ignore[union-attr]
@@ -356,25 +392,35 @@ def plan_memory(
                 "--no-inplace, and report the model"
             )
     planned = None
+    reference_model: Model | onnx.ModelProto = source
+    # taken from the planned (prepared) model before an in-place one gets its declared shapes back
+    ranks = {t.name: t.shape for t in plan.model.graph.outputs} if plan.model is not None else {}
+    probe = None
+    if out_path is not None and res.plan.order_changed:
+        probe = feeds if feeds is not None else random_feeds(plan.model or source, seed=0)
     if out_path is not None:
-        if isinstance(model, Model) or res.plan.order_changed:
+        if restore is not None:  # planned in place: the model as given, in the planned order
+            restore()
+            planned = source
+            planned.metadata[PLAN_METADATA_KEY] = plan.compact_json()
+            if res.plan.order_changed:  # the input's order, for the check below
+                reference_model = _export_in_order(source, plan.order_index)
+        elif isinstance(model, Model) or res.plan.order_changed:
             planned = res.planned_model()
         else:  # a model loaded here, written in the order it came in: no copy of it is needed
             planned = apply_order(source, plan)
             planned.metadata[PLAN_METADATA_KEY] = plan.compact_json()
-    if planned is not None and plan.model is not None:
+    if planned is not None:
         # ONNX wants a shape on graph outputs: one the loaded model lacks (ddddocr's common_old
         # declares its output's shape and lists it again in value_info without one, which
         # graphsurgeon's import keeps) gets the planned model's rank, dims left unknown (the
         # plan's shapes hold for its input shapes only); the file was refused as invalid
-        ranks = {t.name: t.shape for t in plan.model.graph.outputs}
         for t in planned.graph.outputs:
             if t.shape is None and ranks.get(t.name) is not None:
-                t.shape = [None] * len(ranks[t.name])
+                t.shape = [None] * len(ranks[t.name])  # type: ignore[arg-type]
     if planned is not None and planned.num_nodes() and res.plan.order_changed:
         # the written model runs its nodes in the planned order: exact against the input
-        probe = feeds if feeds is not None else random_feeds(plan.model or planned, seed=0)
-        check = verify(source, planned, feeds=probe)
+        check = verify(reference_model, planned, feeds=probe)
         if not check.ok:
             raise VerificationError(
                 f"the model in the planned order differs from the input on {check.failure()}; "
