@@ -53,6 +53,8 @@ from typing import Any
 import tvm
 from tvm import s_tir, tirx
 
+from graphopt.algorithms.tvm.vector_math import rewrite_vector_math
+
 logger = logging.getLogger(__name__)
 
 Schedule = Any
@@ -328,6 +330,9 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int, p: Params | None =
     sch.reverse_compute_at(local, xo, preserve_unit_loops=True)
     if narrow and fi > 1:
         _pack_weights(sch, conv, f_e, fi, None)
+        if q.get("acc") == "nhwc":
+            # the accumulator tile channel-innermost, so the channel vector is contiguous in it
+            sch.transform_layout(conv, ("write", 0), lambda a, b, c, d: (a, c, d, b))
     # fold the epilogue into the write-back of the tile
     while True:
         cons = list(sch.get_consumers(local))
@@ -343,7 +348,10 @@ def schedule_conv_like(sch: Schedule, lanes: int, cores: int, p: Params | None =
         try:
             if narrow and b is local:
                 # write-back loops are (c, x): stores along x are not contiguous per vector
-                sch.unroll(lps[-1])
+                if q.get("wb") == "x" and xi >= 4:
+                    sch.vectorize(lps[-1])
+                else:
+                    sch.unroll(lps[-1])
                 sch.unroll(lps[-3])
                 return
             if xi > 1 or narrow:
@@ -837,14 +845,15 @@ TEMPLATES: dict[str, Rule] = {
 def apply_template(
     func: tirx.PrimFunc, template: str, params: Params | None, lanes: int, cores: int
 ) -> tirx.PrimFunc | None:
-    """``func`` scheduled by one template with ``params`` (None: its hand rule); None when the
+    """``func`` scheduled by one template with ``params`` (None: its hand rule), its float32
+    ``exp``/``sigmoid``/``erf`` written as vector arithmetic (:mod:`.vector_math`); None when the
     template does not apply. Raises whatever a primitive raises (the caller decides)."""
     sch = s_tir.Schedule(func)
     res = TEMPLATES[template](sch, lanes, cores, params)
     if isinstance(res, s_tir.Schedule):
-        return res.mod["main"]
+        return rewrite_vector_math(res.mod["main"])
     if res:
-        return sch.mod["main"]
+        return rewrite_vector_math(sch.mod["main"])
     return None
 
 
