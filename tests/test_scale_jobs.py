@@ -222,3 +222,92 @@ def test_plan_from_path_plans_the_loaded_model_in_place(
         res.planned_model().to_onnx().SerializeToString()
         == given.planned_model().to_onnx().SerializeToString()
     )
+
+
+def _chain_file(path: Path, blocks: int) -> Path:
+    """bench/scale.py's chain: blocks of MatMul(W) -> Add(b) -> Relu -> Identity -> Mul(s)."""
+    rng = np.random.default_rng(0)
+    nodes, inits, h = [], [], "x"
+    for i in range(blocks):
+        inits += [
+            onnx.numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), f"w{i}"),
+            onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), f"b{i}"),
+            onnx.numpy_helper.from_array(np.array([1.01], np.float32), f"s{i}"),
+        ]
+        nodes += [
+            onnx.helper.make_node("MatMul", [h, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+            onnx.helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"add{i}"),
+            onnx.helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"relu{i}"),
+            onnx.helper.make_node("Identity", [f"r{i}"], [f"i{i}"], name=f"id{i}"),
+            onnx.helper.make_node("Mul", [f"i{i}", f"s{i}"], [f"h{i}"], name=f"mul{i}"),
+        ]
+        h = f"h{i}"
+    vi = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(
+        nodes,
+        "chain",
+        [vi("x", onnx.TensorProto.FLOAT, [1, 8])],
+        [vi(h, onnx.TensorProto.FLOAT, [1, 8])],
+        inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("job", ["optimize", "plan"])
+def test_large_input_is_opened_once(
+    job: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model over SEGMENT_NODES nodes that the job loaded: validation runs its segments on the
+    seeded inputs as it opens them and the job's reference run (verification, the plan's proof)
+    takes those outputs, so the input's first segment is opened once (twice before: validation
+    opened and closed them, the reference opened them again); the same file and figures as for
+    a Model given (whose reference runs)."""
+    monkeypatch.setattr(session_module, "SEGMENT_NODES", 8)
+    path = _chain_file(tmp_path / "chain.onnx", 6)
+    opened: list[int] = []  # sessions of more than one node that hold the input's 'id0'
+    real = ort.InferenceSession
+
+    def counting(*args: Any, **kwargs: Any) -> ort.InferenceSession:
+        src = args[0]
+        proto = onnx.load_from_string(src) if isinstance(src, bytes) else onnx.load(str(src))
+        names = {n.name for n in proto.graph.node}
+        if len(names) > 1 and "id0" in names:
+            opened.append(len(names))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    run = optimize if job == "optimize" else plan_memory
+    res = run(path, output=tmp_path / "a.onnx")
+    assert len(opened) == 1
+    assert not session_module._KEPT_OUTPUTS  # taken
+    given = run(load(path), output=tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    a, b = res.to_json(), given.to_json()
+    a.pop("seconds"), b.pop("seconds")
+    a.pop("output"), b.pop("output")
+    a.pop("input", None), b.pop("input", None)
+    a.pop("model", None), b.pop("model", None)
+    a.pop("plan_file", None), b.pop("plan_file", None)
+    assert a == b
+
+
+def test_large_input_validation_run_is_not_reused_for_other_feeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Negative case: outputs kept for the seeded inputs are not handed to a run on others."""
+    monkeypatch.setattr(session_module, "SEGMENT_NODES", 8)
+    model = load(_chain_file(tmp_path / "chain.onnx", 6))
+    check_runnable(model, keep_outputs=True)
+    other = {"x": np.ones((1, 8), np.float32)}
+    assert session_module.take_outputs(model, other) is None
+    assert session_module.take_outputs(model, random_feeds(model, seed=0)) is None  # taken once
+    check_runnable(model, keep_outputs=True)
+    kept = session_module.take_outputs(model, random_feeds(model, seed=0))
+    assert kept is not None
+    np.testing.assert_array_equal(
+        kept["h5"],
+        run_opened(session_module.make_session(model), random_feeds(model, seed=0))["h5"],
+    )

@@ -412,6 +412,52 @@ def take_session(model: Model) -> ort.InferenceSession | None:
     return _KEPT.pop(id(model), None)
 
 
+def over_segment_size(model: Model) -> bool:
+    """Whether ``model`` has more top-level nodes than :data:`SEGMENT_NODES` (it runs as
+    segments where its graph can be cut)."""
+    return len(model.graph.nodes) > SEGMENT_NODES
+
+
+#: outputs kept by :func:`keep_outputs`, by ``id`` of their Model: (feeds, outputs)
+_KEPT_OUTPUTS: dict[int, tuple[dict[str, Any], Feeds]] = {}
+
+
+def keep_outputs(model: Model, feeds: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+    """Keep ``model``'s outputs (``disable_all``) on ``feeds`` for one :func:`take_outputs`.
+
+    Validation of a model over :data:`SEGMENT_NODES` nodes that a job is about to run on the
+    seeded inputs opens its segments anyway: it runs each one as it opens it, so that the job's
+    reference run neither exports the model nor opens its segments again. Released when taken
+    or when ``model`` is garbage collected.
+    """
+    key = id(model)
+    _KEPT_OUTPUTS[key] = (dict(feeds), dict(outputs))
+    weakref.finalize(model, _KEPT_OUTPUTS.pop, key, None)
+
+
+def _same_feeds(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    if set(a) != set(b):
+        return False
+    for k, x in a.items():
+        y = b[k]
+        if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
+            return False
+        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x, y):
+            return False
+    return True
+
+
+def take_outputs(model: Model, feeds: Mapping[str, Any]) -> Feeds | None:
+    """The outputs :func:`keep_outputs` kept for ``model``, when they were computed on exactly
+    ``feeds`` (same names, dtypes, shapes and values); else None. Handed over once either way.
+    The caller answers for ``model`` still computing what it computed then (only its input
+    dims fixed, or its shapes inferred, since)."""
+    kept = _KEPT_OUTPUTS.pop(id(model), None)
+    if kept is None or not _same_feeds(kept[0], feeds):
+        return None
+    return dict(kept[1])
+
+
 def run_opened(sess: ort.InferenceSession, feeds: Mapping[str, Any]) -> Feeds:
     """Run an open session on ``feeds`` (the names it does not take are left out): its outputs
     by name."""

@@ -26,7 +26,17 @@ from graphopt.core.errors import GraphoptError, ModelLoadError, first_line
 from graphopt.core.feeds import random_feeds
 from graphopt.core.loader import load
 from graphopt.core.model import Model
-from graphopt.core.session import input_names, keep_session, open_check, run_session
+from graphopt.core.session import (
+    ZERO_COPY_BYTES,
+    SessionOpenError,
+    input_names,
+    keep_outputs,
+    keep_session,
+    open_check,
+    over_segment_size,
+    run_feeds,
+    run_session,
+)
 from graphopt.core.shapes import check_run_size, inputs_static
 
 logger = logging.getLogger(__name__)
@@ -76,7 +86,12 @@ def is_unsupported(exc: BaseException) -> bool:
 
 
 def check_runnable(
-    model: Model, *, require_kernels: bool = True, smoke: bool = True, keep: bool = False
+    model: Model,
+    *,
+    require_kernels: bool = True,
+    smoke: bool = True,
+    keep: bool = False,
+    keep_outputs: bool = False,
 ) -> None:
     """Open ``model`` in onnxruntime (``ORT_DISABLE_ALL``, weights not copied when large) and turn
     a refusal into the user's error.
@@ -88,6 +103,12 @@ def check_runnable(
         smoke: also run a small model once (:func:`smoke_run`).
         keep: keep the session for the job's own run of the model
             (:func:`graphopt.core.session.keep_session`) instead of closing it.
+        keep_outputs: the job runs the model next on the seeded inputs
+            (:func:`graphopt.core.feeds.random_feeds`, seed 0): a model over
+            :data:`~graphopt.core.session.SEGMENT_NODES` nodes (whose session is not kept) is
+            run on them segment by segment as its segments are opened, and its outputs are
+            kept for the job's reference run (:func:`graphopt.core.session.keep_outputs`); a
+            failure to run (not to open) leaves the job's own run to report it.
 
     Raises:
         ModelLoadError: onnxruntime refuses the model (the model is invalid).
@@ -95,6 +116,8 @@ def check_runnable(
     """
     name = model.path.name if model.path is not None else "the model"
     try:
+        if keep_outputs and _run_segments_and_keep(model):
+            return
         # a model over SEGMENT_NODES nodes is opened one segment at a time (None: nothing kept;
         # such a model is over the smoke run's size too)
         sess = open_check(model)
@@ -119,6 +142,38 @@ def check_runnable(
         smoke_run(model, sess, name)
     if keep:
         keep_session(model, sess)
+
+
+def _run_segments_and_keep(model: Model) -> bool:
+    """For a model that is opened as segments (:func:`over_segment_size`, weights
+    embedded, static tensor inputs that can be generated): open and run every segment on the
+    seeded inputs verification uses, one at a time, and keep the outputs. True when it was
+    opened that way (outputs kept or, when only running failed, not); False: not such a model
+    (the caller opens it as before). Raises what onnxruntime raises on opening a segment."""
+    if (
+        not over_segment_size(model)
+        or model.param_bytes() >= ZERO_COPY_BYTES
+        or model.io_types()
+        or not inputs_static(model)
+    ):
+        return False
+    try:
+        feeds = random_feeds(model, seed=0)
+    except GraphoptError:
+        return False
+    if any(not isinstance(v, np.ndarray) or v.dtype.kind not in "biuf" for v in feeds.values()):
+        return False
+    try:
+        names, rows = run_feeds(model, [feeds])
+    except SessionOpenError as exc:
+        raise exc.cause from None  # the loader's refusal, as open_check raises it
+    except MemoryError:
+        return True
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        logger.debug("validation's run of the segments failed: %s", first_line(exc))
+        return True
+    keep_outputs(model, feeds, dict(zip(names, rows[0])))
+    return True
 
 
 #: the smoke run is made on models up to this many nodes and bytes of weights and of tensors
@@ -194,6 +249,7 @@ def open_model(
     runs: bool = True,
     smoke: bool = True,
     keep_session: bool = False,
+    keep_outputs: bool = False,
 ) -> Model:
     """Load and validate a model file: what every command does with its input.
 
@@ -209,6 +265,8 @@ def open_model(
             command that runs the model on the user's inputs right away (``run``).
         keep_session: keep onnxruntime's session of the model for the command's own run of
             it (:func:`graphopt.core.session.take_session`).
+        keep_outputs: the command runs the model next on the seeded inputs: a large model's
+            outputs on them are computed while it is validated (:func:`check_runnable`).
 
     Raises:
         ModelLoadError: anything wrong with the file (see :mod:`graphopt.core.loader`), or
@@ -216,5 +274,11 @@ def open_model(
     """
     model = load(path, load_weights=load_weights)
     if load_weights:
-        check_runnable(model, require_kernels=runs, smoke=runs and smoke, keep=keep_session)
+        check_runnable(
+            model,
+            require_kernels=runs,
+            smoke=runs and smoke,
+            keep=keep_session,
+            keep_outputs=runs and keep_outputs,
+        )
     return model

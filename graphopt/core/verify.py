@@ -34,6 +34,7 @@ from graphopt.core.session import (
     is_ml_dtype,
     run_feeds,
     run_session,
+    take_outputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -439,7 +440,15 @@ def run_reference(
     # the input model's session is closed before the transformed model's opens (a session holds
     # ~5 KB per node: the two are never open at once; a large model runs one segment's session
     # at a time, run_feeds; a large original's weight pages are released)
-    if reference is not None:
+    kept = (
+        take_outputs(ref_model, feed_list[0])
+        if reference is None and isinstance(ref_model, Model) and len(feed_list) == 1
+        else None
+    )
+    if kept is not None:  # validation ran the model on these very inputs
+        names = list(kept)
+        ref_rows = [[kept[n] for n in names]]
+    elif reference is not None:
         names = [o.name for o in reference.get_outputs()]
         a_inputs = input_names(reference)
         ref_rows = []

@@ -45,6 +45,7 @@ def as_model(
     tensors_only: str | None = None,
     smoke: bool = True,
     keep_session: bool = False,
+    keep_outputs: bool = False,
 ) -> Model:
     """``model`` itself when it is a :class:`Model`, else the model loaded from that path and
     validated (:func:`graphopt.core.validate.open_model`: every field of the file, and
@@ -62,12 +63,20 @@ def as_model(
             it on the user's inputs at once).
         keep_session: a model loaded here keeps the session its validation opened, for the
             job's own run of it (:func:`graphopt.core.session.take_session`).
+        keep_outputs: the job's own run is on the seeded inputs: a large model loaded here is
+            run on them while it is validated, its outputs kept for that run
+            (:func:`graphopt.core.validate.check_runnable`).
     """
     m = (
         model
         if isinstance(model, Model)
         else open_model(
-            model, load_weights=load_weights, runs=runs, smoke=smoke, keep_session=keep_session
+            model,
+            load_weights=load_weights,
+            runs=runs,
+            smoke=smoke,
+            keep_session=keep_session,
+            keep_outputs=keep_outputs,
         )
     )
     if tensors_only:

@@ -503,7 +503,11 @@ def optimize(
         # given feeds: the model is run on them (a failure there is the user's FeedError), not
         # smoke-run on generated inputs it may not accept (sizes, indices, grids)
         as_model(
-            model, runs=verify_output or bench, smoke=feeds is None, keep_session=verify_output
+            model,
+            runs=verify_output or bench,
+            smoke=feeds is None,
+            keep_session=verify_output,
+            keep_outputs=verify_output and feeds is None,
         ),
         copy=isinstance(model, Model),  # a model loaded here is this job's own: no copy
         passes=passes,

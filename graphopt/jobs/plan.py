@@ -334,7 +334,9 @@ def plan_memory(
     out_path, plan_path, plot_path, report_path = output_paths(
         model, output, plan_file, plot, report, inputs=[feeds]
     )
-    source = as_model(model, keep_session=True)
+    proves = prove_plan is True or (prove_plan is None and out_path is not None)
+    # a large model loaded here is run while it is validated, for the proof's reference
+    source = as_model(model, keep_session=True, keep_outputs=proves and feeds is None)
     # validation's session of a model loaded here: the execution proof's reference (the planned
     # model computes what the input does); one session less. Not held when nothing is proved.
     reference = take_session(source) if not isinstance(model, Model) else None

@@ -47,6 +47,7 @@ from graphopt.core.session import (
     run_opened,
     run_session,
     session_options,
+    take_outputs,
 )
 from graphopt.core.verify import OutputDiff, compare, compare_values
 
@@ -503,7 +504,10 @@ def prove(
             outputs in, instead of a new session of ``model``.
     """
     feeds = dict(feeds) if feeds is not None else random_feeds(model, seed=0)
-    ref = run_model(model, feeds) if reference is None else run_opened(reference, feeds)
+    # validation's run of a large model on these inputs, else the kept session, else a run
+    ref = take_outputs(model, feeds)
+    if ref is None:
+        ref = run_model(model, feeds) if reference is None else run_opened(reference, feeds)
     report = ProofReport(ok=False, arena_bytes=plan.arena_bytes)
     try:
         ex = ArenaExecutor(model, plan, threads=threads)
