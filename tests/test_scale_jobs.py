@@ -311,3 +311,13 @@ def test_large_input_validation_run_is_not_reused_for_other_feeds(
         kept["h5"],
         run_opened(session_module.make_session(model), random_feeds(model, seed=0))["h5"],
     )
+
+
+def test_a_sidecar_can_be_streamed(tmp_path: Path) -> None:
+    """save() takes a function that writes a sidecar's text (plan's JSON is streamed, not held
+    as one string): the same file as the text given whole."""
+    model = load(fixture_path("cnn.onnx"))
+    text = '{"a": [1, 2]}\n'
+    save(model, tmp_path / "a.onnx", sidecars={tmp_path / "a.json": text})
+    save(model, tmp_path / "b.onnx", sidecars={tmp_path / "b.json": lambda f: f.write(text)})
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()

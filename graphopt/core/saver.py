@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 import onnx
@@ -43,7 +43,8 @@ def save(
     *,
     external: bool | None = None,
     check: bool = True,
-    sidecars: Mapping[str | os.PathLike[str], str | bytes] | None = None,
+    sidecars: Mapping[str | os.PathLike[str], str | bytes | Callable[[IO[str]], object]]
+    | None = None,
     proto: onnx.ModelProto | None = None,
 ) -> Path:
     """Write ``model`` to ``path`` atomically; return the path.
@@ -59,8 +60,10 @@ def save(
             them (fails over 2 GiB); None (default) to decide: external if the source used
             external data or weights are large.
         check: run ``onnx.checker`` on what is written.
-        sidecars: files that belong to the model (path beside it -> text or bytes), written into
-            the same temporary folder and published with it (a memory plan's JSON).
+        sidecars: files that belong to the model (path beside it -> text or bytes, or a
+            function that writes the text into an open file: a large memory plan's JSON is
+            streamed, never held as one string), written into the same temporary folder and
+            published with it (a memory plan's JSON).
         proto: ``model.to_onnx()`` of ``model`` as it is now, made by the caller already (a
             job that verified that export): written as it is instead of a second export of the
             whole graph, where the weights are embedded.
@@ -86,6 +89,10 @@ def save(
         )
     with staged_model_output(dest, protect=getattr(model, "external_files", [])) as st:
         for side, content in (sidecars or {}).items():
+            if callable(content):
+                with open(st.sidecar(side), "w", encoding="utf-8", newline="") as tf:
+                    content(tf)
+                continue
             data = content.encode("utf-8") if isinstance(content, str) else content
             with open(st.sidecar(side), "wb") as f:
                 f.write(data)

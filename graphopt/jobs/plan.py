@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import onnx
@@ -191,6 +191,12 @@ def planned_model(model: Model, plan: MemoryPlan) -> Model:
     out = apply_order(model.clone(), plan)
     out.metadata[PLAN_METADATA_KEY] = plan.compact_json()
     return out
+
+
+def _dump_plan(plan: MemoryPlan, f: IO[str]) -> None:
+    """The full plan's JSON (``OUTPUT.memplan.json``) into ``f``, written as it is encoded."""
+    json.dump(jsonable(plan.to_json()), f, indent=1)
+    f.write("\n")
 
 
 def _export_in_order(model: Model, order_index: Sequence[int]) -> onnx.ModelProto:
@@ -442,8 +448,7 @@ def plan_memory(
         res.plot = plot_path
     if planned is not None and out_path is not None and plan_path is not None:
         # the model and its plan are published together: never a new model beside an old plan
-        text = json.dumps(jsonable(plan.to_json()), indent=1) + "\n"
-        res.output = save(planned, out_path, sidecars={plan_path: text})
+        res.output = save(planned, out_path, sidecars={plan_path: lambda f: _dump_plan(plan, f)})
         res.plan_file = plan_path
     if report_path is not None:
         res.report_path = write_report(
