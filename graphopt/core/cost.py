@@ -165,9 +165,14 @@ def _static_shape(t: gs.Tensor | None) -> tuple[int, ...] | None:
         shape = value.shape  # a Constant node's output that shape inference did not annotate
     out = []
     for d in shape:
-        if not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0:
+        if type(d) is int:  # the common case, without the isinstance chain
+            if d < 0:
+                return None
+            out.append(d)
+        elif not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d < 0:
             return None
-        out.append(int(d))
+        else:
+            out.append(int(d))
     return tuple(out)
 
 

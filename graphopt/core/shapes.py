@@ -146,7 +146,17 @@ def _example(dims: Sequence[object]) -> str:
 
 
 def is_static(shape: Sequence[object] | None) -> bool:
-    return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
+    """Every dim a known non-negative int (a plain loop: called for every tensor by liveness,
+    the cost model and the passes)."""
+    if shape is None:
+        return False
+    for d in shape:
+        if type(d) is int:
+            if d < 0:
+                return False
+        elif not (isinstance(d, (int, np.integer)) and d >= 0):
+            return False
+    return True
 
 
 def fix_input_shapes(model: Model, shapes: Mapping[str, Sequence[int]]) -> Model:
