@@ -258,7 +258,9 @@ def test_rec_lowers_to_the_kernels_its_latency_was_measured_with() -> None:
     sched = ApplyCPUSchedules(lanes=spec.vector_lanes, cores=spec.num_cores)
     with spec.tvm_target():  # as in the compile pipeline
         mod = sched(fused)  # type: ignore[operator]  # a TVM module pass
-    assert dict(sched.stats) == {"conv": 35, "injective": 14, "matmul": 5, "dlight-reduction": 5}
+    # 2026-12-04: the two attention matmuls ([1, 8, 40, 15] x [1, 8, 15, 40] and back) went to
+    # the conv template; the matmul template runs them 1.7x / 3.5x faster
+    assert dict(sched.stats) == {"conv": 33, "injective": 14, "matmul": 7, "dlight-reduction": 5}
     kernels = {
         gv.name_hint: f.script()
         for gv, f in mod.functions_items()

@@ -187,6 +187,26 @@ def test_narrow_depthwise_vectorizes_its_rows_not_its_channels() -> None:
     _check_same(func, new)
 
 
+def test_width_without_a_full_vector_gets_the_channel_vector_tile() -> None:
+    """A dense convolution whose width no 8-lane vector divides (YOLOv8n's 20x20 maps: W = 20
+    gave 4-lane row vectors, 24 GMAC/s on one thread) vectorizes across output channels with up
+    to 12 columns a tile, its accumulators channel-innermost (44 GMAC/s): the tile's local
+    buffer is channel-last. A width an 8-lane vector divides keeps the row vector."""
+    p = S.conv_hand_params([1, 64, 20, 20, 64, 3, 3], 16)
+    assert (p["vec"], p["xi"], p["fi"], p["acc"]) == ("f", 10, 16, "nhwc")
+    # a narrow row takes more channel vectors (8-12 accumulators)
+    assert S.conv_hand_params([1, 128, 5, 5, 64, 3, 3], 16)["fi"] == 32
+    assert S.conv_hand_params([1, 64, 40, 40, 64, 3, 3], 16)["vec"] == "x"
+    func = conv_kernel(c=8, f=16, h=6, w=20)
+    with TARGET:
+        new = S.apply_template(func, "conv", None, 8, 2)
+    assert new is not None
+    # the accumulator in [n, h, w, c] order (was [n, c, h, w]: each lane a strided element)
+    local = [[int(d) for d in b.shape] for b in _alloc_buffers(new) if b.scope() == "local"]
+    assert local == [[1, 6, 20, 16]], local
+    _check_same(func, new)
+
+
 def softmax_kernel(axis: int, shape=(1, 16, 4, 40)):
     x = te.placeholder(shape, name="x")
     return _func([x, topi.nn.softmax(x, axis=axis)])
@@ -203,6 +223,35 @@ def test_softmax_over_a_middle_axis_is_not_left_to_dlight() -> None:
         new = S.apply_template(middle, "reduction", None, 8, 2)
     assert new is not None
     _check_same(middle, new)
+
+
+def batch_matmul_kernel(b=2, h=3, m=16, k=8, n=32):
+    """Attention's QK^T / PV: [b, h, m, k] x [b, h, k, n] (4 spatial axes, 1 reduction)."""
+    a = te.placeholder((b, h, m, k), name="a")
+    bm = te.placeholder((b, h, k, n), name="b")
+    rk = te.reduce_axis((0, k), name="k")
+    y = te.compute(
+        (b, h, m, n),
+        lambda i0, i1, i, j: te.sum(a[i0, i1, i, rk] * bm[i0, i1, rk, j], axis=rk),
+        name="matmul",
+    )
+    return _func([a, bm, y])
+
+
+def test_batched_matmul_is_not_taken_for_a_convolution() -> None:
+    """A 4-D batched matmul (4 spatial axes and one reduction, like an NCHW convolution's
+    output) went to the conv template: BERT's attention matmuls ran at 5 GMAC/s there, 45-55
+    under the matmul template. A convolution has at least two reduction axes."""
+    func = batch_matmul_kernel()
+    task = SR.extract_tasks(tvm.IRModule({"main": func}), 8, 2)[0]
+    assert "conv" not in task.templates and "matmul" in task.templates
+    with TARGET:
+        assert S.hand_template(func, 8, 2) == "matmul"
+        new = S.apply_template(func, "matmul", None, 8, 2)
+        # a 1x1 convolution (three reduction axes, two of extent 1) stays a convolution
+        assert S.hand_template(conv_kernel(k=1, pad=0), 8, 2) == "conv"
+    assert new is not None
+    _check_same(func, new)
 
 
 def test_conv1d_stft_gets_the_dot_rule_by_hand() -> None:
