@@ -259,8 +259,15 @@ def test_rec_lowers_to_the_kernels_its_latency_was_measured_with() -> None:
     with spec.tvm_target():  # as in the compile pipeline
         mod = sched(fused)  # type: ignore[operator]  # a TVM module pass
     # 2026-12-04: the two attention matmuls ([1, 8, 40, 15] x [1, 8, 15, 40] and back) went to
-    # the conv template; the matmul template runs them 1.7x / 3.5x faster
-    assert dict(sched.stats) == {"conv": 33, "injective": 14, "matmul": 7, "dlight-reduction": 5}
+    # the conv template (the matmul template runs them 1.7x / 3.5x faster), the three
+    # squeeze-excitation 1x1 convs on the pooled vector go to the dot template
+    assert dict(sched.stats) == {
+        "conv": 30,
+        "dot": 3,
+        "injective": 14,
+        "matmul": 7,
+        "dlight-reduction": 5,
+    }
     kernels = {
         gv.name_hint: f.script()
         for gv, f in mod.functions_items()
@@ -272,8 +279,9 @@ def test_rec_lowers_to_the_kernels_its_latency_was_measured_with() -> None:
     convs = {k: t for k, t in kernels.items() if "conv2d" in k}
     assert len(convs) == 30
     if spec.num_cores > 1:
-        # three small ones stay under the work threshold that makes waking the pool worth it
+        # small ones stay under the work threshold that makes waking the pool worth it: three,
+        # and two of the squeeze-excitation matrix-vector products (dot template, 2026-12-04)
         serial = [k for k, t in convs.items() if "T.parallel(" not in t]
-        assert len(serial) <= 3, f"convolutions without parallel loops: {serial}"
+        assert len(serial) <= 5, f"convolutions without parallel loops: {serial}"
     scalar = [k for k, t in convs.items() if "T.vectorized(" not in t]
     assert not scalar, f"convolutions without vector loops: {scalar}"
