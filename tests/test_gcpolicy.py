@@ -52,3 +52,22 @@ def test_jobs_run_inside_it() -> None:
 
     for job in (optimize, plan_memory):
         assert getattr(job, "__wrapped__", None) is not None
+
+
+def test_a_cli_command_reports_under_the_job_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command line's whole command runs under them, the report after the job included (the
+    JSON's figures of the result walk the graph once the job has returned)."""
+    import graphopt.cli.inspect as cli_inspect
+    from graphopt.cli import main
+    from graphopt.fixtures import fixture_path
+
+    seen: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(cli_inspect, "emit_json", lambda obj: seen.append(gc.get_threshold()))
+    old = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        assert main(["inspect", str(fixture_path("cnn.onnx")), "--json"]) == 0
+        assert seen == [JOB_THRESHOLDS]
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*old)

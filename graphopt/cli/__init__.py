@@ -32,6 +32,7 @@ from typing import Any
 
 from graphopt.core import __version__
 from graphopt.core.errors import GraphoptError, terminal_safe
+from graphopt.core.gcpolicy import job_gc
 from graphopt.core.interrupt import (
     RETRY_SIGNAL,
     Interrupted,
@@ -281,7 +282,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return EXIT_USAGE
         verbose = int(getattr(args, "verbose", 0))
         setup_logging(verbose)
-        code = int(args.func(args) or EXIT_OK)
+        # the job's collector policy for the whole command: its result's figures (the JSON's
+        # "after" numbers, the tables) walk the graph after the job has returned
+        with job_gc():
+            code = int(args.func(args) or EXIT_OK)
         check_interrupted()  # a signal whose exception some library code swallowed
         return code
     except GraphoptError as exc:
