@@ -191,12 +191,13 @@ def test_width_without_a_full_vector_gets_the_channel_vector_tile() -> None:
     """A dense convolution whose width no 8-lane vector divides (YOLOv8n's 20x20 maps: W = 20
     gave 4-lane row vectors, 24 GMAC/s on one thread) vectorizes across output channels with up
     to 12 columns a tile, its accumulators channel-innermost (44 GMAC/s): the tile's local
-    buffer is channel-last. A width an 8-lane vector divides keeps the row vector."""
+    buffer is channel-last. A width an 8-lane vector divides keeps the row vector when the
+    reduction is short (see the next test)."""
     p = S.conv_hand_params([1, 64, 20, 20, 64, 3, 3], 16)
     assert (p["vec"], p["xi"], p["fi"], p["acc"]) == ("f", 10, 16, "nhwc")
     # a narrow row takes more channel vectors (8-12 accumulators)
     assert S.conv_hand_params([1, 128, 5, 5, 64, 3, 3], 16)["fi"] == 32
-    assert S.conv_hand_params([1, 64, 40, 40, 64, 3, 3], 16)["vec"] == "x"
+    assert S.conv_hand_params([1, 64, 40, 40, 8, 1, 1], 16)["vec"] == "x"
     func = conv_kernel(c=8, f=16, h=6, w=20)
     with TARGET:
         new = S.apply_template(func, "conv", None, 8, 2)
@@ -204,6 +205,29 @@ def test_width_without_a_full_vector_gets_the_channel_vector_tile() -> None:
     # the accumulator in [n, h, w, c] order (was [n, c, h, w]: each lane a strided element)
     local = [[int(d) for d in b.shape] for b in _alloc_buffers(new) if b.scope() == "local"]
     assert local == [[1, 6, 20, 16]], local
+    _check_same(func, new)
+
+
+def test_wide_map_with_a_long_reduction_gets_the_channel_vector_tile() -> None:
+    """On x86, a dense convolution on a wide map with a spatial window or at least 64
+    multiply-adds per output takes the channel-vector tile too (YOLOv8n's 3x3 64->64 at 40x40:
+    35 -> 46 GMAC/s on one thread); a short 1x1 reduction keeps the row vector (12-48 input
+    channels on large maps lose 20-25% with channel vectors), as does a row of exactly one short
+    vector (W = 4), NEON, and a channel count without a full vector."""
+    assert S.conv_hand_params([1, 64, 40, 40, 64, 3, 3], 16)["vec"] == "f"
+    assert S.conv_hand_params([1, 96, 80, 80, 96, 1, 1], 16)["vec"] == "f"
+    assert S.conv_hand_params([1, 96, 80, 80, 18, 1, 1], 16)["vec"] == "x"
+    assert S.conv_hand_params([1, 96, 12, 4, 96, 3, 1], 16)["vec"] == "x"
+    assert S.conv_hand_params([1, 24, 40, 40, 64, 3, 3], 16)["vec"] == "x"
+    assert S.conv_hand_params([1, 64, 40, 40, 64, 3, 3], 4)["vec"] == "x"
+    # one column (W = 1) keeps the channel vector it always had
+    assert S.conv_hand_params([1, 96, 1, 1, 96, 3, 1], 16)["vec"] == "f"
+    func = conv_kernel(c=8, f=16, h=6, w=16)  # 72 multiply-adds per output, 3x3 window
+    with TARGET:
+        new = S.apply_template(func, "conv", None, 8, 2)
+    assert new is not None
+    local = [[int(d) for d in b.shape] for b in _alloc_buffers(new) if b.scope() == "local"]
+    assert local == [[1, 6, 16, 16]], local
     _check_same(func, new)
 
 

