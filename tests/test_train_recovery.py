@@ -219,8 +219,9 @@ def test_dense_maps_train_on_crops_classifiers_do_not() -> None:
 
 
 def test_distill_trains_a_dense_model_on_crops() -> None:
-    """A damaged fully convolutional student trains on random 32x32 crops (the report names
-    the cropped input), gains on the full-size held-out maps, and exports exactly."""
+    """Asked to (crop=True), a damaged fully convolutional student trains on random 32x32
+    crops (the report names the cropped input), gains on the full-size held-out maps, and
+    exports exactly; by default it trains on the full inputs."""
     from graphopt.algorithms.train.recover import distill_model
     from graphopt.core.model import Model
 
@@ -242,6 +243,7 @@ def test_distill_trains_a_dense_model_on_crops() -> None:
         lr=3e-3,
         batch_size=4,
         eval_every=20,
+        crop=True,
     )
     assert rep.crop_inputs == ["x"]
     assert rep.final_sqnr_db is not None and rep.initial_sqnr_db is not None
@@ -253,9 +255,8 @@ def test_distill_trains_a_dense_model_on_crops() -> None:
         feeds[:16],
         feeds[16:],
         steps=2,
-        crop=False,
     )
-    assert rep_full.crop_inputs == []
+    assert rep_full.crop_inputs == []  # not by default
 
 
 def test_weights_in_constant_nodes_count_for_the_thread_choice() -> None:
@@ -279,12 +280,46 @@ def test_weights_in_constant_nodes_count_for_the_thread_choice() -> None:
     )
     m = Model.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
     assert weight_bytes(m) == n * 64 * 4 > SMALL_MODEL_BYTES
+    import graphopt.algorithms.train.recover as rec
+
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        _threads(None, m)
-        assert torch.get_num_threads() == 2
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rec, "busy", lambda: False)
+            _threads(None, m)
+            assert torch.get_num_threads() == 2
+            mp.setattr(rec, "busy", lambda: True)  # other work on most cores: one thread
+            _threads(None, m)
+            assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
         _threads(None, Model.from_onnx(onnx.load(MODEL)))  # the digits CNN: small, one thread
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(old)
+
+
+def test_sigmoid_maps_distill_on_their_logits() -> None:
+    """A map output under a Sigmoid in both graphs is compared on the Sigmoid's input with the
+    Bernoulli KL (zero at a match; a confidently wrong pixel keeps a full gradient, where the
+    MSE of the probabilities vanishes); by default (``sigmoid_kl=False``) the map's MSE."""
+    from graphopt.algorithms.train import OnnxModule
+    from graphopt.algorithms.train.distill import DistillConfig, distill, output_loss
+
+    cfg = DistillConfig()
+    t = torch.tensor([8.0, -8.0, 0.5])
+    assert float(output_loss(t.clone(), t, "bernoulli", cfg)) == pytest.approx(0.0, abs=1e-6)
+    s = torch.tensor([-8.0, -8.0, 0.5], requires_grad=True)
+    output_loss(s, t, "bernoulli", cfg).backward()
+    assert s.grad is not None and float(s.grad[0]) == pytest.approx(-1 / 3, rel=1e-3)
+    s2 = torch.tensor([-8.0, -8.0, 0.5], requires_grad=True)
+    output_loss(torch.sigmoid(s2), torch.sigmoid(t), "map", cfg).backward()
+    assert s2.grad is not None and abs(float(s2.grad[0])) < 1e-2  # saturated: no gradient
+
+    feed = [{"x": np.random.default_rng(0).normal(size=(1, 3, 64, 64)).astype(np.float32)}]
+    proto = _conv_net(True)
+    cfg_kl = DistillConfig(steps=1, sigmoid_kl=True)
+    res = distill(OnnxModule(proto), OnnxModule(proto), feed, [], cfg_kl)
+    assert res.loss_kinds == {"c2": "bernoulli"}
+    res = distill(OnnxModule(proto), OnnxModule(proto), feed, [], DistillConfig(steps=1))
+    assert res.loss_kinds == {"m": "map"}  # the default

@@ -10,7 +10,12 @@ chosen from the teacher's values:
 * ``probs`` (already a softmax over the last axis): ``KL(t || s)`` -- but when both graphs compute
   the output with a last-axis ``Softmax`` (PP-OCR rec/cls), the loss is taken on its input as
   ``logits`` instead: saturated probabilities carry almost no gradient;
-* ``map`` (anything else, e.g. a sigmoid probability map): ``MSE``;
+* ``map`` (anything else): ``MSE``; with ``sigmoid_kl``, when both graphs compute a map output
+  with a ``Sigmoid`` (a text detector's probability map), the Bernoulli KL divergence per
+  element on the Sigmoid's input (``bernoulli``: ``BCE(s_logit, sigmoid(t_logit)) -
+  H(sigmoid(t_logit))``, zero at a match): its gradient in the logit is ``sigmoid(s) -
+  sigmoid(t)``, where the MSE of the probabilities loses a factor ``s (1 - s)`` and leaves
+  confidently wrong pixels alone;
 
 plus ``feature_weight * mean MSE(s_f, t_f) / mean(t_f^2)`` over feature pairs: tensors of the same
 name in both graphs, of the same shape (after the next unpruned layer) or pruned, compared on the
@@ -68,6 +73,10 @@ class DistillConfig:
     #: at most this many shared feature tensors, spread over the graph (their teacher values
     #: are cached for every training batch)
     max_features: int | None = 8
+    #: a map output under a Sigmoid in both graphs: Bernoulli KL on its logits (else its MSE).
+    #: Off by default: on PP-OCR det pruned 30% (150 s, load 3.2) it ended at map IoU 0.888
+    #: against the MSE's 0.894
+    sigmoid_kl: bool = False
     time_budget_s: float | None = None
     eval_every: int = 50
     target: float | None = None
@@ -91,6 +100,8 @@ class DistillResult:
     history: list[tuple[int, float, float | None]] = field(default_factory=list)
     #: the learning-rate multiplier of the last step (near 0 once the schedule has run out)
     final_lr_factor: float = 1.0
+    #: the tensor each output loss compares -> its loss kind (see the module docstring)
+    loss_kinds: dict[str, str] = field(default_factory=dict)
 
 
 def output_kind(t: Tensor) -> str:
@@ -120,6 +131,10 @@ def output_loss(s: Tensor, t: Tensor, kind: str, cfg: DistillConfig) -> Tensor:
     if kind == "probs":
         eps = 1e-8
         return cfg.kl_weight * (t * (torch.log(t + eps) - torch.log(s + eps))).sum(-1).mean()
+    if kind == "bernoulli":
+        p = torch.sigmoid(t)
+        kl = F.binary_cross_entropy_with_logits(s, p) - F.binary_cross_entropy_with_logits(t, p)
+        return cfg.mse_weight * kl
     return cfg.mse_weight * F.mse_loss(s, t) / (t.pow(2).mean() + 1e-12)
 
 
@@ -215,6 +230,16 @@ def softmax_logits(teacher: OnnxModule, student: OnnxModule, output: str, rank: 
     opset = teacher.opsets.get("", 13)
     axis = int(t.attrs.get("axis", -1 if opset >= 13 else 1))
     return t.inputs[0] if axis in (-1, rank - 1) else None
+
+
+def sigmoid_logits(teacher: OnnxModule, student: OnnxModule, output: str) -> str | None:
+    """The input of a ``Sigmoid`` computing ``output`` in both graphs (same name)."""
+    steps = [m.producer(output) for m in (teacher, student)]
+    if any(s is None or s.op != "Sigmoid" for s in steps):
+        return None
+    t, s = steps
+    assert t is not None and s is not None
+    return t.inputs[0] if t.inputs[0] and t.inputs[0] == s.inputs[0] else None
 
 
 def matched_channels(t: Tensor, s: Tensor, min_corr: float = 0.5) -> list[int] | None:
@@ -338,12 +363,17 @@ def distill(
     with torch.no_grad():
         probe = teacher.run(train_b[0])
     # the tensors the output losses compare: the graph outputs, or the logits under a Softmax
-    loss_names = [
-        softmax_logits(teacher, student, o, probe[o].dim()) or o
-        if output_kind(probe[o]) == "probs"
-        else o
-        for o in teacher.output_names
-    ]
+    # or (a map) a Sigmoid
+    loss_names, bernoulli = [], set()
+    for o in teacher.output_names:
+        kind = output_kind(probe[o])
+        if kind == "probs":
+            loss_names.append(softmax_logits(teacher, student, o, probe[o].dim()) or o)
+        elif kind == "map" and cfg.sigmoid_kl and (z := sigmoid_logits(teacher, student, o)):
+            loss_names.append(z)
+            bernoulli.add(z)
+        else:
+            loss_names.append(o)
     t_names = loss_names + [a for a, _ in feats]
     with torch.no_grad():
         cache = [teacher.run(b, t_names) for b in train_b] if cfg.augment is None else []
@@ -351,7 +381,7 @@ def distill(
             teacher.run(b, list(dict.fromkeys(loss_names + teacher.output_names))) for b in held_b
         ]
         first = cache[0] if cache else teacher.run(train_b[0], t_names)
-    kinds = {n: output_kind(first[n]) for n in loss_names}
+    kinds = {n: "bernoulli" if n in bernoulli else output_kind(first[n]) for n in loss_names}
     gen = torch.Generator().manual_seed(cfg.seed)
     logger.info(
         "distill: outputs %s, %d train batches, %d held-out batches",
@@ -455,4 +485,5 @@ def distill(
         stopped,
         history,
         lr_f,
+        dict(kinds),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -255,11 +256,22 @@ def weight_bytes(model: Model) -> int:
     return int(model_cost(model).param_bytes)
 
 
+def busy() -> bool:
+    """Whether other work keeps most cores busy (1-minute load average over 3/4 of them): then
+    OpenMP threads wait on each other's descheduled peers and one thread is faster (PP-OCR det
+    distillation at load 4-5 on 2 cores: 2 threads ran random crops no faster than 1 thread ran
+    full images with 4x the pixels)."""
+    try:
+        return os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
 def _threads(threads: int | None, model: Model) -> int:
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    elif weight_bytes(model) < SMALL_MODEL_BYTES:
+    elif weight_bytes(model) < SMALL_MODEL_BYTES or busy():
         torch.set_num_threads(1)
     return old
 
@@ -277,7 +289,7 @@ def distill_model(
     batch_size: int = 16,
     eval_every: int | None = None,
     augment: bool = True,
-    crop: bool = True,
+    crop: bool = False,
     threads: int | None = None,
     progress: TrainProgress | None = None,
 ) -> tuple[Model, TrainReport]:
@@ -294,7 +306,9 @@ def distill_model(
         target_sqnr: stop once the held-out SQNR of every output reaches this (dB).
         augment: mix pairs of inputs (:func:`mixup`); the teacher labels the mixes.
         crop: train on random crops (:func:`random_crop`) of the image inputs when the model
-            maps images to dense maps of their size (:func:`dense_on_crops`).
+            maps images to dense maps of their size (:func:`dense_on_crops`). Off by default:
+            on PP-OCR det pruned 30% (150 s, one thread, load 3.5) half-side crops ran 3.1x
+            the steps (270 vs 87) and ended lower (map IoU 0.866 vs 0.894, 10.4 vs 11.3 dB).
         threads: torch threads while training (default: 1 for models under
             :data:`SMALL_MODEL_BYTES` of weights, else torch's).
         progress: ``progress(step, steps, loss, held_out_sqnr)`` after every step.
@@ -318,7 +332,9 @@ def distill_model(
         diffs = same_structure(s_proto, out)
         if diffs:
             raise AssertionError(f"distillation changed the graph: {diffs}")
-        err = max(verify_export(s_mod, out, list(held_out[:2]) or list(train[:1])).values())
+        err = max(
+            verify_export(s_mod, out, list(held_out[:2]) or list(train[:1]), rtol=1e-3).values()
+        )
         logger.info(
             "distill: %d steps in %.1f s (%s)", res.steps, time.perf_counter() - t0, res.stopped
         )
