@@ -238,6 +238,31 @@ def _conv_block(sch: Schedule) -> tuple[BlockRV, list[int]] | None:
     return conv, ext
 
 
+def _conv1d_block(sch: Schedule) -> tuple[BlockRV, list[int]] | None:
+    """A 1-D convolution block (``n, f, x`` spatial, channels and taps reduced) that the dot
+    template does not take (its taps are not a contiguous vector: Whisper's 3-tap Conv1D
+    frontend, which the reduction rule ran scalar, 72% of the encoder's time); or None."""
+    reds = [b for b in _blocks(sch) if _is_reduction(sch, b)]
+    if len(reds) != 1:
+        return None
+    conv = reds[0]
+    types = _iter_types(sch, conv)
+    if len(types) < 5 or types[:3] != [_SPATIAL] * 3 or any(t != _REDUCE for t in types[3:]):
+        return None
+    if sum(1 for r in sch.get(conv).reads if r.source.scope() == "global") < 2:
+        return None  # a plain sum/mean over two axes, not a convolution
+    dot = _dot_block(sch)
+    if dot is not None and vec_factor(dot[1][-1], 4) >= 4:
+        return None  # an STFT-style long contiguous kernel: the dot template
+    loops = sch.get_loops(conv)
+    if len(loops) != len(types):
+        return None
+    ext = _extents(sch, loops)
+    if any(e < 0 for e in ext):
+        return None
+    return conv, ext
+
+
 def channel_follows_output(sch: Schedule, conv: BlockRV) -> bool:
     """Whether the data input's channel index depends on the output channel (depthwise and
     grouped convolutions): a vector over output channels then gathers its inputs."""
@@ -317,12 +342,26 @@ def conv_hand_params(ext: list[int], lanes: int, depthwise: bool = False) -> dic
 def schedule_conv_like(sch: Schedule, lanes: int, cores: int, p: Params | None = None) -> bool:
     """Register-tiled schedule for the single 4-D spatial + reduction block of a kernel."""
     found = _conv_block(sch)
+    one_d = False
     if found is None:
-        return False
+        found = _conv1d_block(sch)
+        if found is None:
+            return False
+        # a 1-D convolution as a 2-D one with a unit row loop: n, f, (1), x, reductions
+        conv, ext1 = found
+        sch.add_unit_loop(sch.get_loops(conv)[2])
+        found, one_d = (conv, [ext1[0], ext1[1], 1, *ext1[2:]]), True
     conv, ext = found
     if p is None and _is_gemv_conv(sch, conv, ext):
         return False  # the hand rules give it to the dot template
-    q = {**conv_hand_params(ext, lanes, channel_follows_output(sch, conv)), **(p or {})}
+    if one_d:
+        # the row-vector tile (the channel-vector tile packs 4-D weights only)
+        xi1 = vec_factor(ext[3], min(lanes, 8))
+        fi1 = divisor(ext[1], [c for c in (24, 16, 12, 8, 6, 4, 3, 2) if c <= acc_budget(lanes)])
+        hand = {"vec": "x", "xi": xi1, "fi": fi1 if xi1 > 1 else 1, "yi": 1, "pack": 0}
+        q = {**hand, "pad": "stage", "par": None, **(p or {}), "vec": "x", "pack": 0}
+    else:
+        q = {**conv_hand_params(ext, lanes, channel_follows_output(sch, conv)), **(p or {})}
     n_e, f_e, y_e, x_e = ext[:4]
     narrow = q["vec"] == "f"
     xi, fi, yi = int(q["xi"]), int(q["fi"]), int(q["yi"])
