@@ -848,7 +848,7 @@ def test_7_signal_at_the_start_of_a_clean_up_leaves_nothing(
     from graphopt.core.interrupt import Interrupted
 
     real_critical = output.critical
-    armed = []
+    armed: list[int] = []
 
     def critical_after_the_signal():  # the clean-up's section: the signal came just before it
         if armed:
